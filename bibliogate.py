@@ -517,6 +517,23 @@ CREATE TABLE IF NOT EXISTS sent (
     file TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (file, digest));
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
+-- circulation data, imported from the library system's CSV files
+CREATE TABLE IF NOT EXISTS patrons (
+    patron_id TEXT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL DEFAULT '',
+    guardian_email TEXT NOT NULL DEFAULT '', grp TEXT NOT NULL DEFAULT '',
+    auto_overdue INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS patrons_grp ON patrons(grp);
+-- the loans out now: each import replaces them all
+CREATE TABLE IF NOT EXISTS loans (
+    barcode TEXT PRIMARY KEY, patron_id TEXT NOT NULL, title TEXT NOT NULL,
+    due_date TEXT NOT NULL);                       -- ISO yyyy-mm-dd
+CREATE INDEX IF NOT EXISTS loans_due ON loans(due_date);
+CREATE INDEX IF NOT EXISTS loans_patron ON loans(patron_id);
+-- every notice or letter queued, so none is ever queued twice
+CREATE TABLE IF NOT EXISTS notices (
+    patron_id TEXT NOT NULL, barcode TEXT NOT NULL, kind TEXT NOT NULL,
+    due_date TEXT NOT NULL, queued_at REAL NOT NULL, file TEXT,
+    PRIMARY KEY (barcode, kind, due_date, patron_id));
 """
 
 
@@ -526,13 +543,7 @@ def open_db(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.executescript(SCHEMA)
-    for script in SCHEMA_EXTRA:
-        conn.executescript(script)
     return conn
-
-
-#: More CREATE statements that later parts of the program add.
-SCHEMA_EXTRA: list[str] = []
 
 
 def get_state(conn: sqlite3.Connection, key: str, default=None):
