@@ -1157,11 +1157,11 @@ def connect(settings: Settings) -> smtplib.SMTP:
     name = settings.ehlo or None
     try:
         if settings.security == "tls":
-            smtp = smtplib.SMTP_SSL(local_hostname=name, timeout=settings.timeout,
-                                    context=tls_context(settings))
+            smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, name,
+                                    timeout=settings.timeout, context=tls_context(settings))
         else:
-            smtp = smtplib.SMTP(local_hostname=name, timeout=settings.timeout)
-        smtp.connect(settings.smtp_host, settings.smtp_port)
+            smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, name,
+                                timeout=settings.timeout)
     except ssl.SSLError as exc:
         raise SmtpProblem(f"TLS with {where} failed: {exc}. Check [smtp] security and port "
                           "(465 is tls, 587 is starttls), or set ca_file for the server's "

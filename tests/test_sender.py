@@ -1,0 +1,334 @@
+"""The batch sender against a real SMTP server (aiosmtpd on 127.0.0.1)."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import bibliogate as bg
+from conftest import eml, write_ini
+
+
+class Clock:
+    """A clock the tests move by hand."""
+
+    def __init__(self, start=None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def drop(spool: Path, name: str, data: bytes, age: float = 60.0) -> Path:
+    """A foreign program's file: written in place, dated `age` seconds back."""
+    path = spool / name
+    path.write_bytes(data)
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def make_sender(folder: Path, sink=None, clock=None, **overrides):
+    ini = write_ini(folder, sink, **overrides)
+    settings, _ = bg.ensure_layout(ini)
+    assert settings.problems == []
+    journal = bg.Journal(settings.database, clock or time.time)
+    return settings, bg.Sender(settings, journal, clock or time.time)
+
+
+def events(settings, kind):
+    db = bg.open_db(settings.database)
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM events WHERE kind = ?", (kind,))]
+    finally:
+        db.close()
+
+
+def test_batch_is_oldest_first_over_one_connection(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink, gateway__messages_per_check=3)
+    for n in range(5):
+        drop(settings.spool, f"m{n}.TMP", eml(subject=f"number {n}"), age=100 - n)
+    result = sender.check()
+    assert (result.sent, result.bad, result.deferred) == (3, 0, 0)
+    assert [m.message["Subject"] for m in sink.messages] == ["number 0", "number 1", "number 2"]
+    assert sink.sessions == 1
+    assert sorted(p.name for p in settings.spool.glob("*.TMP")) == ["m3.TMP", "m4.TMP"]
+
+
+def test_headers_are_rewritten_as_promised(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink, library__name="Hill School Library")
+    raw = eml(to="pat@example.org", subject="Books", Bcc="hidden@example.org",
+              **{"Reply-To": "desk@school.example"})
+    drop(settings.spool, "one.tmp", raw)
+    assert sender.check().sent == 1
+    got = sink.messages[0]
+    msg = got.message
+    assert got.mail_from == "library@school.example"
+    assert sorted(got.rcpt_tos) == ["hidden@example.org", "pat@example.org"]
+    assert msg["From"] == "Hill School Library <library@school.example>"
+    assert msg["Bcc"] is None and b"hidden@" not in got.data
+    assert msg["Reply-To"] == "desk@school.example"
+    assert msg["Date"] and msg["Message-ID"]
+    assert msg["Auto-Submitted"] == "auto-generated"
+    assert msg.get_content() == "Hi.\n"
+
+
+def test_message_id_of_a_foreign_file_is_the_same_on_every_try(tmp_path):
+    raw = eml()
+    a = bg.prepare_message(raw, "library@school.example", "", 0, "x.TMP")
+    b = bg.prepare_message(raw, "library@school.example", "", 5, "x.TMP")
+    assert a.message_id == b.message_id and a.message_id.endswith("@school.example>")
+
+
+def test_priority_messages_jump_the_queue(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink, gateway__messages_per_check=2)
+    for n in range(4):
+        drop(settings.spool, f"letter{n}.TMP", eml(subject=f"letter {n}"), age=1000)
+    path = bg.queue_test(settings, "librarian@school.example", time.time())
+    assert path.name.startswith(bg.PRIORITY_PREFIX)
+    sender.check()
+    assert [m.message["Subject"].startswith("BiblioGate test") for m in sink.messages] == [True, False]
+
+
+def test_550_makes_the_file_bad_with_the_reply_as_reason(tmp_path, make_sink):
+    sink = make_sink(data_reply="550 5.7.1 Message refused by policy")
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "refused.TMP", eml())
+    result = sender.check()
+    assert result.bad == 1
+    bad = settings.spool / "refused.BAD"
+    assert bad.exists() and bad.read_bytes() == eml()
+    reason = bg.read_reason(bad)
+    assert "550 5.7.1 Message refused by policy" in reason
+    assert events(settings, "bad")[0]["file"] == "refused.TMP"
+
+
+def test_451_stays_waiting_and_is_retried_after_a_growing_wait(tmp_path, make_sink):
+    sink = make_sink(fail_first=2)
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, sink, clock)
+    drop(settings.spool, "later.TMP", eml())
+    assert sender.check().deferred == 1
+    rows = bg.queue_rows(settings, sender.db)
+    assert rows[0]["state"] == "waiting" and rows[0]["attempts"] == 1
+    assert "451" in rows[0]["reason"]
+    clock.advance(60)                      # within the first wait: not tried
+    assert sender.check().deferred == 0 and len(sink.messages) == 0
+    clock.advance(bg.RETRY_FIRST_SECONDS)  # tried, refused again: wait doubles
+    assert sender.check().deferred == 1
+    row = sender.db.execute("SELECT * FROM spool_state").fetchone()
+    assert row["next_try"] - clock() == pytest.approx(2 * bg.RETRY_FIRST_SECONDS)
+    clock.advance(2 * bg.RETRY_FIRST_SECONDS)
+    assert sender.check().sent == 1
+    assert sender.db.execute("SELECT COUNT(*) FROM spool_state").fetchone()[0] == 0
+
+
+def test_gives_up_after_give_up_after_hours(tmp_path, make_sink):
+    sink = make_sink(data_reply="451 4.3.0 Mailbox busy")
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, sink, clock, gateway__give_up_after_hours=2)
+    drop(settings.spool, "stuck.TMP", eml())
+    for _ in range(30):                     # bounded: 30 hours of hourly checks at most
+        sender.check()
+        if (settings.spool / "stuck.BAD").exists():
+            break
+        clock.advance(3600)
+    reason = bg.read_reason(settings.spool / "stuck.BAD")
+    assert "after trying for 2 hours" in reason and "451 4.3.0 Mailbox busy" in reason
+
+
+def test_some_recipients_refused_the_rest_get_it(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"gone@example.org": "550 5.1.1 No such user"})
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "two.TMP", eml(to="pat@example.org, gone@example.org"))
+    assert sender.check().sent == 1
+    assert sink.messages[0].rcpt_tos == ["pat@example.org"]
+    refused = events(settings, "refused")
+    assert "gone@example.org" in refused[0]["detail"] and "550 5.1.1" in refused[0]["detail"]
+
+
+def test_every_recipient_refused_for_good_is_bad(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"gone@example.org": "550 5.1.1 No such user"})
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "gone.TMP", eml(to="gone@example.org"))
+    assert sender.check().bad == 1
+    assert "gone@example.org: 550 5.1.1 No such user" in bg.read_reason(settings.spool / "gone.BAD")
+
+
+BAD_FILES = {
+    "empty": (b"", "empty"),
+    "blank": (b"\n\n  \n", "empty"),
+    "binary": (bytes(range(256)) * 4, "not an email message"),
+    "prose": (b"Dear patron, your book is late.\n", "not an email message"),
+    "no recipient": (b"Subject: hi\n\nbody\n", "no recipient"),
+    "bad address": (b"To: not-an-address\nSubject: hi\n\nbody\n", "no valid recipient"),
+    "injection": (b"To: pat@example.org\nSubject: hi\rBcc: evil@example.org\n\nbody\n",
+                  "carriage return"),
+    "broken header": (b"To: pat@example.org\nthis line is no header\nSubject: x\n\nbody\n",
+                      "no 'Name:'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_bad_files_become_bad_with_a_reason_and_never_stop_the_rest(tmp_path, sink, kind):
+    data, words = BAD_FILES[kind]
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "bad.TMP", data, age=100)
+    drop(settings.spool, "good.TMP", eml(subject="still goes"), age=50)
+    result = sender.check()
+    assert (result.bad, result.sent) == (1, 1)
+    assert words in bg.read_reason(settings.spool / "bad.BAD")
+    assert sink.messages[0].message["Subject"] == "still goes"
+
+
+def test_a_file_still_being_written_is_left_for_the_next_check(tmp_path, sink):
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, sink, clock)
+    path = settings.spool / "growing.TMP"
+    path.write_bytes(b"To: pat@example.org\nSubject: half")   # just written
+    assert sender.check().sent == 0 and path.exists()
+    path.write_bytes(eml(subject="whole"))
+    old = time.time() - 10
+    os.utime(path, (old, old))                                 # quiet for 10 s
+    assert sender.check().sent == 1
+    assert sink.messages[0].message["Subject"] == "whole"
+
+
+def test_server_down_keeps_messages_and_sends_when_it_is_back(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "wait.TMP", eml())
+    sink.stop()
+    result = sender.check()
+    assert result.problem is not None and not result.problem.lasting
+    assert "Could not reach the SMTP server 127.0.0.1" in str(result.problem)
+    assert (settings.spool / "wait.TMP").exists()
+    sink.start()
+    assert sender.check().sent == 1           # no per-message wait after an outage
+
+
+def test_connection_dropped_after_data_keeps_the_message(tmp_path, make_sink):
+    sink = make_sink(drop_after_data=True)
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "a.TMP", eml(subject="a"), age=20)
+    drop(settings.spool, "b.TMP", eml(subject="b"), age=10)
+    result = sender.check()
+    assert result.deferred == 1 and result.sent == 0
+    assert (settings.spool / "a.TMP").exists() and (settings.spool / "b.TMP").exists()
+    assert "connection" in bg.queue_rows(settings, sender.db)[0]["reason"]
+
+
+def test_a_slow_server_is_cut_off_by_the_timeout(tmp_path, make_sink):
+    sink = make_sink(delay=5)
+    settings, sender = make_sender(tmp_path, sink, smtp__timeout_seconds=1)
+    drop(settings.spool, "slow.TMP", eml())
+    started = time.monotonic()
+    result = sender.check()
+    assert time.monotonic() - started < 4.5
+    assert result.deferred == 1 and (settings.spool / "slow.TMP").exists()
+
+
+def test_login_is_used_and_a_refused_login_stops_the_check(tmp_path, make_sink):
+    sink = make_sink(auth=("library", "s3cret"))
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "a.TMP", eml())
+    assert sender.check().sent == 1 and sink.logins == ["library"]
+    settings, sender = make_sender(tmp_path / "wrong", sink, smtp__password="nope")
+    for n in range(3):
+        drop(settings.spool, f"w{n}.TMP", eml())
+    result = sender.check()
+    assert result.problem.lasting and "refused the login of 'library'" in str(result.problem)
+    assert result.sent == 0 and len(list(settings.spool.glob("*.TMP"))) == 3
+
+
+def test_starttls_verifies_the_certificate(tmp_path, make_sink):
+    sink = make_sink(starttls=True)
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "tls.TMP", eml())
+    assert sender.check().sent == 1
+    settings, sender = make_sender(tmp_path / "untrusted", sink, smtp__ca_file="")
+    drop(settings.spool, "tls.TMP", eml())
+    result = sender.check()
+    assert result.problem.lasting and "TLS" in str(result.problem)
+    assert (settings.spool / "tls.TMP").exists()
+
+
+def test_implicit_tls(tmp_path, make_sink):
+    sink = make_sink(implicit_tls=True)
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "tls.TMP", eml())
+    assert sender.check().sent == 1
+
+
+def test_eight_bit_body_arrives_intact(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink)
+    raw = ("To: pat@example.org\nSubject: =?utf-8?q?Pr=C3=AAt?=\nMIME-Version: 1.0\n"
+           "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+           "Merci, Zoë — à bientôt.\n").encode("utf-8")
+    drop(settings.spool, "fr.TMP", raw)
+    assert sender.check().sent == 1
+    assert sink.messages[0].message.get_content() == "Merci, Zoë — à bientôt.\n"
+
+
+def test_a_file_already_delivered_before_a_crash_is_not_sent_again(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink)
+    raw = eml()
+    drop(settings.spool, "again.TMP", raw)
+    import hashlib
+    with sender.db:
+        sender.db.execute("INSERT INTO sent(file, digest, at) VALUES (?,?,?)",
+                          ("again.TMP", hashlib.sha256(raw).hexdigest(), time.time()))
+    result = sender.check()
+    assert sink.messages == [] and not (settings.spool / "again.TMP").exists()
+    assert result.bad == 0
+
+
+def test_two_senders_on_one_spool_do_not_overlap(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "a.TMP", eml())
+    holder = bg.FileLock(settings.spool / ".bibliogate-sender.lock")
+    assert holder.acquire()
+    try:
+        result = sender.check()
+        assert "another BiblioGate process" in result.skipped and sink.messages == []
+    finally:
+        holder.release()
+    assert sender.check().sent == 1
+
+
+def test_cli_send_queue_retry_delete(gateway):
+    spool = gateway.spool
+    r = gateway.cli("enqueue", "-", input=eml(subject="from stdin").decode())
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+    assert (spool / name).exists() and name.endswith(".TMP")
+    drop(spool, "junk.TMP", b"\x00\x01 not mail")
+    r = gateway.cli("send", "--all")
+    assert r.returncode == 0, r.stderr
+    assert "1 sent, 1 failed for good" in r.stdout
+    rows = json.loads(gateway.cli("queue", "--json").stdout)
+    assert [(x["file"], x["state"]) for x in rows] == [("junk.BAD", "bad")]
+    assert "not an email message" in rows[0]["reason"]
+    assert {"file", "state", "reason", "attempts", "to", "subject"} <= set(rows[0])
+    assert gateway.cli("status").returncode == 1          # a .BAD file waits
+    r = gateway.cli("retry", "junk.BAD")
+    assert r.returncode == 0 and (spool / "junk.TMP").exists()
+    assert not (spool / ("junk.BAD" + bg.REASON_SUFFIX)).exists()
+    r = gateway.cli("delete", "junk.TMP")
+    assert r.returncode == 0 and not (spool / "junk.TMP").exists()
+    assert gateway.cli("status").returncode == 0
+    r = gateway.cli("delete", "../bibliogate.ini")
+    assert r.returncode == 1 and "not a file name in the spool folder" in r.stderr
+    assert gateway.ini.exists()
+
+
+def test_enqueue_refuses_what_could_never_be_sent(gateway, tmp_path):
+    junk = tmp_path / "letter.txt"
+    junk.write_text("Dear patron\n", encoding="utf-8")
+    r = gateway.cli("enqueue", str(junk))
+    assert r.returncode == 1 and "not an email message" in r.stderr
+    assert list(gateway.spool.iterdir()) == [] or not list(gateway.spool.glob("*.TMP"))
