@@ -307,12 +307,18 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
     """(section, key) -> value, and any syntax problem as sentences."""
     parser = configparser.ConfigParser(inline_comment_prefixes=(";",), interpolation=None,
                                        strict=False)
+    problems = []
     try:
         parser.read_string(text, source=str(ini_path))
+    except configparser.ParsingError as exc:     # the other lines were still read
+        lines = text.splitlines()
+        problems += [f"{ini_path.name} line {n}: {lines[n - 1].strip()!r} is not 'key = value' "
+                     "nor a [section]. Fix or delete that line." for n, _ in exc.errors]
     except configparser.Error as exc:
-        return {}, [f"{ini_path} cannot be read: {exc}. Fix that line, or delete the file "
-                    "to have a fresh one written."]
-    raw, problems = {}, []
+        where = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        return {}, [f"{ini_path.name}{where} cannot be read: {exc.message.splitlines()[0]} "
+                    "Fix that line, or delete the file to have a fresh one written."]
+    raw = {}
     for section in parser.sections():
         for key, value in parser.items(section, raw=True):
             raw[(section, key)] = value
