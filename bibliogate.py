@@ -411,12 +411,15 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
     folders. Returns the settings and what was created, as sentences."""
     ini_path = Path(ini_path).resolve()
     created = []
-    if not ini_path.exists():
+    # Two commands may start at once on a new folder: "x" and exist_ok=False
+    # make sure only one of them writes each default file.
+    with contextlib.suppress(FileExistsError):
         ini_path.parent.mkdir(parents=True, exist_ok=True)
-        ini_path.write_text(DEFAULT_INI, encoding="utf-8")
+        with open(ini_path, "x", encoding="utf-8") as fh:
+            fh.write(DEFAULT_INI)
         created.append(f"Wrote the default settings to {ini_path}.")
     settings = load_settings(ini_path)
-    if not settings.templates.exists():
+    with contextlib.suppress(FileExistsError):
         settings.templates.mkdir(parents=True)
         for kind, text in DEFAULT_TEMPLATES.items():
             (settings.templates / f"{kind}.txt").write_text(text, encoding="utf-8")
@@ -979,12 +982,12 @@ def scan(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[Sp
     return found
 
 
-def pick_batch(files: Iterable[SpoolFile], limit: int, now: float,
-               not_before: dict) -> list[SpoolFile]:
-    """The next files to send: stable (no foreign program still writing them),
-    not waiting for a retry, test messages first, then oldest first."""
-    ready = (f for f in files
-             if f.mtime <= now - STABLE_SECONDS and not_before.get(f.name, 0) <= now)
+def pick_batch(files: Iterable[SpoolFile], limit: int, now: float, not_before: dict,
+               settled: float) -> list[SpoolFile]:
+    """The next files to send: unchanged since `settled` (no foreign program
+    still writing them), not waiting for a retry, test messages first, then
+    oldest first."""
+    ready = (f for f in files if f.mtime <= settled and not_before.get(f.name, 0) <= now)
     return heapq.nsmallest(limit, ready, key=lambda f: f.order)
 
 
@@ -1267,7 +1270,9 @@ class Sender:
         waits = {} if ignore_waits else {
             r["file"]: r["next_try"] for r in
             self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
-        batch = pick_batch(scan(self.settings.spool), limit or sys.maxsize, now, waits)
+        # "Unchanged for a while" is measured by the file system's clock.
+        batch = pick_batch(scan(self.settings.spool), limit or sys.maxsize, now, waits,
+                           settled=time.time() - STABLE_SECONDS)
         if not batch:
             return result
         smtp = None

@@ -1,0 +1,113 @@
+"""The `run` loop: cadence, the daily log, settings picked up on the fly, first run."""
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import bibliogate as bg
+from conftest import REPO, eml, write_ini
+from test_sender import Clock, drop
+
+
+def day_at(day: dt.date, hour: int, minute: int = 0) -> float:
+    return dt.datetime.combine(day, dt.time(hour, minute)).timestamp()
+
+
+def test_throttle_sends_messages_per_check_every_interval(tmp_path, sink):
+    clock = Clock()
+    ini = write_ini(tmp_path, sink, gateway__messages_per_check=10, gateway__minutes_between_checks=3)
+    gateway = bg.Gateway(ini, clock=clock)
+    for n in range(25):
+        drop(gateway.settings.spool, f"m{n:02}.TMP", eml(subject=f"m{n}"), age=1000 - n)
+    sent_after, start = [], clock.now
+    for seconds in (0, 60, 120, 180, 240, 360, 540):
+        clock.now = start + seconds
+        gateway.tick()
+        sent_after.append(len(sink.messages))
+    assert sent_after == [10, 10, 10, 20, 20, 25, 25]
+    assert sink.sessions == 3                     # one connection per check
+    assert [m.message["Subject"] for m in sink.messages] == [f"m{n}" for n in range(25)]
+
+
+def test_invalid_settings_keep_the_sender_stopped_until_fixed(tmp_path, sink):
+    clock = Clock()
+    ini = write_ini(tmp_path, sink, gateway__from_address="")
+    gateway = bg.Gateway(ini, clock=clock)
+    drop(gateway.settings.spool, "wait.TMP", eml())
+    gateway.tick()
+    assert sink.messages == []
+    assert gateway.sender_state[0] == "stopped" and "from_address" in gateway.sender_state[1]
+    write_ini(tmp_path, sink)                     # fixed by hand, no restart
+    clock.advance(1)
+    gateway.tick()
+    assert len(sink.messages) == 1 and gateway.sender_state[0] == "running"
+    changes = gateway.journal.events(bg.local_day(clock()).isoformat(), ["settings"])
+    assert "[gateway] from_address" in changes[-1]["detail"]
+
+
+def test_daily_log_is_mailed_once_with_the_days_figures(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"gone@example.org": "550 5.1.1 No such user"})
+    day = dt.date(2026, 3, 2)
+    clock = Clock(day_at(day, 9))
+    ini = write_ini(tmp_path, sink, library__name="Hill School Library")
+    gateway = bg.Gateway(ini, clock=clock)
+    spool = gateway.settings.spool
+    drop(spool, "a.TMP", eml(subject="a"))
+    drop(spool, "b.TMP", eml(subject="b"))
+    drop(spool, "c.TMP", eml(to="gone@example.org", subject="lost"))
+    gateway.tick()                               # 2 sent, 1 BAD
+    assert len(sink.messages) == 2
+    clock.now = day_at(day + dt.timedelta(days=1), 0, 1)
+    gateway.tick()                               # queues the log, then the next check sends it
+    queued = list(spool.glob("PRIORITY-daily-log-*.TMP"))
+    clock.advance(gateway.settings.interval)
+    gateway.tick()
+    assert queued and not queued[0].exists()
+    log = sink.messages[-1]
+    assert log.rcpt_tos == ["library@school.example"]
+    assert log.message["Subject"] == "BiblioGate daily log for 2026-03-02: 2 sent, 1 failed"
+    body = log.message.get_content()
+    assert "Sent:                        2" in body
+    assert "c.TMP: renamed c.BAD: every recipient was refused" in body
+    assert ".BAD files waiting for you:  1" in body
+    for _ in range(3):                           # not twice the same day
+        clock.advance(gateway.settings.interval)
+        gateway.tick()
+    assert sum("daily log" in m.message["Subject"] for m in sink.messages) == 1
+
+
+def test_first_run_keeps_running_unconfigured_and_says_why(tmp_path):
+    ini = tmp_path / "bibliogate.ini"
+    proc = subprocess.Popen([sys.executable, str(REPO / "bibliogate.py"), "--config", str(ini), "run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        status = None
+        while not (tmp_path / "bibliogate.db").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)               # let `run` be the one that writes the ini
+        while time.monotonic() < deadline:
+            r = subprocess.run([sys.executable, str(REPO / "bibliogate.py"), "--config", str(ini),
+                                "status", "--json"], capture_output=True, text=True, timeout=30)
+            if r.stdout.strip():
+                status = json.loads(r.stdout)
+                if status["running"]:
+                    break
+            time.sleep(0.2)
+        assert status and status["running"] and status["pid"] == proc.pid
+        assert status["sender"] == "stopped" and r.returncode == 1
+        assert any("[smtp] host" in p for p in status["problems"])
+        assert (tmp_path / "spool").is_dir() and (tmp_path / "bibliogate.db").is_file()
+        r = subprocess.run([sys.executable, str(REPO / "bibliogate.py"), "--config", str(ini),
+                            "test", "--to", "me@school.example"], capture_output=True, text=True)
+        assert r.returncode == 0 and (tmp_path / "spool" / r.stdout.strip()).exists()
+    finally:
+        proc.send_signal(signal.SIGINT if sys.platform != "win32" else signal.CTRL_C_EVENT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert "Wrote the default settings" in err and "not configured yet" in err
+    assert "BiblioGate stopped" in err
+    logs = list((tmp_path / "logs").glob("bibliogate-*.log"))
+    assert logs and "[smtp] host" in logs[0].read_text(encoding="utf-8")
