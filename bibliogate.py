@@ -133,8 +133,9 @@ class SpoolError(BibliogateError):
     """The spool folder cannot be read or written."""
 
 
-class SmtpProblem(BibliogateError):
-    """The SMTP server could not be used at all (connection, TLS, login).
+class SenderProblem(BibliogateError):
+    """Nothing could be sent: the SMTP server could not be used (connection,
+    TLS, login) or the spool folder could not.
 
     ``lasting`` is true for problems that need a person (a refused login,
     a certificate that does not verify), false for ones that pass (a server
@@ -1134,7 +1135,7 @@ class CheckResult:
     sent: int = 0
     bad: int = 0
     deferred: int = 0
-    problem: SmtpProblem | None = None
+    problem: SenderProblem | None = None
     skipped: str = ""       #: why the check did not run at all
 
     def summary(self) -> str:
@@ -1161,7 +1162,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 
 def connect(settings: Settings) -> smtplib.SMTP:
     """An SMTP connection, with TLS and login as the settings ask.
-    Raises SmtpProblem with a sentence naming the setting to check."""
+    Raises SenderProblem with a sentence naming the setting to check."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     name = settings.ehlo or None
     try:
@@ -1172,20 +1173,20 @@ def connect(settings: Settings) -> smtplib.SMTP:
             smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, name,
                                 timeout=settings.timeout)
     except ssl.SSLError as exc:
-        raise SmtpProblem(f"TLS with {where} failed: {exc}. Check [smtp] security and port "
+        raise SenderProblem(f"TLS with {where} failed: {exc}. Check [smtp] security and port "
                           "(465 is tls, 587 is starttls), or set ca_file for the server's "
                           "own certificate.", lasting=True) from None
     except smtplib.SMTPConnectError as exc:
-        raise SmtpProblem(f"The SMTP server {where} refused the connection: "
+        raise SenderProblem(f"The SMTP server {where} refused the connection: "
                           f"{reply_text(exc.smtp_code, exc.smtp_error)}.") from None
     except (OSError, smtplib.SMTPException) as exc:
-        raise SmtpProblem(f"Could not reach the SMTP server {where}: {exc}. Check [smtp] host "
+        raise SenderProblem(f"Could not reach the SMTP server {where}: {exc}. Check [smtp] host "
                           "and port, and that the firewall lets this computer reach it.") from None
     try:
         smtp.ehlo_or_helo_if_needed()
         if settings.security == "starttls":
             if not smtp.has_extn("starttls"):
-                raise SmtpProblem(f"The SMTP server {where} does not offer STARTTLS. Set [smtp] "
+                raise SenderProblem(f"The SMTP server {where} does not offer STARTTLS. Set [smtp] "
                                   "security = none, or use its TLS port.", lasting=True)
             smtp.starttls(context=tls_context(settings))
             smtp.ehlo()
@@ -1193,23 +1194,23 @@ def connect(settings: Settings) -> smtplib.SMTP:
             smtp.login(settings.username, settings.password)
     except smtplib.SMTPAuthenticationError as exc:
         smtp.close()
-        raise SmtpProblem(f"The SMTP server {where} refused the login of {settings.username!r}: "
+        raise SenderProblem(f"The SMTP server {where} refused the login of {settings.username!r}: "
                           f"{reply_text(exc.smtp_code, exc.smtp_error)}. Check [smtp] username "
                           "and password.", lasting=True) from None
     except smtplib.SMTPNotSupportedError:
         smtp.close()
-        raise SmtpProblem(f"The SMTP server {where} does not accept logins (no AUTH). Leave "
+        raise SenderProblem(f"The SMTP server {where} does not accept logins (no AUTH). Leave "
                           "[smtp] username empty, or use security = starttls.", lasting=True) from None
     except ssl.SSLError as exc:
         smtp.close()
-        raise SmtpProblem(f"TLS with {where} failed: {exc}. Set [smtp] ca_file for a server "
+        raise SenderProblem(f"TLS with {where} failed: {exc}. Set [smtp] ca_file for a server "
                           "with its own certificate.", lasting=True) from None
-    except SmtpProblem:
+    except SenderProblem:
         smtp.close()
         raise
     except (OSError, smtplib.SMTPException) as exc:
         smtp.close()
-        raise SmtpProblem(f"The SMTP server {where} broke off the greeting: {exc}.") from None
+        raise SenderProblem(f"The SMTP server {where} broke off the greeting: {exc}.") from None
     return smtp
 
 
@@ -1258,7 +1259,9 @@ class Sender:
                 return CheckResult(skipped="another BiblioGate process is sending from this "
                                            "spool folder right now")
         except OSError as exc:
-            return CheckResult(skipped=f"the spool folder cannot be locked ({exc.strerror})")
+            return CheckResult(problem=SenderProblem(
+                f"The spool folder {self.settings.spool} cannot be used ({exc.strerror}). Check "
+                "[gateway] spool_folder and the folder's permissions.", lasting=True))
         try:
             return self._check(self.settings.per_check if limit is None else limit, ignore_waits)
         finally:
@@ -1284,7 +1287,7 @@ class Sender:
                 if smtp is None:
                     try:
                         smtp = connect(self.settings)
-                    except SmtpProblem as exc:
+                    except SenderProblem as exc:
                         result.problem = exc
                         self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
@@ -1328,7 +1331,9 @@ class Sender:
                 self._bad(item, reason, result)
             else:
                 self._later(item, reason, result)
-            return outcome
+            # smtplib closes the connection on a 421 reply: the next message
+            # must not be blamed for that, so the check ends here.
+            return Outcome.BROKEN if smtp.sock is None else outcome
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
                             (item.name, digest, self.clock()))
@@ -1483,7 +1488,10 @@ class Gateway:
         if s.problems:
             result = CheckResult(skipped="the settings need attention")
         else:
-            result = Sender(s, self.journal, self.clock, self.stop).check()
+            try:
+                result = Sender(s, self.journal, self.clock, self.stop).check()
+            except SpoolError as exc:       # e.g. the folder vanished from under us
+                result = CheckResult(problem=SenderProblem(str(exc), lasting=True))
             if result.problem:
                 state = "stopped" if result.problem.lasting else "retrying"
                 self._set_sender(state, f"{result.problem} Messages stay queued.")

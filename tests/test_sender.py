@@ -332,3 +332,24 @@ def test_enqueue_refuses_what_could_never_be_sent(gateway, tmp_path):
     r = gateway.cli("enqueue", str(junk))
     assert r.returncode == 1 and "not an email message" in r.stderr
     assert list(gateway.spool.iterdir()) == [] or not list(gateway.spool.glob("*.TMP"))
+
+
+def test_a_421_closing_the_connection_does_not_blame_the_next_message(tmp_path, make_sink):
+    sink = make_sink(data_reply="421 4.3.2 Shutting down")
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "a.TMP", eml(subject="a"), age=20)
+    drop(settings.spool, "b.TMP", eml(subject="b"), age=10)
+    result = sender.check()
+    assert result.deferred == 1
+    rows = {r["file"]: r for r in bg.queue_rows(settings, sender.db)}
+    assert rows["a.TMP"]["attempts"] == 1 and "421 4.3.2" in rows["a.TMP"]["reason"]
+    assert rows["b.TMP"]["attempts"] == 0
+
+
+def test_a_vanished_spool_folder_stops_the_sender_with_a_reason(tmp_path, sink):
+    ini = write_ini(tmp_path, sink)
+    gateway = bg.Gateway(ini)
+    gateway.settings.spool.rmdir()
+    gateway.tick()
+    state, reason = gateway.sender_state
+    assert state == "stopped" and "spool folder" in reason and "[gateway] spool_folder" in reason
