@@ -1777,6 +1777,7 @@ class LetterRun:
     dry_run: bool
     letters: list
     orphans: list = dataclasses.field(default_factory=list)   #: patron ids not in patrons
+    undated: list = dataclasses.field(default_factory=list)   #: loans without a real due date
     queued: list = dataclasses.field(default_factory=list)    #: spool files
     print_file: Path | None = None
     skipped: int = 0       #: letters another run wrote at the same moment
@@ -1841,18 +1842,34 @@ def plan_letters(settings: Settings, kind: str, loans, ledger: dict, guardian: b
     return letters
 
 
-def overdue_rows(db: sqlite3.Connection, today: dt.date, group: str | None) -> list[dict]:
-    """Every loan past its due date with its patron's details (None for a
-    patron id the patrons list does not know), by patron name, then due date."""
+def is_iso_date(text) -> bool:
+    """True for a real date written yyyy-mm-dd, as the loans table keeps them."""
+    if not isinstance(text, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return False
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def overdue_rows(db: sqlite3.Connection, today: dt.date,
+                 group: str | None) -> tuple[list[dict], list[dict]]:
+    """The loans past their due date, with their patron's details (name None
+    for a patron id the patrons list does not know), by patron name and due
+    date; and the loans whose due date is not a date at all."""
     sql = ("SELECT l.patron_id, l.barcode, l.title, l.due_date, p.name, p.email, "
            "p.guardian_email, p.grp FROM loans l LEFT JOIN patrons p "
-           "ON p.patron_id = l.patron_id WHERE l.due_date < ?")
-    params: list = [today.isoformat()]
+           "ON p.patron_id = l.patron_id")
+    params: list = []
     if group is not None:
-        sql += " AND p.grp = ? COLLATE NOCASE"
+        sql += " WHERE p.grp = ? COLLATE NOCASE"
         params.append(group)
     sql += " ORDER BY p.name COLLATE NOCASE, l.patron_id, l.due_date, l.title"
-    return [dict(row) for row in db.execute(sql, params)]
+    rows = [dict(row) for row in db.execute(sql, params)]
+    dated = [r for r in rows if is_iso_date(r["due_date"])]
+    undated = [r for r in rows if not is_iso_date(r["due_date"])]
+    return [r for r in dated if r["due_date"] < today.isoformat()], undated
 
 
 def letter_ledger(db: sqlite3.Connection) -> dict:
@@ -1905,11 +1922,12 @@ def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str |
     today = today or local_day(now)
     db = journal.db
     check_letter_request(db, kind, group, output)
-    rows = overdue_rows(db, today, group)
+    rows, undated = overdue_rows(db, today, group)
     orphans = sorted({r["patron_id"] for r in rows if r["name"] is None})
     known = [r for r in rows if r["name"] is not None]
     letters = plan_letters(settings, kind, known, letter_ledger(db), guardian, today)
-    run = LetterRun(kind, group, guardian, output, dry_run, letters, orphans)
+    run = LetterRun(kind, group, guardian, output, dry_run, letters, orphans,
+                    [f"{r['barcode']} ({r['due_date']!r})" for r in undated])
     if dry_run or not letters:
         if not dry_run:
             journal.event("letters", letters_summary(run))
@@ -2094,6 +2112,8 @@ def letters_summary(run: LetterRun) -> str:
         parts.append(f"{run.skipped} already written by another run")
     if run.orphans:
         parts.append(f"{_plural(len(run.orphans), 'patron id')} not in the patrons list")
+    if run.undated:
+        parts.append(f"{_plural(len(run.undated), 'loan')} without a readable due date")
     if run.failed:
         parts.append(f"stopped: {run.failed}")
     return f"letters {what}: {', '.join(parts)}"
@@ -2140,6 +2160,10 @@ def letters_report(run: LetterRun) -> list[str]:
         shown = ", ".join(run.orphans[:20]) + (" ..." if len(run.orphans) > 20 else "")
         lines.append(f"Overdue loans of {_plural(len(run.orphans), 'patron id')} not in the "
                      f"patrons list got no letter ({shown}); import the patrons file again.")
+    if run.undated:
+        shown = ", ".join(run.undated[:20]) + (" ..." if len(run.undated) > 20 else "")
+        lines.append(f"{_plural(len(run.undated), 'loan')} got no letter because the due date "
+                     f"is not a date ({shown}); import the loans file again.")
     return lines
 
 
@@ -2196,15 +2220,16 @@ def fit_body(body: str, limit: int = MAILTO_BODY_LIMIT) -> str:
     if len(_encode(body)) <= limit:
         return body
     lines = body.rstrip("\n").split("\n")
+    items_left = sum(1 for line in lines if line.startswith("- "))
     kept, used = [], 0
-    for n, line in enumerate(lines):
-        rest = sum(1 for x in lines[n:] if x.startswith("- "))
-        note = fit_note(rest)
+    for line in lines:
+        note = fit_note(items_left)
         cost = len(_encode(line + "\n"))
         if used + cost + len(_encode("\n" + note)) > limit:
             return "\n".join(kept + ["", note])
         kept.append(line)
         used += cost
+        items_left -= line.startswith("- ")
     return "\n".join(kept)
 
 
@@ -2233,12 +2258,16 @@ def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
     address, problem = recipient(patron, guardian)
     if not address:
         raise NoEmail(patron, problem)
-    loans = db.execute("SELECT * FROM loans WHERE patron_id = ? ORDER BY due_date, title",
-                       (patron["patron_id"],)).fetchall()
+    rows = db.execute("SELECT * FROM loans WHERE patron_id = ? ORDER BY due_date, title",
+                      (patron["patron_id"],)).fetchall()
+    loans = [r for r in rows if is_iso_date(r["due_date"])]
     values = notice_values(settings, patron, loans, today)
     values["addressee"] = addressee(patron, guardian)
-    if not loans:
-        values["items"] = "- nothing on loan just now"
+    values["item_count"] = len(rows)
+    items = [values["items"]] if loans else []
+    items += [f"- {one_line(r['title'])} (barcode {one_line(r['barcode'])}), due "
+              f"{one_line(r['due_date'])}" for r in rows if not is_iso_date(r["due_date"])]
+    values["items"] = "\n".join(items) or "- nothing on loan just now"
     subject, body = load_template(settings, "direct").render(values)
     return mailto_url(address, subject, body)
 

@@ -247,13 +247,21 @@ def test_print_output_is_one_escaped_file_with_a_page_per_patron(lib, capsys):
     assert {row[4] for row in ledger(settings)} == {printed.name}
 
 
-def test_loans_of_unknown_patrons_are_named(lib):
+def test_loans_of_unknown_patrons_or_without_a_date_are_named(lib):
     settings, journal = lib
+    add_patron(journal.db, "P1", "Sam Smith", "sam@example.org")
     add_loan(journal.db, "B1", "P404", "Lost Soul", days(-3))
+    add_loan(journal.db, "B2", "P1", "Matilda", days(-3))
+    with journal.db:
+        journal.db.executemany("INSERT INTO loans VALUES (?, 'P1', 'Odd', ?)",
+                               [("B3", "1/3/26"), ("B4", "2026-02-31"), ("B5", "20260301")])
     run = letters(lib, "overdue_first", DAY)
-    assert run.letters == [] and run.orphans == ["P404"]
-    assert any("P404" in line and "import the patrons file" in line
-               for line in bg.letters_report(run))
+    assert [x["barcode"] for x in run.letters[0].loans] == ["B2"]
+    assert run.orphans == ["P404"]
+    assert run.undated == ["B3 ('1/3/26')", "B4 ('2026-02-31')", "B5 ('20260301')"]
+    report = "\n".join(bg.letters_report(run))
+    assert "1 patron id not in the patrons list got no letter (P404); import the patrons" in report
+    assert "3 loans got no letter because the due date is not a date (B3 ('1/3/26'), " in report
 
 
 # -- dry run, safety ------------------------------------------------------------
