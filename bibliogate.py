@@ -1995,7 +1995,7 @@ def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
         reasons = [f"{one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}"
                    for x in run.to_print]
     else:
-        note, reasons = f"{_plural(len(run.to_print), 'letter')}, one page each.", []
+        note, reasons = f"{_plural(len(run.to_print), 'letter')}, each on a new page.", []
     page = letters_html(settings, f"{run.kind} letters, {today.isoformat()}", note, reasons,
                         run.to_print, today)
     folder = settings.base / LETTERS_FOLDER
@@ -2031,6 +2031,7 @@ LETTERS_PAGE = string.Template("""\
   .who { font-size: 10pt; margin-bottom: 1.5em; }
   h1 { font-size: 14pt; margin: 0 0 1em; }
   .body { white-space: pre-wrap; }
+  @media screen { .letter + .letter { border-top: 3px dashed #bbb; } }
   @media print { .note { display: none; } .letter { padding: 0; } }
 </style>
 </head>
@@ -2077,7 +2078,8 @@ def departure_time(start: float, ahead: int, count: int, per_check: int,
 
 def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, ahead: int,
                        now: float) -> str:
-    """"12 letters queued; at 10 every 3 minutes the last leaves about 14:35"."""
+    """The sentence "12 letters queued; at 10 every 3 minutes the last leaves
+    about 14:35", or why they wait."""
     minutes = settings.interval / 60
     rate = f"at {settings.per_check} every {minutes:g} minute{'' if minutes == 1 else 's'}"
     queued = f"{_plural(count, 'letter')} queued"
@@ -2086,9 +2088,10 @@ def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, a
                 f"then leave {rate}.")
     if not run_is_active(settings.ini_path):
         wait = departure_time(0, ahead, count, settings.per_check, settings.interval)
+        last = (f"the last leaves about {_duration(wait)} after that" if wait else
+                "they all leave at its first check")
         return (f"{queued}; BiblioGate is not running, so they leave once `python "
-                f"bibliogate.py run` starts: {rate} the last leaves about "
-                f"{round(wait / 60)} minutes after that.")
+                f"bibliogate.py run` starts: {rate} {last}.")
     next_check = get_state(db, "next_check")
     start = next_check if isinstance(next_check, (int, float)) and next_check > now else now
     last = departure_time(start, ahead, count, settings.per_check, settings.interval)
@@ -2097,6 +2100,13 @@ def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, a
         when += f" on {local_day(last).strftime(settings.date_format)}"
     behind = f" (behind {ahead} already waiting)" if ahead else ""
     return f"{queued}{behind}; {rate} the last leaves about {when}."
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 120:
+        return _plural(minutes, "minute")
+    return f"{minutes // 60} hours {_plural(minutes % 60, 'minute')}"
 
 
 def letters_summary(run: LetterRun) -> str:
@@ -2314,7 +2324,6 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
     p.add_argument("--open", action="store_true", help="open it in the default mail program")
-
 
 
 # Command line ################################################################

@@ -124,7 +124,8 @@ def test_second_and_final_follow_the_letter_before_after_seven_days(lib):
     assert "most recently on 2026-03-17" in final.letters[0].body
     # B2 had its first letter long ago but never a second: no final for it yet.
     assert letters(lib, "overdue_final", days(40)).letters == []
-    assert [x["barcode"] for x in letters(lib, "overdue_second", days(40)).letters[0].loans] == ["B2"]
+    late_second = letters(lib, "overdue_second", days(40))
+    assert [x["barcode"] for x in late_second.letters[0].loans] == ["B2"]
     kinds = [row[1:3] for row in ledger(settings)]
     assert sorted(kinds) == [("B1", "overdue_final"), ("B1", "overdue_first"),
                              ("B1", "overdue_second"), ("B2", "overdue_first"),
@@ -352,6 +353,11 @@ def test_email_output_says_when_the_last_letter_leaves(lib):
     assert run.departure.startswith("25 letters queued; BiblioGate is not running, so they "
                                     "leave once `python bibliogate.py run` starts: at 10 every "
                                     "3 minutes the last leaves about 6 minutes after that.")
+    assert bg.departure_sentence(settings, journal.db, 3, 0, now) == (
+        "3 letters queued; BiblioGate is not running, so they leave once `python bibliogate.py "
+        "run` starts: at 10 every 3 minutes they all leave at its first check.")
+    assert bg.departure_sentence(settings, journal.db, 500, 0, now).endswith(
+        "the last leaves about 2 hours 27 minutes after that.")
     with journal.db:
         journal.db.execute("DELETE FROM notices")
     bg.set_state(journal.db, next_check=now + 60)
