@@ -2082,7 +2082,8 @@ def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, a
     about 14:35", or why they wait."""
     minutes = settings.interval / 60
     rate = f"at {settings.per_check} every {minutes:g} minute{'' if minutes == 1 else 's'}"
-    queued = f"{_plural(count, 'letter')} queued"
+    queued = f"{_plural(count, 'letter')} queued" + \
+        (f" (behind {ahead} already waiting)" if ahead else "")
     if settings.problems:
         return (f"{queued}; they wait until the settings are put right (see `status`), "
                 f"then leave {rate}.")
@@ -2098,8 +2099,7 @@ def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, a
     when = time.strftime("%H:%M", time.localtime(last))
     if local_day(last) != local_day(now):
         when += f" on {local_day(last).strftime(settings.date_format)}"
-    behind = f" (behind {ahead} already waiting)" if ahead else ""
-    return f"{queued}{behind}; {rate} the last leaves about {when}."
+    return f"{queued}; {rate} the last leaves about {when}."
 
 
 def _duration(seconds: float) -> str:

@@ -350,7 +350,8 @@ def test_email_output_says_when_the_last_letter_leaves(lib):
         bg.enqueue_bytes(settings.spool, b"To: a@example.org\n\nhi\n")
     now = bg.dt.datetime.combine(DAY, dt.time(9, 0)).timestamp()
     run = letters(lib, "overdue_first", DAY, now=now)
-    assert run.departure.startswith("25 letters queued; BiblioGate is not running, so they "
+    assert run.departure.startswith("25 letters queued (behind 5 already waiting); BiblioGate "
+                                    "is not running, so they "
                                     "leave once `python bibliogate.py run` starts: at 10 every "
                                     "3 minutes the last leaves about 6 minutes after that.")
     assert bg.departure_sentence(settings, journal.db, 3, 0, now) == (
