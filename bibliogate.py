@@ -23,6 +23,8 @@ SMTP server:
     Spool            the queue folder: writing, listing, picking, BAD files
     Sender           one check: connect, send a batch, sort out each reply
     Gateway          the clock-driven loop of ``run``: checks, daily log
+    Letters          overdue letter reports: who gets which letter, email or print
+    Mailto           the "direct" email: a mailto: link for one patron
     Command line     argparse, one small function per command
 """
 
@@ -39,6 +41,7 @@ import email.policy
 import email.utils
 import hashlib
 import heapq
+import html
 import json
 import logging
 import os
@@ -53,6 +56,8 @@ import string
 import sys
 import threading
 import time
+import urllib.parse
+import webbrowser
 from email.message import EmailMessage
 from pathlib import Path
 from types import MappingProxyType
@@ -1580,6 +1585,766 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
 GATEWAY_TASKS: list[Callable[[Gateway, float], None]] = [daily_log_task]
 
 
+# Letters #####################################################################
+#
+# The tech note's "Letters - Overdue First" report and its companions. Each
+# letter follows the one before it: a loan gets overdue_second only when it had
+# overdue_first, for the same due date, at least LETTER_GAP_DAYS earlier, and
+# overdue_final only after overdue_second. The notices ledger keeps one row per
+# loan and letter, so a report run twice never writes the same letter twice.
+
+#: The letter reports, in the order a loan receives them.
+LETTER_KINDS = ("overdue_first", "overdue_second", "overdue_final")
+#: Each later letter needs the one before it ...
+PREVIOUS_LETTER = MappingProxyType({"overdue_second": "overdue_first",
+                                    "overdue_final": "overdue_second"})
+#: ... written at least this many days earlier.
+LETTER_GAP_DAYS = 7
+#: Print files go to this folder beside the ini.
+LETTERS_FOLDER = "letters"
+LETTER_OUTPUTS = ("email", "print")
+#: The placeholders of every letter and of the direct email.
+LETTER_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
+                           "today", "earliest_due", "addressee"})
+
+TEMPLATE_FIELDS.update({
+    "overdue_first": LETTER_FIELDS,
+    "overdue_second": LETTER_FIELDS | {"previous_sent"},
+    "overdue_final": LETTER_FIELDS | {"previous_sent"},
+    "direct": LETTER_FIELDS,
+})
+
+_LETTER_NOTES = """\
+# Lines starting with # are notes for you and are not sent.
+# First line: Subject. Then one blank line. Then the body.
+# The same letter goes to pupils and (with --guardian) to parents, so it
+# speaks of "${patron_name}" rather than "you".
+# Placeholders:
+#   ${addressee}     the pupil's name, or "parent or guardian of" the pupil
+#   ${patron_name} ${patron_id} ${library_name}
+#   ${items}         one line per item: title, barcode, due date, days overdue
+#   ${item_count} ${today} ${earliest_due}
+"""
+
+DEFAULT_TEMPLATES.update({
+    "overdue_first": """\
+# The first overdue letter (`letters overdue_first`): a friendly reminder.
+# It lists every item now past its due date that has not had this letter.
+""" + _LETTER_NOTES + """\
+Subject: Library items to return: ${patron_name}
+
+Dear ${addressee},
+
+This is a friendly reminder from ${library_name}. Our records show that
+these items, borrowed by ${patron_name}, are now past their due date:
+
+${items}
+
+Please bring them back to the library as soon as you can, or come and see
+us if more time is needed. If they have already been returned, thank you,
+and please ignore this letter.
+
+If something has been lost or damaged, just let us know: we will gladly
+help to sort it out.
+
+With thanks,
+${library_name}
+""",
+    "overdue_second": """\
+# The second overdue letter (`letters overdue_second`): firmer. It goes only
+# for items that had the first letter at least 7 days earlier and are still out.
+""" + _LETTER_NOTES + """\
+#   ${previous_sent} when the first letter about these items was written
+Subject: Second reminder: library items still out for ${patron_name}
+
+Dear ${addressee},
+
+We wrote on ${previous_sent} about the items below, borrowed by
+${patron_name}. They have still not come back to ${library_name}:
+
+${items}
+
+Other pupils are waiting to borrow them. Please return them this week.
+If an item has been lost or damaged, or there is a reason it cannot come
+back yet, please contact the library so that we can help.
+
+If the items have been returned since this letter was written, thank you,
+and please ignore it.
+
+With thanks,
+${library_name}
+""",
+    "overdue_final": """\
+# The final overdue letter (`letters overdue_final`): the last letter before
+# the school acts. It goes only for items that had the second letter at least
+# 7 days earlier and are still out. Change the paragraph about what happens
+# next so that it says what your school does.
+""" + _LETTER_NOTES + """\
+#   ${previous_sent} when the second letter about these items was written
+Subject: Final notice: library items still out for ${patron_name}
+
+Dear ${addressee},
+
+We have written twice about the items below, borrowed by ${patron_name},
+most recently on ${previous_sent}. They are still not back:
+
+${items}
+
+This is our last letter about them. If the items are not returned, or we
+have not heard from you, within the next two weeks, the school may ask for
+the cost of replacing them, and borrowing from the library may be paused
+until this is sorted out.
+
+We would much rather have the items back. If they are lost or damaged, or
+there is something we should know, please contact the library: we are
+happy to help.
+
+Yours sincerely,
+${library_name}
+""",
+    "direct": """\
+# The email that `mailto PATRON_ID` and the config page's [Email] button open
+# in your own mail program, ready to change before you send it. It lists
+# every item the patron has on loan. Keep it short: an email link has room
+# for about 1,800 characters, and a longer list is cut with a note saying so.
+""" + _LETTER_NOTES + """\
+Subject: Your library loans at ${library_name}
+
+Dear ${addressee},
+
+These are the items ${patron_name} has on loan from ${library_name}
+today, ${today}:
+
+${items}
+
+Kind regards,
+${library_name}
+""",
+})
+
+
+def show_date(settings: Settings, iso: str) -> str:
+    """An ISO date (yyyy-mm-dd) as [library] date_format writes it."""
+    return dt.date.fromisoformat(iso).strftime(settings.date_format)
+
+
+def render_items(loans, settings: Settings, today: dt.date) -> str:
+    """One line per loan, in the order given: "- Title (barcode B), due D"
+    and, once past due, ", N days overdue"."""
+    lines = []
+    for loan in loans:
+        due = dt.date.fromisoformat(loan["due_date"])
+        line = (f"- {one_line(loan['title'])} (barcode {one_line(loan['barcode'])}), "
+                f"due {due.strftime(settings.date_format)}")
+        late = (today - due).days
+        if late > 0:
+            line += f", {late} {'day' if late == 1 else 'days'} overdue"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def notice_values(settings: Settings, patron, loans, today: dt.date) -> dict:
+    """The placeholders every message about a patron's loans may use."""
+    dues = [loan["due_date"] for loan in loans]
+    return {
+        "library_name": settings.library_name or "the library",
+        "patron_name": one_line(patron["name"]), "patron_id": patron["patron_id"],
+        "items": render_items(loans, settings, today), "item_count": len(loans),
+        "today": today.strftime(settings.date_format),
+        "earliest_due": show_date(settings, min(dues)) if dues else "",
+    }
+
+
+def recipient(patron, guardian: bool) -> tuple[str, str]:
+    """(address, "") for the patron or their guardian, or ("", what is wrong),
+    worded to follow "has": "no guardian email address"."""
+    field, what = ("guardian_email", "guardian email address") if guardian else \
+        ("email", "email address")
+    address = (patron[field] or "").strip()
+    if not address:
+        return "", f"no {what}"
+    if not valid_address(address):
+        article = "an" if what[0] in "aeiou" else "a"
+        return "", f"{article} {what} that is not valid ({one_line(address)!r})"
+    return address, ""
+
+
+def addressee(patron, guardian: bool) -> str:
+    name = one_line(patron["name"])
+    return f"parent or guardian of {name}" if guardian else name
+
+
+@dataclasses.dataclass
+class Letter:
+    """One patron's letter: the loans it lists and where it goes."""
+    patron: dict
+    loans: list
+    address: str           #: "" when it cannot be emailed
+    problem: str           #: why not ("no email address"), else ""
+    subject: str
+    body: str
+    to_name: str
+
+
+@dataclasses.dataclass
+class LetterRun:
+    """What one letter report did (or, for a dry run, would do)."""
+    kind: str
+    group: str | None
+    guardian: bool
+    output: str
+    dry_run: bool
+    letters: list
+    orphans: list = dataclasses.field(default_factory=list)   #: patron ids not in patrons
+    undated: list = dataclasses.field(default_factory=list)   #: loans without a real due date
+    queued: list = dataclasses.field(default_factory=list)    #: spool files
+    print_file: Path | None = None
+    skipped: int = 0       #: letters another run wrote at the same moment
+    failed: str = ""       #: why queueing stopped part-way (a full disk)
+    departure: str = ""    #: when the last queued letter leaves, as a sentence
+
+    @property
+    def to_email(self) -> list:
+        return [] if self.output == "print" else [x for x in self.letters if x.address]
+
+    @property
+    def to_print(self) -> list:
+        return self.letters if self.output == "print" else \
+            [x for x in self.letters if not x.address]
+
+    @property
+    def unsendable(self) -> list:
+        return [x for x in self.letters if not x.address]
+
+
+def letter_loans(kind: str, loans, ledger: dict, today: dt.date) -> list:
+    """The loans that get letter `kind` today, in the order given: past their
+    due date, without this letter for this due date yet and, for the later
+    letters, with the letter before it written LETTER_GAP_DAYS or more ago.
+    ``ledger`` maps (patron_id, barcode, due_date, kind) to the day written."""
+    before = PREVIOUS_LETTER.get(kind)
+    latest = today - dt.timedelta(days=LETTER_GAP_DAYS)
+    chosen = []
+    for loan in loans:
+        key = (loan["patron_id"], loan["barcode"], loan["due_date"])
+        if loan["due_date"] >= today.isoformat() or (*key, kind) in ledger:
+            continue
+        if before:
+            day = ledger.get((*key, before))
+            if day is None or day > latest:
+                continue
+        chosen.append(loan)
+    return chosen
+
+
+def plan_letters(settings: Settings, kind: str, loans, ledger: dict, guardian: bool,
+                 today: dt.date) -> list[Letter]:
+    """One rendered letter per patron, from loans sorted by patron."""
+    template = load_template(settings, kind)
+    before = PREVIOUS_LETTER.get(kind)
+    by_patron: dict[str, list] = {}
+    for loan in letter_loans(kind, loans, ledger, today):
+        by_patron.setdefault(loan["patron_id"], []).append(loan)
+    letters = []
+    for items in by_patron.values():
+        patron = items[0]
+        values = notice_values(settings, patron, items, today)
+        values["addressee"] = addressee(patron, guardian)
+        if before:
+            latest = max(ledger[(x["patron_id"], x["barcode"], x["due_date"], before)]
+                         for x in items)
+            values["previous_sent"] = latest.strftime(settings.date_format)
+        subject, body = template.render(values)
+        address, problem = recipient(patron, guardian)
+        to_name = values["addressee"][:1].upper() + values["addressee"][1:]
+        letters.append(Letter(dict(patron), items, address, problem, subject, body, to_name))
+    return letters
+
+
+def is_iso_date(text) -> bool:
+    """True for a real date written yyyy-mm-dd, as the loans table keeps them."""
+    if not isinstance(text, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return False
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def overdue_rows(db: sqlite3.Connection, today: dt.date,
+                 group: str | None) -> tuple[list[dict], list[dict]]:
+    """The loans past their due date, with their patron's details (name None
+    for a patron id the patrons list does not know), by patron name and due
+    date; and the loans whose due date is not a date at all."""
+    sql = ("SELECT l.patron_id, l.barcode, l.title, l.due_date, p.name, p.email, "
+           "p.guardian_email, p.grp FROM loans l LEFT JOIN patrons p "
+           "ON p.patron_id = l.patron_id")
+    params: list = []
+    if group is not None:
+        sql += " WHERE p.grp = ? COLLATE NOCASE"
+        params.append(group)
+    sql += " ORDER BY p.name COLLATE NOCASE, l.patron_id, l.due_date, l.title"
+    rows = [dict(row) for row in db.execute(sql, params)]
+    dated = [r for r in rows if is_iso_date(r["due_date"])]
+    undated = [r for r in rows if not is_iso_date(r["due_date"])]
+    return [r for r in dated if r["due_date"] < today.isoformat()], undated
+
+
+def letter_ledger(db: sqlite3.Connection) -> dict:
+    """(patron_id, barcode, due_date, kind) -> the day each letter was written."""
+    rows = db.execute("SELECT patron_id, barcode, due_date, kind, queued_at FROM notices "
+                      f"WHERE kind IN ({','.join('?' * len(LETTER_KINDS))})", LETTER_KINDS)
+    return {(r[0], r[1], r[2], r[3]): local_day(r[4]) for r in rows}
+
+
+def check_letter_request(db: sqlite3.Connection, kind: str, group: str | None,
+                         output: str) -> None:
+    """Refuse an unknown letter, output or group, with the choices."""
+    if kind not in LETTER_KINDS:
+        raise UsageError(f"{kind!r} is not a letter report; use {', '.join(LETTER_KINDS[:-1])} "
+                         f"or {LETTER_KINDS[-1]}.")
+    if output not in LETTER_OUTPUTS:
+        raise UsageError(f"--output {output!r}: use email (queue the letters) or print "
+                         "(one HTML file to print).")
+    if group is None:
+        return
+    groups = [r[0] for r in db.execute("SELECT DISTINCT grp FROM patrons WHERE grp != '' "
+                                       "ORDER BY grp COLLATE NOCASE")]
+    if group.lower() not in {g.lower() for g in groups}:
+        known = (f"the groups are {', '.join(groups[:40])}{' ...' if len(groups) > 40 else ''}"
+                 if groups else "no patron has a group yet (import the patrons file first)")
+        raise UsageError(f"There is no patron group {group!r}; {known}.")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str | None = None,
+                guardian: bool = False, output: str = "email", dry_run: bool = False,
+                today: dt.date | None = None, now: float | None = None) -> LetterRun:
+    """Run one letter report: find who gets letter `kind`, then queue the
+    letters (output "email") or write them to one HTML file (output "print").
+    With output "email", letters for patrons without a usable address go to
+    a print file. Every letter written is recorded in the notices ledger, so
+    the same letter never goes twice for one loan and due date.
+
+    now: the clock (default: the time now); today: the day (default: now's
+    day; given alone, now is that day at noon). dry_run: decide and render,
+    change nothing. Raises UsageError for an unknown kind, output or group,
+    TemplateError for a broken template, BibliogateError when the print file
+    cannot be written."""
+    if now is None:
+        now = time.time() if today is None else \
+            dt.datetime.combine(today, dt.time(12)).timestamp()
+    today = today or local_day(now)
+    db = journal.db
+    check_letter_request(db, kind, group, output)
+    rows, undated = overdue_rows(db, today, group)
+    orphans = sorted({r["patron_id"] for r in rows if r["name"] is None})
+    known = [r for r in rows if r["name"] is not None]
+    letters = plan_letters(settings, kind, known, letter_ledger(db), guardian, today)
+    run = LetterRun(kind, group, guardian, output, dry_run, letters, orphans,
+                    [f"{r['barcode']} ({r['due_date']!r})" for r in undated])
+    if dry_run or not letters:
+        if not dry_run:
+            journal.event("letters", letters_summary(run))
+        return run
+    ahead = len(scan(settings.spool)) if run.to_email else 0
+    for letter in run.to_email:
+        try:
+            path = queue_letter(settings, db, kind, letter, now)
+        except SpoolError as exc:
+            run.failed = str(exc)
+            break
+        if path is None:
+            run.skipped += 1
+        else:
+            run.queued.append(path)
+    if run.to_print:
+        run.print_file = print_letters(settings, db, run, today, now)
+    if run.queued:
+        run.departure = departure_sentence(settings, db, len(run.queued), ahead, now)
+    journal.event("letters", letters_summary(run),
+                  level=logging.WARNING if run.failed else logging.INFO)
+    return run
+
+
+def record_letter(db: sqlite3.Connection, kind: str, letter: Letter, now: float,
+                  file: str | None, replace: bool = False) -> None:
+    """One ledger row per loan of the letter; a row already there raises
+    sqlite3.IntegrityError (or, with replace, is left as it is)."""
+    verb = "INSERT OR IGNORE" if replace else "INSERT"
+    db.executemany(f"{verb} INTO notices(patron_id, barcode, kind, due_date, queued_at, file) "
+                   "VALUES (?,?,?,?,?,?)",
+                   [(x["patron_id"], x["barcode"], kind, x["due_date"], now, file)
+                    for x in letter.loans])
+
+
+def queue_letter(settings: Settings, db: sqlite3.Connection, kind: str, letter: Letter,
+                 now: float) -> Path | None:
+    """Queue one letter and record it, as one step: if the spool file cannot
+    be written, the ledger keeps no record (the next run writes it). None
+    when another run recorded the same letter first."""
+    data = compose(settings, letter.address, letter.subject, letter.body, letter.to_name, now)
+    try:
+        with db:
+            record_letter(db, kind, letter, now, file=None)
+            path = enqueue_bytes(settings.spool, data, now, label=kind.replace("_", "-"))
+            db.executemany("UPDATE notices SET file = ? WHERE patron_id = ? AND barcode = ? "
+                           "AND kind = ? AND due_date = ?",
+                           [(path.name, x["patron_id"], x["barcode"], kind, x["due_date"])
+                            for x in letter.loans])
+    except sqlite3.IntegrityError:
+        return None
+    return path
+
+
+def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
+                  today: dt.date, now: float) -> Path:
+    """Write the print file, then record its letters."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    stem = f"{run.kind}{'-guardian' if run.guardian else ''}-{stamp}"
+    if run.output == "email":
+        stem += "-not-emailed"
+        note = (f"{_plural(len(run.to_print), 'letter')} that could not be emailed, for want "
+                "of a usable address. Print them and hand them out, and put the addresses "
+                "right in the library system:")
+        reasons = [f"{one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}"
+                   for x in run.to_print]
+    else:
+        note, reasons = f"{_plural(len(run.to_print), 'letter')}, each on a new page.", []
+    page = letters_html(settings, f"{run.kind} letters, {today.isoformat()}", note, reasons,
+                        run.to_print, today)
+    folder = settings.base / LETTERS_FOLDER
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise BibliogateError(f"The folder {folder} cannot be created ({exc.strerror}); "
+                              "give this account the right to create it.") from None
+    path = free_name(folder, stem, ".html")
+    write_atomic(path, page.encode("utf-8"))
+    with db:
+        for letter in run.to_print:
+            record_letter(db, run.kind, letter, now, file=path.name, replace=True)
+    return path
+
+
+#: The print file: one page per letter; the note at the top shows on screen only.
+LETTERS_PAGE = string.Template("""\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>$title</title>
+<style>
+  @page { margin: 2cm; }
+  body { font: 12pt/1.5 Georgia, "Times New Roman", serif; color: #000; margin: 0; }
+  .note { font: 11pt/1.4 sans-serif; background: #fff8dc; border: 1px solid #c9b458;
+          padding: .5em 1em; margin: 1em; }
+  .letter { padding: 1.5em; page-break-after: always; break-after: page; }
+  .letter:last-child { page-break-after: auto; break-after: auto; }
+  .head { display: flex; justify-content: space-between; font-size: 10pt;
+          border-bottom: 1px solid #888; margin-bottom: 2em; }
+  .who { font-size: 10pt; margin-bottom: 1.5em; }
+  h1 { font-size: 14pt; margin: 0 0 1em; }
+  .body { white-space: pre-wrap; }
+  @media screen { .letter + .letter { border-top: 3px dashed #bbb; } }
+  @media print { .note { display: none; } .letter { padding: 0; } }
+</style>
+</head>
+<body>
+<div class="note"><p>$note</p>$reasons<p>Print with Ctrl+P; this note is not printed.</p></div>
+$letters
+</body>
+</html>
+""")
+
+LETTER_HTML = string.Template("""\
+<section class="letter">
+<div class="head"><span>$library</span><span>$today</span></div>
+<div class="who">$to_name<br>$patron</div>
+<h1>$subject</h1>
+<div class="body">$body</div>
+</section>""")
+
+
+def letters_html(settings: Settings, title: str, note: str, reasons: list[str],
+                 letters: list[Letter], today: dt.date) -> str:
+    """The print file's HTML; every value is escaped."""
+    e = html.escape
+    reason_list = ("<ul>" + "".join(f"<li>{e(r)}</li>" for r in reasons) + "</ul>") \
+        if reasons else ""
+    pages = []
+    for x in letters:
+        group = f", group {one_line(x.patron['grp'])}" if x.patron.get("grp") else ""
+        pages.append(LETTER_HTML.substitute(
+            library=e(settings.library_name), today=e(today.strftime(settings.date_format)),
+            to_name=e(x.to_name), patron=e(f"Patron {x.patron['patron_id']}{group}"),
+            subject=e(x.subject), body=e(x.body.rstrip("\n"))))
+    return LETTERS_PAGE.substitute(title=e(title), note=e(note), reasons=reason_list,
+                                   letters="\n".join(pages))
+
+
+def departure_time(start: float, ahead: int, count: int, per_check: int,
+                   interval: float) -> float:
+    """When the last of `count` new messages leaves, behind `ahead` waiting
+    ones, at per_check a check, the first check at `start`."""
+    checks = -(-(ahead + count) // per_check)
+    return start + (checks - 1) * interval
+
+
+def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, ahead: int,
+                       now: float) -> str:
+    """The sentence "12 letters queued; at 10 every 3 minutes the last leaves
+    about 14:35", or why they wait."""
+    minutes = settings.interval / 60
+    rate = f"at {settings.per_check} every {minutes:g} minute{'' if minutes == 1 else 's'}"
+    queued = f"{_plural(count, 'letter')} queued" + \
+        (f" (behind {ahead} already waiting)" if ahead else "")
+    if settings.problems:
+        return (f"{queued}; they wait until the settings are put right (see `status`), "
+                f"then leave {rate}.")
+    if not run_is_active(settings.ini_path):
+        wait = departure_time(0, ahead, count, settings.per_check, settings.interval)
+        last = (f"the last leaves about {_duration(wait)} after that" if wait else
+                "they all leave at its first check")
+        return (f"{queued}; BiblioGate is not running, so they leave once `python "
+                f"bibliogate.py run` starts: {rate} {last}.")
+    next_check = get_state(db, "next_check")
+    start = next_check if isinstance(next_check, (int, float)) and next_check > now else now
+    last = departure_time(start, ahead, count, settings.per_check, settings.interval)
+    when = time.strftime("%H:%M", time.localtime(last))
+    if local_day(last) != local_day(now):
+        when += f" on {local_day(last).strftime(settings.date_format)}"
+    return f"{queued}; {rate} the last leaves about {when}."
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 120:
+        return _plural(minutes, "minute")
+    return f"{minutes // 60} hours {_plural(minutes % 60, 'minute')}"
+
+
+def letters_summary(run: LetterRun) -> str:
+    """One line for the journal."""
+    what = (f"{run.kind} ({'guardian' if run.guardian else 'patron'} variant, "
+            f"{'group ' + run.group if run.group else 'all groups'}, {run.output})")
+    parts = [_plural(len(run.letters), "letter"), f"{len(run.queued)} queued"]
+    if run.print_file:
+        parts.append(f"{len(run.to_print)} to print in {run.print_file.name}")
+    if run.unsendable:
+        parts.append(f"{len(run.unsendable)} without a usable address")
+    if run.skipped:
+        parts.append(f"{run.skipped} already written by another run")
+    if run.orphans:
+        parts.append(f"{_plural(len(run.orphans), 'patron id')} not in the patrons list")
+    if run.undated:
+        parts.append(f"{_plural(len(run.undated), 'loan')} without a readable due date")
+    if run.failed:
+        parts.append(f"stopped: {run.failed}")
+    return f"letters {what}: {', '.join(parts)}"
+
+
+def letters_report(run: LetterRun) -> list[str]:
+    """What `letters` prints, line by line."""
+    variant = "guardian" if run.guardian else "patron"
+    scope = f"group {run.group}" if run.group else "all groups"
+    lines = []
+    if run.dry_run:
+        lines.append(f"Dry run of {run.kind} for {scope} ({variant} variant, output "
+                     f"{run.output}); nothing is queued, written or recorded.")
+        for x in run.letters:
+            where = (f"email to {x.address}" if x.address and run.output == "email" else
+                     "print" + (f" (has {x.problem})" if x.problem else ""))
+            lines.append(f"  {one_line(x.patron['name'])} ({x.patron['patron_id']}): "
+                         f"{where}, {_plural(len(x.loans), 'item')}")
+        lines.append(f"{_plural(len(run.letters), 'letter')} would be written: "
+                     f"{len(run.to_email)} by email, {len(run.to_print)} to print.")
+    elif not run.letters:
+        before = PREVIOUS_LETTER.get(run.kind)
+        why = (f" (it goes only for loans that had {before} at least {LETTER_GAP_DAYS} days "
+               "ago and are still out)" if before else "")
+        lines.append(f"No patron needs {run.kind} today in {scope}{why}.")
+    else:
+        if run.departure:
+            lines.append(run.departure)
+        if run.skipped:
+            lines.append(f"{_plural(run.skipped, 'letter')} had just been queued by another "
+                         "run and were not queued again.")
+        if run.output == "email" and run.unsendable:
+            lines.append(f"{_plural(len(run.unsendable), 'patron')} cannot be emailed; print "
+                         "their letters from the file below:")
+            lines += [f"  {one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}"
+                      for x in run.unsendable]
+        if run.print_file:
+            lines.append(f"{_plural(len(run.to_print), 'letter')} to print: {run.print_file}")
+    if run.failed:
+        done = len(run.queued)
+        lines.append(f"Stopped after queueing {_plural(done, 'letter')}: {run.failed} The "
+                     "letters not queued are not recorded; run the report again to write them.")
+    if run.orphans:
+        shown = ", ".join(run.orphans[:20]) + (" ..." if len(run.orphans) > 20 else "")
+        lines.append(f"Overdue loans of {_plural(len(run.orphans), 'patron id')} not in the "
+                     f"patrons list got no letter ({shown}); import the patrons file again.")
+    if run.undated:
+        shown = ", ".join(run.undated[:20]) + (" ..." if len(run.undated) > 20 else "")
+        lines.append(f"{_plural(len(run.undated), 'loan')} got no letter because the due date "
+                     f"is not a date ({shown}); import the loans file again.")
+    return lines
+
+
+def cmd_letters(args, settings: Settings) -> int:
+    journal = Journal(settings.database)
+    try:
+        run = run_letters(settings, journal, args.kind, group=args.group,
+                          guardian=args.guardian, output=args.output, dry_run=args.dry_run)
+    finally:
+        journal.close()
+    print("\n".join(letters_report(run)))
+    return 1 if run.failed else 0
+
+
+# Mailto ######################################################################
+#
+# The tech note's "direct" email: the [Email] button opens a new message in
+# the librarian's own mail program, addressed and filled in, to change and send.
+
+#: The longest percent-encoded body put in a mailto: link. Mail programs and
+#: Windows itself cut or refuse links of about 2,000 characters or more, and
+#: the address and subject need room beside the body.
+MAILTO_BODY_LIMIT = 1800
+
+
+class UnknownPatron(BibliogateError):
+    """A patron id that is not in the patrons list."""
+
+    def __init__(self, patron_id: str):
+        super().__init__(f"There is no patron with the id {patron_id!r}; check the id, or "
+                         "import the patrons file again.")
+        self.patron_id = patron_id
+
+
+class NoEmail(BibliogateError):
+    """A patron (or guardian) without a usable email address."""
+
+    def __init__(self, patron, problem: str):
+        self.name, self.patron_id = one_line(patron["name"]), patron["patron_id"]
+        super().__init__(f"{self.name} (patron {self.patron_id}) has {problem}, so no email "
+                         "can be written; add it in the library system and import the patrons "
+                         "again, or fix it on the config page.")
+
+
+def _encode(text: str) -> str:
+    """RFC 6068: UTF-8, percent-encoded, line breaks as %0D%0A, never '+'."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+    return urllib.parse.quote(text, safe="")
+
+
+def fit_body(body: str, limit: int = MAILTO_BODY_LIMIT) -> str:
+    """The body, or as many whole lines of it as fit in `limit` encoded
+    characters, followed by a line saying how many items were left out."""
+    if len(_encode(body)) <= limit:
+        return body
+    lines = body.rstrip("\n").split("\n")
+    items_left = sum(1 for line in lines if line.startswith("- "))
+    kept, used = [], 0
+    for line in lines:
+        note = fit_note(items_left)
+        cost = len(_encode(line + "\n"))
+        if used + cost + len(_encode("\n" + note)) > limit:
+            return "\n".join(kept + ["", note])
+        kept.append(line)
+        used += cost
+        items_left -= line.startswith("- ")
+    return "\n".join(kept)
+
+
+def fit_note(left_out: int) -> str:
+    more = f": {_plural(left_out, 'more item')} not shown" if left_out else ""
+    return f"[Shortened to fit in an email link{more}. The library system lists them all.]"
+
+
+def mailto_url(address: str, subject: str, body: str, limit: int = MAILTO_BODY_LIMIT) -> str:
+    """A mailto: link (RFC 6068) with the address, subject and body encoded."""
+    return (f"mailto:{urllib.parse.quote(address, safe='@')}"
+            f"?subject={_encode(one_line(subject))}&body={_encode(fit_body(body, limit))}")
+
+
+def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
+                 guardian: bool = False, today: dt.date | None = None) -> str:
+    """The direct-email link for one patron, or with guardian=True for their
+    guardian: the `direct` template's subject, and a body listing every item
+    on loan. Raises UnknownPatron for an id not in the patrons list, NoEmail
+    when there is no usable address, TemplateError for a broken template."""
+    today = today or dt.date.today()
+    patron = db.execute("SELECT * FROM patrons WHERE patron_id = ?",
+                        (str(patron_id).strip(),)).fetchone()
+    if patron is None:
+        raise UnknownPatron(str(patron_id))
+    address, problem = recipient(patron, guardian)
+    if not address:
+        raise NoEmail(patron, problem)
+    rows = db.execute("SELECT * FROM loans WHERE patron_id = ? ORDER BY due_date, title",
+                      (patron["patron_id"],)).fetchall()
+    loans = [r for r in rows if is_iso_date(r["due_date"])]
+    values = notice_values(settings, patron, loans, today)
+    values["addressee"] = addressee(patron, guardian)
+    values["item_count"] = len(rows)
+    items = [values["items"]] if loans else []
+    items += [f"- {one_line(r['title'])} (barcode {one_line(r['barcode'])}), due "
+              f"{one_line(r['due_date'])}" for r in rows if not is_iso_date(r["due_date"])]
+    values["items"] = "\n".join(items) or "- nothing on loan just now"
+    subject, body = load_template(settings, "direct").render(values)
+    return mailto_url(address, subject, body)
+
+
+def open_link(url: str, windows: bool = os.name == "nt") -> None:
+    """Hand a mailto: link to the default mail program, as the Circulation
+    [Email] button does."""
+    if windows:
+        try:
+            os.startfile(url)
+        except OSError as exc:
+            raise BibliogateError(f"Windows could not open the email link ({exc.strerror or exc}); "
+                                  "choose a default email program in Settings > Apps > Default "
+                                  "apps, or copy the link above into your mail program.") from None
+        return
+    if not webbrowser.open(url):
+        raise BibliogateError("No program here opens email links; copy the link above into "
+                              "your mail program, or set a default mail program.")
+
+
+def cmd_mailto(args, settings: Settings) -> int:
+    db = open_db(settings.database)
+    try:
+        url = build_mailto(settings, db, args.patron_id, guardian=args.guardian)
+    finally:
+        db.close()
+    print(url)
+    if args.open:
+        open_link(url)
+    return 0
+
+
+def add_letter_commands(command: Callable) -> None:
+    """The `letters` and `mailto` commands (given build_parser's `command`)."""
+    p = command("letters", cmd_letters, "write an overdue letter to every patron who needs it")
+    p.add_argument("kind", metavar="KIND", help=", ".join(LETTER_KINDS))
+    p.add_argument("--group", metavar="G", help="only patrons of this group")
+    p.add_argument("--guardian", action="store_true",
+                   help="write to each patron's guardian email instead")
+    p.add_argument("--output", default="email", metavar="email|print",
+                   help="queue the letters as email (the default) or write one file to print")
+    p.add_argument("--dry-run", action="store_true", help="list who would get what; change nothing")
+    p = command("mailto", cmd_mailto, "print (or open) a direct-email link for one patron")
+    p.add_argument("patron_id", metavar="PATRON_ID")
+    p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
+    p.add_argument("--open", action="store_true", help="open it in the default mail program")
+
+
 # Command line ################################################################
 
 def queue_test(settings: Settings, to: str, now: float) -> Path:
@@ -1788,6 +2553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-bad", action="store_true")
     p = command("delete", cmd_delete, "remove one message from the queue")
     p.add_argument("name", metavar="NAME")
+    add_letter_commands(command)
     for extend in CLI_EXTRA:
         extend(command)
     return parser
