@@ -425,11 +425,19 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
             fh.write(DEFAULT_INI)
         created.append(f"Wrote the default settings to {ini_path}.")
     settings = load_settings(ini_path)
-    with contextlib.suppress(FileExistsError):
-        settings.templates.mkdir(parents=True)
+    # A missing template (a new kind after an upgrade, or one deleted by
+    # mistake) gets the default text: a gateway that stops sending over it
+    # would be worse. The log says so.
+    try:
+        settings.templates.mkdir(parents=True, exist_ok=True)
         for kind, text in DEFAULT_TEMPLATES.items():
-            (settings.templates / f"{kind}.txt").write_text(text, encoding="utf-8")
-        created.append(f"Wrote the default message templates to {settings.templates}.")
+            with contextlib.suppress(FileExistsError):
+                with open(settings.templates / f"{kind}.txt", "x", encoding="utf-8") as fh:
+                    fh.write(text)
+                created.append(f"Wrote the default template {settings.templates / kind}.txt.")
+    except OSError as exc:
+        settings.problems.append(f"{settings.templates} cannot be written ({exc.strerror}). "
+                                 "Check [data] templates_folder and its permissions.")
     for folder in (settings.spool, settings.log_folder):
         if not folder.exists():
             try:
@@ -775,9 +783,8 @@ def load_template(settings: Settings, kind: str) -> MessageTemplate:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise TemplateError(path, None, "missing. Copy it back from the BiblioGate files, or "
-                            "rename the templates folder so that a start writes all the "
-                            "default templates again.") from None
+        raise TemplateError(path, None, "missing. Start BiblioGate again (any command) to "
+                            "have the default text written.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TemplateError(path, None, f"cannot be read ({exc}). Save it as UTF-8 text.") from None
     return parse_template(kind, text, path)

@@ -16,7 +16,7 @@ def test_first_run_writes_a_commented_ini_templates_and_folders(tmp_path):
     for kind in bg.TEMPLATE_FIELDS:
         assert (tmp_path / "templates" / f"{kind}.txt").is_file()
     assert (tmp_path / "spool").is_dir() and (tmp_path / "logs").is_dir()
-    assert len(created) == 4
+    assert len(created) == 3 + len(bg.DEFAULT_TEMPLATES)
     # not configured: the sender will not run, and says why
     assert any("[smtp] host = '': not set" in p for p in settings.problems)
     assert any("[gateway] from_address = '': not set" in p for p in settings.problems)
@@ -103,12 +103,23 @@ def test_template_shape_errors(text, words):
         bg.parse_template("test", text, Path("test.txt"))
 
 
-def test_missing_template_is_a_problem_that_says_what_to_do(tmp_path):
+def test_a_missing_template_is_written_again_and_said(tmp_path):
     ini = write_ini(tmp_path)
     bg.ensure_layout(ini)
-    (tmp_path / "templates" / "daily_log.txt").unlink()
+    path = tmp_path / "templates" / "daily_log.txt"
+    path.unlink()
+    settings, created = bg.ensure_layout(ini)
+    assert created == [f"Wrote the default template {path}."]
+    assert path.read_text(encoding="utf-8") == bg.DEFAULT_TEMPLATES["daily_log"]
+    assert settings.problems == []
+
+
+def test_an_unreadable_template_is_a_problem_that_names_it(tmp_path):
+    ini = write_ini(tmp_path)
+    bg.ensure_layout(ini)
+    (tmp_path / "templates" / "test.txt").write_bytes(b"Subject: \xff\xfe\n\nbody\n")
     settings, _ = bg.ensure_layout(ini)
-    assert any("daily_log.txt: missing" in p for p in settings.problems)
+    assert any("test.txt: cannot be read" in p and "UTF-8" in p for p in settings.problems)
 
 
 def test_a_subject_can_never_become_two_headers():
