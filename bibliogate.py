@@ -1688,8 +1688,8 @@ class RunGuard:
     shows it) and stops `run` with exit status 1, so that the scheduled task
     or systemd starts it afresh: never a silent dead thread."""
 
-    def __init__(self, gateway: Gateway, limit: int = TICK_ERROR_LIMIT):
-        self.gateway, self.limit = gateway, limit
+    def __init__(self, gateway: Gateway, limit: int | None = None):
+        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
         self.exit_status = 0
         self.repeats = 0            #: ticks in a row that failed with the same error
         self._last: str | None = None
