@@ -1694,15 +1694,17 @@ class RunGuard:
         self.repeats = 0            #: ticks in a row that failed with the same error
         self._last: str | None = None
         self._tick = gateway.tick
-        self._hooks = (sys.excepthook, threading.excepthook)
+        self._thread_hook = threading.excepthook
 
     def install(self) -> "RunGuard":
+        """Guard the ticks and every thread. (An error in the main thread
+        reaches cmd_run, which calls crash.)"""
         self.gateway.tick = self.tick       # run_forever calls the guarded tick
-        sys.excepthook, threading.excepthook = self._main_thread_error, self._thread_error
+        threading.excepthook = self._thread_error
         return self
 
     def uninstall(self) -> None:
-        sys.excepthook, threading.excepthook = self._hooks
+        threading.excepthook = self._thread_hook
         vars(self.gateway).pop("tick", None)
 
     def tick(self) -> float:
@@ -1746,12 +1748,6 @@ class RunGuard:
         exc = args.exc_value if args.exc_value is not None else args.exc_type()
         name = args.thread.name if args.thread is not None else "?"
         self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
-
-    def _main_thread_error(self, exc_type, exc, tb) -> None:
-        if issubclass(exc_type, KeyboardInterrupt):
-            self._hooks[0](exc_type, exc, tb)
-            return
-        self.crash(f"BiblioGate stopped on an unexpected error: {error_summary(exc)}", exc)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -521,12 +521,12 @@ def test_run_exits_1_when_a_thread_dies(gateway, monkeypatch, keep_signals, quie
             gw.started_it = True
             threading.Thread(target=lambda: 1 / 0, name="doomed").start()
     monkeypatch.setattr(bg, "GATEWAY_TASKS", [start_a_doomed_thread, give_up_after(10)])
-    hook = sys.excepthook
+    hook = threading.excepthook
     assert bg.main(["--config", str(gateway.ini), "run"]) == 1
     db = gateway.dir / "bibliogate.db"
     assert any("ZeroDivisionError" in d for d in events(db, "crash"))
     assert events(db, "stop") == ["BiblioGate stopped"]
-    assert sys.excepthook is hook
+    assert threading.excepthook is hook
 
 
 def test_run_exits_1_when_the_same_error_keeps_coming(gateway, monkeypatch, keep_signals,
@@ -538,6 +538,20 @@ def test_run_exits_1_when_the_same_error_keeps_coming(gateway, monkeypatch, keep
     [crash] = events(db, "crash")
     assert "the same error 2 times in a row: ValueError: bad row" in crash
     assert len(events(db, "error")) == 1                # the first one was survived
+
+
+def test_run_exits_1_when_the_main_loop_itself_fails(gateway, monkeypatch, keep_signals,
+                                                     quiet_logger):
+    def broken(folder, now):
+        raise PermissionError(13, "Access is denied", str(folder))
+    monkeypatch.setattr(bg, "remove_stale_parts", broken)
+    assert bg.main(["--config", str(gateway.ini), "run"]) == 1
+    db = gateway.dir / "bibliogate.db"
+    [crash] = events(db, "crash")
+    assert crash.startswith("BiblioGate stopped on an unexpected error: PermissionError")
+    assert "in broken" in crash and "Traceback" in log_text(gateway.dir)
+    assert events(db, "stop") == ["BiblioGate stopped"]
+    assert not bg.run_is_active(gateway.ini)            # the lock is let go
 
 
 def test_console_log_keeps_every_line(tmp_path):
