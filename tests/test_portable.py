@@ -132,12 +132,14 @@ def newer_than_39(tree) -> list:
 
 def is_platform_test(test) -> bool:
     text = ast.unparse(test)
-    return any(word in text for word in ("os.name", "sys.platform", "IS_WINDOWS"))
+    return any(word in text for word in ("os.name", "sys.platform", "IS_WINDOWS",
+                                         "hasattr(os,", "hasattr(signal,"))
 
 
 def one_system_only(tree) -> list:
     """Uses of one system's modules or calls that are not inside an
-    `if os.name == "nt": ... else: ...` (or sys.platform) with both sides."""
+    `if os.name == "nt": ... else: ...` with both sides (or the same with
+    sys.platform, IS_WINDOWS or hasattr(os, ...) as the test)."""
     found = []
 
     def visit(node, guarded):
@@ -239,10 +241,12 @@ def open_without_encoding(tree) -> list:
       "dt.timezone.utc\n@dataclasses.dataclass(frozen=True)\nclass A: pass"]),
     (one_system_only, ["import fcntl", "os.fork()", "signal.SIGHUP", "os.getuid()", "import pwd",
                        "from os import setsid", "if os.name == 'nt':\n    os.killpg(1, 2)",
-                       "if x:\n    os.startfile(p)\nelse:\n    pass"],
+                       "if x:\n    os.startfile(p)\nelse:\n    pass",
+                       "if hasattr(os, 'startfile'):\n    os.startfile(p)"],
      ["if os.name == 'nt':\n    import msvcrt\nelse:\n    import fcntl\n    os.getuid()",
       "x = signal.SIGHUP if sys.platform != 'win32' else signal.SIGBREAK",
-      "if sys.platform.startswith('win'):\n    os.startfile(p)\nelse:\n    os.fork()"]),
+      "if sys.platform.startswith('win'):\n    os.startfile(p)\nelse:\n    os.fork()",
+      "if hasattr(os, 'startfile'):\n    os.startfile(p)\nelse:\n    webbrowser.open(p)"]),
     (slash_paths, ["open('logs/a.log')", "Path('spool/x')", "folder / 'a/b'",
                    "folder / f'{day}/x.log'", "os.path.join('a/b', c)", "p.with_name('x/y')"],
      ["open(folder / 'a.log')\nPath(__file__).with_name('bibliogate.ini')\n"

@@ -607,10 +607,9 @@ def test_a_hand_edit_of_the_ini_takes_effect_without_a_restart(gateway, runs, si
 
 
 def test_with_no_console_nothing_is_lost(gateway, runs, sink):
-    gateway.configure(gateway__minutes_between_checks=0.05)     # a check every 3 seconds
+    gateway.cli("enqueue", "-", input=eml(subject="from the task").decode(), check=0)
     proc = runs.start(gateway, no_console=True)
     runs.wait_running(gateway, proc)
-    gateway.cli("enqueue", "-", input=eml(subject="from the task").decode(), check=0)
     sink.wait_for(1, timeout=WAIT)
     second = runs.start(gateway, no_console=True)
     assert second.wait(WAIT) == 1
