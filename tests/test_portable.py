@@ -316,6 +316,12 @@ def test_it_runs_on_python_3_9(tmp_path):
         out = subprocess.run([*python, str(REPO / "bibliogate.py"), "--config", str(ini), *args],
                              capture_output=True, text=True, encoding="utf-8", timeout=60)
         assert out.returncode in (0, 1) and "Traceback" not in out.stderr, out.stderr
+    windows_task = ("import sys, bibliogate as bg; plan = bg.task_plan(sys.argv[1], windows=True); "
+                    "sys.stdout.write(bg.task_xml(plan))")
+    out = subprocess.run([*python, "-c", windows_task, str(ini)], cwd=str(REPO),
+                         capture_output=True, text=True, encoding="utf-8", timeout=60)
+    assert out.returncode == 0 and "<ExecutionTimeLimit>PT0S</ExecutionTimeLimit>" in out.stdout, \
+        out.stderr
 
 
 # -- names and files on Windows ---------------------------------------------------------
