@@ -25,6 +25,8 @@ SMTP server:
     Gateway          the clock-driven loop of ``run``: checks, daily log
     Letters          overdue letter reports: who gets which letter, email or print
     Mailto           the "direct" email: a mailto: link for one patron
+    Windows task     install-task (Task Scheduler; systemd on Linux); no-console
+                     output to logs/; the guard that logs crashes for a restart
     Command line     argparse, one small function per command
 """
 
@@ -49,7 +51,6 @@ import re
 import secrets
 import signal
 import smtplib
-import socket
 import sqlite3
 import ssl
 import string
@@ -61,7 +62,7 @@ import webbrowser
 from email.message import EmailMessage
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 __version__ = "1.0"
 
@@ -1069,6 +1070,8 @@ def mark_bad(path: Path, reason: str, now: float) -> Path:
     The reason is written first: a crash in between leaves the message
     waiting (and a stray reason file that the next .BAD reuses)."""
     stem = path.name[:-len(WAITING_EXT)]
+    if len(stem) > 200:         # keep NAME.BAD-reason.txt within 255 characters
+        stem = f"{stem[:190]}-{hashlib.sha256(stem.encode()).hexdigest()[:8]}"
     bad = free_name(path.parent, stem, BAD_EXT)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     write_atomic(reason_path(bad), f"{stamp} {reason}\n".encode("utf-8"))
@@ -2311,15 +2314,14 @@ def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
 def open_link(url: str, windows: bool = os.name == "nt") -> None:
     """Hand a mailto: link to the default mail program, as the Circulation
     [Email] button does."""
-    if windows:
+    if windows and hasattr(os, "startfile"):
         try:
             os.startfile(url)
         except OSError as exc:
             raise BibliogateError(f"Windows could not open the email link ({exc.strerror or exc}); "
                                   "choose a default email program in Settings > Apps > Default "
                                   "apps, or copy the link above into your mail program.") from None
-        return
-    if not webbrowser.open(url):
+    elif not webbrowser.open(url):
         raise BibliogateError("No program here opens email links; copy the link above into "
                               "your mail program, or set a default mail program.")
 
@@ -2350,6 +2352,480 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
     p.add_argument("--open", action="store_true", help="open it in the default mail program")
+# Windows task ################################################################
+#
+# `install-task` makes BiblioGate an appliance: Task Scheduler starts `run` one
+# minute after boot, as SYSTEM, with no window (pythonw.exe), whether or not
+# anyone is logged on, and starts it again when it stops. On Linux the same
+# command writes a systemd unit. Two things keep such an unattended `run`
+# honest: ConsoleLog (with no console, what would be printed goes to logs/)
+# and RunGuard (an unexpected error is logged with its traceback; one that ends
+# a thread, or comes back tick after tick, ends `run` with status 1 so that it
+# is started afresh). Modules only these commands need are imported where used.
+
+#: True on Windows, where `install-task` registers a scheduled task.
+IS_WINDOWS = os.name == "nt"
+#: The name of the scheduled task; in lower case, of the systemd unit.
+TASK_NAME = "BiblioGate"
+#: The task definition `install-task` writes beside the ini and registers.
+TASK_XML_FILE = "bibliogate-task.xml"
+#: The namespace every Task Scheduler task definition is written in.
+TASK_XMLNS = "http://schemas.microsoft.com/windows/2004/02/mit/task"
+#: The Local System account, as task definitions name it.
+SYSTEM_SID = "S-1-5-18"
+#: What --user accepts as the Local System account.
+SYSTEM_NAMES = frozenset({"system", "nt authority\\system", "localsystem", SYSTEM_SID.lower()})
+#: The task starts this long after boot, once the network is up.
+BOOT_DELAY = "PT1M"
+#: A start that fails is tried again this often, this many times (the
+#: schema's Count is a byte: 1 to 255).
+RESTART_INTERVAL, RESTART_COUNT = "PT1M", 255
+#: Task Scheduler's "restart on failure" covers a start that fails, not a
+#: program that ends with an error. So a second trigger fires this often, from
+#: the moment of install and across reboots; while `run` runs, those starts
+#: are ignored (MultipleInstancesPolicy IgnoreNew), and when it has stopped,
+#: the next one starts it again.
+RESTART_CHECK = "PT5M"
+#: The same unexpected error this many ticks in a row ends `run` (status 1).
+TICK_ERROR_LIMIT = 10
+
+
+class ConsoleLog:
+    """Stands in for sys.stdout and sys.stderr when there is no console
+    (pythonw.exe, as the scheduled task starts BiblioGate): every line that
+    would have been printed goes to the day's file in the log folder."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._append(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._append(self._partial)
+                self._partial = ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def _append(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        # With no console and no writable log folder, there is nowhere left to tell.
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / f"bibliogate-{stamp[:10]}.log", "a", encoding="utf-8") as fh:
+                fh.write(f"{stamp} CONSOLE {line.rstrip()}\n")
+
+
+def console_to_log(folder: Path) -> None:
+    """With no console, send print() and error messages to the log folder.
+    Called again once the settings have named the log folder."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, ConsoleLog(folder))
+        elif isinstance(stream, ConsoleLog):
+            stream.folder = Path(folder)
+
+
+def has_console() -> bool:
+    return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
+
+
+def early_log_folder(argv: list[str]) -> Path:
+    """Where messages go before the settings are read: `logs` beside the ini
+    that --config names, or beside this program."""
+    ini = Path(__file__).resolve().with_name("bibliogate.ini")
+    for n, arg in enumerate(argv):
+        if arg == "--config" and n + 1 < len(argv):
+            ini = Path(argv[n + 1])
+        elif arg.startswith("--config="):
+            ini = Path(arg.partition("=")[2])
+    return ini.resolve().parent / DEFAULTS["data"]["log_folder"]
+
+
+def error_summary(exc: BaseException) -> str:
+    """The error and where it happened, on one line:
+    "KeyError: 'x' (bibliogate.py line 1234, in tick)"."""
+    import traceback
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno}, in {frames[-1].name})" \
+        if frames else ""
+    return one_line(f"{type(exc).__name__}: {exc}{where}")
+
+
+def traceback_text(exc: BaseException) -> str:
+    import traceback
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+
+
+class RunGuard:
+    """Keeps an unattended `run` honest. An unexpected error in one tick is
+    logged with its traceback and recorded (an "error" event), and the loop
+    goes on at the next tick. The same error TICK_ERROR_LIMIT ticks in a row,
+    or any error that ends a thread, is recorded as a "crash" (the daily log
+    shows it) and stops `run` with exit status 1, so that the scheduled task
+    or systemd starts it afresh: never a silent dead thread."""
+
+    def __init__(self, gateway: Gateway, limit: int | None = None):
+        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
+        self.exit_status = 0
+        self.repeats = 0            #: ticks in a row that failed with the same error
+        self._last: str | None = None
+        self._tick = gateway.tick
+        self._thread_hook = threading.excepthook
+
+    def install(self) -> "RunGuard":
+        """Guard the ticks and every thread. (An error in the main thread
+        reaches cmd_run, which calls crash.)"""
+        self.gateway.tick = self.tick       # run_forever calls the guarded tick
+        threading.excepthook = self._thread_error
+        return self
+
+    def uninstall(self) -> None:
+        threading.excepthook = self._thread_hook
+        vars(self.gateway).pop("tick", None)
+
+    def tick(self) -> float:
+        try:
+            due = self._tick()
+        except Exception as exc:        # a bug or an unforeseen OS error: logged; `run` goes on
+            self._tick_failed(exc)
+            return self.gateway.clock() + TICK_SECONDS
+        self._last, self.repeats = None, 0
+        return due
+
+    def _tick_failed(self, exc: Exception) -> None:
+        summary = error_summary(exc)
+        self.repeats = self.repeats + 1 if summary == self._last else 1
+        self._last = summary
+        if self.repeats >= self.limit:
+            self.crash(f"the same error {self.repeats} times in a row: {summary}; BiblioGate "
+                       "stops so that it is started afresh", exc)
+        elif self.repeats == 1:
+            self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
+                                       level=logging.ERROR)
+            log.error("%s", traceback_text(exc))
+        else:
+            log.error("the same error again (%d in a row): %s", self.repeats, summary)
+
+    def crash(self, what: str, exc: BaseException) -> None:
+        """Record an error that ends `run`, with its traceback, and stop `run`
+        with exit status 1."""
+        self.exit_status = 1
+        try:
+            self.gateway.journal.event("crash", what, level=logging.CRITICAL)
+            log.critical("%s", traceback_text(exc))
+        except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
+            print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
+        finally:
+            self.gateway.stop.set()
+
+    def _thread_error(self, args) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        exc = args.exc_value if args.exc_value is not None else args.exc_type()
+        name = args.thread.name if args.thread is not None else "?"
+        self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPlan:
+    """What the scheduled task or the systemd unit starts: `PROGRAM SCRIPT
+    --config INI run`, in the ini's folder, as USER."""
+
+    program: Path
+    script: Path
+    ini: Path
+    user: str
+
+    @property
+    def folder(self) -> Path:
+        return self.ini.parent
+
+    @property
+    def as_system(self) -> bool:
+        return self.user.lower() in SYSTEM_NAMES
+
+    @property
+    def arguments(self) -> str:
+        """The task's command line after the program, every path quoted."""
+        return f'"{self.script}" --config "{self.ini}" run'
+
+
+def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOWS,
+              executable: str = sys.executable, script: str = __file__) -> TaskPlan:
+    """The plan for this ini. On Windows pythonw.exe, beside python.exe, runs
+    it when it is there (no console window); the account is SYSTEM unless
+    `user` names another. On Linux the account is the one running this."""
+    if not executable:
+        raise UsageError("Python did not say where its program is; run this command with the "
+                         "full path of python.exe (or python3).")
+    program = Path(executable)
+    if windows and program.with_name("pythonw.exe").is_file():
+        program = program.with_name("pythonw.exe")
+    if not user:
+        user = "SYSTEM" if windows else _current_user()
+    plan = TaskPlan(program, Path(script).resolve(), Path(ini_path).resolve(), user)
+    for path in (plan.program, plan.script, plan.ini):
+        if '"' in str(path) or "\n" in str(path):
+            raise UsageError(f"{path} has a quote or a line break in its name, which a command "
+                             "line cannot carry; move BiblioGate to a folder with a plain name.")
+    return plan
+
+
+def _current_user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except (ImportError, KeyError, OSError):
+        raise UsageError("Cannot tell which account this is; name the account that should run "
+                         "BiblioGate with --user NAME.") from None
+
+
+def task_xml(plan: TaskPlan, now: float | None = None) -> str:
+    """The task definition (Task Scheduler schema 1.2): start one minute after
+    boot and again whenever `run` has stopped, whether or not anyone is logged
+    on, on battery too, with no time limit, never two at once."""
+    import xml.etree.ElementTree as ET
+
+    def add(parent, tag: str, text: str | None = None, **attributes):
+        element = ET.SubElement(parent, tag, attributes)
+        element.text = text
+        return element
+
+    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now)
+    stamp = stamp.replace(microsecond=0).isoformat()
+    task = ET.Element("Task", {"version": "1.2", "xmlns": TASK_XMLNS})
+    info = add(task, "RegistrationInfo")
+    add(info, "URI", "\\" + TASK_NAME)
+    add(info, "Date", stamp)
+    add(info, "Author", f"BiblioGate {__version__}")
+    add(info, "Description", f"Runs the BiblioGate email gateway for {plan.ini}: from boot, and "
+        "again whenever it has stopped. Installed by `bibliogate.py install-task`; removed by "
+        "`bibliogate.py uninstall-task`.")
+    triggers = add(task, "Triggers")
+    boot = add(triggers, "BootTrigger")
+    add(boot, "Enabled", "true")
+    add(boot, "Delay", BOOT_DELAY)
+    again = add(triggers, "TimeTrigger")
+    add(again, "Enabled", "true")
+    add(again, "StartBoundary", stamp)
+    repetition = add(again, "Repetition")
+    add(repetition, "Interval", RESTART_CHECK)
+    add(repetition, "StopAtDurationEnd", "false")
+    principal = add(add(task, "Principals"), "Principal", id="Author")
+    if plan.as_system:
+        add(principal, "UserId", SYSTEM_SID)
+        add(principal, "RunLevel", "HighestAvailable")
+    else:
+        add(principal, "UserId", plan.user)
+        add(principal, "LogonType", "Password")
+        add(principal, "RunLevel", "LeastPrivilege")
+    settings = add(task, "Settings")
+    add(settings, "AllowStartOnDemand", "true")
+    restart = add(settings, "RestartOnFailure")
+    add(restart, "Interval", RESTART_INTERVAL)
+    add(restart, "Count", str(RESTART_COUNT))
+    for tag, value in (("MultipleInstancesPolicy", "IgnoreNew"),
+                       ("DisallowStartIfOnBatteries", "false"), ("StopIfGoingOnBatteries", "false"),
+                       ("AllowHardTerminate", "true"), ("StartWhenAvailable", "true"),
+                       ("RunOnlyIfNetworkAvailable", "false"), ("WakeToRun", "false"),
+                       ("Enabled", "true"), ("Hidden", "false"),
+                       ("ExecutionTimeLimit", "PT0S"), ("Priority", "7")):
+        add(settings, tag, value)
+    run = add(add(task, "Actions", Context="Author"), "Exec")
+    add(run, "Command", str(plan.program))
+    add(run, "Arguments", plan.arguments)
+    add(run, "WorkingDirectory", str(plan.folder))
+    ET.indent(task, space="  ")
+    return '<?xml version="1.0" encoding="UTF-16"?>\n' + ET.tostring(task, encoding="unicode") + "\n"
+
+
+def task_xml_bytes(text: str) -> bytes:
+    """The file as Task Scheduler reads it: UTF-16 with a byte order mark, CRLF."""
+    return ("\ufeff" + text.replace("\r\n", "\n").replace("\n", "\r\n")).encode("utf-16-le")
+
+
+def systemd_word(text: str) -> str:
+    """One word of an ExecStart line: % and $ doubled, quoted if it has spaces."""
+    text = text.replace("%", "%%").replace("$", "$$")
+    if re.search(r"[\s\"'\\;]", text):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def systemd_unit(plan: TaskPlan) -> str:
+    """The Linux counterpart of the scheduled task: a systemd service that
+    starts at boot and again a minute after `run` ends with an error."""
+    name = TASK_NAME.lower()
+    start = " ".join(systemd_word(str(p)) for p in (plan.program, plan.script))
+    return f"""\
+# BiblioGate, the library's email gateway: started at boot, and again a minute
+# after it stops with an error. Written by `bibliogate.py install-task`.
+# Install: save this as /etc/systemd/system/{name}.service, then as root:
+#   systemctl daemon-reload && systemctl enable --now {name}
+# Check:   systemctl status {name}    (BiblioGate's own log is in its logs folder)
+# Remove:  `bibliogate.py uninstall-task` prints the commands.
+
+[Unit]
+Description=BiblioGate email gateway ({plan.ini})
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+User={plan.user}
+WorkingDirectory={str(plan.folder).replace("%", "%%")}
+ExecStart={start} --config {systemd_word(str(plan.ini))} run
+Restart=on-failure
+RestartSec=60
+# A stop lets the message in flight finish first.
+TimeoutStopSec=120
+Environment=PYTHONIOENCODING=utf-8
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def run_program(argv: list[str], quiet: bool = False) -> int:
+    """Run a system tool (schtasks) and return its exit status."""
+    import subprocess
+    out = subprocess.DEVNULL if quiet else None
+    try:
+        return subprocess.run(argv, stdout=out, stderr=out, check=False).returncode
+    except OSError as exc:
+        raise BibliogateError(f"{argv[0]} could not be started ({exc.strerror}). It is part of "
+                              "Windows (in C:\\Windows\\System32); run this on the Windows server "
+                              "itself.") from None
+
+
+def install_task(settings: Settings, user: str | None = None, print_only: bool = False,
+                 windows: bool = IS_WINDOWS, runner: Callable[..., int] = run_program,
+                 now: float | None = None) -> int:
+    """`install-task`: on Windows, write the task definition beside the ini,
+    register it with schtasks and start it; on Linux, write the systemd unit
+    and say how to install it. With print_only, only print the definition.
+
+    runner(argv, quiet=False) runs schtasks and returns its exit status (tests
+    pass a recorder). Raises BibliogateError when schtasks refuses."""
+    plan = task_plan(settings.ini_path, user, windows)
+    if not windows:
+        return _install_systemd(settings, plan, print_only)
+    text = task_xml(plan, now)
+    if print_only:
+        print(text, end="")
+        return 0
+    xml_path = settings.base / TASK_XML_FILE
+    try:
+        xml_path.write_bytes(task_xml_bytes(text))
+    except OSError as exc:
+        raise BibliogateError(f"Could not write {xml_path} ({exc.strerror}). Run this as an "
+                              "account that may write in that folder.") from None
+    argv = ["schtasks", "/Create", "/TN", TASK_NAME, "/XML", str(xml_path), "/F",
+            "/RU", "SYSTEM" if plan.as_system else plan.user]
+    if not plan.as_system:
+        argv += ["/RP", "*"]        # schtasks asks for the account's password itself
+    if runner(argv) != 0:
+        raise BibliogateError(f"Windows did not register the task (schtasks said why, above). "
+                              "Open a Command Prompt with \"Run as administrator\" and run this "
+                              f"again; or import {xml_path} in Task Scheduler (Action > Import Task).")
+    who = "SYSTEM" if plan.as_system else plan.user
+    Journal(settings.database).event("setup", f"registered the scheduled task {TASK_NAME}: "
+                                     f"{plan.program} {plan.arguments}, as {who}")
+    print(f"Registered the scheduled task {TASK_NAME}: it starts BiblioGate one minute after "
+          f"every boot, as {who}, and again within {RESTART_CHECK[2:-1]} minutes whenever it "
+          "has stopped.")
+    if "WindowsApps" in plan.program.parts:
+        print("Warning: this Python is the Microsoft Store one, which the task may not be able "
+              "to start. Install Python from python.org and run install-task with that python.")
+    if run_is_active(settings.ini_path):
+        print("A BiblioGate `run` for these settings is active now, probably in a Command "
+              "Prompt window: stop it with Ctrl+C, and the task takes over within "
+              f"{RESTART_CHECK[2:-1]} minutes.")
+    elif runner(["schtasks", "/Run", "/TN", TASK_NAME]) == 0:
+        print("It is running now. Check with `python bibliogate.py status`, or in Task "
+              "Scheduler (taskschd.msc).")
+    else:
+        print("It could not be started now; it starts at the next boot, or right-click "
+              f"{TASK_NAME} in Task Scheduler (taskschd.msc) and choose Run.")
+    for problem in settings.problems:
+        print(f"Before messages go out, fix this: {problem}")
+    return 0
+
+
+def _install_systemd(settings: Settings, plan: TaskPlan, print_only: bool) -> int:
+    import shlex
+    text = systemd_unit(plan)
+    if print_only:
+        print(text, end="")
+        return 0
+    name = TASK_NAME.lower()
+    path = settings.base / f"{name}.service"
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise BibliogateError(f"Could not write {path} ({exc.strerror}). Run this as an account "
+                              "that may write in that folder.") from None
+    print(f"Wrote {path}. To start BiblioGate at boot, and again whenever it stops with an "
+          "error, run as root:")
+    print(f"  cp {shlex.quote(str(path))} /etc/systemd/system/{name}.service")
+    print("  systemctl daemon-reload")
+    print(f"  systemctl enable --now {name}")
+    print(f"Then check it with: systemctl status {name}")
+    return 0
+
+
+def uninstall_task(settings: Settings, windows: bool = IS_WINDOWS,
+                   runner: Callable[..., int] = run_program) -> int:
+    """`uninstall-task`: stop and remove the scheduled task (Windows), or say
+    how to remove the systemd unit (Linux)."""
+    name = TASK_NAME.lower()
+    if not windows:
+        print("To stop BiblioGate starting at boot, run as root:")
+        print(f"  systemctl disable --now {name}")
+        print(f"  rm /etc/systemd/system/{name}.service")
+        print("  systemctl daemon-reload")
+        return 0
+    runner(["schtasks", "/End", "/TN", TASK_NAME], quiet=True)    # fails harmlessly if not running
+    if runner(["schtasks", "/Delete", "/TN", TASK_NAME, "/F"]) != 0:
+        raise BibliogateError(f"Windows did not remove the task {TASK_NAME} (schtasks said why, "
+                              "above). If it does not exist, there is nothing to remove; "
+                              "otherwise run this again in a Command Prompt opened with \"Run "
+                              "as administrator\".")
+    Journal(settings.database).event("setup", f"removed the scheduled task {TASK_NAME}")
+    print(f"Removed the scheduled task {TASK_NAME}; BiblioGate no longer starts at boot.")
+    return 0
+
+
+def cmd_install_task(args, settings: Settings) -> int:
+    return install_task(settings, args.user, args.print)
+
+
+def cmd_uninstall_task(args, settings: Settings) -> int:
+    return uninstall_task(settings)
+
+
+def add_task_commands(command: Callable) -> None:
+    """install-task and uninstall-task, for build_parser."""
+    p = command("install-task", cmd_install_task, "have Windows start `run` at boot and "
+                "whenever it stops (on Linux: a systemd unit)")
+    p.add_argument("--print", action="store_true",
+                   help="only show the task definition (on Linux, the systemd unit)")
+    p.add_argument("--user", metavar="U", help="the account that runs BiblioGate (default: "
+                   "SYSTEM on Windows, the current account on Linux)")
+    command("uninstall-task", cmd_uninstall_task, "remove the scheduled task again")
 
 
 # Command line ################################################################
@@ -2417,8 +2893,9 @@ def cmd_run(args, settings: Settings) -> int:
               "a second one would do nothing.", file=sys.stderr)
         return 1
     stop = threading.Event()
-    setup_logging(settings)
+    setup_logging(settings, console=has_console())
     gateway = Gateway(settings.ini_path, stop=stop)
+    guard = RunGuard(gateway).install()     # errors are logged; a crash ends `run` with status 1
 
     def on_signal(signum, frame):
         log.info("stopping (signal %s): finishing the message in flight", signum)
@@ -2433,10 +2910,13 @@ def cmd_run(args, settings: Settings) -> int:
         log.warning("not configured yet: %s", problem)
     try:
         gateway.run_forever()
+    except Exception as exc:        # a bug: logged with its traceback, and `run` ends with status 1
+        guard.crash(f"BiblioGate stopped on an unexpected error: {error_summary(exc)}", exc)
     finally:
         gateway.journal.event("stop", "BiblioGate stopped")
+        guard.uninstall()
         lock.release()
-    return 0
+    return guard.exit_status
 
 
 def cmd_send(args, settings: Settings) -> int:
@@ -2561,20 +3041,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("delete", cmd_delete, "remove one message from the queue")
     p.add_argument("name", metavar="NAME")
     add_letter_commands(command)
-    for extend in CLI_EXTRA:
-        extend(command)
+    add_task_commands(command)
     return parser
 
 
-#: Functions that add commands (given `command(name, fn, help)`).
-CLI_EXTRA: list[Callable] = []
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    console_to_log(early_log_folder(argv))      # pythonw.exe: no console, so to logs/
     args = build_parser().parse_args(argv)
     ini = Path(args.config) if args.config else Path(__file__).resolve().with_name("bibliogate.ini")
     try:
         settings, created = ensure_layout(ini)
+        console_to_log(settings.log_folder)
         for line in created:
             print(line, file=sys.stderr)
         if args.command != "run":

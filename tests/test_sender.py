@@ -353,3 +353,12 @@ def test_a_vanished_spool_folder_stops_the_sender_with_a_reason(tmp_path, sink):
     gateway.tick()
     state, reason = gateway.sender_state
     assert state == "stopped" and "spool folder" in reason and "[gateway] spool_folder" in reason
+
+
+def test_a_very_long_foreign_name_still_becomes_bad(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink)
+    name = "x" * 240 + ".TMP"
+    drop(settings.spool, name, b"not a message at all")
+    assert sender.check().bad == 1
+    bad = [p for p in settings.spool.iterdir() if p.name.endswith(".BAD")]
+    assert len(bad) == 1 and "not an email message" in bg.read_reason(bad[0])
