@@ -2484,13 +2484,13 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if int(length) > MAX_FORM_BYTES:
             raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
-        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
-            raise PageRefusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Only the page's own forms "
-                              "are taken here.")
         data = self.rfile.read(int(length))
         self.deadline.cancel()
         if len(data) < int(length):
             raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form arrived incomplete.")
+        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
+            raise PageRefusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Only the page's own forms "
+                              "are taken here.")
         try:
             fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
                                            max_num_fields=200)
@@ -2774,8 +2774,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     # -- POST -------------------------------------------------------------------
 
     def _post(self) -> None:
+        form = self.read_form()        # read first: closing on unread data would reset the answer
         self.check_host()
-        form = self.read_form()
         self.check_origin()
         session = self.session(create=False)
         self.check_token(session, form)
@@ -2973,7 +2973,7 @@ def start_page(gateway: Gateway) -> PageServer | None:
                               "Otherwise set bibliogate.ini [web] port to a free port. The "
                               "gateway sends meanwhile.", level=logging.WARNING)
         return None
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},  # for stop_page
                      name="config-page", daemon=True).start()
     set_state(gateway.journal.db, page_url=server.url)
     gateway.journal.event("page", f"the config page is at {server.url}")
