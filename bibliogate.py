@@ -1956,9 +1956,10 @@ border:1px solid var(--line);border-left:6px solid var(--green)}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{background:#eef0f4;font-weight:600;white-space:nowrap}
-td.file{font-family:ui-monospace,Consolas,monospace;font-size:.85rem;word-break:break-all}
-td.actions{white-space:nowrap}
-td.actions form,td.actions details{display:inline-block;margin:0 .2rem .2rem 0}
+.file{display:block;font-family:ui-monospace,Consolas,monospace;font-size:.8rem;
+color:var(--muted);overflow-wrap:anywhere}
+td.nowrap{white-space:nowrap}
+td.actions form,td.actions details,td.actions a.button{display:inline-block;margin:0 .25rem .25rem 0}
 details summary{cursor:pointer;color:var(--red)}
 tr.bad td{background:#fff7f6}
 tr.missing td{background:#fff6e6}
@@ -2050,13 +2051,13 @@ $table
 """)
 QUEUE_TABLE = string.Template("""\
 <div class="scroll"><table>
-<thead><tr><th>State</th><th>To</th><th>Subject</th><th>Age</th><th>Tries</th><th>Reason</th><th>File</th><th></th></tr></thead>
+<thead><tr><th>State</th><th>To</th><th>Subject and file</th><th>Age</th><th>Tries</th><th>Reason</th><th></th></tr></thead>
 <tbody>
 $rows</tbody></table></div>
 """)
 QUEUE_ROW = string.Template("""\
-<tr class="$state"><td>$state_label</td><td>$to</td><td>$subject</td><td>$age</td><td>$attempts</td>\
-<td>$reason</td><td class="file">$file</td><td class="actions">$retry\
+<tr class="$state"><td>$state_label</td><td>$to</td><td>$subject<span class="file">$file</span></td>\
+<td class="nowrap">$age</td><td>$attempts</td><td>$reason</td><td class="actions">$retry\
 <details><summary>Delete…</summary><form method="post" action="/queue/delete">$token\
 <input type="hidden" name="file" value="$file"><button type="submit" class="danger">Delete for good</button></form></details></td></tr>
 """)
@@ -2462,10 +2463,13 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                               f"[web] address); it was asked for {host!r}.")
 
     def check_origin(self) -> None:
-        origin, site = self.headers.get("Origin"), self.headers.get("Sec-Fetch-Site")
+        """Refuse a post from another site. Under our no-referrer policy a browser
+        sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
+        page can set, then tells, and for a browser without it the form token."""
+        origin = self.headers.get("Origin", "").strip().lower()
+        site = self.headers.get("Sec-Fetch-Site")
         own = "http://" + self.headers.get("Host", "").strip().lower()
-        if (origin is not None and origin.strip().lower() != own) or \
-                site not in (None, "same-origin", "none"):
+        if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
             raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
                               "so it was refused. Open the page itself and use its buttons.")
 
@@ -2565,6 +2569,9 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/style.css":
             return self.send_body(HTTPStatus.OK, PAGE_CSS.encode("utf-8"), "text/css; charset=utf-8")
+        if url.path == "/favicon.ico":                  # asked for by every browser
+            self.send_response(HTTPStatus.NO_CONTENT)
+            return self.end_headers()
         if url.path == "/health":
             info = self.health()
             return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)

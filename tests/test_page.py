@@ -357,12 +357,16 @@ def test_a_post_from_another_site_is_refused(open_page):
     page = open_page()
     c = page.client()
     c.get("/")
-    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+    for headers in ({"Origin": "http://evil.example"},
                     {"Origin": f"http://127.0.0.1:{page.port}.evil.example"},
+                    {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
                     {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):
         r = c.post("/test", {"token": c.token()}, headers=headers)
         assert r.status == 403 and "another web site" in r.text, headers
     assert list(page.spool.glob("*.TMP")) == []
+    # What a browser sends from the page itself under Referrer-Policy: no-referrer.
+    r = c.post("/test", {"token": c.token()}, headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+    assert r.status == 200 and len(list(page.spool.glob("*.TMP"))) == 1
 
 
 def test_a_foreign_host_header_is_refused(open_page):
