@@ -2014,7 +2014,8 @@ STATE_BOX = string.Template("""\
 """)
 FIELDSET = string.Template('<fieldset><legend>$legend</legend>\n$fields</fieldset>\n')
 FIELD = string.Template("""\
-<div class="field$invalid"><label for="$id">$label</label><div>$control<small>$hint</small>$error</div></div>
+<div class="field$invalid"><label for="$id">$label</label>
+<div>$control<small>$hint</small>$error</div></div>
 """)
 FIELD_ERROR = string.Template('<span class="error">$text</span>')
 TEXT_INPUT = string.Template('<input type="text" id="$id" name="$id" value="$value" '
@@ -2044,14 +2045,17 @@ FACT = string.Template("<dt>$name</dt><dd>$value</dd>")
 QUEUE_BODY = string.Template("""\
 $state
 <div class="buttons">
-<form class="inline" method="post" action="/queue/send-now">$token<button type="submit">Send now</button></form>
-<form class="inline" method="post" action="/queue/retry-all">$token<button type="submit" class="plain">Retry every .BAD</button></form>
+<form class="inline" method="post" action="/queue/send-now">$token
+<button type="submit">Send now</button></form>
+<form class="inline" method="post" action="/queue/retry-all">$token
+<button type="submit" class="plain">Retry every .BAD</button></form>
 <span class="muted">Folder: $spool</span></div>
 $table
 """)
 QUEUE_TABLE = string.Template("""\
 <div class="scroll"><table>
-<thead><tr><th>State</th><th>To</th><th>Subject and file</th><th>Age</th><th>Tries</th><th>Reason</th><th></th></tr></thead>
+<thead><tr><th>State</th><th>To</th><th>Subject and file</th><th>Age</th><th>Tries</th>
+<th>Reason</th><th></th></tr></thead>
 <tbody>
 $rows</tbody></table></div>
 """)
@@ -2059,7 +2063,8 @@ QUEUE_ROW = string.Template("""\
 <tr class="$state"><td>$state_label</td><td>$to</td><td>$subject<span class="file">$file</span></td>\
 <td class="nowrap">$age</td><td>$attempts</td><td>$reason</td><td class="actions">$retry\
 <details><summary>Delete…</summary><form method="post" action="/queue/delete">$token\
-<input type="hidden" name="file" value="$file"><button type="submit" class="danger">Delete for good</button></form></details></td></tr>
+<input type="hidden" name="file" value="$file">\
+<button type="submit" class="danger">Delete for good</button></form></details></td></tr>
 """)
 RETRY_FORM = string.Template('<form method="post" action="/queue/retry">$token'
                              '<input type="hidden" name="file" value="$file">'
@@ -2080,13 +2085,15 @@ $table
 """)
 PATRONS_TABLE = string.Template("""\
 <div class="scroll"><table>
-<thead><tr><th>Id</th><th>Name</th><th>Email</th><th>Guardian email</th><th>Group</th><th>Auto-overdue</th><th>Loans</th><th></th></tr></thead>
+<thead><tr><th>Id</th><th>Name</th><th>Email</th><th>Guardian email</th><th>Group</th>
+<th>Auto-overdue</th><th>Loans</th><th></th></tr></thead>
 <tbody>
 $rows</tbody></table></div>
 """)
 PATRON_ROW = string.Template("""\
 <tr class="$cls"><td>$id</td><td>$name</td><td>$email</td><td>$guardian</td><td>$group</td>\
-<td>$auto</td><td>$loans</td><td class="actions"><a class="button plain" href="$edit">Edit</a> $mail</td></tr>
+<td>$auto</td><td>$loans</td>\
+<td class="actions"><a class="button plain" href="$edit">Edit</a> $mail</td></tr>
 """)
 MAIL_LINK = string.Template('<a class="button" href="$href">$label</a>')
 PATRON_BODY = string.Template("""\
@@ -2095,7 +2102,8 @@ PATRON_BODY = string.Template("""\
 <input type="hidden" name="patron_id" value="$id">
 <fieldset><legend>Contact and notices</legend>
 $fields</fieldset>
-<div class="buttons"><button type="submit">Save</button><a class="button plain" href="/patrons">Back to patrons</a>$mail</div>
+<div class="buttons"><button type="submit">Save</button>
+<a class="button plain" href="/patrons">Back to patrons</a>$mail</div>
 </form>
 <p class="muted">The library system's next patrons.csv import writes these values again:
 correct them there too.</p>
@@ -2104,10 +2112,12 @@ LOGIN_BODY = string.Template("""\
 <form method="post" action="/login">$token
 <fieldset><legend>Page password</legend>
 <div class="field"><label for="password">Password</label><div>
-<input type="password" id="password" name="password" autocomplete="current-password" autofocus></div></div>
+<input type="password" id="password" name="password" autocomplete="current-password" autofocus>
+</div></div>
 </fieldset>
 <div class="buttons"><button type="submit">Log in</button></div></form>
-<p class="muted">The password is set on the server with <code>python bibliogate.py set-password</code>.</p>
+<p class="muted">The password is set on the server with
+<code>python bibliogate.py set-password</code>.</p>
 """)
 NOT_FOUND_BODY = Html('<p>There is no such page here. <a href="/">Back to the settings</a>.</p>')
 
@@ -2503,12 +2513,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         return {name: values[0] for name, values in fields.items()}
 
     def session(self, create: bool) -> PageSession | None:
-        sid = ""
-        for part in self.headers.get("Cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == self.server.cookie_name:
-                sid = value
-        found, new = self.server.session(sid, create)
+        found, new = self.server.session(self.cookie_sid(), create)
         if new:
             self.new_sid = found.sid
         return found
@@ -2525,20 +2530,20 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def send_text(self, status: HTTPStatus, text: str) -> None:
         self.send_body(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
 
-    def redirect(self, location: str, session: PageSession) -> None:
-        if session.sid != self._cookie_sid():
-            self.new_sid = session.sid
-        self.send_response(HTTPStatus.SEE_OTHER)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _cookie_sid(self) -> str:
+    def cookie_sid(self) -> str:
         for part in self.headers.get("Cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
             if name == self.server.cookie_name:
                 return value
         return ""
+
+    def redirect(self, location: str, session: PageSession) -> None:
+        if session.sid != self.cookie_sid():
+            self.new_sid = session.sid
+        self.send_response(HTTPStatus.SEE_OTHER)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
         here = urllib.parse.urlsplit(self.path).path
@@ -2703,8 +2708,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                    + f" of {total} patrons; {no_email or 0} have no email address.")
         if not total:
             summary = "No patrons yet: import patrons.csv from the library system."
-        table = render(PATRONS_TABLE, rows=join(self.patron_row(s, db, r) for r in rows[:PATRONS_SHOWN])) \
-            if rows else Html("")
+        table = render(PATRONS_TABLE, rows=join(self.patron_row(s, db, r)
+                                                for r in rows[:PATRONS_SHOWN])) if rows else Html("")
         return "Patrons", render(PATRONS_BODY, q=q, missing=Html(" checked" if missing else ""),
                                  summary=summary, table=table)
 
@@ -2748,7 +2753,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             ("grp", "Group", "Letters can be run for one group.",
              render(TEXT_INPUT, id="grp", value=values["grp"])),
             ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices.",
-             render(CHECKBOX, id="auto_overdue", checked=Html(" checked" if values["auto_overdue"] else "")))))
+             render(CHECKBOX, id="auto_overdue",
+                    checked=Html(" checked" if values["auto_overdue"] else "")))))
         body = render(PATRON_BODY, name=row["name"], id=pid, loans=row["loans"], fields=fields,
                       token=self.token_input(session),
                       mail=self.mail_buttons(self.gateway.settings, db, pid))
@@ -2847,7 +2853,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             if changed:
                 save_ini_text(g.settings.ini_path, new_text)
         what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
-        g.journal.event("settings", f"{what} (config page)")
+        g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
         if g.request_reload(wait=RELOAD_WAIT_SECONDS):
             state, reason = g.sender_state or ("", "")
             session.flash.append(("ok", f"{what} The sender restarted: it is {state}."))
@@ -2928,7 +2934,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             return "/patrons"
         values = {"email": form.get("email", "").strip(),
                   "guardian_email": form.get("guardian_email", "").strip(),
-                  "grp": form.get("grp", "").strip(), "auto_overdue": 1 if form.get("auto_overdue") else 0}
+                  "grp": form.get("grp", "").strip(),
+                  "auto_overdue": 1 if form.get("auto_overdue") else 0}
         errors = patron_problems(values)
         if errors:
             session.drafts[f"patron:{pid}"] = (values, errors)
@@ -3223,7 +3230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-bad", action="store_true")
     p = command("delete", cmd_delete, "remove one message from the queue")
     p.add_argument("name", metavar="NAME")
-    command("set-password", cmd_set_password, "ask for a config page password and store its salted hash")
+    command("set-password", cmd_set_password, "store a password for the config page (salted hash)")
     for extend in CLI_EXTRA:
         extend(command)
     return parser

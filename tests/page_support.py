@@ -161,7 +161,8 @@ class PageClient:
 
 
 def flashes(text: str) -> list[str]:
-    return [html_text(m) for m in re.findall(r'<p class="flash[^"]*" role="status">(.*?)</p>', text, re.S)]
+    found = re.findall(r'<p class="flash[^"]*" role="status">(.*?)</p>', text, re.S)
+    return [html_text(m) for m in found]
 
 
 def html_text(fragment: str) -> str:

@@ -83,8 +83,9 @@ def test_settings_test_queue_and_patron_in_a_browser(open_page, browser):
     assert tab.input_value('[name="smtp.password"]') == ""
     DOCS.mkdir(exist_ok=True)
     form_end = tab.locator("form[action='/test']").bounding_box()       # not the paths below
+    height = form_end["y"] + form_end["height"] + 16
     tab.screenshot(path=str(DOCS / "settings.png"), full_page=True,
-                   clip={"x": 0, "y": 0, "width": 1100, "height": form_end["y"] + form_end["height"] + 16})
+                   clip={"x": 0, "y": 0, "width": 1100, "height": height})
 
     # Test: a .TMP file appears in the spool folder. (Save's restart has sent
     # whatever waited, so the letters to show on the Queue page come now.)

@@ -229,6 +229,11 @@ def test_retry_delete_and_send_now(open_page):
     c.post("/queue/send-now", {"token": c.token()})
     got = page.sink.wait_for(1)
     assert got[0].message["Subject"] == "again" and got[0].username == "librarian"
+    drop(page.spool, "one.BAD", b"x")
+    drop(page.spool, "two.BAD", b"y")
+    r = c.post("/queue/retry-all", {"token": c.token()})
+    assert sorted(p.name for p in page.spool.glob("*.TMP")) == ["one.TMP", "two.TMP"]
+    assert len([n for n in flashes(r.text) if "is waiting again" in n]) == 2
 
 
 def test_retry_and_delete_never_leave_the_spool_folder(open_page):
@@ -365,7 +370,8 @@ def test_a_post_from_another_site_is_refused(open_page):
         assert r.status == 403 and "another web site" in r.text, headers
     assert list(page.spool.glob("*.TMP")) == []
     # What a browser sends from the page itself under Referrer-Policy: no-referrer.
-    r = c.post("/test", {"token": c.token()}, headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+    r = c.post("/test", {"token": c.token()},
+               headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})
     assert r.status == 200 and len(list(page.spool.glob("*.TMP"))) == 1
 
 
@@ -436,14 +442,49 @@ def test_with_a_password_every_page_needs_a_login(open_page):
     assert not [seen for seen in c.seen if "correct horse" in seen or stored in seen]
 
 
+def test_logins_pause_after_many_wrong_passwords(open_page):
+    stored = bg.hash_password("correct horse", rounds=1000)
+    page = open_page(web_hash=("password_hash =         ;", f"password_hash = {stored} ;"))
+    c = page.client()
+    c.get("/login")
+    for _ in range(bg.LOGIN_TRIES):
+        r = c.post("/login", {"token": c.token(), "password": "guess"})
+        assert any("Wrong password" in n for n in flashes(r.text))
+    r = c.post("/login", {"token": c.token(), "password": "correct horse"})
+    assert any("Too many wrong passwords" in n for n in flashes(r.text))
+    assert c.get("/").status == 303
+
+
+def page_events(gateway):
+    db = bg.open_db(gateway.settings.database)
+    try:
+        return [r[0] for r in db.execute("SELECT detail FROM events WHERE kind = 'page'")]
+    finally:
+        db.close()
+
+
+def test_a_port_in_use_or_a_bad_port_keeps_the_page_shut_not_the_sender(tmp_path, sink):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for port, words in ((taken.getsockname()[1], "cannot be used"),
+                            ("eighty", "[web] port = 'eighty': not a port number")):
+            ini = write_ini(tmp_path / str(port), sink, web__port=port)
+            gateway = bg.Gateway(ini, clock=Clock())
+            try:
+                assert bg.start_page(gateway) is None
+                assert words in page_events(gateway)[-1]
+                assert gateway.settings.problems == []
+            finally:
+                gateway.journal.close()
+
+
 def test_an_open_address_without_a_password_keeps_the_page_shut(tmp_path, sink):
     ini = write_ini(tmp_path, sink, web__address="0.0.0.0", web__port=0)
     gateway = bg.Gateway(ini, clock=Clock())
     try:
         assert bg.start_page(gateway) is None
-        db = bg.open_db(gateway.settings.database)
-        detail = db.execute("SELECT detail FROM events WHERE kind = 'page'").fetchone()[0]
-        db.close()
+        [detail] = page_events(gateway)
         assert "needs a password first" in detail and "set-password" in detail
         assert "gateway sends meanwhile" in detail
         assert gateway.settings.problems == []      # the sender is not stopped for it
