@@ -1670,8 +1670,9 @@ MIN_PASSWORD_LENGTH = 8
 LOGIN_TRIES, LOGIN_WINDOW = 10, 300.0
 #: The Log page lists this many days and shows at most LOG_BYTES of one.
 LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
-#: The Patrons page lists at most this many patrons.
-PATRONS_SHOWN = 200
+#: The Patrons page lists at most this many patrons, the Queue page this
+#: many waiting messages (and every .BAD one).
+PATRONS_SHOWN = QUEUE_SHOWN = 200
 #: Words that mean "yes" in the ini, as configparser reads them.
 YES_WORDS = frozenset({"1", "yes", "true", "on"})
 #: Sent with every answer: no scripts, no framing, no foreign styles or forms.
@@ -2665,12 +2666,17 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         except SpoolError as exc:
             session.flash.append(("error", str(exc)))
             rows = []
-        table = render(QUEUE_TABLE, rows=join(render(
+        bad = [r for r in rows if r["state"] == "bad"]
+        waiting = [r for r in rows if r["state"] != "bad"]
+        rows = bad + waiting[:QUEUE_SHOWN]
+        more = Html(f'<p class="muted">And {len(waiting) - QUEUE_SHOWN} more waiting messages, '
+                    'not listed.</p>') if len(waiting) > QUEUE_SHOWN else Html("")
+        table = join([render(QUEUE_TABLE, rows=join(render(
             QUEUE_ROW, state=r["state"], state_label=".BAD" if r["state"] == "bad" else "waiting",
             to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
             attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
             retry=render(RETRY_FORM, token=token, file=r["file"]) if r["state"] == "bad" else Html(""))
-            for r in rows)) if rows else Html('<p class="muted">The queue is empty.</p>')
+            for r in rows)), more]) if rows else Html('<p class="muted">The queue is empty.</p>')
         return "Queue", render(QUEUE_BODY, state=self.state_box(s), token=token, spool=s.spool,
                                table=table)
 

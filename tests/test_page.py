@@ -212,6 +212,19 @@ def test_queue_lists_waiting_and_bad_messages_with_their_reasons(open_page):
     assert "pat@example.org" in text and "Your &lt;books&gt;" in text and "2 h 0 min" in text
     assert "the file is empty." in text
     assert 'value="broken.BAD"' in text and "Waiting: 1 · .BAD: 1" in text
+    assert text.index("broken.BAD") < text.index("letter.TMP")     # what needs a person first
+
+
+def test_a_long_queue_lists_every_bad_file_and_the_first_waiting_ones(open_page, monkeypatch):
+    monkeypatch.setattr(bg, "QUEUE_SHOWN", 3)
+    page = open_page()
+    for n in range(5):
+        drop(page.spool, f"m{n}.TMP", eml(), age=100 - n)
+    drop(page.spool, "z.BAD", b"junk")
+    text = page.client().get("/queue").text
+    assert [name for name in re.findall(r'class="file">([^<]+)<', text)] == \
+        ["z.BAD", "m0.TMP", "m1.TMP", "m2.TMP"]
+    assert "And 2 more waiting messages" in text
 
 
 def test_retry_delete_and_send_now(open_page):
