@@ -25,6 +25,7 @@ SMTP server:
     Gateway          the clock-driven loop of ``run``: checks, daily log
     Letters          overdue letter reports: who gets which letter, email or print
     Mailto           the "direct" email: a mailto: link for one patron
+    Config page      the page ``run`` serves: settings, queue, log, patrons
     Windows task     install-task (Task Scheduler; systemd on Linux); no-console
                      output to logs/; the guard that logs crashes for a restart
     Command line     argparse, one small function per command
@@ -41,9 +42,13 @@ import email.errors
 import email.header
 import email.policy
 import email.utils
+import getpass
 import hashlib
 import heapq
+import hmac
 import html
+import http.server
+import ipaddress
 import json
 import logging
 import os
@@ -51,6 +56,7 @@ import re
 import secrets
 import signal
 import smtplib
+import socket
 import sqlite3
 import ssl
 import string
@@ -60,6 +66,7 @@ import time
 import urllib.parse
 import webbrowser
 from email.message import EmailMessage
+from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Iterable
@@ -335,12 +342,14 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
     return raw, problems
 
 
-def load_settings(ini_path: Path) -> Settings:
-    """Read and check bibliogate.ini. Never raises for a bad value: every problem
-    is a sentence in ``Settings.problems`` and the default is used instead."""
+def load_settings(ini_path: Path, text: str | None = None) -> Settings:
+    """Read and check bibliogate.ini (or `text`, what it would hold: the config
+    page checks a change this way before writing it). Never raises for a bad
+    value: every problem is a sentence in ``Settings.problems`` and the default
+    is used instead."""
     ini_path = Path(ini_path).resolve()
     try:
-        text = ini_path.read_text(encoding="utf-8-sig")
+        text = ini_path.read_text(encoding="utf-8-sig") if text is None else text
     except FileNotFoundError:
         text = DEFAULT_INI
     except (OSError, UnicodeDecodeError) as exc:
@@ -1438,6 +1447,10 @@ class Gateway:
         self.next_check = clock()
         self.sender_state = None
         self.tasks: list[Callable[["Gateway", float], None]] = list(GATEWAY_TASKS)
+        #: The config page asks from its own threads; the loop acts (see request_reload).
+        self._requests = threading.Condition()
+        self._reload_asked = self._reload_done = 0
+        self._check_asked = False
         self._announce_settings()
 
     # -- settings -------------------------------------------------------------
@@ -1455,6 +1468,35 @@ class Gateway:
         self.ini_stamp = stamp
         self.reload()
         return True
+
+    def request_reload(self, wait: float = 0.0) -> bool:
+        """Ask the loop to read the settings again and restart the sender; safe
+        from any thread. Waits up to `wait` seconds; True once it is done."""
+        with self._requests:
+            self._reload_asked += 1
+            ticket = self._reload_asked
+            return self._requests.wait_for(lambda: self._reload_done >= ticket, wait)
+
+    def request_check(self) -> None:
+        """Ask the loop for a check now ("send now"); safe from any thread."""
+        with self._requests:
+            self._check_asked = True
+
+    def _serve_requests(self) -> None:
+        with self._requests:
+            ticket, check, self._check_asked = self._reload_asked, self._check_asked, False
+        if ticket > self._reload_done:
+            try:
+                self.ini_stamp = self._ini_stamp()
+                self.reload()
+            finally:
+                with self._requests:
+                    self._reload_done = ticket
+                    self._requests.notify_all()
+        else:
+            self.reload_if_changed()
+        if check:
+            self.next_check = self.clock()
 
     def reload(self) -> None:
         """Read the settings again (after Save, or a hand edit) and restart the sender."""
@@ -1489,8 +1531,8 @@ class Gateway:
 
     def tick(self) -> float:
         """Do whatever is due now; returns the time of the next due thing."""
+        self._serve_requests()
         now = self.clock()
-        self.reload_if_changed()
         if now >= self.next_check:
             self.next_check = now + self.settings.interval
             self.run_check(now)
@@ -2352,6 +2394,1395 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
     p.add_argument("--open", action="store_true", help="open it in the default mail program")
+# Config page #################################################################
+#
+# The tech note's "SMTP Gateway Manager": a small page that `run` serves from
+# a thread of its own on [web] address and port (127.0.0.1:8025 by default).
+# It never drives the sender itself: Save writes the ini and asks the loop to
+# restart the sender (Gateway.request_reload), "Send now" asks it for a check
+# (request_check), so a bad request can only ever fail itself.
+#
+# A request meets, in order: a socket timeout, a deadline and a size limit;
+# the Host check (the page answers only to its own address, so no other web
+# site can read it through DNS rebinding); the page password, when there is
+# one; for a POST, the Origin check and the session's form token (no forged
+# cross-site posts). Every value shown passes through esc(), and the SMTP
+# password is never put in a page.
+
+#: A form larger than this is refused unread (the Settings form is about 2 KB).
+MAX_FORM_BYTES = 1024 * 1024
+#: Each read from or write to a browser must finish within this many seconds...
+SOCKET_SECONDS = 10.0
+#: ...and a whole request must have arrived within this many.
+REQUEST_SECONDS = 30.0
+#: Save waits this long for the loop to restart the sender before answering.
+RELOAD_WAIT_SECONDS = 10.0
+#: Sessions idle this long are forgotten; at most MAX_SESSIONS are kept.
+SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 200
+#: PBKDF2-SHA256 rounds for a new page password (OWASP's advice for 2023).
+PASSWORD_ROUNDS = 600_000
+MIN_PASSWORD_LENGTH = 8
+#: After this many wrong passwords within LOGIN_WINDOW seconds, logins pause.
+LOGIN_TRIES, LOGIN_WINDOW = 10, 300.0
+#: The Log page lists this many days and shows at most LOG_BYTES of one.
+LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
+#: The Patrons page lists at most this many patrons, the Queue page this
+#: many waiting messages (and every .BAD one).
+PATRONS_SHOWN = QUEUE_SHOWN = 200
+#: Words that mean "yes" in the ini, as configparser reads them.
+YES_WORDS = frozenset({"1", "yes", "true", "on"})
+#: Sent with every answer: no scripts, no framing, no foreign styles or forms.
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
+
+
+class PageRefusal(BibliogateError):
+    """A request the page will not serve; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# -- the page password -----------------------------------------------------------
+
+def hash_password(password: str, rounds: int = PASSWORD_ROUNDS) -> str:
+    """A salted PBKDF2-SHA256 hash, as `set-password` stores it in [web] password_hash."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds)
+    return f"pbkdf2_sha256${rounds}${salt.hex()}${digest.hex()}"
+
+
+def split_hash(stored: str) -> tuple[int, bytes, bytes] | None:
+    """(rounds, salt, digest) of a stored hash, or None if it is not one."""
+    parts = stored.strip().split("$")
+    if len(parts) != 4 or parts[0] != "pbkdf2_sha256":
+        return None
+    try:
+        rounds, salt, digest = int(parts[1]), bytes.fromhex(parts[2]), bytes.fromhex(parts[3])
+    except ValueError:
+        return None
+    return (rounds, salt, digest) if 1000 <= rounds <= 10_000_000 and salt and digest else None
+
+
+def check_password(stored: str, password: str) -> bool:
+    parts = split_hash(stored)
+    if parts is None:
+        return False
+    rounds, salt, digest = parts
+    return hmac.compare_digest(hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds),
+                               digest)
+
+
+# -- writing the ini -------------------------------------------------------------
+
+_SECTION_RE = re.compile(r"\[(?P<name>[^\]]+)\]")
+_KEY_RE = re.compile(r"(?P<key>[^\s;#\[=:][^=:]*?)(?P<eq>\s*[=:])(?P<rest>.*)", re.S)
+#: An inline comment starts at a ';' after whitespace (as configparser reads it).
+_COMMENT_RE = re.compile(r"\s;")
+
+
+def ini_value_problem(value: str) -> str | None:
+    """Why bibliogate.ini cannot hold `value` as it is, or None."""
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        return "must be one line, without tabs or other control characters."
+    if value != value.strip():
+        return "cannot start or end with a space."
+    if re.search(r"(^|\s);", value):
+        return ("cannot hold a ';' at its start or after a space: bibliogate.ini reads that "
+                "as the start of a comment.")
+    return None
+
+
+def _with_value(match: re.Match, value: str) -> str:
+    """A `key = value   ; comment` line with only its value replaced; the
+    comment keeps its column when the new value leaves room for it."""
+    head, rest = match.group("key") + match.group("eq"), match.group("rest")
+    comment = _COMMENT_RE.search(rest)
+    if not comment:
+        return head + (f" {value}" if value else "")
+    width = comment.start() + 1
+    return head + (f" {value} " if value else " ").ljust(width) + rest[width:]
+
+
+def update_ini_text(text: str, changes: dict) -> str:
+    """The ini text with new values for `changes` ((section, key) -> value)
+    and every other byte as it was: comments, blank lines, unknown keys, line
+    endings. A key the text lacks goes after the last key of its section; a
+    section it lacks, at the end."""
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    todo = {(section, key.lower()): value for (section, key), value in changes.items()}
+    eol = "\r\n" if "\r\n" in text else "\n"
+    out: list[str] = []
+    section, ends, done, replacing = None, {}, set(), False
+    for line in text[len(bom):].splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        indented = body[:1] in (" ", "\t") and body.strip()
+        if replacing and indented and not body.lstrip().startswith((";", "#")):
+            continue                  # a continuation line of the value replaced
+        replacing = False
+        comment = _COMMENT_RE.search(body)
+        header = _SECTION_RE.fullmatch((body[:comment.start()] if comment else body).strip())
+        match = _KEY_RE.fullmatch(body) if section and not header else None
+        if header:
+            section = header.group("name")
+            ends[section] = len(out) + 1
+        elif match:
+            ends[section] = len(out) + 1
+            key = (section, match.group("key").strip().lower())
+            if key in todo:
+                line = _with_value(match, todo[key]) + line[len(body):]
+                done.add(key)
+                replacing = True
+        elif indented and section and ends.get(section) == len(out):
+            ends[section] = len(out) + 1      # a note that belongs to the key above
+        out.append(line)
+    for name in dict.fromkeys(s for s, k in todo if (s, k) not in done):
+        new = [f"{k} =" + (f" {v}" if v else "") + eol
+               for (s, k), v in todo.items() if s == name and (s, k) not in done]
+        at = ends.get(name, len(out))
+        if at and not out[at - 1].endswith(("\n", "\r")):
+            out[at - 1] += eol
+        if name not in ends:
+            new = ([eol] if out else []) + [f"[{name}]{eol}"] + new
+        out[at:at] = new
+        ends = {s: e + len(new) if e > at else e for s, e in ends.items()}
+    return bom + "".join(out)
+
+
+def read_ini(path: Path) -> tuple[str, str]:
+    """bibliogate.ini as text, and a digest of its bytes to notice a change
+    made meanwhile by hand. Raises BibliogateError if it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = DEFAULT_INI.encode("utf-8")
+    except OSError as exc:
+        raise BibliogateError(f"{path} cannot be read ({exc.strerror}). Check its "
+                              "permissions.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BibliogateError(f"{path} is not UTF-8 text. Open it in Notepad and save it "
+                              "with the encoding UTF-8.") from None
+    return text, hashlib.sha256(data).hexdigest()[:16]
+
+
+def save_ini_text(path: Path, text: str) -> None:
+    """Replace bibliogate.ini whole or not at all, keeping its permissions
+    (it holds the SMTP password)."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = None
+    try:
+        write_atomic(path, text.encode("utf-8"))
+    except SpoolError as exc:
+        raise BibliogateError(f"The settings were not saved: {exc}") from None
+    if mode is not None:
+        with contextlib.suppress(OSError):
+            os.chmod(path, mode)
+
+
+def set_ini_values(path: Path, changes: dict) -> None:
+    text, _ = read_ini(path)
+    save_ini_text(path, update_ini_text(text, changes))
+
+
+# -- where the page listens --------------------------------------------------------
+
+def is_loopback(address: str) -> bool:
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def web_address(settings: Settings) -> tuple[str, int]:
+    """[web] address and port; raises SettingsError naming the key."""
+    address = settings.get("web", "address").strip() or "127.0.0.1"
+    port = settings.get("web", "port").strip()
+    problems = []
+    if not re.fullmatch(r"[A-Za-z0-9.:-]+", address):
+        problems.append(ini_problem("web", "address", address, "not an IP address or name. "
+                                    "Use 127.0.0.1 (this computer only) or this server's address."))
+    if not port.isdigit() or int(port) > 65535:
+        problems.append(ini_problem("web", "port", port, "not a port number. Use 8025, or "
+                                    "another free port from 1024 to 65535."))
+    if problems:
+        raise SettingsError(problems)
+    return address, int(port)
+
+
+def host_allowed(host: str, address: str, port: int) -> bool:
+    """Whether a request's Host header names this page. Another name could be
+    a web site that points its own name at us (DNS rebinding) to read the page."""
+    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::(\d{1,5}))?", host.strip().lower())
+    if not match or int(match.group(2) or 80) != port:
+        return False
+    name, address = match.group(1).strip("[]"), address.lower()
+    if name == address:
+        return True
+    if is_loopback(address):
+        return name in ("localhost", "127.0.0.1", "::1")
+    if name == socket.gethostname().lower():
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address in ("0.0.0.0", "::")     # any address of this computer: an IP is never rebound
+
+
+# -- HTML ------------------------------------------------------------------------
+
+class Html(str):
+    """Text that is HTML already: render() puts it in as it is."""
+
+
+def esc(value) -> Html:
+    """Anything shown on the page, escaped, unless it is Html already."""
+    return value if isinstance(value, Html) else Html(html.escape(str(value), quote=True))
+
+
+def render(template: string.Template, **values) -> Html:
+    return Html(template.substitute({name: esc(value) for name, value in values.items()}))
+
+
+def join(parts: Iterable) -> Html:
+    return Html("".join(esc(part) for part in parts))
+
+
+PAGE_CSS = """\
+:root{--ink:#1c2331;--muted:#5a6374;--line:#d6dae1;--paper:#f5f6f8;--blue:#1d5bb8;
+--red:#b3261e;--green:#1e6f32;--amber:#8a5a00}
+*{box-sizing:border-box}
+body{margin:0;font:16px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+color:var(--ink);background:var(--paper)}
+header{background:#203a60;color:#fff;padding:.5rem 1rem;display:flex;flex-wrap:wrap;
+align-items:center;gap:.3rem 1rem}
+header a{color:#fff;text-decoration:none;padding:.25rem .5rem;border-radius:4px}
+header a.brand{font-weight:700;padding-left:0}
+header .library{opacity:.8;margin-right:auto}
+header nav{display:flex;flex-wrap:wrap;gap:.2rem}
+header a[aria-current]{background:rgba(255,255,255,.2)}
+header form{margin:0}
+header button{background:transparent;border-color:rgba(255,255,255,.6);padding:.2rem .6rem}
+main{max-width:62rem;margin:0 auto;padding:1rem}
+h1{font-size:1.45rem;margin:.3rem 0 1rem}
+h2{font-size:1.15rem;margin:1.4rem 0 .6rem}
+fieldset{border:1px solid var(--line);border-radius:8px;background:#fff;margin:0 0 1rem;
+padding:.6rem 1rem .8rem}
+legend{font-weight:650;padding:0 .3rem}
+.field{display:grid;grid-template-columns:15rem 1fr;gap:.2rem 1rem;padding:.35rem 0}
+.field>label{font-weight:550;padding-top:.35rem}
+.field input[type=text],.field input[type=password],.field select,.search input[type=text]{
+width:100%;max-width:30rem;padding:.4rem .5rem;font:inherit;border:1px solid #a9b1be;
+border-radius:5px;background:#fff}
+.field input[type=checkbox]{width:1.2rem;height:1.2rem;margin:.45rem 0}
+.field small{display:block;color:var(--muted)}
+.field.invalid input,.field.invalid select{border-color:var(--red);background:#fff5f4}
+.error{display:block;color:var(--red);font-weight:600}
+.tick{font-weight:normal;margin-left:.5rem;white-space:nowrap}
+.buttons{display:flex;flex-wrap:wrap;gap:.6rem;align-items:center;margin:1rem 0}
+button,a.button{display:inline-block;font:inherit;line-height:1.3;padding:.4rem .9rem;
+border-radius:6px;border:1px solid var(--blue);background:var(--blue);color:#fff;
+cursor:pointer;text-decoration:none;white-space:nowrap}
+button.plain,a.button.plain{background:#fff;color:var(--blue)}
+button.danger{background:var(--red);border-color:var(--red)}
+form.inline{display:inline;margin:0}
+.flash{padding:.6rem .9rem;border-radius:6px;margin:0 0 1rem;background:#e7f3ea;
+border:1px solid #a6d1b0}
+.flash.error{background:#fcebea;border-color:#efb3ad}
+.state{border-radius:8px;padding:.6rem 1rem;margin:0 0 1rem;background:#fff;
+border:1px solid var(--line);border-left:6px solid var(--green)}
+.state.stopped{border-left-color:var(--red)}
+.state.retrying{border-left-color:var(--amber)}
+.state p{margin:.2rem 0}
+.state ul{margin:.3rem 0;padding-left:1.2rem}
+.muted,.state .times{color:var(--muted)}
+.scroll{overflow-x:auto;background:#fff;border:1px solid var(--line);border-radius:8px}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid var(--line);vertical-align:top}
+th{background:#eef0f4;font-weight:600;white-space:nowrap}
+.file{display:block;font-family:ui-monospace,Consolas,monospace;font-size:.8rem;
+color:var(--muted);overflow-wrap:anywhere}
+td.nowrap{white-space:nowrap}
+td.actions form,td.actions details,td.actions a.button{display:inline-block;margin:0 .25rem .25rem 0}
+details summary{cursor:pointer;color:var(--red)}
+tr.bad td{background:#fff7f6}
+tr.missing td{background:#fff6e6}
+.badge{display:inline-block;padding:0 .45rem;border-radius:1rem;background:var(--amber);
+color:#fff;font-size:.85rem;font-weight:600}
+.badge.bad{background:var(--red)}
+.search{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center;margin-bottom:1rem}
+.search input[type=text]{max-width:22rem}
+.days{display:flex;flex-wrap:wrap;gap:.3rem;margin-bottom:1rem}
+.days a{padding:.2rem .5rem;border:1px solid var(--line);border-radius:5px;background:#fff;
+text-decoration:none;color:var(--blue)}
+.days a[aria-current]{background:var(--blue);color:#fff}
+pre.log{background:#fff;border:1px solid var(--line);border-radius:8px;padding:.6rem .8rem;
+font-size:.82rem;white-space:pre-wrap;word-break:break-word;margin:0}
+dl.facts{display:grid;grid-template-columns:15rem 1fr;gap:.2rem 1rem;margin:0}
+dl.facts dt{font-weight:550}
+dl.facts dd{margin:0;word-break:break-all}
+@media (max-width:42rem){
+.field,dl.facts{grid-template-columns:1fr}
+main{padding:.6rem}
+header .library{display:none}
+}
+"""
+
+PAGE_HTML = string.Template("""\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>$title · BiblioGate</title>
+<link rel="stylesheet" href="/style.css">
+</head>
+<body>
+<header><a class="brand" href="/">BiblioGate</a><span class="library">$library</span>
+<nav>$nav</nav>$logout</header>
+<main>
+$flash<h1>$title</h1>
+$body
+</main>
+</body>
+</html>
+""")
+NAV_LINK = string.Template('<a href="$href"$current>$label</a>')
+LOGOUT_FORM = string.Template('<form method="post" action="/logout">$token'
+                              '<button type="submit">Log out</button></form>')
+TOKEN_INPUT = string.Template('<input type="hidden" name="token" value="$token">')
+FLASH = string.Template('<p class="flash $kind" role="status">$text</p>\n')
+STATE_BOX = string.Template("""\
+<section class="state $state"><p><strong>Sender: $state</strong> — $reason</p>$problems
+<p class="times">Waiting: $waiting · .BAD: $bad · Last check: $last · Next check: $next</p></section>
+""")
+FIELDSET = string.Template('<fieldset><legend>$legend</legend>\n$fields</fieldset>\n')
+FIELD = string.Template("""\
+<div class="field$invalid"><label for="$id">$label</label>
+<div>$control<small>$hint</small>$error</div></div>
+""")
+FIELD_ERROR = string.Template('<span class="error">$text</span>')
+TEXT_INPUT = string.Template('<input type="text" id="$id" name="$id" value="$value" '
+                             'autocomplete="off" spellcheck="false">')
+CHECKBOX = string.Template('<input type="checkbox" id="$id" name="$id" value="yes"$checked>')
+SELECT = string.Template('<select id="$id" name="$id">$options</select>')
+OPTION = string.Template('<option value="$value"$selected>$value</option>')
+PASSWORD_INPUT = string.Template(
+    '<input type="password" id="$id" name="$id" value="" autocomplete="new-password">'
+    '<label class="tick"><input type="checkbox" name="$id.clear" value="yes"> clear it</label>')
+SETTINGS_BODY = string.Template("""\
+$state
+<form method="post" action="/settings" novalidate>$token
+<input type="hidden" name="ini_digest" value="$digest">
+$fieldsets<div class="buttons"><button type="submit">Save</button>
+<span class="muted">Checks every field, writes $ini and restarts the sender.</span></div>
+</form>
+<form method="post" action="/test">$token<div class="buttons">
+<button type="submit" class="plain">Test</button>
+<span class="muted">Queues a test message to the saved test address ($test_to).</span></div></form>
+<h2>Files and the page itself</h2>
+<dl class="facts">$facts</dl>
+<p class="muted">These are changed in $ini by hand; the page's own settings take effect when
+BiblioGate next starts.</p>
+""")
+FACT = string.Template("<dt>$name</dt><dd>$value</dd>")
+QUEUE_BODY = string.Template("""\
+$state
+<div class="buttons">
+<form class="inline" method="post" action="/queue/send-now">$token
+<button type="submit">Send now</button></form>
+<form class="inline" method="post" action="/queue/retry-all">$token
+<button type="submit" class="plain">Retry every .BAD</button></form>
+<span class="muted">Folder: $spool</span></div>
+$table
+""")
+QUEUE_TABLE = string.Template("""\
+<div class="scroll"><table>
+<thead><tr><th>State</th><th>To</th><th>Subject and file</th><th>Age</th><th>Tries</th>
+<th>Reason</th><th></th></tr></thead>
+<tbody>
+$rows</tbody></table></div>
+""")
+QUEUE_ROW = string.Template("""\
+<tr class="$state"><td>$state_label</td><td>$to</td><td>$subject<span class="file">$file</span></td>\
+<td class="nowrap">$age</td><td>$attempts</td><td>$reason</td><td class="actions">$retry\
+<details><summary>Delete…</summary><form method="post" action="/queue/delete">$token\
+<input type="hidden" name="file" value="$file">\
+<button type="submit" class="danger">Delete for good</button></form></details></td></tr>
+""")
+RETRY_FORM = string.Template('<form method="post" action="/queue/retry">$token'
+                             '<input type="hidden" name="file" value="$file">'
+                             '<button type="submit" class="plain">Retry</button></form>')
+LOG_BODY = string.Template("""\
+<nav class="days">$days</nav>
+<h2>$day</h2>
+<p class="muted">$note</p>
+<pre class="log">$lines</pre>
+""")
+PATRONS_BODY = string.Template("""\
+<form class="search" method="get" action="/patrons">
+<input type="text" name="q" value="$q" placeholder="Name, patron id or group" aria-label="Search">
+<label><input type="checkbox" name="missing" value="1"$missing> only those without an email</label>
+<button type="submit">Search</button></form>
+<p class="muted">$summary</p>
+$table
+""")
+PATRONS_TABLE = string.Template("""\
+<div class="scroll"><table>
+<thead><tr><th>Id</th><th>Name</th><th>Email</th><th>Guardian email</th><th>Group</th>
+<th>Auto-overdue</th><th>Loans</th><th></th></tr></thead>
+<tbody>
+$rows</tbody></table></div>
+""")
+PATRON_ROW = string.Template("""\
+<tr class="$cls"><td>$id</td><td>$name</td><td>$email</td><td>$guardian</td><td>$group</td>\
+<td>$auto</td><td>$loans</td>\
+<td class="actions"><a class="button plain" href="$edit">Edit</a> $mail</td></tr>
+""")
+MAIL_LINK = string.Template('<a class="button" href="$href">$label</a>')
+PATRON_BODY = string.Template("""\
+<p><strong>$name</strong> · patron $id · $loans on loan</p>
+<form method="post" action="/patron" novalidate>$token
+<input type="hidden" name="patron_id" value="$id">
+<fieldset><legend>Contact and notices</legend>
+$fields</fieldset>
+<div class="buttons"><button type="submit">Save</button>
+<a class="button plain" href="/patrons">Back to patrons</a>$mail</div>
+</form>
+<p class="muted">The library system's next patrons.csv import writes these values again:
+correct them there too.</p>
+""")
+LOGIN_BODY = string.Template("""\
+<form method="post" action="/login">$token
+<fieldset><legend>Page password</legend>
+<div class="field"><label for="password">Password</label><div>
+<input type="password" id="password" name="password" autocomplete="current-password" autofocus>
+</div></div>
+</fieldset>
+<div class="buttons"><button type="submit">Log in</button></div></form>
+<p class="muted">The password is set on the server with
+<code>python bibliogate.py set-password</code>.</p>
+""")
+NOT_FOUND_BODY = Html('<p>There is no such page here. <a href="/">Back to the settings</a>.</p>')
+
+
+# -- the settings form ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One setting on the Settings page."""
+    section: str
+    key: str
+    label: str
+    hint: str = ""
+    kind: str = "text"          #: text, choice, yesno or password
+    choices: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+#: The Settings page, fieldset by fieldset: every setting but [web] and [data].
+SETTINGS_FORM = (
+    ("SMTP server", (
+        Field("smtp", "host", "SMTP server", "IP address or name of the server this school's "
+              "computers send mail through."),
+        Field("smtp", "port", "Port", "25, 587 (starttls) or 465 (tls)."),
+        Field("smtp", "security", "Security", "As the server asks: none, starttls or tls.",
+              "choice", SECURITY_CHOICES),
+        Field("smtp", "ehlo", "EHLO name", "The name to announce; empty = this computer's name."),
+        Field("smtp", "username", "Username", "Leave empty if the server needs no login."),
+        Field("smtp", "password", "Password", kind="password"),
+        Field("smtp", "timeout_seconds", "Timeout (seconds)", "For each step of talking to "
+              "the server."),
+        Field("smtp", "ca_file", "Certificate file", "Only for a relay with a certificate of its "
+              "own: the path of its PEM file."),
+    )),
+    ("Gateway", (
+        Field("gateway", "spool_folder", "Folder to monitor", "Message files (*.TMP) saved here "
+              "are sent."),
+        Field("gateway", "from_address", "From address", "Every message is sent from it; the "
+              "daily log goes to it."),
+        Field("gateway", "minutes_between_checks", "Minutes between checks", "Decimals allowed, "
+              "such as 3 or 0.5."),
+        Field("gateway", "messages_per_check", "Messages each check", "At most this many are "
+              "sent at each check."),
+        Field("gateway", "test_to_address", "Test to address", "Where the Test button sends."),
+        Field("gateway", "give_up_after_hours", "Give up after (hours)", "A message the server "
+              "keeps refusing for now becomes .BAD after this."),
+    )),
+    ("Auto-Overdue", (
+        Field("overdue", "enabled", "Send overdue notices", "Every day at the time below. Check "
+              "that test messages arrive first.", "yesno"),
+        Field("overdue", "run_at", "Time of the daily run", "24-hour clock, such as 06:30."),
+        Field("overdue", "warning_days", "Warning (days before due)"),
+        Field("overdue", "overdue_days", "Overdue (days after due)"),
+        Field("overdue", "reminder_days", "Reminder (days after due)"),
+        Field("overdue", "closed", "Closed days", "No run on these: weekdays and dates, such as "
+              "sat, sun, 2026-12-18..2027-01-28."),
+        Field("overdue", "max_data_age_hours", "Maximum data age (hours)", "No notices from loans "
+              "imported longer ago than this."),
+    )),
+    ("Library", (
+        Field("library", "name", "Library name", "Used in messages."),
+        Field("library", "date_format", "Date format", "How due dates are written in imported "
+              "files and in messages, such as %d/%m/%Y."),
+    )),
+)
+SETTINGS_FIELDS = tuple(field for _, fields in SETTINGS_FORM for field in fields)
+_PROBLEM_KEY_RE = re.compile(r"bibliogate\.ini \[(\w+)\] (\w+)\b")
+
+
+def form_values(raw: dict) -> dict:
+    """The Settings form's values from the ini's (section, key) -> text."""
+    return {f.name: raw.get((f.section, f.key), DEFAULTS[f.section][f.key]).strip()
+            for f in SETTINGS_FIELDS if f.kind != "password"}
+
+
+def sort_problems(problems: Iterable[str]) -> tuple[dict, list]:
+    """Problems as {form field: first sentence about it} and the others."""
+    names = {f.name for f in SETTINGS_FIELDS}
+    by_field, other = {}, []
+    for problem in problems:
+        match = _PROBLEM_KEY_RE.match(problem)
+        name = f"{match.group(1)}.{match.group(2)}" if match else None
+        if name in names:
+            by_field.setdefault(name, problem)
+        else:
+            other.append(problem)
+    return by_field, other
+
+
+def settings_changes(form: dict, raw: dict) -> tuple[dict, dict]:
+    """What a posted Settings form changes, ((section, key) -> value), and the
+    fields whose value the ini cannot hold ({field: sentence})."""
+    changes, errors = {}, {}
+    for f in SETTINGS_FIELDS:
+        old = raw.get((f.section, f.key), DEFAULTS[f.section][f.key]).strip()
+        if f.kind == "password":
+            if form.get(f.name + ".clear"):
+                new = ""
+            elif form.get(f.name):
+                new = form[f.name]
+            else:
+                continue                  # empty = keep the stored password
+        elif f.kind == "yesno":
+            new = "yes" if form.get(f.name) else "no"
+            if new == ("yes" if old.lower() in YES_WORDS else "no"):
+                continue
+        else:
+            new = form.get(f.name, "").strip()
+        problem = ini_value_problem(new)
+        if problem:
+            shown = "(hidden)" if f.kind == "password" else new
+            errors[f.name] = ini_problem(f.section, f.key, shown, problem)
+        elif new != old:
+            changes[(f.section, f.key)] = new
+    return changes, errors
+
+
+def check_settings_form(form: dict, text: str, ini_path: Path,
+                        current: list[str]) -> tuple[str, dict, list, list]:
+    """Decide a Save: (new ini text, field errors, other errors, changed keys).
+    The would-be text is checked by load_settings itself, so the page and a
+    hand edit are judged alike. A problem with no field on the form blocks
+    the Save only if this change brings it."""
+    missing = [f.label for f in SETTINGS_FIELDS if f.kind in ("text", "choice") and f.name not in form]
+    if missing:
+        return text, {}, [f"The form arrived without {', '.join(missing)}. Reload the page and "
+                          "try again."], []
+    raw, _ = parse_ini_text(text.lstrip("\ufeff"), ini_path)
+    changes, errors = settings_changes(form, raw)
+    new_text = update_ini_text(text, changes)
+    by_field, other = sort_problems(load_settings(ini_path, text=new_text.lstrip("\ufeff")).problems)
+    for name, problem in by_field.items():
+        errors.setdefault(name, problem)
+    general = [p for p in other if p not in current]
+    changed = [f"[{section}] {key}" for section, key in changes]
+    return new_text, errors, general, changed
+
+
+def patron_problems(values: dict) -> dict:
+    """{field: sentence} for the patron form's bad values."""
+    errors = {}
+    for key in ("email", "guardian_email"):
+        if values[key] and not valid_address(values[key]):
+            errors[key] = (f"{values[key]!r} is not an email address. Write it as "
+                           "name@example.org, or leave it empty.")
+    if re.search(r"[\x00-\x1f\x7f]", values["grp"]) or len(values["grp"]) > 60:
+        errors["grp"] = "A group is one line of at most 60 characters, such as 7B or Staff."
+    return errors
+
+
+def age_text(seconds: float) -> str:
+    minutes = max(0, int(seconds // 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h {minutes % 60} min"
+    return f"{minutes // 1440} days"
+
+
+def log_days(folder: Path) -> list[str]:
+    """The days that have a log file, newest first."""
+    days = [p.stem[len("bibliogate-"):] for p in Path(folder).glob("bibliogate-*.log")]
+    return sorted((d for d in days if re.fullmatch(r"\d{4}-\d{2}-\d{2}", d)), reverse=True)
+
+
+def log_tail(path: Path) -> tuple[list[str], bool]:
+    """The lines of a log file, newest first, and whether it was cut short."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - LOG_BYTES))
+            data = fh.read(LOG_BYTES)
+    except FileNotFoundError:
+        return [], False
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > LOG_BYTES:
+        lines = lines[1:]                       # the first one is cut in two
+    return lines[::-1], size > LOG_BYTES
+
+
+# -- sessions --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PageSession:
+    """One browser's visit: its form token, the password hash it logged in
+    under (a new password logs everyone out), messages to show once, and a
+    refused form to show again."""
+    sid: str
+    token: str
+    login_hash: str
+    seen: float
+    flash: list = dataclasses.field(default_factory=list)
+    drafts: dict = dataclasses.field(default_factory=dict)
+
+
+class PageServer(http.server.ThreadingHTTPServer):
+    """The config page's server; holds what every request shares."""
+
+    daemon_threads = True
+    #: On Windows SO_REUSEADDR would let another program take the same port.
+    allow_reuse_address = os.name != "nt"
+
+    def __init__(self, gateway: Gateway, address: str, port: int):
+        self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.gateway, self.address = gateway, address
+        super().__init__((address, port), PageHandler)
+        self.port = self.server_address[1]
+        self.loopback = is_loopback(address)
+        self.cookie_name = f"bibliogate-{self.port}"
+        self.request_seconds = REQUEST_SECONDS
+        self.sessions: dict[str, PageSession] = {}
+        self.failed_logins: list[float] = []
+        self.lock = threading.Lock()           #: guards sessions and failed_logins
+        self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
+
+    def server_bind(self) -> None:
+        # TCPServer's bind only: HTTPServer's also asks DNS for a name, which may be slow.
+        super(http.server.HTTPServer, self).server_bind()
+        self.server_name, self.server_port = self.address, self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = socket.gethostname() if self.address in ("0.0.0.0", "::") else self.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
+    def password_hash(self) -> str:
+        return self.gateway.settings.get("web", "password_hash").strip()
+
+    def login_needed(self) -> bool:
+        """Always off this computer; on it, once a password is set."""
+        return not self.loopback or bool(self.password_hash())
+
+    def session(self, sid: str, create: bool) -> tuple[PageSession | None, bool]:
+        """The session of a cookie; a new one if asked. (session, is_new)."""
+        now = time.monotonic()
+        with self.lock:
+            for old in [k for k, s in self.sessions.items() if now - s.seen > SESSION_SECONDS]:
+                del self.sessions[old]
+            found = self.sessions.get(sid)
+            if found is not None:
+                found.seen = now
+                return found, False
+            if not create:
+                return None, False
+            return self._new_session("", now), True
+
+    def _new_session(self, login_hash: str, now: float) -> PageSession:
+        if len(self.sessions) >= MAX_SESSIONS:
+            del self.sessions[min(self.sessions, key=lambda k: self.sessions[k].seen)]
+        new = PageSession(secrets.token_urlsafe(24), secrets.token_urlsafe(24), login_hash, now)
+        self.sessions[new.sid] = new
+        return new
+
+    def renew(self, old: PageSession, login_hash: str) -> PageSession:
+        """A fresh session id and token at login or logout (no session fixation)."""
+        with self.lock:
+            self.sessions.pop(old.sid, None)
+            new = self._new_session(login_hash, time.monotonic())
+            new.flash = old.flash
+            return new
+
+    def logged_in(self, session: PageSession) -> bool:
+        stored = self.password_hash()
+        return not self.login_needed() or (bool(session.login_hash) and hmac.compare_digest(
+            session.login_hash.encode(), stored.encode()))
+
+    def login_paused(self, failed: bool = False) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            self.failed_logins = [t for t in self.failed_logins if now - t < LOGIN_WINDOW]
+            if failed:
+                self.failed_logins.append(now)
+            return len(self.failed_logins) >= LOGIN_TRIES
+
+
+class PageHandler(http.server.BaseHTTPRequestHandler):
+    """One request to the config page. GET shows a page; POST does one thing
+    and answers with a redirect to a page that tells what happened."""
+
+    server: PageServer
+    server_version = "BiblioGate"
+    sys_version = ""
+    timeout = SOCKET_SECONDS
+
+    # -- the connection ---------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self.new_sid = None
+        self.deadline = threading.Timer(self.server.request_seconds, self._cut_off)
+        self.deadline.daemon = True
+        self.deadline.start()
+
+    def _cut_off(self) -> None:
+        """A client too slow to send its request is cut off, so it cannot
+        hold a thread of the page for long."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self.deadline.cancel()
+        try:
+            super().finish()
+        finally:
+            self.server.gateway.journal.close()        # this thread's connection
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("config page: %s %s", self.address_string(), format % args)
+
+    def log_error(self, format: str, *args) -> None:
+        log.info("config page: %s %s", self.address_string(), format % args)
+
+    def end_headers(self) -> None:
+        for name, value in SECURITY_HEADERS:
+            self.send_header(name, value)
+        if self.new_sid:
+            self.send_header("Set-Cookie", f"{self.server.cookie_name}={self.new_sid}; Path=/; "
+                                           "HttpOnly; SameSite=Strict")
+        super().end_headers()
+
+    def do_GET(self) -> None:
+        self.deadline.cancel()
+        self._answer(self._get)
+
+    def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _answer(self, handle: Callable[[], None]) -> None:
+        try:
+            handle()
+        except PageRefusal as exc:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.send_text(exc.status, str(exc))
+        except (ConnectionError, socket.timeout):     # the browser went away, or was too slow
+            self.close_connection = True
+        except Exception:  # noqa: BLE001 -- a fault in one request must not stop the page
+            log.exception("config page: %s %s failed", self.command, self.path.split("?")[0])
+            with contextlib.suppress(OSError):
+                self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong on this "
+                               "page; the details are in the log. The gateway goes on sending.")
+
+    # -- checks -----------------------------------------------------------------
+
+    def check_host(self) -> None:
+        host = self.headers.get("Host", "")
+        if not host_allowed(host, self.server.address, self.server.port):
+            raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
+                              f"This page answers only at {self.server.url} (bibliogate.ini "
+                              f"[web] address); it was asked for {host!r}.")
+
+    def check_origin(self) -> None:
+        """Refuse a post from another site. Under our no-referrer policy a browser
+        sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
+        page can set, then tells, and for a browser without it the form token."""
+        origin = self.headers.get("Origin", "").strip().lower()
+        site = self.headers.get("Sec-Fetch-Site")
+        own = "http://" + self.headers.get("Host", "").strip().lower()
+        if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
+            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
+                              "so it was refused. Open the page itself and use its buttons.")
+
+    def check_token(self, session: PageSession | None, form: dict) -> None:
+        if session is None or not hmac.compare_digest(form.get("token", "").encode(),
+                                                      session.token.encode()):
+            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
+                              "have restarted since the page was opened). Go back, reload the "
+                              "page and try again.")
+
+    def read_form(self) -> dict:
+        """The posted fields (first value of each) of a small urlencoded form."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
+        if int(length) > MAX_FORM_BYTES:
+            raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
+        data = self.rfile.read(int(length))
+        self.deadline.cancel()
+        if len(data) < int(length):
+            raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form arrived incomplete.")
+        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
+            raise PageRefusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Only the page's own forms "
+                              "are taken here.")
+        try:
+            fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
+                                           max_num_fields=200)
+        except (UnicodeDecodeError, ValueError):
+            raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
+        return {name: values[0] for name, values in fields.items()}
+
+    def session(self, create: bool) -> PageSession | None:
+        found, new = self.server.session(self.cookie_sid(), create)
+        if new:
+            self.new_sid = found.sid
+        return found
+
+    # -- answers ----------------------------------------------------------------
+
+    def send_body(self, status: HTTPStatus, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_text(self, status: HTTPStatus, text: str) -> None:
+        self.send_body(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
+
+    def cookie_sid(self) -> str:
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.server.cookie_name:
+                return value
+        return ""
+
+    def redirect(self, location: str, session: PageSession) -> None:
+        if session.sid != self.cookie_sid():
+            self.new_sid = session.sid
+        self.send_response(HTTPStatus.SEE_OTHER)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
+        here = urllib.parse.urlsplit(self.path).path
+        here = {"/settings": "/", "/patron": "/patrons"}.get(here, here)
+        logged_in = self.server.logged_in(session)
+        nav = join(render(NAV_LINK, href=href, label=label,
+                          current=Html(' aria-current="page"' if here == href else ""))
+                   for href, label in PAGE_LINKS) if logged_in else Html("")
+        logout = render(LOGOUT_FORM, token=self.token_input(session)) \
+            if logged_in and self.server.login_needed() else Html("")
+        flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
+        session.flash = []
+        page = render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
+                      library=self.server.gateway.settings.library_name)
+        self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
+
+    def send_json(self, status: HTTPStatus, value) -> None:
+        self.send_body(status, json.dumps(value, indent=2).encode("utf-8"), "application/json")
+
+    @staticmethod
+    def token_input(session: PageSession) -> Html:
+        return render(TOKEN_INPUT, token=session.token)
+
+    # -- GET --------------------------------------------------------------------
+
+    def _get(self) -> None:
+        self.check_host()
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == "/style.css":
+            return self.send_body(HTTPStatus.OK, PAGE_CSS.encode("utf-8"), "text/css; charset=utf-8")
+        if url.path == "/favicon.ico":                  # asked for by every browser
+            self.send_response(HTTPStatus.NO_CONTENT)
+            return self.end_headers()
+        if url.path == "/health":
+            info = self.health()
+            return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
+        session = self.session(create=True)
+        if not self.server.logged_in(session) and url.path != "/login":
+            return self.redirect("/login", session)
+        try:
+            query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query, max_num_fields=20).items()}
+        except ValueError:
+            raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
+        view = self.GET_PAGES.get(url.path)
+        if view is None:
+            return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
+        title, body = view(self, session, query)
+        self.send_page(HTTPStatus.OK, title, body, session)
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.server.gateway
+
+    def state_box(self, settings: Settings) -> Html:
+        state, reason = self.gateway.sender_state or ("not started", "")
+        if settings.problems:
+            reason = "the settings need attention:"
+        problems = Html("<ul>" + join(Html(f"<li>{esc(p)}</li>") for p in settings.problems)
+                        + "</ul>") if settings.problems else Html("")
+        try:
+            waiting, bad = len(scan(settings.spool)), len(scan(settings.spool, is_bad_name))
+        except SpoolError:
+            waiting = bad = "?"
+        last = get_state(self.gateway.journal.db, "last_check")
+        upcoming = "when the settings are fixed and saved" if settings.problems \
+            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.gateway.next_check))
+        return render(STATE_BOX, state=state, reason=reason, problems=problems, waiting=waiting,
+                      bad=bad, last=fmt_time(last), next=upcoming)
+
+    def page_settings(self, session: PageSession, query: dict) -> tuple[str, Html]:
+        s = self.gateway.settings
+        text, digest = read_ini(s.ini_path)
+        raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
+        draft = session.drafts.pop("settings", None)
+        values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
+        password_set = bool(raw.get(("smtp", "password"), "").strip())
+        fieldsets = join(render(FIELDSET, legend=legend, fields=join(
+            self.settings_field(f, values, errors, password_set) for f in fields))
+            for legend, fields in SETTINGS_FORM)
+        web_hash = bool(s.get("web", "password_hash").strip())
+        facts = {"Page address": f"{self.server.url} ([web] address and port)",
+                 "Page password": "set" if web_hash else "not set (run set-password to set one)",
+                 "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
+                 "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
+        body = render(SETTINGS_BODY, state=self.state_box(s), token=self.token_input(session),
+                      digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
+                      test_to=s.test_to or "not set",
+                      facts=join(render(FACT, name=k, value=v) for k, v in facts.items()))
+        return "Settings", body
+
+    @staticmethod
+    def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
+        value = values.get(f.name, "")
+        if f.kind == "password":
+            control = render(PASSWORD_INPUT, id=f.name)
+            hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
+                    else "Not set. Type one if the server needs a login.")
+        elif f.kind == "yesno":
+            control = render(CHECKBOX, id=f.name, checked=Html(
+                " checked" if value.lower() in YES_WORDS else ""))
+            hint = f.hint
+        elif f.kind == "choice":
+            control = render(SELECT, id=f.name, options=join(
+                render(OPTION, value=c, selected=Html(" selected" if c == value.lower() else ""))
+                for c in f.choices))
+            hint = f.hint
+        else:
+            control, hint = render(TEXT_INPUT, id=f.name, value=value), f.hint
+        error = errors.get(f.name)
+        return render(FIELD, id=f.name, label=f.label, control=control, hint=hint,
+                      invalid=Html(" invalid" if error else ""),
+                      error=render(FIELD_ERROR, text=error) if error else Html(""))
+
+    def page_queue(self, session: PageSession, query: dict) -> tuple[str, Html]:
+        s, now = self.gateway.settings, self.gateway.clock()
+        token = self.token_input(session)
+        try:
+            rows = queue_rows(s, self.gateway.journal.db)
+        except SpoolError as exc:
+            session.flash.append(("error", str(exc)))
+            rows = []
+        bad = [r for r in rows if r["state"] == "bad"]
+        waiting = [r for r in rows if r["state"] != "bad"]
+        rows = bad + waiting[:QUEUE_SHOWN]
+        more = Html(f'<p class="muted">And {len(waiting) - QUEUE_SHOWN} more waiting messages, '
+                    'not listed.</p>') if len(waiting) > QUEUE_SHOWN else Html("")
+        table = join([render(QUEUE_TABLE, rows=join(render(
+            QUEUE_ROW, state=r["state"], state_label=".BAD" if r["state"] == "bad" else "waiting",
+            to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
+            attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
+            retry=render(RETRY_FORM, token=token, file=r["file"]) if r["state"] == "bad" else Html(""))
+            for r in rows)), more]) if rows else Html('<p class="muted">The queue is empty.</p>')
+        return "Queue", render(QUEUE_BODY, state=self.state_box(s), token=token, spool=s.spool,
+                               table=table)
+
+    def page_log(self, session: PageSession, query: dict) -> tuple[str, Html]:
+        folder = self.gateway.settings.log_folder
+        today = local_day(self.gateway.clock()).isoformat()
+        days = list(dict.fromkeys([today] + log_days(folder)))[:LOG_DAYS_SHOWN]
+        day = query.get("day", today)
+        if day not in days:
+            session.flash.append(("error", f"There is no log for {day!r} here; the page shows "
+                                           f"the last {LOG_DAYS_SHOWN} days."))
+            day = today
+        lines, cut = log_tail(folder / f"bibliogate-{day}.log")
+        note = ("Newest first" + (f"; only the last {LOG_BYTES // 1024} KB" if cut else "")
+                + f". The file: {folder / f'bibliogate-{day}.log'}") if lines \
+            else "Nothing was logged this day."
+        links = join(render(NAV_LINK, href=f"/log?day={d}", label=d,
+                            current=Html(' aria-current="page"' if d == day else "")) for d in days)
+        return "Log", render(LOG_BODY, days=links, day=day, note=note, lines="\n".join(lines))
+
+    def page_patrons(self, session: PageSession, query: dict) -> tuple[str, Html]:
+        db, s = self.gateway.journal.db, self.gateway.settings
+        q, missing = query.get("q", "").strip(), bool(query.get("missing"))
+        like = "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
+        only_missing = "AND p.email = ''" if missing else ""
+        rows = db.execute(
+            "SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) AS loans "
+            "FROM patrons p WHERE (p.patron_id = ? OR p.name LIKE ? ESCAPE '\\' "
+            "OR p.grp LIKE ? ESCAPE '\\' OR p.patron_id LIKE ? ESCAPE '\\') "
+            f"{only_missing} ORDER BY p.name, p.patron_id LIMIT ?",
+            (q, like, like, like, PATRONS_SHOWN + 1)).fetchall()
+        total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
+        summary = (f"{len(rows[:PATRONS_SHOWN])} shown" + (" (the first ones; search to narrow)"
+                   if len(rows) > PATRONS_SHOWN else "")
+                   + f" of {total} patrons; {no_email or 0} have no email address.")
+        if not total:
+            summary = "No patrons yet: import patrons.csv from the library system."
+        table = render(PATRONS_TABLE, rows=join(self.patron_row(s, db, r)
+                                                for r in rows[:PATRONS_SHOWN])) if rows else Html("")
+        return "Patrons", render(PATRONS_BODY, q=q, missing=Html(" checked" if missing else ""),
+                                 summary=summary, table=table)
+
+    @staticmethod
+    def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
+        links = []
+        for guardian, label in ((False, "Email"), (True, "Email guardian")):
+            try:
+                links.append(render(MAIL_LINK, href=build_mailto(s, db, patron_id, guardian=guardian),
+                                    label=label))
+            except NoEmail:
+                pass
+        return join(links)
+
+    def patron_row(self, s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
+        no_email = not r["email"]
+        return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
+                      name=r["name"], guardian=r["guardian_email"], group=r["grp"],
+                      email=Html('<span class="badge">no email</span>') if no_email else r["email"],
+                      auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
+                      edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
+                      mail=self.mail_buttons(s, db, r["patron_id"]))
+
+    def page_patron(self, session: PageSession, query: dict) -> tuple[str, Html]:
+        db, pid = self.gateway.journal.db, query.get("id", "")
+        row = db.execute("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = "
+                         "p.patron_id) AS loans FROM patrons p WHERE patron_id = ?",
+                         (pid,)).fetchone()
+        if row is None:
+            return "Patron not found", Html(f'<p>There is no patron {esc(repr(pid))}. '
+                                            '<a href="/patrons">Search the patrons</a>.</p>')
+        values, errors = session.drafts.pop(f"patron:{pid}", (dict(row), {}))
+        fields = join(render(FIELD, id=key, label=label, hint=hint, control=control,
+                             invalid=Html(" invalid" if key in errors else ""),
+                             error=render(FIELD_ERROR, text=errors[key]) if key in errors else Html(""))
+                      for key, label, hint, control in (
+            ("email", "Email", "Empty = this patron gets no email.",
+             render(TEXT_INPUT, id="email", value=values["email"])),
+            ("guardian_email", "Guardian email", "For guardian letters.",
+             render(TEXT_INPUT, id="guardian_email", value=values["guardian_email"])),
+            ("grp", "Group", "Letters can be run for one group.",
+             render(TEXT_INPUT, id="grp", value=values["grp"])),
+            ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices.",
+             render(CHECKBOX, id="auto_overdue",
+                    checked=Html(" checked" if values["auto_overdue"] else "")))))
+        body = render(PATRON_BODY, name=row["name"], id=pid, loans=row["loans"], fields=fields,
+                      token=self.token_input(session),
+                      mail=self.mail_buttons(self.gateway.settings, db, pid))
+        return f"Patron {row['name']}", body
+
+    def page_login(self, session: PageSession, query: dict) -> tuple[str, Html]:
+        if self.server.logged_in(session):
+            return "Logged in", Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
+        return "Log in", render(LOGIN_BODY, token=self.token_input(session))
+
+    def health(self) -> dict:
+        """For monitoring: the sender's state, the queue, the last check."""
+        g, s = self.gateway, self.gateway.settings
+        state, reason = g.sender_state or ("not started", "")
+        try:
+            waiting, bad = len(scan(s.spool)), len(scan(s.spool, is_bad_name))
+        except SpoolError as exc:
+            waiting = bad = None
+            reason = f"{reason} {exc}"
+        last = get_state(g.journal.db, "last_check")
+        return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
+                "problems": len(s.problems), "waiting": waiting, "bad": bad,
+                "last_check": last, "last_check_text": fmt_time(last),
+                "next_check": None if s.problems else g.next_check, "version": __version__}
+
+    GET_PAGES = {"/": page_settings, "/settings": page_settings, "/queue": page_queue,
+                 "/log": page_log, "/patrons": page_patrons, "/patron": page_patron,
+                 "/login": page_login}
+
+    # -- POST -------------------------------------------------------------------
+
+    def _post(self) -> None:
+        form = self.read_form()        # read first: closing on unread data would reset the answer
+        self.check_host()
+        self.check_origin()
+        session = self.session(create=False)
+        self.check_token(session, form)
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/login":
+            return self.redirect(*self.login(session, form))
+        if not self.server.logged_in(session):
+            return self.redirect("/login", session)
+        action = self.POST_ACTIONS.get(path)
+        if action is None:
+            return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
+        self.redirect(action(self, session, form), session)
+
+    def login(self, session: PageSession, form: dict) -> tuple[str, PageSession]:
+        stored = self.server.password_hash()
+        if not self.server.login_needed():
+            return "/", session
+        if self.server.login_paused():
+            session.flash.append(("error", "Too many wrong passwords in the last few minutes. "
+                                           "Wait five minutes, then try again."))
+        elif split_hash(stored) is None:
+            session.flash.append(("error", "No usable page password is set. On the server, run "
+                                           "`python bibliogate.py set-password`."))
+        elif check_password(stored, form.get("password", "")):
+            self.gateway.journal.event("page", f"logged in to the config page from "
+                                       f"{self.client_address[0]}")
+            return "/", self.server.renew(session, login_hash=stored)
+        else:
+            self.server.login_paused(failed=True)
+            self.gateway.journal.event("page", f"a wrong config page password from "
+                                       f"{self.client_address[0]}", level=logging.WARNING)
+            session.flash.append(("error", "Wrong password."))
+        return "/login", session
+
+    def logout(self, session: PageSession, form: dict) -> str:
+        self.new_sid = self.server.renew(session, login_hash="").sid
+        return "/login"
+
+    def save_settings(self, session: PageSession, form: dict) -> str:
+        g = self.gateway
+        with self.server.save_lock:
+            text, digest = read_ini(g.settings.ini_path)
+            if form.get("ini_digest") != digest:
+                session.flash.append(("error", f"{g.settings.ini_path.name} was changed by someone "
+                                               "else since this page was opened; nothing was saved. "
+                                               "Here are its values now: check them and save again."))
+                return "/settings"
+            new_text, errors, general, changed = check_settings_form(
+                form, text, g.settings.ini_path, g.settings.problems)
+            if errors or general:
+                values = {f.name: form.get(f.name, "").strip() for f in SETTINGS_FIELDS
+                          if f.kind != "password"}
+                for f in SETTINGS_FIELDS:
+                    if f.kind == "yesno":
+                        values[f.name] = "yes" if form.get(f.name) else "no"
+                session.drafts["settings"] = (values, errors)
+                typed = " Type the password again." if form.get("smtp.password") else ""
+                session.flash += [("error", f"Nothing was saved: fix the {len(errors)} field(s) "
+                                            f"marked below.{typed}" if errors else
+                                   "Nothing was saved.")] + [("error", p) for p in general]
+                return "/settings"
+            if changed:
+                save_ini_text(g.settings.ini_path, new_text)
+        what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
+        g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
+        if g.request_reload(wait=RELOAD_WAIT_SECONDS):
+            state, reason = g.sender_state or ("", "")
+            session.flash.append(("ok", f"{what} The sender restarted: it is {state}."))
+        else:
+            session.flash.append(("ok", f"{what} The sender restarts with the settings as soon "
+                                        "as it finishes the check in progress."))
+        return "/settings"
+
+    def send_test(self, session: PageSession, form: dict) -> str:
+        g = self.gateway
+        s = g.settings
+        try:
+            path = queue_test(s, s.test_to, g.clock())
+        except BibliogateError as exc:
+            session.flash.append(("error", f"No test message was queued: {exc}"))
+            return "/settings"
+        g.journal.event("queued", f"queued a test message to {s.test_to} (config page)", path.name)
+        if s.problems:
+            when = "The sender is stopped until the settings are fixed, so it waits in the queue."
+        else:
+            due = max(g.next_check, g.clock())
+            when = (f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, "
+                    "will take it.")
+        session.flash.append(("ok", f"Queued the test message {path.name} in {s.spool} for "
+                                    f"{s.test_to}. {when}"))
+        return "/settings"
+
+    def retry(self, session: PageSession, form: dict) -> str:
+        self._retry(session, [form.get("file", "")])
+        return "/queue"
+
+    def retry_all(self, session: PageSession, form: dict) -> str:
+        names = [f.name for f in scan(self.gateway.settings.spool, is_bad_name)]
+        if not names:
+            session.flash.append(("ok", "There are no .BAD files."))
+        self._retry(session, names)
+        return "/queue"
+
+    def _retry(self, session: PageSession, names: list[str]) -> None:
+        journal, spool = self.gateway.journal, self.gateway.settings.spool
+        for name in names:
+            try:
+                path = retry_bad(spool, name)
+            except (SpoolError, OSError) as exc:
+                session.flash.append(("error", f"{name} was not put back: {exc}"))
+                continue
+            with journal.db:
+                journal.db.execute("DELETE FROM spool_state WHERE file = ?", (path.name,))
+            journal.event("retry", f"put back in the queue as {path.name} (config page)", name)
+            session.flash.append(("ok", f"{name} is waiting again as {path.name}."))
+
+    def delete(self, session: PageSession, form: dict) -> str:
+        name = form.get("file", "")
+        try:
+            delete_file(self.gateway.settings.spool, name)
+        except (SpoolError, OSError) as exc:
+            session.flash.append(("error", f"Nothing was deleted: {exc}"))
+            return "/queue"
+        self.gateway.journal.event("deleted", "deleted from the queue (config page)", name)
+        session.flash.append(("ok", f"Deleted {name}."))
+        return "/queue"
+
+    def send_now(self, session: PageSession, form: dict) -> str:
+        if self.gateway.settings.problems:
+            session.flash.append(("error", "The sender is stopped: fix the settings first."))
+        else:
+            self.gateway.request_check()
+            session.flash.append(("ok", "A check starts within a few seconds; reload this page "
+                                        "to see what it sent."))
+        return "/queue"
+
+    def save_patron(self, session: PageSession, form: dict) -> str:
+        db, pid = self.gateway.journal.db, form.get("patron_id", "")
+        back = "/patron?" + urllib.parse.urlencode({"id": pid})
+        row = db.execute("SELECT * FROM patrons WHERE patron_id = ?", (pid,)).fetchone()
+        if row is None:
+            session.flash.append(("error", f"There is no patron {pid!r}; nothing was saved."))
+            return "/patrons"
+        values = {"email": form.get("email", "").strip(),
+                  "guardian_email": form.get("guardian_email", "").strip(),
+                  "grp": form.get("grp", "").strip(),
+                  "auto_overdue": 1 if form.get("auto_overdue") else 0}
+        errors = patron_problems(values)
+        if errors:
+            session.drafts[f"patron:{pid}"] = (values, errors)
+            session.flash.append(("error", "Nothing was saved: fix the fields marked below."))
+            return back
+        changed = [key for key in values if row[key] != values[key]]
+        with db:
+            db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
+                       "WHERE patron_id = ?", (*values.values(), pid))
+        if changed:
+            self.gateway.journal.event("patron", f"patron {pid}: changed {', '.join(changed)} "
+                                                 "(config page)")
+        session.flash.append(("ok", f"Saved patron {pid} ({row['name']})." if changed
+                              else f"Nothing had changed for patron {pid}."))
+        return "/patrons?" + urllib.parse.urlencode({"q": pid})
+
+    POST_ACTIONS = {"/settings": save_settings, "/test": send_test, "/queue/retry": retry,
+                    "/queue/retry-all": retry_all, "/queue/delete": delete,
+                    "/queue/send-now": send_now, "/patron": save_patron, "/logout": logout}
+
+
+#: The page's menu: (address, label).
+PAGE_LINKS = (("/", "Settings"), ("/queue", "Queue"), ("/log", "Log"), ("/patrons", "Patrons"))
+
+
+def start_page(gateway: Gateway) -> PageServer | None:
+    """Serve the config page from a thread of its own, if [web] allows it.
+    When it cannot start, the reason is logged and the gateway sends anyway."""
+    s = gateway.settings
+    try:
+        address, port = web_address(s)
+        stored = s.get("web", "password_hash").strip()
+        if stored and split_hash(stored) is None:
+            raise SettingsError([ini_problem("web", "password_hash", "(hidden)", "not a hash "
+                                 "written by set-password. Run `python bibliogate.py "
+                                 "set-password` again.")])
+        if not is_loopback(address) and not stored:
+            raise SettingsError([ini_problem("web", "address", address, "other computers could "
+                                 "open the page there, so it needs a password first. Run "
+                                 "`python bibliogate.py set-password`, then restart BiblioGate.")])
+        server = PageServer(gateway, address, port)
+    except SettingsError as exc:
+        gateway.journal.event("page", f"the config page is not started: {exc} The gateway "
+                              "sends meanwhile.", level=logging.WARNING)
+        return None
+    except OSError as exc:
+        gateway.journal.event("page", f"the config page is not started: {address}:{port} cannot "
+                              f"be used ({exc.strerror or exc}). Is another BiblioGate running? "
+                              "Otherwise set bibliogate.ini [web] port to a free port. The "
+                              "gateway sends meanwhile.", level=logging.WARNING)
+        return None
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},  # for stop_page
+                     name="config-page", daemon=True).start()
+    set_state(gateway.journal.db, page_url=server.url)
+    gateway.journal.event("page", f"the config page is at {server.url}")
+    return server
+
+
+def stop_page(server: PageServer | None) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
+def cmd_set_password(args, settings: Settings) -> int:
+    try:
+        first = getpass.getpass("New password for the config page: ")
+        again = getpass.getpass("The same password again: ")
+    except EOFError:
+        raise BibliogateError("No password was given; nothing was changed.") from None
+    if len(first) < MIN_PASSWORD_LENGTH:
+        raise BibliogateError(f"The password needs at least {MIN_PASSWORD_LENGTH} characters; "
+                              "nothing was changed.")
+    if first != again:
+        raise BibliogateError("The two passwords differ; nothing was changed. Run set-password "
+                              "again.")
+    set_ini_values(settings.ini_path, {("web", "password_hash"): hash_password(first)})
+    Journal(settings.database).event("page", "a new config page password was set")
+    print(f"The config page password is stored (as a salted hash) in {settings.ini_path}. "
+          "The page asks for it from now on; if BiblioGate is running and its page did not "
+          "start for want of a password, restart it.")
+    return 0
+
+
 # Windows task ################################################################
 #
 # `install-task` makes BiblioGate an appliance: Task Scheduler starts `run` one
@@ -2896,6 +4327,7 @@ def cmd_run(args, settings: Settings) -> int:
     setup_logging(settings, console=has_console())
     gateway = Gateway(settings.ini_path, stop=stop)
     guard = RunGuard(gateway).install()     # errors are logged; a crash ends `run` with status 1
+    page = start_page(gateway)
 
     def on_signal(signum, frame):
         log.info("stopping (signal %s): finishing the message in flight", signum)
@@ -2913,6 +4345,7 @@ def cmd_run(args, settings: Settings) -> int:
     except Exception as exc:        # a bug: logged with its traceback, and `run` ends with status 1
         guard.crash(f"BiblioGate stopped on an unexpected error: {error_summary(exc)}", exc)
     finally:
+        stop_page(page)
         gateway.journal.event("stop", "BiblioGate stopped")
         guard.uninstall()
         lock.release()
@@ -3042,6 +4475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     add_letter_commands(command)
     add_task_commands(command)
+    command("set-password", cmd_set_password, "store a password for the config page (salted hash)")
     return parser
 
 
