@@ -918,7 +918,10 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     if "auto-submitted" not in names:
         added.append(b"Auto-Submitted: auto-generated")
     head = b"\r\n".join(line.replace(b"\n", b"\r\n") for line in added + kept)
-    body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    # split_headers made every CRLF an LF, so a CR left is a lone one: it ends
+    # a line too. SMTP knows no other line end, and some servers take a lone
+    # CR, a dot and a CRLF for the end of the message and the rest for commands.
+    body = re.sub(rb"[\r\n]", b"\r\n", body)
     return Outgoing(sender, recipients, head + b"\r\n\r\n" + body, invalid, subject, message_id)
 
 

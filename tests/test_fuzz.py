@@ -1,0 +1,17 @@
+"""Queued files, bibliogate.ini values and template text that once broke
+BiblioGate, each kept as a plain test."""
+
+from __future__ import annotations
+
+import bibliogate as bg
+
+FROM = "library@school.example"
+
+
+# Messages ####################################################################
+
+
+def test_a_body_with_lone_carriage_returns_leaves_with_crlf_only():
+    raw = b"To: pat@example.org\n\nline one\rline two\r.\r\nend\r\r\n"
+    out = bg.prepare_message(raw, FROM, "", 1.7e9, "x.TMP")
+    assert out.data.partition(b"\r\n\r\n")[2] == b"line one\r\nline two\r\n.\r\nend\r\n\r\n"
