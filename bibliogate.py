@@ -864,6 +864,16 @@ def decoded(value: str) -> str:
         return value
 
 
+def file_date(queued_at: float) -> str:
+    """The Date header of a file queued at this time (its modified time)."""
+    try:
+        return email.utils.formatdate(queued_at, localtime=True)
+    except (OverflowError, OSError, ValueError):
+        # A file dated outside the calendar (or, on Windows, before 1970):
+        # the time it is sent is the best date it can have.
+        return email.utils.formatdate(localtime=True)
+
+
 def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
                     file_name: str) -> Outgoing:
     """Check a queued file and make the bytes we relay: From and the envelope
@@ -910,7 +920,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     domain = sender.rpartition("@")[2] or "localhost"
     added = [b"From: " + email.utils.formataddr((one_line(sender_name), sender), "utf-8").encode()]
     if "date" not in names:
-        added.append(b"Date: " + email.utils.formatdate(queued_at, localtime=True).encode())
+        added.append(b"Date: " + file_date(queued_at).encode())
     if "message-id" not in names:
         digest = hashlib.sha256(raw).hexdigest()[:20]
         message_id = f"<{digest}.{re.sub(r'[^A-Za-z0-9.-]', '', file_name)[:40]}@{domain}>"

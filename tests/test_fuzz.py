@@ -3,6 +3,8 @@ BiblioGate, each kept as a plain test."""
 
 from __future__ import annotations
 
+import pytest
+
 import bibliogate as bg
 
 FROM = "library@school.example"
@@ -15,3 +17,9 @@ def test_a_body_with_lone_carriage_returns_leaves_with_crlf_only():
     raw = b"To: pat@example.org\n\nline one\rline two\r.\r\nend\r\r\n"
     out = bg.prepare_message(raw, FROM, "", 1.7e9, "x.TMP")
     assert out.data.partition(b"\r\n\r\n")[2] == b"line one\r\nline two\r\n.\r\nend\r\n\r\n"
+
+
+@pytest.mark.parametrize("queued_at", [-1e12, 1e12, -62135600000.0])
+def test_a_file_dated_out_of_the_calendar_still_goes(queued_at):
+    out = bg.prepare_message(b"To: pat@example.org\n\nHi.\n", FROM, "", queued_at, "x.TMP")
+    assert b"\r\nDate: " in out.data
