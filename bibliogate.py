@@ -301,7 +301,22 @@ class _Reader:
         return value
 
     def path(self, base: Path, section, key) -> Path:
-        return (base / self.text(section, key)).resolve()
+        value = self.text(section, key)
+        path = absolute(base, value)
+        if path is None:
+            default = DEFAULTS[section][key]
+            self.problems.append(ini_problem(section, key, value, f"not a usable path. Write a "
+                                             f"name such as {default}, or a full path."))
+            path = absolute(base, default)
+        return path
+
+
+def absolute(base: Path, value: str) -> Path | None:
+    """value as an absolute path (relative to base); None if it cannot be one."""
+    try:
+        return (base / value).resolve()
+    except (OSError, ValueError):       # a NUL byte, or a name the system refuses
+        return None
 
 
 def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
@@ -369,9 +384,9 @@ def load_settings(ini_path: Path) -> Settings:
                          "Use a number of seconds from 1 to 600, such as 30.", 30.0)
     s.ca_file = r.text("smtp", "ca_file")
     if s.ca_file:
-        ca = (base / s.ca_file).resolve()
-        s.ca_file = str(ca)
-        if not ca.is_file():
+        ca = absolute(base, s.ca_file)
+        s.ca_file = str(ca or "")
+        if not (ca and ca.is_file()):
             problems.append(ini_problem("smtp", "ca_file", r.text("smtp", "ca_file"),
                                         "no such file. Give the path of the relay's PEM "
                                         "certificate, or leave it empty."))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import bibliogate as bg
+from conftest import write_ini
 
 FROM = "library@school.example"
 
@@ -23,3 +24,14 @@ def test_a_body_with_lone_carriage_returns_leaves_with_crlf_only():
 def test_a_file_dated_out_of_the_calendar_still_goes(queued_at):
     out = bg.prepare_message(b"To: pat@example.org\n\nHi.\n", FROM, "", queued_at, "x.TMP")
     assert b"\r\nDate: " in out.data
+
+
+# Settings ####################################################################
+
+
+@pytest.mark.parametrize("key", ["gateway__spool_folder", "data__database", "smtp__ca_file"])
+def test_a_path_with_a_nul_byte_is_a_problem_not_a_crash(tmp_path, key):
+    section, name = key.split("__")
+    settings_ = bg.load_settings(write_ini(tmp_path, None, **{key: "a\x00b"}))
+    assert [p for p in settings_.problems if p.startswith(f"bibliogate.ini [{section}] {name} = ")]
+    assert "\x00" not in str(settings_.spool) + str(settings_.database) + settings_.ca_file
