@@ -327,7 +327,7 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
     try:
         parser.read_string(text, source=str(ini_path))
     except configparser.ParsingError as exc:     # the other lines were still read
-        lines = text.splitlines()
+        lines = text.split("\n")     # as configparser counts them, not splitlines()
         problems += [f"{ini_path.name} line {n}: {lines[n - 1].strip()!r} is not 'key = value' "
                      "nor a [section]. Fix or delete that line." for n, _ in exc.errors]
     except configparser.Error as exc:

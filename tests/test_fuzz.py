@@ -35,3 +35,11 @@ def test_a_path_with_a_nul_byte_is_a_problem_not_a_crash(tmp_path, key):
     settings_ = bg.load_settings(write_ini(tmp_path, None, **{key: "a\x00b"}))
     assert [p for p in settings_.problems if p.startswith(f"bibliogate.ini [{section}] {name} = ")]
     assert "\x00" not in str(settings_.spool) + str(settings_.database) + settings_.ca_file
+
+
+def test_a_bad_line_is_quoted_as_it_is_past_a_form_feed(tmp_path):
+    ini = tmp_path / "bibliogate.ini"
+    ini.write_text("[library]\nname = Hill\x0cSchool\nthis line is wrong\n", encoding="utf-8")
+    problems = bg.load_settings(ini).problems
+    assert "bibliogate.ini line 3: 'this line is wrong' is not 'key = value' nor a [section]. " \
+           "Fix or delete that line." in problems
