@@ -338,7 +338,8 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
     for section in parser.sections():
         for key, value in parser.items(section, raw=True):
             raw[(section, key)] = value
-            if section in DEFAULTS and key not in DEFAULTS[section]:
+            # A line with no name before its '=' was reported above, by number.
+            if section in DEFAULTS and key and key not in DEFAULTS[section]:
                 problems.append(f"bibliogate.ini [{section}] {key}: unknown setting (misspelt?); "
                                 f"the known ones are {', '.join(DEFAULTS[section])}.")
     return raw, problems
