@@ -314,7 +314,22 @@ class _Reader:
         return value
 
     def path(self, base: Path, section, key) -> Path:
-        return (base / self.text(section, key)).resolve()
+        value = self.text(section, key)
+        path = absolute(base, value)
+        if path is None:
+            default = DEFAULTS[section][key]
+            self.problems.append(ini_problem(section, key, value, f"not a usable path. Write a "
+                                             f"name such as {default}, or a full path."))
+            path = absolute(base, default)
+        return path
+
+
+def absolute(base: Path, value: str) -> Path | None:
+    """value as an absolute path (relative to base); None if it cannot be one."""
+    try:
+        return (base / value).resolve()
+    except (OSError, ValueError):       # a NUL byte, or a name the system refuses
+        return None
 
 
 def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
@@ -325,7 +340,7 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
     try:
         parser.read_string(text, source=str(ini_path))
     except configparser.ParsingError as exc:     # the other lines were still read
-        lines = text.splitlines()
+        lines = text.split("\n")     # as configparser counts them, not splitlines()
         problems += [f"{ini_path.name} line {n}: {lines[n - 1].strip()!r} is not 'key = value' "
                      "nor a [section]. Fix or delete that line." for n, _ in exc.errors]
     except configparser.Error as exc:
@@ -336,7 +351,8 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
     for section in parser.sections():
         for key, value in parser.items(section, raw=True):
             raw[(section, key)] = value
-            if section in DEFAULTS and key not in DEFAULTS[section]:
+            # A line with no name before its '=' was reported above, by number.
+            if section in DEFAULTS and key and key not in DEFAULTS[section]:
                 problems.append(f"bibliogate.ini [{section}] {key}: unknown setting (misspelt?); "
                                 f"the known ones are {', '.join(DEFAULTS[section])}.")
     return raw, problems
@@ -384,9 +400,9 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
                          "Use a number of seconds from 1 to 600, such as 30.", 30.0)
     s.ca_file = r.text("smtp", "ca_file")
     if s.ca_file:
-        ca = (base / s.ca_file).resolve()
-        s.ca_file = str(ca)
-        if not ca.is_file():
+        ca = absolute(base, s.ca_file)
+        s.ca_file = str(ca or "")
+        if not (ca and ca.is_file()):
             problems.append(ini_problem("smtp", "ca_file", r.text("smtp", "ca_file"),
                                         "no such file. Give the path of the relay's PEM "
                                         "certificate, or leave it empty."))
@@ -886,6 +902,16 @@ def decoded(value: str) -> str:
         return value
 
 
+def file_date(queued_at: float) -> str:
+    """The Date header of a file queued at this time (its modified time)."""
+    try:
+        return email.utils.formatdate(queued_at, localtime=True)
+    except (OverflowError, OSError, ValueError):
+        # A file dated outside the calendar (or, on Windows, before 1970):
+        # the time it is sent is the best date it can have.
+        return email.utils.formatdate(localtime=True)
+
+
 def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
                     file_name: str) -> Outgoing:
     """Check a queued file and make the bytes we relay: From and the envelope
@@ -932,7 +958,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     domain = sender.rpartition("@")[2] or "localhost"
     added = [b"From: " + email.utils.formataddr((one_line(sender_name), sender), "utf-8").encode()]
     if "date" not in names:
-        added.append(b"Date: " + email.utils.formatdate(queued_at, localtime=True).encode())
+        added.append(b"Date: " + file_date(queued_at).encode())
     if "message-id" not in names:
         digest = hashlib.sha256(raw).hexdigest()[:20]
         message_id = f"<{digest}.{re.sub(r'[^A-Za-z0-9.-]', '', file_name)[:40]}@{domain}>"
@@ -940,7 +966,10 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     if "auto-submitted" not in names:
         added.append(b"Auto-Submitted: auto-generated")
     head = b"\r\n".join(line.replace(b"\n", b"\r\n") for line in added + kept)
-    body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    # split_headers made every CRLF an LF, so a CR left is a lone one: it ends
+    # a line too. SMTP knows no other line end, and some servers take a lone
+    # CR, a dot and a CRLF for the end of the message and the rest for commands.
+    body = re.sub(rb"[\r\n]", b"\r\n", body)
     return Outgoing(sender, recipients, head + b"\r\n\r\n" + body, invalid, subject, message_id)
 
 

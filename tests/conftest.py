@@ -117,7 +117,7 @@ class _Controller(Controller):
         # Passing loop= explicitly avoids aiosmtpd's get_event_loop() dance,
         # which fiddles with the (process-global) warnings filters from the
         # server thread.
-        protocol = SMTP(self.handler, loop=self.loop, **self.SMTP_kwargs)
+        protocol = self._sink.protocol_class(self.handler, loop=self.loop, **self.SMTP_kwargs)
         self._sink._connection_made(protocol)
         return protocol
 
@@ -140,7 +140,12 @@ class Sink:
     Attributes: host, port, ca_file (CA PEM to trust, None without TLS),
     messages, dropped, logins (snapshots, thread-safe), sessions,
     data_commands (DATA commands whose content was fully received).
+
+    A subclass may set ``protocol_class`` to its own aiosmtpd SMTP subclass
+    to misbehave below the handler hooks (hang up mid-DATA, say).
     """
+
+    protocol_class = SMTP
 
     def __init__(
         self,
