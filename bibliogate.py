@@ -1271,6 +1271,47 @@ class Outcome:
     SENT, BAD, LATER, BROKEN = "sent", "bad", "later", "broken"
 
 
+class NotHandedOver(smtplib.SMTPServerDisconnected):
+    """The connection was lost before the message's DATA began: the server
+    cannot have it, so it is not to blame and goes again at the next check."""
+
+
+def transmit(smtp: smtplib.SMTP, out: Outgoing, options: list) -> dict:
+    """smtplib's sendmail in its three steps, so that a connection lost before
+    DATA (often the server closing an idle session after the last message)
+    is told apart from one lost while the message was on its way. Returns the
+    refused recipients; raises what sendmail raises, or NotHandedOver."""
+    def failed(code: int) -> None:
+        if code == 421:
+            smtp.close()
+        else:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                smtp.rset()
+    try:
+        code, reply = smtp.mail(out.sender, options)
+        if code != 250:
+            failed(code)
+            raise smtplib.SMTPSenderRefused(code, reply, out.sender)
+        refused = {}
+        for address in out.recipients:
+            code, reply = smtp.rcpt(address)
+            if code not in (250, 251):
+                refused[address] = (code, reply)
+            if code == 421:
+                failed(code)
+                raise smtplib.SMTPRecipientsRefused(refused)
+    except smtplib.SMTPServerDisconnected as exc:
+        raise NotHandedOver(str(exc)) from None
+    if len(refused) == len(out.recipients):
+        failed(0)
+        raise smtplib.SMTPRecipientsRefused(refused)
+    code, reply = smtp.data(out.data)
+    if code != 250:
+        failed(code)
+        raise smtplib.SMTPDataError(code, reply)
+    return refused
+
+
 def classify(exc: Exception) -> tuple[str, str]:
     """What a failed transaction means for the message: (outcome, reason).
     5xx is final; 4xx and a lost connection are worth another try."""
@@ -1377,7 +1418,11 @@ class Sender:
             return Outcome.BAD
         options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") and not out.data.isascii() else []
         try:
-            refused = smtp.sendmail(out.sender, out.recipients, out.data, mail_options=options)
+            refused = transmit(smtp, out, options)
+        except NotHandedOver as exc:
+            self._later(item, f"the connection to the server was lost before the message "
+                        f"was handed over ({exc})", result, wait=False)
+            return Outcome.BROKEN
         except (smtplib.SMTPException, OSError) as exc:
             outcome, reason = classify(exc)
             if outcome == Outcome.BAD:

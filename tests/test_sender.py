@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from aiosmtpd.smtp import SMTP
 
 import bibliogate as bg
 from conftest import eml, write_ini
@@ -362,3 +363,31 @@ def test_a_very_long_foreign_name_still_becomes_bad(tmp_path, sink):
     assert sender.check().bad == 1
     bad = [p for p in settings.spool.iterdir() if p.name.endswith(".BAD")]
     assert len(bad) == 1 and "not an email message" in bg.read_reason(bad[0])
+
+
+class HangUpAfterEachMessage(SMTP):
+    """A server that closes the session right after accepting a message."""
+
+    async def smtp_DATA(self, arg):
+        await super().smtp_DATA(arg)
+        if self.transport is not None:
+            self.transport.close()
+
+
+def test_a_server_that_hangs_up_after_each_message_blames_no_one(tmp_path):
+    from conftest import Sink
+    sink = type("HangUpSink", (Sink,), {"protocol_class": HangUpAfterEachMessage})()
+    sink.start()
+    try:
+        settings, sender = make_sender(tmp_path, sink)
+        drop(settings.spool, "a.TMP", eml(subject="a"), age=20)
+        drop(settings.spool, "b.TMP", eml(subject="b"), age=10)
+        result = sender.check()
+        assert result.sent == 1 and result.deferred == 1
+        row = sender.db.execute("SELECT * FROM spool_state").fetchone()
+        assert row["file"] == "b.TMP" and row["next_try"] is None     # no wait imposed
+        assert "before the message was handed over" in row["last_error"]
+        assert sender.check().sent == 1                            # goes at the next check
+        assert [m.message["Subject"] for m in sink.messages] == ["a", "b"]
+    finally:
+        sink.stop()
