@@ -464,14 +464,17 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
     except OSError as exc:
         settings.problems.append(f"{settings.templates} cannot be written ({exc.strerror}). "
                                  "Check [data] templates_folder and its permissions.")
-    for folder in (settings.spool, settings.log_folder):
+    for folder, (section, key) in ((settings.spool, ("gateway", "spool_folder")),
+                                   (settings.log_folder, ("data", "log_folder"))):
         if not folder.exists():
             try:
                 folder.mkdir(parents=True)
                 created.append(f"Created {folder}.")
             except OSError as exc:
-                settings.problems.append(f"{folder} cannot be created ({exc.strerror}). "
-                                         "Check the folder setting and its permissions.")
+                settings.problems.append(ini_problem(
+                    section, key, settings.get(section, key),
+                    f"{folder} cannot be created ({exc.strerror or exc}). Fix the path, or give "
+                    "this account the right to create it."))
     check_folders(settings)
     settings.problems.extend(template_problems(settings))
     return settings, created
@@ -1500,7 +1503,12 @@ def local_day(ts: float) -> dt.date:
 
 
 def fmt_time(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "never"
+    if not ts:
+        return "never"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    except (ValueError, OSError, OverflowError):    # a file dated outside the calendar
+        return "an impossible date"
 
 
 class Gateway:

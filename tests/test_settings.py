@@ -126,3 +126,10 @@ def test_a_subject_can_never_become_two_headers():
     template = bg.parse_template("test", "Subject: for ${to_address}\n\nbody\n", Path("t.txt"))
     subject, _ = template.render({"to_address": "x\r\nBcc: evil@example.org"})
     assert "\n" not in subject and "\r" not in subject
+
+
+def test_a_spool_folder_that_cannot_be_made_names_the_key(tmp_path):
+    (tmp_path / "blocker").write_text("a file, not a folder", encoding="utf-8")
+    settings, _ = bg.ensure_layout(write_ini(tmp_path, gateway__spool_folder="blocker/spool"))
+    assert any(p.startswith("bibliogate.ini [gateway] spool_folder = 'blocker/spool':")
+               and "cannot be created" in p for p in settings.problems), settings.problems
