@@ -1030,9 +1030,10 @@ def enqueue_bytes(folder: Path, data: bytes, now: float | None = None, priority:
 
 
 def free_name(folder: Path, stem: str, ext: str) -> Path:
-    """stem+ext in folder, or stem-2+ext, ... if that name is taken."""
+    """stem+ext in folder, or stem-2+ext, ... if that name is taken. A reason
+    file without its .BAD is what an interrupted step left: it is overwritten."""
     candidate, n = folder / f"{stem}{ext}", 1
-    while candidate.exists() or (folder / f"{candidate.name}{REASON_SUFFIX}").exists():
+    while candidate.exists():
         n += 1
         candidate = folder / f"{stem}-{n}{ext}"
     return candidate

@@ -171,6 +171,21 @@ def test_reason_written_but_file_not_renamed_bad_the_message_still_goes(sink, ma
     assert gw.cli("status").returncode == 0
 
 
+def test_reason_written_but_file_not_renamed_bad_the_next_bad_uses_its_name(
+        make_sink, make_gateway):
+    sink = make_sink(data_reply="550 5.1.1 No such mailbox")
+    gw = make_gateway(sink)
+    queue(gw.spool, 1)
+    stray = gw.spool / ("m000.BAD" + bg.REASON_SUFFIX)
+    stray.write_text("2026-01-01 00:00:00 an old reason\n", encoding="utf-8")
+    gw.cli("send", "--all", check=0)
+    assert bad(gw.spool) == ["m000.BAD"]
+    [row] = json.loads(gw.cli("queue", "--json").stdout)
+    assert row["file"] == "m000.BAD" and "550 5.1.1 No such mailbox" in row["reason"]
+    leftovers = sorted(p.name for p in gw.spool.iterdir() if not p.name.startswith("."))
+    assert leftovers == ["m000.BAD", "m000.BAD" + bg.REASON_SUFFIX]
+
+
 def ledger(gw: Gateway, name: str, data: bytes) -> None:
     """What a crash between the server's 250 reply and the file's removal leaves."""
     db = database(gw)
