@@ -1259,10 +1259,12 @@ class Sender:
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()
         result = CheckResult()
+        files = scan(self.settings.spool)
+        self._forget_gone({f.name for f in files})
         waits = {} if ignore_waits else {
             r["file"]: r["next_try"] for r in
             self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
-        batch = pick_batch(scan(self.settings.spool), limit or sys.maxsize, now, waits)
+        batch = pick_batch(files, limit or sys.maxsize, now, waits)
         if not batch:
             return result
         smtp = None
@@ -1332,6 +1334,16 @@ class Sender:
         return Outcome.SENT
 
     # -- what becomes of a file -----------------------------------------------
+
+    def _forget_gone(self, present: set) -> None:
+        """The retry state of a file no longer waiting (deleted by hand, or
+        removed just before a crash) is forgotten, so that a new file of the
+        same name starts afresh instead of inheriting its attempts."""
+        gone = [(r["file"],) for r in self.db.execute("SELECT file FROM spool_state")
+                if r["file"] not in present]
+        if gone:
+            with self.db:
+                self.db.executemany("DELETE FROM spool_state WHERE file = ?", gone)
 
     def _done(self, item: SpoolFile, detail: str) -> None:
         with contextlib.suppress(FileNotFoundError):

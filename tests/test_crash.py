@@ -205,6 +205,29 @@ def test_delivered_but_not_removed_is_removed_not_sent_again(sink, make_gateway)
     assert "1 sent" in r.stdout
 
 
+def test_retry_state_of_a_vanished_file_is_forgotten(make_sink, make_gateway):
+    """A file deleted by hand (or by a crash) while it waited for a retry: the
+    next check forgets its state, so a new file of that name starts afresh."""
+    sink = make_sink(fail_first=1)
+    gw = make_gateway(sink)
+    db = database(gw)
+    long_ago = time.time() - 100 * 3600                   # past give_up_after_hours
+    with db:
+        db.execute("INSERT INTO spool_state(file, attempts, first_failed, next_try, last_error) "
+                   "VALUES ('m000.TMP', 9, ?, ?, '451 busy')", (long_ago, time.time() + 3600))
+    assert json.loads(gw.cli("queue", "--json").stdout) == []
+    gw.cli("send", check=0)                               # a check while the file is gone
+    assert db.execute("SELECT COUNT(*) FROM spool_state").fetchone()[0] == 0
+    db.close()
+    ids = queue(gw.spool, 1)                              # a new message, the same name
+    r = gw.cli("send")
+    assert "1 delayed" in r.stdout, r.stdout + r.stderr   # 451: waits, is not given up
+    [row] = json.loads(gw.cli("queue", "--json").stdout)
+    assert (row["state"], row["attempts"]) == ("waiting", 1)
+    gw.cli("send", "--all", check=0)
+    assert arrived(sink) == {ids[0]: 1}
+
+
 # Two processes on one spool ##################################################
 
 def assert_exactly_once(sink, ids, spool):
