@@ -1269,6 +1269,7 @@ class Sender:
             return result
         smtp = None
         cap = now + max(CHECK_CAP_SECONDS, self.settings.interval)
+        removed: list[tuple[str, str]] = []
         try:
             for n, item in enumerate(batch):
                 if self.stop.is_set() or (limit and self.clock() > cap):
@@ -1280,7 +1281,7 @@ class Sender:
                         result.problem = exc
                         self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
-                outcome = self._send_one(smtp, item, result)
+                outcome = self._send_one(smtp, item, result, removed)
                 if outcome == Outcome.BROKEN:
                     smtp.close()
                     smtp = None
@@ -1290,9 +1291,11 @@ class Sender:
                 with contextlib.suppress(OSError, smtplib.SMTPException):
                     smtp.quit()
                 smtp.close()
+            self._forget_delivered(removed)
         return result
 
-    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult) -> str:
+    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult,
+                  removed: list) -> str:
         try:
             raw = item.path.read_bytes()
         except FileNotFoundError:       # deleted from the queue meanwhile
@@ -1303,7 +1306,8 @@ class Sender:
         digest = hashlib.sha256(raw).hexdigest()
         if self.db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
                            (item.name, digest)).fetchone():
-            self._done(item, "was delivered before a restart; removed from the queue")
+            self._done(item, digest, removed,
+                       "was delivered before a restart; removed from the queue")
             return Outcome.SENT
         try:
             out = prepare_message(raw, self.settings.from_address, self.settings.library_name,
@@ -1327,7 +1331,7 @@ class Sender:
         result.sent += 1
         refused_list = [f"{a} ({reply_text(c, m)})" for a, (c, m) in refused.items()]
         refused_list += [f"{a} (not an email address)" for a in out.invalid]
-        self._done(item, f"sent to {', '.join(out.recipients)}: {out.subject!r}")
+        self._done(item, digest, removed, f"sent to {', '.join(out.recipients)}: {out.subject!r}")
         if refused_list:
             self.journal.event("refused", f"{out.subject!r}: refused {', '.join(refused_list)}",
                                item.name, logging.WARNING)
@@ -1336,18 +1340,32 @@ class Sender:
     # -- what becomes of a file -----------------------------------------------
 
     def _forget_gone(self, present: set) -> None:
-        """The retry state of a file no longer waiting (deleted by hand, or
-        removed just before a crash) is forgotten, so that a new file of the
-        same name starts afresh instead of inheriting its attempts."""
-        gone = [(r["file"],) for r in self.db.execute("SELECT file FROM spool_state")
-                if r["file"] not in present]
-        if gone:
-            with self.db:
-                self.db.executemany("DELETE FROM spool_state WHERE file = ?", gone)
+        """The retry state and ledger row of a file no longer waiting (deleted
+        by hand, or removed just before a crash) are forgotten, so that a new
+        file of the same name starts afresh instead of inheriting them."""
+        for table in ("spool_state", "sent"):
+            gone = [(r["file"],) for r in self.db.execute(f"SELECT file FROM {table}")
+                    if r["file"] not in present]
+            if gone:
+                with self.db:
+                    self.db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
 
-    def _done(self, item: SpoolFile, detail: str) -> None:
+    def _forget_delivered(self, removed: list) -> None:
+        """The sent ledger covers a crash between the server's "250 OK" and the
+        file's removal. Once the removals are on disk the rows go, so a new file
+        with the same name and text (a program that reuses its names, a test
+        file copied in twice) is a new message, sent again."""
+        if removed:
+            fsync_folder(self.settings.spool)
+            with self.db:
+                self.db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+
+    def _done(self, item: SpoolFile, digest: str, removed: list, detail: str) -> None:
+        """A delivered file leaves the queue; `removed` collects it for
+        _forget_delivered."""
         with contextlib.suppress(FileNotFoundError):
             item.path.unlink()
+        removed.append((item.name, digest))
         with self.db:
             self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
         self.journal.event("sent", detail, item.name)

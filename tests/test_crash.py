@@ -205,6 +205,34 @@ def test_delivered_but_not_removed_is_removed_not_sent_again(sink, make_gateway)
     assert "1 sent" in r.stdout
 
 
+def test_the_same_file_queued_again_after_it_was_sent_goes_again(sink, make_gateway):
+    """A program that reuses its file names, or a person who copies the same
+    test file into the folder twice: the second copy is a new message."""
+    gw = make_gateway(sink)
+    data = eml(subject="weekly test", Message_ID="<weekly@crash.test>")
+    for _ in range(2):
+        path = gw.spool / "weekly-test.TMP"
+        path.write_bytes(data)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+        gw.cli("send", "--all", check=0)
+        assert not path.exists()
+    assert arrived(sink) == {"<weekly@crash.test>": 2}
+
+
+def test_ledger_row_of_a_removed_file_is_forgotten_at_the_next_check(sink, make_gateway):
+    """A crash after the removal but before the ledger row went: the next
+    check forgets the row, and the same name and text later is sent."""
+    gw = make_gateway(sink)
+    data = eml(subject="again", Message_ID="<again@crash.test>")
+    ledger(gw, "again.TMP", data)
+    gw.cli("send", check=0)                               # a check: the file is not there
+    path = gw.spool / "again.TMP"
+    path.write_bytes(data)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    gw.cli("send", check=0)
+    assert arrived(sink) == {"<again@crash.test>": 1} and not path.exists()
+
+
 def test_retry_state_of_a_vanished_file_is_forgotten(make_sink, make_gateway):
     """A file deleted by hand (or by a crash) while it waited for a retry: the
     next check forgets its state, so a new file of that name starts afresh."""
