@@ -1363,9 +1363,14 @@ class Sender:
     def _done(self, item: SpoolFile, digest: str, removed: list, detail: str) -> None:
         """A delivered file leaves the queue; `removed` collects it for
         _forget_delivered."""
-        with contextlib.suppress(FileNotFoundError):
-            item.path.unlink()
-        removed.append((item.name, digest))
+        try:
+            item.path.unlink(missing_ok=True)
+        except OSError as exc:
+            # Held open by another program (Windows): the ledger row stays, so
+            # the file is not sent again, and a later check removes it.
+            detail += f"; the file cannot be removed just now ({exc.strerror}), a later check will"
+        else:
+            removed.append((item.name, digest))
         with self.db:
             self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
         self.journal.event("sent", detail, item.name)

@@ -233,6 +233,41 @@ def test_ledger_row_of_a_removed_file_is_forgotten_at_the_next_check(sink, make_
     assert arrived(sink) == {"<again@crash.test>": 1} and not path.exists()
 
 
+@pytest.fixture
+def immutable():
+    """chattr +i: a file that cannot be removed, as one held open on Windows."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("needs root on Linux for chattr +i")
+    held = []
+
+    def hold(path: Path, on: bool = True) -> None:
+        r = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True,
+                           text=True, timeout=30)
+        if r.returncode != 0:
+            pytest.skip(f"chattr does not work here: {r.stderr.strip()}")
+        held.append(path)
+    yield hold
+    for path in held:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True, timeout=30)
+
+
+def test_a_delivered_file_that_cannot_be_removed_is_not_sent_again(
+        sink, make_gateway, immutable):
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 3)
+    immutable(gw.spool / "m000.TMP")
+    r = gw.cli("send", "--all")
+    assert "Traceback" not in r.stderr and "3 sent" in r.stdout, r.stdout + r.stderr
+    assert waiting(gw.spool) == ["m000.TMP"]
+    assert "cannot be removed just now" in (gw.dir / "logs").joinpath(
+        time.strftime("bibliogate-%Y-%m-%d.log")).read_text(encoding="utf-8")
+    gw.cli("send", "--all", check=0)                      # still held: not sent again
+    immutable(gw.spool / "m000.TMP", on=False)
+    gw.cli("send", "--all", check=0)
+    assert waiting(gw.spool) == []
+    assert_exactly_once(sink, ids, gw.spool)
+
+
 def test_retry_state_of_a_vanished_file_is_forgotten(make_sink, make_gateway):
     """A file deleted by hand (or by a crash) while it waited for a retry: the
     next check forgets its state, so a new file of that name starts afresh."""
