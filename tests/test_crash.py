@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import bibliogate as bg
-from conftest import REPO, Gateway, eml, write_ini
+from conftest import REPO, Gateway, eml
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="kill -9 is TerminateProcess on "
                                 "Windows, a different path; these tests use SIGKILL")
@@ -318,8 +318,8 @@ def test_two_inis_on_one_spool_folder(tmp_path, make_sink, make_gateway):
     one = make_gateway(sink, "one", gateway__spool_folder=str(shared))
     two = make_gateway(sink, "two", gateway__spool_folder=str(shared))
     ids = []
-    for round_ in range(3):
-        ids += queue(shared, 12, tag=f"r{round_}-")
+    for round_ in range(2):
+        ids += queue(shared, 15, tag=f"r{round_}-")
         procs = [start(one, "send", "--all"), start(two, "send", "--all")]
         for p in procs:
             finish(p)
