@@ -411,17 +411,24 @@ def fill_up(folder: Path) -> Path:
 def test_enqueue_on_a_full_disk_says_so_and_leaves_nothing_half_written(
         small_disk, sink, make_gateway, tmp_path):
     gw = make_gateway(sink, gateway__spool_folder=str(small_disk))
-    letter = tmp_path / "letter.eml"
-    letter.write_bytes(eml(subject="full disk", body="A line of text.\n" * 120,
-                           Message_ID="<full@crash.test>"))
+    letters = []
+    for name in ("before", "after"):
+        letter = tmp_path / f"{name}.eml"
+        letter.write_bytes(eml(subject=name, body="A line of text.\n" * 120,
+                               Message_ID=f"<{name}@crash.test>"))
+        letters.append(letter)
+    first = gw.cli("enqueue", str(letters[0]), check=0).stdout.strip()
     filler = fill_up(small_disk)
-    r = gw.cli("enqueue", str(letter))
+    r = gw.cli("enqueue", str(letters[1]))
     assert r.returncode == 1, r.stdout
     assert "No space left on device" in r.stderr and "nothing was queued" in r.stderr
     assert r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr
-    assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin"]   # no .TMP, no .part
+    assert sorted(p.name for p in small_disk.iterdir()) == sorted([first, "filler.bin"])
+    gw.cli("send", "--all", check=0)            # a full disk does not stop the sending
+    assert arrived(sink) == {"<before@crash.test>": 1}
     filler.unlink()
-    r = gw.cli("enqueue", str(letter), check=0)
-    assert waiting(small_disk) == [r.stdout.strip()]
+    second = gw.cli("enqueue", str(letters[1]), check=0).stdout.strip()
+    assert waiting(small_disk) == [second]
+    assert not [p.name for p in small_disk.iterdir() if p.name.endswith(bg.PART_SUFFIX)]
     gw.cli("send", "--all", check=0)
-    assert arrived(sink) == {"<full@crash.test>": 1}
+    assert arrived(sink) == {"<before@crash.test>": 1, "<after@crash.test>": 1}
