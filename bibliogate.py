@@ -1342,7 +1342,9 @@ class Sender:
             else:
                 self._later(item, reason, result)
             return outcome
-        with self.db:   # one commit, so one flush to disk, per message
+        # One commit, so one flush to disk, for the ledger row, the retry state
+        # and the event: Journal.event's own `with` commits all three at once.
+        with self.db:
             self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
                             (item.name, digest, self.clock()))
             self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
