@@ -594,6 +594,10 @@ def open_db(path: Path) -> sqlite3.Connection:
     database for a while (an import, a backup); we wait up to a minute."""
     conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
     conn.row_factory = sqlite3.Row
+    # A write-ahead log: each commit is one flush to disk instead of three,
+    # still durable (synchronous = FULL), and readers never block the sender.
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
     conn.executescript(SCHEMA)
     return conn
 
@@ -1006,8 +1010,12 @@ class SpoolFile:
 
     @property
     def order(self) -> tuple:
-        """Test messages and the daily log first, then oldest first."""
-        return (not self.priority, self.mtime, self.name)
+        return queue_order(self.name, self.mtime)
+
+
+def queue_order(name: str, mtime: float) -> tuple:
+    """Test messages and the daily log first, then oldest first."""
+    return (not name.upper().startswith(PRIORITY_PREFIX), mtime, name)
 
 
 def is_waiting_name(name: str) -> bool:
@@ -1018,8 +1026,9 @@ def is_bad_name(name: str) -> bool:
     return name.upper().endswith(BAD_EXT)
 
 
-def scan(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[SpoolFile]:
-    """Every file of one kind in the spool folder, with its time and size."""
+def scan_times(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[tuple]:
+    """(name, mtime, size) of every file of one kind in the spool folder, as
+    plain tuples: a check must stay cheap with 100,000 files waiting."""
     found = []
     try:
         with os.scandir(folder) as entries:
@@ -1030,20 +1039,28 @@ def scan(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[Sp
                     st = entry.stat()
                 except OSError:       # removed while we looked
                     continue
-                found.append(SpoolFile(entry.name, Path(entry.path), st.st_mtime, st.st_size))
+                found.append((entry.name, st.st_mtime, st.st_size))
     except OSError as exc:
         raise SpoolError(f"The spool folder {folder} cannot be read ({exc.strerror}). Check "
                          "[gateway] spool_folder and the folder's permissions.") from None
     return found
 
 
-def pick_batch(files: Iterable[SpoolFile], limit: int, now: float, not_before: dict,
-               settled: float) -> list[SpoolFile]:
-    """The next files to send: unchanged since `settled` (no foreign program
-    still writing them), not waiting for a retry, test messages first, then
-    oldest first."""
-    ready = (f for f in files if f.mtime <= settled and not_before.get(f.name, 0) <= now)
-    return heapq.nsmallest(limit, ready, key=lambda f: f.order)
+def scan(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[SpoolFile]:
+    """Every file of one kind in the spool folder, with its time and size."""
+    folder = Path(folder)
+    return [SpoolFile(name, folder / name, mtime, size)
+            for name, mtime, size in scan_times(folder, want)]
+
+
+def pick_batch(files: Iterable[tuple], folder: Path, limit: int, now: float,
+               not_before: dict, settled: float) -> list[SpoolFile]:
+    """The next files to send, from scan_times: unchanged since `settled` (no
+    foreign program still writing them), not waiting for a retry, test
+    messages first, then oldest first."""
+    ready = (f for f in files if f[1] <= settled and not_before.get(f[0], 0) <= now)
+    chosen = heapq.nsmallest(limit, ready, key=lambda f: queue_order(f[0], f[1]))
+    return [SpoolFile(name, folder / name, mtime, size) for name, mtime, size in chosen]
 
 
 def fsync_folder(folder: Path) -> None:
@@ -1094,9 +1111,10 @@ def enqueue_bytes(folder: Path, data: bytes, now: float | None = None, priority:
 
 
 def free_name(folder: Path, stem: str, ext: str) -> Path:
-    """stem+ext in folder, or stem-2+ext, ... if that name is taken."""
+    """stem+ext in folder, or stem-2+ext, ... if that name is taken. A reason
+    file without its .BAD is what an interrupted step left: it is overwritten."""
     candidate, n = folder / f"{stem}{ext}", 1
-    while candidate.exists() or (folder / f"{candidate.name}{REASON_SUFFIX}").exists():
+    while candidate.exists():
         n += 1
         candidate = folder / f"{stem}-{n}{ext}"
     return candidate
@@ -1367,16 +1385,19 @@ class Sender:
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()
         result = CheckResult()
+        files = scan_times(self.settings.spool)
+        self._forget_gone({name for name, _, _ in files})
         waits = {} if ignore_waits else {
             r["file"]: r["next_try"] for r in
             self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
         # "Unchanged for a while" is measured by the file system's clock.
-        batch = pick_batch(scan(self.settings.spool), limit or sys.maxsize, now, waits,
+        batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
                            settled=time.time() - STABLE_SECONDS)
         if not batch:
             return result
         smtp = None
         cap = now + max(CHECK_CAP_SECONDS, self.settings.interval)
+        removed: list[tuple[str, str]] = []
         try:
             for n, item in enumerate(batch):
                 if self.stop.is_set() or (limit and self.clock() > cap):
@@ -1388,7 +1409,7 @@ class Sender:
                         result.problem = exc
                         self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
-                outcome = self._send_one(smtp, item, result)
+                outcome = self._send_one(smtp, item, result, removed)
                 if outcome == Outcome.BROKEN:
                     smtp.close()
                     smtp = None
@@ -1398,9 +1419,11 @@ class Sender:
                 with contextlib.suppress(OSError, smtplib.SMTPException):
                     smtp.quit()
                 smtp.close()
+            self._forget_delivered(removed)
         return result
 
-    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult) -> str:
+    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult,
+                  removed: list) -> str:
         try:
             raw = item.path.read_bytes()
         except FileNotFoundError:       # deleted from the queue meanwhile
@@ -1411,7 +1434,7 @@ class Sender:
         digest = hashlib.sha256(raw).hexdigest()
         if self.db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
                            (item.name, digest)).fetchone():
-            self._done(item, "was delivered before a restart; removed from the queue")
+            self._remove(item, digest, removed, "delivered before a restart; removed from the queue")
             return Outcome.SENT
         try:
             out = prepare_message(raw, self.settings.from_address, self.settings.library_name,
@@ -1435,13 +1458,18 @@ class Sender:
             # smtplib closes the connection on a 421 reply: the next message
             # must not be blamed for that, so the check ends here.
             return Outcome.BROKEN if smtp.sock is None else outcome
+        # One commit, so one flush to disk, for the ledger row, the retry state
+        # and the event: Journal.event's own `with` commits all three at once.
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
                             (item.name, digest, self.clock()))
+            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
+                               item.name)
         result.sent += 1
+        self._remove(item, digest, removed)
         refused_list = [f"{a} ({reply_text(c, m)})" for a, (c, m) in refused.items()]
         refused_list += [f"{a} (not an email address)" for a in out.invalid]
-        self._done(item, f"sent to {', '.join(out.recipients)}: {out.subject!r}")
         if refused_list:
             self.journal.event("refused", f"{out.subject!r}: refused {', '.join(refused_list)}",
                                item.name, logging.WARNING)
@@ -1449,12 +1477,42 @@ class Sender:
 
     # -- what becomes of a file -----------------------------------------------
 
-    def _done(self, item: SpoolFile, detail: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            item.path.unlink()
-        with self.db:
-            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
-        self.journal.event("sent", detail, item.name)
+    def _forget_gone(self, present: set) -> None:
+        """The retry state and ledger row of a file no longer waiting (deleted
+        by hand, or removed just before a crash) are forgotten, so that a new
+        file of the same name starts afresh instead of inheriting them."""
+        for table in ("spool_state", "sent"):
+            gone = [(r["file"],) for r in self.db.execute(f"SELECT file FROM {table}")
+                    if r["file"] not in present]
+            if gone:
+                with self.db:
+                    self.db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
+
+    def _forget_delivered(self, removed: list) -> None:
+        """The sent ledger covers a crash between the server's "250 OK" and the
+        file's removal. Once the removals are on disk the rows go, so a new file
+        with the same name and text (a program that reuses its names, a test
+        file copied in twice) is a new message, sent again."""
+        if removed:
+            fsync_folder(self.settings.spool)
+            with self.db:
+                self.db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+
+    def _remove(self, item: SpoolFile, digest: str, removed: list, note: str = "") -> None:
+        """A delivered file leaves the queue; `removed` collects it for
+        _forget_delivered."""
+        try:
+            item.path.unlink(missing_ok=True)
+        except OSError as exc:
+            # Held open by another program (Windows): the ledger row stays, so
+            # the file is not sent again, and a later check removes it.
+            self.journal.event("not_removed", f"delivered, but the file cannot be removed just "
+                               f"now ({exc.strerror}); a later check removes it", item.name,
+                               logging.WARNING)
+            return
+        removed.append((item.name, digest))
+        if note:
+            self.journal.event("removed", note, item.name)
 
     def _bad(self, item: SpoolFile, reason: str, result: CheckResult) -> None:
         try:

@@ -1,0 +1,434 @@
+"""The delivery promises, with real processes and a real SMTP server.
+
+No message is lost on a kill -9, a power cut between two steps, an SMTP
+outage, a full disk, or with two gateway processes on one spool folder; none
+is sent twice by two processes; after a crash at most the message that was in
+its SMTP transaction goes again. Every message carries a unique Message-ID,
+so what arrived at the sink can be counted one by one.
+"""
+
+import collections
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import bibliogate as bg
+from conftest import REPO, Gateway, eml
+
+POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="kill -9 is TerminateProcess on "
+                                "Windows, a different path; these tests use SIGKILL")
+
+
+# Helpers #####################################################################
+
+def queue(spool: Path, count: int, tag: str = "m") -> list:
+    """count message files, oldest first, as a foreign program leaves them;
+    returns their Message-IDs."""
+    ids, base = [], time.time() - 600
+    for n in range(count):
+        mid = f"<{tag}-{n}@crash.test>"
+        path = spool / f"{tag}{n:03d}.TMP"
+        path.write_bytes(eml(to=f"patron{n}@example.org", subject=f"{tag} {n}", Message_ID=mid))
+        os.utime(path, (base + n, base + n))
+        ids.append(mid)
+    return ids
+
+
+def arrived(sink) -> collections.Counter:
+    return collections.Counter(m.message["Message-ID"] for m in sink.messages)
+
+
+def waiting(spool: Path) -> list:
+    return sorted(p.name for p in spool.iterdir() if bg.is_waiting_name(p.name))
+
+
+def bad(spool: Path) -> list:
+    return sorted(p.name for p in spool.iterdir() if bg.is_bad_name(p.name))
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.01)
+
+
+def start(gw: Gateway, *args) -> subprocess.Popen:
+    """bibliogate.py in the background; its output goes to a file in gw.dir."""
+    out = open(gw.dir / f"out-{time.monotonic_ns()}.txt", "w", encoding="utf-8")
+    cmd = [sys.executable, str(REPO / "bibliogate.py"), "--config", str(gw.ini), *args]
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(gw.cwd),
+                            env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    proc.out_file = out
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple:
+    """Wait for a background command; (exit status, what it printed)."""
+    try:
+        code = proc.wait(timeout)
+    finally:
+        proc.out_file.close()
+    return code, Path(proc.out_file.name).read_text(encoding="utf-8")
+
+
+def stop_run(proc: subprocess.Popen) -> tuple:
+    """Stop a `run` the way the service manager does, and wait for it."""
+    proc.terminate()
+    code, out = finish(proc, 30)
+    if os.name != "nt":
+        assert code == 0, out       # SIGTERM finishes the message in flight, then exits
+    return code, out
+
+
+@pytest.fixture
+def make_gateway(tmp_path):
+    def factory(sink, name="gw", **overrides) -> Gateway:
+        gw = Gateway(tmp_path / name, sink, cwd=tmp_path / "elsewhere")
+        if overrides:
+            gw.configure(**overrides)
+        bg.ensure_layout(gw.ini)        # the folders, as a first start makes them
+        return gw
+    return factory
+
+
+def database(gw: Gateway):
+    return bg.open_db(gw.dir / "bibliogate.db")
+
+
+# kill -9 #####################################################################
+
+@POSIX_ONLY
+@pytest.mark.parametrize("kills", [
+    [(8, 0.0)],
+    [(4, 0.0), (15, 0.02), (27, 0.045)],
+], ids=["one kill", "three kills"])
+def test_kill_9_mid_batch_loses_nothing(make_sink, make_gateway, kills):
+    """Each kill comes once `count` messages arrived, `pause` seconds later:
+    right after a 250 reply, or in the middle of the next DATA."""
+    sink = make_sink(delay=0.05)
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 40)
+    for count, pause in kills:
+        proc = start(gw, "send", "--all")
+        wait_until(lambda: len(sink.messages) >= count or proc.poll() is not None, 30,
+                   f"{count} messages to arrive")
+        time.sleep(pause)
+        assert proc.poll() is None, "the batch ended before the kill"
+        proc.send_signal(signal.SIGKILL)
+        finish(proc, 10)
+    gw.cli("send", "--all", check=0)
+    got = arrived(sink)
+    assert [mid for mid in ids if mid not in got] == []                  # lost: none
+    assert sum(n - 1 for n in got.values()) <= len(kills)                 # at most 1 per kill
+    assert max(got.values()) <= 2
+    assert waiting(gw.spool) == [] and bad(gw.spool) == []
+
+
+# Power cut between two steps #################################################
+
+def test_part_file_of_an_unfinished_write_is_never_sent_and_is_cleaned_at_start(
+        sink, make_gateway):
+    gw = make_gateway(sink, gateway__minutes_between_checks=0.05)
+    old_part = gw.spool / (".msg-old.TMP" + bg.PART_SUFFIX)
+    new_part = gw.spool / (".msg-new.TMP" + bg.PART_SUFFIX)
+    for path in (old_part, new_part):
+        path.write_bytes(eml(subject="half")[:40])
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old_part, (hours_ago, hours_ago))
+    ids = queue(gw.spool, 1)
+    gw.cli("send", "--all", check=0)
+    assert list(arrived(sink)) == ids                     # the .part files are not messages
+    assert old_part.exists() and new_part.exists()
+    proc = start(gw, "run")
+    try:
+        wait_until(lambda: not old_part.exists() or proc.poll() is not None, 20,
+                   "`run` to remove the old .part file")
+        assert proc.poll() is None
+        assert new_part.exists()        # an enqueue may still be writing it
+    finally:
+        stop_run(proc)
+    assert len(sink.messages) == 1
+
+
+def test_reason_written_but_file_not_renamed_bad_the_message_still_goes(sink, make_gateway):
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 1)
+    stray = gw.spool / ("m000.BAD" + bg.REASON_SUFFIX)
+    stray.write_text("2026-01-01 00:00:00 550 refused\n", encoding="utf-8")
+    gw.cli("send", "--all", check=0)
+    assert arrived(sink) == {ids[0]: 1}
+    assert waiting(gw.spool) == [] and bad(gw.spool) == []
+    assert json.loads(gw.cli("queue", "--json").stdout) == []
+    assert gw.cli("status").returncode == 0
+
+
+def test_reason_written_but_file_not_renamed_bad_the_next_bad_uses_its_name(
+        make_sink, make_gateway):
+    sink = make_sink(data_reply="550 5.1.1 No such mailbox")
+    gw = make_gateway(sink)
+    queue(gw.spool, 1)
+    stray = gw.spool / ("m000.BAD" + bg.REASON_SUFFIX)
+    stray.write_text("2026-01-01 00:00:00 an old reason\n", encoding="utf-8")
+    gw.cli("send", "--all", check=0)
+    assert bad(gw.spool) == ["m000.BAD"]
+    [row] = json.loads(gw.cli("queue", "--json").stdout)
+    assert row["file"] == "m000.BAD" and "550 5.1.1 No such mailbox" in row["reason"]
+    leftovers = sorted(p.name for p in gw.spool.iterdir() if not p.name.startswith("."))
+    assert leftovers == ["m000.BAD", "m000.BAD" + bg.REASON_SUFFIX]
+
+
+def ledger(gw: Gateway, name: str, data: bytes) -> None:
+    """What a crash between the server's 250 reply and the file's removal leaves."""
+    db = database(gw)
+    with db:
+        db.execute("INSERT INTO sent(file, digest, at) VALUES (?,?,?)",
+                   (name, hashlib.sha256(data).hexdigest(), time.time()))
+    db.close()
+
+
+def test_delivered_but_not_removed_is_removed_not_sent_again(sink, make_gateway):
+    gw = make_gateway(sink)
+    queue(gw.spool, 2)
+    ledger(gw, "m000.TMP", (gw.spool / "m000.TMP").read_bytes())
+    r = gw.cli("send", "--all", check=0)
+    assert arrived(sink) == {"<m-1@crash.test>": 1}
+    assert waiting(gw.spool) == [] and bad(gw.spool) == []
+    assert "1 sent" in r.stdout
+
+
+def test_the_same_file_queued_again_after_it_was_sent_goes_again(sink, make_gateway):
+    """A program that reuses its file names, or a person who copies the same
+    test file into the folder twice: the second copy is a new message."""
+    gw = make_gateway(sink)
+    data = eml(subject="weekly test", Message_ID="<weekly@crash.test>")
+    for _ in range(2):
+        path = gw.spool / "weekly-test.TMP"
+        path.write_bytes(data)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+        gw.cli("send", "--all", check=0)
+        assert not path.exists()
+    assert arrived(sink) == {"<weekly@crash.test>": 2}
+
+
+def test_ledger_row_of_a_removed_file_is_forgotten_at_the_next_check(sink, make_gateway):
+    """A crash after the removal but before the ledger row went: the next
+    check forgets the row, and the same name and text later is sent."""
+    gw = make_gateway(sink)
+    data = eml(subject="again", Message_ID="<again@crash.test>")
+    ledger(gw, "again.TMP", data)
+    gw.cli("send", check=0)                               # a check: the file is not there
+    path = gw.spool / "again.TMP"
+    path.write_bytes(data)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    gw.cli("send", check=0)
+    assert arrived(sink) == {"<again@crash.test>": 1} and not path.exists()
+
+
+@pytest.fixture
+def immutable():
+    """chattr +i: a file that cannot be removed, as one held open on Windows."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("needs root on Linux for chattr +i")
+    held = []
+
+    def hold(path: Path, on: bool = True) -> None:
+        r = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True,
+                           text=True, timeout=30)
+        if r.returncode != 0:
+            pytest.skip(f"chattr does not work here: {r.stderr.strip()}")
+        held.append(path)
+    yield hold
+    for path in held:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True, timeout=30)
+
+
+def test_a_delivered_file_that_cannot_be_removed_is_not_sent_again(
+        sink, make_gateway, immutable):
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 3)
+    immutable(gw.spool / "m000.TMP")
+    r = gw.cli("send", "--all")
+    assert "Traceback" not in r.stderr and "3 sent" in r.stdout, r.stdout + r.stderr
+    assert waiting(gw.spool) == ["m000.TMP"]
+    assert "cannot be removed just now" in (gw.dir / "logs").joinpath(
+        time.strftime("bibliogate-%Y-%m-%d.log")).read_text(encoding="utf-8")
+    gw.cli("send", "--all", check=0)                      # still held: not sent again
+    immutable(gw.spool / "m000.TMP", on=False)
+    gw.cli("send", "--all", check=0)
+    assert waiting(gw.spool) == []
+    assert_exactly_once(sink, ids, gw.spool)
+
+
+def test_retry_state_of_a_vanished_file_is_forgotten(make_sink, make_gateway):
+    """A file deleted by hand (or by a crash) while it waited for a retry: the
+    next check forgets its state, so a new file of that name starts afresh."""
+    sink = make_sink(fail_first=1)
+    gw = make_gateway(sink)
+    db = database(gw)
+    long_ago = time.time() - 100 * 3600                   # past give_up_after_hours
+    with db:
+        db.execute("INSERT INTO spool_state(file, attempts, first_failed, next_try, last_error) "
+                   "VALUES ('m000.TMP', 9, ?, ?, '451 busy')", (long_ago, time.time() + 3600))
+    assert json.loads(gw.cli("queue", "--json").stdout) == []
+    gw.cli("send", check=0)                               # a check while the file is gone
+    assert db.execute("SELECT COUNT(*) FROM spool_state").fetchone()[0] == 0
+    db.close()
+    ids = queue(gw.spool, 1)                              # a new message, the same name
+    r = gw.cli("send")
+    assert "1 delayed" in r.stdout, r.stdout + r.stderr   # 451: waits, is not given up
+    [row] = json.loads(gw.cli("queue", "--json").stdout)
+    assert (row["state"], row["attempts"]) == ("waiting", 1)
+    gw.cli("send", "--all", check=0)
+    assert arrived(sink) == {ids[0]: 1}
+
+
+# Two processes on one spool ##################################################
+
+def assert_exactly_once(sink, ids, spool):
+    got = arrived(sink)
+    assert [mid for mid in ids if got[mid] != 1] == []
+    assert sum(got.values()) == len(ids)
+    assert waiting(spool) == [] and bad(spool) == []
+
+
+def test_two_send_all_at_once_with_one_ini(make_sink, make_gateway):
+    sink = make_sink(delay=0.01)
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 30)
+    procs = [start(gw, "send", "--all") for _ in range(2)]
+    outcomes = [finish(p) for p in procs]
+    assert_exactly_once(sink, ids, gw.spool)
+    for code, out in outcomes:
+        assert code == 0 or "another BiblioGate process is sending" in out, out
+
+
+def test_two_inis_on_one_spool_folder(tmp_path, make_sink, make_gateway):
+    sink = make_sink(delay=0.01)
+    shared = tmp_path / "shared-spool"
+    shared.mkdir()
+    one = make_gateway(sink, "one", gateway__spool_folder=str(shared))
+    two = make_gateway(sink, "two", gateway__spool_folder=str(shared))
+    ids = []
+    for round_ in range(2):
+        ids += queue(shared, 15, tag=f"r{round_}-")
+        procs = [start(one, "send", "--all"), start(two, "send", "--all")]
+        for p in procs:
+            finish(p)
+    assert_exactly_once(sink, ids, shared)
+
+
+def test_run_beside_send_all(make_sink, make_gateway):
+    sink = make_sink(delay=0.01)
+    gw = make_gateway(sink, gateway__minutes_between_checks=0.05, gateway__messages_per_check=5)
+    ids = queue(gw.spool, 30)
+    runner = start(gw, "run")
+    try:
+        for _ in range(40):                     # bounded: send --all until nothing waits
+            finish(start(gw, "send", "--all"))
+            if not waiting(gw.spool):
+                break
+            time.sleep(0.1)
+        wait_until(lambda: len(sink.messages) >= len(ids), 10, "every message")
+    finally:
+        stop_run(runner)
+    assert_exactly_once(sink, ids, gw.spool)
+
+
+# An SMTP outage ##############################################################
+
+def test_outage_keeps_every_message_waiting_then_sends_each_once(sink, make_gateway):
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 20)
+    sink.stop()
+    r = gw.cli("send")
+    assert r.returncode == 1 and "Could not reach the SMTP server 127.0.0.1" in r.stdout
+    r = gw.cli("send", "--all")
+    assert r.returncode == 1
+    assert len(waiting(gw.spool)) == 20 and bad(gw.spool) == []
+    rows = json.loads(gw.cli("queue", "--json").stdout)
+    assert {row["state"] for row in rows} == {"waiting"} and len(rows) == 20
+    sink.start()
+    gw.cli("send", "--all", check=0)
+    assert_exactly_once(sink, ids, gw.spool)
+
+
+def test_server_gone_in_the_middle_of_a_batch(make_sink, make_gateway):
+    sink = make_sink(delay=0.05)
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 20)
+    proc = start(gw, "send", "--all")
+    wait_until(lambda: len(sink.messages) >= 5 or proc.poll() is not None, 30, "5 messages")
+    sink.stop()
+    code, out = finish(proc, 30)
+    assert "delayed" in out and bad(gw.spool) == []
+    assert len(waiting(gw.spool)) + len(sink.messages) == 20
+    sink.start()
+    gw.cli("send", "--all", check=0)
+    assert_exactly_once(sink, ids, gw.spool)
+
+
+# A full disk #################################################################
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB tmpfs folder (Linux, root); skipped where it cannot be made."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("needs root on Linux to mount a small tmpfs")
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def fill_up(folder: Path) -> Path:
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as fh:
+        for _ in range(1000):                   # 64 KB is reached long before
+            try:
+                fh.write(b"x" * 4096)
+            except OSError:
+                break
+        else:
+            raise AssertionError("the small disk never filled")
+    return filler
+
+
+def test_enqueue_on_a_full_disk_says_so_and_leaves_nothing_half_written(
+        small_disk, sink, make_gateway, tmp_path):
+    gw = make_gateway(sink, gateway__spool_folder=str(small_disk))
+    letters = []
+    for name in ("before", "after"):
+        letter = tmp_path / f"{name}.eml"
+        letter.write_bytes(eml(subject=name, body="A line of text.\n" * 120,
+                               Message_ID=f"<{name}@crash.test>"))
+        letters.append(letter)
+    first = gw.cli("enqueue", str(letters[0]), check=0).stdout.strip()
+    filler = fill_up(small_disk)
+    r = gw.cli("enqueue", str(letters[1]))
+    assert r.returncode == 1, r.stdout
+    assert "No space left on device" in r.stderr and "nothing was queued" in r.stderr
+    assert r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == sorted([first, "filler.bin"])
+    gw.cli("send", "--all", check=0)            # a full disk does not stop the sending
+    assert arrived(sink) == {"<before@crash.test>": 1}
+    filler.unlink()
+    second = gw.cli("enqueue", str(letters[1]), check=0).stdout.strip()
+    assert waiting(small_disk) == [second]
+    assert not [p.name for p in small_disk.iterdir() if p.name.endswith(bg.PART_SUFFIX)]
+    gw.cli("send", "--all", check=0)
+    assert arrived(sink) == {"<before@crash.test>": 1, "<after@crash.test>": 1}
