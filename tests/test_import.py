@@ -141,6 +141,18 @@ def test_every_bad_row_is_reported_by_line_and_nothing_changes(settings, tmp_pat
     assert patrons(settings)[0][2] == "ann@new.example.org"
 
 
+def test_rows_the_csv_reader_cannot_take_are_reported_too(settings, tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text("patron_id,name\nP1,Ann\nP2," + "x" * 200_000 + "\nP3,Cy\n"
+                    '"P4,Di\nP5,Ed\n', encoding="utf-8")
+    with pytest.raises(bg.ImportRefused) as caught:
+        bg.import_csv(settings, "patrons", path)
+    assert caught.value.problems == [
+        "broken.csv line 3: cannot be read as CSV (field larger than field limit (131072)).",
+        "broken.csv line 5: a value in double quotes runs on over the next lines: is a "
+        "closing '\"' missing?"]
+
+
 def test_a_name_on_two_lines_becomes_one_line(settings, tmp_path):
     path = tmp_path / "p.csv"
     path.write_text('patron_id,name,email\nP1,"Ann\r\nBcc: evil@example.org",ann@example.org\n',

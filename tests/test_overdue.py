@@ -152,6 +152,20 @@ def test_a_crash_between_queueing_and_recording_duplicates_nothing(tmp_path, sin
     assert len(sink.messages) == 3                      # each sent exactly once
 
 
+def test_a_spool_that_cannot_be_written_loses_nothing(tmp_path):
+    settings, journal = setup(tmp_path)
+    plan = bg.run_overdue(settings, journal, DAY, at(DAY), dry_run=True)
+    blocked = settings.spool / f".{plan.notices[1].file_name(DAY)}{bg.PART_SUFFIX}"
+    blocked.mkdir()                  # where a notice's file must go: it cannot be written
+    with pytest.raises(bg.SpoolError, match="the notices not queued are queued at the next run"):
+        bg.run_overdue(settings, journal, DAY, at(DAY))
+    assert queued(settings) == {} and ledger(settings) == []
+    assert list(settings.spool.glob(".*.part")) == [blocked]        # no half-written file left
+    blocked.rmdir()
+    assert len(bg.run_overdue(settings, journal, DAY, at(DAY, 8)).notices) == 3
+    assert len(queued(settings)) == 3 and len(ledger(settings)) == 4
+
+
 def test_a_renewal_is_a_new_notice_and_a_returned_loan_gets_none(tmp_path):
     settings, journal = setup(tmp_path)
     bg.run_overdue(settings, journal, DAY, at(DAY))
