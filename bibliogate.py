@@ -1690,7 +1690,7 @@ def csv_records(path: Path, source: str) -> Iterator[tuple[int, list | str]]:
                     yield start, f"cannot be read as CSV ({exc})."
                     continue
                 start, end = end + 1, reader.line_num
-                if any(field.strip() for field in fields):
+                if fields and (fields[0].strip() or any(field.strip() for field in fields)):
                     yield start, fields
         except UnicodeDecodeError:
             raise ImportRefused(source, [f"{source} line {end + 1}: this is not UTF-8 text."],
@@ -1818,36 +1818,28 @@ class LoanRows:
         return None, problems
 
     def apply(self, conn: sqlite3.Connection, result: ImportResult, now: float) -> None:
-        """Replace the snapshot (inside the caller's transaction). When little
-        changed, the usual night, only the changes are written; a new file
-        is written whole, with the indexes built afresh after it (several
-        times faster than keeping them up to date row by row)."""
+        """Replace the snapshot (inside the caller's transaction). The loans
+        are written whole and their indexes built afresh after them: several
+        times faster than keeping the indexes up to date row by row, and no
+        slower than writing only the changes of a usual night."""
         before = conn.execute("SELECT count(*) FROM loans").fetchone()[0]
         same = "l.patron_id = i.patron_id AND l.title = i.title AND l.due_date = i.due_date"
-        joined = "FROM temp.incoming i LEFT JOIN loans l ON l.barcode = i.barcode"
         total, added, unchanged = conn.execute(
-            f"SELECT count(*), total(l.barcode IS NULL), total({same}) {joined}").fetchone()
+            f"SELECT count(*), total(l.barcode IS NULL), total({same}) "
+            "FROM temp.incoming i LEFT JOIN loans l ON l.barcode = i.barcode").fetchone()
         result.added, result.unchanged = int(added), int(unchanged)
         result.updated = total - result.added - result.unchanged
         result.removed = before - (total - result.added)
-        columns = "barcode, patron_id, title, due_date"
-        if result.added + result.updated + result.removed > max(before, total) // 4:
+        if result.added or result.updated or result.removed:
             indexes = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
                                    "AND tbl_name = 'loans' AND sql IS NOT NULL").fetchall()
             for name, _ in indexes:
                 conn.execute(f'DROP INDEX "{name}"')
             conn.execute("DELETE FROM loans")
-            conn.execute(f"INSERT INTO loans ({columns}) SELECT {columns} FROM temp.incoming")
+            conn.execute("INSERT INTO loans (barcode, patron_id, title, due_date) "
+                         "SELECT barcode, patron_id, title, due_date FROM temp.incoming")
             for _, sql in indexes:
                 conn.execute(sql)
-        else:
-            if result.removed:
-                conn.execute("DELETE FROM loans WHERE barcode NOT IN "
-                             "(SELECT barcode FROM temp.incoming)")
-            if result.added or result.updated:
-                conn.execute(f"INSERT OR REPLACE INTO loans ({columns}) SELECT i.barcode, "
-                             f"i.patron_id, i.title, i.due_date {joined} "
-                             f"WHERE l.barcode IS NULL OR NOT ({same})")
         conn.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                      (LOANS_IMPORTED_KEY, json.dumps(now)))
 
@@ -2105,6 +2097,8 @@ WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturd
 #: The placeholders of the notices, as notice_values() gives them.
 NOTICE_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
                            "today", "earliest_due"})
+#: A run that could not go (stale loans, a full disk) is tried again after this.
+HOLD_SECONDS = 5 * 60
 #: State keys: the last day the daily schedule handled; the last run; why
 #: the schedule is held back (shown once a day in the log and in `status`).
 SCHEDULE_KEY, LAST_RUN_KEY, HELD_KEY = "overdue_schedule_day", "overdue_last_run", "overdue_held"
@@ -2543,6 +2537,9 @@ def overdue_task(gateway: Gateway, now: float) -> None:
         if get_state(db, SCHEDULE_KEY) is not None:
             set_state(db, **{SCHEDULE_KEY: None})   # enabled again, it starts afresh
         return
+    held = get_state(db, HELD_KEY)
+    if held and now < held[3]:
+        return
     moment = dt.datetime.fromtimestamp(now)
     for day in days_to_run(get_state(db, SCHEDULE_KEY), moment, ov.run_at):
         if ov.closed(day):
@@ -2552,20 +2549,20 @@ def overdue_task(gateway: Gateway, now: float) -> None:
             try:
                 run_overdue(s, journal, day, now, how="scheduled" if day == moment.date()
                             else "caught up")
-            except (BibliogateError, sqlite3.Error, OSError) as exc:   # tried again next tick
-                hold(journal, moment.date(), exc)
+            except (BibliogateError, sqlite3.Error, OSError) as exc:
+                hold(journal, now, exc)
                 return
         set_state(db, **{SCHEDULE_KEY: day.isoformat(), HELD_KEY: None})
 
 
-def hold(journal: Journal, today: dt.date, exc: Exception) -> None:
-    """Say why the schedule is held back: in the log and in `status`, once a
-    day for each kind of reason (the task tries again at every tick)."""
+def hold(journal: Journal, now: float, exc: Exception) -> None:
+    """Hold the schedule back for HOLD_SECONDS, and say why: in `status`, and
+    in the log once a day for each kind of reason."""
+    today, reason = local_day(now).isoformat(), type(exc).__name__
     held = get_state(journal.db, HELD_KEY)
-    if held and held[:2] == [today.isoformat(), type(exc).__name__]:
-        return
-    set_state(journal.db, **{HELD_KEY: [today.isoformat(), type(exc).__name__, str(exc)]})
-    journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
+    set_state(journal.db, **{HELD_KEY: [today, reason, str(exc), now + HOLD_SECONDS]})
+    if not (held and held[:2] == [today, reason]):
+        journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
 
 
 GATEWAY_TASKS.extend([ImportWatch(), overdue_task])

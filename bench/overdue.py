@@ -179,29 +179,31 @@ def run(work: Path, patrons: int, loans: int) -> dict:
         print(f"    {steps[name]['seconds']} s, peak {steps[name]['peak_mb']} MB: "
               f"{steps[name]['output']}", flush=True)
 
-    step("import patrons", cli + ["import", "patrons", str(work / "patrons.csv")])
-    step("import loans", cli + ["import", "loans", str(work / "loans.csv")])
-    make_next_night(work / "loans.csv", work / "loans-next.csv", patrons, rng)
-    step("import loans, next night (8% changed)", cli + ["import", "loans", str(work / "loans-next.csv")])
-    step("import loans, same file again", cli + ["import", "loans", str(work / "loans-next.csv")])
-    for name, csv_file in (("patrons", work / "patrons.csv"), ("loans", work / "loans.csv")):
+    for name in ("patrons", "loans"):          # each beside its bare load, under the same load
+        csv_file = work / f"{name}.csv"
         for how, figures in bare_loads(work, csv_file).items():
             steps[f"bare load of {name}: {how}"] = figures
             print(f"bare load of {name} ({how}): {figures['seconds']} s", flush=True)
+        step(f"import {name}", cli + ["import", name, str(csv_file)])
+    make_next_night(work / "loans.csv", work / "loans-next.csv", patrons, rng)
+    step("import loans, next night (8% changed)", cli + ["import", "loans", str(work / "loans-next.csv")])
+    step("import loans, same file again", cli + ["import", "loans", str(work / "loans-next.csv")])
     step("overdue (today)", cli + ["overdue"])
     spool = work / "spool"
     files = sum(1 for p in spool.iterdir() if p.suffix.upper() == ".TMP")
     step("overdue again (nothing new)", cli + ["overdue"])
     return {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "patrons": patrons,
             "loans": loans, "files_queued": files, "python": sys.version.split()[0],
-            "cpus": os.cpu_count(), "sqlite3": SQLITE3, "steps": steps}
+            "cpus": os.cpu_count(), "sqlite3": SQLITE3, "steps": steps,
+            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def report(results: dict) -> None:
     steps = results["steps"]
     bare_name = "sqlite3 .import" if results["sqlite3"] else "csv + executemany"
+    load = f", load average {results['load']:.1f}" if results.get("load") is not None else ""
     print(f"\nBiblioGate bench, {results['date']}: {results['patrons']:,} patrons, "
-          f"{results['loans']:,} loans, Python {results['python']}, {results['cpus']} CPUs")
+          f"{results['loans']:,} loans, Python {results['python']}, {results['cpus']} CPUs{load}")
     print(f"| step | seconds | peak MB | against the bare load ({bare_name}) |")
     print("|---|---:|---:|---|")
     for name, figures in steps.items():

@@ -265,6 +265,9 @@ def test_the_first_run_waits_for_run_at_and_never_goes_back(tmp_path):
     assert overdue_days_run(settings) == ["2026-03-02"]
     assert "(scheduled)" in events(settings, "overdue_run")[0]
     assert len(queued(settings)) == 3
+    activity = bg.daily_summary(gateway, "2026-03-02")["activity"]     # in the daily log
+    assert "auto-overdue for 2026-03-02 (scheduled): queued 1 warning, 1 overdue, 1 reminder" \
+        in activity
 
 
 def test_days_missed_while_off_are_caught_up_with_true_dates(tmp_path):
@@ -339,11 +342,14 @@ def test_stale_data_holds_the_schedule_says_so_once_then_catches_up(tmp_path):
     settings, _ = setup(tmp_path, imported=at(DAY) - 40 * 3600)
     clock = Clock(at(DAY, 7))
     gateway = gateway_at(tmp_path, clock)
-    for minute in range(3):
+    for minute in range(0, 30, 6):          # tried every 5 minutes; said once
         clock.now = at(DAY, 7, minute)
         bg.overdue_task(gateway, clock())
     refused = events(settings, "overdue_refused")
     assert len(refused) == 1 and "imported 40 hours ago" in refused[0]
+    held = json.loads(gateway.journal.db.execute(
+        "SELECT value FROM state WHERE key = 'overdue_held'").fetchone()[0])
+    assert held[3] == at(DAY, 7, 24) + bg.HOLD_SECONDS
     assert queued(settings) == {}
     status = bg.status_auto_overdue(gateway.settings, gateway.journal.db)
     assert "HELD BACK" in status and "max_data_age_hours" in status
