@@ -23,6 +23,8 @@ SMTP server:
     Spool            the queue folder: writing, listing, picking, BAD files
     Sender           one check: connect, send a batch, sort out each reply
     Gateway          the clock-driven loop of ``run``: checks, daily log
+    Circulation data patrons.csv and loans.csv: checking, importing, the import folder
+    Auto-overdue     the daily warning / overdue / reminder notices and their ledger
     Letters          overdue letter reports: who gets which letter, email or print
     Mailto           the "direct" email: a mailto: link for one patron
     Config page      the page ``run`` serves: settings, queue, log, patrons
@@ -36,15 +38,18 @@ from __future__ import annotations
 import argparse
 import configparser
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import email.errors
 import email.header
 import email.policy
 import email.utils
+import functools
 import getpass
 import hashlib
 import heapq
+import itertools
 import hmac
 import html
 import http.server
@@ -61,6 +66,7 @@ import sqlite3
 import ssl
 import string
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -69,7 +75,7 @@ from email.message import EmailMessage
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 __version__ = "1.0"
 
@@ -364,14 +370,13 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
     value: every problem is a sentence in ``Settings.problems`` and the default
     is used instead."""
     ini_path = Path(ini_path).resolve()
+    unreadable = None
     try:
         text = ini_path.read_text(encoding="utf-8-sig") if text is None else text
     except FileNotFoundError:
         text = DEFAULT_INI
     except (OSError, UnicodeDecodeError) as exc:
         text, unreadable = "", f"{ini_path} cannot be read ({exc}); using the defaults."
-    else:
-        unreadable = None
     raw, problems = parse_ini_text(text, ini_path)
     if unreadable:
         problems.append(unreadable)
@@ -559,6 +564,7 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, at REAL NOT NULL, day TEXT NOT NULL,
     kind TEXT NOT NULL, file TEXT, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_day ON events(day, kind);
+CREATE INDEX IF NOT EXISTS events_file ON events(file);
 -- one row per waiting file that has failed at least once
 CREATE TABLE IF NOT EXISTS spool_state (
     file TEXT PRIMARY KEY, attempts INTEGER NOT NULL DEFAULT 0,
@@ -1777,6 +1783,1093 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
 GATEWAY_TASKS: list[Callable[[Gateway, float], None]] = [daily_log_task]
 
 
+# Circulation data ############################################################
+#
+# patrons.csv and loans.csv, from the library system's export or from a
+# spreadsheet. Every row is checked before anything changes: each bad row is
+# reported as "FILE line N: what is wrong", all of them, and without
+# --skip-bad nothing is imported. Patrons are added or updated; a patron
+# absent from the file stays (a file may hold one class only). Loans are a
+# snapshot of what is out now: an import replaces them all in one
+# transaction, and a loan absent from it has been returned.
+
+#: The columns of each file. Header names are matched without regard to case
+#: or surrounding spaces ("Patron ID" is patron_id); other columns are ignored.
+CSV_COLUMNS = MappingProxyType({
+    "patrons": ("patron_id", "name", "email", "guardian_email", "group", "auto_overdue"),
+    "loans": ("patron_id", "barcode", "title", "due_date"),
+})
+#: The columns a file must have. A patrons file without, say, an email column
+#: leaves the addresses already stored as they are.
+REQUIRED_COLUMNS = MappingProxyType({
+    "patrons": ("patron_id", "name"),
+    "loans": ("patron_id", "barcode", "title", "due_date"),
+})
+#: auto_overdue values, compared without regard to case; empty means no.
+YES_NO = MappingProxyType({"yes": 1, "true": 1, "1": 1, "no": 0, "false": 0, "0": 0, "": 0})
+ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: Rows go to the database in slices of this many, so a million loans never
+#: sit in memory at once.
+IMPORT_CHUNK = 20_000
+#: sqlite's page cache while importing, in KiB (its default is 2 MB; a
+#: million loans and their indexes go several times faster with more).
+IMPORT_CACHE_KB = 64 * 1024
+#: A progress line after this many rows, then every PROGRESS_EVERY rows.
+PROGRESS_FIRST, PROGRESS_EVERY = 5_000, 100_000
+#: The state key holding when the loans snapshot was imported (a timestamp).
+LOANS_IMPORTED_KEY = "loans_imported_at"
+#: The file names the import folder watches for (any case), in import order:
+#: patrons first, so the loans of a new patron in the same drop are known.
+DROPPED_FILES = (("patrons.csv", "patrons"), ("loans.csv", "loans"))
+
+
+class ImportRefused(BibliogateError):
+    """A CSV file was not imported, and nothing changed. ``problems`` holds a
+    sentence for every bad row ('FILE line N: what is wrong'); ``fix`` says
+    what to do."""
+
+    def __init__(self, source: str, problems: list[str], fix: str):
+        shown = problems[:20]
+        if len(problems) > 20:
+            shown.append(f"... and {len(problems) - 20} more.")
+        super().__init__("\n".join(shown + [fix]))
+        self.source, self.problems, self.fix = source, problems, fix
+
+
+@dataclasses.dataclass
+class ImportResult:
+    what: str                   #: "patrons" or "loans"
+    source: str                 #: the file's name, for messages
+    rows: int = 0               #: data rows read (blank lines not counted)
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0            #: loans absent from the new snapshot: returned
+    skipped: list = dataclasses.field(default_factory=list)  #: "FILE line N: ..." left out
+    notes: list = dataclasses.field(default_factory=list)    #: e.g. ignored columns
+
+    def summary(self) -> str:
+        removed = f"{self.removed:,} removed" + (" (returned)" if self.what == "loans" else "")
+        return (f"{self.source}: {self.rows - len(self.skipped):,} {self.what} imported: "
+                f"{self.added:,} added, {self.updated:,} updated, {self.unchanged:,} unchanged, "
+                f"{removed}, {len(self.skipped):,} skipped.")
+
+
+@functools.lru_cache(maxsize=4096)       # a file holds few distinct dates
+def read_date(text: str, date_format: str) -> str | None:
+    """A date written in [library] date_format or as ISO yyyy-mm-dd, as ISO
+    text; None if it is neither."""
+    if ISO_DATE_RE.match(text):
+        with contextlib.suppress(ValueError):
+            return dt.date.fromisoformat(text).isoformat()
+    with contextlib.suppress(ValueError):
+        return dt.datetime.strptime(text, date_format).date().isoformat()
+    return None
+
+
+def column_name(text: str) -> str:
+    return re.sub(r"[\s_]+", "_", text.strip().lower())
+
+
+def sniff_delimiter(header: str) -> str:
+    """',' as the contract says; ';' or tab when the header line uses that
+    instead (Excel writes ';' where the decimal mark is a comma)."""
+    counts = {d: header.count(d) for d in ",;\t"}
+    return max(counts, key=counts.get) if any(counts.values()) else ","
+
+
+def csv_records(path: Path, source: str) -> Iterator[tuple[int, list | str]]:
+    """(first line number, fields) of every record, the header first; blank
+    lines are left out and a record the csv module cannot read comes as
+    (line, reason). UTF-8 with or without a BOM. Raises ImportRefused for a
+    file that cannot be opened or is not UTF-8 text."""
+    try:
+        fh = open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise ImportRefused(source, [f"{path} cannot be opened: {exc.strerror or exc}."],
+                            "Check the file name, and that no other program has it open.") from None
+    end = 0
+    with fh:
+        try:
+            first = fh.readline()
+            reader = csv.reader(itertools.chain([first], fh), delimiter=sniff_delimiter(first))
+            while True:
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    if reader.line_num <= end:      # nothing consumed: cannot go on
+                        yield end + 1, f"cannot be read as CSV ({exc})."
+                        return
+                    start, end = end + 1, reader.line_num
+                    yield start, f"cannot be read as CSV ({exc})."
+                    continue
+                start, end = end + 1, reader.line_num
+                if fields and (fields[0].strip() or any(field.strip() for field in fields)):
+                    yield start, fields
+        except UnicodeDecodeError:
+            raise ImportRefused(source, [f"{source} line {end + 1}: this is not UTF-8 text."],
+                                "In Excel, use Save As and choose 'CSV UTF-8 (Comma delimited)'; "
+                                "nothing was imported.") from None
+
+
+def header_columns(what: str, source: str, line: int, fields: list[str]) -> tuple[list, list]:
+    """The position of each known column (None if absent) and notes about
+    ignored ones. Raises ImportRefused for a missing or repeated column."""
+    names = [column_name(f) for f in fields]
+    known = CSV_COLUMNS[what]
+    problems, where = [], {}
+    for n, name in enumerate(names):
+        if name in known and name in where:
+            problems.append(f"{source} line {line}: the column {name} appears twice.")
+        where.setdefault(name, n)
+    missing = [c for c in REQUIRED_COLUMNS[what] if c not in where]
+    if missing:
+        found = ", ".join(f.strip() for f in fields if f.strip()) or "nothing"
+        problems.append(f"{source} line {line}: there is no {' or '.join(missing)} column "
+                        f"(the header holds {found}).")
+        other = "loans" if what == "patrons" else "patrons"
+        if all(c in where for c in REQUIRED_COLUMNS[other]):
+            problems.append(f"{source} looks like a {other} file: use `import {other}`.")
+    if problems:
+        raise ImportRefused(source, problems, f"The first line must name the columns "
+                            f"{', '.join(known)}, in any order; nothing was imported.")
+    ignored = [f.strip() for f, name in zip(fields, names) if name not in known and f.strip()]
+    notes = [f"{source}: ignored the columns {', '.join(ignored)} (not used by BiblioGate)."] \
+        if ignored else []
+    return [where.get(c) for c in known], notes
+
+
+class PatronRows:
+    """Checks patrons.csv rows; a row becomes (patron_id, name, email,
+    guardian_email, grp, auto_overdue), with None for a column the file lacks."""
+
+    stage_sql = ("CREATE TEMP TABLE incoming (patron_id TEXT, name TEXT, email TEXT, "
+                 "guardian_email TEXT, grp TEXT, auto_overdue INTEGER)")
+
+    def __init__(self, conn: sqlite3.Connection, settings: Settings):
+        self.seen: dict[str, int] = {}
+
+    def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
+        pid, name, email, guardian, group, flag = values
+        problems = []
+        if not pid:
+            problems.append("no patron_id.")
+        elif pid in self.seen:
+            problems.append(f"patron_id {pid} is also on line {self.seen[pid]}.")
+        else:
+            self.seen[pid] = line
+        name = one_line(name)       # a name on two lines is one name
+        if not name:
+            problems.append("no name.")
+        for column, address in (("email", email), ("guardian_email", guardian)):
+            if address and not valid_address(address):
+                problems.append(f"{column} {address!r} is not an email address (write it as "
+                                "name@example.org, or leave it empty).")
+        if flag is not None:
+            if flag.lower() not in YES_NO:
+                problems.append(f"auto_overdue {flag!r} must be yes or no (1/0 and true/false "
+                                "work too; empty is no).")
+            else:
+                flag = YES_NO[flag.lower()]
+        return (None if problems else (pid, name, email, guardian, group, flag)), problems
+
+    def apply(self, conn: sqlite3.Connection, result: ImportResult, now: float) -> None:
+        """Add and update (inside the caller's transaction)."""
+        same = ("p.patron_id IS NOT NULL AND p.name IS i.name "
+                "AND p.email IS coalesce(i.email, p.email) "
+                "AND p.guardian_email IS coalesce(i.guardian_email, p.guardian_email) "
+                "AND p.grp IS coalesce(i.grp, p.grp) "
+                "AND p.auto_overdue IS coalesce(i.auto_overdue, p.auto_overdue)")
+        joined = "FROM temp.incoming i LEFT JOIN patrons p ON p.patron_id = i.patron_id"
+        total, added, unchanged = conn.execute(
+            f"SELECT count(*), total(p.patron_id IS NULL), total({same}) {joined}").fetchone()
+        result.added, result.unchanged = int(added), int(unchanged)
+        result.updated = total - result.added - result.unchanged
+        conn.execute("INSERT OR REPLACE INTO patrons (patron_id, name, email, guardian_email, "
+                     "grp, auto_overdue) SELECT i.patron_id, i.name, "
+                     "coalesce(i.email, p.email, ''), coalesce(i.guardian_email, p.guardian_email, ''), "
+                     "coalesce(i.grp, p.grp, ''), coalesce(i.auto_overdue, p.auto_overdue, 0) "
+                     f"{joined} WHERE NOT ({same})")
+
+
+class LoanRows:
+    """Checks loans.csv rows; a row becomes (barcode, patron_id, title,
+    due_date as ISO)."""
+
+    stage_sql = "CREATE TEMP TABLE incoming (barcode TEXT, patron_id TEXT, title TEXT, due_date TEXT)"
+
+    def __init__(self, conn: sqlite3.Connection, settings: Settings):
+        self.date_format = settings.date_format
+        self.example = dt.date.today().strftime(settings.date_format)
+        self.patrons = {row[0] for row in conn.execute("SELECT patron_id FROM patrons")}
+        self.seen: dict[str, int] = {}
+
+    def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
+        pid, barcode, title, due = values
+        due_date = read_date(due, self.date_format)
+        if barcode and title and due_date and pid in self.patrons and barcode not in self.seen:
+            self.seen[barcode] = line           # the usual row, checked at speed
+            return (barcode, pid, title if title.isprintable() else one_line(title), due_date), []
+        problems = []
+        if not barcode:
+            problems.append("no barcode.")
+        elif barcode in self.seen:
+            problems.append(f"barcode {barcode} is also on line {self.seen[barcode]}.")
+        else:
+            self.seen[barcode] = line
+        if not pid:
+            problems.append("no patron_id.")
+        elif pid not in self.patrons:
+            problems.append(f"patron {pid} is not in the patrons list; import patrons.csv "
+                            "first, or correct the number.")
+        if not title:
+            problems.append("no title.")
+        if not due:
+            problems.append("no due_date.")
+        elif due_date is None:
+            problems.append(f"due_date {due!r} is not a date written like {self.example} "
+                            f"([library] date_format = {self.date_format}) or 2026-03-25.")
+        return None, problems
+
+    def apply(self, conn: sqlite3.Connection, result: ImportResult, now: float) -> None:
+        """Replace the snapshot (inside the caller's transaction). The loans
+        are written whole and their indexes built afresh after them: several
+        times faster than keeping the indexes up to date row by row, and no
+        slower than writing only the changes of a usual night."""
+        before = conn.execute("SELECT count(*) FROM loans").fetchone()[0]
+        same = "l.patron_id = i.patron_id AND l.title = i.title AND l.due_date = i.due_date"
+        total, added, unchanged = conn.execute(
+            f"SELECT count(*), total(l.barcode IS NULL), total({same}) "
+            "FROM temp.incoming i LEFT JOIN loans l ON l.barcode = i.barcode").fetchone()
+        result.added, result.unchanged = int(added), int(unchanged)
+        result.updated = total - result.added - result.unchanged
+        result.removed = before - (total - result.added)
+        if result.added or result.updated or result.removed:
+            indexes = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                                   "AND tbl_name = 'loans' AND sql IS NOT NULL").fetchall()
+            for name, _ in indexes:
+                conn.execute(f'DROP INDEX "{name}"')
+            conn.execute("DELETE FROM loans")
+            conn.execute("INSERT INTO loans (barcode, patron_id, title, due_date) "
+                         "SELECT barcode, patron_id, title, due_date FROM temp.incoming")
+            for _, sql in indexes:
+                conn.execute(sql)
+        conn.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
+                     (LOANS_IMPORTED_KEY, json.dumps(now)))
+
+
+ROW_CHECKERS = MappingProxyType({"patrons": PatronRows, "loans": LoanRows})
+
+
+def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False,
+               progress: Callable[[str, int], None] | None = None,
+               now: float | None = None) -> ImportResult:
+    """Import a patrons or loans CSV file into the database.
+
+    Every row is checked first; the good ones wait in a temporary table and
+    are applied in one transaction. Raises ImportRefused, with nothing
+    changed, for a file or header that cannot be read, or for bad rows
+    unless skip_bad (then they are left out and listed in ``skipped``).
+    progress(source, rows) is called now and then on long files."""
+    path, now = Path(path), time.time() if now is None else now
+    source = path.name
+    conn = open_db(settings.database)
+    conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KB}")
+    try:
+        result = ImportResult(what, source)
+        checker = stage(conn, settings, what, path, result, progress)
+        if result.skipped and not skip_bad:
+            raise ImportRefused(source, result.skipped,
+                                f"Nothing was imported. Correct these rows and import {source} "
+                                "again, or add --skip-bad to import the other rows.")
+        conn.execute("BEGIN IMMEDIATE")     # one transaction: all of it or nothing
+        try:
+            checker.apply(conn, result, now)
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return result
+    finally:
+        conn.close()
+
+
+def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
+          result: ImportResult, progress) -> PatronRows | LoanRows:
+    """Read and check every row into temp.incoming; bad rows go to
+    result.skipped. The temporary table is this connection's own, so the
+    database stays free for the sender while a long file is read."""
+    source = path.name
+    records = csv_records(path, source)
+    first = next(records, None)
+    columns = ", ".join(CSV_COLUMNS[what])
+    if first is None:
+        raise ImportRefused(source, [f"{source} is empty."], f"It needs a first line naming "
+                            f"the columns {columns}, then one line for each of the {what}.")
+    line, header = first
+    if isinstance(header, str):
+        raise ImportRefused(source, [f"{source} line {line}: {header}"],
+                            f"The first line must name the columns {columns}.")
+    positions, result.notes = header_columns(what, source, line, header)
+    checker = ROW_CHECKERS[what](conn, settings)
+    conn.execute(checker.stage_sql)
+    insert = f"INSERT INTO temp.incoming VALUES ({', '.join('?' * len(CSV_COLUMNS[what]))})"
+    width, chunk = len(header), []
+    for line, fields in records:
+        result.rows += 1
+        if isinstance(fields, str):
+            row, problems = None, [fields]
+        else:
+            values = [(fields[p].strip() if p < len(fields) else "") if p is not None else None
+                      for p in positions]
+            row, problems = checker.check(values, line)
+            # A row of the wrong shape: its other problems only follow from that.
+            if len(fields) > width and any(f.strip() for f in fields[width:]):
+                row, problems = None, [f"{len(fields)} values, but the header names {width} "
+                                       "columns (a value holding a comma must be in double "
+                                       "quotes)."]
+            elif len(fields) < width and any("\n" in f for f in fields):
+                row, problems = None, ["a value in double quotes runs on over the next lines: "
+                                       "is a closing '\"' missing?"]
+        if problems:
+            result.skipped.append(f"{source} line {line}: {' '.join(problems)}")
+        else:
+            chunk.append(row)
+            if len(chunk) >= IMPORT_CHUNK:
+                conn.executemany(insert, chunk)
+                chunk.clear()
+        if progress and (result.rows == PROGRESS_FIRST or result.rows % PROGRESS_EVERY == 0):
+            progress(source, result.rows)
+    conn.executemany(insert, chunk)
+    conn.commit()
+    return checker
+
+
+#: At most this many skipped rows are written to the log one by one.
+LOGGED_SKIPS = 100
+
+
+def record_import(journal: Journal, result: ImportResult) -> None:
+    journal.event("import", result.summary())
+    for note in result.notes:
+        journal.event("import", note)
+    for row in result.skipped[:LOGGED_SKIPS]:
+        journal.event("import", f"skipped {row}", level=logging.WARNING)
+    if len(result.skipped) > LOGGED_SKIPS:
+        journal.event("import", f"skipped {len(result.skipped) - LOGGED_SKIPS} more rows of "
+                      f"{result.source}", level=logging.WARNING)
+
+
+class ImportWatch:
+    """The import folder, at every tick of `run` (a GATEWAY_TASKS entry).
+
+    A patrons.csv or loans.csv (any case) that has kept its size and time
+    for STABLE_SECONDS is imported, then moved to done/NAME-STAMP.csv, or,
+    if any row is bad, to failed/NAME-STAMP.csv with NAME-STAMP.txt beside it
+    listing every bad row; then nothing was imported from it. Files in done/
+    are deleted after [data] keep_log_days."""
+
+    def __init__(self):
+        #: file -> ((size, mtime), when first seen so) while it settles
+        self.settling: dict[Path, tuple] = {}
+        #: file -> (size, mtime) of a file handled but not moved away
+        self.handled: dict[Path, tuple] = {}
+        self.created: set[Path] = set()
+
+    def __call__(self, gateway: Gateway, now: float) -> None:
+        for path, what in self.ready(gateway.settings.import_folder, now):
+            import_dropped(gateway, path, what, now)
+            with contextlib.suppress(OSError):
+                if path.exists():               # it could not be moved away
+                    st = path.stat()
+                    self.handled[path] = (st.st_size, st.st_mtime_ns)
+
+    def ready(self, folder: Path, now: float) -> list[tuple[Path, str]]:
+        """The dropped files that have stopped changing, patrons first."""
+        if folder not in self.created:
+            self.created.add(folder)
+            with contextlib.suppress(OSError):
+                folder.mkdir(parents=True, exist_ok=True)
+        found = {}
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    found[entry.name.lower()] = (Path(entry.path), entry.stat())
+        ready = []
+        for name, what in DROPPED_FILES:
+            if name not in found:
+                continue
+            path, st = found[name]
+            signature = (st.st_size, st.st_mtime_ns)
+            if self.handled.get(path) == signature:
+                continue
+            seen = self.settling.get(path)
+            if seen is None or seen[0] != signature:
+                self.settling[path] = (signature, now)
+            elif now - seen[1] >= STABLE_SECONDS:
+                del self.settling[path]
+                ready.append((path, what))
+        return ready
+
+
+def import_dropped(gateway: Gateway, path: Path, what: str, now: float) -> None:
+    """Import one dropped file and move it to done/ or failed/."""
+    s, journal = gateway.settings, gateway.journal
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    try:
+        result = import_csv(s, what, path, now=now)
+    except ImportRefused as exc:
+        problems = exc.problems
+    except (OSError, sqlite3.Error) as exc:
+        problems = [f"{path.name} could not be imported: {exc}."]
+    else:
+        record_import(journal, result)
+        moved = move_aside(journal, path, s.import_folder / "done", stamp)
+        if moved:
+            journal.event("import", f"moved {path.name} to {moved}")
+        prune_folder(s.import_folder / "done", s.keep_log_days, now)
+        return
+    moved = move_aside(journal, path, s.import_folder / "failed", stamp)
+    report = moved.with_suffix(".txt") if moved else path.with_name(path.name + ".txt")
+    lines = [f"{path.name}, found in {s.import_folder} at {fmt_time(now)}, was NOT imported; "
+             "nothing was changed.",
+             "Correct the rows below (in the library system, or in the file) and drop the "
+             f"file into {s.import_folder} again.", "", *problems]
+    with contextlib.suppress(OSError):
+        write_atomic(report, ("\n".join(lines) + "\n").encode("utf-8"))
+    journal.event("import_failed", f"{path.name} was NOT imported ({len(problems)} problem(s), "
+                  f"the first: {problems[0]}); the file and the list of problems are in "
+                  f"{report.parent}", level=logging.ERROR)
+
+
+def move_aside(journal: Journal, path: Path, folder: Path, stamp: str) -> Path | None:
+    """Move a handled file to folder as NAME-STAMP.csv; None if it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = free_name(folder, f"{path.stem}-{stamp}", path.suffix)
+        os.replace(path, target)
+    except OSError as exc:
+        journal.event("import_failed", f"{path.name} could not be moved to {folder} "
+                      f"({exc.strerror or exc}); it is not imported again until it changes",
+                      level=logging.ERROR)
+        return None
+    return target
+
+
+def prune_folder(folder: Path, keep_days: int, now: float) -> None:
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file() and entry.stat().st_mtime < now - keep_days * 86400:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def cmd_import(args, settings: Settings) -> int:
+    journal = Journal(settings.database)
+    try:
+        result = import_csv(settings, args.what, Path(args.file), args.skip_bad,
+                            progress=print_progress)
+    except ImportRefused as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(exc.fix, file=sys.stderr)
+        journal.event("import_failed", f"{exc.source} was not imported ({len(exc.problems)} "
+                      f"problem(s), the first: {exc.problems[0]})", level=logging.WARNING)
+        return 1
+    for row in result.skipped:
+        print(f"skipped {row}", file=sys.stderr)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    record_import(journal, result)
+    print(result.summary())
+    return 0
+
+
+def print_progress(source: str, rows: int) -> None:
+    print(f"{source}: {rows:,} rows read ...", file=sys.stderr, flush=True)
+
+
+# Auto-overdue ################################################################
+#
+# Once a day at [overdue] run_at, for the loans not yet returned whose due
+# date is warning_days ahead (warning), overdue_days ago (overdue) or
+# reminder_days ago (reminder): one message per patron and kind, listing all
+# that patron's loans of that kind, to patrons who have an email address and
+# are enabled for auto-overdue (never to a guardian). The notices ledger
+# makes a run safe to repeat: a loan, kind and due date is notified once (a
+# renewal has a new due date, so it is a new notice). Days missed while the
+# gateway was off are caught up, and the messages name the actual due dates,
+# so a caught-up notice is still true.
+
+#: The kinds of notice, in the order they are queued.
+NOTICE_KINDS = ("warning", "overdue", "reminder")
+#: A day missed while the gateway was off is caught up if it is no older than this.
+CATCH_UP_DAYS = 7
+#: Messages are written, flushed to disk and recorded this many at a time.
+LEDGER_BATCH = 200
+WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+#: The placeholders of the notices, as notice_values() gives them.
+NOTICE_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
+                           "today", "earliest_due"})
+#: A run that could not go (stale loans, a full disk) is tried again after this.
+HOLD_SECONDS = 5 * 60
+#: State keys: the last day the daily schedule handled; the last run; why
+#: the schedule is held back (shown once a day in the log and in `status`).
+SCHEDULE_KEY, LAST_RUN_KEY, HELD_KEY = "overdue_schedule_day", "overdue_last_run", "overdue_held"
+
+
+class StaleData(BibliogateError):
+    """The loans were imported too long ago to send notices from them."""
+
+
+def show_date(settings: Settings, iso: str) -> str:
+    """An ISO date (yyyy-mm-dd) as [library] date_format writes it."""
+    return dt.date.fromisoformat(iso).strftime(settings.date_format)
+
+
+def render_items(loans, settings: Settings, today: dt.date) -> str:
+    """One line per loan, in the order given: "- Title (barcode B), due D"
+    and, once past due, ", N days overdue"."""
+    lines = []
+    for loan in loans:
+        due = dt.date.fromisoformat(loan["due_date"])
+        line = (f"- {one_line(loan['title'])} (barcode {one_line(loan['barcode'])}), "
+                f"due {due.strftime(settings.date_format)}")
+        late = (today - due).days
+        if late > 0:
+            line += f", {late} {'day' if late == 1 else 'days'} overdue"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def notice_values(settings: Settings, patron, loans, today: dt.date) -> dict:
+    """The placeholders every message about a patron's loans may use."""
+    dues = [loan["due_date"] for loan in loans]
+    return {
+        "library_name": settings.library_name or "the library",
+        "patron_name": one_line(patron["name"]), "patron_id": patron["patron_id"],
+        "items": render_items(loans, settings, today), "item_count": len(loans),
+        "today": today.strftime(settings.date_format),
+        "earliest_due": show_date(settings, min(dues)) if dues else "",
+    }
+
+
+_NOTICE_NOTES = """\
+# Lines starting with # are notes for you and are not sent.
+# First line: Subject. Then one blank line. Then the body.
+# Placeholders: ${library_name} ${patron_name} ${patron_id} ${item_count}
+#   ${items} (one line per item, with its due date) ${today} ${earliest_due}
+"""
+
+TEMPLATE_FIELDS.update({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
+DEFAULT_TEMPLATES.update({
+    "warning": "# Auto-overdue: sent when items fall due in [overdue] warning_days days.\n"
+               + _NOTICE_NOTES + """\
+Subject: ${library_name}: library items due back on ${earliest_due}
+
+Dear ${patron_name},
+
+This is a friendly reminder from ${library_name}: these items on your
+library account are due back soon.
+
+${items}
+
+Please bring them back, or ask at the library desk to renew them, by the
+date shown.
+
+Thank you,
+${library_name}
+
+(Sent automatically for library account ${patron_id}.)
+""",
+    "overdue": "# Auto-overdue: sent when items were due [overdue] overdue_days days ago.\n"
+               + _NOTICE_NOTES + """\
+Subject: ${library_name}: overdue library items
+
+Dear ${patron_name},
+
+Our records on ${today} show ${item_count} item(s) on your library account
+as overdue:
+
+${items}
+
+Please bring them back to the library as soon as you can. If you have
+already returned them, thank you, and please ignore this message.
+
+${library_name}
+
+(Sent automatically for library account ${patron_id}.)
+""",
+    "reminder": "# Auto-overdue: sent when items were due [overdue] reminder_days days ago.\n"
+                + _NOTICE_NOTES + """\
+Subject: ${library_name}: reminder, library items still overdue
+
+Dear ${patron_name},
+
+We wrote to you about these items, and on ${today} they are still on your
+library account:
+
+${items}
+
+Please bring them back to the library as soon as you can, or come and talk
+to us if there is a problem. If you have already returned them, thank you,
+and please ignore this message.
+
+${library_name}
+
+(Sent automatically for library account ${patron_id}.)
+""",
+})
+
+
+# -- settings ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OverdueSettings:
+    """The [overdue] section, checked; load_settings puts it in ``settings.overdue``."""
+    enabled: bool = False
+    run_at: dt.time = dt.time(6, 30)
+    warning_days: int = 3
+    overdue_days: int = 1
+    reminder_days: int = 3
+    closed_weekdays: frozenset = frozenset()    #: 0 is Monday
+    closed_dates: tuple = ()                    #: (first, last) pairs, both days closed
+    max_data_age_hours: float = 36.0
+    problems: tuple = ()                        #: the sentences about this section
+
+    def closed(self, day: dt.date) -> bool:
+        return (day.weekday() in self.closed_weekdays
+                or any(first <= day <= last for first, last in self.closed_dates))
+
+    def due_dates(self, day: dt.date) -> dict[str, dt.date]:
+        """The due date each kind of notice looks for on day."""
+        return {"warning": day + dt.timedelta(days=self.warning_days),
+                "overdue": day - dt.timedelta(days=self.overdue_days),
+                "reminder": day - dt.timedelta(days=self.reminder_days)}
+
+
+def iso_date(text: str) -> dt.date | None:
+    if ISO_DATE_RE.match(text):
+        with contextlib.suppress(ValueError):
+            return dt.date.fromisoformat(text)
+    return None
+
+
+def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
+    """Weekdays (0 = Monday), (first, last) date ranges, and what could not
+    be read, from 'sat, sun, 2026-04-03, 2026-12-18..2027-01-28'."""
+    weekdays, ranges, bad = set(), [], []
+    text = re.sub(r"\s*\.\.\s*", "..", text)
+    for item in filter(None, re.split(r"[\s,;]+", text)):
+        word = item.lower()
+        days = [n for n, name in enumerate(WEEKDAY_NAMES) if len(word) >= 3 and name.startswith(word)]
+        first, dots, last = item.partition("..")
+        if days:
+            weekdays.update(days)
+        elif dots:
+            a, b = iso_date(first), iso_date(last)
+            if a is None or b is None:
+                bad.append(f"{item!r} is not a range of dates such as 2026-12-18..2027-01-28")
+            elif b < a:
+                bad.append(f"the range {item!r} ends before it starts")
+            else:
+                ranges.append((a, b))
+        elif iso_date(item):
+            ranges.append((iso_date(item), iso_date(item)))
+        else:
+            bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
+                       "or a range of dates (2026-12-18..2027-01-28)")
+    return frozenset(weekdays), tuple(ranges), bad
+
+
+def check_overdue_settings(s: Settings, r: _Reader) -> None:
+    """SETTINGS_CHECKS entry: read [overdue] into ``s.overdue``, and check
+    that [library] date_format reads back the dates it writes."""
+    before = len(r.problems)
+    enabled = r.text("overdue", "enabled").lower()
+    if enabled not in ("yes", "no", "true", "false", "on", "off", "1", "0", ""):
+        r.problems.append(ini_problem("overdue", "enabled", enabled, "must be yes or no."))
+    match = re.fullmatch(r"(\d{1,2})[:.](\d{2})", r.text("overdue", "run_at"))
+    if match and int(match[1]) < 24 and int(match[2]) < 60:
+        run_at = dt.time(int(match[1]), int(match[2]))
+    else:
+        run_at = dt.time(6, 30)
+        r.problems.append(ini_problem("overdue", "run_at", r.text("overdue", "run_at"),
+                                      "not a time of day. Write it as HH:MM in 24-hour time, "
+                                      "such as 06:30."))
+    days = {key: r.number("overdue", key, int, low, 365, f"Use a number of days from {low} to "
+                          f"365, such as {DEFAULTS['overdue'][key]}.", int(DEFAULTS["overdue"][key]))
+            for key, low in (("warning_days", 0), ("overdue_days", 1), ("reminder_days", 1))}
+    weekdays, ranges, bad = parse_closed(r.text("overdue", "closed"))
+    if bad:
+        r.problems.append(ini_problem("overdue", "closed", r.text("overdue", "closed"),
+                                      "; ".join(bad) + ". Separate the days with commas."))
+    age = r.number("overdue", "max_data_age_hours", float, 1, 24 * 366,
+                   "Use hours such as 36 (a day and a half: one missed nightly export "
+                   "does not stop the notices).", 36.0)
+    fmt = s.date_format
+    if "%" in fmt:
+        sample = dt.date(2026, 12, 25)          # a day above 12 shows day and month apart
+        try:
+            back = dt.datetime.strptime(sample.strftime(fmt), fmt).date()
+        except ValueError:
+            back = None
+        if back != sample:
+            r.problems.append(ini_problem("library", "date_format", fmt, "cannot read back the "
+                                          f"dates it writes ({sample} becomes "
+                                          f"{sample.strftime(fmt)!r}). Use %d, %m and %Y, such "
+                                          "as %d/%m/%Y."))
+    s.overdue = OverdueSettings(enabled in ("yes", "true", "on", "1"), run_at, days["warning_days"],
+                                days["overdue_days"], days["reminder_days"], weekdays, ranges,
+                                age, tuple(r.problems[before:]))
+
+
+SETTINGS_CHECKS.append(check_overdue_settings)
+
+
+# -- deciding --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Notice:
+    """One message: a patron and all their loans of one kind."""
+    kind: str
+    patron: dict        #: patron_id, name, email
+    loans: list         #: dicts: barcode, title, due_date (ISO)
+
+    def file_name(self, day: dt.date) -> str:
+        """The spool file's name, the same for the same day, kind, patron and
+        loans: a run repeated after a crash recognises what it queued."""
+        key = "\n".join([self.kind, self.patron["patron_id"],
+                         *sorted(f"{loan['barcode']}\t{loan['due_date']}" for loan in self.loans)])
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        return f"{self.kind}-{day.isoformat()}-{digest}{WAITING_EXT}"
+
+
+@dataclasses.dataclass
+class OverdueRun:
+    """What one run decided (and, unless a dry run, queued)."""
+    day: dt.date
+    how: str                                    #: "by hand", "scheduled", "caught up"
+    notices: list = dataclasses.field(default_factory=list)
+    not_enabled: set = dataclasses.field(default_factory=set)     #: patron ids
+    no_email: set = dataclasses.field(default_factory=set)        #: patron ids
+    too_late: int = 0           #: warnings of a caught-up day whose due date has passed
+
+    def count(self, kind: str) -> int:
+        return sum(1 for n in self.notices if n.kind == kind)
+
+    def summary(self) -> str:
+        queued = ", ".join(f"{self.count(kind)} {kind}" for kind in NOTICE_KINDS)
+        items = sum(len(n.loans) for n in self.notices)
+        text = (f"auto-overdue for {self.day} ({self.how}): queued {queued} "
+                f"({items} item(s)); not sent: {len(self.no_email)} patron(s) without an "
+                f"email address, {len(self.not_enabled)} not enabled for auto-overdue")
+        if self.too_late:
+            text += f", {self.too_late} warning(s) for items already past due"
+        return text
+
+
+CANDIDATES_SQL = """
+SELECT l.patron_id, l.barcode, l.title, l.due_date, p.name, p.email, p.auto_overdue
+FROM loans l LEFT JOIN patrons p ON p.patron_id = l.patron_id
+WHERE l.due_date = :due AND NOT EXISTS (
+    SELECT 1 FROM notices n WHERE n.barcode = l.barcode AND n.kind = :kind
+    AND n.due_date = l.due_date AND n.patron_id = l.patron_id)
+ORDER BY l.patron_id, l.due_date, l.title, l.barcode"""
+
+
+def plan_notices(run: OverdueRun, kind: str, rows: Iterable) -> None:
+    """One kind's loans, ordered by patron, into notices: one per patron
+    enabled for auto-overdue with a valid email address (the patron's own:
+    auto-overdue never writes to a guardian); the others are counted."""
+    for patron_id, group in itertools.groupby(rows, key=lambda row: row["patron_id"]):
+        loans = list(group)
+        first = loans[0]
+        if not first["auto_overdue"]:
+            run.not_enabled.add(patron_id)
+        elif not valid_address(first["email"]):
+            run.no_email.add(patron_id)
+        else:
+            patron = {"patron_id": patron_id, "name": first["name"], "email": first["email"]}
+            run.notices.append(Notice(kind, patron, [
+                {"barcode": r["barcode"], "title": r["title"], "due_date": r["due_date"]}
+                for r in loans]))
+
+
+def plan_day(db: sqlite3.Connection, ov: OverdueSettings, day: dt.date, today: dt.date,
+             how: str) -> OverdueRun:
+    """The notices due on day that the ledger does not hold yet."""
+    run = OverdueRun(day, how)
+    for kind, due in ov.due_dates(day).items():
+        rows = db.execute(CANDIDATES_SQL, {"due": due.isoformat(), "kind": kind})
+        if kind == "warning" and due < today:      # caught up too late to warn
+            run.too_late += len(rows.fetchall())
+            continue
+        plan_notices(run, kind, rows)
+    return run
+
+
+def days_to_run(last: str | None, now: dt.datetime, run_at: dt.time) -> list[dt.date]:
+    """The days whose run is due and not done: today once run_at has passed,
+    and the days missed since `last` (the last day done), at most
+    CATCH_UP_DAYS back. With no last day (the first run ever, or the first
+    since auto-overdue was enabled again) only today, once run_at has passed."""
+    today = now.date()
+    latest = today if now.time() >= run_at else today - dt.timedelta(days=1)
+    if last is None:
+        return [today] if latest == today else []
+    first = max(dt.date.fromisoformat(last) + dt.timedelta(days=1),
+                today - dt.timedelta(days=CATCH_UP_DAYS))
+    return [first + dt.timedelta(days=n) for n in range((latest - first).days + 1)]
+
+
+def loans_age_problem(db: sqlite3.Connection, settings: Settings, now: float) -> str | None:
+    """Why the loans are too old to send notices from, or None."""
+    imported = get_state(db, LOANS_IMPORTED_KEY)
+    limit = settings.overdue.max_data_age_hours
+    if imported is None:
+        return ("no loans have been imported yet. Import loans.csv (`python bibliogate.py "
+                f"import loans loans.csv`) or have the library system save it into "
+                f"{settings.import_folder}.")
+    hours = (now - imported) / 3600
+    if hours <= limit:
+        return None
+    return (f"the loans were imported {hours:.0f} hours ago ({fmt_time(imported)}), more than "
+            f"[overdue] max_data_age_hours = {limit:g}; notices from them could tell patrons "
+            "about books they have returned, so none are sent. Import a fresh loans.csv, or "
+            f"check the library system's nightly export into {settings.import_folder}; the "
+            "days missed are caught up then (up to a week back).")
+
+
+# -- queueing ------------------------------------------------------------------
+
+def run_overdue(settings: Settings, journal: Journal, day: dt.date, now: float,
+                dry_run: bool = False, how: str = "by hand") -> OverdueRun:
+    """Queue the notices of one day.
+
+    day picks the loans (due warning_days after it, and so on); the messages
+    are written as of today, so a caught-up notice is true when it arrives.
+    A dry run decides and changes nothing. Raises SettingsError for bad
+    [overdue] settings, StaleData when the loans are older than
+    max_data_age_hours (not for a dry run), Busy when another run is going,
+    TemplateError, and SpoolError (the notices queued before it are kept)."""
+    ov = settings.overdue
+    if ov.problems:
+        raise SettingsError(list(ov.problems))
+    db, today = journal.db, local_day(now)
+    problem = loans_age_problem(db, settings, now)
+    if problem and not dry_run:
+        raise StaleData(f"Auto-overdue did not run: {problem}")
+    if dry_run:
+        return plan_day(db, ov, day, today, how)
+    templates = {kind: load_template(settings, kind) for kind in NOTICE_KINDS}
+    lock = FileLock(settings.spool / ".bibliogate-overdue.lock")
+    if not lock.acquire():
+        raise Busy("Another auto-overdue run is going on right now; try again in a minute.")
+    try:
+        run = plan_day(db, ov, day, today, how)
+        queue_notices(settings, db, run, templates, today, now)
+    finally:
+        lock.release()
+    set_state(db, **{LAST_RUN_KEY: {"day": day.isoformat(), "at": now, "summary": run.summary()}})
+    journal.event("overdue_run", run.summary())
+    return run
+
+
+def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
+                  templates: dict, today: dt.date, now: float) -> None:
+    """Write the notices to the spool, then record their loans in the ledger,
+    LEDGER_BATCH messages at a time.
+
+    Queue first, record second. A crash in between never loses a notice: a
+    loan is in the ledger only once its message is safely on disk. Nor does
+    it send one twice: a file's name comes from the day, kind, patron and
+    loans, so the run repeated after the crash finds the file it wrote
+    (still waiting, .BAD, or logged as sent) and only records
+    it. (Recording first would lose the notices of a crash in between.)"""
+    mtime = min(now, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
+    files, rows = [], []
+    for n, notice in enumerate(run.notices, 1):
+        name = notice.file_name(run.day)
+        if not already_queued(settings.spool, db, name):
+            values = notice_values(settings, notice.patron, notice.loans, today)
+            subject, body = templates[notice.kind].render(values)
+            files.append((name, compose(settings, notice.patron["email"], subject, body,
+                                        notice.patron["name"], now)))
+        rows += [(notice.patron["patron_id"], loan["barcode"], notice.kind, loan["due_date"],
+                  now, name) for loan in notice.loans]
+        if n % LEDGER_BATCH == 0 or n == len(run.notices):
+            write_batch(settings.spool, files, mtime)
+            record_notices(db, rows)
+            files.clear()
+
+
+def write_batch(folder: Path, files: list[tuple[str, bytes]], mtime: float) -> None:
+    """write_atomic for many files: each is written as a hidden .part file;
+    then all are flushed to disk, renamed, and the folder flushed. Flushing
+    them together costs the disk far less than two flushes per file, and no
+    file is ever seen half-written. On error the .part files are removed and
+    SpoolError says what happened (files renamed before it stay queued)."""
+    parts = [(folder / f".{name}{PART_SUFFIX}", folder / name, data) for name, data in files]
+    try:
+        for part, _, data in parts:
+            with open(part, "wb") as fh:
+                fh.write(data)
+        for part, _, _ in parts:
+            with open(part, "r+b") as fh:       # Windows flushes only a writable handle
+                os.fsync(fh.fileno())
+            os.utime(part, (mtime, mtime))
+        for part, path, _ in parts:
+            os.replace(part, path)
+        if parts:
+            fsync_folder(folder)
+    except OSError as exc:
+        for part, _, _ in parts:
+            with contextlib.suppress(OSError):
+                part.unlink()
+        raise SpoolError(f"Could not write notices in {folder}: {exc.strerror or exc}. Free "
+                         "some disk space or check the folder's permissions; the notices not "
+                         "queued are queued at the next run.") from None
+
+
+def already_queued(spool: Path, db: sqlite3.Connection, name: str) -> bool:
+    stem = name[:-len(WAITING_EXT)]
+    return ((spool / name).exists() or (spool / f"{stem}{BAD_EXT}").exists()
+            or db.execute("SELECT 1 FROM events WHERE file = ? AND kind = 'sent'",
+                          (name,)).fetchone() is not None)
+
+
+def record_notices(db: sqlite3.Connection, rows: list) -> None:
+    """Add rows to the notices ledger (and empty the list)."""
+    with db:
+        db.executemany("INSERT OR IGNORE INTO notices (patron_id, barcode, kind, due_date, "
+                       "queued_at, file) VALUES (?,?,?,?,?,?)", rows)
+    rows.clear()
+
+
+# -- the daily schedule ----------------------------------------------------------
+
+def overdue_task(gateway: Gateway, now: float) -> None:
+    """GATEWAY_TASKS entry: the run at run_at, and the days missed while the
+    gateway was off. A day is done when it ran or was closed; a run that
+    cannot go (stale loans, a bad template) leaves it to be caught up later
+    and says why, once a day."""
+    s, journal = gateway.settings, gateway.journal
+    db, ov = journal.db, s.overdue
+    if not ov.enabled:
+        if get_state(db, SCHEDULE_KEY) is not None:
+            set_state(db, **{SCHEDULE_KEY: None})   # enabled again, it starts afresh
+        return
+    held = get_state(db, HELD_KEY)
+    if held and now < held[3]:
+        return
+    moment = dt.datetime.fromtimestamp(now)
+    for day in days_to_run(get_state(db, SCHEDULE_KEY), moment, ov.run_at):
+        if ov.closed(day):
+            journal.event("overdue_run", f"auto-overdue for {day}: no run, the library is "
+                          "closed that day ([overdue] closed)")
+        else:
+            try:
+                run_overdue(s, journal, day, now, how="scheduled" if day == moment.date()
+                            else "caught up")
+            except (BibliogateError, sqlite3.Error, OSError) as exc:
+                hold(journal, now, exc)
+                return
+        set_state(db, **{SCHEDULE_KEY: day.isoformat(), HELD_KEY: None})
+
+
+def hold(journal: Journal, now: float, exc: Exception) -> None:
+    """Hold the schedule back for HOLD_SECONDS, and say why: in `status`, and
+    in the log once a day for each kind of reason."""
+    today, reason = local_day(now).isoformat(), type(exc).__name__
+    held = get_state(journal.db, HELD_KEY)
+    set_state(journal.db, **{HELD_KEY: [today, reason, str(exc), now + HOLD_SECONDS]})
+    if not (held and held[:2] == [today, reason]):
+        journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
+
+
+GATEWAY_TASKS.extend([ImportWatch(), overdue_task])
+
+
+# -- status and command line -----------------------------------------------------
+
+def status_auto_overdue(settings: Settings, db: sqlite3.Connection) -> str:
+    ov = settings.overdue
+    if not ov.enabled:
+        return "off ([overdue] enabled = no); `overdue` runs it by hand"
+    text = f"on, every day at {ov.run_at:%H:%M}"
+    held = get_state(db, HELD_KEY)
+    return text + (f"; HELD BACK: {held[2]}" if held else "")
+
+
+def status_last_run(settings: Settings, db: sqlite3.Connection) -> str:
+    last = get_state(db, LAST_RUN_KEY)
+    return f"{last['summary']} (at {fmt_time(last['at'])})" if last else "never"
+
+
+def status_loans(settings: Settings, db: sqlite3.Connection) -> str:
+    count = db.execute("SELECT count(*) FROM loans").fetchone()[0]
+    imported = get_state(db, LOANS_IMPORTED_KEY)
+    problem = loans_age_problem(db, settings, time.time())
+    text = f"{count:,} loans, imported {fmt_time(imported)}" if imported else "none imported"
+    return text + (f"; TOO OLD FOR AUTO-OVERDUE: {problem}" if problem and imported else "")
+
+
+#: The lines `status` adds for circulation (see STATUS_EXTRA).
+CIRCULATION_STATUS = MappingProxyType({"auto_overdue": status_auto_overdue,
+                                       "last_overdue_run": status_last_run,
+                                       "loans_data": status_loans})
+
+
+def cmd_overdue(args, settings: Settings) -> int:
+    journal = Journal(settings.database)
+    now = time.time()
+    day = args.date or local_day(now)
+    if settings.overdue.closed(day):
+        print(f"{day} is a closed day ([overdue] closed); running it as asked.", file=sys.stderr)
+    if args.dry_run:
+        problem = loans_age_problem(journal.db, settings, now)
+        if problem:
+            print(f"warning: a real run would not send anything: {problem}", file=sys.stderr)
+    try:
+        run = run_overdue(settings, journal, day, now, dry_run=args.dry_run)
+    except StaleData as exc:
+        journal.event("overdue_refused", str(exc), level=logging.ERROR)
+        raise
+    if args.dry_run:
+        for notice in run.notices:
+            print(f"{notice.kind} to {notice.patron['name']} <{notice.patron['email']}> "
+                  f"({notice.patron['patron_id']}):")
+            print(textwrap.indent(render_items(notice.loans, settings, local_day(now)), "    "))
+        print("dry run, nothing queued: " + run.summary().replace("queued", "would queue", 1))
+    else:
+        print(run.summary())
+    return 0
+
+
+def iso_day(text: str) -> dt.date:
+    """argparse type: a YYYY-MM-DD date."""
+    day = iso_date(text.strip())
+    if day is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; write it as YYYY-MM-DD.")
+    return day
+
+
+def add_circulation_commands(command: Callable) -> None:
+    """CLI_EXTRA entry: the `import` and `overdue` commands."""
+    p = command("import", cmd_import, "load patrons.csv or loans.csv into the database")
+    p.add_argument("what", choices=("patrons", "loans"))
+    p.add_argument("file", metavar="FILE.csv")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="import the good rows and list the bad ones (without it, a bad row "
+                        "stops the whole import)")
+    p = command("overdue", cmd_overdue, "run the auto-overdue job for one day now")
+    p.add_argument("--date", type=iso_day, metavar="YYYY-MM-DD", help="the day to run (default today)")
+    p.add_argument("--dry-run", action="store_true", help="print who would get what; change nothing")
+
+
 # Letters #####################################################################
 #
 # The tech note's "Letters - Overdue First" report and its companions. Each
@@ -1913,38 +3006,6 @@ Kind regards,
 ${library_name}
 """,
 })
-
-
-def show_date(settings: Settings, iso: str) -> str:
-    """An ISO date (yyyy-mm-dd) as [library] date_format writes it."""
-    return dt.date.fromisoformat(iso).strftime(settings.date_format)
-
-
-def render_items(loans, settings: Settings, today: dt.date) -> str:
-    """One line per loan, in the order given: "- Title (barcode B), due D"
-    and, once past due, ", N days overdue"."""
-    lines = []
-    for loan in loans:
-        due = dt.date.fromisoformat(loan["due_date"])
-        line = (f"- {one_line(loan['title'])} (barcode {one_line(loan['barcode'])}), "
-                f"due {due.strftime(settings.date_format)}")
-        late = (today - due).days
-        if late > 0:
-            line += f", {late} {'day' if late == 1 else 'days'} overdue"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def notice_values(settings: Settings, patron, loans, today: dt.date) -> dict:
-    """The placeholders every message about a patron's loans may use."""
-    dues = [loan["due_date"] for loan in loans]
-    return {
-        "library_name": settings.library_name or "the library",
-        "patron_name": one_line(patron["name"]), "patron_id": patron["patron_id"],
-        "items": render_items(loans, settings, today), "item_count": len(loans),
-        "today": today.strftime(settings.date_format),
-        "earliest_due": show_date(settings, min(dues)) if dues else "",
-    }
 
 
 def recipient(patron, guardian: bool) -> tuple[str, str]:
@@ -4439,6 +5500,7 @@ def status_info(settings: Settings) -> dict:
 
 #: More fields for `status` (name -> function of settings and database).
 STATUS_EXTRA: dict[str, Callable] = {}
+STATUS_EXTRA.update(CIRCULATION_STATUS)
 
 
 def run_lock_path(ini_path: Path) -> Path:
@@ -4613,6 +5675,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-bad", action="store_true")
     p = command("delete", cmd_delete, "remove one message from the queue")
     p.add_argument("name", metavar="NAME")
+    add_circulation_commands(command)
     add_letter_commands(command)
     add_task_commands(command)
     command("set-password", cmd_set_password, "store a password for the config page (salted hash)")

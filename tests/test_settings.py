@@ -133,3 +133,9 @@ def test_a_spool_folder_that_cannot_be_made_names_the_key(tmp_path):
     settings, _ = bg.ensure_layout(write_ini(tmp_path, gateway__spool_folder="blocker/spool"))
     assert any(p.startswith("bibliogate.ini [gateway] spool_folder = 'blocker/spool':")
                and "cannot be created" in p for p in settings.problems), settings.problems
+
+
+def test_no_ini_at_all_reads_as_the_defaults(tmp_path):
+    settings = bg.load_settings(tmp_path / "nowhere.ini")
+    assert settings.per_check == 10 and settings.interval == 180
+    assert any("[smtp] host" in p for p in settings.problems)

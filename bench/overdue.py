@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""How BiblioGate copes with a big school district's circulation data.
+
+Makes 200,000 patrons and 1,000,000 loans as CSV files in a temporary folder
+(deleted at the end unless --keep), then times, each in a process of its own
+so that its peak memory can be read:
+
+  1. `import patrons` and `import loans`, beside the bare load of the same
+     files: the sqlite3 command line's `.import` where it is installed, and
+     a plain csv + executemany script in any case;
+  2. `import loans` of the next night's file (a few percent changed), and of
+     the same file again;
+  3. `overdue` for today: every notice composed and written to the spool;
+  4. `overdue` again: nothing new to queue (the ledger has it all).
+
+Not part of the tests. Run:  python bench/overdue.py  [--patrons N] [--loans N]
+Results are printed as a table and saved in bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROGRAM = HERE.parent / "bibliogate.py"
+SQLITE3 = shutil.which("sqlite3")
+
+FIRST = ["Ann", "Bob", "Cy", "Di", "Ed", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lee",
+         "Mia", "Ned", "Ola", "Pat", "Quin", "Ray", "Sue", "Tom", "Uma", "Vic", "Wen", "Zoe"]
+LAST = ["Smith", "Jones", "Brown", "Taylor", "Wilson", "Davies", "Evans", "Thomas", "Roberts",
+        "Walker", "Wright", "Hughes", "Green", "Hall", "Wood", "Clarke", "Lewis", "Young"]
+WORDS = ["River", "Secret", "Garden", "Star", "Dragon", "Winter", "Island", "Clock", "Moon",
+         "Forest", "Letter", "Journey", "Silver", "Lantern", "Storm", "Castle", "Map", "Fox"]
+
+
+def make_patrons(path: Path, count: int, rng: random.Random) -> None:
+    """90% have an email address, 40% a guardian's, 75% are enabled for auto-overdue."""
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["patron_id", "name", "email", "guardian_email", "group", "auto_overdue"])
+        for n in range(count):
+            first, last = rng.choice(FIRST), rng.choice(LAST)
+            mail = f"{first.lower()}.{last.lower()}{n}@students.example.org" if rng.random() < 0.9 else ""
+            guardian = f"parent{n}@home.example.org" if rng.random() < 0.4 else ""
+            out.writerow([f"S{n:07d}", f"{first} {last}", mail, guardian,
+                          f"Year {7 + n % 6}", "yes" if rng.random() < 0.75 else "no"])
+
+
+def make_loans(path: Path, count: int, patrons: int, today: dt.date, rng: random.Random) -> None:
+    """Four-week loans issued evenly: 70% fall due in the next four weeks
+    (today included), 30% are overdue by 1 to 120 days."""
+    dates = {offset: (today + dt.timedelta(days=offset)).isoformat() for offset in range(-120, 28)}
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["patron_id", "barcode", "title", "due_date"])
+        for n in range(count):
+            offset = rng.randint(0, 27) if rng.random() < 0.7 else -rng.randint(1, 120)
+            title = f"The {rng.choice(WORDS)} of the {rng.choice(WORDS)}, book {n % 40 + 1}"
+            out.writerow([f"S{rng.randrange(patrons):07d}", f"B{n:08d}", title, dates[offset]])
+
+
+def make_next_night(source: Path, path: Path, patrons: int, rng: random.Random) -> None:
+    """The next night's export: 3% of the loans returned, 2% renewed for two
+    more weeks, 3% new."""
+    with open(source, encoding="utf-8", newline="") as fh, \
+            open(path, "w", encoding="utf-8", newline="") as out_fh:
+        rows, out = csv.reader(fh), csv.writer(out_fh)
+        out.writerow(next(rows))
+        count = 0
+        for row in rows:
+            count += 1
+            chance = rng.random()
+            if chance < 0.03:
+                continue
+            if chance < 0.05:
+                row[3] = (dt.date.fromisoformat(row[3]) + dt.timedelta(days=14)).isoformat()
+            out.writerow(row)
+        due = (dt.date.today() + dt.timedelta(days=27)).isoformat()
+        for n in range(count * 3 // 100):
+            out.writerow([f"S{rng.randrange(patrons):07d}", f"N{n:08d}", f"New book {n}", due])
+
+
+def measure(argv: list[str], cwd: Path) -> dict:
+    """Run a command; its wall time, peak memory (MB, where the system tells)
+    and output."""
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=out_file, stderr=err_file)
+        if hasattr(os, "wait4"):
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            peak = usage.ru_maxrss * scale / 1e6
+        else:                                                # Windows: time only
+            proc.wait()
+            peak = None
+        seconds = time.perf_counter() - start
+        out_file.seek(0)
+        err_file.seek(0)
+        out = out_file.read().decode("utf-8", "replace")
+        err = err_file.read().decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{out}\n{err}")
+    return {"seconds": round(seconds, 2), "peak_mb": round(peak, 1) if peak else None,
+            "output": out.strip().splitlines()[-1] if out.strip() else ""}
+
+
+BARE_LOAD = """
+import csv, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+with open(sys.argv[2], encoding="utf-8-sig", newline="") as fh:
+    rows = csv.reader(fh)
+    header = next(rows)
+    columns = ", ".join('"%s" TEXT' % name for name in header)
+    conn.execute(f"CREATE TABLE bare ({columns})")
+    conn.executemany(f"INSERT INTO bare VALUES ({', '.join('?' * len(header))})", rows)
+conn.commit()
+"""
+
+
+def bare_loads(work: Path, csv_file: Path) -> dict:
+    found = {}
+    if SQLITE3:
+        db = work / f"bare-cli-{csv_file.stem}.db"
+        found["sqlite3 .import"] = measure([SQLITE3, str(db), f".import --csv {csv_file} bare"], work)
+    db = work / f"bare-py-{csv_file.stem}.db"
+    found["csv + executemany"] = measure([sys.executable, "-c", BARE_LOAD, str(db), str(csv_file)], work)
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patrons", type=int, default=200_000)
+    parser.add_argument("--loans", type=int, default=1_000_000)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+    if not (1 <= args.patrons <= 2_000_000 and 1 <= args.loans <= 10_000_000):
+        parser.error("at most 2,000,000 patrons and 10,000,000 loans")
+    work = Path(tempfile.mkdtemp(prefix="bibliogate-bench-"))
+    try:
+        results = run(work, args.patrons, args.loans)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report(results)
+    return 0
+
+
+def run(work: Path, patrons: int, loans: int) -> dict:
+    today = dt.date.today()
+    rng = random.Random(2026)
+    started = time.perf_counter()
+    make_patrons(work / "patrons.csv", patrons, rng)
+    make_loans(work / "loans.csv", loans, patrons, today, rng)
+    print(f"made {patrons:,} patrons and {loans:,} loans in {time.perf_counter() - started:.0f} s "
+          f"({(work / 'loans.csv').stat().st_size / 1e6:.0f} MB of loans) in {work}", flush=True)
+    ini = work / "bibliogate.ini"
+    ini.write_text("[smtp]\nhost = 127.0.0.1\n[gateway]\nfrom_address = library@school.example\n"
+                   "[library]\nname = District Libraries\n", encoding="utf-8")
+    cli = [sys.executable, str(PROGRAM), "--config", str(ini)]
+    steps = {}
+
+    def step(name, argv):
+        print(f"{name} ...", flush=True)
+        steps[name] = measure(argv, work)
+        print(f"    {steps[name]['seconds']} s, peak {steps[name]['peak_mb']} MB: "
+              f"{steps[name]['output']}", flush=True)
+
+    for name in ("patrons", "loans"):          # each beside its bare load, under the same load
+        csv_file = work / f"{name}.csv"
+        for how, figures in bare_loads(work, csv_file).items():
+            steps[f"bare load of {name}: {how}"] = figures
+            print(f"bare load of {name} ({how}): {figures['seconds']} s", flush=True)
+        step(f"import {name}", cli + ["import", name, str(csv_file)])
+    make_next_night(work / "loans.csv", work / "loans-next.csv", patrons, rng)
+    step("import loans, next night (8% changed)", cli + ["import", "loans", str(work / "loans-next.csv")])
+    step("import loans, same file again", cli + ["import", "loans", str(work / "loans-next.csv")])
+    step("overdue (today)", cli + ["overdue"])
+    spool = work / "spool"
+    files = sum(1 for p in spool.iterdir() if p.suffix.upper() == ".TMP")
+    step("overdue again (nothing new)", cli + ["overdue"])
+    return {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "patrons": patrons,
+            "loans": loans, "files_queued": files, "python": sys.version.split()[0],
+            "cpus": os.cpu_count(), "sqlite3": SQLITE3, "steps": steps,
+            "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def report(results: dict) -> None:
+    steps = results["steps"]
+    bare_name = "sqlite3 .import" if results["sqlite3"] else "csv + executemany"
+    load = f", load average {results['load']:.1f}" if results.get("load") is not None else ""
+    print(f"\nBiblioGate bench, {results['date']}: {results['patrons']:,} patrons, "
+          f"{results['loans']:,} loans, Python {results['python']}, {results['cpus']} CPUs{load}")
+    print(f"| step | seconds | peak MB | against the bare load ({bare_name}) |")
+    print("|---|---:|---:|---|")
+    for name, figures in steps.items():
+        what = name.split()[1].strip(",") if name.startswith("import") else None
+        bare = steps.get(f"bare load of {what}: {bare_name}") if what else None
+        ratio = f"{figures['seconds'] / bare['seconds']:.1f}x" if bare else ""
+        print(f"| {name} | {figures['seconds']} | {figures['peak_mb'] or 'n/a'} | {ratio} |")
+    job = steps["overdue (today)"]
+    print(f"\noverdue: {results['files_queued']:,} messages queued in {job['seconds']} s "
+          f"({job['seconds'] / max(1, results['files_queued']) * 1000:.2f} ms each); "
+          f"goals: under 10 s and 300 MB")
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    name = out / f"overdue-{results['date'].replace(' ', '-').replace(':', '')}.json"
+    name.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"saved {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Importing patrons.csv and loans.csv: by command, and from the import folder.
+
+A real sqlite file in tmp_path; the clock is injected where time matters."""
+
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import bibliogate as bg
+from conftest import write_ini
+
+NOON = dt.datetime(2026, 3, 2, 12, 0).timestamp()      # a Monday
+
+PATRONS = [
+    ["P1", "Ann Smith", "ann@example.org", "", "7A", "yes"],
+    ["P2", "Bob Jones", "bob@example.org", "mum@example.org", "7A", "no"],
+    ["P3", "Cy Young", "", "", "7B", ""],
+]
+PATRON_HEADER = ["patron_id", "name", "email", "guardian_email", "group", "auto_overdue"]
+LOAN_HEADER = ["patron_id", "barcode", "title", "due_date"]
+
+
+def csv_text(header, rows) -> str:
+    def cell(value):
+        value = str(value)
+        return f'"{value}"' if any(c in value for c in ',"\r\n') else value
+    return "".join(",".join(map(cell, row)) + "\r\n" for row in [header, *rows])
+
+
+def write_csv(path: Path, header, rows, bom=False) -> Path:
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + csv_text(header, rows).encode("utf-8"))
+    return path
+
+
+def make_settings(folder: Path, **overrides) -> bg.Settings:
+    settings, _ = bg.ensure_layout(write_ini(folder, **overrides))
+    return settings
+
+
+def table(settings, sql):
+    db = bg.open_db(settings.database)
+    try:
+        return [tuple(row) for row in db.execute(sql)]
+    finally:
+        db.close()
+
+
+def patrons(settings):
+    return table(settings, "SELECT patron_id, name, email, guardian_email, grp, auto_overdue "
+                           "FROM patrons ORDER BY patron_id")
+
+
+def loans(settings):
+    return table(settings, "SELECT barcode, patron_id, title, due_date FROM loans ORDER BY barcode")
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return make_settings(tmp_path / "gw")
+
+
+def import_patrons(settings, tmp_path, rows=PATRONS):
+    return bg.import_csv(settings, "patrons", write_csv(tmp_path / "patrons.csv", PATRON_HEADER, rows))
+
+
+# -- patrons ---------------------------------------------------------------------
+
+def test_patrons_are_added_then_updated_and_counted(settings, tmp_path):
+    result = import_patrons(settings, tmp_path)
+    assert (result.added, result.updated, result.unchanged, result.removed) == (3, 0, 0, 0)
+    assert patrons(settings) == [("P1", "Ann Smith", "ann@example.org", "", "7A", 1),
+                                 ("P2", "Bob Jones", "bob@example.org", "mum@example.org", "7A", 0),
+                                 ("P3", "Cy Young", "", "", "7B", 0)]
+    changed = [PATRONS[0][:2] + ["ann.smith@example.org"] + PATRONS[0][3:], PATRONS[1],
+               ["P4", "Di Prince", "di@example.org", "", "8C", "TRUE"]]
+    result = import_patrons(settings, tmp_path, changed)
+    assert (result.added, result.updated, result.unchanged, result.skipped) == (1, 1, 1, [])
+    assert result.summary() == ("patrons.csv: 3 patrons imported: 1 added, 1 updated, "
+                                "1 unchanged, 0 removed, 0 skipped.")
+    rows = patrons(settings)
+    assert [r[0] for r in rows] == ["P1", "P2", "P3", "P4"]      # P3 stays: not in the file
+    assert rows[0][2] == "ann.smith@example.org" and rows[3][5] == 1
+
+
+def test_a_column_the_file_lacks_keeps_what_is_stored(settings, tmp_path):
+    import_patrons(settings, tmp_path)
+    path = write_csv(tmp_path / "names.csv", ["patron_id", "name"], [["P1", "Ann Smith-Lee"]])
+    result = bg.import_csv(settings, "patrons", path)
+    assert (result.updated, result.added) == (1, 0)
+    assert patrons(settings)[0] == ("P1", "Ann Smith-Lee", "ann@example.org", "", "7A", 1)
+
+
+def test_bom_and_header_case_and_spaces_are_accepted(settings, tmp_path):
+    header = [" Patron_ID ", "NAME", "Email ", " Guardian Email", "Group", "AUTO_OVERDUE"]
+    path = write_csv(tmp_path / "excel.csv", header, PATRONS, bom=True)
+    assert bg.import_csv(settings, "patrons", path).added == 3
+    assert patrons(settings)[1][3] == "mum@example.org"
+
+
+def test_semicolons_as_excel_writes_them_in_some_countries(settings, tmp_path):
+    path = tmp_path / "semi.csv"
+    path.write_text("patron_id;name;email\nP1;Ann Smith;ann@example.org\n", encoding="utf-8")
+    assert bg.import_csv(settings, "patrons", path).added == 1
+    assert patrons(settings)[0][:3] == ("P1", "Ann Smith", "ann@example.org")
+
+
+def test_every_bad_row_is_reported_by_line_and_nothing_changes(settings, tmp_path):
+    import_patrons(settings, tmp_path)
+    before = patrons(settings)
+    text = ("patron_id,name,email,guardian_email,group,auto_overdue\r\n"
+            "P1,Ann Smith,ann@new.example.org,,7A,yes\r\n"             # line 2: good
+            'P5,"Ed\r\nWard",not-an-address,,7A,yes\r\n'               # lines 3-4: bad email
+            "\r\n"                                                       # line 5: blank
+            ",No Number,,,,\r\n"                                         # line 6: no id
+            "P1,Ann Again,,,,\r\n"                                       # line 7: duplicate
+            "P6,Fay,fay@example.org,dad@,7B,maybe\r\n"                   # line 8: two problems
+            "P7,,g@example.org,,,\r\n"                                   # line 9: no name
+            "P8,Hal,h@example.org,,7B,no,extra\r\n")                     # line 10: too many values
+    path = tmp_path / "bad.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    with pytest.raises(bg.ImportRefused) as caught:
+        bg.import_csv(settings, "patrons", path)
+    problems = caught.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        "bad.csv line 3", "bad.csv line 6", "bad.csv line 7", "bad.csv line 8",
+        "bad.csv line 9", "bad.csv line 10"]
+    assert "email 'not-an-address' is not an email address" in problems[0]
+    assert "no patron_id" in problems[1]
+    assert "patron_id P1 is also on line 2" in problems[2]
+    assert "guardian_email 'dad@'" in problems[3] and "auto_overdue 'maybe'" in problems[3]
+    assert "no name" in problems[4]
+    assert "7 values, but the header names 6 columns" in problems[5]
+    assert "--skip-bad" in caught.value.fix
+    assert patrons(settings) == before
+
+    result = bg.import_csv(settings, "patrons", path, skip_bad=True)
+    assert (result.rows, len(result.skipped), result.updated) == (7, 6, 1)
+    assert patrons(settings)[0][2] == "ann@new.example.org"
+
+
+def test_rows_the_csv_reader_cannot_take_are_reported_too(settings, tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text("patron_id,name\nP1,Ann\nP2," + "x" * 200_000 + "\nP3,Cy\n"
+                    '"P4,Di\nP5,Ed\n', encoding="utf-8")
+    with pytest.raises(bg.ImportRefused) as caught:
+        bg.import_csv(settings, "patrons", path)
+    assert caught.value.problems == [
+        "broken.csv line 3: cannot be read as CSV (field larger than field limit (131072)).",
+        "broken.csv line 5: a value in double quotes runs on over the next lines: is a "
+        "closing '\"' missing?"]
+
+
+def test_a_name_on_two_lines_becomes_one_line(settings, tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('patron_id,name,email\nP1,"Ann\r\nBcc: evil@example.org",ann@example.org\n',
+                    encoding="utf-8", newline="")
+    bg.import_csv(settings, "patrons", path)
+    assert patrons(settings)[0][1] == "Ann Bcc: evil@example.org"
+
+
+# -- loans -----------------------------------------------------------------------
+
+def test_loans_are_a_snapshot_that_replaces_the_last(settings, tmp_path):
+    import_patrons(settings, tmp_path)
+    first = [["P1", "B1", "Matilda", "2026-03-05"], ["P1", "B2", "Holes", "2026-03-01"],
+             ["P2", "B3", "Wonder", "2026-02-27"]]
+    result = bg.import_csv(settings, "loans", write_csv(tmp_path / "loans.csv", LOAN_HEADER, first),
+                           now=NOON)
+    assert (result.added, result.removed) == (3, 0)
+    second = [["P1", "B1", "Matilda", "2026-03-19"],            # renewed
+              ["P2", "B3", "Wonder", "2026-02-27"],             # unchanged; B2 returned
+              ["P3", "B4", "Coraline", "2026-03-09"]]           # new
+    result = bg.import_csv(settings, "loans", write_csv(tmp_path / "loans.csv", LOAN_HEADER, second),
+                           now=NOON + 60)
+    assert (result.added, result.updated, result.unchanged, result.removed) == (1, 1, 1, 1)
+    assert "1 removed (returned)" in result.summary()
+    assert loans(settings) == [("B1", "P1", "Matilda", "2026-03-19"),
+                               ("B3", "P2", "Wonder", "2026-02-27"),
+                               ("B4", "P3", "Coraline", "2026-03-09")]
+    db = bg.open_db(settings.database)
+    assert bg.get_state(db, bg.LOANS_IMPORTED_KEY) == NOON + 60
+    db.close()
+
+
+def test_loan_rows_are_checked(settings, tmp_path):
+    import_patrons(settings, tmp_path)
+    rows = [["P1", "B1", "Matilda", "2026-03-05"],
+            ["P9", "B2", "Holes", "2026-03-05"],               # line 3: unknown patron
+            ["P1", "B3", "Wonder", "31/02/2026"],              # line 4: bad date
+            ["P1", "B1", "Matilda again", "2026-03-05"],       # line 5: duplicate barcode
+            ["P1", "", "No barcode", "2026-03-05"],            # line 6
+            ["P1", "B6", "", ""]]                               # line 7: no title, no date
+    path = write_csv(tmp_path / "loans.csv", LOAN_HEADER, rows)
+    with pytest.raises(bg.ImportRefused) as caught:
+        bg.import_csv(settings, "loans", path)
+    problems = caught.value.problems
+    assert [p.split(":")[0] for p in problems] == [f"loans.csv line {n}" for n in (3, 4, 5, 6, 7)]
+    assert "patron P9 is not in the patrons list; import patrons.csv first" in problems[0]
+    assert "due_date '31/02/2026' is not a date" in problems[1]
+    assert "barcode B1 is also on line 2" in problems[2]
+    assert "no barcode" in problems[3]
+    assert "no title" in problems[4] and "no due_date" in problems[4]
+    assert loans(settings) == []
+    db = bg.open_db(settings.database)
+    assert bg.get_state(db, bg.LOANS_IMPORTED_KEY) is None     # a refused file is no snapshot
+    db.close()
+
+
+def test_dates_in_date_format_and_always_iso(tmp_path):
+    settings = make_settings(tmp_path / "gw", library__date_format="%d/%m/%Y")
+    import_patrons(settings, tmp_path)
+    rows = [["P1", "B1", "Matilda", "05/03/2026"], ["P1", "B2", "Holes", "2026-03-06"],
+            ["P1", "B3", "Wonder", "7/3/2026"]]
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "loans.csv", LOAN_HEADER, rows))
+    assert [row[3] for row in loans(settings)] == ["2026-03-05", "2026-03-06", "2026-03-07"]
+    bad = write_csv(tmp_path / "bad.csv", LOAN_HEADER, [["P1", "B1", "Matilda", "03/15/2026"]])
+    with pytest.raises(bg.ImportRefused) as caught:
+        bg.import_csv(settings, "loans", bad)
+    assert "written like" in caught.value.problems[0] and "%d/%m/%Y" in caught.value.problems[0]
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "is empty"),
+    (b"patron_id,barcode,title\nP1,B1,X\n", "no due_date column"),
+    (b"patron_id,name,email,guardian_email,group,auto_overdue\n", "looks like a patrons file"),
+    (b"patron_id,barcode,title,due_date,barcode\n", "the column barcode appears twice"),
+    ("patron_id,barcode,title,due_date\nP1,B1,Caf\u00e9,2026-03-05\n".encode("cp1252"),
+     "not UTF-8 text"),
+])
+def test_files_that_cannot_be_imported_say_why(settings, tmp_path, content, words):
+    path = tmp_path / "loans.csv"
+    path.write_bytes(content)
+    with pytest.raises(bg.ImportRefused) as caught:
+        bg.import_csv(settings, "loans", path)
+    assert words in str(caught.value)
+
+
+def test_unknown_columns_are_ignored_with_a_note(settings, tmp_path):
+    path = write_csv(tmp_path / "p.csv", ["patron_id", "name", "homeroom"], [["P1", "Ann", "12"]])
+    result = bg.import_csv(settings, "patrons", path)
+    assert result.added == 1 and "ignored the columns homeroom" in result.notes[0]
+
+
+# -- the command -----------------------------------------------------------------
+
+def test_import_command_reports_bad_rows_and_exit_status(gateway, tmp_path):
+    write_csv(tmp_path / "patrons.csv", PATRON_HEADER,
+              PATRONS + [["P4", "Di", "di@", "", "", ""]])
+    proc = gateway.cli("import", "patrons", tmp_path / "patrons.csv", check=1)
+    assert "patrons.csv line 5: email 'di@' is not an email address" in proc.stderr
+    assert "Nothing was imported" in proc.stderr and proc.stdout == ""
+    proc = gateway.cli("import", "patrons", tmp_path / "patrons.csv", "--skip-bad", check=0)
+    assert proc.stdout.strip() == ("patrons.csv: 3 patrons imported: 3 added, 0 updated, "
+                                   "0 unchanged, 0 removed, 1 skipped.")
+    assert "skipped patrons.csv line 5" in proc.stderr
+
+
+def test_import_command_prints_progress_on_long_files(gateway, tmp_path):
+    rows = [[f"P{n}", f"Patron {n}", f"p{n}@example.org", "", "", "yes"] for n in range(6000)]
+    write_csv(tmp_path / "patrons.csv", PATRON_HEADER, rows)
+    proc = gateway.cli("import", "patrons", tmp_path / "patrons.csv", check=0)
+    assert "patrons.csv: 5,000 rows read" in proc.stderr
+    assert "6,000 patrons imported: 6,000 added" in proc.stdout
+
+
+# -- the import folder -----------------------------------------------------------
+
+class Clock:
+    def __init__(self, start):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
+def drop(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def watch(gateway, clock, watcher):
+    watcher(gateway, clock())
+    clock.now += bg.STABLE_SECONDS + 1
+    watcher(gateway, clock())
+
+
+def test_the_import_folder_imports_then_moves_to_done(tmp_path):
+    clock = Clock(NOON)
+    gateway = bg.Gateway(write_ini(tmp_path / "gw"), clock=clock)
+    folder = gateway.settings.import_folder
+    watcher = bg.ImportWatch()
+    drop(folder, "LOANS.CSV", csv_text(LOAN_HEADER, [["P1", "B1", "Matilda", "2026-03-05"]]))
+    drop(folder, "patrons.csv", csv_text(PATRON_HEADER, PATRONS))
+    watcher(gateway, clock())
+    assert (folder / "patrons.csv").exists()               # just appeared: not yet
+    watch(gateway, clock, watcher)
+    assert not (folder / "patrons.csv").exists() and not (folder / "LOANS.CSV").exists()
+    done = sorted(p.name for p in (folder / "done").iterdir())
+    assert done == ["LOANS-20260302-120003.CSV", "patrons-20260302-120003.csv"]
+    assert loans(gateway.settings) == [("B1", "P1", "Matilda", "2026-03-05")]
+    details = [e["detail"] for e in gateway.journal.events("2026-03-02", ["import"])]
+    assert details[0].startswith("patrons.csv: 3 patrons imported")   # patrons went first
+    assert any(d.startswith("LOANS.CSV: 1 loans imported") for d in details)
+    activity = bg.daily_summary(gateway, "2026-03-02")["activity"]
+    assert "LOANS.CSV: 1 loans imported" in activity
+
+
+def test_a_bad_file_goes_to_failed_with_every_bad_row_listed(tmp_path):
+    clock = Clock(NOON)
+    gateway = bg.Gateway(write_ini(tmp_path / "gw"), clock=clock)
+    folder = gateway.settings.import_folder
+    watcher = bg.ImportWatch()
+    rows = PATRONS + [["", "No Id", "", "", "", ""], ["P1", "Again", "", "", "", ""]]
+    drop(folder, "patrons.csv", csv_text(PATRON_HEADER, rows))
+    watch(gateway, clock, watcher)
+    failed = folder / "failed"
+    assert sorted(p.name for p in failed.iterdir()) == ["patrons-20260302-120003.csv",
+                                                         "patrons-20260302-120003.txt"]
+    report = (failed / "patrons-20260302-120003.txt").read_text(encoding="utf-8")
+    assert "was NOT imported" in report
+    assert "patrons.csv line 5: no patron_id." in report
+    assert "patrons.csv line 6: patron_id P1 is also on line 2." in report
+    assert patrons(gateway.settings) == []
+    event = gateway.journal.events("2026-03-02", ["import_failed"])[0]
+    assert "NOT imported" in event["detail"] and str(failed) in event["detail"]
+    assert "NOT imported" in bg.daily_summary(gateway, "2026-03-02")["activity"]
+
+
+def test_a_file_still_being_written_waits(tmp_path):
+    clock = Clock(NOON)
+    gateway = bg.Gateway(write_ini(tmp_path / "gw"), clock=clock)
+    folder = gateway.settings.import_folder
+    watcher = bg.ImportWatch()
+    path = drop(folder, "patrons.csv", csv_text(PATRON_HEADER, PATRONS[:1]))
+    for n in range(3):                      # it keeps growing: never taken
+        watcher(gateway, clock())
+        with open(path, "a", encoding="utf-8", newline="") as fh:
+            fh.write(f"P{10 + n},Patron {n},,,,\r\n")
+        clock.now += bg.STABLE_SECONDS + 1
+    assert path.exists() and patrons(gateway.settings) == []
+    watch(gateway, clock, watcher)          # now it has stopped changing
+    assert not path.exists() and len(patrons(gateway.settings)) == 4
+
+
+def test_the_gateway_runs_the_watcher(tmp_path):
+    clock = Clock(time.time())
+    gateway = bg.Gateway(write_ini(tmp_path / "gw"), clock=clock)
+    drop(gateway.settings.import_folder, "patrons.csv", csv_text(PATRON_HEADER, PATRONS))
+    assert any(isinstance(task, bg.ImportWatch) for task in gateway.tasks)
+    for _ in range(2):
+        for task in gateway.tasks:
+            if isinstance(task, bg.ImportWatch):
+                task(gateway, clock())
+        clock.now += bg.STABLE_SECONDS + 1
+    assert len(patrons(gateway.settings)) == 3
+    assert os.listdir(gateway.settings.import_folder / "done")
