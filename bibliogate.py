@@ -44,6 +44,7 @@ import datetime as dt
 import email.errors
 import email.header
 import email.policy
+import email.quoprimime
 import email.utils
 import functools
 import getpass
@@ -71,7 +72,6 @@ import threading
 import time
 import urllib.parse
 import webbrowser
-from email.message import EmailMessage
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
@@ -851,23 +851,52 @@ def valid_address(address: str) -> bool:
     return bool(ADDRESS_RE.match(address or ""))
 
 
+def header_value(text: str, name: str) -> str:
+    """A header's value: plain when it is short ASCII, else RFC 2047 encoded
+    and folded (email.header does both)."""
+    text = one_line(text)
+    if text.isascii() and len(name) + len(text) < 76:
+        return text
+    charset = "us-ascii" if text.isascii() else "utf-8"
+    return email.header.Header(text, charset, header_name=name).encode(linesep="\r\n")
+
+
+def body_part(body: str) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, bytes with CRLF endings) for a text body:
+    7bit when it is plain ASCII in short lines, quoted-printable otherwise."""
+    text = "\r\n".join(body.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    if text.isascii() and all(len(line) <= 998 for line in text.split("\r\n")):
+        return "7bit", text.encode("ascii")
+    # body_encode works on one character per byte: give it the UTF-8 bytes so.
+    encoded = email.quoprimime.body_encode(text.encode("utf-8").decode("latin-1"), eol="\r\n")
+    return "quoted-printable", encoded.encode("ascii")
+
+
 def compose(settings: Settings, to: str, subject: str, body: str, to_name: str = "",
             now: float | None = None) -> bytes:
     """A complete message of our own, ready for the spool. The names and
     addresses come from data a patron may have typed: they pass through
-    one_line and the email package, so they can never add a header."""
+    one_line and the email package's encoders, so they can never add a
+    header. (Written by hand rather than with EmailMessage, which is five
+    times slower: the overdue job of a big district writes thousands.)"""
     if not valid_address(to):
         raise BadMessage(f"{to!r} is not an email address.")
-    msg = EmailMessage(policy=email.policy.SMTP)
     sender = settings.from_address or "bibliogate@localhost"
-    msg["From"] = email.utils.formataddr((one_line(settings.library_name), sender), "utf-8")
-    msg["To"] = email.utils.formataddr((one_line(to_name), to), "utf-8")
-    msg["Subject"] = one_line(subject)
-    msg["Date"] = email.utils.formatdate(now, localtime=True)
-    msg["Message-ID"] = email.utils.make_msgid("bibliogate", sender.rpartition("@")[2] or None)
-    msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(body)
-    return msg.as_bytes()
+    domain = sender.rpartition("@")[2] or "localhost"
+    cte, data = body_part(body)
+    headers = [
+        ("From", email.utils.formataddr((one_line(settings.library_name), sender), "utf-8")),
+        ("To", email.utils.formataddr((one_line(to_name), to), "utf-8")),
+        ("Subject", header_value(subject, "Subject")),
+        ("Date", email.utils.formatdate(now, localtime=True)),
+        ("Message-ID", f"<{time.time_ns()}.{secrets.token_hex(6)}.bibliogate@{domain}>"),
+        ("Auto-Submitted", "auto-generated"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", 'text/plain; charset="utf-8"'),
+        ("Content-Transfer-Encoding", cte),
+    ]
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return head.encode("ascii") + b"\r\n" + data
 
 
 @dataclasses.dataclass

@@ -139,3 +139,20 @@ def test_no_ini_at_all_reads_as_the_defaults(tmp_path):
     settings = bg.load_settings(tmp_path / "nowhere.ini")
     assert settings.per_check == 10 and settings.interval == 180
     assert any("[smtp] host" in p for p in settings.problems)
+
+
+def test_composed_messages_read_back_exactly(tmp_path):
+    import email
+    import email.policy
+    settings = bg.load_settings(write_ini(tmp_path, library__name="Bibliothèque Zoë"))
+    bodies = ["plain\ntext\n", "Zoë, café = 3 €\n" + "x" * 1200 + "\n. a dot line\n", "é"]
+    for body in bodies:
+        data = bg.compose(settings, "ann@example.org", "Prêt " + "long " * 30, body,
+                          "Ann\r\nBcc: evil@example.org", 0)
+        assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
+        msg = email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.default)
+        assert msg.get_content() == body
+        assert msg["Subject"] == "Prêt " + ("long " * 30).strip()
+        assert msg["From"] == "Bibliothèque Zoë <library@school.example>"
+        assert msg["Bcc"] is None and msg["To"].addresses[0].addr_spec == "ann@example.org"
+        assert msg["Auto-Submitted"] == "auto-generated" and msg["Message-ID"] and msg["Date"]
