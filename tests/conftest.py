@@ -577,3 +577,30 @@ def eml(to="patron@example.org", subject="Hello", body="Hi.\n", **headers) -> by
         ]
     text = "\n".join(lines) + "\n\n" + body.replace("\r\n", "\n")
     return text.encode("utf-8")
+
+
+# Test data and time ##########################################################
+
+class Clock:
+    """A clock the tests move by hand."""
+
+    def __init__(self, start=None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def add_patron(db, pid, name, email="", guardian="", grp=""):
+    with db:
+        db.execute("INSERT INTO patrons(patron_id, name, email, guardian_email, grp, auto_overdue)"
+                   " VALUES (?,?,?,?,?,0)", (pid, name, email, guardian, grp))
+
+
+def add_loan(db, barcode, pid, title, due):
+    with db:
+        db.execute("INSERT OR REPLACE INTO loans(barcode, patron_id, title, due_date) "
+                   "VALUES (?,?,?,?)", (barcode, pid, title, due.isoformat()))

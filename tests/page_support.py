@@ -11,7 +11,6 @@ import html.parser
 import http.client
 import re
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +18,12 @@ from pathlib import Path
 import pytest
 
 import bibliogate as bg
+from conftest import Clock
 
 #: The SMTP password in every test ini: no answer of the page may hold it.
 SECRET = "Sw0rdf1sh-not-for-browsers"
 
 
-class Clock:
-    """A clock the tests move by hand."""
-
-    def __init__(self, start=None):
-        self.now = time.time() if start is None else start
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 def commented_ini(sink, **lines) -> str:

@@ -8,8 +8,8 @@ import sys
 import time
 
 import bibliogate as bg
-from conftest import REPO, eml, write_ini
-from test_sender import Clock, drop
+from conftest import REPO, Clock, eml, write_ini
+from test_sender import drop
 
 
 def day_at(day: dt.date, hour: int, minute: int = 0) -> float:

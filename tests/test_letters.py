@@ -15,7 +15,7 @@ import time
 import pytest
 
 import bibliogate as bg
-from conftest import REPO, write_ini
+from conftest import REPO, add_loan, add_patron, write_ini
 
 DAY = dt.date(2026, 3, 10)
 
@@ -34,16 +34,6 @@ def lib(tmp_path):
     journal.close()
 
 
-def add_patron(db, pid, name, email="", guardian="", grp=""):
-    with db:
-        db.execute("INSERT INTO patrons(patron_id, name, email, guardian_email, grp, auto_overdue)"
-                   " VALUES (?,?,?,?,?,0)", (pid, name, email, guardian, grp))
-
-
-def add_loan(db, barcode, pid, title, due):
-    with db:
-        db.execute("INSERT OR REPLACE INTO loans(barcode, patron_id, title, due_date) "
-                   "VALUES (?,?,?,?)", (barcode, pid, title, due.isoformat()))
 
 
 def letters(lib, kind, day, **options):

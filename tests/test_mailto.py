@@ -9,7 +9,7 @@ import urllib.parse
 import pytest
 
 import bibliogate as bg
-from conftest import write_ini
+from conftest import add_loan, add_patron, write_ini
 
 DAY = dt.date(2026, 3, 10)
 
@@ -22,16 +22,6 @@ def lib(tmp_path):
     db.close()
 
 
-def add_patron(db, pid, name, email="", guardian="", grp=""):
-    with db:
-        db.execute("INSERT INTO patrons(patron_id, name, email, guardian_email, grp, auto_overdue)"
-                   " VALUES (?,?,?,?,?,0)", (pid, name, email, guardian, grp))
-
-
-def add_loan(db, barcode, pid, title, due):
-    with db:
-        db.execute("INSERT INTO loans(barcode, patron_id, title, due_date) VALUES (?,?,?,?)",
-                   (barcode, pid, title, due.isoformat()))
 
 
 def parse(url):

@@ -9,20 +9,9 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 import bibliogate as bg
-from conftest import eml, write_ini
+from conftest import Clock, eml, write_ini
 
 
-class Clock:
-    """A clock the tests move by hand."""
-
-    def __init__(self, start=None):
-        self.now = time.time() if start is None else start
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 def drop(spool: Path, name: str, data: bytes, age: float = 60.0) -> Path:
