@@ -3251,9 +3251,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def read_form(self) -> dict:
         """The posted fields (first value of each) of a small urlencoded form."""
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):      # "²".isdigit() is true
             raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
-        if int(length) > MAX_FORM_BYTES:
+        # int() refuses 4,300 digits and more, so a long number is refused first.
+        if len(length) > 12 or int(length) > MAX_FORM_BYTES:
             raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
         data = self.rfile.read(int(length))
