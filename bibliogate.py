@@ -2491,7 +2491,9 @@ _COMMENT_RE = re.compile(r"\s;")
 
 def ini_value_problem(value: str) -> str | None:
     """Why bibliogate.ini cannot hold `value` as it is, or None."""
-    if re.search(r"[\x00-\x1f\x7f]", value):
+    # Besides control characters: U+0085, U+2028 and U+2029, which end a line
+    # for update_ini_text (str.splitlines) though not for configparser.
+    if re.search(r"[\x00-\x1f\x7f\x85\u2028\u2029]", value):
         return "must be one line, without tabs or other control characters."
     if value != value.strip():
         return "cannot start or end with a space."

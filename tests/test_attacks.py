@@ -33,7 +33,7 @@ PAYLOAD = '"><script>alert(1)</script><img src=x onerror=alert(2)>\''
 #: What escaping makes of it.
 ESCAPED = html.escape(PAYLOAD, quote=True)
 #: Forms of a line break that must never reach the ini inside a value.
-LINE_BREAKS = ("\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c")
+LINE_BREAKS = ("\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029")
 
 
 def inert(text: str) -> bool:
