@@ -1102,7 +1102,11 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
         raise SpoolError(f"{name!r} is not a file name in the spool folder; use a name as "
                          "`queue` shows it.")
     path = Path(folder) / name
-    if not path.is_file() or not (is_waiting_name(name) or is_bad_name(name)):
+    try:
+        found = path.is_file()
+    except OSError:             # a name too long for the file system
+        found = False
+    if not found or not (is_waiting_name(name) or is_bad_name(name)):
         raise SpoolError(f"There is no queued message called {name} in {folder}.")
     return path
 

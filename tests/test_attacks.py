@@ -490,7 +490,7 @@ def test_retry_and_delete_names_never_reach_outside_the_queue(open_page):
              "real.BAD\x00", "real.BAD\x00.txt", "../outside.BAD\x00", "\x00",
              lock, lock + ".BAD", "real.BAD-reason.txt", "bibliogate.db", ".", "..", "",
              "real.BAD/", "real.BAD/.", "./real.BAD/..", "spool/../real.BAD",
-             "real.BAD ", " real.BAD", "real.BAD.", "REAL.BAD:stream"]
+             "x" * 300 + ".BAD", "real.BAD ", " real.BAD", "real.BAD.", "REAL.BAD:stream"]
     c = page.client()
     c.get("/queue")
     for name in names:
