@@ -2434,6 +2434,11 @@ LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
 #: The Patrons page lists at most this many patrons, the Queue page this
 #: many waiting messages (and every .BAD one).
 PATRONS_SHOWN = QUEUE_SHOWN = 200
+#: Keys the digest of bibliogate.ini that the Settings form carries (to notice
+#: a hand edit made meanwhile). The page shows the other values of that file,
+#: so a plain hash of it would let anyone who can open the page test guesses
+#: of the SMTP password offline; this key never leaves the process.
+INI_DIGEST_KEY = secrets.token_bytes(32)
 #: Words that mean "yes" in the ini, as configparser reads them.
 YES_WORDS = frozenset({"1", "yes", "true", "on"})
 #: Sent with every answer: no scripts, no framing, no foreign styles or forms.
@@ -2578,7 +2583,7 @@ def read_ini(path: Path) -> tuple[str, str]:
     except UnicodeDecodeError:
         raise BibliogateError(f"{path} is not UTF-8 text. Open it in Notepad and save it "
                               "with the encoding UTF-8.") from None
-    return text, hashlib.sha256(data).hexdigest()[:16]
+    return text, hmac.new(INI_DIGEST_KEY, data, hashlib.sha256).hexdigest()[:16]
 
 
 def save_ini_text(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ slow-client attacks, so the module stays within a few seconds of each."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
 import select
@@ -650,6 +651,30 @@ def test_many_slow_clients_do_not_shut_out_the_librarian(open_page, quick_deadli
     finally:
         for sock in slow:
             sock.close()
+
+
+# -- the SMTP password --------------------------------------------------------------------------------
+
+def test_no_answer_holds_the_password_nor_a_plain_hash_of_the_ini(open_page):
+    """The Settings form carries a digest of bibliogate.ini, to notice a hand
+    edit made meanwhile. The page shows the other values of that file, so a
+    plain hash of it would let anyone who can open the page try password
+    guesses offline, as fast as a computer hashes."""
+    page = open_page()
+    witness = Witness(page)
+    c = page.client()
+    for path in ("/", "/settings", "/queue", "/log", "/patrons", "/health", "/login"):
+        c.get(path)
+    c.get("/")
+    c.submit("/settings", **{"smtp.port": "abc"})           # a refused Save shows the form again
+    data = page.ini.read_bytes()
+    for digest in (hashlib.sha256(data).hexdigest(), hashlib.sha1(data).hexdigest(),
+                   hashlib.md5(data).hexdigest()):
+        assert not [a for a in witness.answers() if digest[:12] in a]
+    c.get("/")
+    r = c.submit("/settings", **{"library.name": "Hill School"})      # and Save still works
+    assert any("Saved [library] name" in n for n in flashes(r.text))
+    witness.unharmed(ini_changed=True)
 
 
 # -- header injection into the ini -------------------------------------------------------------------
