@@ -1,0 +1,82 @@
+"""The config page with a long queue and many requests at once: the Queue page
+opens only the files it lists, and pages share a slow reading of the spool
+folder.
+(How fast: bench/page_load.py. Here: what is done, never how long it takes.)"""
+
+import time
+
+import bibliogate as bg
+from conftest import eml
+from page_support import open_page  # noqa: F401
+from test_page import drop
+
+
+def counting(monkeypatch, name):
+    """Wrap bibliogate's function `name` (it still runs) and count its calls."""
+    real, calls = getattr(bg, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bg, name, wrapper)
+    return calls
+
+
+def later():
+    """Let the folder's clock tick: its modification time may be coarse (a few ms)."""
+    time.sleep(0.05)
+
+
+def test_queue_head_lists_bad_files_and_the_first_waiting_ones_in_order(tmp_path):
+    for n, name in enumerate(["c.TMP", "a.tmp", "PRIORITY-test-1.TMP", "b.TMP", "x.BAD", "w.BAD",
+                              "note.txt", ".a.TMP.part", "x.BAD-reason.txt"]):
+        drop(tmp_path, name, b"To: a@example.org\n\nx\n", age=100 - n)
+    bad, first, waiting = bg.queue_head(tmp_path, 2)
+    assert [f.name for f in bad] == ["x.BAD", "w.BAD"]
+    assert [f.name for f in first] == ["PRIORITY-test-1.TMP", "c.TMP"]   # as the sender takes them
+    assert waiting == 4
+    assert first[1].path == tmp_path / "c.TMP" and first[1].size == 21
+
+
+def test_the_queue_page_opens_only_the_files_it_lists(open_page, monkeypatch):
+    monkeypatch.setattr(bg, "QUEUE_SHOWN", 3)
+    page = open_page()
+    for n in range(40):
+        drop(page.spool, f"m{n:02d}.TMP", eml(subject=f"letter {n}"), age=1000 - n)
+    drop(page.spool, "z.BAD", b"junk")
+    peeks = counting(monkeypatch, "peek")
+    text = page.client().get("/queue").text
+    assert "letter 0" in text and "letter 2" in text and "letter 3" not in text
+    assert "And 37 more waiting messages" in text and "Waiting: 40 · .BAD: 1" in text
+    assert sorted(args[0].name for args in peeks) == ["m00.TMP", "m01.TMP", "m02.TMP", "z.BAD"]
+
+
+def test_a_slow_reading_of_the_spool_serves_the_pages_until_the_folder_changes(open_page,
+                                                                                monkeypatch):
+    monkeypatch.setattr(bg, "SPOOL_VIEW_SLOW", 0.0)       # every reading counts as slow
+    page = open_page()
+    drop(page.spool, "one.TMP", eml())
+    readings = counting(monkeypatch, "queue_head")
+    c = page.client()
+    for path in ("/health", "/", "/queue", "/health"):
+        c.get(path)
+    assert len(readings) == 1
+    assert '"waiting": 1' in c.get("/health").text
+    later()
+    drop(page.spool, "two.TMP", eml())
+    assert '"waiting": 2' in c.get("/health").text and len(readings) == 2
+    later()
+    drop(page.spool, "gone.BAD", b"junk")
+    c.get("/queue")
+    c.post("/queue/delete", {"token": c.token(), "file": "gone.BAD"})   # the page's own change
+    assert '"bad": 0' in c.get("/health").text and len(readings) == 4
+
+
+def test_a_short_queue_is_read_afresh_for_every_page(open_page, monkeypatch):
+    page = open_page()
+    readings = counting(monkeypatch, "queue_head")
+    c = page.client()
+    for n in range(3):
+        c.get("/health")
+    assert len(readings) == 3
