@@ -2462,6 +2462,11 @@ PATRONS_SHOWN = QUEUE_SHOWN = 200
 #: for in the next SPOOL_VIEW_SECONDS while the folder is unchanged, instead of
 #: each reading it again; a short queue is read afresh for every page.
 SPOOL_VIEW_SLOW, SPOOL_VIEW_SECONDS = 0.02, 2.0
+#: At most this many requests build a page at once; the others wait their
+#: turn (a form sent is not held back). Python runs one thread at a time, so
+#: many pages built together would leave the sender, a thread of the same
+#: process, too little time to keep its pace, and would not be done sooner.
+PAGE_WORKERS = 2
 #: Keys the digest of bibliogate.ini that the Settings form carries (to notice
 #: a hand edit made meanwhile). The page shows the other values of that file,
 #: so a plain hash of it would let anyone who can open the page test guesses
@@ -3167,6 +3172,7 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()           #: guards sessions and failed_logins
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
         self.view_lock = threading.Lock()      #: one reading of the spool at a time
+        self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
         self._view: SpoolView | None = None
 
     def server_bind(self) -> None:
@@ -3435,7 +3441,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(HTTPStatus.NO_CONTENT)
             return self.end_headers()
         if url.path == "/health":
-            info = self.health()
+            with self.server.workers:
+                info = self.health()
             return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
         session = self.session(create=True)
         if not self.server.logged_in(session) and url.path != "/login":
@@ -3447,7 +3454,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         view = self.GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
-        title, body = view(self, session, query)
+        with self.server.workers:
+            title, body = view(self, session, query)
         self.send_page(HTTPStatus.OK, title, body, session)
 
     @property

@@ -1,8 +1,9 @@
 """The config page with a long queue and many requests at once: the Queue page
-opens only the files it lists, and pages share a slow reading of the spool
-folder.
+opens only the files it lists, pages share a slow reading of the spool folder,
+and only a few pages are built at a time so that the sender keeps its pace.
 (How fast: bench/page_load.py. Here: what is done, never how long it takes.)"""
 
+import threading
 import time
 
 import bibliogate as bg
@@ -77,6 +78,29 @@ def test_a_short_queue_is_read_afresh_for_every_page(open_page, monkeypatch):
     page = open_page()
     readings = counting(monkeypatch, "queue_head")
     c = page.client()
-    for n in range(3):
+    for _ in range(3):
         c.get("/health")
     assert len(readings) == 3
+
+
+def test_pages_are_built_a_few_at_a_time_and_forms_are_not_held_back(open_page):
+    page = open_page()
+    c = page.client()
+    c.get("/queue")
+    slots = page.server.workers
+    for _ in range(bg.PAGE_WORKERS):       # every slot taken, as by pages being built
+        assert slots.acquire(timeout=5)
+    answered = []
+    waiting = threading.Thread(target=lambda: answered.append(page.client().get("/queue").status))
+    try:
+        waiting.start()
+        waiting.join(0.5)
+        assert answered == []              # its turn has not come
+        assert c.get("/style.css").status == 200
+        r = c.post("/test", {"token": c.token()}, follow=False)
+        assert r.status == 303 and len(list(page.spool.glob("PRIORITY-test-*.TMP"))) == 1
+    finally:
+        for _ in range(bg.PAGE_WORKERS):
+            slots.release()
+    waiting.join(10)
+    assert answered == [200]
