@@ -3158,6 +3158,9 @@ class PageServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     #: On Windows SO_REUSEADDR would let another program take the same port.
     allow_reuse_address = os.name != "nt"
+    #: Connections waiting to be taken. socketserver's 5 made a sixth browser
+    #: tab (or a few idle connections) wait a second or more for its page.
+    request_queue_size = 64
 
     def __init__(self, gateway: Gateway, address: str, port: int):
         self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET

@@ -3,6 +3,7 @@ opens only the files it lists, pages share a slow reading of the spool folder,
 and only a few pages are built at a time so that the sender keeps its pace.
 (How fast: bench/page_load.py. Here: what is done, never how long it takes.)"""
 
+import socket
 import threading
 import time
 
@@ -104,3 +105,18 @@ def test_pages_are_built_a_few_at_a_time_and_forms_are_not_held_back(open_page):
             slots.release()
     waiting.join(10)
     assert answered == [200]
+
+
+def test_many_browsers_connecting_at_once_are_let_in(open_page):
+    """The connections wait in the operating system's queue until the page
+    takes them; a short queue would drop the extra ones for a second or more."""
+    page = open_page()
+    server = bg.PageServer(page.gateway, "127.0.0.1", 0)   # listening, not yet taking any
+    connections = []
+    try:
+        for _ in range(40):
+            connections.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
+    finally:
+        for sock in connections:
+            sock.close()
+        server.server_close()
