@@ -2459,9 +2459,10 @@ LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
 PATRONS_SHOWN = QUEUE_SHOWN = 200
 #: A reading of the spool folder slower than SPOOL_VIEW_SLOW seconds (a long
 #: queue: 100,000 messages take about half a second) serves every page asked
-#: for in the next SPOOL_VIEW_SECONDS while the folder is unchanged, instead of
-#: each reading it again; a short queue is read afresh for every page.
-SPOOL_VIEW_SLOW, SPOOL_VIEW_SECONDS = 0.02, 2.0
+#: for while the folder is unchanged, instead of each reading it again; a short
+#: queue is read afresh for every page. A change the folder's coarse clock
+#: missed shows after SPOOL_VIEW_SECONDS at most.
+SPOOL_VIEW_SLOW, SPOOL_VIEW_SECONDS = 0.02, 10.0
 #: At most this many requests build a page at once; the others wait their
 #: turn (a form sent is not held back). Python runs one thread at a time, so
 #: many pages built together would leave the sender, a thread of the same
