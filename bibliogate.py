@@ -1081,6 +1081,19 @@ def scan_times(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> l
     return found
 
 
+def queue_head(folder: Path, limit: int) -> tuple[list[SpoolFile], list[SpoolFile], int]:
+    """Every .BAD file and the first `limit` waiting files, each in queue
+    order, and how many files wait in all. Unlike scan(), it makes objects
+    of the files it returns only: a queue of 100,000 takes a third of the time."""
+    waiting, bad = [], []
+    for name, mtime, size in scan_times(folder, lambda n: is_waiting_name(n) or is_bad_name(n)):
+        (bad if is_bad_name(name) else waiting).append((queue_order(name, mtime), name, mtime, size))
+    folder = Path(folder)
+    files = [SpoolFile(name, folder / name, mtime, size)
+             for _, name, mtime, size in sorted(bad) + heapq.nsmallest(limit, waiting)]
+    return files[:len(bad)], files[len(bad):], len(waiting)
+
+
 def scan(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[SpoolFile]:
     """Every file of one kind in the spool folder, with its time and size."""
     folder = Path(folder)
@@ -1187,7 +1200,11 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
         raise SpoolError(f"{name!r} is not a file name in the spool folder; use a name as "
                          "`queue` shows it.")
     path = Path(folder) / name
-    if not path.is_file() or not (is_waiting_name(name) or is_bad_name(name)):
+    try:
+        found = path.is_file()
+    except OSError:             # a name too long for the file system
+        found = False
+    if not found or not (is_waiting_name(name) or is_bad_name(name)):
         raise SpoolError(f"There is no queued message called {name} in {folder}.")
     return path
 
@@ -1220,12 +1237,16 @@ def remove_stale_parts(folder: Path, now: float) -> None:
                     os.unlink(entry.path)
 
 
-def queue_rows(settings: Settings, db: sqlite3.Connection) -> list[dict]:
-    """The queue as `queue --json` and the config page show it."""
+def queue_rows(settings: Settings, db: sqlite3.Connection,
+               files: list[SpoolFile] | None = None) -> list[dict]:
+    """The queue as `queue --json` and the config page show it: every file,
+    .BAD ones first, or only `files` (in their order)."""
     state = {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
     rows = []
-    files = scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n))
-    for f in sorted(files, key=lambda f: (is_bad_name(f.name), f.order)):
+    if files is None:
+        files = sorted(scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n)),
+                       key=lambda f: (is_bad_name(f.name), f.order))
+    for f in files:
         bad = is_bad_name(f.name)
         st = state.get(f.name)
         rows.append({
@@ -3660,6 +3681,22 @@ LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
 #: The Patrons page lists at most this many patrons, the Queue page this
 #: many waiting messages (and every .BAD one).
 PATRONS_SHOWN = QUEUE_SHOWN = 200
+#: A reading of the spool folder slower than SPOOL_VIEW_SLOW seconds (a long
+#: queue: 100,000 messages take about half a second) serves every page asked
+#: for while the folder is unchanged, instead of each reading it again; a short
+#: queue is read afresh for every page. A change the folder's coarse clock
+#: missed shows after SPOOL_VIEW_SECONDS at most.
+SPOOL_VIEW_SLOW, SPOOL_VIEW_SECONDS = 0.02, 10.0
+#: At most this many requests build a page at once; the others wait their
+#: turn (a form sent is not held back). Python runs one thread at a time, so
+#: many pages built together would leave the sender, a thread of the same
+#: process, too little time to keep its pace, and would not be done sooner.
+PAGE_WORKERS = 2
+#: Keys the digest of bibliogate.ini that the Settings form carries (to notice
+#: a hand edit made meanwhile). The page shows the other values of that file,
+#: so a plain hash of it would let anyone who can open the page test guesses
+#: of the SMTP password offline; this key never leaves the process.
+INI_DIGEST_KEY = secrets.token_bytes(32)
 #: Words that mean "yes" in the ini, as configparser reads them.
 YES_WORDS = frozenset({"1", "yes", "true", "on"})
 #: Sent with every answer: no scripts, no framing, no foreign styles or forms.
@@ -3721,7 +3758,9 @@ _COMMENT_RE = re.compile(r"\s;")
 
 def ini_value_problem(value: str) -> str | None:
     """Why bibliogate.ini cannot hold `value` as it is, or None."""
-    if re.search(r"[\x00-\x1f\x7f]", value):
+    # Besides control characters: U+0085, U+2028 and U+2029, which end a line
+    # for update_ini_text (str.splitlines) though not for configparser.
+    if re.search(r"[\x00-\x1f\x7f\x85\u2028\u2029]", value):
         return "must be one line, without tabs or other control characters."
     if value != value.strip():
         return "cannot start or end with a space."
@@ -3802,7 +3841,7 @@ def read_ini(path: Path) -> tuple[str, str]:
     except UnicodeDecodeError:
         raise BibliogateError(f"{path} is not UTF-8 text. Open it in Notepad and save it "
                               "with the encoding UTF-8.") from None
-    return text, hashlib.sha256(data).hexdigest()[:16]
+    return text, hmac.new(INI_DIGEST_KEY, data, hashlib.sha256).hexdigest()[:16]
 
 
 def save_ini_text(path: Path, text: str) -> None:
@@ -4289,6 +4328,40 @@ def log_tail(path: Path) -> tuple[list[str], bool]:
     return lines[::-1], size > LOG_BYTES
 
 
+# -- the spool as the pages show it ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SpoolView:
+    """One reading of the spool folder, for the pages."""
+    folder: Path
+    stamp: int          #: the folder's modification time (ns) just before the reading
+    bad: list           #: every .BAD file, in queue order
+    first: list         #: the first QUEUE_SHOWN waiting files, in sending order
+    waiting: int        #: how many files wait in all
+    taken: float        #: time.monotonic() of the reading
+    cost: float         #: the seconds it took
+
+    def fresh(self, folder: Path) -> bool:
+        """Whether this reading may serve another page now."""
+        return (folder == self.folder and self.cost >= SPOOL_VIEW_SLOW
+                and time.monotonic() - self.taken < SPOOL_VIEW_SECONDS
+                and folder_stamp(folder) == self.stamp)
+
+
+def folder_stamp(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+def read_spool_view(folder: Path) -> SpoolView:
+    """Raises SpoolError if the folder cannot be read."""
+    stamp, start = folder_stamp(folder), time.monotonic()
+    bad, first, waiting = queue_head(folder, QUEUE_SHOWN)
+    return SpoolView(folder, stamp, bad, first, waiting, start, time.monotonic() - start)
+
+
 # -- sessions --------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -4310,6 +4383,9 @@ class PageServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     #: On Windows SO_REUSEADDR would let another program take the same port.
     allow_reuse_address = os.name != "nt"
+    #: Connections waiting to be taken. socketserver's 5 made a sixth browser
+    #: tab (or a few idle connections) wait a second or more for its page.
+    request_queue_size = 64
 
     def __init__(self, gateway: Gateway, address: str, port: int):
         self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -4323,6 +4399,9 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.failed_logins: list[float] = []
         self.lock = threading.Lock()           #: guards sessions and failed_logins
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
+        self.view_lock = threading.Lock()      #: one reading of the spool at a time
+        self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
+        self._view: SpoolView | None = None
 
     def server_bind(self) -> None:
         # TCPServer's bind only: HTTPServer's also asks DNS for a name, which may be slow.
@@ -4374,6 +4453,29 @@ class PageServer(http.server.ThreadingHTTPServer):
         stored = self.password_hash()
         return not self.login_needed() or (bool(session.login_hash) and hmac.compare_digest(
             session.login_hash.encode(), stored.encode()))
+
+    def spool_view(self) -> SpoolView:
+        """The spool as the pages show it. While one page reads a long queue
+        again, the others show the last reading rather than wait; with no
+        reading to show they wait for it and share it. Raises SpoolError."""
+        folder = self.gateway.settings.spool
+        last = self._view
+        if last is not None and last.fresh(folder):
+            return last
+        slow = last is not None and last.folder == folder and last.cost >= SPOOL_VIEW_SLOW
+        if not self.view_lock.acquire(blocking=not slow):
+            return last
+        try:
+            if self._view is None or not self._view.fresh(folder):
+                self._view = read_spool_view(folder)
+            return self._view
+        finally:
+            self.view_lock.release()
+
+    def forget_spool_view(self) -> None:
+        """After a page's own change to the queue: the next page reads it afresh."""
+        with self.view_lock:
+            self._view = None
 
     def login_paused(self, failed: bool = False) -> bool:
         now = time.monotonic()
@@ -4481,9 +4583,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def read_form(self) -> dict:
         """The posted fields (first value of each) of a small urlencoded form."""
         length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):      # "²".isdigit() is true
             raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
-        if int(length) > MAX_FORM_BYTES:
+        # int() refuses 4,300 digits and more, so a long number is refused first.
+        if len(length) > 12 or int(length) > MAX_FORM_BYTES:
             raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                               f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
         data = self.rfile.read(int(length))
@@ -4566,7 +4669,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(HTTPStatus.NO_CONTENT)
             return self.end_headers()
         if url.path == "/health":
-            info = self.health()
+            with self.server.workers:
+                info = self.health()
             return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
         session = self.session(create=True)
         if not self.server.logged_in(session) and url.path != "/login":
@@ -4578,7 +4682,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         view = self.GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
-        title, body = view(self, session, query)
+        with self.server.workers:
+            title, body = view(self, session, query)
         self.send_page(HTTPStatus.OK, title, body, session)
 
     @property
@@ -4592,7 +4697,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         problems = Html("<ul>" + join(Html(f"<li>{esc(p)}</li>") for p in settings.problems)
                         + "</ul>") if settings.problems else Html("")
         try:
-            waiting, bad = len(scan(settings.spool)), len(scan(settings.spool, is_bad_name))
+            view = self.server.spool_view()
+            waiting, bad = view.waiting, len(view.bad)
         except SpoolError:
             waiting = bad = "?"
         last = get_state(self.gateway.journal.db, "last_check")
@@ -4649,15 +4755,14 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         s, now = self.gateway.settings, self.gateway.clock()
         token = self.token_input(session)
         try:
-            rows = queue_rows(s, self.gateway.journal.db)
+            view = self.server.spool_view()
+            rows, left = queue_rows(s, self.gateway.journal.db, view.bad + view.first), \
+                view.waiting - len(view.first)
         except SpoolError as exc:
             session.flash.append(("error", str(exc)))
-            rows = []
-        bad = [r for r in rows if r["state"] == "bad"]
-        waiting = [r for r in rows if r["state"] != "bad"]
-        rows = bad + waiting[:QUEUE_SHOWN]
-        more = Html(f'<p class="muted">And {len(waiting) - QUEUE_SHOWN} more waiting messages, '
-                    'not listed.</p>') if len(waiting) > QUEUE_SHOWN else Html("")
+            rows, left = [], 0
+        more = Html(f'<p class="muted">And {left} more waiting messages, not listed.</p>') \
+            if left > 0 else Html("")
         table = join([render(QUEUE_TABLE, rows=join(render(
             QUEUE_ROW, state=r["state"], state_label=".BAD" if r["state"] == "bad" else "waiting",
             to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
@@ -4763,7 +4868,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         g, s = self.gateway, self.gateway.settings
         state, reason = g.sender_state or ("not started", "")
         try:
-            waiting, bad = len(scan(s.spool)), len(scan(s.spool, is_bad_name))
+            view = self.server.spool_view()
+            waiting, bad = view.waiting, len(view.bad)
         except SpoolError as exc:
             waiting = bad = None
             reason = f"{reason} {exc}"
@@ -4793,7 +4899,11 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         action = self.POST_ACTIONS.get(path)
         if action is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
-        self.redirect(action(self, session, form), session)
+        try:
+            location = action(self, session, form)
+        finally:
+            self.server.forget_spool_view()     # the page after it shows the change
+        self.redirect(location, session)
 
     def login(self, session: PageSession, form: dict) -> tuple[str, PageSession]:
         stored = self.server.password_hash()
