@@ -817,16 +817,30 @@ def parse_template(kind: str, text: str, path: Path) -> MessageTemplate:
                            string.Template("\n".join(body_lines[1:]).strip("\n") + "\n"))
 
 
+#: Checked templates by (path, time, size): a page listing patrons builds a
+#: link from the `direct` template for each; the file is read again only
+#: when it changes.
+_TEMPLATES: dict[tuple, MessageTemplate] = {}
+
+
 def load_template(settings: Settings, kind: str) -> MessageTemplate:
     path = settings.templates / f"{kind}.txt"
     try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        if key in _TEMPLATES:
+            return _TEMPLATES[key]
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise TemplateError(path, None, "missing. Start BiblioGate again (any command) to "
                             "have the default text written.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TemplateError(path, None, f"cannot be read ({exc}). Save it as UTF-8 text.") from None
-    return parse_template(kind, text, path)
+    template = parse_template(kind, text, path)
+    if len(_TEMPLATES) > 100:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = template
+    return template
 
 
 def template_problems(settings: Settings) -> list[str]:
