@@ -103,6 +103,8 @@ RETRY_MAX_SECONDS = 60 * 60
 #: A whole check stops taking new messages after this many seconds (or the
 #: check interval, if longer), so one slow server never stalls the gateway.
 CHECK_CAP_SECONDS = 120
+#: The daily log quotes at most this many lines of the day's log.
+DAILY_LOG_LINES = 500
 #: The sent ledger remembers delivered files this long (see Sender).
 SENT_LEDGER_DAYS = 14
 #: How often `run` wakes when nothing is due (it also reacts to Ctrl+C).
@@ -1838,8 +1840,11 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
         "sender_stops": _bullets([f"{fmt_time(r['at'])[11:]} {r['detail']}"
                                   for r in by_kind.get("sender_stopped", [])]),
         "activity": _bullets([f"{fmt_time(r['at'])[11:]} {r['detail']}" for r in other]),
-        "log_lines": _bullets([f"{fmt_time(r['at'])[11:]} {r['file'] + ': ' if r['file'] else ''}"
-                               f"{r['detail']}" for r in rows[-500:]]),
+        "log_lines": (f"  (the first {len(rows) - DAILY_LOG_LINES} lines are left out here; "
+                      f"logs/bibliogate-{day}.log has them all)\n" if len(rows) > DAILY_LOG_LINES
+                      else "")
+        + _bullets([f"{fmt_time(r['at'])[11:]} {r['file'] + ': ' if r['file'] else ''}"
+                    f"{r['detail']}" for r in rows[-DAILY_LOG_LINES:]]),
     }
 
 

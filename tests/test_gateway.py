@@ -111,3 +111,15 @@ def test_first_run_keeps_running_unconfigured_and_says_why(tmp_path):
     assert "BiblioGate stopped" in err
     logs = list((tmp_path / "logs").glob("bibliogate-*.log"))
     assert logs and "[smtp] host" in logs[0].read_text(encoding="utf-8")
+
+
+def test_a_long_day_is_cut_in_the_daily_log_with_a_pointer_to_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(bg, "DAILY_LOG_LINES", 5)
+    clock = Clock(day_at(dt.date(2026, 3, 2), 9))
+    gateway = bg.Gateway(write_ini(tmp_path), clock=clock)
+    for n in range(20):
+        gateway.journal.event("note", f"line {n}")
+    text = bg.daily_summary(gateway, "2026-03-02")["log_lines"]
+    shown = [line for line in text.splitlines() if line.startswith("  - ")]
+    assert len(shown) == 5 and shown[-1].endswith("line 19")
+    assert "logs/bibliogate-2026-03-02.log has them all" in text.splitlines()[0]
