@@ -278,10 +278,6 @@ class Settings:
     def base(self) -> Path:
         return self.ini_path.parent
 
-    @property
-    def sender_ok(self) -> bool:
-        return not self.problems
-
     def get(self, section: str, key: str) -> str:
         return self.raw.get((section, key), DEFAULTS[section][key])
 
