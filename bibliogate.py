@@ -12,25 +12,26 @@ Run ``python bibliogate.py run`` and leave it running; ``--help`` lists the
 other commands. The sections below follow a message from the ini file to the
 SMTP server:
 
-    Constants        names, limits and the reasons for them
-    Errors           BibliogateError and its leaves; each says what to do
-    Settings         bibliogate.ini: the default text, reading, validation
-    Locks            OS file locks, released by the OS when a process dies
-    Database         sqlite: the event log, per-file retry state, sent ledger
-    Journal          every action to logs/ and to the database
-    Templates        templates/*.txt: a Subject line, a blank line, a body
-    Messages         composing our own messages; checking queued ones
-    Spool            the queue folder: writing, listing, picking, BAD files
-    Sender           one check: connect, send a batch, sort out each reply
-    Gateway          the clock-driven loop of ``run``: checks, daily log
-    Circulation data patrons.csv and loans.csv: checking, importing, the import folder
-    Auto-overdue     the daily warning / overdue / reminder notices and their ledger
-    Letters          overdue letter reports: who gets which letter, email or print
-    Mailto           the "direct" email: a mailto: link for one patron
-    Config page      the page ``run`` serves: settings, queue, log, patrons
-    Windows task     install-task (Task Scheduler; systemd on Linux); no-console
-                     output to logs/; the guard that logs crashes for a restart
-    Command line     argparse, one small function per command
+    Constants           names, limits and the reasons for them
+    Errors              BibliogateError and every leaf of it; each says what to do
+    Settings            bibliogate.ini: the default text, parsing (pure), the checks on disk
+    Locks               OS file locks, released by the OS when a process dies
+    Database            sqlite: the schema and the named reads and writes of its tables
+    Journal             every action to logs/ and to the database
+    Templates           templates/*.txt: a Subject line, a blank line, a body
+    Messages            composing our own messages; checking queued ones
+    Spool               the queue folder: writing, listing, picking, BAD files
+    Sender              one check: connect, send a batch, sort out each reply
+    Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
+    Running unattended  output to logs/ without a console; the guard that logs crashes
+    Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
+    Auto-overdue        the daily warning / overdue / reminder notices and their ledger
+    Letters             overdue letter reports: who gets which letter, email or print
+    Mailto              the "direct" email: a mailto: link for one patron
+    Config page         the page ``run`` serves: settings, queue, log, patrons
+    Windows task        install-task (Task Scheduler; systemd on Linux)
+    Wiring              the templates, tasks and status fields, joined in one place
+    Command line        argparse, one small function per command
 """
 
 from __future__ import annotations
@@ -177,6 +178,50 @@ class Busy(BibliogateError):
 
 class UsageError(BibliogateError):
     """The command line asks for something that cannot be done as asked."""
+
+
+class ImportRefused(BibliogateError):
+    """A CSV file was not imported, and nothing changed. ``problems`` holds a
+    sentence for every bad row ('FILE line N: what is wrong'); ``fix`` says
+    what to do."""
+
+    def __init__(self, source: str, problems: list[str], fix: str):
+        shown = problems[:20]
+        if len(problems) > 20:
+            shown.append(f"... and {len(problems) - 20} more.")
+        super().__init__("\n".join(shown + [fix]))
+        self.source, self.problems, self.fix = source, problems, fix
+
+
+class StaleData(BibliogateError):
+    """The loans were imported too long ago to send notices from them."""
+
+
+class UnknownPatron(BibliogateError):
+    """A patron id that is not in the patrons list."""
+
+    def __init__(self, patron_id: str):
+        super().__init__(f"There is no patron with the id {patron_id!r}; check the id, or "
+                         "import the patrons file again.")
+        self.patron_id = patron_id
+
+
+class NoEmail(BibliogateError):
+    """A patron (or guardian) without a usable email address."""
+
+    def __init__(self, patron, problem: str):
+        self.name, self.patron_id = one_line(patron["name"]), patron["patron_id"]
+        super().__init__(f"{self.name} (patron {self.patron_id}) has {problem}, so no email "
+                         "can be written; add it in the library system and import the patrons "
+                         "again, or fix it on the config page.")
+
+
+class PageRefusal(BibliogateError):
+    """A request the page will not serve; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 # Settings ####################################################################
@@ -1991,6 +2036,171 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     }
 
 
+# Running unattended ##########################################################
+#
+# Two things keep a `run` that nobody watches honest: ConsoleLog (with no
+# console, as under pythonw.exe, what would be printed goes to logs/) and
+# RunGuard (an unexpected error is logged with its traceback; one that ends a
+# thread, or comes back tick after tick, ends `run` with status 1 so that the
+# scheduled task or systemd starts it afresh).
+
+#: The same unexpected error this many ticks in a row ends `run` (status 1).
+TICK_ERROR_LIMIT = 10
+
+
+class ConsoleLog:
+    """Stands in for sys.stdout and sys.stderr when there is no console
+    (pythonw.exe, as the scheduled task starts BiblioGate): every line that
+    would have been printed goes to the day's file in the log folder."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._append(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._append(self._partial)
+                self._partial = ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def _append(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        # With no console and no writable log folder, there is nowhere left to tell.
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / f"bibliogate-{stamp[:10]}.log", "a", encoding="utf-8") as fh:
+                fh.write(f"{stamp} CONSOLE {line.rstrip()}\n")
+
+
+def console_to_log(folder: Path) -> None:
+    """With no console, send print() and error messages to the log folder.
+    Called again once the settings have named the log folder."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, ConsoleLog(folder))
+        elif isinstance(stream, ConsoleLog):
+            stream.folder = Path(folder)
+
+
+def has_console() -> bool:
+    return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
+
+
+def early_log_folder(argv: list[str]) -> Path:
+    """Where messages go before the settings are read: `logs` beside the ini
+    that --config names, or beside this program."""
+    ini = Path(__file__).resolve().with_name("bibliogate.ini")
+    for n, arg in enumerate(argv):
+        if arg == "--config" and n + 1 < len(argv):
+            ini = Path(argv[n + 1])
+        elif arg.startswith("--config="):
+            ini = Path(arg.partition("=")[2])
+    return ini.resolve().parent / DEFAULTS["data"]["log_folder"]
+
+
+def error_summary(exc: BaseException) -> str:
+    """The error and where it happened, on one line:
+    "KeyError: 'x' (bibliogate.py line 1234, in tick)"."""
+    import traceback
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno}, in {frames[-1].name})" \
+        if frames else ""
+    return one_line(f"{type(exc).__name__}: {exc}{where}")
+
+
+def traceback_text(exc: BaseException) -> str:
+    import traceback
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+
+
+class RunGuard:
+    """Keeps an unattended `run` honest. An unexpected error in one tick is
+    logged with its traceback and recorded (an "error" event), and the loop
+    goes on at the next tick. The same error TICK_ERROR_LIMIT ticks in a row,
+    or any error that ends a thread, is recorded as a "crash" (the daily log
+    shows it) and stops `run` with exit status 1, so that the scheduled task
+    or systemd starts it afresh: never a silent dead thread."""
+
+    def __init__(self, gateway: Gateway, limit: int | None = None):
+        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
+        self.exit_status = 0
+        self.repeats = 0            #: ticks in a row that failed with the same error
+        self._last: str | None = None
+        self._thread_hook = threading.excepthook
+
+    def install(self) -> RunGuard:
+        """Guard every thread: an error that ends one is a crash. (The ticks
+        are guarded by passing the guard to Gateway.run_forever; an error in
+        the main thread reaches cmd_run, which calls crash.)"""
+        threading.excepthook = self._thread_error
+        return self
+
+    def uninstall(self) -> None:
+        threading.excepthook = self._thread_hook
+
+    def __enter__(self) -> RunGuard:
+        return self.install()
+
+    def __exit__(self, *exc_info) -> None:
+        self.uninstall()
+
+    def tick(self) -> float:
+        """One tick of the gateway; an error in it is logged, and `run` goes on."""
+        try:
+            due = self.gateway.tick()
+        except Exception as exc:        # a bug or an unforeseen OS error: logged; `run` goes on
+            self._tick_failed(exc)
+            return self.gateway.clock() + TICK_SECONDS
+        self._last, self.repeats = None, 0
+        return due
+
+    def _tick_failed(self, exc: Exception) -> None:
+        summary = error_summary(exc)
+        self.repeats = self.repeats + 1 if summary == self._last else 1
+        self._last = summary
+        if self.repeats >= self.limit:
+            self.crash(f"the same error {self.repeats} times in a row: {summary}; BiblioGate "
+                       "stops so that it is started afresh", exc)
+        elif self.repeats == 1:
+            self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
+                                       level=logging.ERROR)
+            log.error("%s", traceback_text(exc))
+        else:
+            log.error("the same error again (%d in a row): %s", self.repeats, summary)
+
+    def crash(self, what: str, exc: BaseException) -> None:
+        """Record an error that ends `run`, with its traceback, and stop `run`
+        with exit status 1."""
+        self.exit_status = 1
+        try:
+            self.gateway.journal.event("crash", what, level=logging.CRITICAL)
+            log.critical("%s", traceback_text(exc))
+        except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
+            print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
+        finally:
+            self.gateway.stop.set()
+
+    def _thread_error(self, args) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        exc = args.exc_value if args.exc_value is not None else args.exc_type()
+        name = args.thread.name if args.thread is not None else "?"
+        self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
+
 
 # Circulation data ############################################################
 #
@@ -2029,19 +2239,6 @@ LOANS_IMPORTED_KEY = "loans_imported_at"
 #: The file names the import folder watches for (any case), in import order:
 #: patrons first, so the loans of a new patron in the same drop are known.
 DROPPED_FILES = (("patrons.csv", "patrons"), ("loans.csv", "loans"))
-
-
-class ImportRefused(BibliogateError):
-    """A CSV file was not imported, and nothing changed. ``problems`` holds a
-    sentence for every bad row ('FILE line N: what is wrong'); ``fix`` says
-    what to do."""
-
-    def __init__(self, source: str, problems: list[str], fix: str):
-        shown = problems[:20]
-        if len(problems) > 20:
-            shown.append(f"... and {len(problems) - 20} more.")
-        super().__init__("\n".join(shown + [fix]))
-        self.source, self.problems, self.fix = source, problems, fix
 
 
 @dataclasses.dataclass
@@ -2527,10 +2724,6 @@ HOLD_SECONDS = 5 * 60
 SCHEDULE_KEY, LAST_RUN_KEY, HELD_KEY = "overdue_schedule_day", "overdue_last_run", "overdue_held"
 
 
-class StaleData(BibliogateError):
-    """The loans were imported too long ago to send notices from them."""
-
-
 def show_date(settings: Settings, iso: str) -> str:
     """An ISO date (yyyy-mm-dd) as [library] date_format writes it."""
     return dt.date.fromisoformat(iso).strftime(settings.date_format)
@@ -2890,7 +3083,6 @@ def hold(journal: Journal, now: float, exc: Exception) -> None:
     set_state(journal.db, **{HELD_KEY: [today, reason, str(exc), now + HOLD_SECONDS]})
     if not (held and held[:2] == [today, reason]):
         journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
-
 
 
 # -- status and command line -----------------------------------------------------
@@ -3565,25 +3757,6 @@ def cmd_letters(args, settings: Settings) -> int:
 MAILTO_BODY_LIMIT = 1800
 
 
-class UnknownPatron(BibliogateError):
-    """A patron id that is not in the patrons list."""
-
-    def __init__(self, patron_id: str):
-        super().__init__(f"There is no patron with the id {patron_id!r}; check the id, or "
-                         "import the patrons file again.")
-        self.patron_id = patron_id
-
-
-class NoEmail(BibliogateError):
-    """A patron (or guardian) without a usable email address."""
-
-    def __init__(self, patron, problem: str):
-        self.name, self.patron_id = one_line(patron["name"]), patron["patron_id"]
-        super().__init__(f"{self.name} (patron {self.patron_id}) has {problem}, so no email "
-                         "can be written; add it in the library system and import the patrons "
-                         "again, or fix it on the config page.")
-
-
 def _encode(text: str) -> str:
     """RFC 6068: UTF-8, percent-encoded, line breaks as %0D%0A, never '+'."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
@@ -3752,14 +3925,6 @@ SECURITY_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 )
-
-
-class PageRefusal(BibliogateError):
-    """A request the page will not serve; ``status`` is the HTTP answer."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 # -- the page password -----------------------------------------------------------
@@ -5172,11 +5337,8 @@ def cmd_set_password(args, settings: Settings) -> int:
 # `install-task` makes BiblioGate an appliance: Task Scheduler starts `run` one
 # minute after boot, as SYSTEM, with no window (pythonw.exe), whether or not
 # anyone is logged on, and starts it again when it stops. On Linux the same
-# command writes a systemd unit. Two things keep such an unattended `run`
-# honest: ConsoleLog (with no console, what would be printed goes to logs/)
-# and RunGuard (an unexpected error is logged with its traceback; one that ends
-# a thread, or comes back tick after tick, ends `run` with status 1 so that it
-# is started afresh). Modules only these commands need are imported where used.
+# command writes a systemd unit (see "Running unattended" for what keeps such
+# a `run` honest). Modules only these commands need are imported where used.
 
 #: True on Windows, where `install-task` registers a scheduled task.
 IS_WINDOWS = os.name == "nt"
@@ -5201,162 +5363,6 @@ RESTART_INTERVAL, RESTART_COUNT = "PT1M", 255
 #: are ignored (MultipleInstancesPolicy IgnoreNew), and when it has stopped,
 #: the next one starts it again.
 RESTART_CHECK = "PT5M"
-#: The same unexpected error this many ticks in a row ends `run` (status 1).
-TICK_ERROR_LIMIT = 10
-
-
-class ConsoleLog:
-    """Stands in for sys.stdout and sys.stderr when there is no console
-    (pythonw.exe, as the scheduled task starts BiblioGate): every line that
-    would have been printed goes to the day's file in the log folder."""
-
-    encoding, errors = "utf-8", "strict"
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self._partial = ""
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            *lines, self._partial = (self._partial + text).split("\n")
-            for line in lines:
-                self._append(line)
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._partial:
-                self._append(self._partial)
-                self._partial = ""
-
-    def isatty(self) -> bool:
-        return False
-
-    def _append(self, line: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        # With no console and no writable log folder, there is nowhere left to tell.
-        with contextlib.suppress(OSError):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.folder / f"bibliogate-{stamp[:10]}.log", "a", encoding="utf-8") as fh:
-                fh.write(f"{stamp} CONSOLE {line.rstrip()}\n")
-
-
-def console_to_log(folder: Path) -> None:
-    """With no console, send print() and error messages to the log folder.
-    Called again once the settings have named the log folder."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is None:
-            setattr(sys, name, ConsoleLog(folder))
-        elif isinstance(stream, ConsoleLog):
-            stream.folder = Path(folder)
-
-
-def has_console() -> bool:
-    return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
-
-
-def early_log_folder(argv: list[str]) -> Path:
-    """Where messages go before the settings are read: `logs` beside the ini
-    that --config names, or beside this program."""
-    ini = Path(__file__).resolve().with_name("bibliogate.ini")
-    for n, arg in enumerate(argv):
-        if arg == "--config" and n + 1 < len(argv):
-            ini = Path(argv[n + 1])
-        elif arg.startswith("--config="):
-            ini = Path(arg.partition("=")[2])
-    return ini.resolve().parent / DEFAULTS["data"]["log_folder"]
-
-
-def error_summary(exc: BaseException) -> str:
-    """The error and where it happened, on one line:
-    "KeyError: 'x' (bibliogate.py line 1234, in tick)"."""
-    import traceback
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno}, in {frames[-1].name})" \
-        if frames else ""
-    return one_line(f"{type(exc).__name__}: {exc}{where}")
-
-
-def traceback_text(exc: BaseException) -> str:
-    import traceback
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
-
-
-class RunGuard:
-    """Keeps an unattended `run` honest. An unexpected error in one tick is
-    logged with its traceback and recorded (an "error" event), and the loop
-    goes on at the next tick. The same error TICK_ERROR_LIMIT ticks in a row,
-    or any error that ends a thread, is recorded as a "crash" (the daily log
-    shows it) and stops `run` with exit status 1, so that the scheduled task
-    or systemd starts it afresh: never a silent dead thread."""
-
-    def __init__(self, gateway: Gateway, limit: int | None = None):
-        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
-        self.exit_status = 0
-        self.repeats = 0            #: ticks in a row that failed with the same error
-        self._last: str | None = None
-        self._thread_hook = threading.excepthook
-
-    def install(self) -> RunGuard:
-        """Guard every thread: an error that ends one is a crash. (The ticks
-        are guarded by passing the guard to Gateway.run_forever; an error in
-        the main thread reaches cmd_run, which calls crash.)"""
-        threading.excepthook = self._thread_error
-        return self
-
-    def uninstall(self) -> None:
-        threading.excepthook = self._thread_hook
-
-    def __enter__(self) -> RunGuard:
-        return self.install()
-
-    def __exit__(self, *exc_info) -> None:
-        self.uninstall()
-
-    def tick(self) -> float:
-        """One tick of the gateway; an error in it is logged, and `run` goes on."""
-        try:
-            due = self.gateway.tick()
-        except Exception as exc:        # a bug or an unforeseen OS error: logged; `run` goes on
-            self._tick_failed(exc)
-            return self.gateway.clock() + TICK_SECONDS
-        self._last, self.repeats = None, 0
-        return due
-
-    def _tick_failed(self, exc: Exception) -> None:
-        summary = error_summary(exc)
-        self.repeats = self.repeats + 1 if summary == self._last else 1
-        self._last = summary
-        if self.repeats >= self.limit:
-            self.crash(f"the same error {self.repeats} times in a row: {summary}; BiblioGate "
-                       "stops so that it is started afresh", exc)
-        elif self.repeats == 1:
-            self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
-                                       level=logging.ERROR)
-            log.error("%s", traceback_text(exc))
-        else:
-            log.error("the same error again (%d in a row): %s", self.repeats, summary)
-
-    def crash(self, what: str, exc: BaseException) -> None:
-        """Record an error that ends `run`, with its traceback, and stop `run`
-        with exit status 1."""
-        self.exit_status = 1
-        try:
-            self.gateway.journal.event("crash", what, level=logging.CRITICAL)
-            log.critical("%s", traceback_text(exc))
-        except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
-            print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
-        finally:
-            self.gateway.stop.set()
-
-    def _thread_error(self, args) -> None:
-        if issubclass(args.exc_type, SystemExit):
-            return
-        exc = args.exc_value if args.exc_value is not None else args.exc_type()
-        name = args.thread.name if args.thread is not None else "?"
-        self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5712,7 +5718,6 @@ def status_info(settings: Settings) -> dict:
         db.close()
 
 
-
 def run_lock_path(ini_path: Path) -> Path:
     return Path(str(ini_path) + ".lock")
 
@@ -5872,6 +5877,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, fn, help_text):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
+        # --config is welcome after the command too (`status --config x.ini`).
+        p.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                       help="the settings file (default: bibliogate.ini beside this program)")
         return p
 
     command("run", cmd_run, "run the gateway until stopped (Ctrl+C)")
@@ -5902,6 +5910,11 @@ def main(argv: list[str] | None = None) -> int:
     console_to_log(early_log_folder(argv))      # pythonw.exe: no console, so to logs/
     args = build_parser().parse_args(argv)
     ini = Path(args.config) if args.config else Path(__file__).resolve().with_name("bibliogate.ini")
+    if args.config and args.command != "run" and not ini.is_file():
+        print(f"bibliogate.py {args.command}: there is no settings file {ini}. Check the "
+              "--config path; to set up a new installation there, run "
+              f"`python bibliogate.py run --config {args.config}` once.", file=sys.stderr)
+        return 2
     try:
         settings, created = ensure_layout(ini)
         console_to_log(settings.log_folder)
