@@ -617,6 +617,66 @@ def set_state(conn: sqlite3.Connection, **values) -> None:
                          [(k, json.dumps(v)) for k, v in values.items()])
 
 
+# -- retry state and the sent ledger ----------------------------------------------
+# The only SQL on spool_state and sent. The writes do not commit: the caller
+# holds the transaction (`with db:`), so a delivery, its retry state and its
+# event can share one commit, which is one flush to disk.
+
+def retry_states(db: sqlite3.Connection) -> dict[str, sqlite3.Row]:
+    """Every file's retry state: file name -> row."""
+    return {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
+
+
+def retry_state(db: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    return db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
+                      (name,)).fetchone()
+
+
+def retry_waits(db: sqlite3.Connection, now: float) -> dict[str, float]:
+    """The files that must not be tried before a later time: name -> next try."""
+    return {r["file"]: r["next_try"] for r in
+            db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
+
+
+def save_retry_state(db: sqlite3.Connection, name: str, attempts: int, first_failed: float,
+                     next_try: float | None, last_error: str) -> None:
+    db.execute("INSERT OR REPLACE INTO spool_state(file, attempts, first_failed, next_try, "
+               "last_error) VALUES (?,?,?,?,?)", (name, attempts, first_failed, next_try, last_error))
+
+
+def forget_retry_state(db: sqlite3.Connection, name: str) -> None:
+    db.execute("DELETE FROM spool_state WHERE file = ?", (name,))
+
+
+def was_delivered(db: sqlite3.Connection, name: str, digest: str) -> bool:
+    return db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
+                      (name, digest)).fetchone() is not None
+
+
+def record_delivery(db: sqlite3.Connection, name: str, digest: str, at: float) -> None:
+    """The server took the file: a ledger row, and no retry state."""
+    db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)", (name, digest, at))
+    forget_retry_state(db, name)
+
+
+def forget_deliveries(db: sqlite3.Connection, removed: list[tuple[str, str]]) -> None:
+    """Drop the ledger rows of (file, digest) pairs whose files are gone."""
+    db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+
+
+def forget_absent_files(db: sqlite3.Connection, present: set) -> None:
+    """Drop the retry state and ledger rows of files not in `present`."""
+    for table in ("spool_state", "sent"):
+        gone = [(r["file"],) for r in db.execute(f"SELECT file FROM {table}")
+                if r["file"] not in present]
+        if gone:
+            db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
+
+
+def prune_sent_ledger(db: sqlite3.Connection, before: float) -> None:
+    db.execute("DELETE FROM sent WHERE at < ?", (before,))
+
+
 # Journal #####################################################################
 
 class DailyFileHandler(logging.Handler):
@@ -1253,7 +1313,7 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
                files: list[SpoolFile] | None = None) -> list[dict]:
     """The queue as `queue --json` and the config page show it: every file,
     .BAD ones first, or only `files` (in their order)."""
-    state = {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
+    state = retry_states(db)
     rows = []
     if files is None:
         files = sorted(scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n)),
@@ -1455,9 +1515,7 @@ class Sender:
         result = CheckResult()
         files = scan_times(self.settings.spool)
         self._forget_gone({name for name, _, _ in files})
-        waits = {} if ignore_waits else {
-            r["file"]: r["next_try"] for r in
-            self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
+        waits = {} if ignore_waits else retry_waits(self.db, now)
         # "Unchanged for a while" is measured by the file system's clock.
         batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
                            settled=time.time() - STABLE_SECONDS)
@@ -1500,8 +1558,7 @@ class Sender:
             self._later(item, f"the file cannot be read just now ({exc.strerror})", result)
             return Outcome.LATER
         digest = hashlib.sha256(raw).hexdigest()
-        if self.db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
-                           (item.name, digest)).fetchone():
+        if was_delivered(self.db, item.name, digest):
             self._remove(item, digest, removed, "delivered before a restart; removed from the queue")
             return Outcome.SENT
         try:
@@ -1529,9 +1586,7 @@ class Sender:
         # One commit, so one flush to disk, for the ledger row, the retry state
         # and the event: Journal.event's own `with` commits all three at once.
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
-                            (item.name, digest, self.clock()))
-            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            record_delivery(self.db, item.name, digest, self.clock())
             self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
                                item.name)
         result.sent += 1
@@ -1549,12 +1604,8 @@ class Sender:
         """The retry state and ledger row of a file no longer waiting (deleted
         by hand, or removed just before a crash) are forgotten, so that a new
         file of the same name starts afresh instead of inheriting them."""
-        for table in ("spool_state", "sent"):
-            gone = [(r["file"],) for r in self.db.execute(f"SELECT file FROM {table}")
-                    if r["file"] not in present]
-            if gone:
-                with self.db:
-                    self.db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
+        with self.db:
+            forget_absent_files(self.db, present)
 
     def _forget_delivered(self, removed: list) -> None:
         """The sent ledger covers a crash between the server's "250 OK" and the
@@ -1564,7 +1615,7 @@ class Sender:
         if removed:
             fsync_folder(self.settings.spool)
             with self.db:
-                self.db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+                forget_deliveries(self.db, removed)
 
     def _remove(self, item: SpoolFile, digest: str, removed: list, note: str = "") -> None:
         """A delivered file leaves the queue; `removed` collects it for
@@ -1589,15 +1640,14 @@ class Sender:
             self._later(item, f"{reason} (and it could not be renamed .BAD: {exc})", result)
             return
         with self.db:
-            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            forget_retry_state(self.db, item.name)
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
     def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True) -> None:
         """A temporary failure: try again later, or give up after give_up_after_hours."""
         now = self.clock()
-        row = self.db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
-                              (item.name,)).fetchone()
+        row = retry_state(self.db, item.name)
         attempts = (row["attempts"] if row else 0) + 1
         first = row["first_failed"] if row and row["first_failed"] else now
         if now - first >= self.settings.give_up_seconds:
@@ -1606,9 +1656,7 @@ class Sender:
             return
         next_try = now + retry_wait(attempts) if wait else None
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO spool_state(file, attempts, first_failed, "
-                            "next_try, last_error) VALUES (?,?,?,?,?)",
-                            (item.name, attempts, first, next_try, reason))
+            save_retry_state(self.db, item.name, attempts, first, next_try, reason)
         result.deferred += 1
         when = f"; next try after {time.strftime('%H:%M', time.localtime(next_try))}" if wait else ""
         self.journal.event("deferred", f"not sent for now ({reason}){when}", item.name,
@@ -1799,7 +1847,7 @@ def daily_log_task(gateway: Gateway, now: float) -> None:
     prune_logs(s.log_folder, s.keep_log_days, now)
     with db:
         db.execute("DELETE FROM events WHERE at < ?", (now - s.keep_log_days * 86400,))
-        db.execute("DELETE FROM sent WHERE at < ?", (now - SENT_LEDGER_DAYS * 86400,))
+        prune_sent_ledger(db, now - SENT_LEDGER_DAYS * 86400)
 
 
 def prune_logs(folder: Path, keep_days: int, now: float) -> None:
