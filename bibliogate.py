@@ -27,6 +27,8 @@ SMTP server:
     Auto-overdue     the daily warning / overdue / reminder notices and their ledger
     Letters          overdue letter reports: who gets which letter, email or print
     Mailto           the "direct" email: a mailto: link for one patron
+    Operations       every action on the queue and the patrons, for the command
+                     line and the page alike; status
     Config page      the page ``run`` serves: settings, queue, log, patrons
     Windows task     install-task (Task Scheduler; systemd on Linux); no-console
                      output to logs/; the guard that logs crashes for a restart
@@ -3708,6 +3710,150 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
     p.add_argument("--open", action="store_true", help="open it in the default mail program")
+# Operations ##################################################################
+#
+# Every action on the queue and the patrons, whoever asks for it: the command
+# line and the config page both call these, and differ only in how they show
+# the result. `by` names who asked, for the journal ("config page"); it is
+# empty for the command line.
+
+def noted(detail: str, by: str) -> str:
+    """A journal detail, with who asked for it when that was not the command line."""
+    return f"{detail} ({by})" if by else detail
+
+
+def queue_test(settings: Settings, to: str, now: float) -> Path:
+    """Queue the test message (the tech note's [Test] button)."""
+    if not valid_address(to):
+        raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
+                              "--to name@school.example." if not to else
+                              f"{to!r} is not an email address.")
+    values = {"library_name": settings.library_name or "library", "to_address": to,
+              "from_address": settings.from_address or "(not set)",
+              "smtp_host": settings.smtp_host or "(not set)", "queued_at": fmt_time(now)}
+    subject, body = load_template(settings, "test").render(values)
+    return enqueue_bytes(settings.spool, compose(settings, to, subject, body, now=now),
+                         now, priority=True, label="test")
+
+
+def queue_test_message(settings: Settings, journal: Journal, to: str, now: float,
+                       by: str = "") -> Path:
+    """Queue the test message to `to` and journal it; the file queued.
+    Raises BibliogateError for a missing or bad address or template."""
+    path = queue_test(settings, to, now)
+    journal.event("queued", noted(f"queued a test message to {to}", by), path.name)
+    return path
+
+
+def bad_names(settings: Settings) -> list[str]:
+    """The names of the .BAD files, in queue order. Raises SpoolError."""
+    return [f.name for f in scan(settings.spool, is_bad_name)]
+
+
+def retry_file(settings: Settings, journal: Journal, name: str, by: str = "") -> Path:
+    """Put one .BAD file back in the queue, as a new try from the start: its
+    retry state is forgotten. The file's new path. Raises SpoolError (no such
+    .BAD file, or a name outside the queue) or OSError (it cannot be renamed)."""
+    path = retry_bad(settings.spool, name)
+    with journal.db:
+        forget_retry_state(journal.db, path.name)
+    journal.event("retry", noted(f"put back in the queue as {path.name}", by), name)
+    return path
+
+
+def delete_queued(settings: Settings, journal: Journal, name: str, by: str = "") -> None:
+    """Delete one waiting or .BAD file for good. Raises SpoolError (no such
+    file, or a name outside the queue) or OSError (it cannot be removed)."""
+    delete_file(settings.spool, name)
+    journal.event("deleted", noted("deleted from the queue", by), name)
+
+
+def send_now(gateway: Gateway) -> None:
+    """Ask the running gateway for a check within a few seconds. Raises
+    BibliogateError while the settings stop the sender."""
+    if gateway.settings.problems:
+        raise BibliogateError("The sender is stopped: fix the settings first.")
+    gateway.request_check()
+
+
+@dataclasses.dataclass(frozen=True)
+class PatronEdit:
+    """What edit_patron did: nothing if there are errors ({field: sentence})."""
+    name: str
+    changed: list
+    errors: dict
+
+
+def edit_patron(journal: Journal, patron_id: str, values: dict, by: str = "") -> PatronEdit:
+    """Change a patron's email, guardian_email, grp and auto_overdue, if
+    patron_problems finds none in `values`. Raises UnknownPatron."""
+    db = journal.db
+    row = db.execute("SELECT * FROM patrons WHERE patron_id = ?", (patron_id,)).fetchone()
+    if row is None:
+        raise UnknownPatron(patron_id)
+    errors = patron_problems(values)
+    if errors:
+        return PatronEdit(row["name"], [], errors)
+    changed = [key for key in values if row[key] != values[key]]
+    with db:
+        db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
+                   "WHERE patron_id = ?", (values["email"], values["guardian_email"],
+                                           values["grp"], values["auto_overdue"], patron_id))
+    if changed:
+        journal.event("patron", noted(f"patron {patron_id}: changed {', '.join(changed)}", by))
+    return PatronEdit(row["name"], changed, {})
+
+
+def patron_problems(values: dict) -> dict:
+    """{field: sentence} for the patron form's bad values."""
+    errors = {}
+    for key in ("email", "guardian_email"):
+        if values[key] and not valid_address(values[key]):
+            errors[key] = (f"{values[key]!r} is not an email address. Write it as "
+                           "name@example.org, or leave it empty.")
+    if re.search(r"[\x00-\x1f\x7f]", values["grp"]) or len(values["grp"]) > 60:
+        errors["grp"] = "A group is one line of at most 60 characters, such as 7B or Staff."
+    return errors
+
+
+def status_info(settings: Settings) -> dict:
+    """What `status` tells: is `run` running, the sender's state, the queue,
+    and the fields of STATUS_FIELDS. Raises SpoolError if the spool cannot be read."""
+    db = open_db(settings.database)
+    try:
+        running = run_is_active(settings.ini_path)
+        g = lambda key: get_state(db, key)  # noqa: E731
+        info = {
+            "running": running, "pid": g("run_pid") if running else None,
+            "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
+            if running else "not running",
+            "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
+            if running else "`python bibliogate.py run` is not running",
+            "problems": settings.problems,
+            "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
+            "last_check": g("last_check"), "next_check": g("next_check") if running else None,
+        }
+        for key, fn in STATUS_FIELDS.items():
+            info[key] = fn(settings, db)
+        return info
+    finally:
+        db.close()
+
+
+def run_lock_path(ini_path: Path) -> Path:
+    return Path(str(ini_path) + ".lock")
+
+
+def run_is_active(ini_path: Path) -> bool:
+    """True while a `run` holds the lock of this ini."""
+    probe = FileLock(run_lock_path(ini_path))
+    if probe.acquire():
+        probe.release()
+        return False
+    return True
+
+
+
 # Config page #################################################################
 #
 # The tech note's "SMTP Gateway Manager": a small page that `run` serves from
@@ -4347,18 +4493,6 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
     general = [p for p in other if p not in current]
     changed = [f"[{section}] {key}" for section, key in changes]
     return new_text, errors, general, changed
-
-
-def patron_problems(values: dict) -> dict:
-    """{field: sentence} for the patron form's bad values."""
-    errors = {}
-    for key in ("email", "guardian_email"):
-        if values[key] and not valid_address(values[key]):
-            errors[key] = (f"{values[key]!r} is not an email address. Write it as "
-                           "name@example.org, or leave it empty.")
-    if re.search(r"[\x00-\x1f\x7f]", values["grp"]) or len(values["grp"]) > 60:
-        errors["grp"] = "A group is one line of at most 60 characters, such as 7B or Staff."
-    return errors
 
 
 def age_text(seconds: float) -> str:
@@ -5662,61 +5796,11 @@ def add_task_commands(command: Callable) -> None:
     command("uninstall-task", cmd_uninstall_task, "remove the scheduled task again")
 
 
+#: The lines `status` adds (name -> function of settings and database).
+STATUS_FIELDS = MappingProxyType(dict(CIRCULATION_STATUS))     # (moves to the wiring block)
+
+
 # Command line ################################################################
-
-def queue_test(settings: Settings, to: str, now: float) -> Path:
-    """Queue the test message (the tech note's [Test] button)."""
-    if not valid_address(to):
-        raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
-                              "--to name@school.example." if not to else
-                              f"{to!r} is not an email address.")
-    values = {"library_name": settings.library_name or "library", "to_address": to,
-              "from_address": settings.from_address or "(not set)",
-              "smtp_host": settings.smtp_host or "(not set)", "queued_at": fmt_time(now)}
-    subject, body = load_template(settings, "test").render(values)
-    return enqueue_bytes(settings.spool, compose(settings, to, subject, body, now=now),
-                         now, priority=True, label="test")
-
-
-def status_info(settings: Settings) -> dict:
-    db = open_db(settings.database)
-    try:
-        running = run_is_active(settings.ini_path)
-        g = lambda key: get_state(db, key)  # noqa: E731
-        info = {
-            "running": running, "pid": g("run_pid") if running else None,
-            "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
-            if running else "not running",
-            "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
-            if running else "`python bibliogate.py run` is not running",
-            "problems": settings.problems,
-            "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
-            "last_check": g("last_check"), "next_check": g("next_check") if running else None,
-        }
-        for key, fn in STATUS_EXTRA.items():
-            info[key] = fn(settings, db)
-        return info
-    finally:
-        db.close()
-
-
-#: More fields for `status` (name -> function of settings and database).
-STATUS_EXTRA: dict[str, Callable] = {}
-STATUS_EXTRA.update(CIRCULATION_STATUS)
-
-
-def run_lock_path(ini_path: Path) -> Path:
-    return Path(str(ini_path) + ".lock")
-
-
-def run_is_active(ini_path: Path) -> bool:
-    """True while a `run` holds the lock of this ini."""
-    probe = FileLock(run_lock_path(ini_path))
-    if probe.acquire():
-        probe.release()
-        return False
-    return True
-
 
 def cmd_run(args, settings: Settings) -> int:
     lock = FileLock(run_lock_path(settings.ini_path))
@@ -5786,9 +5870,8 @@ def read_input(name: str) -> bytes:
 
 
 def cmd_test(args, settings: Settings) -> int:
-    path = queue_test(settings, args.to or settings.test_to, time.time())
-    Journal(settings.database).event("queued", f"queued a test message to {args.to or settings.test_to}",
-                                     path.name)
+    path = queue_test_message(settings, Journal(settings.database), args.to or settings.test_to,
+                              time.time())
     print(path.name)
     return 0
 
@@ -5805,7 +5888,7 @@ def cmd_status(args, settings: Settings) -> int:
         print(f"  problem: {problem}")
     print(f"waiting: {info['waiting']}, .BAD: {info['bad']}")
     print(f"last check: {fmt_time(info['last_check'])}, next check: {fmt_time(info['next_check'])}")
-    for key in STATUS_EXTRA:
+    for key in STATUS_FIELDS:
         print(f"{key.replace('_', ' ')}: {info[key]}")
     return 0 if ok else 1
 
@@ -5829,22 +5912,17 @@ def cmd_queue(args, settings: Settings) -> int:
 def cmd_retry(args, settings: Settings) -> int:
     if not args.name and not args.all_bad:
         raise UsageError("retry needs a file NAME (as `queue` shows it) or --all-bad.")
-    names = [f.name for f in scan(settings.spool, is_bad_name)] if args.all_bad else [args.name]
+    names = bad_names(settings) if args.all_bad else [args.name]
     journal = Journal(settings.database)
     for name in names:
-        path = retry_bad(settings.spool, name)
-        with journal.db:
-            journal.db.execute("DELETE FROM spool_state WHERE file = ?", (path.name,))
-        journal.event("retry", f"put back in the queue as {path.name}", name)
-        print(path.name)
+        print(retry_file(settings, journal, name).name)
     if not names:
         print("There are no .BAD files.")
     return 0
 
 
 def cmd_delete(args, settings: Settings) -> int:
-    delete_file(settings.spool, args.name)
-    Journal(settings.database).event("deleted", "deleted from the queue", args.name)
+    delete_queued(settings, Journal(settings.database), args.name)
     print(f"deleted {args.name}")
     return 0
 
