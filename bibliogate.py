@@ -4356,6 +4356,13 @@ LOGIN_BODY = string.Template("""\
 <code>python bibliogate.py set-password</code>.</p>
 """)
 NOT_FOUND_BODY = Html('<p>There is no such page here. <a href="/">Back to the settings</a>.</p>')
+LOGGED_IN_BODY = Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
+NO_PATRON_BODY = string.Template('<p>There is no patron $id. '
+                                 '<a href="/patrons">Search the patrons</a>.</p>')
+NO_EMAIL_BADGE = Html('<span class="badge">no email</span>')
+MUTED = string.Template('<p class="muted">$text</p>')
+PROBLEM_LIST = string.Template("<ul>$items</ul>")
+LIST_ITEM = string.Template("<li>$text</li>")
 
 
 # -- the settings form ---------------------------------------------------------------
@@ -4683,8 +4690,504 @@ class PageServer(http.server.ThreadingHTTPServer):
             return len(self.failed_logins) >= LOGIN_TRIES
 
 
+# -- what a view or an action is given ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PageContext:
+    """One request as a view or an action sees it: the running gateway, the
+    page's server (sessions, the spool reading), this browser's session (None
+    for /health), the query of a GET or the form of a POST, and the address
+    of the computer that asked."""
+    gateway: Gateway
+    server: PageServer
+    session: PageSession | None
+    query: dict = dataclasses.field(default_factory=dict)
+    form: dict = dataclasses.field(default_factory=dict)
+    client: str = ""
+
+    @property
+    def settings(self) -> Settings:
+        return self.gateway.settings
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self.gateway.journal.db
+
+    @property
+    def token(self) -> Html:
+        """The session's form token, as a hidden field of a form."""
+        return render(TOKEN_INPUT, token=self.session.token)
+
+    def flash(self, kind: str, text: str) -> None:
+        """Say something ("ok" or "error") on the next page this browser shows."""
+        self.session.flash.append((kind, text))
+
+
+# -- pieces of pages ------------------------------------------------------------------
+
+#: The page's menu: (address, label).
+PAGE_LINKS = (("/", "Settings"), ("/queue", "Queue"), ("/log", "Log"), ("/patrons", "Patrons"))
+#: The menu entry a page belongs to, when its address is not in PAGE_LINKS.
+PAGE_MENU_ENTRY = MappingProxyType({"/settings": "/", "/patron": "/patrons"})
+NOTHING = Html("")
+
+
+def flag(on: bool, attribute: str) -> Html:
+    """An attribute such as ' checked', or nothing."""
+    return Html(attribute if on else "")
+
+
+def nav_link(href: str, label: str, current: bool) -> Html:
+    return render(NAV_LINK, href=href, label=label, current=flag(current, ' aria-current="page"'))
+
+
+def page_html(server: PageServer, session: PageSession, here: str, title: str, body: Html) -> Html:
+    """The whole page around a view's body: menu, log-out button, the
+    session's messages (shown once)."""
+    here = PAGE_MENU_ENTRY.get(here, here)
+    logged_in = server.logged_in(session)
+    nav = join(nav_link(href, label, here == href) for href, label in PAGE_LINKS) \
+        if logged_in else NOTHING
+    logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=session.token)) \
+        if logged_in and server.login_needed() else NOTHING
+    flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
+    session.flash = []
+    return render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
+                  library=server.gateway.settings.library_name)
+
+
+def problem_list(problems: Iterable[str]) -> Html:
+    items = join(render(LIST_ITEM, text=problem) for problem in problems)
+    return render(PROBLEM_LIST, items=items) if items else NOTHING
+
+
+def state_box(ctx: PageContext, settings: Settings) -> Html:
+    """The sender's state, the settings' problems and the queue's size."""
+    state, reason = ctx.gateway.sender_state or ("not started", "")
+    if settings.problems:
+        reason = "the settings need attention:"
+    try:
+        view = ctx.server.spool_view()
+        waiting, bad = view.waiting, len(view.bad)
+    except SpoolError:
+        waiting = bad = "?"
+    last = get_state(ctx.db, "last_check")
+    upcoming = "when the settings are fixed and saved" if settings.problems \
+        else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ctx.gateway.next_check))
+    return render(STATE_BOX, state=state, reason=reason, problems=problem_list(settings.problems),
+                  waiting=waiting, bad=bad, last=fmt_time(last), next=upcoming)
+
+
+def form_field(name: str, label: str, control: Html, hint: str, error: str | None) -> Html:
+    """One labelled field of a form, with its error, if any."""
+    return render(FIELD, id=name, label=label, control=control, hint=hint,
+                  invalid=flag(bool(error), " invalid"),
+                  error=render(FIELD_ERROR, text=error) if error else NOTHING)
+
+
+def choice_options(choices: Iterable[str], value: str) -> Html:
+    return join(render(OPTION, value=c, selected=flag(c == value.lower(), " selected"))
+                for c in choices)
+
+
+def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
+    value = values.get(f.name, "")
+    if f.kind == "password":
+        control = render(PASSWORD_INPUT, id=f.name)
+        hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
+                else "Not set. Type one if the server needs a login.")
+    elif f.kind == "yesno":
+        control = render(CHECKBOX, id=f.name, checked=flag(value.lower() in YES_WORDS, " checked"))
+        hint = f.hint
+    elif f.kind == "choice":
+        control, hint = render(SELECT, id=f.name, options=choice_options(f.choices, value)), f.hint
+    else:
+        control, hint = render(TEXT_INPUT, id=f.name, value=value), f.hint
+    return form_field(f.name, f.label, control, hint, errors.get(f.name))
+
+
+def settings_fieldset(legend: str, fields: Iterable[Field], values: dict, errors: dict,
+                      password_set: bool) -> Html:
+    rows = join(settings_field(f, values, errors, password_set) for f in fields)
+    return render(FIELDSET, legend=legend, fields=rows)
+
+
+def settings_facts(ctx: PageContext, s: Settings) -> Html:
+    """What the Settings page shows but does not change."""
+    web_hash = bool(s.get("web", "password_hash").strip())
+    facts = {"Page address": f"{ctx.server.url} ([web] address and port)",
+             "Page password": "set" if web_hash else "not set (run set-password to set one)",
+             "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
+             "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
+    return join(render(FACT, name=name, value=value) for name, value in facts.items())
+
+
+def queue_row(r: dict, token: Html, now: float) -> Html:
+    bad = r["state"] == "bad"
+    return render(QUEUE_ROW, state=r["state"], state_label=".BAD" if bad else "waiting",
+                  to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
+                  attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
+                  retry=render(RETRY_FORM, token=token, file=r["file"]) if bad else NOTHING)
+
+
+def queue_table(rows: list[dict], left: int, token: Html, now: float) -> Html:
+    """The files shown, and how many more wait unlisted."""
+    if not rows:
+        return render(MUTED, text="The queue is empty.")
+    table = render(QUEUE_TABLE, rows=join(queue_row(r, token, now) for r in rows))
+    more = render(MUTED, text=f"And {left} more waiting messages, not listed.") \
+        if left > 0 else NOTHING
+    return join([table, more])
+
+
+def log_note(path: Path, shown: bool, cut: bool) -> str:
+    if not shown:
+        return "Nothing was logged this day."
+    return ("Newest first" + (f"; only the last {LOG_BYTES // 1024} KB" if cut else "")
+            + f". The file: {path}")
+
+
+#: A patron and how many loans they have.
+PATRON_WITH_LOANS = ("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) "
+                     "AS loans FROM patrons p")
+
+
+def find_patrons(db: sqlite3.Connection, q: str, missing: bool, limit: int) -> list:
+    """Patrons whose id is q, or whose name, group or id contains it."""
+    like = "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
+    only_missing = "AND p.email = ''" if missing else ""
+    return db.execute(
+        f"{PATRON_WITH_LOANS} WHERE (p.patron_id = ? OR p.name LIKE ? ESCAPE '\\' "
+        "OR p.grp LIKE ? ESCAPE '\\' OR p.patron_id LIKE ? ESCAPE '\\') "
+        f"{only_missing} ORDER BY p.name, p.patron_id LIMIT ?",
+        (q, like, like, like, limit)).fetchall()
+
+
+def patrons_summary(found: int, total: int, no_email: int | None) -> str:
+    if not total:
+        return "No patrons yet: import patrons.csv from the library system."
+    return (f"{min(found, PATRONS_SHOWN)} shown" + (" (the first ones; search to narrow)"
+            if found > PATRONS_SHOWN else "")
+            + f" of {total} patrons; {no_email or 0} have no email address.")
+
+
+def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
+    """[Email] and [Email guardian], for the addresses the patron has."""
+    links = []
+    for guardian, label in ((False, "Email"), (True, "Email guardian")):
+        try:
+            links.append(render(MAIL_LINK, href=build_mailto(s, db, patron_id, guardian=guardian),
+                                label=label))
+        except NoEmail:
+            pass
+    return join(links)
+
+
+def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
+    no_email = not r["email"]
+    return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
+                  name=r["name"], guardian=r["guardian_email"], group=r["grp"],
+                  email=NO_EMAIL_BADGE if no_email else r["email"],
+                  auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
+                  edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
+                  mail=mail_buttons(s, db, r["patron_id"]))
+
+
+#: The patron form: (key, label, hint).
+PATRON_FORM = (
+    ("email", "Email", "Empty = this patron gets no email."),
+    ("guardian_email", "Guardian email", "For guardian letters."),
+    ("grp", "Group", "Letters can be run for one group."),
+    ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices."),
+)
+
+
+def patron_control(key: str, values: dict) -> Html:
+    if key == "auto_overdue":
+        return render(CHECKBOX, id=key, checked=flag(bool(values[key]), " checked"))
+    return render(TEXT_INPUT, id=key, value=values[key])
+
+
+def patron_fields(values: dict, errors: dict) -> Html:
+    return join(form_field(key, label, patron_control(key, values), hint, errors.get(key))
+                for key, label, hint in PATRON_FORM)
+
+
+def patron_form_values(form: dict) -> dict:
+    return {"email": form.get("email", "").strip(),
+            "guardian_email": form.get("guardian_email", "").strip(),
+            "grp": form.get("grp", "").strip(),
+            "auto_overdue": 1 if form.get("auto_overdue") else 0}
+
+
+def settings_draft(form: dict) -> dict:
+    """A refused Settings form's values, to show again."""
+    values = {f.name: form.get(f.name, "").strip() for f in SETTINGS_FIELDS if f.kind != "password"}
+    for f in SETTINGS_FIELDS:
+        if f.kind == "yesno":
+            values[f.name] = "yes" if form.get(f.name) else "no"
+    return values
+
+
+# -- the views: (title, body) of a page ---------------------------------------------
+
+def page_settings(ctx: PageContext) -> tuple[str, Html]:
+    s = ctx.settings
+    text, digest = read_ini(s.ini_path)
+    raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
+    draft = ctx.session.drafts.pop("settings", None)
+    values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
+    password_set = bool(raw.get(("smtp", "password"), "").strip())
+    fieldsets = join(settings_fieldset(legend, fields, values, errors, password_set)
+                     for legend, fields in SETTINGS_FORM)
+    return "Settings", render(SETTINGS_BODY, state=state_box(ctx, s), token=ctx.token,
+                              digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
+                              test_to=s.test_to or "not set", facts=settings_facts(ctx, s))
+
+
+def page_queue(ctx: PageContext) -> tuple[str, Html]:
+    s, now = ctx.settings, ctx.gateway.clock()
+    try:
+        view = ctx.server.spool_view()
+        rows, left = queue_rows(s, ctx.db, view.bad + view.first), view.waiting - len(view.first)
+    except SpoolError as exc:
+        ctx.flash("error", str(exc))
+        rows, left = [], 0
+    table = queue_table(rows, left, ctx.token, now)
+    return "Queue", render(QUEUE_BODY, state=state_box(ctx, s), token=ctx.token, spool=s.spool,
+                           table=table)
+
+
+def page_log(ctx: PageContext) -> tuple[str, Html]:
+    folder = ctx.settings.log_folder
+    today = local_day(ctx.gateway.clock()).isoformat()
+    days = list(dict.fromkeys([today] + log_days(folder)))[:LOG_DAYS_SHOWN]
+    day = ctx.query.get("day", today)
+    if day not in days:
+        ctx.flash("error", f"There is no log for {day!r} here; the page shows the last "
+                           f"{LOG_DAYS_SHOWN} days.")
+        day = today
+    path = folder / f"bibliogate-{day}.log"
+    lines, cut = log_tail(path)
+    links = join(nav_link(f"/log?day={d}", d, d == day) for d in days)
+    return "Log", render(LOG_BODY, days=links, day=day, note=log_note(path, bool(lines), cut),
+                         lines="\n".join(lines))
+
+
+def page_patrons(ctx: PageContext) -> tuple[str, Html]:
+    db, s = ctx.db, ctx.settings
+    q, missing = ctx.query.get("q", "").strip(), bool(ctx.query.get("missing"))
+    rows = find_patrons(db, q, missing, PATRONS_SHOWN + 1)
+    total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
+    table = render(PATRONS_TABLE, rows=join(patron_row(s, db, r) for r in rows[:PATRONS_SHOWN])) \
+        if rows else NOTHING
+    return "Patrons", render(PATRONS_BODY, q=q, missing=flag(missing, " checked"),
+                             summary=patrons_summary(len(rows), total, no_email), table=table)
+
+
+def page_patron(ctx: PageContext) -> tuple[str, Html]:
+    db, pid = ctx.db, ctx.query.get("id", "")
+    row = db.execute(f"{PATRON_WITH_LOANS} WHERE patron_id = ?", (pid,)).fetchone()
+    if row is None:
+        return "Patron not found", render(NO_PATRON_BODY, id=repr(pid))
+    values, errors = ctx.session.drafts.pop(f"patron:{pid}", (dict(row), {}))
+    return f"Patron {row['name']}", render(
+        PATRON_BODY, name=row["name"], id=pid, loans=row["loans"],
+        fields=patron_fields(values, errors), token=ctx.token,
+        mail=mail_buttons(ctx.settings, db, pid))
+
+
+def page_login(ctx: PageContext) -> tuple[str, Html]:
+    if ctx.server.logged_in(ctx.session):
+        return "Logged in", LOGGED_IN_BODY
+    return "Log in", render(LOGIN_BODY, token=ctx.token)
+
+
+def health(ctx: PageContext) -> dict:
+    """For monitoring: the sender's state, the queue, the last check."""
+    g, s = ctx.gateway, ctx.settings
+    state, reason = g.sender_state or ("not started", "")
+    try:
+        view = ctx.server.spool_view()
+        waiting, bad = view.waiting, len(view.bad)
+    except SpoolError as exc:
+        waiting = bad = None
+        reason = f"{reason} {exc}"
+    last = get_state(g.journal.db, "last_check")
+    return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
+            "problems": len(s.problems), "waiting": waiting, "bad": bad,
+            "last_check": last, "last_check_text": fmt_time(last),
+            "next_check": None if s.problems else g.next_check, "version": __version__}
+
+
+# -- the actions: each does one thing and says where to go next ---------------------
+# An action returns the address to redirect to, and (login, logout) the
+# session that replaces the browser's.
+
+#: Who asked, in the journal, for what the page does.
+BY_PAGE = "config page"
+
+
+def post_login(ctx: PageContext) -> tuple[str, PageSession]:
+    server, session = ctx.server, ctx.session
+    stored = server.password_hash()
+    if not server.login_needed():
+        return "/", session
+    if server.login_paused():
+        ctx.flash("error", "Too many wrong passwords in the last few minutes. Wait five "
+                           "minutes, then try again.")
+    elif split_hash(stored) is None:
+        ctx.flash("error", "No usable page password is set. On the server, run "
+                           "`python bibliogate.py set-password`.")
+    elif check_password(stored, ctx.form.get("password", "")):
+        ctx.gateway.journal.event("page", f"logged in to the config page from {ctx.client}")
+        return "/", server.renew(session, login_hash=stored)
+    else:
+        server.login_paused(failed=True)
+        ctx.gateway.journal.event("page", f"a wrong config page password from {ctx.client}",
+                                  level=logging.WARNING)
+        ctx.flash("error", "Wrong password.")
+    return "/login", session
+
+
+def post_logout(ctx: PageContext) -> tuple[str, PageSession]:
+    return "/login", ctx.server.renew(ctx.session, login_hash="")
+
+
+def post_settings(ctx: PageContext) -> str:
+    g = ctx.gateway
+    ini_path = g.settings.ini_path
+    with ctx.server.save_lock:
+        text, digest = read_ini(ini_path)
+        if ctx.form.get("ini_digest") != digest:
+            ctx.flash("error", f"{ini_path.name} was changed by someone else since this page "
+                               "was opened; nothing was saved. Here are its values now: check "
+                               "them and save again.")
+            return "/settings"
+        new_text, errors, general, changed = check_settings_form(
+            ctx.form, text, ini_path, g.settings.problems)
+        if errors or general:
+            refuse_settings(ctx, errors, general)
+            return "/settings"
+        if changed:
+            save_ini_text(ini_path, new_text)
+    what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
+    g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
+    if g.request_reload(wait=RELOAD_WAIT_SECONDS):
+        state, reason = g.sender_state or ("", "")
+        ctx.flash("ok", f"{what} The sender restarted: it is {state}.")
+    else:
+        ctx.flash("ok", f"{what} The sender restarts with the settings as soon as it finishes "
+                        "the check in progress.")
+    return "/settings"
+
+
+def refuse_settings(ctx: PageContext, errors: dict, general: list) -> None:
+    """Keep a refused Settings form to show again, with what is wrong."""
+    ctx.session.drafts["settings"] = (settings_draft(ctx.form), errors)
+    typed = " Type the password again." if ctx.form.get("smtp.password") else ""
+    ctx.flash("error", f"Nothing was saved: fix the {len(errors)} field(s) marked below.{typed}"
+              if errors else "Nothing was saved.")
+    for problem in general:
+        ctx.flash("error", problem)
+
+
+def post_test(ctx: PageContext) -> str:
+    g, s = ctx.gateway, ctx.settings
+    try:
+        path = queue_test_message(s, g.journal, s.test_to, g.clock(), by=BY_PAGE)
+    except BibliogateError as exc:
+        ctx.flash("error", f"No test message was queued: {exc}")
+        return "/settings"
+    if s.problems:
+        when = "The sender is stopped until the settings are fixed, so it waits in the queue."
+    else:
+        due = max(g.next_check, g.clock())
+        when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
+    ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
+    return "/settings"
+
+
+def post_retry(ctx: PageContext) -> str:
+    retry_names(ctx, [ctx.form.get("file", "")])
+    return "/queue"
+
+
+def post_retry_all(ctx: PageContext) -> str:
+    names = bad_names(ctx.settings)
+    if not names:
+        ctx.flash("ok", "There are no .BAD files.")
+    retry_names(ctx, names)
+    return "/queue"
+
+
+def retry_names(ctx: PageContext, names: list[str]) -> None:
+    s, journal = ctx.settings, ctx.gateway.journal
+    for name in names:
+        try:
+            path = retry_file(s, journal, name, by=BY_PAGE)
+        except (SpoolError, OSError) as exc:
+            ctx.flash("error", f"{name} was not put back: {exc}")
+            continue
+        ctx.flash("ok", f"{name} is waiting again as {path.name}.")
+
+
+def post_delete(ctx: PageContext) -> str:
+    name = ctx.form.get("file", "")
+    try:
+        delete_queued(ctx.settings, ctx.gateway.journal, name, by=BY_PAGE)
+    except (SpoolError, OSError) as exc:
+        ctx.flash("error", f"Nothing was deleted: {exc}")
+        return "/queue"
+    ctx.flash("ok", f"Deleted {name}.")
+    return "/queue"
+
+
+def post_send_now(ctx: PageContext) -> str:
+    try:
+        send_now(ctx.gateway)
+    except BibliogateError as exc:
+        ctx.flash("error", str(exc))
+    else:
+        ctx.flash("ok", "A check starts within a few seconds; reload this page to see what "
+                        "it sent.")
+    return "/queue"
+
+
+def post_patron(ctx: PageContext) -> str:
+    pid, values = ctx.form.get("patron_id", ""), patron_form_values(ctx.form)
+    try:
+        edit = edit_patron(ctx.gateway.journal, pid, values, by=BY_PAGE)
+    except UnknownPatron:
+        ctx.flash("error", f"There is no patron {pid!r}; nothing was saved.")
+        return "/patrons"
+    if edit.errors:
+        ctx.session.drafts[f"patron:{pid}"] = (values, edit.errors)
+        ctx.flash("error", "Nothing was saved: fix the fields marked below.")
+        return "/patron?" + urllib.parse.urlencode({"id": pid})
+    ctx.flash("ok", f"Saved patron {pid} ({edit.name})." if edit.changed
+              else f"Nothing had changed for patron {pid}.")
+    return "/patrons?" + urllib.parse.urlencode({"q": pid})
+
+
+# -- routes ------------------------------------------------------------------------
+
+#: GET: address -> view. /login is the one page shown before logging in.
+GET_PAGES = MappingProxyType({
+    "/": page_settings, "/settings": page_settings, "/queue": page_queue, "/log": page_log,
+    "/patrons": page_patrons, "/patron": page_patron, "/login": page_login})
+#: POST: address -> action, for a logged-in session (/login is answered before).
+POST_ACTIONS = MappingProxyType({
+    "/settings": post_settings, "/test": post_test, "/queue/retry": post_retry,
+    "/queue/retry-all": post_retry_all, "/queue/delete": post_delete,
+    "/queue/send-now": post_send_now, "/patron": post_patron, "/logout": post_logout})
+
+
+# -- the request -------------------------------------------------------------------
+
 class PageHandler(http.server.BaseHTTPRequestHandler):
-    """One request to the config page. GET shows a page; POST does one thing
+    """One request to the config page: the checks every request meets, then
+    a GET shows a page (GET_PAGES) and a POST does one thing (POST_ACTIONS)
     and answers with a redirect to a page that tells what happened."""
 
     server: PageServer
@@ -4793,18 +5296,20 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get_content_type() != "application/x-www-form-urlencoded":
             raise PageRefusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Only the page's own forms "
                               "are taken here.")
-        try:
-            fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
-                                           max_num_fields=200)
-        except (UnicodeDecodeError, ValueError):
-            raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
-        return {name: values[0] for name, values in fields.items()}
+        return parse_form(data)
 
     def session(self, create: bool) -> PageSession | None:
         found, new = self.server.session(self.cookie_sid(), create)
         if new:
             self.new_sid = found.sid
         return found
+
+    def cookie_sid(self) -> str:
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.server.cookie_name:
+                return value
+        return ""
 
     # -- answers ----------------------------------------------------------------
 
@@ -4818,12 +5323,13 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def send_text(self, status: HTTPStatus, text: str) -> None:
         self.send_body(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
 
-    def cookie_sid(self) -> str:
-        for part in self.headers.get("Cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == self.server.cookie_name:
-                return value
-        return ""
+    def send_json(self, status: HTTPStatus, value) -> None:
+        self.send_body(status, json.dumps(value, indent=2).encode("utf-8"), "application/json")
+
+    def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
+        here = urllib.parse.urlsplit(self.path).path
+        page = page_html(self.server, session, here, title, body)
+        self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def redirect(self, location: str, session: PageSession) -> None:
         if session.sid != self.cookie_sid():
@@ -4833,29 +5339,12 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
-        here = urllib.parse.urlsplit(self.path).path
-        here = {"/settings": "/", "/patron": "/patrons"}.get(here, here)
-        logged_in = self.server.logged_in(session)
-        nav = join(render(NAV_LINK, href=href, label=label,
-                          current=Html(' aria-current="page"' if here == href else ""))
-                   for href, label in PAGE_LINKS) if logged_in else Html("")
-        logout = render(LOGOUT_FORM, token=self.token_input(session)) \
-            if logged_in and self.server.login_needed() else Html("")
-        flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
-        session.flash = []
-        page = render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
-                      library=self.server.gateway.settings.library_name)
-        self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
+    # -- routing ------------------------------------------------------------------
 
-    def send_json(self, status: HTTPStatus, value) -> None:
-        self.send_body(status, json.dumps(value, indent=2).encode("utf-8"), "application/json")
-
-    @staticmethod
-    def token_input(session: PageSession) -> Html:
-        return render(TOKEN_INPUT, token=session.token)
-
-    # -- GET --------------------------------------------------------------------
+    def context(self, session: PageSession | None, query: dict | None = None,
+                form: dict | None = None) -> PageContext:
+        return PageContext(self.server.gateway, self.server, session, query or {}, form or {},
+                           self.client_address[0])
 
     def _get(self) -> None:
         self.check_host()
@@ -4867,220 +5356,18 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             return self.end_headers()
         if url.path == "/health":
             with self.server.workers:
-                info = self.health()
+                info = health(self.context(None))
             return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
         session = self.session(create=True)
         if not self.server.logged_in(session) and url.path != "/login":
             return self.redirect("/login", session)
-        try:
-            query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query, max_num_fields=20).items()}
-        except ValueError:
-            raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
-        view = self.GET_PAGES.get(url.path)
+        query = parse_query(url.query)
+        view = GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
         with self.server.workers:
-            title, body = view(self, session, query)
+            title, body = view(self.context(session, query=query))
         self.send_page(HTTPStatus.OK, title, body, session)
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.server.gateway
-
-    def state_box(self, settings: Settings) -> Html:
-        state, reason = self.gateway.sender_state or ("not started", "")
-        if settings.problems:
-            reason = "the settings need attention:"
-        problems = Html("<ul>" + join(Html(f"<li>{esc(p)}</li>") for p in settings.problems)
-                        + "</ul>") if settings.problems else Html("")
-        try:
-            view = self.server.spool_view()
-            waiting, bad = view.waiting, len(view.bad)
-        except SpoolError:
-            waiting = bad = "?"
-        last = get_state(self.gateway.journal.db, "last_check")
-        upcoming = "when the settings are fixed and saved" if settings.problems \
-            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.gateway.next_check))
-        return render(STATE_BOX, state=state, reason=reason, problems=problems, waiting=waiting,
-                      bad=bad, last=fmt_time(last), next=upcoming)
-
-    def page_settings(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        s = self.gateway.settings
-        text, digest = read_ini(s.ini_path)
-        raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
-        draft = session.drafts.pop("settings", None)
-        values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
-        password_set = bool(raw.get(("smtp", "password"), "").strip())
-        fieldsets = join(render(FIELDSET, legend=legend, fields=join(
-            self.settings_field(f, values, errors, password_set) for f in fields))
-            for legend, fields in SETTINGS_FORM)
-        web_hash = bool(s.get("web", "password_hash").strip())
-        facts = {"Page address": f"{self.server.url} ([web] address and port)",
-                 "Page password": "set" if web_hash else "not set (run set-password to set one)",
-                 "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
-                 "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
-        body = render(SETTINGS_BODY, state=self.state_box(s), token=self.token_input(session),
-                      digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
-                      test_to=s.test_to or "not set",
-                      facts=join(render(FACT, name=k, value=v) for k, v in facts.items()))
-        return "Settings", body
-
-    @staticmethod
-    def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
-        value = values.get(f.name, "")
-        if f.kind == "password":
-            control = render(PASSWORD_INPUT, id=f.name)
-            hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
-                    else "Not set. Type one if the server needs a login.")
-        elif f.kind == "yesno":
-            control = render(CHECKBOX, id=f.name, checked=Html(
-                " checked" if value.lower() in YES_WORDS else ""))
-            hint = f.hint
-        elif f.kind == "choice":
-            control = render(SELECT, id=f.name, options=join(
-                render(OPTION, value=c, selected=Html(" selected" if c == value.lower() else ""))
-                for c in f.choices))
-            hint = f.hint
-        else:
-            control, hint = render(TEXT_INPUT, id=f.name, value=value), f.hint
-        error = errors.get(f.name)
-        return render(FIELD, id=f.name, label=f.label, control=control, hint=hint,
-                      invalid=Html(" invalid" if error else ""),
-                      error=render(FIELD_ERROR, text=error) if error else Html(""))
-
-    def page_queue(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        s, now = self.gateway.settings, self.gateway.clock()
-        token = self.token_input(session)
-        try:
-            view = self.server.spool_view()
-            rows, left = queue_rows(s, self.gateway.journal.db, view.bad + view.first), \
-                view.waiting - len(view.first)
-        except SpoolError as exc:
-            session.flash.append(("error", str(exc)))
-            rows, left = [], 0
-        more = Html(f'<p class="muted">And {left} more waiting messages, not listed.</p>') \
-            if left > 0 else Html("")
-        table = join([render(QUEUE_TABLE, rows=join(render(
-            QUEUE_ROW, state=r["state"], state_label=".BAD" if r["state"] == "bad" else "waiting",
-            to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
-            attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
-            retry=render(RETRY_FORM, token=token, file=r["file"]) if r["state"] == "bad" else Html(""))
-            for r in rows)), more]) if rows else Html('<p class="muted">The queue is empty.</p>')
-        return "Queue", render(QUEUE_BODY, state=self.state_box(s), token=token, spool=s.spool,
-                               table=table)
-
-    def page_log(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        folder = self.gateway.settings.log_folder
-        today = local_day(self.gateway.clock()).isoformat()
-        days = list(dict.fromkeys([today] + log_days(folder)))[:LOG_DAYS_SHOWN]
-        day = query.get("day", today)
-        if day not in days:
-            session.flash.append(("error", f"There is no log for {day!r} here; the page shows "
-                                           f"the last {LOG_DAYS_SHOWN} days."))
-            day = today
-        lines, cut = log_tail(folder / f"bibliogate-{day}.log")
-        note = ("Newest first" + (f"; only the last {LOG_BYTES // 1024} KB" if cut else "")
-                + f". The file: {folder / f'bibliogate-{day}.log'}") if lines \
-            else "Nothing was logged this day."
-        links = join(render(NAV_LINK, href=f"/log?day={d}", label=d,
-                            current=Html(' aria-current="page"' if d == day else "")) for d in days)
-        return "Log", render(LOG_BODY, days=links, day=day, note=note, lines="\n".join(lines))
-
-    def page_patrons(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        db, s = self.gateway.journal.db, self.gateway.settings
-        q, missing = query.get("q", "").strip(), bool(query.get("missing"))
-        like = "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
-        only_missing = "AND p.email = ''" if missing else ""
-        rows = db.execute(
-            "SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) AS loans "
-            "FROM patrons p WHERE (p.patron_id = ? OR p.name LIKE ? ESCAPE '\\' "
-            "OR p.grp LIKE ? ESCAPE '\\' OR p.patron_id LIKE ? ESCAPE '\\') "
-            f"{only_missing} ORDER BY p.name, p.patron_id LIMIT ?",
-            (q, like, like, like, PATRONS_SHOWN + 1)).fetchall()
-        total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
-        summary = (f"{len(rows[:PATRONS_SHOWN])} shown" + (" (the first ones; search to narrow)"
-                   if len(rows) > PATRONS_SHOWN else "")
-                   + f" of {total} patrons; {no_email or 0} have no email address.")
-        if not total:
-            summary = "No patrons yet: import patrons.csv from the library system."
-        table = render(PATRONS_TABLE, rows=join(self.patron_row(s, db, r)
-                                                for r in rows[:PATRONS_SHOWN])) if rows else Html("")
-        return "Patrons", render(PATRONS_BODY, q=q, missing=Html(" checked" if missing else ""),
-                                 summary=summary, table=table)
-
-    @staticmethod
-    def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
-        links = []
-        for guardian, label in ((False, "Email"), (True, "Email guardian")):
-            try:
-                links.append(render(MAIL_LINK, href=build_mailto(s, db, patron_id, guardian=guardian),
-                                    label=label))
-            except NoEmail:
-                pass
-        return join(links)
-
-    def patron_row(self, s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
-        no_email = not r["email"]
-        return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
-                      name=r["name"], guardian=r["guardian_email"], group=r["grp"],
-                      email=Html('<span class="badge">no email</span>') if no_email else r["email"],
-                      auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
-                      edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
-                      mail=self.mail_buttons(s, db, r["patron_id"]))
-
-    def page_patron(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        db, pid = self.gateway.journal.db, query.get("id", "")
-        row = db.execute("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = "
-                         "p.patron_id) AS loans FROM patrons p WHERE patron_id = ?",
-                         (pid,)).fetchone()
-        if row is None:
-            return "Patron not found", Html(f'<p>There is no patron {esc(repr(pid))}. '
-                                            '<a href="/patrons">Search the patrons</a>.</p>')
-        values, errors = session.drafts.pop(f"patron:{pid}", (dict(row), {}))
-        fields = join(render(FIELD, id=key, label=label, hint=hint, control=control,
-                             invalid=Html(" invalid" if key in errors else ""),
-                             error=render(FIELD_ERROR, text=errors[key]) if key in errors else Html(""))
-                      for key, label, hint, control in (
-            ("email", "Email", "Empty = this patron gets no email.",
-             render(TEXT_INPUT, id="email", value=values["email"])),
-            ("guardian_email", "Guardian email", "For guardian letters.",
-             render(TEXT_INPUT, id="guardian_email", value=values["guardian_email"])),
-            ("grp", "Group", "Letters can be run for one group.",
-             render(TEXT_INPUT, id="grp", value=values["grp"])),
-            ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices.",
-             render(CHECKBOX, id="auto_overdue",
-                    checked=Html(" checked" if values["auto_overdue"] else "")))))
-        body = render(PATRON_BODY, name=row["name"], id=pid, loans=row["loans"], fields=fields,
-                      token=self.token_input(session),
-                      mail=self.mail_buttons(self.gateway.settings, db, pid))
-        return f"Patron {row['name']}", body
-
-    def page_login(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        if self.server.logged_in(session):
-            return "Logged in", Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
-        return "Log in", render(LOGIN_BODY, token=self.token_input(session))
-
-    def health(self) -> dict:
-        """For monitoring: the sender's state, the queue, the last check."""
-        g, s = self.gateway, self.gateway.settings
-        state, reason = g.sender_state or ("not started", "")
-        try:
-            view = self.server.spool_view()
-            waiting, bad = view.waiting, len(view.bad)
-        except SpoolError as exc:
-            waiting = bad = None
-            reason = f"{reason} {exc}"
-        last = get_state(g.journal.db, "last_check")
-        return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
-                "problems": len(s.problems), "waiting": waiting, "bad": bad,
-                "last_check": last, "last_check_text": fmt_time(last),
-                "next_check": None if s.problems else g.next_check, "version": __version__}
-
-    GET_PAGES = {"/": page_settings, "/settings": page_settings, "/queue": page_queue,
-                 "/log": page_log, "/patrons": page_patrons, "/patron": page_patron,
-                 "/login": page_login}
-
-    # -- POST -------------------------------------------------------------------
 
     def _post(self) -> None:
         form = self.read_form()        # read first: closing on unread data would reset the answer
@@ -5090,175 +5377,36 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.check_token(session, form)
         path = urllib.parse.urlsplit(self.path).path
         if path == "/login":
-            return self.redirect(*self.login(session, form))
+            return self.redirect(*post_login(self.context(session, form=form)))
         if not self.server.logged_in(session):
             return self.redirect("/login", session)
-        action = self.POST_ACTIONS.get(path)
+        action = POST_ACTIONS.get(path)
         if action is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
         try:
-            location = action(self, session, form)
+            answer = action(self.context(session, form=form))
         finally:
             self.server.forget_spool_view()     # the page after it shows the change
+        location, session = answer if isinstance(answer, tuple) else (answer, session)
         self.redirect(location, session)
 
-    def login(self, session: PageSession, form: dict) -> tuple[str, PageSession]:
-        stored = self.server.password_hash()
-        if not self.server.login_needed():
-            return "/", session
-        if self.server.login_paused():
-            session.flash.append(("error", "Too many wrong passwords in the last few minutes. "
-                                           "Wait five minutes, then try again."))
-        elif split_hash(stored) is None:
-            session.flash.append(("error", "No usable page password is set. On the server, run "
-                                           "`python bibliogate.py set-password`."))
-        elif check_password(stored, form.get("password", "")):
-            self.gateway.journal.event("page", f"logged in to the config page from "
-                                       f"{self.client_address[0]}")
-            return "/", self.server.renew(session, login_hash=stored)
-        else:
-            self.server.login_paused(failed=True)
-            self.gateway.journal.event("page", f"a wrong config page password from "
-                                       f"{self.client_address[0]}", level=logging.WARNING)
-            session.flash.append(("error", "Wrong password."))
-        return "/login", session
 
-    def logout(self, session: PageSession, form: dict) -> str:
-        self.new_sid = self.server.renew(session, login_hash="").sid
-        return "/login"
-
-    def save_settings(self, session: PageSession, form: dict) -> str:
-        g = self.gateway
-        with self.server.save_lock:
-            text, digest = read_ini(g.settings.ini_path)
-            if form.get("ini_digest") != digest:
-                session.flash.append(("error", f"{g.settings.ini_path.name} was changed by someone "
-                                               "else since this page was opened; nothing was saved. "
-                                               "Here are its values now: check them and save again."))
-                return "/settings"
-            new_text, errors, general, changed = check_settings_form(
-                form, text, g.settings.ini_path, g.settings.problems)
-            if errors or general:
-                values = {f.name: form.get(f.name, "").strip() for f in SETTINGS_FIELDS
-                          if f.kind != "password"}
-                for f in SETTINGS_FIELDS:
-                    if f.kind == "yesno":
-                        values[f.name] = "yes" if form.get(f.name) else "no"
-                session.drafts["settings"] = (values, errors)
-                typed = " Type the password again." if form.get("smtp.password") else ""
-                session.flash += [("error", f"Nothing was saved: fix the {len(errors)} field(s) "
-                                            f"marked below.{typed}" if errors else
-                                   "Nothing was saved.")] + [("error", p) for p in general]
-                return "/settings"
-            if changed:
-                save_ini_text(g.settings.ini_path, new_text)
-        what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
-        g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
-        if g.request_reload(wait=RELOAD_WAIT_SECONDS):
-            state, reason = g.sender_state or ("", "")
-            session.flash.append(("ok", f"{what} The sender restarted: it is {state}."))
-        else:
-            session.flash.append(("ok", f"{what} The sender restarts with the settings as soon "
-                                        "as it finishes the check in progress."))
-        return "/settings"
-
-    def send_test(self, session: PageSession, form: dict) -> str:
-        g = self.gateway
-        s = g.settings
-        try:
-            path = queue_test(s, s.test_to, g.clock())
-        except BibliogateError as exc:
-            session.flash.append(("error", f"No test message was queued: {exc}"))
-            return "/settings"
-        g.journal.event("queued", f"queued a test message to {s.test_to} (config page)", path.name)
-        if s.problems:
-            when = "The sender is stopped until the settings are fixed, so it waits in the queue."
-        else:
-            due = max(g.next_check, g.clock())
-            when = (f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, "
-                    "will take it.")
-        session.flash.append(("ok", f"Queued the test message {path.name} in {s.spool} for "
-                                    f"{s.test_to}. {when}"))
-        return "/settings"
-
-    def retry(self, session: PageSession, form: dict) -> str:
-        self._retry(session, [form.get("file", "")])
-        return "/queue"
-
-    def retry_all(self, session: PageSession, form: dict) -> str:
-        names = [f.name for f in scan(self.gateway.settings.spool, is_bad_name)]
-        if not names:
-            session.flash.append(("ok", "There are no .BAD files."))
-        self._retry(session, names)
-        return "/queue"
-
-    def _retry(self, session: PageSession, names: list[str]) -> None:
-        journal, spool = self.gateway.journal, self.gateway.settings.spool
-        for name in names:
-            try:
-                path = retry_bad(spool, name)
-            except (SpoolError, OSError) as exc:
-                session.flash.append(("error", f"{name} was not put back: {exc}"))
-                continue
-            with journal.db:
-                journal.db.execute("DELETE FROM spool_state WHERE file = ?", (path.name,))
-            journal.event("retry", f"put back in the queue as {path.name} (config page)", name)
-            session.flash.append(("ok", f"{name} is waiting again as {path.name}."))
-
-    def delete(self, session: PageSession, form: dict) -> str:
-        name = form.get("file", "")
-        try:
-            delete_file(self.gateway.settings.spool, name)
-        except (SpoolError, OSError) as exc:
-            session.flash.append(("error", f"Nothing was deleted: {exc}"))
-            return "/queue"
-        self.gateway.journal.event("deleted", "deleted from the queue (config page)", name)
-        session.flash.append(("ok", f"Deleted {name}."))
-        return "/queue"
-
-    def send_now(self, session: PageSession, form: dict) -> str:
-        if self.gateway.settings.problems:
-            session.flash.append(("error", "The sender is stopped: fix the settings first."))
-        else:
-            self.gateway.request_check()
-            session.flash.append(("ok", "A check starts within a few seconds; reload this page "
-                                        "to see what it sent."))
-        return "/queue"
-
-    def save_patron(self, session: PageSession, form: dict) -> str:
-        db, pid = self.gateway.journal.db, form.get("patron_id", "")
-        back = "/patron?" + urllib.parse.urlencode({"id": pid})
-        row = db.execute("SELECT * FROM patrons WHERE patron_id = ?", (pid,)).fetchone()
-        if row is None:
-            session.flash.append(("error", f"There is no patron {pid!r}; nothing was saved."))
-            return "/patrons"
-        values = {"email": form.get("email", "").strip(),
-                  "guardian_email": form.get("guardian_email", "").strip(),
-                  "grp": form.get("grp", "").strip(),
-                  "auto_overdue": 1 if form.get("auto_overdue") else 0}
-        errors = patron_problems(values)
-        if errors:
-            session.drafts[f"patron:{pid}"] = (values, errors)
-            session.flash.append(("error", "Nothing was saved: fix the fields marked below."))
-            return back
-        changed = [key for key in values if row[key] != values[key]]
-        with db:
-            db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
-                       "WHERE patron_id = ?", (*values.values(), pid))
-        if changed:
-            self.gateway.journal.event("patron", f"patron {pid}: changed {', '.join(changed)} "
-                                                 "(config page)")
-        session.flash.append(("ok", f"Saved patron {pid} ({row['name']})." if changed
-                              else f"Nothing had changed for patron {pid}."))
-        return "/patrons?" + urllib.parse.urlencode({"q": pid})
-
-    POST_ACTIONS = {"/settings": save_settings, "/test": send_test, "/queue/retry": retry,
-                    "/queue/retry-all": retry_all, "/queue/delete": delete,
-                    "/queue/send-now": send_now, "/patron": save_patron, "/logout": logout}
+def parse_form(data: bytes) -> dict:
+    """The fields (first value of each) of an urlencoded form. Raises PageRefusal."""
+    try:
+        fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
+                                       max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
+    return {name: values[0] for name, values in fields.items()}
 
 
-#: The page's menu: (address, label).
-PAGE_LINKS = (("/", "Settings"), ("/queue", "Queue"), ("/log", "Log"), ("/patrons", "Patrons"))
+def parse_query(query: str) -> dict:
+    """The fields (first value of each) of an address's query. Raises PageRefusal."""
+    try:
+        return {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=20).items()}
+    except ValueError:
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
 
 
 def start_page(gateway: Gateway) -> PageServer | None:
