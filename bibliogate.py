@@ -5184,6 +5184,72 @@ POST_ACTIONS = MappingProxyType({
 
 
 # -- the request -------------------------------------------------------------------
+# The checks every request meets (PageHandler calls them in the order the
+# section's opening comment gives); each refuses with a PageRefusal.
+
+def check_host(host: str, server: PageServer) -> None:
+    if not host_allowed(host, server.address, server.port):
+        raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
+                          f"This page answers only at {server.url} (bibliogate.ini "
+                          f"[web] address); it was asked for {host!r}.")
+
+
+def check_origin(headers) -> None:
+    """Refuse a post from another site. Under our no-referrer policy a browser
+    sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
+    page can set, then tells, and for a browser without it the form token."""
+    origin = headers.get("Origin", "").strip().lower()
+    site = headers.get("Sec-Fetch-Site")
+    own = "http://" + headers.get("Host", "").strip().lower()
+    if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
+                          "so it was refused. Open the page itself and use its buttons.")
+
+
+def check_token(session: PageSession | None, form: dict) -> None:
+    if session is None or not hmac.compare_digest(form.get("token", "").encode(),
+                                                  session.token.encode()):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
+                          "have restarted since the page was opened). Go back, reload the "
+                          "page and try again.")
+
+
+def form_length(header: str) -> int:
+    """A form's Content-Length, if the page takes a form that long."""
+    if not (header.isascii() and header.isdigit()):      # "²".isdigit() is true
+        raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
+    # int() refuses 4,300 digits and more, so a long number is refused first.
+    if len(header) > 12 or int(header) > MAX_FORM_BYTES:
+        raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                          f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
+    return int(header)
+
+
+def cookie_value(header: str, name: str) -> str:
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+def parse_form(data: bytes) -> dict:
+    """The fields (first value of each) of an urlencoded form."""
+    try:
+        fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
+                                       max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
+    return {name: values[0] for name, values in fields.items()}
+
+
+def parse_query(query: str) -> dict:
+    """The fields (first value of each) of an address's query."""
+    try:
+        return {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=20).items()}
+    except ValueError:
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
+
 
 class PageHandler(http.server.BaseHTTPRequestHandler):
     """One request to the config page: the checks every request meets, then
@@ -5253,45 +5319,14 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong on this "
                                "page; the details are in the log. The gateway goes on sending.")
 
-    # -- checks -----------------------------------------------------------------
-
-    def check_host(self) -> None:
-        host = self.headers.get("Host", "")
-        if not host_allowed(host, self.server.address, self.server.port):
-            raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
-                              f"This page answers only at {self.server.url} (bibliogate.ini "
-                              f"[web] address); it was asked for {host!r}.")
-
-    def check_origin(self) -> None:
-        """Refuse a post from another site. Under our no-referrer policy a browser
-        sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
-        page can set, then tells, and for a browser without it the form token."""
-        origin = self.headers.get("Origin", "").strip().lower()
-        site = self.headers.get("Sec-Fetch-Site")
-        own = "http://" + self.headers.get("Host", "").strip().lower()
-        if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
-            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
-                              "so it was refused. Open the page itself and use its buttons.")
-
-    def check_token(self, session: PageSession | None, form: dict) -> None:
-        if session is None or not hmac.compare_digest(form.get("token", "").encode(),
-                                                      session.token.encode()):
-            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
-                              "have restarted since the page was opened). Go back, reload the "
-                              "page and try again.")
+    # -- what the request brings -------------------------------------------------
 
     def read_form(self) -> dict:
         """The posted fields (first value of each) of a small urlencoded form."""
-        length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):      # "²".isdigit() is true
-            raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
-        # int() refuses 4,300 digits and more, so a long number is refused first.
-        if len(length) > 12 or int(length) > MAX_FORM_BYTES:
-            raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
-        data = self.rfile.read(int(length))
+        length = form_length(self.headers.get("Content-Length", ""))
+        data = self.rfile.read(length)
         self.deadline.cancel()
-        if len(data) < int(length):
+        if len(data) < length:
             raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form arrived incomplete.")
         if self.headers.get_content_type() != "application/x-www-form-urlencoded":
             raise PageRefusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Only the page's own forms "
@@ -5305,11 +5340,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         return found
 
     def cookie_sid(self) -> str:
-        for part in self.headers.get("Cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == self.server.cookie_name:
-                return value
-        return ""
+        return cookie_value(self.headers.get("Cookie", ""), self.server.cookie_name)
 
     # -- answers ----------------------------------------------------------------
 
@@ -5347,7 +5378,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                            self.client_address[0])
 
     def _get(self) -> None:
-        self.check_host()
+        check_host(self.headers.get("Host", ""), self.server)
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/style.css":
             return self.send_body(HTTPStatus.OK, PAGE_CSS.encode("utf-8"), "text/css; charset=utf-8")
@@ -5371,10 +5402,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         form = self.read_form()        # read first: closing on unread data would reset the answer
-        self.check_host()
-        self.check_origin()
+        check_host(self.headers.get("Host", ""), self.server)
+        check_origin(self.headers)
         session = self.session(create=False)
-        self.check_token(session, form)
+        check_token(session, form)
         path = urllib.parse.urlsplit(self.path).path
         if path == "/login":
             return self.redirect(*post_login(self.context(session, form=form)))
@@ -5389,24 +5420,6 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             self.server.forget_spool_view()     # the page after it shows the change
         location, session = answer if isinstance(answer, tuple) else (answer, session)
         self.redirect(location, session)
-
-
-def parse_form(data: bytes) -> dict:
-    """The fields (first value of each) of an urlencoded form. Raises PageRefusal."""
-    try:
-        fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
-                                       max_num_fields=200)
-    except (UnicodeDecodeError, ValueError):
-        raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
-    return {name: values[0] for name, values in fields.items()}
-
-
-def parse_query(query: str) -> dict:
-    """The fields (first value of each) of an address's query. Raises PageRefusal."""
-    try:
-        return {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=20).items()}
-    except ValueError:
-        raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
 
 
 def start_page(gateway: Gateway) -> PageServer | None:
