@@ -4695,12 +4695,12 @@ class PageServer(http.server.ThreadingHTTPServer):
 @dataclasses.dataclass(frozen=True)
 class PageContext:
     """One request as a view or an action sees it: the running gateway, the
-    page's server (sessions, the spool reading), this browser's session (None
-    for /health), the query of a GET or the form of a POST, and the address
-    of the computer that asked."""
+    page's server (sessions, the spool reading), this browser's session (for
+    /health, an empty one that is never stored), the query of a GET or the
+    form of a POST, and the address of the computer that asked."""
     gateway: Gateway
     server: PageServer
-    session: PageSession | None
+    session: PageSession
     query: dict = dataclasses.field(default_factory=dict)
     form: dict = dataclasses.field(default_factory=dict)
     client: str = ""
@@ -5206,12 +5206,14 @@ def check_origin(headers) -> None:
                           "so it was refused. Open the page itself and use its buttons.")
 
 
-def check_token(session: PageSession | None, form: dict) -> None:
+def check_token(session: PageSession | None, form: dict) -> PageSession:
+    """The session a form was posted in, if its token is the session's."""
     if session is None or not hmac.compare_digest(form.get("token", "").encode(),
                                                   session.token.encode()):
         raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
                           "have restarted since the page was opened). Go back, reload the "
                           "page and try again.")
+    return session
 
 
 def form_length(header: str) -> int:
@@ -5372,7 +5374,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
     # -- routing ------------------------------------------------------------------
 
-    def context(self, session: PageSession | None, query: dict | None = None,
+    def context(self, session: PageSession, query: dict | None = None,
                 form: dict | None = None) -> PageContext:
         return PageContext(self.server.gateway, self.server, session, query or {}, form or {},
                            self.client_address[0])
@@ -5387,7 +5389,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             return self.end_headers()
         if url.path == "/health":
             with self.server.workers:
-                info = health(self.context(None))
+                info = health(self.context(PageSession("", "", "", time.monotonic())))
             return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
         session = self.session(create=True)
         if not self.server.logged_in(session) and url.path != "/login":
@@ -5404,8 +5406,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         form = self.read_form()        # read first: closing on unread data would reset the answer
         check_host(self.headers.get("Host", ""), self.server)
         check_origin(self.headers)
-        session = self.session(create=False)
-        check_token(session, form)
+        session = check_token(self.session(create=False), form)
         path = urllib.parse.urlsplit(self.path).path
         if path == "/login":
             return self.redirect(*post_login(self.context(session, form=form)))
