@@ -3868,6 +3868,12 @@ def run_is_active(ini_path: Path) -> bool:
 # one; for a POST, the Origin check and the session's form token (no forged
 # cross-site posts). Every value shown passes through esc(), and the SMTP
 # password is never put in a page.
+#
+# PageHandler does only that, then routes: GET_PAGES maps an address to a view
+# (page_*: a PageContext in, a title and the body's Html out) and POST_ACTIONS
+# to an action (post_*: it does one thing, through the Operations section when
+# it touches the queue or a patron, and returns where to redirect). A new page
+# is a view, its template and a line in GET_PAGES (and PAGE_LINKS for the menu).
 
 #: A form larger than this is refused unread (the Settings form is about 2 KB).
 MAX_FORM_BYTES = 1024 * 1024
