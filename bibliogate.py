@@ -3776,6 +3776,16 @@ def send_now(gateway: Gateway) -> None:
     gateway.request_check()
 
 
+def send_once(settings: Settings, every: bool = False) -> CheckResult:
+    """One check in this process, as `run` makes them; with `every`, every
+    waiting message, whatever its retry wait. Raises SettingsError while the
+    settings stop the sender."""
+    if settings.problems:
+        raise SettingsError(settings.problems)
+    journal = Journal(settings.database)
+    return Sender(settings, journal).check(limit=0 if every else None, ignore_waits=every)
+
+
 @dataclasses.dataclass(frozen=True)
 class PatronEdit:
     """What edit_patron did: nothing if there are errors ({field: sentence})."""
@@ -6009,10 +6019,7 @@ def cmd_run(args, settings: Settings) -> int:
 
 
 def cmd_send(args, settings: Settings) -> int:
-    if settings.problems:
-        raise SettingsError(settings.problems)
-    journal = Journal(settings.database)
-    result = Sender(settings, journal).check(limit=0 if args.all else None, ignore_waits=args.all)
+    result = send_once(settings, every=args.all)
     print(result.summary() or "nothing to send")
     return 1 if result.problem or result.skipped else 0
 
