@@ -70,7 +70,9 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import webbrowser
 from http import HTTPStatus
 from pathlib import Path
@@ -167,6 +169,17 @@ class SenderProblem(BibliogateError):
         self.lasting = lasting
 
 
+class SettingsRefused(SenderProblem):
+    """The server's reply says the settings are wrong, not the message
+    (STARTTLS required, a login needed or refused, basic authentication off):
+    the check stops, and no message is charged an attempt or set aside for it.
+    ``login`` is true for a refused login, which waits (see login_hold)."""
+
+    def __init__(self, message: str, login: bool = False):
+        super().__init__(message, lasting=True)
+        self.login = login
+
+
 class Busy(BibliogateError):
     """Another process holds a lock we need."""
 
@@ -189,8 +202,14 @@ host =                  ; IP address or name of the local SMTP server
 port = 25               ; 25, 587 (starttls) or 465 (tls)
 security = none         ; none | starttls | tls
 ehlo =                  ; the EHLO name to announce; empty = this computer's name
-username =              ; empty = the server needs no login
+username =              ; empty = the server needs no login; oauth2: the library mailbox
 password =
+auth = password         ; password | oauth2 (Microsoft 365 without basic authentication;
+                        ; see the README, "Microsoft 365 and Google Workspace")
+oauth_tenant =          ; oauth2: the Microsoft 365 tenant, e.g. school.example or its id
+oauth_client_id =       ; oauth2: the app registration's Application (client) ID
+oauth_client_secret =   ; oauth2: its client secret (the Value, not the Secret ID)
+oauth_token_url =       ; oauth2: empty = Microsoft's token endpoint for oauth_tenant
 timeout_seconds = 30    ; for each step of talking to the server
 ca_file =               ; certificates are checked; to trust an internal relay's own
                         ; certificate, give the path of its PEM file (or its CA's)
@@ -202,6 +221,8 @@ minutes_between_checks = 3      ; decimals allowed
 messages_per_check = 10
 test_to_address =       ; where [Test] and `python bibliogate.py test` send
 give_up_after_hours = 72        ; a message the server keeps refusing "for now" becomes .BAD after this
+max_per_day = 0         ; recipients a day at most, the mail service's daily cap (Microsoft 365:
+                        ; 10000, Google Workspace: 2000); 0 = no cap. The rest go the next day.
 
 [overdue]
 enabled = no
@@ -240,6 +261,7 @@ def _defaults() -> MappingProxyType:
 DEFAULTS = _defaults()
 
 SECURITY_CHOICES = ("none", "starttls", "tls")
+AUTH_CHOICES = ("password", "oauth2")
 
 
 @dataclasses.dataclass
@@ -258,6 +280,11 @@ class Settings:
     ehlo: str = ""
     username: str = ""
     password: str = ""
+    auth: str = "password"          #: password | oauth2
+    oauth_tenant: str = ""
+    oauth_client_id: str = ""
+    oauth_client_secret: str = ""
+    oauth_token_url: str = ""       #: as used: Microsoft's for the tenant when the ini has none
     timeout: float = 30.0
     ca_file: str = ""
     spool: Path = Path("spool")
@@ -266,6 +293,7 @@ class Settings:
     per_check: int = 10
     test_to: str = ""
     give_up_seconds: float = 72 * 3600.0
+    max_per_day: int = 0            #: recipients a (local) day; 0 = no cap
     library_name: str = ""
     date_format: str = "%Y-%m-%d"
     database: Path = Path("bibliogate.db")
@@ -399,6 +427,7 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
                                     "library.school.example, without spaces."))
     s.username = r.text("smtp", "username")
     s.password = raw.get(("smtp", "password"), "").strip()
+    check_login_settings(s, r)
     s.timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
                          "Use a number of seconds from 1 to 600, such as 30.", 30.0)
     s.ca_file = r.text("smtp", "ca_file")
@@ -421,6 +450,9 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
     s.test_to = r.address("gateway", "test_to_address")
     s.give_up_seconds = 3600.0 * r.number("gateway", "give_up_after_hours", float, 0.01, 24 * 60,
                                           "Use hours from 0.01 to 1440, such as 72.", 72.0)
+    s.max_per_day = r.number("gateway", "max_per_day", int, 0, 10_000_000,
+                             "Use the mail service's daily cap in recipients, such as 10000 "
+                             "(Microsoft 365) or 2000 (Google Workspace), or 0 for none.", 0)
     s.library_name = r.text("library", "name")
     s.date_format = r.text("library", "date_format") or "%Y-%m-%d"
     if "%" not in s.date_format:
@@ -435,6 +467,65 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
     for check in SETTINGS_CHECKS:
         check(s, r)
     return s
+
+
+#: The OAuth 2.0 token endpoint of Microsoft 365 (Entra ID) for a tenant.
+MICROSOFT_TOKEN_URL = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+
+
+def check_login_settings(s: Settings, r: _Reader) -> None:
+    """[smtp] auth and its oauth_* keys. The client secret is never quoted in a
+    problem: the problems are shown on the page and by `status`."""
+    s.auth = r.text("smtp", "auth").lower() or "password"
+    if s.auth not in AUTH_CHOICES:
+        r.problems.append(ini_problem("smtp", "auth", s.auth, "must be password or oauth2 "
+                                      "(Microsoft 365 without basic authentication)."))
+        s.auth = "password"
+    s.oauth_tenant = r.text("smtp", "oauth_tenant")
+    s.oauth_client_id = r.text("smtp", "oauth_client_id")
+    s.oauth_client_secret = r.raw.get(("smtp", "oauth_client_secret"), "").strip()
+    url = r.text("smtp", "oauth_token_url")
+    if s.auth != "oauth2":
+        return
+    need = []
+    if not s.username:
+        need.append(ini_problem("smtp", "username", "", "not set. With auth = oauth2 it is the "
+                                "mailbox the gateway sends as, such as library@school.example."))
+    if not s.oauth_tenant:
+        need.append(ini_problem("smtp", "oauth_tenant", "", "not set. With auth = oauth2 give the "
+                                "school's Microsoft 365 domain (school.example) or its tenant ID."))
+    elif not re.match(r"^[A-Za-z0-9.-]+$", s.oauth_tenant):
+        need.append(ini_problem("smtp", "oauth_tenant", s.oauth_tenant, "not a domain nor a "
+                                "tenant ID. Copy the Directory (tenant) ID from the app's "
+                                "Overview page in Microsoft Entra."))
+    if not s.oauth_client_id:
+        need.append(ini_problem("smtp", "oauth_client_id", "", "not set. Copy the Application "
+                                "(client) ID from the app's Overview page in Microsoft Entra."))
+    elif not re.match(r"^[A-Za-z0-9-]+$", s.oauth_client_id):
+        need.append(ini_problem("smtp", "oauth_client_id", s.oauth_client_id, "not an "
+                                "application ID. Copy the Application (client) ID from the "
+                                "app's Overview page in Microsoft Entra."))
+    if not s.oauth_client_secret:
+        need.append(ini_problem("smtp", "oauth_client_secret", "", "not set. Create a client "
+                                "secret under the app's Certificates & secrets in Microsoft Entra "
+                                "and copy its Value."))
+    if s.security == "none":
+        need.append(ini_problem("smtp", "security", "none", "with auth = oauth2 the token must "
+                                "not cross the network unencrypted. Use security = starttls and "
+                                "port 587 (smtp.office365.com)."))
+    if url and not token_url_allowed(url):
+        need.append(ini_problem("smtp", "oauth_token_url", url, "must start with https://. "
+                                "Leave it empty for Microsoft 365."))
+    r.problems.extend(need)
+    s.oauth_token_url = url or MICROSOFT_TOKEN_URL.format(tenant=urllib.parse.quote(s.oauth_tenant))
+
+
+def token_url_allowed(url: str) -> bool:
+    """https, or plain http to this computer only (a local test endpoint)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
 
 
 #: Further checks (section, reader) that later parts of the program add.
@@ -573,6 +664,8 @@ CREATE TABLE IF NOT EXISTS sent (
     file TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (file, digest));
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
+-- recipients handed to the server each (local) day, for [gateway] max_per_day
+CREATE TABLE IF NOT EXISTS sent_per_day (day TEXT PRIMARY KEY, recipients INTEGER NOT NULL);
 -- circulation data, imported from the library system's CSV files
 CREATE TABLE IF NOT EXISTS patrons (
     patron_id TEXT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL DEFAULT '',
@@ -615,6 +708,18 @@ def set_state(conn: sqlite3.Connection, **values) -> None:
     with conn:
         conn.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                          [(k, json.dumps(v)) for k, v in values.items()])
+
+
+def sent_on(conn: sqlite3.Connection, day: str) -> int:
+    """Recipients handed to the server on a day (YYYY-MM-DD, local)."""
+    row = conn.execute("SELECT recipients FROM sent_per_day WHERE day = ?", (day,)).fetchone()
+    return row[0] if row else 0
+
+
+def count_sent(conn: sqlite3.Connection, day: str, recipients: int) -> None:
+    """Add to a day's count; the caller's transaction commits it."""
+    conn.execute("INSERT INTO sent_per_day(day, recipients) VALUES (?, ?) ON CONFLICT(day) "
+                 "DO UPDATE SET recipients = recipients + excluded.recipients", (day, recipients))
 
 
 # Journal #####################################################################
@@ -1279,11 +1384,13 @@ class CheckResult:
     deferred: int = 0
     problem: SenderProblem | None = None
     skipped: str = ""       #: why the check did not run at all
+    held: str = ""          #: why the rest waits for another day (max_per_day)
 
     def summary(self) -> str:
         if self.skipped:
             return self.skipped
         text = f"{self.sent} sent, {self.bad} failed for good, {self.deferred} delayed"
+        text += f"; {self.held}" if self.held else ""
         return text + (f"; stopped: {self.problem}" if self.problem else "")
 
 
@@ -1302,9 +1409,23 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=settings.ca_file or None)
 
 
-def connect(settings: Settings) -> smtplib.SMTP:
-    """An SMTP connection, with TLS and login as the settings ask.
-    Raises SenderProblem with a sentence naming the setting to check."""
+def connect(settings: Settings, tokens: "TokenCache | None" = None,
+            clock: Callable[[], float] = time.time) -> smtplib.SMTP:
+    """An SMTP connection, with TLS and login as the settings ask. Raises
+    SenderProblem with a sentence naming the setting to check; SettingsRefused
+    (``login`` true) when the server or the token endpoint refused the login."""
+    smtp = open_smtp(settings)
+    try:
+        if settings.username:
+            log_in(smtp, settings, tokens or TokenCache(), clock)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def open_smtp(settings: Settings) -> smtplib.SMTP:
+    """Connected, greeted (EHLO) and encrypted as [smtp] security says."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     name = settings.ehlo or None
     try:
@@ -1332,17 +1453,6 @@ def connect(settings: Settings) -> smtplib.SMTP:
                                   "security = none, or use its TLS port.", lasting=True)
             smtp.starttls(context=tls_context(settings))
             smtp.ehlo()
-        if settings.username:
-            smtp.login(settings.username, settings.password)
-    except smtplib.SMTPAuthenticationError as exc:
-        smtp.close()
-        raise SenderProblem(f"The SMTP server {where} refused the login of {settings.username!r}: "
-                          f"{reply_text(exc.smtp_code, exc.smtp_error)}. Check [smtp] username "
-                          "and password.", lasting=True) from None
-    except smtplib.SMTPNotSupportedError:
-        smtp.close()
-        raise SenderProblem(f"The SMTP server {where} does not accept logins (no AUTH). Leave "
-                          "[smtp] username empty, or use security = starttls.", lasting=True) from None
     except ssl.SSLError as exc:
         smtp.close()
         raise SenderProblem(f"TLS with {where} failed: {exc}. Set [smtp] ca_file for a server "
@@ -1356,8 +1466,278 @@ def connect(settings: Settings) -> smtplib.SMTP:
     return smtp
 
 
+# -- logging in ----------------------------------------------------------------
+
+#: A refused login is not tried again with the same settings for this long:
+#: cloud services lock an account after a few failed logins.
+LOGIN_RETRY_SECONDS = 30 * 60
+#: An OAuth token is renewed this long before it expires, so that a check
+#: never starts with a token that runs out half-way.
+TOKEN_RENEW_SECONDS = 5 * 60
+#: What the token is for: Exchange Online, SMTP included.
+OAUTH_SCOPE = "https://outlook.office365.com/.default"
+#: The README section that explains the cloud services' settings.
+CLOUD_README = 'the README, "Microsoft 365 and Google Workspace"'
+#: Login mechanisms in the order we use them; only one is tried per login.
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
+_ENHANCED_RE = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_GOOGLE_RE = re.compile(r"google|gmail|gsmtp")
+
+MS_SMTP_AUTH_OFF = ("turn on Authenticated SMTP for the mailbox (Microsoft 365 admin center > "
+                    "Users > Active users > the mailbox > Mail > Manage email apps), or switch "
+                    f"to [smtp] auth = oauth2 (see {CLOUD_README})")
+GOOGLE_APP_PASSWORD = ("Google wants an app password: create one for the account (Google "
+                       "Account > Security > 2-Step Verification > App passwords) and put it in "
+                       "[smtp] password, or send through Google's SMTP relay service "
+                       f"(host = smtp-relay.gmail.com, see {CLOUD_README})")
+STARTTLS_NEEDED = ("set [smtp] security = starttls (port 587) or security = tls (port 465): the "
+                   "server takes mail only over an encrypted connection")
+
+
+def settings_fix(code: int, text, oauth: bool = False) -> str | None:
+    """What to change when a reply (at AUTH, MAIL or RCPT) says the settings
+    are wrong rather than the message; None when it is about the message."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    low = " ".join(str(text).split()).lower()
+    found = _ENHANCED_RE.search(low)
+    status = found.group(1) if found else ""
+    if status == "5.7.139" and ("disabled" in low or "criteria" in low or "security defaults" in low):
+        if oauth:
+            return ("turn on Authenticated SMTP for the mailbox in [smtp] username (Exchange Online "
+                    "PowerShell: Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled "
+                    "$false); OAuth logins need it too")
+        return "Microsoft 365 has SMTP AUTH turned off for this mailbox or tenant: " + MS_SMTP_AUTH_OFF
+    if status == "5.7.30" or "basic authentication is not supported" in low:
+        return ("Microsoft 365 no longer takes a password for sending (basic authentication is "
+                f"off): switch to [smtp] auth = oauth2 (see {CLOUD_README})")
+    if code == 534 or status == "5.7.9" or "application-specific password" in low:
+        return GOOGLE_APP_PASSWORD
+    if code == 538 or (code == 530 and "tls" in low):
+        return STARTTLS_NEEDED
+    if code == 530 or status == "5.7.57" or (status == "5.7.1" and "authenticat" in low):
+        return ("set [smtp] username and password: the server takes mail only after a login "
+                f"(Microsoft 365: the mailbox, or auth = oauth2; see {CLOUD_README})")
+    if code == 535:
+        if oauth:
+            return ("the mailbox did not accept the app's token: check that [smtp] username is the "
+                    "mailbox the app was given access to (Add-MailboxPermission), that the app has "
+                    f"the SMTP.SendAsApp permission with admin consent (see {CLOUD_README})")
+        if _GOOGLE_RE.search(low):
+            return "check [smtp] username and password; " + GOOGLE_APP_PASSWORD
+        return "check [smtp] username and password"
+    if status in ("5.7.60", "5.2.252") or "sendasdenied" in low:
+        return ("the mailbox in [smtp] username may not send as [gateway] from_address: make "
+                "from_address the mailbox's own address, or give the mailbox Send As permission")
+    return None
+
+
+def settings_refusal(exc: Exception, settings: Settings) -> "SettingsRefused | None":
+    """A refusal at MAIL or RCPT that is the settings' fault, as a SettingsRefused."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        replies = list(exc.recipients.values())
+    elif isinstance(exc, smtplib.SMTPResponseException):
+        replies = [(exc.smtp_code, exc.smtp_error)]
+    else:
+        return None
+    for code, message in replies:
+        fix = settings_fix(code, message, settings.auth == "oauth2")
+        if fix:
+            return SettingsRefused(f"The SMTP server {settings.smtp_host}:{settings.smtp_port} "
+                                   f"answered {reply_text(code, message)!r}: {fix}.")
+    return None
+
+
+def log_in(smtp: smtplib.SMTP, settings: Settings, tokens: "TokenCache",
+           clock: Callable[[], float]) -> None:
+    """One login, with one mechanism: smtplib's login() would try the next
+    mechanism after a refusal, and two refusals a check lock accounts."""
+    where = f"{settings.smtp_host}:{settings.smtp_port}"
+    if not smtp.has_extn("auth"):
+        raise SettingsRefused(f"The SMTP server {where} does not offer a login (no AUTH"
+                              f"{' before STARTTLS' if settings.security == 'none' else ''}): "
+                              + ("set [smtp] security = starttls." if settings.security == "none"
+                                 else "leave [smtp] username empty."), login=True)
+    offered = smtp.esmtp_features["auth"].upper().split()
+    oauth = settings.auth == "oauth2"
+    try:
+        if oauth:
+            if "XOAUTH2" not in offered:
+                raise SettingsRefused(f"The SMTP server {where} does not offer XOAUTH2 logins (it "
+                                      f"offers {', '.join(offered) or 'none'}): for Microsoft 365 "
+                                      "use host = smtp.office365.com, port = 587, security = "
+                                      "starttls.", login=True)
+            token = tokens.get(settings, clock())
+            blob = f"user={settings.username}\x01auth=Bearer {token}\x01\x01"
+            # On a refusal the server sends a 334 with an error: answer it with
+            # an empty line (not the token again) and it gives the final reply.
+            try:
+                smtp.auth("XOAUTH2", lambda challenge=None: blob if challenge is None else "")
+            except smtplib.SMTPAuthenticationError:
+                tokens.forget()
+                raise
+            return
+        mechanism = next((m for m in PASSWORD_MECHANISMS if m in offered), None)
+        if mechanism is None:
+            raise SettingsRefused(f"The SMTP server {where} offers no password login (it offers "
+                                  f"{', '.join(offered) or 'none'}): check [smtp] auth, or leave "
+                                  "username empty if it needs no login.", login=True)
+        smtp.user, smtp.password = settings.username, settings.password
+        smtp.auth(mechanism, smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login)
+    except smtplib.SMTPAuthenticationError as exc:
+        fix = settings_fix(exc.smtp_code, exc.smtp_error, oauth) or "check [smtp] username and password"
+        raise SettingsRefused(f"The SMTP server {where} refused the login of {settings.username!r} "
+                              f"({reply_text(exc.smtp_code, exc.smtp_error)}): {fix}.",
+                              login=True) from None
+    except UnicodeEncodeError:
+        raise SettingsRefused("[smtp] password has letters outside plain ASCII, which an SMTP "
+                              "login cannot carry: use a password of plain letters, digits and "
+                              "signs.", login=True) from None
+    except (OSError, smtplib.SMTPException) as exc:
+        raise SenderProblem(f"The SMTP server {where} broke off the login: {exc}.") from None
+
+
+def login_key(settings: Settings, salt: bytes) -> str:
+    """Which settings a login was refused with, as a slow salted digest: the
+    database keeps it, and must not make the password easy to guess."""
+    values = (settings.smtp_host, settings.smtp_port, settings.security, settings.auth,
+              settings.username, settings.password, settings.oauth_token_url,
+              settings.oauth_client_id, settings.oauth_client_secret)
+    data = "\x00".join(map(str, values)).encode("utf-8")
+    return hashlib.pbkdf2_hmac("sha256", data, salt, 20_000).hex()
+
+
+def login_hold_text(record: dict) -> str:
+    """The sender's state while a refused login waits: when, why, and until when."""
+    at = record["at"]
+    return (f"login refused at {time.strftime('%H:%M', time.localtime(at))}: "
+            f"{record['reason'].rstrip('.')}; next try at "
+            f"{time.strftime('%H:%M', time.localtime(at + LOGIN_RETRY_SECONDS))} "
+            "or when the settings change.")
+
+
+def login_hold(settings: Settings, db: sqlite3.Connection, now: float) -> str | None:
+    """The refused login still holding the sender back, as its sentence; None
+    once the settings have changed or LOGIN_RETRY_SECONDS have passed."""
+    record = get_state(db, "login_refused")
+    if not record or now >= record["at"] + LOGIN_RETRY_SECONDS:
+        return None
+    if login_key(settings, bytes.fromhex(record["salt"])) != record["key"]:
+        return None
+    return login_hold_text(record)
+
+
+@dataclasses.dataclass
+class Token:
+    value: str
+    expires: float
+
+
+class TokenCache:
+    """OAuth 2.0 access tokens, in memory only, for the settings that fetched
+    them; renewed TOKEN_RENEW_SECONDS before they expire."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key: tuple = ()
+        self._token: Token | None = None
+        self.fetches = 0        #: how many tokens were fetched (for tests and smtp-check)
+
+    def get(self, settings: Settings, now: float) -> str:
+        key = (settings.oauth_token_url, settings.oauth_client_id, settings.oauth_client_secret)
+        with self._lock:
+            if self._token and self._key == key and now < self._token.expires - TOKEN_RENEW_SECONDS:
+                return self._token.value
+            value, lifetime = fetch_token(settings)
+            self.fetches += 1
+            self._key, self._token = key, Token(value, now + lifetime)
+            return value
+
+    def forget(self) -> None:
+        with self._lock:
+            self._token = None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The client secret goes to the token endpoint in the ini and nowhere else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def fetch_token(settings: Settings) -> tuple[str, float]:
+    """(access token, seconds it lives) by the OAuth 2.0 client-credentials
+    grant. Raises SettingsRefused when the endpoint refuses, SenderProblem when
+    it cannot be reached. No sentence ever holds the secret."""
+    url = settings.oauth_token_url
+    where = urllib.parse.urlsplit(url).netloc
+    body = urllib.parse.urlencode({
+        "grant_type": "client_credentials", "client_id": settings.oauth_client_id,
+        "client_secret": settings.oauth_client_secret, "scope": OAUTH_SCOPE}).encode("ascii")
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=settings.timeout) as response:
+            answer = json.loads(response.read(1_000_000).decode("utf-8"))
+        token, lifetime = answer["access_token"], float(answer.get("expires_in", 3600))
+        if not isinstance(token, str) or not token.isascii() or not token:
+            raise ValueError("no usable access_token")
+        return token, lifetime
+    except urllib.error.HTTPError as exc:
+        answer = {}
+        with contextlib.suppress(OSError, ValueError):
+            answer = json.loads(exc.read(100_000).decode("utf-8", "replace"))
+        if not isinstance(answer, dict):
+            answer = {}
+        sentence = scrub(token_refusal(exc.code, answer, settings), settings.oauth_client_secret)
+        if exc.code >= 500 or exc.code == 429:
+            raise SenderProblem(sentence) from None
+        raise SettingsRefused(sentence, login=True) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise SenderProblem(scrub(
+            f"The token endpoint {where} could not be used ({reason}): check that this computer "
+            "reaches it (https, port 443; a proxy or firewall may block it) and [smtp] "
+            "oauth_token_url.", settings.oauth_client_secret)) from None
+
+
+def token_refusal(status: int, answer: dict, settings: Settings) -> str:
+    """One sentence for a refused token request, from Entra ID's error codes."""
+    description = str(answer.get("error_description") or answer.get("error") or f"HTTP {status}")
+    first = description.strip().splitlines()[0] if description.strip() else f"HTTP {status}"
+    codes = set(re.findall(r"AADSTS(\d+)", description))
+    said = f"Microsoft refused the token request ({first})"
+    if codes & {"90002", "900023", "90013"}:
+        return (f"{said}: the tenant {settings.oauth_tenant!r} is unknown. Set [smtp] "
+                "oauth_tenant to the school's Microsoft 365 domain or the Directory (tenant) ID "
+                "from the app's Overview page in Microsoft Entra.")
+    if codes & {"7000215"}:
+        return (f"{said}: the client secret is wrong. Copy the secret's Value (not its Secret ID) "
+                "from the app's Certificates & secrets page into [smtp] oauth_client_secret, or "
+                "create a new secret there.")
+    if codes & {"7000222"}:
+        return (f"{said}: the client secret has expired. Create a new one under the app's "
+                "Certificates & secrets in Microsoft Entra and put its Value in [smtp] "
+                "oauth_client_secret.")
+    if codes & {"700016"}:
+        return (f"{said}: there is no app {settings.oauth_client_id!r} in that tenant. Copy the "
+                "Application (client) ID from the app's Overview page into [smtp] oauth_client_id.")
+    if codes & {"70011", "1002012", "65001", "500011"}:
+        return (f"{said}: the app may not send mail yet. Give it the API permission Office 365 "
+                f"Exchange Online > SMTP.SendAsApp with admin consent (see {CLOUD_README}).")
+    return (f"{said}. Check [smtp] oauth_tenant, oauth_client_id and oauth_client_secret "
+            f"(see {CLOUD_README}).")
+
+
+def scrub(text: str, secret: str) -> str:
+    """text without the secret in it, whatever a server echoed back."""
+    return text.replace(secret, "(the secret)") if secret else text
+
+
 class Outcome:
     SENT, BAD, LATER, BROKEN = "sent", "bad", "later", "broken"
+    HELD = "held"       #: not sent: the day's max_per_day would be passed
 
 
 class NotHandedOver(smtplib.SMTPServerDisconnected):
@@ -1423,9 +1803,11 @@ class Sender:
     two BiblioGate processes on one folder never send the same file."""
 
     def __init__(self, settings: Settings, journal: Journal, clock: Callable[[], float] = time.time,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, tokens: TokenCache | None = None):
         self.settings, self.journal, self.clock = settings, journal, clock
         self.stop = stop or threading.Event()
+        #: OAuth tokens outlive a check: the Gateway passes the same cache every time.
+        self.tokens = tokens or TokenCache()
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -1452,6 +1834,11 @@ class Sender:
 
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()
+        held = login_hold(self.settings, self.db, now)
+        if held:            # said whether or not anything waits
+            return CheckResult(problem=SettingsRefused(held, login=True))
+        if self._day_full(now):
+            return CheckResult(held=self._cap_text())
         result = CheckResult()
         files = scan_times(self.settings.spool)
         self._forget_gone({name for name, _, _ in files})
@@ -1462,6 +1849,8 @@ class Sender:
         batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
                            settled=time.time() - STABLE_SECONDS)
         if not batch:
+            if get_state(self.db, "login_refused"):
+                self._try_login(result)     # so the state says whether the new settings work
             return result
         smtp = None
         cap = now + max(CHECK_CAP_SECONDS, self.settings.interval)
@@ -1472,12 +1861,22 @@ class Sender:
                     break
                 if smtp is None:
                     try:
-                        smtp = connect(self.settings)
+                        smtp = self._connect()
                     except SenderProblem as exc:
                         result.problem = exc
-                        self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
+                        if not isinstance(exc, SettingsRefused):     # the settings' fault
+                            self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
-                outcome = self._send_one(smtp, item, result, removed)
+                try:
+                    outcome = self._send_one(smtp, item, result, removed)
+                except SettingsRefused as exc:      # the file keeps its place, uncharged
+                    result.problem = exc
+                    break
+                if outcome == Outcome.HELD:
+                    result.held = self._cap_text()
+                    self.journal.event("daily_cap", f"{result.held} ({len(batch) - n} of this "
+                                       "check's messages wait)", level=logging.WARNING)
+                    break
                 if outcome == Outcome.BROKEN:
                     smtp.close()
                     smtp = None
@@ -1510,6 +1909,13 @@ class Sender:
         except BadMessage as exc:
             self._bad(item, str(exc), result)
             return Outcome.BAD
+        cap, today = self.settings.max_per_day, local_day(self.clock()).isoformat()
+        if cap and sent_on(self.db, today) + len(out.recipients) > cap:
+            if len(out.recipients) > cap:
+                self._bad(item, f"it has {len(out.recipients)} recipients, more than the "
+                          f"{cap} a day that [gateway] max_per_day allows", result)
+                return Outcome.BAD
+            return Outcome.HELD
         options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") and not out.data.isascii() else []
         try:
             refused = transmit(smtp, out, options)
@@ -1518,6 +1924,9 @@ class Sender:
                         f"was handed over ({exc})", result, wait=False)
             return Outcome.BROKEN
         except (smtplib.SMTPException, OSError) as exc:
+            refusal = settings_refusal(exc, self.settings)
+            if refusal:
+                raise refusal from None
             outcome, reason = classify(exc)
             if outcome == Outcome.BAD:
                 self._bad(item, reason, result)
@@ -1532,6 +1941,7 @@ class Sender:
             self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
                             (item.name, digest, self.clock()))
             self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            count_sent(self.db, today, len(out.recipients))
             self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
                                item.name)
         result.sent += 1
@@ -1542,6 +1952,47 @@ class Sender:
             self.journal.event("refused", f"{out.subject!r}: refused {', '.join(refused_list)}",
                                item.name, logging.WARNING)
         return Outcome.SENT
+
+    # -- logging in and the daily cap -----------------------------------------
+
+    def _connect(self) -> smtplib.SMTP:
+        """connect(), remembering a refused login (see login_hold) and
+        forgetting it once a login works."""
+        try:
+            smtp = connect(self.settings, self.tokens, self.clock)
+        except SettingsRefused as exc:
+            if not exc.login:
+                raise
+            now = self.clock()
+            salt = secrets.token_bytes(16)
+            record = {"at": now, "reason": str(exc), "salt": salt.hex(),
+                      "key": login_key(self.settings, salt)}
+            set_state(self.db, login_refused=record)
+            self.journal.event("login_refused", str(exc), level=logging.WARNING)
+            raise SettingsRefused(login_hold_text(record), login=True) from None
+        if self.settings.username and get_state(self.db, "login_refused"):
+            set_state(self.db, login_refused=None)
+            self.journal.event("login", "the SMTP server accepted the login again")
+        return smtp
+
+    def _try_login(self, result: CheckResult) -> None:
+        """Log in and out again, after a refused login, with nothing to send."""
+        try:
+            smtp = self._connect()
+        except SenderProblem as exc:
+            result.problem = exc
+            return
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            smtp.quit()
+        smtp.close()
+
+    def _day_full(self, now: float) -> bool:
+        cap = self.settings.max_per_day
+        return bool(cap) and sent_on(self.db, local_day(now).isoformat()) >= cap
+
+    def _cap_text(self) -> str:
+        return (f"daily cap of {self.settings.max_per_day} recipients reached ([gateway] "
+                "max_per_day); the rest go tomorrow")
 
     # -- what becomes of a file -----------------------------------------------
 
@@ -1654,6 +2105,8 @@ class Gateway:
         self.ini_stamp = self._ini_stamp()
         self.next_check = clock()
         self.sender_state = None
+        #: OAuth tokens, kept from check to check (in memory only).
+        self.tokens = TokenCache()
         self.tasks: list[Callable[["Gateway", float], None]] = list(GATEWAY_TASKS)
         #: The config page asks from its own threads; the loop acts (see request_reload).
         self._requests = threading.Condition()
@@ -1754,12 +2207,14 @@ class Gateway:
             result = CheckResult(skipped="the settings need attention")
         else:
             try:
-                result = Sender(s, self.journal, self.clock, self.stop).check()
+                result = Sender(s, self.journal, self.clock, self.stop, self.tokens).check()
             except SpoolError as exc:       # e.g. the folder vanished from under us
                 result = CheckResult(problem=SenderProblem(str(exc), lasting=True))
             if result.problem:
                 state = "stopped" if result.problem.lasting else "retrying"
                 self._set_sender(state, f"{result.problem} Messages stay queued.")
+            elif result.held:
+                self._set_sender("paused", result.held + ".")
             elif not result.skipped:
                 self._announce_settings()
             if result.sent or result.bad or result.deferred or result.problem:
@@ -4192,6 +4647,14 @@ SETTINGS_FORM = (
         Field("smtp", "ehlo", "EHLO name", "The name to announce; empty = this computer's name."),
         Field("smtp", "username", "Username", "Leave empty if the server needs no login."),
         Field("smtp", "password", "Password", kind="password"),
+        Field("smtp", "auth", "Login with", "password, or oauth2 for Microsoft 365 without basic "
+              "authentication (the fields below; see the README).", "choice", AUTH_CHOICES),
+        Field("smtp", "oauth_tenant", "OAuth tenant", "oauth2: the school's Microsoft 365 domain "
+              "or its Directory (tenant) ID."),
+        Field("smtp", "oauth_client_id", "OAuth client ID", "oauth2: the app registration's "
+              "Application (client) ID."),
+        Field("smtp", "oauth_client_secret", "OAuth client secret", kind="password"),
+        Field("smtp", "oauth_token_url", "OAuth token URL", "oauth2: leave empty for Microsoft 365."),
         Field("smtp", "timeout_seconds", "Timeout (seconds)", "For each step of talking to "
               "the server."),
         Field("smtp", "ca_file", "Certificate file", "Only for a relay with a certificate of its "
@@ -4209,6 +4672,9 @@ SETTINGS_FORM = (
         Field("gateway", "test_to_address", "Test to address", "Where the Test button sends."),
         Field("gateway", "give_up_after_hours", "Give up after (hours)", "A message the server "
               "keeps refusing for now becomes .BAD after this."),
+        Field("gateway", "max_per_day", "Most recipients a day", "The mail service's daily "
+              "cap (Microsoft 365: 10000, Google Workspace: 2000); the rest go the next day. "
+              "0 = no cap."),
     )),
     ("Auto-Overdue", (
         Field("overdue", "enabled", "Send overdue notices", "Every day at the time below. Check "
@@ -4728,9 +5194,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
         draft = session.drafts.pop("settings", None)
         values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
-        password_set = bool(raw.get(("smtp", "password"), "").strip())
+        secrets_set = {f.name for f in SETTINGS_FIELDS
+                       if f.kind == "password" and raw.get((f.section, f.key), "").strip()}
         fieldsets = join(render(FIELDSET, legend=legend, fields=join(
-            self.settings_field(f, values, errors, password_set) for f in fields))
+            self.settings_field(f, values, errors, f.name in secrets_set) for f in fields))
             for legend, fields in SETTINGS_FORM)
         web_hash = bool(s.get("web", "password_hash").strip())
         facts = {"Page address": f"{self.server.url} ([web] address and port)",
@@ -4749,7 +5216,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if f.kind == "password":
             control = render(PASSWORD_INPUT, id=f.name)
             hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
-                    else "Not set. Type one if the server needs a login.")
+                    else "Not set. Type one if the server needs a login." if f.key == "password"
+                    else "Not set. oauth2: the client secret's Value from Microsoft Entra.")
         elif f.kind == "yesno":
             control = render(CHECKBOX, id=f.name, checked=Html(
                 " checked" if value.lower() in YES_WORDS else ""))
@@ -5644,6 +6112,9 @@ def status_info(settings: Settings) -> dict:
             "problems": settings.problems,
             "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
             "last_check": g("last_check"), "next_check": g("next_check") if running else None,
+            "login": login_hold(settings, db, time.time()),
+            "sent_today": sent_on(db, local_day(time.time()).isoformat()),
+            "max_per_day": settings.max_per_day,
         }
         for key, fn in STATUS_EXTRA.items():
             info[key] = fn(settings, db)
@@ -5755,7 +6226,13 @@ def cmd_status(args, settings: Settings) -> int:
     print(f"BiblioGate {running}; sender {info['sender']}: {info['reason']}")
     for problem in settings.problems:
         print(f"  problem: {problem}")
+    if info["login"] and info["login"] not in (info["reason"] or ""):
+        print(f"  {info['login']}")
     print(f"waiting: {info['waiting']}, .BAD: {info['bad']}")
+    if settings.max_per_day:
+        full = info["sent_today"] >= settings.max_per_day
+        print(f"today: {info['sent_today']} of {settings.max_per_day} recipients (max_per_day)"
+              + ("; daily cap reached, the rest go tomorrow" if full else ""))
     print(f"last check: {fmt_time(info['last_check'])}, next check: {fmt_time(info['next_check'])}")
     for key in STATUS_EXTRA:
         print(f"{key.replace('_', ' ')}: {info[key]}")
