@@ -1735,6 +1735,144 @@ def scrub(text: str, secret: str) -> str:
     return text.replace(secret, "(the secret)") if secret else text
 
 
+# -- smtp-check: the same steps, one by one ----------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of talking to the server, as `smtp-check` and the page show it."""
+    name: str
+    ok: bool
+    said: str       #: what happened; for a failed step, also what to change
+
+
+def cert_summary(cert: dict) -> str:
+    """The certificate's name(s) and expiry date, from ssl's getpeercert()."""
+    subject = dict(item for rdn in cert.get("subject", ()) for item in rdn)
+    names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    name = subject.get("commonName") or (names[0] if names else "(no name)")
+    others = [n for n in names if n != name]
+    text = f"certificate for {name}" + (f" (also {', '.join(others[:3])}"
+                                        f"{', ...' if len(others) > 3 else ''})" if others else "")
+    if cert.get("notAfter"):
+        expires = ssl.cert_time_to_seconds(cert["notAfter"])
+        text += f", valid until {time.strftime('%Y-%m-%d', time.gmtime(expires))}"
+    return text
+
+
+def offered_text(smtp: smtplib.SMTP) -> str:
+    """What an EHLO reply offers, in the words of a mail administrator."""
+    features = smtp.esmtp_features
+    parts = []
+    if "size" in features:
+        size = features["size"].strip()
+        parts.append(f"SIZE {size} ({int(size) / 1024 / 1024:.0f} MB)" if size.isdigit() and
+                     int(size) else "SIZE (no limit given)")
+    for name in ("starttls", "8bitmime", "smtputf8"):
+        if name in features:
+            parts.append(name.upper())
+    if "auth" in features:
+        parts.append("AUTH " + " ".join(features["auth"].upper().split()))
+    return ", ".join(parts) or "no extensions"
+
+
+def smtp_steps(settings: Settings, tokens: TokenCache | None = None,
+               clock: Callable[[], float] = time.time) -> list[Step]:
+    """Connect, TLS, EHLO, (token,) login and QUIT, stopping at the first step
+    that fails. Sends no message."""
+    steps: list[Step] = []
+    where = f"{settings.smtp_host}:{settings.smtp_port}"
+    tokens = tokens or TokenCache()
+    name = settings.ehlo or None
+    try:
+        if settings.security == "tls":
+            smtp = smtplib.SMTP_SSL(local_hostname=name, timeout=settings.timeout,
+                                    context=tls_context(settings))
+        else:
+            smtp = smtplib.SMTP(local_hostname=name, timeout=settings.timeout)
+        smtp._host = settings.smtp_host     # the name TLS checks (SMTP() sets it, connect() not)
+        code, greeting = smtp.connect(settings.smtp_host, settings.smtp_port)
+    except ssl.SSLError as exc:
+        smtp.close()
+        steps.append(Step("connect", True, f"reached {where}"))
+        steps.append(Step("TLS", False, f"TLS with {where} failed ({exc}): check [smtp] security "
+                          "and port (465 is tls, 587 is starttls), or set ca_file for a server "
+                          "with its own certificate."))
+        return steps
+    except (OSError, smtplib.SMTPException) as exc:
+        smtp.close()
+        steps.append(Step("connect", False, f"could not reach {where} ({exc}): check [smtp] host "
+                          "and port, and that the firewall lets this computer reach it."))
+        return steps
+    try:
+        if code != 220:
+            steps.append(Step("connect", False, f"{where} answered {reply_text(code, greeting)!r} "
+                              "instead of a greeting: it is busy or refuses this computer."))
+            return steps
+        steps.append(Step("connect", True, f"{where} answered {reply_text(code, greeting)!r}"))
+        _tls_steps(smtp, settings, steps)
+        if steps[-1].ok:
+            _login_steps(smtp, settings, tokens, clock, steps)
+        if steps[-1].ok:
+            smtp.quit()
+            steps.append(Step("QUIT", True, "nothing was sent"))
+    except (OSError, smtplib.SMTPException) as exc:
+        steps.append(Step("connection", False, f"{where} broke off the conversation ({exc})."))
+    finally:
+        smtp.close()
+    return steps
+
+
+def _tls_steps(smtp: smtplib.SMTP, settings: Settings, steps: list[Step]) -> None:
+    if settings.security == "tls":
+        steps.append(Step("TLS", True, "implicit TLS; " + cert_summary(smtp.sock.getpeercert())))
+    code, reply = smtp.ehlo()
+    if code != 250:
+        steps.append(Step("EHLO", False, f"EHLO was answered {reply_text(code, reply)!r}: set "
+                          "[smtp] ehlo to this computer's full name, such as library.school.example."))
+        return
+    if settings.security == "starttls":
+        if not smtp.has_extn("starttls"):
+            steps.append(Step("TLS", False, f"the server does not offer STARTTLS (it offers "
+                              f"{offered_text(smtp)}): set [smtp] security = none, or use "
+                              "security = tls with its TLS port (465)."))
+            return
+        try:
+            smtp.starttls(context=tls_context(settings))
+        except ssl.SSLError as exc:
+            steps.append(Step("TLS", False, f"STARTTLS failed ({exc}): for a server with a "
+                              "certificate of its own, set [smtp] ca_file to its PEM file."))
+            return
+        steps.append(Step("TLS", True, "STARTTLS; " + cert_summary(smtp.sock.getpeercert())))
+        smtp.ehlo()
+    said = "offers " + offered_text(smtp)
+    if settings.security == "none" and smtp.has_extn("starttls"):
+        said += "; it offers STARTTLS, so security = starttls would encrypt the connection"
+    steps.append(Step("EHLO", True, said))
+
+
+def _login_steps(smtp: smtplib.SMTP, settings: Settings, tokens: TokenCache,
+                 clock: Callable[[], float], steps: list[Step]) -> None:
+    if not settings.username:
+        steps.append(Step("login", True, "none ([smtp] username is empty)"))
+        return
+    try:
+        if settings.auth == "oauth2":
+            fetched = tokens.fetches
+            tokens.get(settings, clock())
+            host = urllib.parse.urlsplit(settings.oauth_token_url).netloc
+            steps.append(Step("token", True, f"{'fetched' if tokens.fetches > fetched else 'kept'} "
+                              f"an access token from {host}"))
+        log_in(smtp, settings, tokens, clock)
+    except SenderProblem as exc:
+        steps.append(Step("token" if settings.auth == "oauth2" and steps[-1].name != "token"
+                          else "login", False, str(exc)))
+        return
+    offered = smtp.esmtp_features.get("auth", "").upper().split()
+    mechanism = "XOAUTH2" if settings.auth == "oauth2" else next(
+        m for m in PASSWORD_MECHANISMS if m in offered)
+    steps.append(Step("login", True, f"logged in as {settings.username} ({mechanism})"))
+
+
 class Outcome:
     SENT, BAD, LATER, BROKEN = "sent", "bad", "later", "broken"
     HELD = "held"       #: not sent: the day's max_per_day would be passed
@@ -6239,6 +6377,27 @@ def cmd_status(args, settings: Settings) -> int:
     return 0 if ok else 1
 
 
+def cmd_smtp_check(args, settings: Settings) -> int:
+    smtp_problems = [p for p in settings.problems if "[smtp]" in p]
+    if smtp_problems:
+        raise SettingsError(smtp_problems)
+    steps = smtp_steps(settings)
+    width = max(len(s.name) for s in steps)
+    for step in steps:
+        print(f"{step.name:<{width}}  {'ok' if step.ok else 'FAILED':<6}  {step.said}")
+    ok = all(step.ok for step in steps)
+    if ok and settings.username:
+        db = open_db(settings.database)
+        try:
+            if get_state(db, "login_refused"):
+                set_state(db, login_refused=None)     # the sender may try at once
+        finally:
+            db.close()
+    print("Every step works." if ok else "Change what the failed step says, then run "
+          "smtp-check again.")
+    return 0 if ok else 1
+
+
 def cmd_queue(args, settings: Settings) -> int:
     db = open_db(settings.database)
     rows = queue_rows(settings, db)
@@ -6306,6 +6465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-bad", action="store_true")
     p = command("delete", cmd_delete, "remove one message from the queue")
     p.add_argument("name", metavar="NAME")
+    command("smtp-check", cmd_smtp_check, "talk to the SMTP server step by step (connect, TLS, "
+            "EHLO, login) and say what works and what to change; sends nothing")
     add_circulation_commands(command)
     add_letter_commands(command)
     add_task_commands(command)

@@ -1,0 +1,73 @@
+"""`smtp-check`: the conversation with the server step by step, nothing sent."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import bibliogate as bg
+from conftest import HOST
+from test_auth import (GOOGLE_APP_PASSWORD, POSTFIX_STARTTLS, USER, cloud, endpoint,  # noqa: F401
+                       oauth_ini)
+
+
+def smtp_check(ini: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(Path(bg.__file__)), "--config", str(ini),
+                           "smtp-check"], capture_output=True, text=True, timeout=60)
+
+
+def test_every_step_is_shown_and_nothing_is_sent(tmp_path, cloud):
+    server = cloud()
+    out = smtp_check(server.ini(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["connect", "TLS", "EHLO", "login", "QUIT"]
+    assert all(line.split()[1] == "ok" for line in lines[:-1])
+    assert "220 cloud.test" in lines[0]
+    assert "STARTTLS; certificate for localhost, valid until 3000-01-01" in lines[1]
+    assert "AUTH LOGIN PLAIN XOAUTH2" in lines[2] and "8BITMIME" in lines[2] and "SIZE" in lines[2]
+    assert f"logged in as {USER} (PLAIN)" in lines[3]
+    assert server.messages == [] and server.auth_attempts == ["PLAIN"]
+
+
+def test_the_step_that_fails_says_what_to_change(tmp_path, cloud):
+    server = cloud(auth_reply=GOOGLE_APP_PASSWORD)
+    out = smtp_check(server.ini(tmp_path))
+    assert out.returncode == 1
+    login = [line for line in out.stdout.splitlines() if line.startswith("login")][0]
+    assert "FAILED" in login and "app password" in login
+    # security = none against a server that wants STARTTLS first
+    server = cloud()
+    out = smtp_check(server.ini(tmp_path / "plain", smtp__security="none", smtp__ca_file=""))
+    assert out.returncode == 1
+    assert "security = starttls" in out.stdout
+
+
+def test_oauth2_shows_the_token_step(tmp_path, cloud, endpoint):
+    server = cloud(endpoint=endpoint)
+    out = smtp_check(oauth_ini(tmp_path, server, endpoint))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fetched an access token from 127.0.0.1:" in out.stdout
+    assert f"logged in as {USER} (XOAUTH2)" in out.stdout
+    assert len(endpoint.requests) == 1
+
+
+def test_nobody_listening_fails_at_connect(tmp_path, cloud):
+    server = cloud()
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        closed = s.getsockname()[1]
+    out = smtp_check(server.ini(tmp_path, smtp__port=closed))
+    assert out.returncode == 1
+    assert out.stdout.splitlines()[0].split()[:2] == ["connect", "FAILED"]
+    assert "[smtp] host and port" in out.stdout
+
+
+def test_steps_are_data_the_page_can_show(tmp_path, cloud):
+    server = cloud(starttls=False, need_login=False)
+    settings = bg.load_settings(server.ini(tmp_path, smtp__username="", smtp__password=""))
+    steps = bg.smtp_steps(settings)
+    assert [(s.name, s.ok) for s in steps] == [("connect", True), ("EHLO", True), ("login", True),
+                                                ("QUIT", True)]
