@@ -2108,9 +2108,10 @@ class Sender:
             set_state(self.db, login_refused=record)
             self.journal.event("login_refused", str(exc), level=logging.WARNING)
             raise SettingsRefused(login_hold_text(record), login=True) from None
-        if self.settings.username and get_state(self.db, "login_refused"):
+        if get_state(self.db, "login_refused"):
             set_state(self.db, login_refused=None)
-            self.journal.event("login", "the SMTP server accepted the login again")
+            self.journal.event("login", "the SMTP server takes the settings now; the refused "
+                               "login is forgotten")
         return smtp
 
     def _try_login(self, result: CheckResult) -> None:
@@ -4583,7 +4584,7 @@ border:1px solid #a6d1b0}
 .state{border-radius:8px;padding:.6rem 1rem;margin:0 0 1rem;background:#fff;
 border:1px solid var(--line);border-left:6px solid var(--green)}
 .state.stopped{border-left-color:var(--red)}
-.state.retrying{border-left-color:var(--amber)}
+.state.retrying,.state.paused{border-left-color:var(--amber)}
 .state p{margin:.2rem 0}
 .state ul{margin:.3rem 0;padding-left:1.2rem}
 .muted,.state .times{color:var(--muted)}
@@ -6386,7 +6387,7 @@ def cmd_smtp_check(args, settings: Settings) -> int:
     for step in steps:
         print(f"{step.name:<{width}}  {'ok' if step.ok else 'FAILED':<6}  {step.said}")
     ok = all(step.ok for step in steps)
-    if ok and settings.username:
+    if ok:
         db = open_db(settings.database)
         try:
             if get_state(db, "login_refused"):

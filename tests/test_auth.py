@@ -251,6 +251,10 @@ def charged(gateway: bg.Gateway) -> list:
     (GOOGLE_BAD_CREDENTIALS, "app password"),
     (POSTFIX_AUTH_FAILED, "username and password"),
     (MS_WRONG_PASSWORD, "username and password"),
+    ("535 5.7.139 Authentication unsuccessful, the user credentials were incorrect. "
+     "[LO2P265CA0001.GBRP265.PROD.OUTLOOK.COM]", "username and password"),
+    ("535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be "
+     "authenticated successfully. Contact your administrator.", "auth = oauth2"),
     ("538 5.7.11 Encryption required for requested authentication mechanism", "starttls"),
     ("550 5.7.60 SMTP; Client does not have permissions to send as this sender", "from_address"),
 ])
@@ -509,7 +513,8 @@ def test_the_secret_is_never_logged_shown_or_stored(tmp_path, cloud, endpoint, m
         # Saved again without retyping it: kept.
         c.get("/settings")
         c.post("/settings", {**c.form("/settings"), "gateway.messages_per_check": "9"})
-        assert f"oauth_client_secret = {SECRET}" in ini.read_text(encoding="utf-8")
+        saved = ini.read_text(encoding="utf-8")
+        assert "messages_per_check = 9" in saved and f"oauth_client_secret = {SECRET}" in saved
     finally:
         page.close()
     import subprocess
