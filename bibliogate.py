@@ -5312,8 +5312,8 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
     def state_box(self, settings: Settings) -> Html:
         state, reason = self.gateway.sender_state or ("not started", "")
-        if settings.problems:
-            reason = "the settings need attention:"
+        if settings.problems:       # also while the loop is still announcing a reload
+            state, reason = "stopped", "the settings need attention:"
         problems = Html("<ul>" + join(Html(f"<li>{esc(p)}</li>") for p in settings.problems)
                         + "</ul>") if settings.problems else Html("")
         try:
