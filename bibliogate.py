@@ -373,7 +373,7 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
         parser.read_string(text, source=str(ini_path))
     except configparser.ParsingError as exc:     # the other lines were still read
         lines = text.split("\n")     # as configparser counts them, not splitlines()
-        problems += [f"{ini_path.name} line {n}: {lines[n - 1].strip()!r} is not 'key = value' "
+        problems += [f"{ini_path.name} line {n}: {shown_line(lines[n - 1])!r} is not 'key = value' "
                      "nor a [section]. Fix or delete that line." for n, _ in exc.errors]
     except configparser.Error as exc:
         where = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
@@ -388,6 +388,16 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
                 problems.append(f"bibliogate.ini [{section}] {key}: unknown setting (misspelt?); "
                                 f"the known ones are {', '.join(DEFAULTS[section])}.")
     return raw, problems
+
+
+#: Lines that may hold a secret are never quoted whole in a problem.
+_SECRET_LINE_RE = re.compile(r"\s*(password|oauth_client_secret)\b", re.I)
+
+
+def shown_line(line: str) -> str:
+    """A bad ini line as a problem may quote it: the page and `status` show problems."""
+    found = _SECRET_LINE_RE.match(line)
+    return f"{found.group(1)} ... (hidden)" if found else line.strip()
 
 
 def load_settings(ini_path: Path, text: str | None = None) -> Settings:
@@ -1590,8 +1600,8 @@ def log_in(smtp: smtplib.SMTP, settings: Settings, tokens: "TokenCache",
                               f"({reply_text(exc.smtp_code, exc.smtp_error)}): {fix}.",
                               login=True) from None
     except UnicodeEncodeError:
-        raise SettingsRefused("[smtp] password has letters outside plain ASCII, which an SMTP "
-                              "login cannot carry: use a password of plain letters, digits and "
+        raise SettingsRefused("[smtp] username or password has letters outside plain ASCII, "
+                              "which an SMTP login cannot carry: use plain letters, digits and "
                               "signs.", login=True) from None
     except (OSError, smtplib.SMTPException) as exc:
         raise SenderProblem(f"The SMTP server {where} broke off the login: {exc}.") from None

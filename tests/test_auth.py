@@ -562,3 +562,12 @@ def test_max_per_day_is_never_passed_and_the_rest_goes_tomorrow(tmp_path, sink):
     summary = bg.daily_summary(gateway, "2026-11-30")
     assert "daily cap of 5 recipients reached" in summary["sender_stops"]
     assert "daily cap of 5 recipients reached" in summary["activity"]
+
+
+def test_a_broken_secret_line_is_reported_without_the_secret(tmp_path):
+    ini = write_ini(tmp_path)
+    with open(ini, "a", encoding="utf-8") as fh:
+        fh.write(f"\n[smtp]\noauth_client_secret {SECRET}\n")
+    problems = bg.load_settings(ini).problems
+    assert any("oauth_client_secret ... (hidden)" in p for p in problems)
+    assert not [p for p in problems if SECRET in p]
