@@ -2022,6 +2022,9 @@ class Sender:
                     break
                 if outcome == Outcome.HELD:
                     result.held = self._cap_text()
+                    # The next message does not fit today: no more connections until tomorrow.
+                    set_state(self.db, daily_cap_reached=[local_day(self.clock()).isoformat(),
+                                                          self.settings.max_per_day])
                     self.journal.event("daily_cap", f"{result.held} ({len(batch) - n} of this "
                                        "check's messages wait)", level=logging.WARNING)
                     break
@@ -2136,8 +2139,10 @@ class Sender:
         smtp.close()
 
     def _day_full(self, now: float) -> bool:
-        cap = self.settings.max_per_day
-        return bool(cap) and sent_on(self.db, local_day(now).isoformat()) >= cap
+        cap, today = self.settings.max_per_day, local_day(now).isoformat()
+        if not cap:
+            return False
+        return sent_on(self.db, today) >= cap or get_state(self.db, "daily_cap_reached") == [today, cap]
 
     def _cap_text(self) -> str:
         return (f"daily cap of {self.settings.max_per_day} recipients reached ([gateway] "

@@ -535,28 +535,34 @@ def test_max_per_day_is_never_passed_and_the_rest_goes_tomorrow(tmp_path, sink):
     ini = write_ini(tmp_path, sink, gateway__max_per_day=5)
     gateway = bg.Gateway(ini, clock=clock)
     spool = gateway.settings.spool
-    drop(spool, "m0.TMP", eml(to=["a@example.org", "b@example.org"]), age=100)
-    for n in range(1, 6):
-        drop(spool, f"m{n}.TMP", eml(to=f"p{n}@example.org"), age=100 - n)
+    recipients = {"m0": ["a@example.org", "b@example.org"], "m1": ["p1@example.org"],
+                  "m2": ["p2@example.org"], "m3": ["c@example.org", "d@example.org"],
+                  "m4": ["p4@example.org"], "m5": ["p5@example.org"]}
+    for n, (name, to) in enumerate(recipients.items()):
+        drop(spool, f"{name}.TMP", eml(to=to, subject=name), age=100 - n)
     drop(spool, "big.TMP", eml(to=[f"x{n}@example.org" for n in range(6)]), age=10)
     gateway.tick()
-    assert sum(len(m.rcpt_tos) for m in sink.messages) == 5          # m0 (2) + m1..m3
+    # 4 recipients went; m3 (2 more) would pass 5, so it and all behind it wait, in order.
+    assert [m.message["Subject"] for m in sink.messages] == ["m0", "m1", "m2"]
     state, reason = gateway.sender_state
     assert state == "paused" and "daily cap of 5 recipients reached" in reason
     assert "the rest go tomorrow" in reason
     assert bad(spool) == []
-    # A restart the same day: still counted (sqlite), nothing more goes.
+    # A restart the same day: still counted (sqlite); no connection for nothing.
     gateway.journal.close()
     clock.advance(3600)
     gateway = bg.Gateway(ini, clock=clock)
+    sessions = sink.sessions
     gateway.tick()
-    assert len(sink.messages) == 4 and gateway.sender_state[0] == "paused"
-    assert bg.status_info(gateway.settings)["sent_today"] == 5
+    assert len(sink.messages) == 3 and gateway.sender_state[0] == "paused"
+    assert sink.sessions == sessions
+    assert bg.status_info(gateway.settings)["sent_today"] == 4
     # The next day: the rest go; the 6-recipient message can never fit.
     clock.now = dt.datetime(2026, 12, 1, 0, 30).timestamp()
     gateway.next_check = clock.now
     gateway.tick()
-    assert len(sink.messages) == 6 and [n for n in waiting(spool) if n.startswith("m")] == []
+    assert [m.message["Subject"] for m in sink.messages][3:] == ["m3", "m4", "m5"]
+    assert [n for n in waiting(spool) if n.startswith("m")] == []
     assert bad(spool) == ["big.BAD"]
     assert "max_per_day" in (spool / "big.BAD-reason.txt").read_text(encoding="utf-8")
     summary = bg.daily_summary(gateway, "2026-11-30")
