@@ -1544,6 +1544,7 @@ def settings_fix(code: int, text, oauth: bool = False) -> str | None:
 
 def settings_refusal(exc: Exception, settings: Settings) -> "SettingsRefused | None":
     """A refusal at MAIL or RCPT that is the settings' fault, as a SettingsRefused."""
+    replies: list
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         replies = list(exc.recipients.values())
     elif isinstance(exc, smtplib.SMTPResponseException):
@@ -1647,7 +1648,7 @@ class TokenCache:
     """OAuth 2.0 access tokens, in memory only, for the settings that fetched
     them; renewed TOKEN_RENEW_SECONDS before they expire."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: tuple = ()
         self._token: Token | None = None
@@ -1769,6 +1770,11 @@ def cert_summary(cert: dict) -> str:
     return text
 
 
+def peer_cert(smtp: smtplib.SMTP) -> dict:
+    sock = smtp.sock
+    return (sock.getpeercert() or {}) if isinstance(sock, ssl.SSLSocket) else {}
+
+
 def offered_text(smtp: smtplib.SMTP) -> str:
     """What an EHLO reply offers, in the words of a mail administrator."""
     features = smtp.esmtp_features
@@ -1793,13 +1799,15 @@ def smtp_steps(settings: Settings, tokens: TokenCache | None = None,
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     tokens = tokens or TokenCache()
     name = settings.ehlo or None
+    smtp: smtplib.SMTP
     try:
         if settings.security == "tls":
             smtp = smtplib.SMTP_SSL(local_hostname=name, timeout=settings.timeout,
                                     context=tls_context(settings))
         else:
             smtp = smtplib.SMTP(local_hostname=name, timeout=settings.timeout)
-        smtp._host = settings.smtp_host     # the name TLS checks (SMTP() sets it, connect() not)
+        # The name TLS checks: SMTP(host) sets it, connect() does not.
+        smtp._host = settings.smtp_host     # type: ignore[attr-defined]
         code, greeting = smtp.connect(settings.smtp_host, settings.smtp_port)
     except ssl.SSLError as exc:
         smtp.close()
@@ -1834,7 +1842,7 @@ def smtp_steps(settings: Settings, tokens: TokenCache | None = None,
 
 def _tls_steps(smtp: smtplib.SMTP, settings: Settings, steps: list[Step]) -> None:
     if settings.security == "tls":
-        steps.append(Step("TLS", True, "implicit TLS; " + cert_summary(smtp.sock.getpeercert())))
+        steps.append(Step("TLS", True, "implicit TLS; " + cert_summary(peer_cert(smtp))))
     code, reply = smtp.ehlo()
     if code != 250:
         steps.append(Step("EHLO", False, f"EHLO was answered {reply_text(code, reply)!r}: set "
@@ -1852,7 +1860,7 @@ def _tls_steps(smtp: smtplib.SMTP, settings: Settings, steps: list[Step]) -> Non
             steps.append(Step("TLS", False, f"STARTTLS failed ({exc}): for a server with a "
                               "certificate of its own, set [smtp] ca_file to its PEM file."))
             return
-        steps.append(Step("TLS", True, "STARTTLS; " + cert_summary(smtp.sock.getpeercert())))
+        steps.append(Step("TLS", True, "STARTTLS; " + cert_summary(peer_cert(smtp))))
         smtp.ehlo()
     said = "offers " + offered_text(smtp)
     if settings.security == "none" and smtp.has_extn("starttls"):

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import bibliogate as bg
 from conftest import HOST
-from test_auth import (GOOGLE_APP_PASSWORD, POSTFIX_STARTTLS, USER, cloud, endpoint,  # noqa: F401
-                       oauth_ini)
+import test_auth
+from test_auth import GOOGLE_APP_PASSWORD, USER, oauth_ini
+
+#: The servers of test_auth.py: a cloud-like SMTP server and a token endpoint.
+cloud = test_auth.cloud
+endpoint = test_auth.endpoint
 
 
 def smtp_check(ini: Path) -> subprocess.CompletedProcess:
