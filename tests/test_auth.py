@@ -394,7 +394,7 @@ def test_oauth2_settings_are_checked_and_never_quote_the_secret(tmp_path):
                     smtp__oauth_tenant=TENANT, smtp__oauth_client_id=CLIENT_ID,
                     smtp__oauth_client_secret=SECRET)
     s = bg.load_settings(ini)
-    assert s.problems == []
+    assert not s.problems
     assert s.oauth_token_url == f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token"
     assert bg.load_settings(write_ini(tmp_path, smtp__auth="kerberos")).problems
 
@@ -403,7 +403,7 @@ def test_oauth2_token_is_fetched_once_reused_and_renewed(tmp_path, cloud, endpoi
     server = cloud(mechanisms=("LOGIN", "XOAUTH2"), endpoint=endpoint)   # as Microsoft offers
     clock = Clock()
     gateway = bg.Gateway(oauth_ini(tmp_path, server, endpoint), clock=clock)
-    assert gateway.settings.problems == []
+    assert not gateway.settings.problems
     drop(gateway.settings.spool, "a.TMP", eml(subject="first"))
     gateway.tick()
     assert len(server.messages) == 1 and server.xoauth2 == [(USER, "tok-1")]
