@@ -2050,9 +2050,10 @@ def offered_text(smtp: smtplib.SMTP) -> str:
 
 
 def smtp_steps(settings: Settings, tokens: TokenCache | None = None,
-               clock: Callable[[], float] = time.time) -> list[Step]:
+               clock: Callable[[], float] = time.time, hold: str | None = None) -> list[Step]:
     """Connect, TLS, EHLO, (token,) login and QUIT, stopping at the first step
-    that fails. Sends no message."""
+    that fails. Sends no message. With `hold` (a refused login still waiting,
+    see login_hold) the login is not tried again."""
     steps: list[Step] = []
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     tokens = tokens or TokenCache()
@@ -2087,7 +2088,7 @@ def smtp_steps(settings: Settings, tokens: TokenCache | None = None,
         steps.append(Step("connect", True, f"{where} answered {reply_text(code, greeting)!r}"))
         _tls_steps(smtp, settings, steps)
         if steps[-1].ok:
-            _login_steps(smtp, settings, tokens, clock, steps)
+            _login_steps(smtp, settings, tokens, clock, steps, hold)
         if steps[-1].ok:
             smtp.quit()
             steps.append(Step("QUIT", True, "nothing was sent"))
@@ -2127,9 +2128,12 @@ def _tls_steps(smtp: smtplib.SMTP, settings: Settings, steps: list[Step]) -> Non
 
 
 def _login_steps(smtp: smtplib.SMTP, settings: Settings, tokens: TokenCache,
-                 clock: Callable[[], float], steps: list[Step]) -> None:
+                 clock: Callable[[], float], steps: list[Step], hold: str | None) -> None:
     if not settings.username:
         steps.append(Step("login", True, "none ([smtp] username is empty)"))
+        return
+    if hold:
+        steps.append(Step("login", False, f"not tried again: {hold}"))
         return
     try:
         if settings.auth == "oauth2":
@@ -5111,7 +5115,8 @@ $fieldsets<div class="buttons"><button type="submit">Save</button>
 </form>
 <form method="post" action="/test">$token<div class="buttons">
 <button type="submit" class="plain">Test</button>
-<span class="muted">Queues a test message to the saved test address ($test_to).</span></div></form>
+<span class="muted">Talks to the server step by step as `smtp-check` does (nothing is sent
+there), then queues a test message to the saved test address ($test_to).</span></div></form>
 <h2>Files and the page itself</h2>
 <dl class="facts">$facts</dl>
 <p class="muted">These are changed in $ini by hand; the page's own settings take effect when
@@ -5949,6 +5954,7 @@ def refuse_settings(ctx: PageContext, errors: dict, general: list) -> None:
 
 def post_test(ctx: PageContext) -> str:
     g, s = ctx.gateway, ctx.settings
+    flash_smtp_steps(ctx)
     try:
         path = queue_test_message(s, g.journal, s.test_to, g.clock(), by=BY_PAGE)
     except BibliogateError as exc:
@@ -5961,6 +5967,19 @@ def post_test(ctx: PageContext) -> str:
         when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
     ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
     return "/settings"
+
+
+def flash_smtp_steps(ctx: PageContext) -> None:
+    """The steps of smtp-check, one line each, on the next page."""
+    s, g = ctx.settings, ctx.gateway
+    if any("[smtp]" in problem for problem in s.problems):
+        ctx.flash("error", "The SMTP server was not tried: fix the [smtp] settings marked below "
+                           "first.")
+        return
+    steps = smtp_steps(s, g.tokens, g.clock, hold=login_hold(s, ctx.db, g.clock()))
+    for step in steps:
+        ctx.flash("ok" if step.ok else "error",
+                  f"Server check, {step.name}: {'ok' if step.ok else 'FAILED'} — {step.said}")
 
 
 def post_retry(ctx: PageContext) -> str:

@@ -75,3 +75,25 @@ def test_steps_are_data_the_page_can_show(tmp_path, cloud):
     steps = bg.smtp_steps(settings)
     assert [(s.name, s.ok) for s in steps] == [("connect", True), ("EHLO", True), ("login", True),
                                                 ("QUIT", True)]
+
+
+def test_the_page_test_button_shows_the_same_steps(tmp_path, cloud, monkeypatch):
+    from page_support import RunningPage, flashes
+    from test_auth import PASSWORD
+    from conftest import Clock
+    monkeypatch.setattr(bg, "TICK_SECONDS", 0.05)
+    server = cloud()
+    ini = server.ini(tmp_path / "g", gateway__test_to_address="librarian@school.example")
+    page = RunningPage(tmp_path / "g", ini.read_text(encoding="utf-8"), Clock())
+    try:
+        c = page.client()
+        c.get("/")
+        notes = flashes(c.submit("/test").text)
+        steps = [n for n in notes if n.startswith("Server check, ")]
+        assert [n.split(":")[0] for n in steps] == [f"Server check, {name}" for name in
+                                                    ("connect", "TLS", "EHLO", "login", "QUIT")]
+        assert all(": ok — " in n for n in steps)
+        assert any(n.startswith("Queued the test message") for n in notes)
+        assert server.messages == [] and PASSWORD not in c.page
+    finally:
+        page.close()
