@@ -5337,6 +5337,18 @@ def settings_changes(form: dict, raw: dict) -> tuple[dict, dict]:
     return changes, errors
 
 
+def secret_moved(changes: dict, raw: dict, typed: bool) -> dict:
+    """{field: sentence} when a Save would send the stored client secret to
+    another token endpoint than the one it was typed for: it must be typed again."""
+    key, where = ("smtp", "oauth_client_secret"), (("smtp", "oauth_token_url"), ("smtp", "oauth_tenant"))
+    moved = [f"[{s}] {k}" for s, k in where if (s, k) in changes]
+    if typed or key in changes or not raw.get(key, "").strip() or not moved:
+        return {}
+    return {"smtp.oauth_client_secret": ini_problem(
+        "smtp", "oauth_client_secret", "(hidden)", f"type it again: {' and '.join(moved)} changed, "
+        "and the secret goes only to the token endpoint it was typed for.")}
+
+
 def check_settings_form(form: dict, text: str, ini_path: Path,
                         current: list[str]) -> tuple[str, dict, list, list]:
     """Decide a Save: (new ini text, field errors, other errors, changed keys).
@@ -5349,6 +5361,7 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
                           "try again."], []
     raw, _ = parse_ini_text(text.lstrip("\ufeff"), ini_path)
     changes, errors = settings_changes(form, raw)
+    errors.update(secret_moved(changes, raw, typed=bool(form.get("smtp.oauth_client_secret"))))
     new_text = update_ini_text(text, changes)
     by_field, other = sort_problems(load_settings(ini_path, text=new_text.lstrip("\ufeff")).problems)
     for name, problem in by_field.items():

@@ -479,7 +479,7 @@ def test_the_mailbox_refusing_the_token_says_what_to_grant(tmp_path, cloud, endp
 
 
 def test_the_secret_is_never_logged_shown_or_stored(tmp_path, cloud, endpoint, monkeypatch):
-    from page_support import RunningPage
+    from page_support import RunningPage, field_error, flashes
     monkeypatch.setattr(bg, "TICK_SECONDS", 0.05)
     server = cloud(endpoint=endpoint)
     ini = oauth_ini(tmp_path / "g", server, endpoint)
@@ -515,6 +515,16 @@ def test_the_secret_is_never_logged_shown_or_stored(tmp_path, cloud, endpoint, m
         c.post("/settings", {**c.form("/settings"), "gateway.messages_per_check": "9"})
         saved = ini.read_text(encoding="utf-8")
         assert "messages_per_check = 9" in saved and f"oauth_client_secret = {SECRET}" in saved
+        # A new token endpoint without the secret typed again: refused.
+        c.get("/settings")
+        r = c.post("/settings", {**c.form("/settings"),
+                                 "smtp.oauth_token_url": "https://login.elsewhere.example/token"})
+        assert "type it again" in field_error(r.text, "smtp.oauth_client_secret")
+        assert "elsewhere" not in ini.read_text(encoding="utf-8")
+        c.get("/settings")
+        r = c.post("/settings", {**c.form("/settings"), "smtp.oauth_client_secret": SECRET,
+                             "smtp.oauth_token_url": endpoint.url + "?v=2"})
+        assert "?v=2" in ini.read_text(encoding="utf-8"), flashes(r.text)
     finally:
         page.close()
     import subprocess
