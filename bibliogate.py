@@ -6797,7 +6797,7 @@ def cmd_test(args, settings: Settings) -> int:
 
 def cmd_status(args, settings: Settings) -> int:
     info = status_info(settings)
-    ok = not settings.problems and info["bad"] == 0
+    ok = not settings.problems and info["bad"] == 0 and not info["login"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if ok else 1

@@ -14,6 +14,8 @@ import datetime as dt
 import http.server
 import json
 import socket
+import subprocess
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -358,8 +360,6 @@ def test_a_refused_login_waits_30_minutes_or_a_settings_change(tmp_path, cloud):
 
 
 def test_status_json_says_the_login_was_refused_with_nothing_waiting(tmp_path, cloud):
-    import subprocess
-    import sys
     server = cloud(wrong_password_reply=GOOGLE_BAD_CREDENTIALS)
     ini = server.ini(tmp_path, smtp__password="wrong")
     settings, _ = bg.ensure_layout(ini)
@@ -370,7 +370,7 @@ def test_status_json_says_the_login_was_refused_with_nothing_waiting(tmp_path, c
     out = subprocess.run([sys.executable, str(Path(bg.__file__)), "--config", str(ini), "status",
                           "--json"], capture_output=True, text=True, timeout=60)
     info = json.loads(out.stdout)
-    assert info["waiting"] == 0
+    assert out.returncode == 1 and info["waiting"] == 0
     assert info["login"].startswith("login refused at ") and "app password" in info["login"]
     assert info["login"].endswith("or when the settings change.")
     text = subprocess.run([sys.executable, str(Path(bg.__file__)), "--config", str(ini), "status"],
@@ -527,8 +527,6 @@ def test_the_secret_is_never_logged_shown_or_stored(tmp_path, cloud, endpoint, m
         assert "?v=2" in ini.read_text(encoding="utf-8"), flashes(r.text)
     finally:
         page.close()
-    import subprocess
-    import sys
     out = subprocess.run([sys.executable, str(Path(bg.__file__)), "--config", str(ini), "status",
                           "--json"], capture_output=True, text=True, timeout=60)
     assert out.stdout and SECRET not in out.stdout and SECRET not in out.stderr
