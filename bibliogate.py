@@ -5115,8 +5115,8 @@ $fieldsets<div class="buttons"><button type="submit">Save</button>
 </form>
 <form method="post" action="/test">$token<div class="buttons">
 <button type="submit" class="plain">Test</button>
-<span class="muted">Talks to the server step by step as `smtp-check` does (nothing is sent
-there), then queues a test message to the saved test address ($test_to).</span></div></form>
+<span class="muted">Queues a test message to the saved test address ($test_to) and talks to
+the server step by step, as `smtp-check` does (nothing is sent there).</span></div></form>
 <h2>Files and the page itself</h2>
 <dl class="facts">$facts</dl>
 <p class="muted">These are changed in $ini by hand; the page's own settings take effect when
@@ -5967,18 +5967,18 @@ def refuse_settings(ctx: PageContext, errors: dict, general: list) -> None:
 
 def post_test(ctx: PageContext) -> str:
     g, s = ctx.gateway, ctx.settings
-    flash_smtp_steps(ctx)
     try:
         path = queue_test_message(s, g.journal, s.test_to, g.clock(), by=BY_PAGE)
     except BibliogateError as exc:
         ctx.flash("error", f"No test message was queued: {exc}")
-        return "/settings"
-    if s.problems:
-        when = "The sender is stopped until the settings are fixed, so it waits in the queue."
     else:
-        due = max(g.next_check, g.clock())
-        when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
-    ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
+        if s.problems:
+            when = "The sender is stopped until the settings are fixed, so it waits in the queue."
+        else:
+            due = max(g.next_check, g.clock())
+            when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
+        ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
+    flash_smtp_steps(ctx)
     return "/settings"
 
 
