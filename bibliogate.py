@@ -348,18 +348,18 @@ class Settings:
 
     ini_path: Path
     #: (section, key) -> the text as written, for the config page.
-    raw: Mapping[tuple[str, str], str]
+    raw: Mapping[tuple[str, str], str] = dataclasses.field(repr=False)   #: holds the secrets too
     problems: tuple[str, ...] = ()
     smtp_host: str = ""
     smtp_port: int = 25
     security: str = "none"
     ehlo: str = ""
     username: str = ""
-    password: str = ""
+    password: str = dataclasses.field(default="", repr=False)     #: never in a log line
     auth: str = "password"          #: password | oauth2
     oauth_tenant: str = ""
     oauth_client_id: str = ""
-    oauth_client_secret: str = ""
+    oauth_client_secret: str = dataclasses.field(default="", repr=False)
     oauth_token_url: str = ""       #: as used: Microsoft's for the tenant when the ini has none
     timeout: float = 30.0
     ca_file: str = ""

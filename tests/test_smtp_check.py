@@ -97,3 +97,18 @@ def test_the_page_test_button_shows_the_same_steps(tmp_path, cloud, monkeypatch)
         assert server.messages == [] and PASSWORD not in c.page
     finally:
         page.close()
+
+
+def test_an_untrusted_certificate_fails_at_tls_with_the_fix(tmp_path, cloud):
+    server = cloud()
+    out = smtp_check(server.ini(tmp_path, smtp__ca_file=""))
+    assert out.returncode == 1
+    tls = [line for line in out.stdout.splitlines() if line.startswith("TLS")][0]
+    assert "FAILED" in tls and "certificate verify failed" in tls and "ca_file" in tls
+
+
+def test_settings_never_show_their_secrets_in_a_repr(tmp_path):
+    from test_auth import SECRET
+    settings = bg.load_settings(test_auth.write_ini(tmp_path, smtp__password="pw-" + SECRET,
+                                                    smtp__oauth_client_secret=SECRET))
+    assert SECRET in settings.oauth_client_secret and SECRET not in repr(settings)
