@@ -21,7 +21,8 @@ SMTP server:
     Templates           templates/*.txt: a Subject line, a blank line, a body
     Messages            composing our own messages; checking queued ones
     Spool               the queue folder: writing, listing, picking, BAD files
-    Sender              one check: connect, send a batch, sort out each reply
+    Sender              one check: connect, log in (password or OAuth), send a batch,
+                        sort out each reply; the daily cap; smtp-check's steps
     Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
     Running unattended  output to logs/ without a console; the guard that logs crashes
     Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
