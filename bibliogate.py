@@ -21,7 +21,8 @@ SMTP server:
     Templates           templates/*.txt: a Subject line, a blank line, a body
     Messages            composing our own messages; checking queued ones
     Spool               the queue folder: writing, listing, picking, BAD files
-    Sender              one check: connect, send a batch, sort out each reply
+    Sender              one check: connect, log in (password or OAuth), send a batch,
+                        sort out each reply; the daily cap; smtp-check's steps
     Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
     Running unattended  output to logs/ without a console; the guard that logs crashes
     Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
@@ -73,12 +74,14 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import webbrowser
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Container, Iterable, Iterator, Mapping
 
 __version__ = "1.0"
 
@@ -174,6 +177,17 @@ class SenderProblem(BibliogateError):
         self.lasting = lasting
 
 
+class SettingsRefused(SenderProblem):
+    """The server's reply says the settings are wrong, not the message
+    (STARTTLS required, a login needed or refused, basic authentication off):
+    the check stops, and no message is charged an attempt or set aside for it.
+    ``login`` is true for a refused login, which waits (see login_hold)."""
+
+    def __init__(self, message: str, login: bool = False):
+        super().__init__(message, lasting=True)
+        self.login = login
+
+
 class Busy(BibliogateError):
     """Another process holds a lock we need."""
 
@@ -240,8 +254,14 @@ host =                  ; IP address or name of the local SMTP server
 port = 25               ; 25, 587 (starttls) or 465 (tls)
 security = none         ; none | starttls | tls
 ehlo =                  ; the EHLO name to announce; empty = this computer's name
-username =              ; empty = the server needs no login
+username =              ; empty = the server needs no login; oauth2: the library mailbox
 password =
+auth = password         ; password | oauth2 (Microsoft 365 without basic authentication;
+                        ; see the README, "Microsoft 365 and Google Workspace")
+oauth_tenant =          ; oauth2: the Microsoft 365 tenant, e.g. school.example or its id
+oauth_client_id =       ; oauth2: the app registration's Application (client) ID
+oauth_client_secret =   ; oauth2: its client secret (the Value, not the Secret ID)
+oauth_token_url =       ; oauth2: empty = Microsoft's token endpoint for oauth_tenant
 timeout_seconds = 30    ; for each step of talking to the server
 ca_file =               ; certificates are checked; to trust an internal relay's own
                         ; certificate, give the path of its PEM file (or its CA's)
@@ -253,6 +273,8 @@ minutes_between_checks = 3      ; decimals allowed
 messages_per_check = 10
 test_to_address =       ; where [Test] and `python bibliogate.py test` send
 give_up_after_hours = 72        ; a message the server keeps refusing "for now" becomes .BAD after this
+max_per_day = 0         ; recipients a day at most, the mail service's daily cap (Microsoft 365:
+                        ; 10000, Google Workspace: 2000); 0 = no cap. The rest go the next day.
 
 [overdue]
 enabled = no
@@ -291,6 +313,7 @@ def _defaults() -> MappingProxyType:
 DEFAULTS = _defaults()
 
 SECURITY_CHOICES = ("none", "starttls", "tls")
+AUTH_CHOICES = ("password", "oauth2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,14 +349,19 @@ class Settings:
 
     ini_path: Path
     #: (section, key) -> the text as written, for the config page.
-    raw: Mapping[tuple[str, str], str]
+    raw: Mapping[tuple[str, str], str] = dataclasses.field(repr=False)   #: holds the secrets too
     problems: tuple[str, ...] = ()
     smtp_host: str = ""
     smtp_port: int = 25
     security: str = "none"
     ehlo: str = ""
     username: str = ""
-    password: str = ""
+    password: str = dataclasses.field(default="", repr=False)     #: never in a log line
+    auth: str = "password"          #: password | oauth2
+    oauth_tenant: str = ""
+    oauth_client_id: str = ""
+    oauth_client_secret: str = dataclasses.field(default="", repr=False)
+    oauth_token_url: str = ""       #: as used: Microsoft's for the tenant when the ini has none
     timeout: float = 30.0
     ca_file: str = ""
     spool: Path = Path("spool")
@@ -342,6 +370,7 @@ class Settings:
     per_check: int = 10
     test_to: str = ""
     give_up_seconds: float = 72 * 3600.0
+    max_per_day: int = 0            #: recipients a (local) day; 0 = no cap
     library_name: str = ""
     date_format: str = "%Y-%m-%d"
     database: Path = Path("bibliogate.db")
@@ -503,7 +532,7 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
         parser.read_string(text, source=str(ini_path))
     except configparser.ParsingError as exc:     # the other lines were still read
         lines = text.split("\n")     # as configparser counts them, not splitlines()
-        problems += [f"{ini_path.name} line {n}: {lines[n - 1].strip()!r} is not 'key = value' "
+        problems += [f"{ini_path.name} line {n}: {shown_line(lines[n - 1])!r} is not 'key = value' "
                      "nor a [section]. Fix or delete that line." for n, _ in exc.errors]
     except configparser.Error as exc:
         where = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
@@ -518,6 +547,16 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
                 problems.append(f"bibliogate.ini [{section}] {key}: unknown setting (misspelt?); "
                                 f"the known ones are {', '.join(DEFAULTS[section])}.")
     return raw, problems
+
+
+#: Lines that may hold a secret are never quoted whole in a problem.
+_SECRET_LINE_RE = re.compile(r"\s*(password|oauth_client_secret)\b", re.I)
+
+
+def shown_line(line: str) -> str:
+    """A bad ini line as a problem may quote it: the page and `status` show problems."""
+    found = _SECRET_LINE_RE.match(line)
+    return f"{found.group(1)} ... (hidden)" if found else line.strip()
 
 
 def load_settings(ini_path: Path, text: str | None = None) -> Settings:
@@ -563,6 +602,7 @@ def parse_settings(text: str, ini_path: Path) -> Settings:
                                     "library.school.example, without spaces."))
     username = r.text("smtp", "username")
     password = raw.get(("smtp", "password"), "").strip()
+    login = read_login(r, username, security)
     timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
                        "Use a number of seconds from 1 to 600, such as 30.", 30.0)
     ca_text = r.text("smtp", "ca_file")
@@ -581,6 +621,9 @@ def parse_settings(text: str, ini_path: Path) -> Settings:
     test_to = r.address("gateway", "test_to_address")
     give_up_hours = r.number("gateway", "give_up_after_hours", float, 0.01, 24 * 60,
                              "Use hours from 0.01 to 1440, such as 72.", 72.0)
+    max_per_day = r.number("gateway", "max_per_day", int, 0, 10_000_000,
+                           "Use the mail service's daily cap in recipients, such as 10000 "
+                           "(Microsoft 365) or 2000 (Google Workspace), or 0 for none.", 0)
     date_format = r.text("library", "date_format") or "%Y-%m-%d"
     if "%" not in date_format:
         problems.append(ini_problem("library", "date_format", date_format,
@@ -596,10 +639,77 @@ def parse_settings(text: str, ini_path: Path) -> Settings:
         username=username, password=password, timeout=timeout, ca_file=str(ca_path or ""),
         spool=spool,
         from_address=from_address, interval=minutes * 60.0, per_check=per_check, test_to=test_to,
-        give_up_seconds=give_up_hours * 3600.0, library_name=r.text("library", "name"),
+        give_up_seconds=give_up_hours * 3600.0, max_per_day=max_per_day, library_name=r.text("library", "name"),
         date_format=date_format, database=folders["database"],
         templates=folders["templates_folder"], log_folder=folders["log_folder"],
-        import_folder=folders["import_folder"], keep_log_days=keep_log_days, overdue=overdue)
+        import_folder=folders["import_folder"], keep_log_days=keep_log_days, overdue=overdue,
+        **login)
+
+
+#: The OAuth 2.0 token endpoint of Microsoft 365 (Entra ID) for a tenant.
+MICROSOFT_TOKEN_URL = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+
+
+def read_login(r: _Reader, username: str, security: str) -> dict:
+    """[smtp] auth and its oauth_* keys, checked, as Settings fields. The client
+    secret is never quoted in a problem: the page and `status` show problems."""
+    auth = r.text("smtp", "auth").lower() or "password"
+    if auth not in AUTH_CHOICES:
+        r.problems.append(ini_problem("smtp", "auth", auth, "must be password or oauth2 "
+                                      "(Microsoft 365 without basic authentication)."))
+        auth = "password"
+    tenant, client_id = r.text("smtp", "oauth_tenant"), r.text("smtp", "oauth_client_id")
+    secret = r.raw.get(("smtp", "oauth_client_secret"), "").strip()
+    url = r.text("smtp", "oauth_token_url")
+    login = dict(auth=auth, oauth_tenant=tenant, oauth_client_id=client_id,
+                 oauth_client_secret=secret, oauth_token_url=url or MICROSOFT_TOKEN_URL.format(
+                     tenant=urllib.parse.quote(tenant)))
+    if auth == "oauth2":
+        r.problems.extend(oauth_problems(username, security, tenant, client_id, secret, url))
+    return login
+
+
+def oauth_problems(username: str, security: str, tenant: str, client_id: str, secret: str,
+                   url: str) -> list[str]:
+    """What auth = oauth2 still needs, one sentence per key."""
+    need = []
+    if not username:
+        need.append(ini_problem("smtp", "username", "", "not set. With auth = oauth2 it is the "
+                                "mailbox the gateway sends as, such as library@school.example."))
+    if not tenant:
+        need.append(ini_problem("smtp", "oauth_tenant", "", "not set. With auth = oauth2 give the "
+                                "school's Microsoft 365 domain (school.example) or its tenant ID."))
+    elif not re.match(r"^[A-Za-z0-9.-]+$", tenant):
+        need.append(ini_problem("smtp", "oauth_tenant", tenant, "not a domain nor a "
+                                "tenant ID. Copy the Directory (tenant) ID from the app's "
+                                "Overview page in Microsoft Entra."))
+    if not client_id:
+        need.append(ini_problem("smtp", "oauth_client_id", "", "not set. Copy the Application "
+                                "(client) ID from the app's Overview page in Microsoft Entra."))
+    elif not re.match(r"^[A-Za-z0-9-]+$", client_id):
+        need.append(ini_problem("smtp", "oauth_client_id", client_id, "not an "
+                                "application ID. Copy the Application (client) ID from the "
+                                "app's Overview page in Microsoft Entra."))
+    if not secret:
+        need.append(ini_problem("smtp", "oauth_client_secret", "", "not set. Create a client "
+                                "secret under the app's Certificates & secrets in Microsoft Entra "
+                                "and copy its Value."))
+    if security == "none":
+        need.append(ini_problem("smtp", "security", "none", "with auth = oauth2 the token must "
+                                "not cross the network unencrypted. Use security = starttls and "
+                                "port 587 (smtp.office365.com)."))
+    if url and not token_url_allowed(url):
+        need.append(ini_problem("smtp", "oauth_token_url", url, "must start with https://. "
+                                "Leave it empty for Microsoft 365."))
+    return need
+
+
+def token_url_allowed(url: str) -> bool:
+    """https, or plain http to this computer only (a local test endpoint)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
 
 
 def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
@@ -759,6 +869,8 @@ CREATE TABLE IF NOT EXISTS sent (
     file TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (file, digest));
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
+-- recipients handed to the server each (local) day, for [gateway] max_per_day
+CREATE TABLE IF NOT EXISTS sent_per_day (day TEXT PRIMARY KEY, recipients INTEGER NOT NULL);
 -- circulation data, imported from the library system's CSV files
 CREATE TABLE IF NOT EXISTS patrons (
     patron_id TEXT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL DEFAULT '',
@@ -861,6 +973,20 @@ def forget_absent_files(db: sqlite3.Connection, present: set) -> None:
 
 def prune_sent_ledger(db: sqlite3.Connection, before: float) -> None:
     db.execute("DELETE FROM sent WHERE at < ?", (before,))
+
+
+# -- the day's count, for [gateway] max_per_day ------------------------------------
+
+def sent_on(conn: sqlite3.Connection, day: str) -> int:
+    """Recipients handed to the server on a day (YYYY-MM-DD, local)."""
+    row = conn.execute("SELECT recipients FROM sent_per_day WHERE day = ?", (day,)).fetchone()
+    return row[0] if row else 0
+
+
+def count_sent(conn: sqlite3.Connection, day: str, recipients: int) -> None:
+    """Add to a day's count; the caller's transaction commits it."""
+    conn.execute("INSERT INTO sent_per_day(day, recipients) VALUES (?, ?) ON CONFLICT(day) "
+                 "DO UPDATE SET recipients = recipients + excluded.recipients", (day, recipients))
 
 
 # Journal #####################################################################
@@ -1527,11 +1653,13 @@ class CheckResult:
     deferred: int = 0
     problem: SenderProblem | None = None
     skipped: str = ""       #: why the check did not run at all
+    held: str = ""          #: why the rest waits for another day (max_per_day)
 
     def summary(self) -> str:
         if self.skipped:
             return self.skipped
         text = f"{self.sent} sent, {self.bad} failed for good, {self.deferred} delayed"
+        text += f"; {self.held}" if self.held else ""
         return text + (f"; stopped: {self.problem}" if self.problem else "")
 
 
@@ -1550,9 +1678,23 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=settings.ca_file or None)
 
 
-def connect(settings: Settings) -> smtplib.SMTP:
-    """An SMTP connection, with TLS and login as the settings ask.
-    Raises SenderProblem with a sentence naming the setting to check."""
+def connect(settings: Settings, tokens: "TokenCache | None" = None,
+            clock: Callable[[], float] = time.time) -> smtplib.SMTP:
+    """An SMTP connection, with TLS and login as the settings ask. Raises
+    SenderProblem with a sentence naming the setting to check; SettingsRefused
+    (``login`` true) when the server or the token endpoint refused the login."""
+    smtp = open_smtp(settings)
+    try:
+        if settings.username:
+            log_in(smtp, settings, tokens or TokenCache(), clock)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def open_smtp(settings: Settings) -> smtplib.SMTP:
+    """Connected, greeted (EHLO) and encrypted as [smtp] security says."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     name = settings.ehlo or None
     try:
@@ -1580,17 +1722,6 @@ def connect(settings: Settings) -> smtplib.SMTP:
                                   "security = none, or use its TLS port.", lasting=True)
             smtp.starttls(context=tls_context(settings))
             smtp.ehlo()
-        if settings.username:
-            smtp.login(settings.username, settings.password)
-    except smtplib.SMTPAuthenticationError as exc:
-        smtp.close()
-        raise SenderProblem(f"The SMTP server {where} refused the login of {settings.username!r}: "
-                          f"{reply_text(exc.smtp_code, exc.smtp_error)}. Check [smtp] username "
-                          "and password.", lasting=True) from None
-    except smtplib.SMTPNotSupportedError:
-        smtp.close()
-        raise SenderProblem(f"The SMTP server {where} does not accept logins (no AUTH). Leave "
-                          "[smtp] username empty, or use security = starttls.", lasting=True) from None
     except ssl.SSLError as exc:
         smtp.close()
         raise SenderProblem(f"TLS with {where} failed: {exc}. Set [smtp] ca_file for a server "
@@ -1604,8 +1735,428 @@ def connect(settings: Settings) -> smtplib.SMTP:
     return smtp
 
 
+# -- logging in ----------------------------------------------------------------
+
+#: A refused login is not tried again with the same settings for this long:
+#: cloud services lock an account after a few failed logins.
+LOGIN_RETRY_SECONDS = 30 * 60
+#: An OAuth token is renewed this long before it expires, so that a check
+#: never starts with a token that runs out half-way.
+TOKEN_RENEW_SECONDS = 5 * 60
+#: What the token is for: Exchange Online, SMTP included.
+OAUTH_SCOPE = "https://outlook.office365.com/.default"
+#: The README section that explains the cloud services' settings.
+CLOUD_README = 'the README, "Microsoft 365 and Google Workspace"'
+#: Login mechanisms in the order we use them; only one is tried per login.
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
+_ENHANCED_RE = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_GOOGLE_RE = re.compile(r"google|gmail|gsmtp")
+
+MS_SMTP_AUTH_OFF = ("turn on Authenticated SMTP for the mailbox (Microsoft 365 admin center > "
+                    "Users > Active users > the mailbox > Mail > Manage email apps), or switch "
+                    f"to [smtp] auth = oauth2 (see {CLOUD_README})")
+GOOGLE_APP_PASSWORD = ("Google wants an app password: create one for the account (Google "
+                       "Account > Security > 2-Step Verification > App passwords) and put it in "
+                       "[smtp] password, or send through Google's SMTP relay service "
+                       f"(host = smtp-relay.gmail.com, see {CLOUD_README})")
+STARTTLS_NEEDED = ("set [smtp] security = starttls (port 587) or security = tls (port 465): the "
+                   "server takes mail only over an encrypted connection")
+
+
+def settings_fix(code: int, text, oauth: bool = False) -> str | None:
+    """What to change when a reply (at AUTH, MAIL or RCPT) says the settings
+    are wrong rather than the message; None when it is about the message."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    low = " ".join(str(text).split()).lower()
+    found = _ENHANCED_RE.search(low)
+    status = found.group(1) if found else ""
+    if status == "5.7.139" and ("disabled" in low or "criteria" in low or "security defaults" in low):
+        if oauth:
+            return ("turn on Authenticated SMTP for the mailbox in [smtp] username (Exchange Online "
+                    "PowerShell: Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled "
+                    "$false); OAuth logins need it too")
+        return "Microsoft 365 has SMTP AUTH turned off for this mailbox or tenant: " + MS_SMTP_AUTH_OFF
+    if status == "5.7.30" or "basic authentication is not supported" in low:
+        return ("Microsoft 365 no longer takes a password for sending (basic authentication is "
+                f"off): switch to [smtp] auth = oauth2 (see {CLOUD_README})")
+    if code == 534 or status == "5.7.9" or "application-specific password" in low:
+        return GOOGLE_APP_PASSWORD
+    if code == 538 or (code == 530 and "tls" in low):
+        return STARTTLS_NEEDED
+    if code == 530 or status == "5.7.57" or (status == "5.7.1" and "authenticat" in low):
+        return ("set [smtp] username and password: the server takes mail only after a login "
+                f"(Microsoft 365: the mailbox, or auth = oauth2; see {CLOUD_README})")
+    if code == 535:
+        if oauth:
+            return ("the mailbox did not accept the app's token: check that [smtp] username is the "
+                    "mailbox the app was given access to (Add-MailboxPermission), that the app has "
+                    f"the SMTP.SendAsApp permission with admin consent (see {CLOUD_README})")
+        if _GOOGLE_RE.search(low):
+            return "check [smtp] username and password; " + GOOGLE_APP_PASSWORD
+        return "check [smtp] username and password"
+    if status in ("5.7.60", "5.2.252") or "sendasdenied" in low:
+        return ("the mailbox in [smtp] username may not send as [gateway] from_address: make "
+                "from_address the mailbox's own address, or give the mailbox Send As permission")
+    return None
+
+
+def settings_refusal(exc: Exception, settings: Settings) -> "SettingsRefused | None":
+    """A refusal at MAIL or RCPT that is the settings' fault, as a SettingsRefused."""
+    replies: list
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        replies = list(exc.recipients.values())
+    elif isinstance(exc, smtplib.SMTPResponseException):
+        replies = [(exc.smtp_code, exc.smtp_error)]
+    else:
+        return None
+    for code, message in replies:
+        fix = settings_fix(code, message, settings.auth == "oauth2")
+        if fix:
+            return SettingsRefused(f"The SMTP server {settings.smtp_host}:{settings.smtp_port} "
+                                   f"answered {reply_text(code, message)!r}: {fix}.")
+    return None
+
+
+def log_in(smtp: smtplib.SMTP, settings: Settings, tokens: "TokenCache",
+           clock: Callable[[], float]) -> None:
+    """One login, with one mechanism: smtplib's login() would try the next
+    mechanism after a refusal, and two refusals a check lock accounts."""
+    where = f"{settings.smtp_host}:{settings.smtp_port}"
+    if not smtp.has_extn("auth"):
+        raise SettingsRefused(f"The SMTP server {where} does not offer a login (no AUTH"
+                              f"{' before STARTTLS' if settings.security == 'none' else ''}): "
+                              + ("set [smtp] security = starttls." if settings.security == "none"
+                                 else "leave [smtp] username empty."), login=True)
+    offered = smtp.esmtp_features["auth"].upper().split()
+    oauth = settings.auth == "oauth2"
+    try:
+        if oauth:
+            if "XOAUTH2" not in offered:
+                raise SettingsRefused(f"The SMTP server {where} does not offer XOAUTH2 logins (it "
+                                      f"offers {', '.join(offered) or 'none'}): for Microsoft 365 "
+                                      "use host = smtp.office365.com, port = 587, security = "
+                                      "starttls.", login=True)
+            token = tokens.get(settings, clock())
+            blob = f"user={settings.username}\x01auth=Bearer {token}\x01\x01"
+            # On a refusal the server sends a 334 with an error: answer it with
+            # an empty line (not the token again) and it gives the final reply.
+            try:
+                smtp.auth("XOAUTH2", lambda challenge=None: blob if challenge is None else "")
+            except smtplib.SMTPAuthenticationError:
+                tokens.forget()
+                raise
+            return
+        mechanism = next((m for m in PASSWORD_MECHANISMS if m in offered), None)
+        if mechanism is None:
+            raise SettingsRefused(f"The SMTP server {where} offers no password login (it offers "
+                                  f"{', '.join(offered) or 'none'}): check [smtp] auth, or leave "
+                                  "username empty if it needs no login.", login=True)
+        smtp.user, smtp.password = settings.username, settings.password
+        smtp.auth(mechanism, smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login)
+    except smtplib.SMTPAuthenticationError as exc:
+        fix = settings_fix(exc.smtp_code, exc.smtp_error, oauth) or "check [smtp] username and password"
+        raise SettingsRefused(f"The SMTP server {where} refused the login of {settings.username!r} "
+                              f"({reply_text(exc.smtp_code, exc.smtp_error)}): {fix}.",
+                              login=True) from None
+    except UnicodeEncodeError:
+        raise SettingsRefused("[smtp] username or password has letters outside plain ASCII, "
+                              "which an SMTP login cannot carry: use plain letters, digits and "
+                              "signs.", login=True) from None
+    except (OSError, smtplib.SMTPException) as exc:
+        raise SenderProblem(f"The SMTP server {where} broke off the login: {exc}.") from None
+
+
+def login_key(settings: Settings, salt: bytes) -> str:
+    """Which settings a login was refused with, as a slow salted digest: the
+    database keeps it, and must not make the password easy to guess."""
+    values = (settings.smtp_host, settings.smtp_port, settings.security, settings.auth,
+              settings.username, settings.password, settings.oauth_token_url,
+              settings.oauth_client_id, settings.oauth_client_secret)
+    data = "\x00".join(map(str, values)).encode("utf-8")
+    return hashlib.pbkdf2_hmac("sha256", data, salt, 20_000).hex()
+
+
+def login_hold_text(record: dict) -> str:
+    """The sender's state while a refused login waits: when, why, and until when."""
+    at = record["at"]
+    return (f"login refused at {time.strftime('%H:%M', time.localtime(at))}: "
+            f"{record['reason'].rstrip('.')}; next try at "
+            f"{time.strftime('%H:%M', time.localtime(at + LOGIN_RETRY_SECONDS))} "
+            "or when the settings change.")
+
+
+def login_hold(settings: Settings, db: sqlite3.Connection, now: float) -> str | None:
+    """The refused login still holding the sender back, as its sentence; None
+    once the settings have changed or LOGIN_RETRY_SECONDS have passed."""
+    record = get_state(db, "login_refused")
+    if not record or now >= record["at"] + LOGIN_RETRY_SECONDS:
+        return None
+    if login_key(settings, bytes.fromhex(record["salt"])) != record["key"]:
+        return None
+    return login_hold_text(record)
+
+
+@dataclasses.dataclass
+class Token:
+    value: str
+    expires: float
+
+
+class TokenCache:
+    """OAuth 2.0 access tokens, in memory only, for the settings that fetched
+    them; renewed TOKEN_RENEW_SECONDS before they expire."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple = ()
+        self._token: Token | None = None
+        self.fetches = 0        #: how many tokens were fetched (for tests and smtp-check)
+
+    def get(self, settings: Settings, now: float) -> str:
+        key = (settings.oauth_token_url, settings.oauth_client_id, settings.oauth_client_secret)
+        with self._lock:
+            if self._token and self._key == key and now < self._token.expires - TOKEN_RENEW_SECONDS:
+                return self._token.value
+            value, lifetime = fetch_token(settings)
+            self.fetches += 1
+            self._key, self._token = key, Token(value, now + lifetime)
+            return value
+
+    def forget(self) -> None:
+        with self._lock:
+            self._token = None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The client secret goes to the token endpoint in the ini and nowhere else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def fetch_token(settings: Settings) -> tuple[str, float]:
+    """(access token, seconds it lives) by the OAuth 2.0 client-credentials
+    grant. Raises SettingsRefused when the endpoint refuses, SenderProblem when
+    it cannot be reached. No sentence ever holds the secret."""
+    url = settings.oauth_token_url
+    where = urllib.parse.urlsplit(url).netloc
+    body = urllib.parse.urlencode({
+        "grant_type": "client_credentials", "client_id": settings.oauth_client_id,
+        "client_secret": settings.oauth_client_secret, "scope": OAUTH_SCOPE}).encode("ascii")
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=settings.timeout) as response:
+            answer = json.loads(response.read(1_000_000).decode("utf-8"))
+        token, lifetime = answer["access_token"], float(answer.get("expires_in", 3600))
+        if not isinstance(token, str) or not token.isascii() or not token:
+            raise ValueError("no usable access_token")
+        return token, lifetime
+    except urllib.error.HTTPError as exc:
+        answer = {}
+        with contextlib.suppress(OSError, ValueError):
+            answer = json.loads(exc.read(100_000).decode("utf-8", "replace"))
+        if not isinstance(answer, dict):
+            answer = {}
+        sentence = scrub(token_refusal(exc.code, answer, settings), settings.oauth_client_secret)
+        if exc.code >= 500 or exc.code == 429:
+            raise SenderProblem(sentence) from None
+        raise SettingsRefused(sentence, login=True) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise SenderProblem(scrub(
+            f"The token endpoint {where} could not be used ({reason}): check that this computer "
+            "reaches it (https, port 443; a proxy or firewall may block it) and [smtp] "
+            "oauth_token_url.", settings.oauth_client_secret)) from None
+
+
+def token_refusal(status: int, answer: dict, settings: Settings) -> str:
+    """One sentence for a refused token request, from Entra ID's error codes."""
+    description = str(answer.get("error_description") or answer.get("error") or f"HTTP {status}")
+    first = description.strip().splitlines()[0] if description.strip() else f"HTTP {status}"
+    codes = set(re.findall(r"AADSTS(\d+)", description))
+    said = f"Microsoft refused the token request ({first})"
+    if codes & {"90002", "900023", "90013"}:
+        return (f"{said}: the tenant {settings.oauth_tenant!r} is unknown. Set [smtp] "
+                "oauth_tenant to the school's Microsoft 365 domain or the Directory (tenant) ID "
+                "from the app's Overview page in Microsoft Entra.")
+    if codes & {"7000215"}:
+        return (f"{said}: the client secret is wrong. Copy the secret's Value (not its Secret ID) "
+                "from the app's Certificates & secrets page into [smtp] oauth_client_secret, or "
+                "create a new secret there.")
+    if codes & {"7000222"}:
+        return (f"{said}: the client secret has expired. Create a new one under the app's "
+                "Certificates & secrets in Microsoft Entra and put its Value in [smtp] "
+                "oauth_client_secret.")
+    if codes & {"700016"}:
+        return (f"{said}: there is no app {settings.oauth_client_id!r} in that tenant. Copy the "
+                "Application (client) ID from the app's Overview page into [smtp] oauth_client_id.")
+    if codes & {"70011", "1002012", "65001", "500011"}:
+        return (f"{said}: the app may not send mail yet. Give it the API permission Office 365 "
+                f"Exchange Online > SMTP.SendAsApp with admin consent (see {CLOUD_README}).")
+    return (f"{said}. Check [smtp] oauth_tenant, oauth_client_id and oauth_client_secret "
+            f"(see {CLOUD_README}).")
+
+
+def scrub(text: str, secret: str) -> str:
+    """text without the secret in it, whatever a server echoed back."""
+    return text.replace(secret, "(the secret)") if secret else text
+
+
+# -- smtp-check: the same steps, one by one ----------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of talking to the server, as `smtp-check` and the page show it."""
+    name: str
+    ok: bool
+    said: str       #: what happened; for a failed step, also what to change
+
+
+def cert_summary(cert: dict) -> str:
+    """The certificate's name(s) and expiry date, from ssl's getpeercert()."""
+    subject = dict(item for rdn in cert.get("subject", ()) for item in rdn)
+    names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    name = subject.get("commonName") or (names[0] if names else "(no name)")
+    others = [n for n in names if n != name]
+    text = f"certificate for {name}" + (f" (also {', '.join(others[:3])}"
+                                        f"{', ...' if len(others) > 3 else ''})" if others else "")
+    if cert.get("notAfter"):
+        expires = ssl.cert_time_to_seconds(cert["notAfter"])
+        text += f", valid until {time.strftime('%Y-%m-%d', time.gmtime(expires))}"
+    return text
+
+
+def peer_cert(smtp: smtplib.SMTP) -> dict:
+    sock = smtp.sock
+    return (sock.getpeercert() or {}) if isinstance(sock, ssl.SSLSocket) else {}
+
+
+def offered_text(smtp: smtplib.SMTP) -> str:
+    """What an EHLO reply offers, in the words of a mail administrator."""
+    features = smtp.esmtp_features
+    parts = []
+    if "size" in features:
+        size = features["size"].strip()
+        parts.append(f"SIZE {size} ({int(size) / 1024 / 1024:.0f} MB)" if size.isdigit() and
+                     int(size) else "SIZE (no limit given)")
+    for name in ("starttls", "8bitmime", "smtputf8"):
+        if name in features:
+            parts.append(name.upper())
+    if "auth" in features:
+        parts.append("AUTH " + " ".join(features["auth"].upper().split()))
+    return ", ".join(parts) or "no extensions"
+
+
+def smtp_steps(settings: Settings, tokens: TokenCache | None = None,
+               clock: Callable[[], float] = time.time, hold: str | None = None) -> list[Step]:
+    """Connect, TLS, EHLO, (token,) login and QUIT, stopping at the first step
+    that fails. Sends no message. With `hold` (a refused login still waiting,
+    see login_hold) the login is not tried again."""
+    steps: list[Step] = []
+    where = f"{settings.smtp_host}:{settings.smtp_port}"
+    tokens = tokens or TokenCache()
+    name = settings.ehlo or None
+    smtp: smtplib.SMTP
+    try:
+        if settings.security == "tls":
+            smtp = smtplib.SMTP_SSL(local_hostname=name, timeout=settings.timeout,
+                                    context=tls_context(settings))
+        else:
+            smtp = smtplib.SMTP(local_hostname=name, timeout=settings.timeout)
+        # The name TLS checks: SMTP(host) sets it, connect() does not.
+        smtp._host = settings.smtp_host     # type: ignore[attr-defined]
+        code, greeting = smtp.connect(settings.smtp_host, settings.smtp_port)
+    except ssl.SSLError as exc:
+        smtp.close()
+        steps.append(Step("connect", True, f"reached {where}"))
+        steps.append(Step("TLS", False, f"TLS with {where} failed ({exc}): check [smtp] security "
+                          "and port (465 is tls, 587 is starttls), or set ca_file for a server "
+                          "with its own certificate."))
+        return steps
+    except (OSError, smtplib.SMTPException) as exc:
+        smtp.close()
+        steps.append(Step("connect", False, f"could not reach {where} ({exc}): check [smtp] host "
+                          "and port, and that the firewall lets this computer reach it."))
+        return steps
+    try:
+        if code != 220:
+            steps.append(Step("connect", False, f"{where} answered {reply_text(code, greeting)!r} "
+                              "instead of a greeting: it is busy or refuses this computer."))
+            return steps
+        steps.append(Step("connect", True, f"{where} answered {reply_text(code, greeting)!r}"))
+        _tls_steps(smtp, settings, steps)
+        if steps[-1].ok:
+            _login_steps(smtp, settings, tokens, clock, steps, hold)
+        if steps[-1].ok:
+            smtp.quit()
+            steps.append(Step("QUIT", True, "nothing was sent"))
+    except (OSError, smtplib.SMTPException) as exc:
+        steps.append(Step("connection", False, f"{where} broke off the conversation ({exc})."))
+    finally:
+        smtp.close()
+    return steps
+
+
+def _tls_steps(smtp: smtplib.SMTP, settings: Settings, steps: list[Step]) -> None:
+    if settings.security == "tls":
+        steps.append(Step("TLS", True, "implicit TLS; " + cert_summary(peer_cert(smtp))))
+    code, reply = smtp.ehlo()
+    if code != 250:
+        steps.append(Step("EHLO", False, f"EHLO was answered {reply_text(code, reply)!r}: set "
+                          "[smtp] ehlo to this computer's full name, such as library.school.example."))
+        return
+    if settings.security == "starttls":
+        if not smtp.has_extn("starttls"):
+            steps.append(Step("TLS", False, f"the server does not offer STARTTLS (it offers "
+                              f"{offered_text(smtp)}): set [smtp] security = none, or use "
+                              "security = tls with its TLS port (465)."))
+            return
+        try:
+            smtp.starttls(context=tls_context(settings))
+        except ssl.SSLError as exc:
+            steps.append(Step("TLS", False, f"STARTTLS failed ({exc}): for a server with a "
+                              "certificate of its own, set [smtp] ca_file to its PEM file."))
+            return
+        steps.append(Step("TLS", True, "STARTTLS; " + cert_summary(peer_cert(smtp))))
+        smtp.ehlo()
+    said = "offers " + offered_text(smtp)
+    if settings.security == "none" and smtp.has_extn("starttls"):
+        said += "; it offers STARTTLS, so security = starttls would encrypt the connection"
+    steps.append(Step("EHLO", True, said))
+
+
+def _login_steps(smtp: smtplib.SMTP, settings: Settings, tokens: TokenCache,
+                 clock: Callable[[], float], steps: list[Step], hold: str | None) -> None:
+    if not settings.username:
+        steps.append(Step("login", True, "none ([smtp] username is empty)"))
+        return
+    if hold:
+        steps.append(Step("login", False, f"not tried again: {hold}"))
+        return
+    try:
+        if settings.auth == "oauth2":
+            fetched = tokens.fetches
+            tokens.get(settings, clock())
+            host = urllib.parse.urlsplit(settings.oauth_token_url).netloc
+            steps.append(Step("token", True, f"{'fetched' if tokens.fetches > fetched else 'kept'} "
+                              f"an access token from {host}"))
+        log_in(smtp, settings, tokens, clock)
+    except SenderProblem as exc:
+        steps.append(Step("token" if settings.auth == "oauth2" and steps[-1].name != "token"
+                          else "login", False, str(exc)))
+        return
+    offered = smtp.esmtp_features.get("auth", "").upper().split()
+    mechanism = "XOAUTH2" if settings.auth == "oauth2" else next(
+        m for m in PASSWORD_MECHANISMS if m in offered)
+    steps.append(Step("login", True, f"logged in as {settings.username} ({mechanism})"))
+
+
 class Outcome:
     SENT, BAD, LATER, BROKEN = "sent", "bad", "later", "broken"
+    HELD = "held"       #: not sent: the day's max_per_day would be passed
 
 
 class NotHandedOver(smtplib.SMTPServerDisconnected):
@@ -1671,9 +2222,11 @@ class Sender:
     two BiblioGate processes on one folder never send the same file."""
 
     def __init__(self, settings: Settings, journal: Journal, clock: Callable[[], float] = time.time,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, tokens: TokenCache | None = None):
         self.settings, self.journal, self.clock = settings, journal, clock
         self.stop = stop or threading.Event()
+        #: OAuth tokens outlive a check: the Gateway passes the same cache every time.
+        self.tokens = tokens or TokenCache()
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -1700,6 +2253,11 @@ class Sender:
 
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()
+        held = login_hold(self.settings, self.db, now)
+        if held:            # said whether or not anything waits
+            return CheckResult(problem=SettingsRefused(held, login=True))
+        if self._day_full(now):
+            return CheckResult(held=self._cap_text())
         result = CheckResult()
         files = scan_times(self.settings.spool)
         self._forget_gone({name for name, _, _ in files})
@@ -1708,6 +2266,8 @@ class Sender:
         batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
                            settled=time.time() - STABLE_SECONDS)
         if not batch:
+            if get_state(self.db, "login_refused"):
+                self._try_login(result)     # so the state says whether the new settings work
             return result
         smtp = None
         cap = now + max(CHECK_CAP_SECONDS, self.settings.interval)
@@ -1718,12 +2278,25 @@ class Sender:
                     break
                 if smtp is None:
                     try:
-                        smtp = connect(self.settings)
+                        smtp = self._connect()
                     except SenderProblem as exc:
                         result.problem = exc
-                        self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
+                        if not isinstance(exc, SettingsRefused):     # the settings' fault
+                            self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
-                outcome = self._send_one(smtp, item, result, removed)
+                try:
+                    outcome = self._send_one(smtp, item, result, removed)
+                except SettingsRefused as exc:      # the file keeps its place, uncharged
+                    result.problem = exc
+                    break
+                if outcome == Outcome.HELD:
+                    result.held = self._cap_text()
+                    # The next message does not fit today: no more connections until tomorrow.
+                    set_state(self.db, daily_cap_reached=[local_day(self.clock()).isoformat(),
+                                                          self.settings.max_per_day])
+                    self.journal.event("daily_cap", f"{result.held} ({len(batch) - n} of this "
+                                       "check's messages wait)", level=logging.WARNING)
+                    break
                 if outcome == Outcome.BROKEN:
                     smtp.close()
                     smtp = None
@@ -1755,6 +2328,13 @@ class Sender:
         except BadMessage as exc:
             self._bad(item, str(exc), result)
             return Outcome.BAD
+        cap, today = self.settings.max_per_day, local_day(self.clock()).isoformat()
+        if cap and sent_on(self.db, today) + len(out.recipients) > cap:
+            if len(out.recipients) > cap:
+                self._bad(item, f"it has {len(out.recipients)} recipients, more than the "
+                          f"{cap} a day that [gateway] max_per_day allows", result)
+                return Outcome.BAD
+            return Outcome.HELD
         options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") and not out.data.isascii() else []
         try:
             refused = transmit(smtp, out, options)
@@ -1763,6 +2343,9 @@ class Sender:
                         f"was handed over ({exc})", result, wait=False)
             return Outcome.BROKEN
         except (smtplib.SMTPException, OSError) as exc:
+            refusal = settings_refusal(exc, self.settings)
+            if refusal:
+                raise refusal from None
             outcome, reason = classify(exc)
             if outcome == Outcome.BAD:
                 self._bad(item, reason, result)
@@ -1775,6 +2358,7 @@ class Sender:
         # and the event: Journal.event's own `with` commits all three at once.
         with self.db:
             record_delivery(self.db, item.name, digest, self.clock())
+            count_sent(self.db, today, len(out.recipients))
             self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
                                item.name)
         result.sent += 1
@@ -1785,6 +2369,50 @@ class Sender:
             self.journal.event("refused", f"{out.subject!r}: refused {', '.join(refused_list)}",
                                item.name, logging.WARNING)
         return Outcome.SENT
+
+    # -- logging in and the daily cap -----------------------------------------
+
+    def _connect(self) -> smtplib.SMTP:
+        """connect(), remembering a refused login (see login_hold) and
+        forgetting it once a login works."""
+        try:
+            smtp = connect(self.settings, self.tokens, self.clock)
+        except SettingsRefused as exc:
+            if not exc.login:
+                raise
+            now = self.clock()
+            salt = secrets.token_bytes(16)
+            record = {"at": now, "reason": str(exc), "salt": salt.hex(),
+                      "key": login_key(self.settings, salt)}
+            set_state(self.db, login_refused=record)
+            self.journal.event("login_refused", str(exc), level=logging.WARNING)
+            raise SettingsRefused(login_hold_text(record), login=True) from None
+        if get_state(self.db, "login_refused"):
+            set_state(self.db, login_refused=None)
+            self.journal.event("login", "the SMTP server takes the settings now; the refused "
+                               "login is forgotten")
+        return smtp
+
+    def _try_login(self, result: CheckResult) -> None:
+        """Log in and out again, after a refused login, with nothing to send."""
+        try:
+            smtp = self._connect()
+        except SenderProblem as exc:
+            result.problem = exc
+            return
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            smtp.quit()
+        smtp.close()
+
+    def _day_full(self, now: float) -> bool:
+        cap, today = self.settings.max_per_day, local_day(now).isoformat()
+        if not cap:
+            return False
+        return sent_on(self.db, today) >= cap or get_state(self.db, "daily_cap_reached") == [today, cap]
+
+    def _cap_text(self) -> str:
+        return (f"daily cap of {self.settings.max_per_day} recipients reached ([gateway] "
+                "max_per_day); the rest go tomorrow")
 
     # -- what becomes of a file -----------------------------------------------
 
@@ -1891,6 +2519,8 @@ class Gateway:
         self.ini_stamp = self._ini_stamp()
         self.next_check = clock()
         self.sender_state = None
+        #: OAuth tokens, kept from check to check (in memory only).
+        self.tokens = TokenCache()
         #: What the loop does at every tick besides checking (see gateway_tasks).
         self.tasks: list[Callable[[Gateway, float], None]] = \
             gateway_tasks() if tasks is None else list(tasks)
@@ -1993,12 +2623,14 @@ class Gateway:
             result = CheckResult(skipped="the settings need attention")
         else:
             try:
-                result = Sender(s, self.journal, self.clock, self.stop).check()
+                result = Sender(s, self.journal, self.clock, self.stop, self.tokens).check()
             except SpoolError as exc:       # e.g. the folder vanished from under us
                 result = CheckResult(problem=SenderProblem(str(exc), lasting=True))
             if result.problem:
                 state = "stopped" if result.problem.lasting else "retrying"
                 self._set_sender(state, f"{result.problem} Messages stay queued.")
+            elif result.held:
+                self._set_sender("paused", result.held + ".")
             elif not result.skipped:
                 self._announce_settings()
             if result.sent or result.bad or result.deferred or result.problem:
@@ -4044,6 +4676,9 @@ def status_info(settings: Settings) -> dict:
             "problems": settings.problems,
             "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
             "last_check": g("last_check"), "next_check": g("next_check") if running else None,
+            "login": login_hold(settings, db, time.time()),
+            "sent_today": sent_on(db, local_day(time.time()).isoformat()),
+            "max_per_day": settings.max_per_day,
         }
         for key, fn in STATUS_FIELDS.items():
             info[key] = fn(settings, db)
@@ -4394,7 +5029,7 @@ border:1px solid #a6d1b0}
 .state{border-radius:8px;padding:.6rem 1rem;margin:0 0 1rem;background:#fff;
 border:1px solid var(--line);border-left:6px solid var(--green)}
 .state.stopped{border-left-color:var(--red)}
-.state.retrying{border-left-color:var(--amber)}
+.state.retrying,.state.paused{border-left-color:var(--amber)}
 .state p{margin:.2rem 0}
 .state ul{margin:.3rem 0;padding-left:1.2rem}
 .muted,.state .times{color:var(--muted)}
@@ -4481,7 +5116,8 @@ $fieldsets<div class="buttons"><button type="submit">Save</button>
 </form>
 <form method="post" action="/test">$token<div class="buttons">
 <button type="submit" class="plain">Test</button>
-<span class="muted">Queues a test message to the saved test address ($test_to).</span></div></form>
+<span class="muted">Queues a test message to the saved test address ($test_to) and talks to
+the server step by step, as `smtp-check` does (nothing is sent there).</span></div></form>
 <h2>Files and the page itself</h2>
 <dl class="facts">$facts</dl>
 <p class="muted">These are changed in $ini by hand; the page's own settings take effect when
@@ -4603,6 +5239,14 @@ SETTINGS_FORM = (
         Field("smtp", "ehlo", "EHLO name", "The name to announce; empty = this computer's name."),
         Field("smtp", "username", "Username", "Leave empty if the server needs no login."),
         Field("smtp", "password", "Password", kind="password"),
+        Field("smtp", "auth", "Login with", "password, or oauth2 for Microsoft 365 without basic "
+              "authentication (the fields below; see the README).", "choice", AUTH_CHOICES),
+        Field("smtp", "oauth_tenant", "OAuth tenant", "oauth2: the school's Microsoft 365 domain "
+              "or its Directory (tenant) ID."),
+        Field("smtp", "oauth_client_id", "OAuth client ID", "oauth2: the app registration's "
+              "Application (client) ID."),
+        Field("smtp", "oauth_client_secret", "OAuth client secret", kind="password"),
+        Field("smtp", "oauth_token_url", "OAuth token URL", "oauth2: leave empty for Microsoft 365."),
         Field("smtp", "timeout_seconds", "Timeout (seconds)", "For each step of talking to "
               "the server."),
         Field("smtp", "ca_file", "Certificate file", "Only for a relay with a certificate of its "
@@ -4620,6 +5264,9 @@ SETTINGS_FORM = (
         Field("gateway", "test_to_address", "Test to address", "Where the Test button sends."),
         Field("gateway", "give_up_after_hours", "Give up after (hours)", "A message the server "
               "keeps refusing for now becomes .BAD after this."),
+        Field("gateway", "max_per_day", "Most recipients a day", "The mail service's daily "
+              "cap (Microsoft 365: 10000, Google Workspace: 2000); the rest go the next day. "
+              "0 = no cap."),
     )),
     ("Auto-Overdue", (
         Field("overdue", "enabled", "Send overdue notices", "Every day at the time below. Check "
@@ -4691,6 +5338,18 @@ def settings_changes(form: dict, raw: dict) -> tuple[dict, dict]:
     return changes, errors
 
 
+def secret_moved(changes: dict, raw: dict, typed: bool) -> dict:
+    """{field: sentence} when a Save would send the stored client secret to
+    another token endpoint than the one it was typed for: it must be typed again."""
+    key, where = ("smtp", "oauth_client_secret"), (("smtp", "oauth_token_url"), ("smtp", "oauth_tenant"))
+    moved = [f"[{s}] {k}" for s, k in where if (s, k) in changes]
+    if typed or key in changes or not raw.get(key, "").strip() or not moved:
+        return {}
+    return {"smtp.oauth_client_secret": ini_problem(
+        "smtp", "oauth_client_secret", "(hidden)", f"type it again: {' and '.join(moved)} changed, "
+        "and the secret goes only to the token endpoint it was typed for.")}
+
+
 def check_settings_form(form: dict, text: str, ini_path: Path,
                         current: list[str]) -> tuple[str, dict, list, list]:
     """Decide a Save: (new ini text, field errors, other errors, changed keys).
@@ -4703,6 +5362,7 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
                           "try again."], []
     raw, _ = parse_ini_text(text.lstrip("\ufeff"), ini_path)
     changes, errors = settings_changes(form, raw)
+    errors.update(secret_moved(changes, raw, typed=bool(form.get("smtp.oauth_client_secret"))))
     new_text = update_ini_text(text, changes)
     by_field, other = sort_problems(load_settings(ini_path, text=new_text.lstrip("\ufeff")).problems)
     for name, problem in by_field.items():
@@ -4974,8 +5634,8 @@ def problem_list(problems: Iterable[str]) -> Html:
 def state_box(ctx: PageContext, settings: Settings) -> Html:
     """The sender's state, the settings' problems and the queue's size."""
     state, reason = ctx.gateway.sender_state or ("not started", "")
-    if settings.problems:
-        reason = "the settings need attention:"
+    if settings.problems:       # also while the loop is still announcing a reload
+        state, reason = "stopped", "the settings need attention:"
     try:
         view = ctx.server.spool_view()
         waiting, bad = view.waiting, len(view.bad)
@@ -5000,12 +5660,15 @@ def choice_options(choices: Iterable[str], value: str) -> Html:
                 for c in choices)
 
 
-def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
+def settings_field(f: Field, values: dict, errors: dict, secrets_set: Container[str]) -> Html:
+    """One setting; a password or secret is write-only: the page says only
+    whether one is set (secrets_set holds the names of those that are)."""
     value = values.get(f.name, "")
     if f.kind == "password":
         control = render(PASSWORD_INPUT, id=f.name)
-        hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
-                else "Not set. Type one if the server needs a login.")
+        hint = ("Set. Type a new one to change it; leave empty to keep it." if f.name in secrets_set
+                else "Not set. Type one if the server needs a login." if f.key == "password"
+                else "Not set. oauth2: the client secret's Value from Microsoft Entra.")
     elif f.kind == "yesno":
         control = render(CHECKBOX, id=f.name, checked=flag(value.lower() in YES_WORDS, " checked"))
         hint = f.hint
@@ -5017,8 +5680,8 @@ def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> 
 
 
 def settings_fieldset(legend: str, fields: Iterable[Field], values: dict, errors: dict,
-                      password_set: bool) -> Html:
-    rows = join(settings_field(f, values, errors, password_set) for f in fields)
+                      secrets_set: Container[str]) -> Html:
+    rows = join(settings_field(f, values, errors, secrets_set) for f in fields)
     return render(FIELDSET, legend=legend, fields=rows)
 
 
@@ -5147,8 +5810,9 @@ def page_settings(ctx: PageContext) -> tuple[str, Html]:
     raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
     draft = ctx.session.drafts.pop("settings", None)
     values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
-    password_set = bool(raw.get(("smtp", "password"), "").strip())
-    fieldsets = join(settings_fieldset(legend, fields, values, errors, password_set)
+    secrets_set = {f.name for f in SETTINGS_FIELDS
+                   if f.kind == "password" and raw.get((f.section, f.key), "").strip()}
+    fieldsets = join(settings_fieldset(legend, fields, values, errors, secrets_set)
                      for legend, fields in SETTINGS_FORM)
     return "Settings", render(SETTINGS_BODY, state=state_box(ctx, s), token=ctx.token,
                               digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
@@ -5308,14 +5972,28 @@ def post_test(ctx: PageContext) -> str:
         path = queue_test_message(s, g.journal, s.test_to, g.clock(), by=BY_PAGE)
     except BibliogateError as exc:
         ctx.flash("error", f"No test message was queued: {exc}")
-        return "/settings"
-    if s.problems:
-        when = "The sender is stopped until the settings are fixed, so it waits in the queue."
     else:
-        due = max(g.next_check, g.clock())
-        when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
-    ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
+        if s.problems:
+            when = "The sender is stopped until the settings are fixed, so it waits in the queue."
+        else:
+            due = max(g.next_check, g.clock())
+            when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
+        ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
+    flash_smtp_steps(ctx)
     return "/settings"
+
+
+def flash_smtp_steps(ctx: PageContext) -> None:
+    """The steps of smtp-check, one line each, on the next page."""
+    s, g = ctx.settings, ctx.gateway
+    if any("[smtp]" in problem for problem in s.problems):
+        ctx.flash("error", "The SMTP server was not tried: fix the [smtp] settings marked below "
+                           "first.")
+        return
+    steps = smtp_steps(s, g.tokens, g.clock, hold=login_hold(s, ctx.db, g.clock()))
+    for step in steps:
+        ctx.flash("ok" if step.ok else "error",
+                  f"Server check, {step.name}: {'ok' if step.ok else 'FAILED'} — {step.said}")
 
 
 def post_retry(ctx: PageContext) -> str:
@@ -6120,7 +6798,7 @@ def cmd_test(args, settings: Settings) -> int:
 
 def cmd_status(args, settings: Settings) -> int:
     info = status_info(settings)
-    ok = not settings.problems and info["bad"] == 0
+    ok = not settings.problems and info["bad"] == 0 and not info["login"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if ok else 1
@@ -6128,10 +6806,37 @@ def cmd_status(args, settings: Settings) -> int:
     print(f"BiblioGate {running}; sender {info['sender']}: {info['reason']}")
     for problem in settings.problems:
         print(f"  problem: {problem}")
+    if info["login"] and info["login"] not in (info["reason"] or ""):
+        print(f"  {info['login']}")
     print(f"waiting: {info['waiting']}, .BAD: {info['bad']}")
+    if settings.max_per_day:
+        full = info["sent_today"] >= settings.max_per_day
+        print(f"today: {info['sent_today']} of {settings.max_per_day} recipients (max_per_day)"
+              + ("; daily cap reached, the rest go tomorrow" if full else ""))
     print(f"last check: {fmt_time(info['last_check'])}, next check: {fmt_time(info['next_check'])}")
     for key in STATUS_FIELDS:
         print(f"{key.replace('_', ' ')}: {info[key]}")
+    return 0 if ok else 1
+
+
+def cmd_smtp_check(args, settings: Settings) -> int:
+    smtp_problems = [p for p in settings.problems if "[smtp]" in p]
+    if smtp_problems:
+        raise SettingsError(smtp_problems)
+    steps = smtp_steps(settings)
+    width = max(len(s.name) for s in steps)
+    for step in steps:
+        print(f"{step.name:<{width}}  {'ok' if step.ok else 'FAILED':<6}  {step.said}")
+    ok = all(step.ok for step in steps)
+    if ok:
+        db = open_db(settings.database)
+        try:
+            if get_state(db, "login_refused"):
+                set_state(db, login_refused=None)     # the sender may try at once
+        finally:
+            db.close()
+    print("Every step works." if ok else "Change what the failed step says, then run "
+          "smtp-check again.")
     return 0 if ok else 1
 
 
@@ -6200,6 +6905,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-bad", action="store_true")
     p = command("delete", cmd_delete, "remove one message from the queue")
     p.add_argument("name", metavar="NAME")
+    command("smtp-check", cmd_smtp_check, "talk to the SMTP server step by step (connect, TLS, "
+            "EHLO, login) and say what works and what to change; sends nothing")
     add_circulation_commands(command)
     add_letter_commands(command)
     add_task_commands(command)
