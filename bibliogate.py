@@ -36,13 +36,16 @@ SMTP server:
 from __future__ import annotations
 
 import argparse
+import base64
 import configparser
 import contextlib
 import csv
 import dataclasses
 import datetime as dt
 import email.errors
+import email.generator
 import email.header
+import email.message
 import email.policy
 import email.quoprimime
 import email.utils
@@ -54,9 +57,11 @@ import itertools
 import hmac
 import html
 import http.server
+import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -97,6 +102,14 @@ REASON_SUFFIX = "-reason.txt"
 PART_SUFFIX = ".part"
 #: Larger files are refused: most mail servers refuse over 25 MB anyway.
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+#: RFC 5321 4.5.3.1.6: a line of a message is at most 998 characters (and
+#: CRLF); longer ones are re-encoded, or the next server rewraps or refuses them.
+MAX_LINE_BYTES = 998
+#: An upload is written in steps this large, so that timeout_seconds bounds
+#: each step on a slow link, never the whole upload (sendall's timeout does).
+SEND_STEP_BYTES = 16 * 1024
+#: Byte-order marks of files saved by Windows tools (Notepad, PowerShell 5.1).
+UTF8_BOM, UTF16_BOMS = b"\xef\xbb\xbf", (b"\xff\xfe", b"\xfe\xff")
 #: The first wait after a temporary refusal; it doubles up to the maximum.
 RETRY_FIRST_SECONDS = 5 * 60
 RETRY_MAX_SECONDS = 60 * 60
@@ -572,6 +585,13 @@ CREATE TABLE IF NOT EXISTS spool_state (
 CREATE TABLE IF NOT EXISTS sent (
     file TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (file, digest));
+-- each recipient of a waiting file (its name and sha256) with an outcome:
+-- 'sent' (the server took the message for this address: never again),
+-- 'refused' (refused for good) or 'waiting' (refused for now: tried again)
+CREATE TABLE IF NOT EXISTS recipients (
+    file TEXT NOT NULL, digest TEXT NOT NULL, address TEXT NOT NULL,
+    state TEXT NOT NULL, reply TEXT NOT NULL DEFAULT '', at REAL NOT NULL,
+    PRIMARY KEY (file, digest, address));
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
 -- circulation data, imported from the library system's CSV files
 CREATE TABLE IF NOT EXISTS patrons (
@@ -615,6 +635,30 @@ def set_state(conn: sqlite3.Connection, **values) -> None:
     with conn:
         conn.executemany("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                          [(k, json.dumps(v)) for k, v in values.items()])
+
+
+def recipient_outcomes(conn: sqlite3.Connection, file: str, digest: str) -> dict:
+    """{address in lower case: (state, reply)} of one waiting file's recipients."""
+    return {r["address"].lower(): (r["state"], r["reply"]) for r in conn.execute(
+        "SELECT address, state, reply FROM recipients WHERE file = ? AND digest = ?",
+        (file, digest))}
+
+
+def record_recipients(conn: sqlite3.Connection, file: str, digest: str, state: str,
+                      replies: dict, at: float) -> None:
+    """Set the outcome of these recipients ({address: reply}). It does not
+    commit: the caller's `with conn:` makes it one step with what goes along."""
+    conn.executemany("INSERT OR REPLACE INTO recipients(file, digest, address, state, reply, at) "
+                     "VALUES (?,?,?,?,?,?)",
+                     [(file, digest, a, state, reply, at) for a, reply in replies.items()])
+
+
+def recipients_by_file(conn: sqlite3.Connection) -> dict:
+    """{file: {state: [address, ...]}} of every file with recorded outcomes."""
+    found: dict = {}
+    for r in conn.execute("SELECT file, address, state FROM recipients ORDER BY at, address"):
+        found.setdefault(r["file"], {}).setdefault(r["state"], []).append(r["address"])
+    return found
 
 
 # Journal #####################################################################
@@ -863,6 +907,38 @@ def valid_address(address: str) -> bool:
     return bool(ADDRESS_RE.match(address or ""))
 
 
+def ascii_address(address: str) -> str | None:
+    """The address as a server without SMTPUTF8 takes it: an internationalised
+    domain in its IDNA form (user@bücherei.example -> user@xn--bcherei-n2a.example).
+    None when that cannot be done (a local part that is not ASCII)."""
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        return None
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return f"{local}@{ascii_domain}"
+
+
+def valid_recipient(address: str) -> bool:
+    """A plain address, or one with an internationalised domain or local part
+    (sent as IDNA, or with SMTPUTF8 where the server offers it)."""
+    if valid_address(address):
+        return True
+    if address.isascii() or re.search(r"[\s\x00-\x1f\x7f<>()\[\],;:\\\"]", address):
+        return False
+    local, _, domain = address.rpartition("@")
+    plain = ascii_address(address) or ("x@" + (ascii_address("x@" + domain) or "@").split("@")[1])
+    return bool(local) and valid_address(plain)
+
+
+def megabytes(size: int) -> str:
+    """A size for a sentence: 41.0 MB, rounded up, so that a file over a limit
+    never reads as the limit itself."""
+    return f"{math.ceil(size * 10 / 1048576) / 10:.1f} MB"
+
+
 def header_value(text: str, name: str) -> str:
     """A header's value: plain when it is short ASCII, else RFC 2047 encoded
     and folded (email.header does both)."""
@@ -966,6 +1042,34 @@ def file_date(queued_at: float) -> str:
         return email.utils.formatdate(localtime=True)
 
 
+def message_text(raw: bytes) -> tuple[bytes, str]:
+    """The file's bytes as a message, and the encoding it was converted from
+    ("" if none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as
+    PowerShell 5.1's Out-File writes it, becomes UTF-8."""
+    if raw.startswith(UTF8_BOM):
+        return raw[len(UTF8_BOM):], ""
+    encoding = "utf-16" if raw[:2] in UTF16_BOMS else \
+        "utf-16-le" if raw[1:2] == raw[3:4] == b"\x00" and raw[:1] != b"\x00" else ""
+    if not encoding:
+        return raw, ""
+    try:
+        return raw.decode(encoding).encode("utf-8"), "UTF-16"
+    except UnicodeDecodeError as exc:
+        raise BadMessage(f"the file is in UTF-16 (as PowerShell's Out-File writes it) but broken "
+                         f"at byte {exc.start}; save it again as UTF-8.") from None
+
+
+def utf8_headers(fields: list[bytes]) -> list[bytes]:
+    """Header lines of a file converted from UTF-16: a charset it named is
+    now UTF-8, and a body without a Content-Type is said to be UTF-8 text."""
+    fields = [re.sub(rb"(?i)(charset=\"?)utf-16(?:[lb]e)?", rb"\1utf-8", line)
+              if _field(line)[0] == "content-type" else line for line in fields]
+    if not any(_field(line)[0] == "content-type" for line in fields):
+        fields += [b"MIME-Version: 1.0", b'Content-Type: text/plain; charset="utf-8"',
+                   b"Content-Transfer-Encoding: 8bit"]
+    return fields
+
+
 def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
                     file_name: str) -> Outgoing:
     """Check a queued file and make the bytes we relay: From and the envelope
@@ -975,9 +1079,14 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     if not raw.strip():
         raise BadMessage("the file is empty.")
     if len(raw) > MAX_MESSAGE_BYTES:
-        raise BadMessage(f"the file is {len(raw) // 1048576} MB; mail servers refuse messages this "
-                         f"large (the limit here is {MAX_MESSAGE_BYTES // 1048576} MB).")
+        raise BadMessage(f"the file is {megabytes(len(raw))}; mail servers refuse messages this "
+                         f"large (the limit here is {megabytes(MAX_MESSAGE_BYTES)}).")
+    raw, converted = message_text(raw)
+    if not raw.strip():
+        raise BadMessage("the file is empty.")
     fields, body = split_headers(raw)
+    if converted:
+        fields = utf8_headers(fields)
     if not fields or not HEADER_LINE_RE.match(fields[0]):
         raise BadMessage("this is not an email message: it must start with header lines "
                          "such as 'To: patron@example.org', then a blank line, then the text.")
@@ -997,7 +1106,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
             for _, address in email.utils.getaddresses([value]):
                 if not address:
                     continue
-                (recipients if valid_address(address) else invalid).append(address)
+                (recipients if valid_recipient(address) else invalid).append(address)
         if name == "subject":
             subject = decoded(value)
         elif name == "message-id":
@@ -1025,6 +1134,91 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     # CR, a dot and a CRLF for the end of the message and the rest for commands.
     body = re.sub(rb"[\r\n]", b"\r\n", body)
     return Outgoing(sender, recipients, head + b"\r\n\r\n" + body, invalid, subject, message_id)
+
+
+#: A line longer than RFC 5321 allows, in a message with CRLF endings.
+LONG_LINE_RE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE_BYTES + 1))
+#: Encodings a part may already have that need no 8-bit transport.
+SAFE_ENCODINGS = frozenset({"quoted-printable", "base64"})
+
+
+def needs_reencoding(body: bytes, eight_bit_ok: bool) -> bool:
+    """Whether a body cannot go as it is: 8-bit bytes to a server without
+    8BITMIME, or a line over 998 characters to any server."""
+    return (not eight_bit_ok and not body.isascii()) or bool(LONG_LINE_RE.search(body))
+
+
+def encoded_part(payload: bytes, text: bool) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, CRLF lines of at most 76 characters) for a
+    part's content: quoted-printable for text, base64 for anything else."""
+    if text:
+        crlf = re.sub(rb"\r?\n", b"\r\n", payload)
+        encoded = email.quoprimime.body_encode(crlf.decode("latin-1"), eol="\r\n")
+        return "quoted-printable", encoded.encode("ascii")
+    return "base64", base64.encodebytes(payload).replace(b"\n", b"\r\n")
+
+
+def _reencode_leaf(part: email.message.Message, eight_bit_ok: bool) -> None:
+    payload = part.get_payload(decode=True) or b""
+    raw = part.get_payload().encode("utf-8", "surrogateescape")
+    if not needs_reencoding(raw, eight_bit_ok):
+        return
+    cte, encoded = encoded_part(payload, part.get_content_maintype() == "text")
+    del part["Content-Transfer-Encoding"]
+    part["Content-Transfer-Encoding"] = cte
+    part.set_payload(encoded.replace(b"\r\n", b"\n").decode("ascii"))
+
+
+def without_field(head: bytes, name: str) -> list[bytes]:
+    """The header block's lines (CRLF-split) without the field `name`."""
+    lines, skipping = [], False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = _field(line)[0] == name
+        if not skipping:
+            lines.append(line)
+    return lines
+
+
+def reencoded(data: bytes, eight_bit_ok: bool) -> bytes:
+    """A prepared message (CRLF endings) fit for the server: each part whose
+    body has 8-bit bytes (for a server without 8BITMIME) or lines over 998
+    characters is re-encoded, quoted-printable for text and base64 for the
+    rest; what the reader sees is unchanged. Our header lines stay as they are."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not needs_reencoding(body, eight_bit_ok):
+        return data
+    msg = email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.compat32)
+    if not msg.is_multipart():
+        payload = msg.get_payload(decode=True) or b""
+        text = msg.get_content_maintype() == "text"
+        if (msg.get("Content-Transfer-Encoding") or "").strip().lower() not in SAFE_ENCODINGS:
+            payload = body      # 7bit, 8bit or binary: the bytes are the content
+        cte, encoded = encoded_part(payload, text)
+        lines = without_field(head, "content-transfer-encoding")
+        if "content-type" not in {_field(line)[0] for line in lines}:
+            charset = "utf-8" if _decodes(payload, "utf-8") else "windows-1252"
+            lines += [b"MIME-Version: 1.0", f'Content-Type: text/plain; charset="{charset}"'.encode()]
+        lines.append(f"Content-Transfer-Encoding: {cte}".encode())
+        return b"\r\n".join(lines) + b"\r\n\r\n" + encoded
+    for part in msg.walk():
+        if not part.is_multipart():
+            _reencode_leaf(part, eight_bit_ok)
+    out = io.BytesIO()
+    policy = email.policy.compat32.clone(linesep="\r\n", max_line_length=None)
+    email.generator.BytesGenerator(out, mangle_from_=False, policy=policy).flatten(msg)
+    new_body = out.getvalue().partition(b"\r\n\r\n")[2]
+    lines = without_field(head, "content-transfer-encoding")
+    return b"\r\n".join(lines + [b"Content-Transfer-Encoding: 7bit"]) + b"\r\n\r\n" + new_body
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def peek(path: Path, limit: int = 65536) -> dict:
@@ -1302,6 +1496,27 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=settings.ca_file or None)
 
 
+class _Steps:
+    """smtplib's send() with each write bounded by the timeout: sendall()
+    with a timeout bounds the whole upload (Python 3.5+), so a large message
+    on a slow but steady link was cut off at every try."""
+
+    def send(self, s):
+        if isinstance(s, str) or len(s) <= SEND_STEP_BYTES:
+            return super().send(s)
+        view = memoryview(s)
+        for start in range(0, len(view), SEND_STEP_BYTES):
+            super().send(view[start:start + SEND_STEP_BYTES])
+
+
+class StepSMTP(_Steps, smtplib.SMTP):
+    pass
+
+
+class StepSMTP_SSL(_Steps, smtplib.SMTP_SSL):
+    pass
+
+
 def connect(settings: Settings) -> smtplib.SMTP:
     """An SMTP connection, with TLS and login as the settings ask.
     Raises SenderProblem with a sentence naming the setting to check."""
@@ -1309,11 +1524,10 @@ def connect(settings: Settings) -> smtplib.SMTP:
     name = settings.ehlo or None
     try:
         if settings.security == "tls":
-            smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, name,
-                                    timeout=settings.timeout, context=tls_context(settings))
+            smtp = StepSMTP_SSL(settings.smtp_host, settings.smtp_port, name,
+                                timeout=settings.timeout, context=tls_context(settings))
         else:
-            smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, name,
-                                timeout=settings.timeout)
+            smtp = StepSMTP(settings.smtp_host, settings.smtp_port, name, timeout=settings.timeout)
     except ssl.SSLError as exc:
         raise SenderProblem(f"TLS with {where} failed: {exc}. Check [smtp] security and port "
                           "(465 is tls, 587 is starttls), or set ca_file for the server's "
@@ -1350,6 +1564,12 @@ def connect(settings: Settings) -> smtplib.SMTP:
     except SenderProblem:
         smtp.close()
         raise
+    except smtplib.SMTPHeloError as exc:
+        smtp.close()
+        raise SenderProblem(f"The SMTP server {where} refused our greeting (EHLO "
+                            f"{smtp.local_hostname}): {reply_text(exc.smtp_code, exc.smtp_error)}. "
+                            "Set [smtp] ehlo to this computer's name as the server knows it.",
+                            lasting=exc.smtp_code >= 500) from None
     except (OSError, smtplib.SMTPException) as exc:
         smtp.close()
         raise SenderProblem(f"The SMTP server {where} broke off the greeting: {exc}.") from None
@@ -1365,40 +1585,106 @@ class NotHandedOver(smtplib.SMTPServerDisconnected):
     cannot have it, so it is not to blame and goes again at the next check."""
 
 
-def transmit(smtp: smtplib.SMTP, out: Outgoing, options: list) -> dict:
-    """smtplib's sendmail in its three steps, so that a connection lost before
-    DATA (often the server closing an idle session after the last message)
-    is told apart from one lost while the message was on its way. Returns the
-    refused recipients; raises what sendmail raises, or NotHandedOver."""
-    def failed(code: int) -> None:
-        if code == 421:
-            smtp.close()
-        else:
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                smtp.rset()
+def is_recipient_limit(code: int, message) -> bool:
+    """452 4.5.3 "too many recipients" (RFC 5321 4.5.3.1.10): the recipients
+    from here on go in a further transaction, they are not refused."""
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+    return code == 452 and (text.startswith("4.5.3") or "too many recipients" in text.lower())
+
+
+def smtp_address(address: str, smtputf8: bool) -> str | None:
+    """The address for MAIL or RCPT: as it is where the server offers
+    SMTPUTF8 (or it is ASCII), else its IDNA form; None if it has none."""
+    if address.isascii() or smtputf8:
+        return address
+    return ascii_address(address)
+
+
+def mail_options(size: int, eight_bit: bool, features: dict) -> list[str]:
+    """MAIL FROM parameters, as a careful client uses the server's extensions:
+    the size (RFC 1870), an 8-bit body (RFC 6152), UTF-8 addresses (RFC 6531)."""
+    options = [f"SIZE={size}"] if "size" in features else []
+    if eight_bit and "8bitmime" in features:
+        options.append("BODY=8BITMIME")
+    return options
+
+
+def size_limit(features: dict) -> int:
+    """The largest message the server announced (EHLO's SIZE), 0 if none."""
+    value = (features.get("size") or "").strip()
+    return int(value) if value.isdigit() else 0
+
+
+@dataclasses.dataclass
+class Transaction:
+    """One MAIL ... DATA exchange for some of a message's recipients."""
+    accepted: dict = dataclasses.field(default_factory=dict)   #: address -> reply
+    deferred: dict = dataclasses.field(default_factory=dict)   #: 4xx: address -> reply
+    refused: dict = dataclasses.field(default_factory=dict)    #: 5xx: address -> reply
+    overflow: list = dataclasses.field(default_factory=list)   #: for a further transaction
+
+
+def reset(smtp: smtplib.SMTP, code: int = 0) -> None:
+    """After a refusal, make the connection fit for the next message: RSET,
+    or close it if the server is closing (421) or RSET fails, so that the
+    next message goes over a new connection and is never blamed for this one."""
+    if code == 421:
+        smtp.close()
+        return
     try:
-        code, reply = smtp.mail(out.sender, options)
+        ok = smtp.rset()[0] == 250
+    except (smtplib.SMTPException, OSError):
+        ok = False
+    if not ok:
+        smtp.close()
+
+
+def transaction(smtp: smtplib.SMTP, sender: str, recipients: list, data: bytes,
+                options: list, smtputf8: bool) -> Transaction:
+    """One transaction: MAIL, RCPT for each recipient up to the server's
+    limit on recipients, DATA. Returns each recipient's outcome. Raises
+    SMTPSenderRefused or SMTPDataError (the connection reset, see reset()),
+    NotHandedOver when the connection is lost before DATA, or what smtplib
+    raises while the data is on its way."""
+    if smtputf8:
+        options = options + ["SMTPUTF8"]
+    t = Transaction()
+    try:
+        code, reply = smtp.mail(sender, options)
         if code != 250:
-            failed(code)
-            raise smtplib.SMTPSenderRefused(code, reply, out.sender)
-        refused = {}
-        for address in out.recipients:
-            code, reply = smtp.rcpt(address)
-            if code not in (250, 251):
-                refused[address] = (code, reply)
-            if code == 421:
-                failed(code)
-                raise smtplib.SMTPRecipientsRefused(refused)
+            reset(smtp, code)
+            raise smtplib.SMTPSenderRefused(code, reply, sender)
+        for n, address in enumerate(recipients):
+            envelope = smtp_address(address, smtputf8)
+            if envelope is None:
+                t.refused[address] = ("the server offers no SMTPUTF8, which this address "
+                                      "(not ASCII before the @) needs")
+                continue
+            code, reply = smtp.rcpt(envelope)
+            if code in (250, 251):
+                t.accepted[address] = reply_text(code, reply)
+            elif is_recipient_limit(code, reply):
+                t.overflow = list(recipients[n:])
+                break
+            elif code == 421:
+                reset(smtp, code)
+                raise smtplib.SMTPServerDisconnected(reply_text(code, reply))
+            else:
+                (t.refused if code >= 500 else t.deferred)[address] = reply_text(code, reply)
     except smtplib.SMTPServerDisconnected as exc:
         raise NotHandedOver(str(exc)) from None
-    if len(refused) == len(out.recipients):
-        failed(0)
-        raise smtplib.SMTPRecipientsRefused(refused)
-    code, reply = smtp.data(out.data)
-    if code != 250:
-        failed(code)
+    if not t.accepted:
+        reset(smtp)
+        return t
+    try:
+        code, reply = smtp.data(data)
+    except smtplib.SMTPDataError as exc:       # DATA itself refused (not 354)
+        reset(smtp, exc.smtp_code)
+        raise
+    if code != 250:                            # refused after the data
+        reset(smtp, code)
         raise smtplib.SMTPDataError(code, reply)
-    return refused
+    return t
 
 
 def classify(exc: Exception) -> tuple[str, str]:
@@ -1418,9 +1704,52 @@ def classify(exc: Exception) -> tuple[str, str]:
     return Outcome.BROKEN, f"the connection to the server was lost: {exc or type(exc).__name__}"
 
 
+@dataclasses.dataclass
+class Delivery:
+    """Where one message stands with its recipients after this check."""
+    before: dict                 #: outcomes recorded by earlier checks (lower address -> state)
+    sent: list = dataclasses.field(default_factory=list)        #: accepted in this check
+    waiting: dict = dataclasses.field(default_factory=dict)     #: address -> reply
+    refused: dict = dataclasses.field(default_factory=dict)     #: address -> reply
+    broken: bool = False         #: the connection is gone: the check ends
+
+    def had_it(self) -> int:
+        return sum(1 for state, _ in self.before.values() if state == "sent")
+
+
+def _listed(replies: dict) -> str:
+    return ", ".join(f"{a} ({r})" for a, r in replies.items())
+
+
+def refusal_reason(refused: dict) -> str:
+    """Why nobody can get a message: the one reason when the message itself
+    was refused (at MAIL or after the data, or given up), else each reply."""
+    reasons = set(refused.values())
+    if len(reasons) == 1 and not next(iter(reasons))[:1].isdigit():
+        return reasons.pop()
+    return "every recipient was refused: " + "; ".join(f"{a}: {r}" for a, r in refused.items())
+
+
 class Sender:
     """Sends from one spool folder. A check holds the spool's sender lock, so
-    two BiblioGate processes on one folder never send the same file."""
+    two BiblioGate processes on one folder never send the same file.
+
+    Each recipient's outcome is kept in the `recipients` table, so a message
+    that some recipients have and others wait for (450, or 452 beyond the
+    server's limit per message) goes again to those waiting only. Where a
+    crash (kill -9, a power cut) can fall, and what follows:
+
+    1. Before the end of the data ("."): the server drops the transaction;
+       nothing was recorded; every pending recipient gets it at the next check.
+    2. After "." and before the 250 reply is recorded: the server may have it
+       for this transaction's recipients; they get it again (no SMTP client
+       can close this window, RFC 1047). It is kept as short as can be: the
+       'sent' rows are committed as the very next step after the 250, before
+       the next transaction, the log, the removal or anything else.
+    3. After the 'sent' rows are committed: the next check reads them and
+       sends only to the recipients still waiting; with none left, the file
+       is removed (or, if nobody got it, set aside .BAD).
+    4. After the file is removed: its rows are forgotten at the next check."""
 
     def __init__(self, settings: Settings, journal: Journal, clock: Callable[[], float] = time.time,
                  stop: threading.Event | None = None):
@@ -1482,6 +1811,8 @@ class Sender:
                     smtp.close()
                     smtp = None
                     break
+                if smtp.sock is None:       # closed after a refusal: a new one for the next
+                    smtp = None
         finally:
             if smtp is not None:
                 with contextlib.suppress(OSError, smtplib.SMTPException):
@@ -1510,47 +1841,108 @@ class Sender:
         except BadMessage as exc:
             self._bad(item, str(exc), result)
             return Outcome.BAD
-        options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") and not out.data.isascii() else []
-        try:
-            refused = transmit(smtp, out, options)
-        except NotHandedOver as exc:
-            self._later(item, f"the connection to the server was lost before the message "
-                        f"was handed over ({exc})", result, wait=False)
-            return Outcome.BROKEN
-        except (smtplib.SMTPException, OSError) as exc:
-            outcome, reason = classify(exc)
-            if outcome == Outcome.BAD:
-                self._bad(item, reason, result)
-            else:
-                self._later(item, reason, result)
-            # smtplib closes the connection on a 421 reply: the next message
-            # must not be blamed for that, so the check ends here.
-            return Outcome.BROKEN if smtp.sock is None else outcome
+        features = smtp.esmtp_features
+        data = reencoded(out.data, "8bitmime" in features)
+        limit = size_limit(features)
+        if limit and len(data) > limit:
+            self._bad(item, f"the message is {megabytes(len(data))}; the SMTP server takes at "
+                      f"most {megabytes(limit)} (its SIZE limit). Send the attachment another "
+                      "way, or ask for a higher limit.", result)
+            return Outcome.BAD
+        d = Delivery(recipient_outcomes(self.db, item.name, digest))
+        pending = [a for a in out.recipients if d.before.get(a.lower(), ("",))[0] not in
+                   ("sent", "refused")]
+        options = mail_options(len(data), not data.isascii(), features)
+        smtputf8 = "smtputf8" in features and not all(a.isascii() for a in pending)
+        self._deliver(smtp, item, digest, out, data, options, smtputf8, pending, d)
+        return self._settle(item, digest, out, d, result, removed)
+
+    def _deliver(self, smtp: smtplib.SMTP, item: SpoolFile, digest: str, out: Outgoing,
+                 data: bytes, options: list, smtputf8: bool, pending: list, d: Delivery) -> None:
+        """Transactions until every pending recipient has an outcome: those
+        over the server's limit per message go in the next one; each one
+        that gets nobody through ends the message's turn (bounded)."""
+        while pending and smtp.sock is not None:
+            try:
+                t = transaction(smtp, out.sender, pending, data, options, smtputf8)
+            except NotHandedOver as exc:
+                d.waiting.update(dict.fromkeys(pending, f"the connection to the server was lost "
+                                               f"before the message was handed over ({exc})"))
+                d.broken = True
+                return
+            except (smtplib.SMTPException, OSError) as exc:
+                outcome, reason = classify(exc)
+                (d.refused if outcome == Outcome.BAD else d.waiting).update(
+                    dict.fromkeys(pending, reason))
+                d.broken = outcome == Outcome.BROKEN
+                return
+            if t.accepted:
+                # Crash window 2 ends here: nothing else comes first.
+                with self.db:
+                    record_recipients(self.db, item.name, digest, "sent", t.accepted, self.clock())
+                d.sent += list(t.accepted)
+            d.waiting.update(t.deferred)
+            d.refused.update(t.refused)
+            pending = t.overflow if t.accepted else []
+            if t.overflow and not t.accepted:
+                d.waiting.update(dict.fromkeys(t.overflow, "452 too many recipients"))
+        d.waiting.update(dict.fromkeys(pending, "the connection was closed after a refusal"))
+
+    def _settle(self, item: SpoolFile, digest: str, out: Outgoing, d: Delivery,
+                result: CheckResult, removed: list) -> str:
+        """What becomes of the file once this check's transactions are done."""
+        now = self.clock()
+        row = self.db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
+                              (item.name,)).fetchone()
+        first = row["first_failed"] if row and row["first_failed"] else now
+        if d.waiting and now - first >= self.settings.give_up_seconds:
+            hours = self.settings.give_up_seconds / 3600
+            d.refused.update({a: f"not delivered after trying for {hours:g} hours; last: {r}"
+                              for a, r in d.waiting.items()})
+            d.waiting = {}
+        refused = dict(d.refused)
+        refused.update({a: "not an email address" for a in out.invalid})
+        if d.refused:
+            with self.db:
+                record_recipients(self.db, item.name, digest, "refused", d.refused, now)
+        have_it = d.had_it() + len(d.sent)
+        if refused and (have_it or d.waiting):
+            self.journal.event("refused", f"{out.subject!r}: refused {_listed(refused)}",
+                               item.name, logging.WARNING)
+        if d.waiting:
+            if d.sent:
+                self.journal.event("partly_sent", f"sent to {', '.join(d.sent)}: {out.subject!r}; "
+                                   f"still waiting: {', '.join(d.waiting)}", item.name)
+            with self.db:
+                record_recipients(self.db, item.name, digest, "waiting", d.waiting, now)
+            self._later(item, f"waiting for {_listed(d.waiting)}", result, wait=not d.broken)
+            return Outcome.BROKEN if d.broken else Outcome.LATER
+        if not have_it:
+            self._bad(item, refusal_reason(d.refused), result)
+            return Outcome.BROKEN if d.broken else Outcome.BAD
+        before = [a for a, (state, _) in d.before.items() if state == "sent"]
         # One commit, so one flush to disk, for the ledger row, the retry state
         # and the event: Journal.event's own `with` commits all three at once.
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
-                            (item.name, digest, self.clock()))
+                            (item.name, digest, now))
             self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
-            self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
+            self.journal.event("sent", f"sent to {', '.join(d.sent)}: {out.subject!r}"
+                               + (f" ({', '.join(before)} had it already)" if before else ""),
                                item.name)
         result.sent += 1
         self._remove(item, digest, removed)
-        refused_list = [f"{a} ({reply_text(c, m)})" for a, (c, m) in refused.items()]
-        refused_list += [f"{a} (not an email address)" for a in out.invalid]
-        if refused_list:
-            self.journal.event("refused", f"{out.subject!r}: refused {', '.join(refused_list)}",
-                               item.name, logging.WARNING)
-        return Outcome.SENT
+        return Outcome.BROKEN if d.broken else Outcome.SENT
 
     # -- what becomes of a file -----------------------------------------------
 
     def _forget_gone(self, present: set) -> None:
-        """The retry state and ledger row of a file no longer waiting (deleted
-        by hand, or removed just before a crash) are forgotten, so that a new
-        file of the same name starts afresh instead of inheriting them."""
-        for table in ("spool_state", "sent"):
-            gone = [(r["file"],) for r in self.db.execute(f"SELECT file FROM {table}")
+        """The retry state, ledger row and recipients of a file no longer
+        waiting (deleted by hand, or removed just before a crash) are
+        forgotten, so that a new file of the same name starts afresh instead
+        of inheriting them."""
+        for table in ("spool_state", "sent", "recipients"):
+            gone = [(r["file"],) for r in self.db.execute(f"SELECT DISTINCT file FROM {table}")
                     if r["file"] not in present]
             if gone:
                 with self.db:
@@ -1565,6 +1957,8 @@ class Sender:
             fsync_folder(self.settings.spool)
             with self.db:
                 self.db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+                self.db.executemany("DELETE FROM recipients WHERE file = ? AND digest = ?",
+                                    removed)
 
     def _remove(self, item: SpoolFile, digest: str, removed: list, note: str = "") -> None:
         """A delivered file leaves the queue; `removed` collects it for
@@ -1590,6 +1984,7 @@ class Sender:
             return
         with self.db:
             self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            self.db.execute("DELETE FROM recipients WHERE file = ?", (item.name,))
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
