@@ -1448,6 +1448,7 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
     """The queue as `queue --json` and the config page show it: every file,
     .BAD ones first, or only `files` (in their order)."""
     state = {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
+    outcomes = recipients_by_file(db)
     rows = []
     if files is None:
         files = sorted(scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n)),
@@ -1460,7 +1461,11 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
             "reason": read_reason(f.path) if bad else (st["last_error"] if st else None),
             "attempts": st["attempts"] if st else 0,
             "next_try": st["next_try"] if st and not bad else None,
-            "queued_at": f.mtime, "size": f.size, **peek(f.path)})
+            "queued_at": f.mtime, "size": f.size, **peek(f.path),
+            # who has it, who waits (tried again), who was refused for good;
+            # empty lists until a recipient of the message had a reply
+            "recipients": {state: outcomes.get(f.name, {}).get(state, [])
+                           for state in ("sent", "waiting", "refused")}})
     return rows
 
 
@@ -6169,7 +6174,11 @@ def cmd_queue(args, settings: Settings) -> int:
     for r in rows:
         print(f"{r['file']}  {r['state']}  to {r['to'] or '?'}  {r['subject']!r}"
               + (f"  attempts {r['attempts']}" if r["attempts"] else "")
-              + (f"\n    reason: {r['reason']}" if r["reason"] else ""))
+              + (f"\n    reason: {r['reason']}" if r["reason"] else "")
+              + "".join(f"\n    {label}: {', '.join(r['recipients'][key])}"
+                        for key, label in (("sent", "has it"), ("waiting", "waiting"),
+                                           ("refused", "refused for good"))
+                        if r["recipients"][key]))
     return 0
 
 

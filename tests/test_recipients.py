@@ -1,0 +1,144 @@
+"""Each recipient's outcome, kept: a recipient refused for now (4xx) is tried
+again later, alone, and those who have the message never get it again, across
+checks, restarts and kill -9; a recipient refused for good is reported."""
+
+import collections
+import json
+import os
+import signal
+import time
+
+import pytest
+
+import bibliogate as bg
+from conftest import Clock, eml
+from test_crash import POSIX_ONLY, finish, make_gateway, start, wait_until  # noqa: F401
+from test_sender import drop, events, make_sender
+
+BUSY = "450 4.2.1 Mailbox busy, try again later"
+
+
+def received(sink) -> collections.Counter:
+    return collections.Counter(a for m in sink.messages for a in m.rcpt_tos)
+
+
+def test_a_deferred_recipient_gets_it_later_and_the_others_never_again(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"b@example.org": BUSY})
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, sink, clock)
+    drop(settings.spool, "m.TMP", eml(to=["a@example.org", "b@example.org", "c@example.org"],
+                                      subject="Due"))
+    result = sender.check()
+    assert (result.sent, result.bad, result.deferred) == (0, 0, 1)
+    assert received(sink) == {"a@example.org": 1, "c@example.org": 1}
+    assert (settings.spool / "m.TMP").exists()                   # b still waits for it
+    # "sent to" names only those who accepted
+    details = [e["detail"] for e in events(settings, "partly_sent") + events(settings, "sent")]
+    assert details and all("b@example.org" not in d.split(":")[0] for d in details)
+    assert "b@example.org" in events(settings, "deferred")[0]["detail"]
+    db = bg.open_db(settings.database)
+    [row] = bg.queue_rows(settings, db)
+    db.close()
+    assert row["recipients"] == {"sent": ["a@example.org", "c@example.org"],
+                                 "waiting": ["b@example.org"], "refused": []}
+    assert row["state"] == "waiting" and "b@example.org" in row["reason"]
+
+    # Later, after a restart (new objects, same database), b's mailbox is free.
+    sink.rcpt_replies.clear()
+    clock.advance(bg.RETRY_FIRST_SECONDS + 1)
+    sender = bg.Sender(settings, bg.Journal(settings.database, clock), clock)
+    assert sender.check().sent == 1
+    assert received(sink) == {"a@example.org": 1, "b@example.org": 1, "c@example.org": 1}
+    assert sink.messages[-1].rcpt_tos == ["b@example.org"]
+    assert not (settings.spool / "m.TMP").exists()
+    [done] = events(settings, "sent")
+    assert done["detail"].startswith("sent to b@example.org: 'Due'")
+    assert "had it already" in done["detail"]
+    assert sender.check().sent == 0 and len(sink.messages) == 2
+
+
+def test_deferred_recipients_go_together_with_the_other_deferred_ones(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"b@example.org": BUSY, "d@example.org": BUSY})
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, sink, clock)
+    people = ["a@example.org", "b@example.org", "c@example.org", "d@example.org"]
+    drop(settings.spool, "m.TMP", eml(to=people))
+    sender.check()
+    sink.rcpt_replies.clear()
+    clock.advance(3600)
+    sender.check()
+    assert [sorted(m.rcpt_tos) for m in sink.messages] == [["a@example.org", "c@example.org"],
+                                                            ["b@example.org", "d@example.org"]]
+
+
+def test_a_recipient_refused_for_good_is_reported_not_retried(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"gone@example.org": "550 5.1.1 No such user"})
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "m.TMP", eml(to=["a@example.org", "gone@example.org"]))
+    assert sender.check().sent == 1
+    assert received(sink) == {"a@example.org": 1}
+    assert "gone@example.org (550 5.1.1 No such user)" in events(settings, "refused")[0]["detail"]
+    assert list(settings.spool.iterdir()) == [] or not list(settings.spool.glob("m.*"))
+
+
+def test_bad_only_when_no_recipient_can_ever_get_it(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"a@example.org": BUSY, "gone@example.org": "550 5.1.1 No"})
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, sink, clock)
+    drop(settings.spool, "m.TMP", eml(to=["a@example.org", "gone@example.org"]))
+    result = sender.check()
+    assert (result.bad, result.deferred) == (0, 1)       # a may still get it
+    db = bg.open_db(settings.database)
+    [row] = bg.queue_rows(settings, db)
+    assert row["recipients"]["refused"] == ["gone@example.org"]
+    db.close()
+    sink.rcpt_replies["a@example.org"] = "550 5.1.1 No such user"
+    clock.advance(3600)
+    result = sender.check()
+    assert result.bad == 1 and len(sink.messages) == 0
+    assert bg.read_reason(next(settings.spool.glob("*.BAD"))).count("550") == 1
+
+
+def test_deferred_recipients_given_up_after_the_give_up_time(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"b@example.org": BUSY})
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, sink, clock, gateway__give_up_after_hours=1)
+    drop(settings.spool, "m.TMP", eml(to=["a@example.org", "b@example.org"]))
+    sender.check()
+    clock.advance(3601)
+    assert sender.check().sent == 1               # a has it: not .BAD, removed
+    assert received(sink) == {"a@example.org": 1}
+    assert "not delivered after trying for 1 hours" in events(settings, "refused")[0]["detail"]
+    assert list(settings.spool.glob("m.*")) == []
+
+
+@POSIX_ONLY
+def test_kill_9_while_deferred_recipients_are_retried(make_sink, make_gateway):
+    """a and c have the message; b was refused for now. The retry for b is
+    killed in the middle of its DATA: afterwards everyone has it exactly once."""
+    sink = make_sink(rcpt_replies={"b@example.org": BUSY})
+    gw = make_gateway(sink)
+    people = ["a@example.org", "b@example.org", "c@example.org"]
+    for n in range(3):
+        path = gw.spool / f"m{n}.TMP"
+        path.write_bytes(eml(to=people, subject=f"m{n}", Message_ID=f"<m{n}@crash.test>"))
+        os.utime(path, (time.time() - 600 + n,) * 2)
+    gw.cli("send", "--all", check=0)
+    assert received(sink) == {"a@example.org": 3, "c@example.org": 3}
+    sink.rcpt_replies.clear()
+    sink.delay = 2.0
+    for _ in range(2):                       # kill twice, in two different DATA commands
+        before = sink.data_commands
+        proc = start(gw, "send", "--all")
+        wait_until(lambda: sink.data_commands > before or proc.poll() is not None, 30,
+                   "the retry's DATA")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        finish(proc, 10)
+    sink.delay = 0
+    gw.cli("send", "--all", check=0)
+    per_message = collections.Counter((m.message["Message-ID"], a) for m in sink.messages
+                                      for a in m.rcpt_tos)
+    assert set(per_message.values()) == {1}, per_message              # nobody twice
+    assert len(per_message) == 9                                       # nobody lost
+    assert [p for p in gw.spool.iterdir() if bg.is_waiting_name(p.name)] == []
