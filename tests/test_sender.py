@@ -380,3 +380,84 @@ def test_a_server_that_hangs_up_after_each_message_blames_no_one(tmp_path):
         assert [m.message["Subject"] for m in sink.messages] == ["a", "b"]
     finally:
         sink.stop()
+
+
+# timeout_seconds bounds each step, not the whole upload ######################
+
+class SlowReader:
+    """An SMTP server on 127.0.0.1 that takes the message's data slowly and
+    steadily: `step` bytes, then a pause, with a small receive buffer, as a
+    slow link does. Each message it received whole is in .messages."""
+
+    def __init__(self, step: int = 8192, pause: float = 0.02):
+        import socket
+        import threading
+        self.step, self.pause, self.messages = step, pause, []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(30)
+        self.port = self.sock.getsockname()[1]
+        self.host, self.security, self.ca_file, self.auth = "127.0.0.1", "none", None, None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                conn, _ = self.sock.accept()
+                with conn:
+                    conn.settimeout(30)
+                    self._session(conn, deadline)
+        except OSError:
+            pass
+
+    def _session(self, conn, deadline):
+        conn.sendall(b"220 slow.test ESMTP\r\n")
+        buf = b""
+        while time.monotonic() < deadline:
+            while b"\r\n" not in buf:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+            line, buf = buf.split(b"\r\n", 1)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-slow.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                while not buf.endswith(b"\r\n.\r\n") and time.monotonic() < deadline:
+                    chunk = conn.recv(self.step)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    time.sleep(self.pause)
+                self.messages.append(buf)
+                buf = b""
+                conn.sendall(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_large_message_on_a_slow_link_goes_with_a_short_timeout(tmp_path):
+    """timeout_seconds = 1 and an upload of about three seconds (1.2 MB at
+    about 400 KB/s): every step is quick, so the message goes."""
+    server = SlowReader()
+    try:
+        settings, sender = make_sender(tmp_path, server, smtp__timeout_seconds=1)
+        body = ("x" * 75 + "\n") * 16000
+        drop(settings.spool, "big.TMP", eml(subject="big", body=body))
+        result = sender.check()
+        assert (result.sent, result.deferred, result.bad) == (1, 0, 0), events(settings, "deferred")
+        assert len(server.messages) == 1 and len(server.messages[0]) > 1_200_000
+    finally:
+        server.close()
