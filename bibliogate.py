@@ -1047,11 +1047,11 @@ def file_date(queued_at: float) -> str:
 
 
 def message_text(raw: bytes) -> tuple[bytes, str]:
-    """The file's bytes as a message, and the encoding it was converted from
-    ("" if none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as
+    """The file's bytes as a message, and the encoding its byte-order mark
+    named ("" if none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as
     PowerShell 5.1's Out-File writes it, becomes UTF-8."""
     if raw.startswith(UTF8_BOM):
-        return raw[len(UTF8_BOM):], ""
+        return raw[len(UTF8_BOM):], "UTF-8"
     encoding = "utf-16" if raw[:2] in UTF16_BOMS else \
         "utf-16-le" if raw[1:2] == raw[3:4] == b"\x00" and raw[:1] != b"\x00" else ""
     if not encoding:
@@ -1064,8 +1064,9 @@ def message_text(raw: bytes) -> tuple[bytes, str]:
 
 
 def utf8_headers(fields: list[bytes]) -> list[bytes]:
-    """Header lines of a file converted from UTF-16: a charset it named is
-    now UTF-8, and a body without a Content-Type is said to be UTF-8 text."""
+    """Header lines of a file its byte-order mark says is Unicode: a UTF-16
+    charset it named is now UTF-8, and a body without a Content-Type is said
+    to be UTF-8 text (as the mark said)."""
     fields = [re.sub(rb"(?i)(charset=\"?)utf-16(?:[lb]e)?", rb"\1utf-8", line)
               if _field(line)[0] == "content-type" else line for line in fields]
     if not any(_field(line)[0] == "content-type" for line in fields):

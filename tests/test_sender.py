@@ -1,5 +1,6 @@
 """The batch sender against a real SMTP server (aiosmtpd on 127.0.0.1)."""
 
+import functools
 import json
 import os
 import time
@@ -9,7 +10,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 import bibliogate as bg
-from conftest import Clock, eml, write_ini
+from conftest import Clock, Sink, eml, write_ini
 
 
 
@@ -461,3 +462,72 @@ def test_a_large_message_on_a_slow_link_goes_with_a_short_timeout(tmp_path):
         assert len(server.messages) == 1 and len(server.messages[0]) > 1_200_000
     finally:
         server.close()
+
+
+# Files from Windows tools ####################################################
+
+@pytest.mark.parametrize("encode", [
+    lambda text: b"\xef\xbb\xbf" + text.encode("utf-8"),          # Notepad: UTF-8 with BOM
+    lambda text: text.encode("utf-16"),                            # PowerShell 5.1 Out-File
+    lambda text: b"\xfe\xff" + text.encode("utf-16-be"),
+], ids=["utf-8 BOM", "utf-16 LE", "utf-16 BE"])
+def test_files_from_windows_tools_are_sent(tmp_path, sink, encode):
+    settings, sender = make_sender(tmp_path, sink)
+    text = "To: pat@example.org\r\nSubject: Bücher zurück\r\n\r\nGrüße, die Bücherei.\r\n"
+    drop(settings.spool, "win.TMP", encode(text))
+    result = sender.check()
+    assert (result.sent, result.bad) == (1, 0), list(settings.spool.iterdir())
+    msg = sink.messages[0].message
+    assert sink.messages[0].rcpt_tos == ["pat@example.org"]
+    assert msg["Subject"] == "Bücher zurück"
+    assert msg.get_content() == "Grüße, die Bücherei.\n"
+
+
+def test_a_size_over_the_limit_is_said_with_one_decimal_not_rounded_down():
+    with pytest.raises(bg.BadMessage) as err:
+        head = b"To: pat@example.org\n\n"
+        bg.prepare_message(head + b"x" * (41 * 1048576 - len(head)), "l@s.example", "", 0, "x.TMP")
+    assert "41.0 MB" in str(err.value) and "40.0 MB" in str(err.value)
+    assert bg.megabytes(40 * 1048576 + 1) == "40.1 MB"
+
+
+# Extensions the server offers ################################################
+
+class OptionsSink(Sink):
+    """A Sink offering SMTPUTF8 that records every MAIL command's parameters."""
+    protocol_class = functools.partial(SMTP, enable_SMTPUTF8=True)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.mail_options = []
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.mail_options.append(list(mail_options))
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+def test_size_and_8bitmime_are_declared_where_offered(tmp_path):
+    server = OptionsSink().start()
+    try:
+        settings, sender = make_sender(tmp_path, server)
+        drop(settings.spool, "m.TMP", eml(body="Grüße\n"))
+        assert sender.check().sent == 1
+        [options] = server.mail_options
+        size = len(server.messages[0].data)
+        assert "BODY=8BITMIME" in options and "SMTPUTF8" not in options
+        assert any(o.startswith("SIZE=") and abs(int(o[5:]) - size) < 8 for o in options)
+        assert "Grüße".encode() in server.messages[0].data           # sent as it is
+    finally:
+        server.stop()
+
+
+def test_smtputf8_is_used_where_offered_and_needed(tmp_path):
+    server = OptionsSink().start()
+    try:
+        settings, sender = make_sender(tmp_path, server)
+        drop(settings.spool, "m.TMP", eml(to="jörg@bücherei.example"))
+        assert sender.check().sent == 1
+        assert "SMTPUTF8" in server.mail_options[0]
+        assert server.messages[0].rcpt_tos == ["jörg@bücherei.example"]
+    finally:
+        server.stop()
