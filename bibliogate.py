@@ -930,11 +930,14 @@ def valid_recipient(address: str) -> bool:
     (sent as IDNA, or with SMTPUTF8 where the server offers it)."""
     if valid_address(address):
         return True
+    # Not ASCII, so not a plain address; no space, control or special either.
     if address.isascii() or re.search(r"[\s\x00-\x1f\x7f<>()\[\],;:\\\"]", address):
         return False
     local, _, domain = address.rpartition("@")
-    plain = ascii_address(address) or ("x@" + (ascii_address("x@" + domain) or "@").split("@")[1])
-    return bool(local) and valid_address(plain)
+    ascii_domain = ascii_address("x@" + domain)
+    if not local or ascii_domain is None:
+        return False
+    return valid_address(f"{local}{ascii_domain[1:]}" if local.isascii() else ascii_domain)
 
 
 def megabytes(size: int) -> str:

@@ -128,8 +128,9 @@ def check_prepared(raw: bytes, sender_name: str, queued_at: float, file_name: st
     assert len(froms) == 1 and FROM.encode() in froms[0]
     assert all(name != "bcc" for name, _ in fields)
     assert b"\x00" not in out.data.partition(b"\r\n\r\n")[0]
-    assert out.recipients and all(bg.ADDRESS_RE.match(a) for a in out.recipients)
+    assert out.recipients and all(bg.valid_recipient(a) for a in out.recipients)
     body = out.data.partition(b"\r\n\r\n")[2]
+    raw = bg.message_text(raw)[0]       # a file from a Windows tool, as UTF-8
     assert normalised(raw).endswith(body), "the body is not the end of the file"
     if expected_body is not None:
         assert body == normalised(expected_body)
