@@ -1423,9 +1423,15 @@ def encoded_part(payload: bytes, text: bool) -> tuple[str, bytes]:
     return "base64", base64.encodebytes(payload).replace(b"\n", b"\r\n")
 
 
+def decoded_payload(part: email.message.Message) -> bytes:
+    """A leaf part's content, its transfer encoding undone."""
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
 def _reencode_leaf(part: email.message.Message, eight_bit_ok: bool) -> None:
-    payload = part.get_payload(decode=True) or b""
-    raw = part.get_payload().encode("utf-8", "surrogateescape")
+    payload = decoded_payload(part)
+    raw = str(part.get_payload()).encode("utf-8", "surrogateescape")
     if not needs_reencoding(raw, eight_bit_ok):
         return
     cte, encoded = encoded_part(payload, part.get_content_maintype() == "text")
@@ -1456,7 +1462,7 @@ def reencoded(data: bytes, eight_bit_ok: bool) -> bytes:
         return data
     msg = email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.compat32)
     if not msg.is_multipart():
-        payload = msg.get_payload(decode=True) or b""
+        payload = decoded_payload(msg)
         text = msg.get_content_maintype() == "text"
         if (msg.get("Content-Transfer-Encoding") or "").strip().lower() not in SAFE_ENCODINGS:
             payload = body      # 7bit, 8bit or binary: the bytes are the content
@@ -1792,14 +1798,16 @@ def connect(settings: Settings) -> smtplib.SMTP:
     Raises SenderProblem with a sentence naming the setting to check."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     name = settings.ehlo or None
+    smtp: smtplib.SMTP
     try:
         if settings.security == "tls":
             smtp = StepSMTP_SSL(settings.smtp_host, settings.smtp_port, name,
                                 timeout=settings.timeout, context=tls_context(settings))
         else:
             smtp = StepSMTP(settings.smtp_host, settings.smtp_port, name, timeout=settings.timeout)
-        with contextlib.suppress(OSError):
-            smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        with contextlib.suppress(OSError, AttributeError):     # no socket: a failed connect
+            smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,  # type: ignore[union-attr]
+                                 SEND_BUFFER_BYTES)
     except ssl.SSLError as exc:
         raise SenderProblem(f"TLS with {where} failed: {exc}. Check [smtp] security and port "
                           "(465 is tls, 587 is starttls), or set ca_file for the server's "

@@ -133,6 +133,42 @@ def test_kill_9_mid_batch_loses_nothing(make_sink, make_gateway, kills):
     assert waiting(gw.spool) == [] and bad(gw.spool) == []
 
 
+def rcpt_counts(sink) -> collections.Counter:
+    return collections.Counter(a for m in sink.messages for a in m.rcpt_tos)
+
+
+@POSIX_ONLY
+def test_kill_9_while_deferred_recipients_are_retried(make_sink, make_gateway):
+    """a and c have the message; b was refused for now. The retry for b is
+    killed in the middle of its DATA: afterwards everyone has it exactly once."""
+    sink = make_sink(rcpt_replies={"b@example.org": "450 4.2.1 Mailbox busy"})
+    gw = make_gateway(sink)
+    people = ["a@example.org", "b@example.org", "c@example.org"]
+    for n in range(3):
+        path = gw.spool / f"m{n}.TMP"
+        path.write_bytes(eml(to=people, subject=f"m{n}", Message_ID=f"<m{n}@crash.test>"))
+        os.utime(path, (time.time() - 600 + n,) * 2)
+    gw.cli("send", "--all", check=0)
+    assert rcpt_counts(sink) == {"a@example.org": 3, "c@example.org": 3}
+    sink.rcpt_replies.clear()
+    sink.delay = 2.0
+    for _ in range(2):                       # kill twice, in two different DATA commands
+        before = sink.data_commands
+        proc = start(gw, "send", "--all")
+        wait_until(lambda: sink.data_commands > before or proc.poll() is not None,  # noqa: B023
+                   30, "the retry's DATA")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        finish(proc, 10)
+    sink.delay = 0
+    gw.cli("send", "--all", check=0)
+    per_message = collections.Counter((m.message["Message-ID"], a) for m in sink.messages
+                                      for a in m.rcpt_tos)
+    assert set(per_message.values()) == {1}, per_message              # nobody twice
+    assert len(per_message) == 9                                       # nobody lost
+    assert [p for p in gw.spool.iterdir() if bg.is_waiting_name(p.name)] == []
+
+
 # Power cut between two steps #################################################
 
 def test_part_file_of_an_unfinished_write_is_never_sent_and_is_cleaned_at_start(

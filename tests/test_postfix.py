@@ -3,16 +3,12 @@ smtpd instance (tests/postfix_support.py), on 127.0.0.1 at random ports."""
 
 import email
 import email.policy
-import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
 import bibliogate as bg
-from conftest import Clock, eml
-from postfix_support import make_postfix, make_smtp_sink  # noqa: F401 (fixtures)
+from conftest import eml
 from test_sender import drop, events, make_sender
 
 

@@ -3,16 +3,9 @@ again later, alone, and those who have the message never get it again, across
 checks, restarts and kill -9; a recipient refused for good is reported."""
 
 import collections
-import json
-import os
-import signal
-import time
-
-import pytest
 
 import bibliogate as bg
 from conftest import Clock, eml
-from test_crash import POSIX_ONLY, finish, make_gateway, start, wait_until  # noqa: F401
 from test_sender import drop, events, make_sender
 
 BUSY = "450 4.2.1 Mailbox busy, try again later"
@@ -110,35 +103,3 @@ def test_deferred_recipients_given_up_after_the_give_up_time(tmp_path, make_sink
     assert received(sink) == {"a@example.org": 1}
     assert "not delivered after trying for 1 hours" in events(settings, "refused")[0]["detail"]
     assert list(settings.spool.glob("m.*")) == []
-
-
-@POSIX_ONLY
-def test_kill_9_while_deferred_recipients_are_retried(make_sink, make_gateway):
-    """a and c have the message; b was refused for now. The retry for b is
-    killed in the middle of its DATA: afterwards everyone has it exactly once."""
-    sink = make_sink(rcpt_replies={"b@example.org": BUSY})
-    gw = make_gateway(sink)
-    people = ["a@example.org", "b@example.org", "c@example.org"]
-    for n in range(3):
-        path = gw.spool / f"m{n}.TMP"
-        path.write_bytes(eml(to=people, subject=f"m{n}", Message_ID=f"<m{n}@crash.test>"))
-        os.utime(path, (time.time() - 600 + n,) * 2)
-    gw.cli("send", "--all", check=0)
-    assert received(sink) == {"a@example.org": 3, "c@example.org": 3}
-    sink.rcpt_replies.clear()
-    sink.delay = 2.0
-    for _ in range(2):                       # kill twice, in two different DATA commands
-        before = sink.data_commands
-        proc = start(gw, "send", "--all")
-        wait_until(lambda: sink.data_commands > before or proc.poll() is not None, 30,
-                   "the retry's DATA")
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        finish(proc, 10)
-    sink.delay = 0
-    gw.cli("send", "--all", check=0)
-    per_message = collections.Counter((m.message["Message-ID"], a) for m in sink.messages
-                                      for a in m.rcpt_tos)
-    assert set(per_message.values()) == {1}, per_message              # nobody twice
-    assert len(per_message) == 9                                       # nobody lost
-    assert [p for p in gw.spool.iterdir() if bg.is_waiting_name(p.name)] == []
