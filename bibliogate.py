@@ -1992,6 +1992,7 @@ class Delivery:
     waiting: dict = dataclasses.field(default_factory=dict)     #: address -> reply
     refused: dict = dataclasses.field(default_factory=dict)     #: address -> reply
     broken: bool = False         #: the connection is gone: the check ends
+    reason: str = ""             #: why the message itself was refused, if it was
 
     def had_it(self) -> int:
         return sum(1 for state, _ in self.before.values() if state == "sent")
@@ -2001,12 +2002,12 @@ def _listed(replies: dict) -> str:
     return ", ".join(f"{a} ({r})" for a, r in replies.items())
 
 
-def refusal_reason(refused: dict) -> str:
-    """Why nobody can get a message: the one reason when the message itself
-    was refused (at MAIL or after the data, or given up), else each reply."""
-    reasons = set(refused.values())
-    if len(reasons) == 1 and not next(iter(reasons))[:1].isdigit():
-        return reasons.pop()
+def refusal_reason(refused: dict, reason: str = "") -> str:
+    """Why nobody can get a message: the reason the message itself was
+    refused (at MAIL or after the data, or given up) when it is every
+    recipient's, else each recipient's reply."""
+    if reason and set(refused.values()) == {reason}:
+        return reason
     return "every recipient was refused: " + "; ".join(f"{a}: {r}" for a, r in refused.items())
 
 
@@ -2148,9 +2149,9 @@ class Sender:
                 d.broken = True
                 return
             except (smtplib.SMTPException, OSError) as exc:
-                outcome, reason = classify(exc)
+                outcome, d.reason = classify(exc)
                 (d.refused if outcome == Outcome.BAD else d.waiting).update(
-                    dict.fromkeys(pending, reason))
+                    dict.fromkeys(pending, d.reason))
                 d.broken = outcome == Outcome.BROKEN
                 return
             if t.accepted:
@@ -2173,8 +2174,10 @@ class Sender:
         first = row["first_failed"] if row and row["first_failed"] else now
         if d.waiting and now - first >= self.settings.give_up_seconds:
             hours = self.settings.give_up_seconds / 3600
-            d.refused.update({a: f"not delivered after trying for {hours:g} hours; last: {r}"
-                              for a, r in d.waiting.items()})
+            given_up = {a: f"not delivered after trying for {hours:g} hours; last: {r}"
+                        for a, r in d.waiting.items()}
+            d.refused.update(given_up)
+            d.reason = next(iter(given_up.values())) if len(set(given_up.values())) == 1 else ""
             d.waiting = {}
         refused = dict(d.refused)
         refused.update({a: "not an email address" for a in out.invalid})
@@ -2194,7 +2197,7 @@ class Sender:
             self._later(item, f"waiting for {_listed(d.waiting)}", result, wait=not d.broken)
             return Outcome.BROKEN if d.broken else Outcome.LATER
         if not have_it:
-            self._bad(item, refusal_reason(d.refused), result)
+            self._bad(item, refusal_reason(d.refused, d.reason), result)
             return Outcome.BROKEN if d.broken else Outcome.BAD
         before = [a for a, (state, _) in d.before.items() if state == "sent"]
         # One commit, so one flush to disk, for the ledger row, the retry state
@@ -2202,8 +2205,9 @@ class Sender:
         with self.db:
             record_delivery(self.db, item.name, digest, now)
             self.journal.event("sent", f"sent to {', '.join(d.sent)}: {out.subject!r}"
-                               + (f" ({', '.join(before)} had it already)" if before else ""),
-                               item.name)
+                               + (f" ({', '.join(before)} had it already)" if before else "")
+                               if d.sent else f"{out.subject!r}: every recipient had it already "
+                               "(before a restart); removed from the queue", item.name)
         result.sent += 1
         self._remove(item, digest, removed)
         return Outcome.BROKEN if d.broken else Outcome.SENT

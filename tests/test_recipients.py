@@ -3,6 +3,7 @@ again later, alone, and those who have the message never get it again, across
 checks, restarts and kill -9; a recipient refused for good is reported."""
 
 import collections
+import hashlib
 
 import bibliogate as bg
 from conftest import Clock, eml
@@ -103,3 +104,33 @@ def test_deferred_recipients_given_up_after_the_give_up_time(tmp_path, make_sink
     assert received(sink) == {"a@example.org": 1}
     assert "not delivered after trying for 1 hours" in events(settings, "refused")[0]["detail"]
     assert list(settings.spool.glob("m.*")) == []
+
+
+def test_everyone_had_it_before_a_crash_the_file_goes_without_sending(tmp_path, sink):
+    """A kill -9 after the 'sent' rows were written but before the file was
+    removed: the next check removes it and sends nothing."""
+    settings, sender = make_sender(tmp_path, sink)
+    raw = eml(to=["a@example.org", "b@example.org"], subject="Due")
+    drop(settings.spool, "m.TMP", raw)
+    db = bg.open_db(settings.database)
+    digest = hashlib.sha256(raw).hexdigest()
+    with db:
+        bg.record_recipients(db, "m.TMP", digest, "sent",
+                             {"a@example.org": "250 OK", "b@example.org": "250 OK"}, 0)
+    db.close()
+    assert sender.check().sent == 1
+    assert sink.messages == [] and not (settings.spool / "m.TMP").exists()
+    assert "every recipient had it already" in events(settings, "sent")[0]["detail"]
+
+
+def test_a_changed_file_is_a_new_message_for_everyone(tmp_path, sink):
+    """Outcomes belong to the file's content: a file rewritten under the same
+    name (a program reusing its names) goes to everyone."""
+    settings, sender = make_sender(tmp_path, sink)
+    db = bg.open_db(settings.database)
+    with db:
+        bg.record_recipients(db, "m.TMP", "0" * 64, "sent", {"a@example.org": "250 OK"}, 0)
+    db.close()
+    drop(settings.spool, "m.TMP", eml(to=["a@example.org", "b@example.org"]))
+    assert sender.check().sent == 1
+    assert sorted(sink.messages[0].rcpt_tos) == ["a@example.org", "b@example.org"]
