@@ -2155,10 +2155,14 @@ class Sender:
                 d.broken = outcome == Outcome.BROKEN
                 return
             if t.accepted:
-                # Crash window 2 ends here: nothing else comes first.
-                with self.db:
-                    record_recipients(self.db, item.name, digest, "sent", t.accepted, self.clock())
                 d.sent += list(t.accepted)
+                # Crash window 2 ends here: nothing else comes first. When all
+                # went well (the usual case), _settle's one commit of the ledger
+                # row is the next write; otherwise the 'sent' rows are, now.
+                if t.overflow or t.deferred or t.refused or d.waiting or d.refused or out.invalid:
+                    with self.db:
+                        record_recipients(self.db, item.name, digest, "sent", t.accepted,
+                                          self.clock())
             d.waiting.update(t.deferred)
             d.refused.update(t.refused)
             pending = t.overflow if t.accepted else []
@@ -2179,15 +2183,22 @@ class Sender:
             d.refused.update(given_up)
             d.reason = next(iter(given_up.values())) if len(set(given_up.values())) == 1 else ""
             d.waiting = {}
-        refused = dict(d.refused)
-        refused.update({a: "not an email address" for a in out.invalid})
         if d.refused:
             with self.db:
                 record_recipients(self.db, item.name, digest, "refused", d.refused, now)
-        have_it = d.had_it() + len(d.sent)
-        if refused and (have_it or d.waiting):
+        outcome = self._settled(item, digest, d, out, result, removed)
+        refused = dict(d.refused)
+        refused.update({a: "not an email address" for a in out.invalid})
+        if refused and outcome != Outcome.BAD:
             self.journal.event("refused", f"{out.subject!r}: refused {_listed(refused)}",
                                item.name, logging.WARNING)
+        return Outcome.BROKEN if d.broken else outcome
+
+    def _settled(self, item: SpoolFile, digest: str, d: Delivery, out: Outgoing,
+                 result: CheckResult, removed: list) -> str:
+        """The file waits, is set aside, or leaves the queue delivered."""
+        now = self.clock()
+        have_it = d.had_it() + len(d.sent)
         if d.waiting:
             if d.sent:
                 self.journal.event("partly_sent", f"sent to {', '.join(d.sent)}: {out.subject!r}; "
@@ -2195,10 +2206,10 @@ class Sender:
             with self.db:
                 record_recipients(self.db, item.name, digest, "waiting", d.waiting, now)
             self._later(item, f"waiting for {_listed(d.waiting)}", result, wait=not d.broken)
-            return Outcome.BROKEN if d.broken else Outcome.LATER
+            return Outcome.LATER
         if not have_it:
             self._bad(item, refusal_reason(d.refused, d.reason), result)
-            return Outcome.BROKEN if d.broken else Outcome.BAD
+            return Outcome.BAD
         before = [a for a, (state, _) in d.before.items() if state == "sent"]
         # One commit, so one flush to disk, for the ledger row, the retry state
         # and the event: Journal.event's own `with` commits all three at once.
@@ -2210,7 +2221,7 @@ class Sender:
                                "(before a restart); removed from the queue", item.name)
         result.sent += 1
         self._remove(item, digest, removed)
-        return Outcome.BROKEN if d.broken else Outcome.SENT
+        return Outcome.SENT
 
     # -- what becomes of a file -----------------------------------------------
 
