@@ -220,8 +220,8 @@ class PostfixServer:
         (self.config / "main.cf").write_text(text, encoding="utf-8")
         (self.config / "master.cf").write_text(MASTER_CF.format(host=HOST, port=self.port),
                                                encoding="utf-8")
-        self._postfix("start")
         try:
+            self._postfix("start")
             wait_for_greeting(self.port)
         except AssertionError:
             self.stop()

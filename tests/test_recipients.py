@@ -6,7 +6,7 @@ import collections
 import hashlib
 
 import bibliogate as bg
-from conftest import Clock, eml
+from conftest import Clock, eml, write_ini
 from test_sender import drop, events, make_sender
 
 BUSY = "450 4.2.1 Mailbox busy, try again later"
@@ -72,7 +72,7 @@ def test_a_recipient_refused_for_good_is_reported_not_retried(tmp_path, make_sin
     assert sender.check().sent == 1
     assert received(sink) == {"a@example.org": 1}
     assert "gone@example.org (550 5.1.1 No such user)" in events(settings, "refused")[0]["detail"]
-    assert list(settings.spool.iterdir()) == [] or not list(settings.spool.glob("m.*"))
+    assert not list(settings.spool.glob("m.*"))
 
 
 def test_bad_only_when_no_recipient_can_ever_get_it(tmp_path, make_sink):
@@ -134,3 +134,19 @@ def test_a_changed_file_is_a_new_message_for_everyone(tmp_path, sink):
     drop(settings.spool, "m.TMP", eml(to=["a@example.org", "b@example.org"]))
     assert sender.check().sent == 1
     assert sorted(sink.messages[0].rcpt_tos) == ["a@example.org", "b@example.org"]
+
+
+def test_the_daily_log_says_who_has_it_who_waits_and_who_was_refused(tmp_path, make_sink):
+    sink = make_sink(rcpt_replies={"b@example.org": BUSY, "gone@example.org": "550 5.1.1 No"})
+    clock = Clock()
+    gateway = bg.Gateway(write_ini(tmp_path, sink), clock=clock)
+    sender = bg.Sender(gateway.settings, gateway.journal, clock)
+    people = ["a@example.org", "b@example.org", "gone@example.org"]
+    drop(gateway.settings.spool, "m.TMP", eml(to=people, subject="Due"))
+    sender.check()
+    day = bg.local_day(clock()).isoformat()
+    summary = bg.daily_summary(gateway, day)
+    assert "sent to a@example.org: 'Due'; still waiting: b@example.org" in summary["activity"]
+    assert "gone@example.org (550 5.1.1 No)" in summary["refused_list"]
+    assert "waiting for b@example.org (450 4.2.1 Mailbox busy" in summary["log_lines"]
+    assert summary["sent_count"] == 0
