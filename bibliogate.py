@@ -19,9 +19,11 @@ SMTP server:
     Database            sqlite: the schema and the named reads and writes of its tables
     Journal             every action to logs/ and to the database
     Templates           templates/*.txt: a Subject line, a blank line, a body
-    Messages            composing our own messages; checking queued ones
+    Messages            composing our own messages; checking queued ones and
+                        encoding them for the server (UTF-16, 8-bit, long lines)
     Spool               the queue folder: writing, listing, picking, BAD files
-    Sender              one check: connect, send a batch, sort out each reply
+    Sender              one check: connect, send a batch, sort out each reply,
+                        each recipient's outcome kept
     Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
     Running unattended  output to logs/ without a console; the guard that logs crashes
     Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
@@ -2131,7 +2133,9 @@ class Sender:
         pending = [a for a in out.recipients if d.before.get(a.lower(), ("",))[0] not in
                    ("sent", "refused")]
         options = mail_options(len(data), not data.isascii(), features)
-        smtputf8 = "smtputf8" in features and not all(a.isascii() for a in pending)
+        # RFC 6531: SMTPUTF8 where an address or a header line is UTF-8.
+        smtputf8 = "smtputf8" in features and not (
+            all(a.isascii() for a in pending) and data.partition(b"\r\n\r\n")[0].isascii())
         self._deliver(smtp, item, digest, out, data, options, smtputf8, pending, d)
         return self._settle(item, digest, out, d, result, removed)
 

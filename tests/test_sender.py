@@ -531,3 +531,21 @@ def test_smtputf8_is_used_where_offered_and_needed(tmp_path):
         assert server.messages[0].rcpt_tos == ["jörg@bücherei.example"]
     finally:
         server.stop()
+
+
+def test_a_broken_utf16_file_is_refused_with_a_reason_naming_the_encoding():
+    with pytest.raises(bg.BadMessage) as err:
+        bg.prepare_message(b"\xff\xfe" + "To: pat@example.org\n\nHi".encode("utf-16-le") + b"\x00\xd8",
+                           "l@s.example", "", 0, "x.TMP")
+    assert "UTF-16" in str(err.value) and "save it again as UTF-8" in str(err.value)
+
+
+def test_smtputf8_is_used_for_a_utf8_header_where_offered(tmp_path):
+    server = OptionsSink().start()
+    try:
+        settings, sender = make_sender(tmp_path, server)
+        drop(settings.spool, "m.TMP", "To: pat@example.org\nSubject: Bücher\n\nHi.\n".encode())
+        assert sender.check().sent == 1
+        assert "SMTPUTF8" in server.mail_options[0]
+    finally:
+        server.stop()
