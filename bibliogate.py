@@ -1478,12 +1478,54 @@ def reencoded(data: bytes, eight_bit_ok: bool) -> bytes:
     for part in msg.walk():
         if not part.is_multipart():
             _reencode_leaf(part, eight_bit_ok)
+            continue
+        # Text around the parts, which readers do not show, is encoded too.
+        for side in ("preamble", "epilogue"):
+            text = getattr(part, side)
+            if text and needs_reencoding(text.encode("utf-8", "surrogateescape"), eight_bit_ok):
+                raw = text.encode("utf-8", "surrogateescape")
+                setattr(part, side, encoded_part(raw, True)[1].decode("ascii").replace("\r\n", "\n"))
     out = io.BytesIO()
     policy = email.policy.compat32.clone(linesep="\r\n", max_line_length=None)
     email.generator.BytesGenerator(out, mangle_from_=False, policy=policy).flatten(msg)
     new_body = out.getvalue().partition(b"\r\n\r\n")[2]
     lines = without_field(head, "content-transfer-encoding")
     return b"\r\n".join(lines + [b"Content-Transfer-Encoding: 7bit"]) + b"\r\n\r\n" + new_body
+
+
+#: Header fields whose value is a list of addresses.
+ADDRESS_FIELDS = frozenset({"from", "sender", "to", "cc", "reply-to"})
+
+
+def ascii_field(field: bytes) -> bytes:
+    """One header field without raw UTF-8, for a server without SMTPUTF8:
+    text and display names RFC 2047 encoded, domains in their IDNA form. (A
+    local part that is not ASCII cannot be written so; it stays as it is.)"""
+    name, _, value = field.partition(b":")
+    text = " ".join(value.decode("utf-8", "replace").split())
+    label = name.decode("ascii", "replace").strip()
+    if label.lower() in ADDRESS_FIELDS:
+        pairs = email.utils.getaddresses([text])
+        text = ", ".join(_ascii_mailbox(n, a, label) for n, a in pairs if a)
+        return f"{label}: {text}".encode("utf-8")
+    return f"{label}: {header_value(text, label)}".encode("utf-8")
+
+
+def _ascii_mailbox(name: str, address: str, label: str) -> str:
+    try:
+        return email.utils.formataddr((name, ascii_address(address) or address), "utf-8")
+    except UnicodeEncodeError:      # a UTF-8 local part: only SMTPUTF8 can carry it
+        return f"{header_value(name, label)} <{address}>" if name else address
+
+
+def ascii_headers(data: bytes) -> bytes:
+    """A prepared message (CRLF endings) whose header lines are ASCII, each
+    field with raw UTF-8 rewritten by ascii_field."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    if head.isascii():
+        return data
+    fields = re.split(rb"\r\n(?![ \t])", head)
+    return b"\r\n".join(f if f.isascii() else ascii_field(f) for f in fields) + b"\r\n\r\n" + body
 
 
 def _decodes(data: bytes, encoding: str) -> bool:
@@ -2123,6 +2165,8 @@ class Sender:
             return Outcome.BAD
         features = smtp.esmtp_features
         data = reencoded(out.data, "8bitmime" in features)
+        if "smtputf8" not in features:
+            data = ascii_headers(data)
         limit = size_limit(features)
         if limit and len(data) > limit:
             self._bad(item, f"the message is {megabytes(len(data))}; the SMTP server takes at "

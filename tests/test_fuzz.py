@@ -151,6 +151,20 @@ def test_prepare_message_on_random_bytes(raw):
     check_prepared(raw, "Library", 1.7e9, "x.TMP")
 
 
+@FUZZ
+@given(messages(), st.booleans())
+def test_encoding_for_a_server_without_8bitmime_or_smtputf8_never_fails(message, eight_bit_ok):
+    raw, _ = message
+    try:
+        out = bg.prepare_message(raw, FROM, "", 1.7e9, "x.TMP")
+    except bg.BadMessage:
+        return
+    data = bg.ascii_headers(bg.reencoded(out.data, eight_bit_ok))
+    body = data.partition(b"\r\n\r\n")[2]
+    assert not bg.LONG_LINE_RE.search(body)
+    assert eight_bit_ok or body.isascii()
+
+
 def test_a_body_with_lone_carriage_returns_leaves_with_crlf_only():
     raw = b"To: pat@example.org\n\nline one\rline two\r.\r\nend\r\r\n"
     out = bg.prepare_message(raw, FROM, "", 1.7e9, "x.TMP")

@@ -190,3 +190,18 @@ def test_a_utf8_local_part_without_smtputf8_is_refused_for_good(tmp_path, make_s
     [(envelope, _)] = dumped(server, 1)
     assert "<pat@example.org>" in envelope and "j" not in envelope.split("X-Rcpt-Args:")[1][:3]
     assert "SMTPUTF8" in events(settings, "refused")[0]["detail"]
+
+
+def test_utf8_headers_are_encoded_for_a_server_without_smtputf8(tmp_path, make_smtp_sink):
+    server = make_smtp_sink()
+    settings, sender = make_sender(tmp_path, server)
+    raw = "To: Jörg Müller <leser@bücherei.example>\nSubject: Bücher zurück, bitte\n\nHi.\n"
+    drop(settings.spool, "m.TMP", raw.encode("utf-8"))
+    assert sender.check().sent == 1
+    [(_, data)] = dumped(server, 1)
+    head = data.partition(b"\n\n")[0]
+    assert head.isascii(), head
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg["Subject"] == "Bücher zurück, bitte"
+    assert msg["To"].addresses[0].display_name == "Jörg Müller"
+    assert msg["To"].addresses[0].addr_spec == "leser@xn--bcherei-n2a.example"
