@@ -2013,12 +2013,8 @@ def transaction(smtp: smtplib.SMTP, sender: str, recipients: list, data: bytes,
 
 def classify(exc: Exception) -> tuple[str, str]:
     """What a failed transaction means for the message: (outcome, reason).
-    5xx is final; 4xx and a lost connection are worth another try."""
-    if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        replies = exc.recipients.values()
-        text = "; ".join(f"{a}: {reply_text(c, m)}" for a, (c, m) in exc.recipients.items())
-        final = all(code >= 500 for code, _ in replies)
-        return (Outcome.BAD if final else Outcome.LATER), f"every recipient was refused: {text}"
+    5xx is final; 4xx and a lost connection are worth another try. (Each
+    recipient's RCPT reply is sorted out by transaction() itself.)"""
     if isinstance(exc, smtplib.SMTPResponseException):
         what = "sender" if isinstance(exc, smtplib.SMTPSenderRefused) else "message"
         text = f"the server refused the {what}: {reply_text(exc.smtp_code, exc.smtp_error)}"
@@ -2069,11 +2065,13 @@ class Sender:
     2. After "." and before the 250 reply is recorded: the server may have it
        for this transaction's recipients; they get it again (no SMTP client
        can close this window, RFC 1047). It is kept as short as can be: the
-       'sent' rows are committed as the very next step after the 250, before
-       the next transaction, the log, the removal or anything else.
-    3. After the 'sent' rows are committed: the next check reads them and
-       sends only to the recipients still waiting; with none left, the file
-       is removed (or, if nobody got it, set aside .BAD).
+       next write after the 250 is its record, before the next transaction,
+       the log, the removal or anything else: the 'sent' rows of these
+       recipients, or, when everyone took it at once (the usual case), the
+       file's row in the sent ledger, in one commit with its log line.
+    3. After that commit: the next check reads the rows and sends only to
+       the recipients still waiting; with none left, or with the ledger row,
+       the file is removed (or, if nobody got it, set aside .BAD).
     4. After the file is removed: its rows are forgotten at the next check."""
 
     def __init__(self, settings: Settings, journal: Journal, clock: Callable[[], float] = time.time,
