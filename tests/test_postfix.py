@@ -8,7 +8,7 @@ import time
 import pytest
 
 import bibliogate as bg
-from conftest import eml
+from conftest import Clock, eml
 from test_sender import drop, events, make_sender
 
 
@@ -36,6 +36,26 @@ def test_postfix_recipient_limit_the_rest_go_in_further_transactions(tmp_path, s
     assert (result.sent, result.bad) == (1, 0)
     assert wait_rcpts(sink, 15) == people            # each once, none lost
     assert list(settings.spool.glob("*.TMP")) == []
+
+
+def test_postfix_deferred_recipient_gets_it_at_a_later_check_and_nobody_twice(
+        tmp_path, sink, make_postfix):
+    restriction = "check_recipient_access inline:{ busy@example.org=DEFER }, permit_mynetworks"
+    postfix = make_postfix(sink.port, smtpd_recipient_restrictions=restriction)
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, postfix, clock)
+    people = ["a@example.org", "busy@example.org", "c@example.org"]
+    drop(settings.spool, "m.TMP", eml(to=people, subject="Due"))
+    assert sender.check().deferred == 1
+    assert wait_rcpts(sink, 2) == ["a@example.org", "c@example.org"]
+    assert (settings.spool / "m.TMP").exists()
+    postfix.stop()                                   # the next check: a server without the rule
+    settings, sender = make_sender(tmp_path, make_postfix(sink.port), clock)
+    clock.advance(3600)
+    assert sender.check().sent == 1
+    assert wait_rcpts(sink, 3) == ["a@example.org", "busy@example.org", "c@example.org"]
+    time.sleep(0.5)                                  # nothing else trickles in
+    assert len(rcpts(sink)) == 3 and not (settings.spool / "m.TMP").exists()
 
 
 def test_smtp_sink_refusing_data_does_not_poison_the_next_message(tmp_path, make_smtp_sink):
