@@ -4,6 +4,7 @@ checks, restarts and kill -9; a recipient refused for good is reported."""
 
 import collections
 import hashlib
+import json
 
 import bibliogate as bg
 from conftest import Clock, eml, write_ini
@@ -150,3 +151,16 @@ def test_the_daily_log_says_who_has_it_who_waits_and_who_was_refused(tmp_path, m
     assert "gone@example.org (550 5.1.1 No)" in summary["refused_list"]
     assert "waiting for b@example.org (450 4.2.1 Mailbox busy" in summary["log_lines"]
     assert summary["sent_count"] == 0
+
+
+def test_the_queue_command_shows_who_has_it_and_who_waits(gateway):
+    gateway.sink.rcpt_replies["b@example.org"] = BUSY
+    bg.ensure_layout(gateway.ini)
+    drop(gateway.spool, "m.TMP", eml(to=["a@example.org", "b@example.org"], subject="Due"))
+    gateway.cli("send", "--all", check=0)
+    text = gateway.cli("queue", check=0).stdout
+    assert "has it: a@example.org" in text and "waiting: b@example.org" in text
+    [row] = json.loads(gateway.cli("queue", "--json", check=0).stdout)
+    assert row["recipients"] == {"sent": ["a@example.org"], "waiting": ["b@example.org"],
+                                 "refused": []}
+    assert {"file", "state", "reason", "attempts", "to", "subject"} <= set(row)
