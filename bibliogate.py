@@ -19,10 +19,12 @@ SMTP server:
     Database            sqlite: the schema and the named reads and writes of its tables
     Journal             every action to logs/ and to the database
     Templates           templates/*.txt: a Subject line, a blank line, a body
-    Messages            composing our own messages; checking queued ones
+    Messages            composing our own messages; checking queued ones and
+                        encoding them for the server (UTF-16, 8-bit, long lines)
     Spool               the queue folder: writing, listing, picking, BAD files
     Sender              one check: connect, log in (password or OAuth), send a batch,
-                        sort out each reply; the daily cap; smtp-check's steps
+                        sort out each reply, each recipient's outcome kept; the daily
+                        cap; smtp-check's steps
     Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
     Running unattended  output to logs/ without a console; the guard that logs crashes
     Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
@@ -40,13 +42,16 @@ SMTP server:
 from __future__ import annotations
 
 import argparse
+import base64
 import configparser
 import contextlib
 import csv
 import dataclasses
 import datetime as dt
 import email.errors
+import email.generator
 import email.header
+import email.message
 import email.policy
 import email.quoprimime
 import email.utils
@@ -58,9 +63,11 @@ import itertools
 import hmac
 import html
 import http.server
+import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -103,6 +110,18 @@ REASON_SUFFIX = "-reason.txt"
 PART_SUFFIX = ".part"
 #: Larger files are refused: most mail servers refuse over 25 MB anyway.
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+#: RFC 5321 4.5.3.1.6: a line of a message is at most 998 characters (and
+#: CRLF); longer ones are re-encoded, or the next server rewraps or refuses them.
+MAX_LINE_BYTES = 998
+#: An upload is written in steps this large, so that timeout_seconds bounds
+#: each step on a slow link, never the whole upload (sendall's timeout does).
+SEND_STEP_BYTES = 16 * 1024
+#: The socket's send buffer, so that what is still buffered when the last
+#: step is written leaves within the timeout too (the system's own buffer
+#: may grow to megabytes); 64 KiB still fills a link of 3 MB/s at 20 ms.
+SEND_BUFFER_BYTES = 64 * 1024
+#: Byte-order marks of files saved by Windows tools (Notepad, PowerShell 5.1).
+UTF8_BOM, UTF16_BOMS = b"\xef\xbb\xbf", (b"\xff\xfe", b"\xfe\xff")
 #: The first wait after a temporary refusal; it doubles up to the maximum.
 RETRY_FIRST_SECONDS = 5 * 60
 RETRY_MAX_SECONDS = 60 * 60
@@ -868,6 +887,13 @@ CREATE TABLE IF NOT EXISTS spool_state (
 CREATE TABLE IF NOT EXISTS sent (
     file TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (file, digest));
+-- each recipient of a waiting file (its name and sha256) with an outcome:
+-- 'sent' (the server took the message for this address: never again),
+-- 'refused' (refused for good) or 'waiting' (refused for now: tried again)
+CREATE TABLE IF NOT EXISTS recipients (
+    file TEXT NOT NULL, digest TEXT NOT NULL, address TEXT NOT NULL,
+    state TEXT NOT NULL, reply TEXT NOT NULL DEFAULT '', at REAL NOT NULL,
+    PRIMARY KEY (file, digest, address));
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
 -- recipients handed to the server each (local) day, for [gateway] max_per_day
 CREATE TABLE IF NOT EXISTS sent_per_day (day TEXT PRIMARY KEY, recipients INTEGER NOT NULL);
@@ -958,14 +984,15 @@ def record_delivery(db: sqlite3.Connection, name: str, digest: str, at: float) -
 
 
 def forget_deliveries(db: sqlite3.Connection, removed: list[tuple[str, str]]) -> None:
-    """Drop the ledger rows of (file, digest) pairs whose files are gone."""
+    """Drop the ledger rows and recipients of (file, digest) pairs whose files are gone."""
     db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+    db.executemany("DELETE FROM recipients WHERE file = ? AND digest = ?", removed)
 
 
 def forget_absent_files(db: sqlite3.Connection, present: set) -> None:
-    """Drop the retry state and ledger rows of files not in `present`."""
-    for table in ("spool_state", "sent"):
-        gone = [(r["file"],) for r in db.execute(f"SELECT file FROM {table}")
+    """Drop the retry state, ledger rows and recipients of files not in `present`."""
+    for table in ("spool_state", "sent", "recipients"):
+        gone = [(r["file"],) for r in db.execute(f"SELECT DISTINCT file FROM {table}")
                 if r["file"] not in present]
         if gone:
             db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
@@ -987,6 +1014,38 @@ def count_sent(conn: sqlite3.Connection, day: str, recipients: int) -> None:
     """Add to a day's count; the caller's transaction commits it."""
     conn.execute("INSERT INTO sent_per_day(day, recipients) VALUES (?, ?) ON CONFLICT(day) "
                  "DO UPDATE SET recipients = recipients + excluded.recipients", (day, recipients))
+
+
+# -- each recipient's outcome -------------------------------------------------
+# The only SQL on recipients; like the writes above, record_recipients does
+# not commit.
+
+def recipient_outcomes(conn: sqlite3.Connection, file: str, digest: str) -> dict:
+    """{address in lower case: (state, reply)} of one waiting file's recipients."""
+    return {r["address"].lower(): (r["state"], r["reply"]) for r in conn.execute(
+        "SELECT address, state, reply FROM recipients WHERE file = ? AND digest = ?",
+        (file, digest))}
+
+
+def record_recipients(conn: sqlite3.Connection, file: str, digest: str, state: str,
+                      replies: dict, at: float) -> None:
+    """Set the outcome of these recipients ({address: reply}). It does not
+    commit: the caller's `with conn:` makes it one step with what goes along."""
+    conn.executemany("INSERT OR REPLACE INTO recipients(file, digest, address, state, reply, at) "
+                     "VALUES (?,?,?,?,?,?)",
+                     [(file, digest, a, state, reply, at) for a, reply in replies.items()])
+
+
+def recipients_by_file(conn: sqlite3.Connection) -> dict:
+    """{file: {state: [address, ...]}} of every file with recorded outcomes."""
+    found: dict = {}
+    for r in conn.execute("SELECT file, address, state FROM recipients ORDER BY at, address"):
+        found.setdefault(r["file"], {}).setdefault(r["state"], []).append(r["address"])
+    return found
+
+
+def forget_recipients(db: sqlite3.Connection, name: str) -> None:
+    db.execute("DELETE FROM recipients WHERE file = ?", (name,))
 
 
 # Journal #####################################################################
@@ -1237,6 +1296,41 @@ def valid_address(address: str) -> bool:
     return bool(ADDRESS_RE.match(address or ""))
 
 
+def ascii_address(address: str) -> str | None:
+    """The address as a server without SMTPUTF8 takes it: an internationalised
+    domain in its IDNA form (user@bücherei.example -> user@xn--bcherei-n2a.example).
+    None when that cannot be done (a local part that is not ASCII)."""
+    local, _, domain = address.rpartition("@")
+    if not local.isascii():
+        return None
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return f"{local}@{ascii_domain}"
+
+
+def valid_recipient(address: str) -> bool:
+    """A plain address, or one with an internationalised domain or local part
+    (sent as IDNA, or with SMTPUTF8 where the server offers it)."""
+    if valid_address(address):
+        return True
+    # Not ASCII, so not a plain address; no space, control or special either.
+    if address.isascii() or re.search(r"[\s\x00-\x1f\x7f<>()\[\],;:\\\"]", address):
+        return False
+    local, _, domain = address.rpartition("@")
+    ascii_domain = ascii_address("x@" + domain)
+    if not local or ascii_domain is None:
+        return False
+    return valid_address(f"{local}{ascii_domain[1:]}" if local.isascii() else ascii_domain)
+
+
+def megabytes(size: int) -> str:
+    """A size for a sentence: 41.0 MB, rounded up, so that a file over a limit
+    never reads as the limit itself."""
+    return f"{math.ceil(size * 10 / 1048576) / 10:.1f} MB"
+
+
 def header_value(text: str, name: str) -> str:
     """A header's value: plain when it is short ASCII, else RFC 2047 encoded
     and folded (email.header does both)."""
@@ -1340,6 +1434,35 @@ def file_date(queued_at: float) -> str:
         return email.utils.formatdate(localtime=True)
 
 
+def message_text(raw: bytes) -> tuple[bytes, str]:
+    """The file's bytes as a message, and the encoding its byte-order mark
+    named ("" if none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as
+    PowerShell 5.1's Out-File writes it, becomes UTF-8."""
+    if raw.startswith(UTF8_BOM):
+        return raw[len(UTF8_BOM):], "UTF-8"
+    encoding = "utf-16" if raw[:2] in UTF16_BOMS else \
+        "utf-16-le" if raw[1:2] == raw[3:4] == b"\x00" and raw[:1] != b"\x00" else ""
+    if not encoding:
+        return raw, ""
+    try:
+        return raw.decode(encoding).encode("utf-8"), "UTF-16"
+    except UnicodeDecodeError as exc:
+        raise BadMessage(f"the file is in UTF-16 (as PowerShell's Out-File writes it) but broken "
+                         f"at byte {exc.start}; save it again as UTF-8.") from None
+
+
+def utf8_headers(fields: list[bytes]) -> list[bytes]:
+    """Header lines of a file its byte-order mark says is Unicode: a UTF-16
+    charset it named is now UTF-8, and a body without a Content-Type is said
+    to be UTF-8 text (as the mark said)."""
+    fields = [re.sub(rb"(?i)(charset=\"?)utf-16(?:[lb]e)?", rb"\1utf-8", line)
+              if _field(line)[0] == "content-type" else line for line in fields]
+    if not any(_field(line)[0] == "content-type" for line in fields):
+        fields += [b"MIME-Version: 1.0", b'Content-Type: text/plain; charset="utf-8"',
+                   b"Content-Transfer-Encoding: 8bit"]
+    return fields
+
+
 def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
                     file_name: str) -> Outgoing:
     """Check a queued file and make the bytes we relay: From and the envelope
@@ -1349,9 +1472,14 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     if not raw.strip():
         raise BadMessage("the file is empty.")
     if len(raw) > MAX_MESSAGE_BYTES:
-        raise BadMessage(f"the file is {len(raw) // 1048576} MB; mail servers refuse messages this "
-                         f"large (the limit here is {MAX_MESSAGE_BYTES // 1048576} MB).")
+        raise BadMessage(f"the file is {megabytes(len(raw))}; mail servers refuse messages this "
+                         f"large (the limit here is {megabytes(MAX_MESSAGE_BYTES)}).")
+    raw, converted = message_text(raw)
+    if not raw.strip():
+        raise BadMessage("the file is empty.")
     fields, body = split_headers(raw)
+    if converted:
+        fields = utf8_headers(fields)
     if not fields or not HEADER_LINE_RE.match(fields[0]):
         raise BadMessage("this is not an email message: it must start with header lines "
                          "such as 'To: patron@example.org', then a blank line, then the text.")
@@ -1371,7 +1499,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
             for _, address in email.utils.getaddresses([value]):
                 if not address:
                     continue
-                (recipients if valid_address(address) else invalid).append(address)
+                (recipients if valid_recipient(address) else invalid).append(address)
         if name == "subject":
             subject = decoded(value)
         elif name == "message-id":
@@ -1399,6 +1527,139 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     # CR, a dot and a CRLF for the end of the message and the rest for commands.
     body = re.sub(rb"[\r\n]", b"\r\n", body)
     return Outgoing(sender, recipients, head + b"\r\n\r\n" + body, invalid, subject, message_id)
+
+
+#: A line longer than RFC 5321 allows, in a message with CRLF endings.
+LONG_LINE_RE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE_BYTES + 1))
+#: Encodings a part may already have that need no 8-bit transport.
+SAFE_ENCODINGS = frozenset({"quoted-printable", "base64"})
+
+
+def needs_reencoding(body: bytes, eight_bit_ok: bool) -> bool:
+    """Whether a body cannot go as it is: 8-bit bytes to a server without
+    8BITMIME, or a line over 998 characters to any server."""
+    return (not eight_bit_ok and not body.isascii()) or bool(LONG_LINE_RE.search(body))
+
+
+def encoded_part(payload: bytes, text: bool) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, CRLF lines of at most 76 characters) for a
+    part's content: quoted-printable for text, base64 for anything else."""
+    if text:
+        crlf = re.sub(rb"\r?\n", b"\r\n", payload)
+        encoded = email.quoprimime.body_encode(crlf.decode("latin-1"), eol="\r\n")
+        return "quoted-printable", encoded.encode("ascii")
+    return "base64", base64.encodebytes(payload).replace(b"\n", b"\r\n")
+
+
+def decoded_payload(part: email.message.Message) -> bytes:
+    """A leaf part's content, its transfer encoding undone."""
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
+def _reencode_leaf(part: email.message.Message, eight_bit_ok: bool) -> None:
+    payload = decoded_payload(part)
+    raw = str(part.get_payload()).encode("utf-8", "surrogateescape")
+    if not needs_reencoding(raw, eight_bit_ok):
+        return
+    cte, encoded = encoded_part(payload, part.get_content_maintype() == "text")
+    del part["Content-Transfer-Encoding"]
+    part["Content-Transfer-Encoding"] = cte
+    part.set_payload(encoded.replace(b"\r\n", b"\n").decode("ascii"))
+
+
+def without_field(head: bytes, name: str) -> list[bytes]:
+    """The header block's lines (CRLF-split) without the field `name`."""
+    lines, skipping = [], False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = _field(line)[0] == name
+        if not skipping:
+            lines.append(line)
+    return lines
+
+
+def reencoded(data: bytes, eight_bit_ok: bool) -> bytes:
+    """A prepared message (CRLF endings) fit for the server: each part whose
+    body has 8-bit bytes (for a server without 8BITMIME) or lines over 998
+    characters is re-encoded, quoted-printable for text and base64 for the
+    rest; what the reader sees is unchanged. Our header lines stay as they are."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not needs_reencoding(body, eight_bit_ok):
+        return data
+    msg = email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=email.policy.compat32)
+    if not msg.is_multipart():
+        payload = decoded_payload(msg)
+        text = msg.get_content_maintype() == "text"
+        if (msg.get("Content-Transfer-Encoding") or "").strip().lower() not in SAFE_ENCODINGS:
+            payload = body      # 7bit, 8bit or binary: the bytes are the content
+        cte, encoded = encoded_part(payload, text)
+        lines = without_field(head, "content-transfer-encoding")
+        if "content-type" not in {_field(line)[0] for line in lines}:
+            charset = "utf-8" if _decodes(payload, "utf-8") else "windows-1252"
+            lines += [b"MIME-Version: 1.0", f'Content-Type: text/plain; charset="{charset}"'.encode()]
+        lines.append(f"Content-Transfer-Encoding: {cte}".encode())
+        return b"\r\n".join(lines) + b"\r\n\r\n" + encoded
+    for part in msg.walk():
+        if not part.is_multipart():
+            _reencode_leaf(part, eight_bit_ok)
+            continue
+        # Text around the parts, which readers do not show, is encoded too.
+        for side in ("preamble", "epilogue"):
+            text = getattr(part, side)
+            if text and needs_reencoding(text.encode("utf-8", "surrogateescape"), eight_bit_ok):
+                raw = text.encode("utf-8", "surrogateescape")
+                setattr(part, side, encoded_part(raw, True)[1].decode("ascii").replace("\r\n", "\n"))
+    out = io.BytesIO()
+    policy = email.policy.compat32.clone(linesep="\r\n", max_line_length=None)
+    email.generator.BytesGenerator(out, mangle_from_=False, policy=policy).flatten(msg)
+    new_body = out.getvalue().partition(b"\r\n\r\n")[2]
+    lines = without_field(head, "content-transfer-encoding")
+    return b"\r\n".join(lines + [b"Content-Transfer-Encoding: 7bit"]) + b"\r\n\r\n" + new_body
+
+
+#: Header fields whose value is a list of addresses.
+ADDRESS_FIELDS = frozenset({"from", "sender", "to", "cc", "reply-to"})
+
+
+def ascii_field(field: bytes) -> bytes:
+    """One header field without raw UTF-8, for a server without SMTPUTF8:
+    text and display names RFC 2047 encoded, domains in their IDNA form. (A
+    local part that is not ASCII cannot be written so; it stays as it is.)"""
+    name, _, value = field.partition(b":")
+    text = " ".join(value.decode("utf-8", "replace").split())
+    label = name.decode("ascii", "replace").strip()
+    if label.lower() in ADDRESS_FIELDS:
+        pairs = email.utils.getaddresses([text])
+        text = ", ".join(_ascii_mailbox(n, a, label) for n, a in pairs if a)
+        return f"{label}: {text}".encode("utf-8")
+    return f"{label}: {header_value(text, label)}".encode("utf-8")
+
+
+def _ascii_mailbox(name: str, address: str, label: str) -> str:
+    try:
+        return email.utils.formataddr((name, ascii_address(address) or address), "utf-8")
+    except UnicodeEncodeError:      # a UTF-8 local part: only SMTPUTF8 can carry it
+        return f"{header_value(name, label)} <{address}>" if name else address
+
+
+def ascii_headers(data: bytes) -> bytes:
+    """A prepared message (CRLF endings) whose header lines are ASCII, each
+    field with raw UTF-8 rewritten by ascii_field."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    if head.isascii():
+        return data
+    fields = re.split(rb"\r\n(?![ \t])", head)
+    return b"\r\n".join(f if f.isascii() else ascii_field(f) for f in fields) + b"\r\n\r\n" + body
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def peek(path: Path, limit: int = 65536) -> dict:
@@ -1628,6 +1889,7 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
     """The queue as `queue --json` and the config page show it: every file,
     .BAD ones first, or only `files` (in their order)."""
     state = retry_states(db)
+    outcomes = recipients_by_file(db)
     rows = []
     if files is None:
         files = sorted(scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n)),
@@ -1640,7 +1902,11 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
             "reason": read_reason(f.path) if bad else (st["last_error"] if st else None),
             "attempts": st["attempts"] if st else 0,
             "next_try": st["next_try"] if st and not bad else None,
-            "queued_at": f.mtime, "size": f.size, **peek(f.path)})
+            "queued_at": f.mtime, "size": f.size, **peek(f.path),
+            # who has it, who waits (tried again), who was refused for good;
+            # empty lists until a recipient of the message had a reply
+            "recipients": {state: outcomes.get(f.name, {}).get(state, [])
+                           for state in ("sent", "waiting", "refused")}})
     return rows
 
 
@@ -1678,6 +1944,27 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=settings.ca_file or None)
 
 
+class _Steps:
+    """smtplib's send() with each write bounded by the timeout: sendall()
+    with a timeout bounds the whole upload (Python 3.5+), so a large message
+    on a slow but steady link was cut off at every try."""
+
+    def send(self, s):
+        if isinstance(s, str) or len(s) <= SEND_STEP_BYTES:
+            return super().send(s)
+        view = memoryview(s)
+        for start in range(0, len(view), SEND_STEP_BYTES):
+            super().send(view[start:start + SEND_STEP_BYTES])
+
+
+class StepSMTP(_Steps, smtplib.SMTP):
+    pass
+
+
+class StepSMTP_SSL(_Steps, smtplib.SMTP_SSL):
+    pass
+
+
 def connect(settings: Settings, tokens: "TokenCache | None" = None,
             clock: Callable[[], float] = time.time) -> smtplib.SMTP:
     """An SMTP connection, with TLS and login as the settings ask. Raises
@@ -1697,13 +1984,16 @@ def open_smtp(settings: Settings) -> smtplib.SMTP:
     """Connected, greeted (EHLO) and encrypted as [smtp] security says."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     name = settings.ehlo or None
+    smtp: smtplib.SMTP
     try:
         if settings.security == "tls":
-            smtp = smtplib.SMTP_SSL(settings.smtp_host, settings.smtp_port, name,
-                                    timeout=settings.timeout, context=tls_context(settings))
+            smtp = StepSMTP_SSL(settings.smtp_host, settings.smtp_port, name,
+                                timeout=settings.timeout, context=tls_context(settings))
         else:
-            smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, name,
-                                timeout=settings.timeout)
+            smtp = StepSMTP(settings.smtp_host, settings.smtp_port, name, timeout=settings.timeout)
+        with contextlib.suppress(OSError, AttributeError):     # no socket: a failed connect
+            smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,  # type: ignore[union-attr]
+                                 SEND_BUFFER_BYTES)
     except ssl.SSLError as exc:
         raise SenderProblem(f"TLS with {where} failed: {exc}. Check [smtp] security and port "
                           "(465 is tls, 587 is starttls), or set ca_file for the server's "
@@ -1729,6 +2019,12 @@ def open_smtp(settings: Settings) -> smtplib.SMTP:
     except SenderProblem:
         smtp.close()
         raise
+    except smtplib.SMTPHeloError as exc:
+        smtp.close()
+        raise SenderProblem(f"The SMTP server {where} refused our greeting (EHLO "
+                            f"{smtp.local_hostname}): {reply_text(exc.smtp_code, exc.smtp_error)}. "
+                            "Set [smtp] ehlo to this computer's name as the server knows it.",
+                            lasting=exc.smtp_code >= 500) from None
     except (OSError, smtplib.SMTPException) as exc:
         smtp.close()
         raise SenderProblem(f"The SMTP server {where} broke off the greeting: {exc}.") from None
@@ -1815,6 +2111,19 @@ def settings_refusal(exc: Exception, settings: Settings) -> "SettingsRefused | N
         if fix:
             return SettingsRefused(f"The SMTP server {settings.smtp_host}:{settings.smtp_port} "
                                    f"answered {reply_text(code, message)!r}: {fix}.")
+    return None
+
+
+def rcpt_settings_refusal(t: Transaction, settings: Settings) -> SettingsRefused | None:
+    """A transaction in which every recipient was refused for a reason that
+    is the settings' fault (a relay that wants a login or TLS answers at RCPT)."""
+    replies = list(t.refused.values()) + list(t.deferred.values())
+    for text in replies:
+        code, _, message = text.partition(" ")
+        if code.isdigit():
+            refusal = settings_refusal(smtplib.SMTPResponseException(int(code), message), settings)
+            if refusal:
+                return refusal
     return None
 
 
@@ -2164,50 +2473,112 @@ class NotHandedOver(smtplib.SMTPServerDisconnected):
     cannot have it, so it is not to blame and goes again at the next check."""
 
 
-def transmit(smtp: smtplib.SMTP, out: Outgoing, options: list) -> dict:
-    """smtplib's sendmail in its three steps, so that a connection lost before
-    DATA (often the server closing an idle session after the last message)
-    is told apart from one lost while the message was on its way. Returns the
-    refused recipients; raises what sendmail raises, or NotHandedOver."""
-    def failed(code: int) -> None:
-        if code == 421:
-            smtp.close()
-        else:
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                smtp.rset()
+def is_recipient_limit(code: int, message) -> bool:
+    """452 4.5.3 "too many recipients" (RFC 5321 4.5.3.1.10): the recipients
+    from here on go in a further transaction, they are not refused."""
+    text = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+    return code == 452 and (text.startswith("4.5.3") or "too many recipients" in text.lower())
+
+
+def smtp_address(address: str, smtputf8: bool) -> str | None:
+    """The address for MAIL or RCPT: as it is where the server offers
+    SMTPUTF8 (or it is ASCII), else its IDNA form; None if it has none."""
+    if address.isascii() or smtputf8:
+        return address
+    return ascii_address(address)
+
+
+def mail_options(size: int, eight_bit: bool, features: dict) -> list[str]:
+    """MAIL FROM parameters, as a careful client uses the server's extensions:
+    the size (RFC 1870), an 8-bit body (RFC 6152), UTF-8 addresses (RFC 6531)."""
+    options = [f"SIZE={size}"] if "size" in features else []
+    if eight_bit and "8bitmime" in features:
+        options.append("BODY=8BITMIME")
+    return options
+
+
+def size_limit(features: dict) -> int:
+    """The largest message the server announced (EHLO's SIZE), 0 if none."""
+    value = (features.get("size") or "").strip()
+    return int(value) if value.isdigit() else 0
+
+
+@dataclasses.dataclass
+class Transaction:
+    """One MAIL ... DATA exchange for some of a message's recipients."""
+    accepted: dict = dataclasses.field(default_factory=dict)   #: address -> reply
+    deferred: dict = dataclasses.field(default_factory=dict)   #: 4xx: address -> reply
+    refused: dict = dataclasses.field(default_factory=dict)    #: 5xx: address -> reply
+    overflow: list = dataclasses.field(default_factory=list)   #: for a further transaction
+
+
+def reset(smtp: smtplib.SMTP, code: int = 0) -> None:
+    """After a refusal, make the connection fit for the next message: RSET,
+    or close it if the server is closing (421) or RSET fails, so that the
+    next message goes over a new connection and is never blamed for this one."""
+    if code == 421:
+        smtp.close()
+        return
     try:
-        code, reply = smtp.mail(out.sender, options)
+        ok = smtp.rset()[0] == 250
+    except (smtplib.SMTPException, OSError):
+        ok = False
+    if not ok:
+        smtp.close()
+
+
+def transaction(smtp: smtplib.SMTP, sender: str, recipients: list, data: bytes,
+                options: list, smtputf8: bool) -> Transaction:
+    """One transaction: MAIL, RCPT for each recipient up to the server's
+    limit on recipients, DATA. Returns each recipient's outcome. Raises
+    SMTPSenderRefused or SMTPDataError (the connection reset, see reset()),
+    NotHandedOver when the connection is lost before DATA, or what smtplib
+    raises while the data is on its way."""
+    if smtputf8:
+        options = options + ["SMTPUTF8"]
+    t = Transaction()
+    try:
+        code, reply = smtp.mail(sender, options)
         if code != 250:
-            failed(code)
-            raise smtplib.SMTPSenderRefused(code, reply, out.sender)
-        refused = {}
-        for address in out.recipients:
-            code, reply = smtp.rcpt(address)
-            if code not in (250, 251):
-                refused[address] = (code, reply)
-            if code == 421:
-                failed(code)
-                raise smtplib.SMTPRecipientsRefused(refused)
+            reset(smtp, code)
+            raise smtplib.SMTPSenderRefused(code, reply, sender)
+        for n, address in enumerate(recipients):
+            envelope = smtp_address(address, smtputf8)
+            if envelope is None:
+                t.refused[address] = ("the server offers no SMTPUTF8, which this address "
+                                      "(not ASCII before the @) needs")
+                continue
+            code, reply = smtp.rcpt(envelope)
+            if code in (250, 251):
+                t.accepted[address] = reply_text(code, reply)
+            elif is_recipient_limit(code, reply):
+                t.overflow = list(recipients[n:])
+                break
+            elif code == 421:
+                reset(smtp, code)
+                raise smtplib.SMTPServerDisconnected(reply_text(code, reply))
+            else:
+                (t.refused if code >= 500 else t.deferred)[address] = reply_text(code, reply)
     except smtplib.SMTPServerDisconnected as exc:
         raise NotHandedOver(str(exc)) from None
-    if len(refused) == len(out.recipients):
-        failed(0)
-        raise smtplib.SMTPRecipientsRefused(refused)
-    code, reply = smtp.data(out.data)
-    if code != 250:
-        failed(code)
+    if not t.accepted:
+        reset(smtp)
+        return t
+    try:
+        code, reply = smtp.data(data)
+    except smtplib.SMTPDataError as exc:       # DATA itself refused (not 354)
+        reset(smtp, exc.smtp_code)
+        raise
+    if code != 250:                            # refused after the data
+        reset(smtp, code)
         raise smtplib.SMTPDataError(code, reply)
-    return refused
+    return t
 
 
 def classify(exc: Exception) -> tuple[str, str]:
     """What a failed transaction means for the message: (outcome, reason).
-    5xx is final; 4xx and a lost connection are worth another try."""
-    if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        replies = exc.recipients.values()
-        text = "; ".join(f"{a}: {reply_text(c, m)}" for a, (c, m) in exc.recipients.items())
-        final = all(code >= 500 for code, _ in replies)
-        return (Outcome.BAD if final else Outcome.LATER), f"every recipient was refused: {text}"
+    5xx is final; 4xx and a lost connection are worth another try. (Each
+    recipient's RCPT reply is sorted out by transaction() itself.)"""
     if isinstance(exc, smtplib.SMTPResponseException):
         what = "sender" if isinstance(exc, smtplib.SMTPSenderRefused) else "message"
         text = f"the server refused the {what}: {reply_text(exc.smtp_code, exc.smtp_error)}"
@@ -2217,9 +2588,55 @@ def classify(exc: Exception) -> tuple[str, str]:
     return Outcome.BROKEN, f"the connection to the server was lost: {exc or type(exc).__name__}"
 
 
+@dataclasses.dataclass
+class Delivery:
+    """Where one message stands with its recipients after this check."""
+    before: dict                 #: outcomes recorded by earlier checks (lower address -> state)
+    sent: list = dataclasses.field(default_factory=list)        #: accepted in this check
+    waiting: dict = dataclasses.field(default_factory=dict)     #: address -> reply
+    refused: dict = dataclasses.field(default_factory=dict)     #: address -> reply
+    broken: bool = False         #: the connection is gone: the check ends
+    reason: str = ""             #: why the message itself was refused, if it was
+
+    def had_it(self) -> int:
+        return sum(1 for state, _ in self.before.values() if state == "sent")
+
+
+def _listed(replies: dict) -> str:
+    return ", ".join(f"{a} ({r})" for a, r in replies.items())
+
+
+def refusal_reason(refused: dict, reason: str = "") -> str:
+    """Why nobody can get a message: the reason the message itself was
+    refused (at MAIL or after the data, or given up) when it is every
+    recipient's, else each recipient's reply."""
+    if reason and set(refused.values()) == {reason}:
+        return reason
+    return "every recipient was refused: " + "; ".join(f"{a}: {r}" for a, r in refused.items())
+
+
 class Sender:
     """Sends from one spool folder. A check holds the spool's sender lock, so
-    two BiblioGate processes on one folder never send the same file."""
+    two BiblioGate processes on one folder never send the same file.
+
+    Each recipient's outcome is kept in the `recipients` table, so a message
+    that some recipients have and others wait for (450, or 452 beyond the
+    server's limit per message) goes again to those waiting only. Where a
+    crash (kill -9, a power cut) can fall, and what follows:
+
+    1. Before the end of the data ("."): the server drops the transaction;
+       nothing was recorded; every pending recipient gets it at the next check.
+    2. After "." and before the 250 reply is recorded: the server may have it
+       for this transaction's recipients; they get it again (no SMTP client
+       can close this window, RFC 1047). It is kept as short as can be: the
+       next write after the 250 is its record, before the next transaction,
+       the log, the removal or anything else: the 'sent' rows of these
+       recipients, or, when everyone took it at once (the usual case), the
+       file's row in the sent ledger, in one commit with its log line.
+    3. After that commit: the next check reads the rows and sends only to
+       the recipients still waiting; with none left, or with the ledger row,
+       the file is removed (or, if nobody got it, set aside .BAD).
+    4. After the file is removed: its rows are forgotten at the next check."""
 
     def __init__(self, settings: Settings, journal: Journal, clock: Callable[[], float] = time.time,
                  stop: threading.Event | None = None, tokens: TokenCache | None = None):
@@ -2301,6 +2718,8 @@ class Sender:
                     smtp.close()
                     smtp = None
                     break
+                if smtp.sock is None:       # closed after a refusal: a new one for the next
+                    smtp = None
         finally:
             if smtp is not None:
                 with contextlib.suppress(OSError, smtplib.SMTPException):
@@ -2328,46 +2747,128 @@ class Sender:
         except BadMessage as exc:
             self._bad(item, str(exc), result)
             return Outcome.BAD
-        cap, today = self.settings.max_per_day, local_day(self.clock()).isoformat()
-        if cap and sent_on(self.db, today) + len(out.recipients) > cap:
-            if len(out.recipients) > cap:
-                self._bad(item, f"it has {len(out.recipients)} recipients, more than the "
+        features = smtp.esmtp_features
+        data = reencoded(out.data, "8bitmime" in features)
+        if "smtputf8" not in features:
+            data = ascii_headers(data)
+        limit = size_limit(features)
+        if limit and len(data) > limit:
+            self._bad(item, f"the message is {megabytes(len(data))}; the SMTP server takes at "
+                      f"most {megabytes(limit)} (its SIZE limit). Send the attachment another "
+                      "way, or ask for a higher limit.", result)
+            return Outcome.BAD
+        d = Delivery(recipient_outcomes(self.db, item.name, digest))
+        pending = [a for a in out.recipients if d.before.get(a.lower(), ("",))[0] not in
+                   ("sent", "refused")]
+        cap = self.settings.max_per_day
+        if cap and sent_on(self.db, local_day(self.clock()).isoformat()) + len(pending) > cap:
+            if len(pending) > cap:
+                self._bad(item, f"it has {len(pending)} recipients, more than the "
                           f"{cap} a day that [gateway] max_per_day allows", result)
                 return Outcome.BAD
             return Outcome.HELD
-        options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") and not out.data.isascii() else []
-        try:
-            refused = transmit(smtp, out, options)
-        except NotHandedOver as exc:
-            self._later(item, f"the connection to the server was lost before the message "
-                        f"was handed over ({exc})", result, wait=False)
-            return Outcome.BROKEN
-        except (smtplib.SMTPException, OSError) as exc:
-            refusal = settings_refusal(exc, self.settings)
-            if refusal:
-                raise refusal from None
-            outcome, reason = classify(exc)
-            if outcome == Outcome.BAD:
-                self._bad(item, reason, result)
-            else:
-                self._later(item, reason, result)
-            # smtplib closes the connection on a 421 reply: the next message
-            # must not be blamed for that, so the check ends here.
-            return Outcome.BROKEN if smtp.sock is None else outcome
+        options = mail_options(len(data), not data.isascii(), features)
+        # RFC 6531: SMTPUTF8 where an address or a header line is UTF-8.
+        smtputf8 = "smtputf8" in features and not (
+            all(a.isascii() for a in pending) and data.partition(b"\r\n\r\n")[0].isascii())
+        self._deliver(smtp, item, digest, out, data, options, smtputf8, pending, d)
+        return self._settle(item, digest, out, d, result, removed)
+
+    def _deliver(self, smtp: smtplib.SMTP, item: SpoolFile, digest: str, out: Outgoing,
+                 data: bytes, options: list, smtputf8: bool, pending: list, d: Delivery) -> None:
+        """Transactions until every pending recipient has an outcome: those
+        over the server's limit per message go in the next one; each one
+        that gets nobody through ends the message's turn (bounded)."""
+        while pending and smtp.sock is not None:
+            try:
+                t = transaction(smtp, out.sender, pending, data, options, smtputf8)
+            except NotHandedOver as exc:
+                d.waiting.update(dict.fromkeys(pending, f"the connection to the server was lost "
+                                               f"before the message was handed over ({exc})"))
+                d.broken = True
+                return
+            except (smtplib.SMTPException, OSError) as exc:
+                refusal = settings_refusal(exc, self.settings)
+                if refusal:         # the settings' fault: the file keeps its place, uncharged
+                    raise refusal from None
+                outcome, d.reason = classify(exc)
+                (d.refused if outcome == Outcome.BAD else d.waiting).update(
+                    dict.fromkeys(pending, d.reason))
+                d.broken = outcome == Outcome.BROKEN
+                return
+            if not t.accepted:
+                refusal = rcpt_settings_refusal(t, self.settings)
+                if refusal:
+                    raise refusal
+            if t.accepted:
+                d.sent += list(t.accepted)
+                # Crash window 2 ends here: nothing else comes first. When all
+                # went well (the usual case), _settle's one commit of the ledger
+                # row is the next write; otherwise the 'sent' rows are, now.
+                if t.overflow or t.deferred or t.refused or d.waiting or d.refused or out.invalid:
+                    with self.db:
+                        record_recipients(self.db, item.name, digest, "sent", t.accepted,
+                                          self.clock())
+            d.waiting.update(t.deferred)
+            d.refused.update(t.refused)
+            pending = t.overflow if t.accepted else []
+            if t.overflow and not t.accepted:
+                d.waiting.update(dict.fromkeys(t.overflow, "452 too many recipients"))
+        d.waiting.update(dict.fromkeys(pending, "the connection was closed after a refusal"))
+
+    def _settle(self, item: SpoolFile, digest: str, out: Outgoing, d: Delivery,
+                result: CheckResult, removed: list) -> str:
+        """What becomes of the file once this check's transactions are done."""
+        now = self.clock()
+        row = retry_state(self.db, item.name)
+        first = row["first_failed"] if row and row["first_failed"] else now
+        if d.waiting and now - first >= self.settings.give_up_seconds:
+            hours = self.settings.give_up_seconds / 3600
+            given_up = {a: f"not delivered after trying for {hours:g} hours; last: {r}"
+                        for a, r in d.waiting.items()}
+            d.refused.update(given_up)
+            d.reason = next(iter(given_up.values())) if len(set(given_up.values())) == 1 else ""
+            d.waiting = {}
+        if d.refused:
+            with self.db:
+                record_recipients(self.db, item.name, digest, "refused", d.refused, now)
+        outcome = self._settled(item, digest, d, out, result, removed)
+        refused = dict(d.refused)
+        refused.update({a: "not an email address" for a in out.invalid})
+        if refused and outcome != Outcome.BAD:
+            self.journal.event("refused", f"{out.subject!r}: refused {_listed(refused)}",
+                               item.name, logging.WARNING)
+        return Outcome.BROKEN if d.broken else outcome
+
+    def _settled(self, item: SpoolFile, digest: str, d: Delivery, out: Outgoing,
+                 result: CheckResult, removed: list) -> str:
+        """The file waits, is set aside, or leaves the queue delivered."""
+        now = self.clock()
+        have_it = d.had_it() + len(d.sent)
+        if d.waiting:
+            if d.sent:
+                self.journal.event("partly_sent", f"sent to {', '.join(d.sent)}: {out.subject!r}; "
+                                   f"still waiting: {', '.join(d.waiting)}", item.name)
+            with self.db:
+                record_recipients(self.db, item.name, digest, "waiting", d.waiting, now)
+                count_sent(self.db, local_day(now).isoformat(), len(d.sent))
+            self._later(item, f"waiting for {_listed(d.waiting)}", result, wait=not d.broken)
+            return Outcome.LATER
+        if not have_it:
+            self._bad(item, refusal_reason(d.refused, d.reason), result)
+            return Outcome.BAD
+        before = [a for a, (state, _) in d.before.items() if state == "sent"]
         # One commit, so one flush to disk, for the ledger row, the retry state
         # and the event: Journal.event's own `with` commits all three at once.
         with self.db:
-            record_delivery(self.db, item.name, digest, self.clock())
-            count_sent(self.db, today, len(out.recipients))
-            self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
-                               item.name)
+            record_delivery(self.db, item.name, digest, now)
+            count_sent(self.db, local_day(now).isoformat(), len(d.sent))
+            self.journal.event("sent", f"sent to {', '.join(d.sent)}: {out.subject!r}"
+                               + (f" ({', '.join(before)} had it already)" if before else "")
+                               if d.sent else f"{out.subject!r}: every recipient had it already "
+                               "(before a restart); removed from the queue", item.name)
         result.sent += 1
         self._remove(item, digest, removed)
-        refused_list = [f"{a} ({reply_text(c, m)})" for a, (c, m) in refused.items()]
-        refused_list += [f"{a} (not an email address)" for a in out.invalid]
-        if refused_list:
-            self.journal.event("refused", f"{out.subject!r}: refused {', '.join(refused_list)}",
-                               item.name, logging.WARNING)
         return Outcome.SENT
 
     # -- logging in and the daily cap -----------------------------------------
@@ -2417,9 +2918,10 @@ class Sender:
     # -- what becomes of a file -----------------------------------------------
 
     def _forget_gone(self, present: set) -> None:
-        """The retry state and ledger row of a file no longer waiting (deleted
-        by hand, or removed just before a crash) are forgotten, so that a new
-        file of the same name starts afresh instead of inheriting them."""
+        """The retry state, ledger row and recipients of a file no longer
+        waiting (deleted by hand, or removed just before a crash) are
+        forgotten, so that a new file of the same name starts afresh instead
+        of inheriting them."""
         with self.db:
             forget_absent_files(self.db, present)
 
@@ -2457,6 +2959,7 @@ class Sender:
             return
         with self.db:
             forget_retry_state(self.db, item.name)
+            forget_recipients(self.db, item.name)
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
@@ -6852,7 +7355,11 @@ def cmd_queue(args, settings: Settings) -> int:
     for r in rows:
         print(f"{r['file']}  {r['state']}  to {r['to'] or '?'}  {r['subject']!r}"
               + (f"  attempts {r['attempts']}" if r["attempts"] else "")
-              + (f"\n    reason: {r['reason']}" if r["reason"] else ""))
+              + (f"\n    reason: {r['reason']}" if r["reason"] else "")
+              + "".join(f"\n    {label}: {', '.join(r['recipients'][key])}"
+                        for key, label in (("sent", "has it"), ("waiting", "waiting"),
+                                           ("refused", "refused for good"))
+                        if r["recipients"][key]))
     return 0
 
 

@@ -43,6 +43,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 REPO = Path(__file__).resolve().parent.parent
+#: Real Postfix (smtp-sink and a private smtpd): the make_smtp_sink and make_postfix fixtures.
+pytest_plugins = ["postfix_support"]
 HOST = "127.0.0.1"
 DATA_SIZE_LIMIT = 64 * 1024 * 1024  # 64 MiB: big attachments must get through
 TRY_LATER = "451 4.3.0 Try again later"

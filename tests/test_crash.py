@@ -7,6 +7,7 @@ its SMTP transaction goes again. Every message carries a unique Message-ID,
 so what arrived at the sink can be counted one by one.
 """
 
+import asyncio
 import collections
 import hashlib
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import bibliogate as bg
-from conftest import REPO, Gateway, eml
+from conftest import REPO, Gateway, Sink, eml
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="kill -9 is TerminateProcess on "
                                 "Windows, a different path; these tests use SIGKILL")
@@ -131,6 +132,63 @@ def test_kill_9_mid_batch_loses_nothing(make_sink, make_gateway, kills):
     assert sum(n - 1 for n in got.values()) <= len(kills)                 # at most 1 per kill
     assert max(got.values()) <= 2
     assert waiting(gw.spool) == [] and bad(gw.spool) == []
+
+
+def rcpt_counts(sink) -> collections.Counter:
+    return collections.Counter(a for m in sink.messages for a in m.rcpt_tos)
+
+
+class SlowRcptSink(Sink):
+    """A Sink that, once `rcpt_delay` is set, waits that long before each
+    RCPT reply and counts the RCPT commands it is holding."""
+
+    rcpt_delay = 0.0
+    rcpt_waits = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.rcpt_delay:
+            self.rcpt_waits += 1          # only the server thread writes it
+            await asyncio.sleep(self.rcpt_delay)
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+@POSIX_ONLY
+def test_kill_9_while_deferred_recipients_are_retried(make_gateway):
+    """a and c have three messages; b was refused for now. The retries for b
+    are killed twice, in the middle of a transaction (its RCPT), the second
+    time after one retry got through: afterwards everyone has each message
+    exactly once. (A kill between the end of the data and the recorded 250
+    could still send one twice: no SMTP client can close that window.)"""
+    sink = SlowRcptSink(rcpt_replies={"b@example.org": "450 4.2.1 Mailbox busy"}).start()
+    try:
+        gw = make_gateway(sink)
+        people = ["a@example.org", "b@example.org", "c@example.org"]
+        for n in range(3):
+            path = gw.spool / f"m{n}.TMP"
+            path.write_bytes(eml(to=people, subject=f"m{n}", Message_ID=f"<m{n}@crash.test>"))
+            os.utime(path, (time.time() - 600 + n,) * 2)
+        gw.cli("send", "--all", check=0)
+        assert rcpt_counts(sink) == {"a@example.org": 3, "c@example.org": 3}
+        sink.rcpt_replies.clear()
+        sink.rcpt_delay = 3.0
+        # The first kill holds m0's retry; the second comes once m0 went and
+        # m1's retry (the third RCPT held in all) is waiting for its reply.
+        for held, delivered in ((1, 0), (3, 1)):
+            proc = start(gw, "send", "--all")
+            wait_until(lambda: sink.rcpt_waits >= held  # noqa: B023
+                       or proc.poll() is not None, 30, "a retry's RCPT")  # noqa: B023
+            assert proc.poll() is None and len(sink.messages) == 3 + delivered
+            proc.send_signal(signal.SIGKILL)
+            finish(proc, 10)
+        sink.rcpt_delay = 0
+        gw.cli("send", "--all", check=0)
+        per_message = collections.Counter((m.message["Message-ID"], a) for m in sink.messages
+                                          for a in m.rcpt_tos)
+        assert set(per_message.values()) == {1}, per_message              # nobody twice
+        assert len(per_message) == 9                                       # nobody lost
+        assert waiting(gw.spool) == [] and bad(gw.spool) == []
+    finally:
+        sink.stop()
 
 
 # Power cut between two steps #################################################

@@ -128,8 +128,9 @@ def check_prepared(raw: bytes, sender_name: str, queued_at: float, file_name: st
     assert len(froms) == 1 and FROM.encode() in froms[0]
     assert all(name != "bcc" for name, _ in fields)
     assert b"\x00" not in out.data.partition(b"\r\n\r\n")[0]
-    assert out.recipients and all(bg.ADDRESS_RE.match(a) for a in out.recipients)
+    assert out.recipients and all(bg.valid_recipient(a) for a in out.recipients)
     body = out.data.partition(b"\r\n\r\n")[2]
+    raw = bg.message_text(raw)[0]       # a file from a Windows tool, as UTF-8
     assert normalised(raw).endswith(body), "the body is not the end of the file"
     if expected_body is not None:
         assert body == normalised(expected_body)
@@ -148,6 +149,20 @@ def test_prepare_message_on_random_messages(message, sender_name, queued_at, fil
                  st.binary(max_size=4000).map(lambda tail: b"To: pat@example.org\n" + tail)))
 def test_prepare_message_on_random_bytes(raw):
     check_prepared(raw, "Library", 1.7e9, "x.TMP")
+
+
+@FUZZ
+@given(messages(), st.booleans())
+def test_encoding_for_a_server_without_8bitmime_or_smtputf8_never_fails(message, eight_bit_ok):
+    raw, _ = message
+    try:
+        out = bg.prepare_message(raw, FROM, "", 1.7e9, "x.TMP")
+    except bg.BadMessage:
+        return
+    data = bg.ascii_headers(bg.reencoded(out.data, eight_bit_ok))
+    body = data.partition(b"\r\n\r\n")[2]
+    assert not bg.LONG_LINE_RE.search(body)
+    assert eight_bit_ok or body.isascii()
 
 
 def test_a_body_with_lone_carriage_returns_leaves_with_crlf_only():

@@ -1,5 +1,6 @@
 """The batch sender against a real SMTP server (aiosmtpd on 127.0.0.1)."""
 
+import functools
 import json
 import os
 import time
@@ -9,7 +10,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 import bibliogate as bg
-from conftest import Clock, eml, write_ini
+from conftest import Clock, Sink, eml, write_ini
 
 
 
@@ -380,3 +381,176 @@ def test_a_server_that_hangs_up_after_each_message_blames_no_one(tmp_path):
         assert [m.message["Subject"] for m in sink.messages] == ["a", "b"]
     finally:
         sink.stop()
+
+
+# timeout_seconds bounds each step, not the whole upload ######################
+
+class SlowReader:
+    """An SMTP server on 127.0.0.1 that takes the first `slow_bytes` of the
+    message's data slowly and steadily: `step` bytes, then a pause, with a
+    small receive buffer, as a slow link does; the rest at full speed, so
+    that what the client's buffers still hold at the end never makes the
+    test depend on how busy the machine is. Each message it received whole
+    is in .messages."""
+
+    def __init__(self, step: int = 8192, pause: float = 0.02, slow_bytes: int = 1_000_000):
+        import socket
+        import threading
+        self.step, self.pause, self.slow_bytes, self.messages = step, pause, slow_bytes, []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(30)
+        self.port = self.sock.getsockname()[1]
+        self.host, self.security, self.ca_file, self.auth = "127.0.0.1", "none", None, None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                conn, _ = self.sock.accept()
+                with conn:
+                    conn.settimeout(30)
+                    self._session(conn, deadline)
+        except OSError:
+            pass
+
+    def _session(self, conn, deadline):
+        conn.sendall(b"220 slow.test ESMTP\r\n")
+        buf = b""
+        while time.monotonic() < deadline:
+            while b"\r\n" not in buf:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+            line, buf = buf.split(b"\r\n", 1)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-slow.test\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                while not buf.endswith(b"\r\n.\r\n") and time.monotonic() < deadline:
+                    slow = len(buf) < self.slow_bytes
+                    chunk = conn.recv(self.step if slow else 1 << 20)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    if slow:
+                        time.sleep(self.pause)
+                self.messages.append(buf)
+                buf = b""
+                conn.sendall(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_large_message_on_a_slow_link_goes_with_a_short_timeout(tmp_path):
+    """timeout_seconds = 1 and an upload of about three seconds (the first
+    1 MB at about 400 KB/s): every step is quick, so the message goes."""
+    server = SlowReader()
+    try:
+        settings, sender = make_sender(tmp_path, server, smtp__timeout_seconds=1)
+        body = ("x" * 75 + "\n") * 16000
+        drop(settings.spool, "big.TMP", eml(subject="big", body=body))
+        result = sender.check()
+        assert (result.sent, result.deferred, result.bad) == (1, 0, 0), events(settings, "deferred")
+        assert len(server.messages) == 1 and len(server.messages[0]) > 1_200_000
+    finally:
+        server.close()
+
+
+# Files from Windows tools ####################################################
+
+@pytest.mark.parametrize("encode", [
+    lambda text: b"\xef\xbb\xbf" + text.encode("utf-8"),          # Notepad: UTF-8 with BOM
+    lambda text: text.encode("utf-16"),                            # PowerShell 5.1 Out-File
+    lambda text: b"\xfe\xff" + text.encode("utf-16-be"),
+], ids=["utf-8 BOM", "utf-16 LE", "utf-16 BE"])
+def test_files_from_windows_tools_are_sent(tmp_path, sink, encode):
+    settings, sender = make_sender(tmp_path, sink)
+    text = "To: pat@example.org\r\nSubject: Bücher zurück\r\n\r\nGrüße, die Bücherei.\r\n"
+    drop(settings.spool, "win.TMP", encode(text))
+    result = sender.check()
+    assert (result.sent, result.bad) == (1, 0), list(settings.spool.iterdir())
+    msg = sink.messages[0].message
+    assert sink.messages[0].rcpt_tos == ["pat@example.org"]
+    assert msg["Subject"] == "Bücher zurück"
+    assert msg.get_content() == "Grüße, die Bücherei.\n"
+
+
+def test_a_size_over_the_limit_is_said_with_one_decimal_not_rounded_down():
+    with pytest.raises(bg.BadMessage) as err:
+        head = b"To: pat@example.org\n\n"
+        bg.prepare_message(head + b"x" * (41 * 1048576 - len(head)), "l@s.example", "", 0, "x.TMP")
+    assert "41.0 MB" in str(err.value) and "40.0 MB" in str(err.value)
+    assert bg.megabytes(40 * 1048576 + 1) == "40.1 MB"
+
+
+# Extensions the server offers ################################################
+
+class OptionsSink(Sink):
+    """A Sink offering SMTPUTF8 that records every MAIL command's parameters."""
+    protocol_class = functools.partial(SMTP, enable_SMTPUTF8=True)
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.mail_options = []
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.mail_options.append(list(mail_options))
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+
+def test_size_and_8bitmime_are_declared_where_offered(tmp_path):
+    server = OptionsSink().start()
+    try:
+        settings, sender = make_sender(tmp_path, server)
+        drop(settings.spool, "m.TMP", eml(body="Grüße\n"))
+        assert sender.check().sent == 1
+        [options] = server.mail_options
+        size = len(server.messages[0].data)
+        assert "BODY=8BITMIME" in options and "SMTPUTF8" not in options
+        assert any(o.startswith("SIZE=") and abs(int(o[5:]) - size) < 8 for o in options)
+        assert "Grüße".encode() in server.messages[0].data           # sent as it is
+    finally:
+        server.stop()
+
+
+def test_smtputf8_is_used_where_offered_and_needed(tmp_path):
+    server = OptionsSink().start()
+    try:
+        settings, sender = make_sender(tmp_path, server)
+        drop(settings.spool, "m.TMP", eml(to="jörg@bücherei.example"))
+        assert sender.check().sent == 1
+        assert "SMTPUTF8" in server.mail_options[0]
+        assert server.messages[0].rcpt_tos == ["jörg@bücherei.example"]
+    finally:
+        server.stop()
+
+
+def test_a_broken_utf16_file_is_refused_with_a_reason_naming_the_encoding():
+    with pytest.raises(bg.BadMessage) as err:
+        bg.prepare_message(b"\xff\xfe" + "To: pat@example.org\n\nHi".encode("utf-16-le") + b"\x00\xd8",
+                           "l@s.example", "", 0, "x.TMP")
+    assert "UTF-16" in str(err.value) and "save it again as UTF-8" in str(err.value)
+
+
+def test_smtputf8_is_used_for_a_utf8_header_where_offered(tmp_path):
+    server = OptionsSink().start()
+    try:
+        settings, sender = make_sender(tmp_path, server)
+        drop(settings.spool, "m.TMP", "To: pat@example.org\nSubject: Bücher\n\nHi.\n".encode())
+        assert sender.check().sent == 1
+        assert "SMTPUTF8" in server.mail_options[0]
+    finally:
+        server.stop()
