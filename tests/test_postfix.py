@@ -144,6 +144,26 @@ def test_smtp_sink_refusing_the_greeting_is_a_sentence(tmp_path, make_smtp_sink)
     assert "500 5.3.0 Error: command failed" in problem
 
 
+def test_postfix_demanding_starttls_keeps_the_queue_waiting_and_names_the_setting(
+        tmp_path, sink, make_postfix):
+    """security = none against a port that takes mail only over TLS (the
+    usual port 587): Postfix answers MAIL with 530 5.7.0. That is the
+    settings' fault: nothing becomes .BAD, even past give_up_after_hours."""
+    postfix = make_postfix(sink.port, tls=True, smtpd_tls_security_level="encrypt")
+    clock = Clock()
+    settings, sender = make_sender(tmp_path, postfix, clock, smtp__security="none",
+                                   smtp__ca_file="", gateway__give_up_after_hours="0.01")
+    for n in range(3):
+        drop(settings.spool, f"m{n}.TMP", eml(subject=f"m{n}"), age=100 - n)
+    for _ in range(2):
+        result = sender.check()
+        clock.advance(3600)
+        assert result.problem is not None and result.bad == 0
+    assert "530" in str(result.problem) and "security = starttls" in str(result.problem)
+    assert sorted(p.name for p in settings.spool.glob("*.TMP")) == ["m0.TMP", "m1.TMP", "m2.TMP"]
+    assert list(settings.spool.glob("*.BAD")) == [] and sink.messages == []
+
+
 # Extensions ##################################################################
 
 def test_postfix_size_limit_sets_a_large_message_aside_at_once(tmp_path, sink, make_postfix):
