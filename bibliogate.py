@@ -65,6 +65,7 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import stat
 import string
 import sys
 import textwrap
@@ -95,6 +96,19 @@ WAITING_EXT, BAD_EXT = ".TMP", ".BAD"
 REASON_SUFFIX = "-reason.txt"
 #: A file being written by BiblioGate; never matches *.TMP.
 PART_SUFFIX = ".part"
+#: A file one check has taken (claimed) is renamed ".NAME" + this while it is
+#: sent: a rename Windows refuses while another program still has the file
+#: open, so a message still being written is never read half-way.
+CLAIM_SUFFIX = ".sending"
+#: A dropped CSV file while `run` imports it: ".NAME" + this.
+IMPORTING_SUFFIX = ".importing"
+#: Windows' "in use" errors: ERROR_ACCESS_DENIED (5, also a file about to be
+#: deleted), ERROR_SHARING_VIOLATION (32), ERROR_LOCK_VIOLATION (33). The
+#: antivirus or the search indexer opening a file for a moment causes them.
+IN_USE_WINERRORS = frozenset({5, 32, 33})
+#: The pauses between attempts of a file operation that met "in use": about
+#: 2 s in all, then that file waits for the next check.
+IN_USE_PAUSES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25)
 #: Larger files are refused: most mail servers refuse over 25 MB anyway.
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 #: The first wait after a temporary refusal; it doubles up to the maximum.
@@ -152,6 +166,17 @@ class BadMessage(BibliogateError):
 
 class SpoolError(BibliogateError):
     """The spool folder cannot be read or written."""
+
+
+class FileInUse(SpoolError):
+    """Another program kept a file open for longer than BiblioGate waits
+    (Windows: the library system still writing it, the antivirus, a backup)."""
+
+
+class NotAFile(SpoolError):
+    """A name in the spool or import folder that is not a plain file BiblioGate
+    may read (a pipe, a device, a folder, a link), or one too large: set aside
+    with this reason, never opened."""
 
 
 class SenderProblem(BibliogateError):
@@ -1028,11 +1053,11 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
 
 
 def peek(path: Path, limit: int = 65536) -> dict:
-    """To and Subject of a queued file, for lists (never raises)."""
+    """To and Subject of a queued file, for lists (never raises, never
+    blocks: a pipe or a device is not opened)."""
     try:
-        with open(path, "rb") as fh:
-            fields, _ = split_headers(fh.read(limit))
-    except OSError:
+        fields, _ = split_headers(read_regular(path, MAX_MESSAGE_BYTES, head=limit))
+    except (OSError, SpoolError):
         return {"to": "", "subject": ""}
     found = {"to": "", "subject": ""}
     for line in fields:
@@ -1083,7 +1108,7 @@ def scan_times(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> l
                 if not want(entry.name):
                     continue
                 try:
-                    st = entry.stat()
+                    st = entry.stat(follow_symlinks=False)     # a link is not followed
                 except OSError:       # removed while we looked
                     continue
                 found.append((entry.name, st.st_mtime, st.st_size))
@@ -1121,6 +1146,142 @@ def pick_batch(files: Iterable[tuple], folder: Path, limit: int, now: float,
     ready = (f for f in files if f[1] <= settled and not_before.get(f[0], 0) <= now)
     chosen = heapq.nsmallest(limit, ready, key=lambda f: queue_order(f[0], f[1]))
     return [SpoolFile(name, folder / name, mtime, size) for name, mtime, size in chosen]
+
+
+# -- files that other programs may hold open ---------------------------------
+#
+# On Windows a file another program has open cannot be renamed or deleted
+# (WinError 32), and the antivirus or the indexer opens every new file for a
+# moment. Every rename, delete and open of a spool or import file goes
+# through patiently(): about two seconds of short pauses, then FileInUse, and
+# that one file waits for the next check while the others go on.
+
+def in_use(exc: OSError) -> bool:
+    """True for Windows' "in use" and "access denied" errors, which pass."""
+    return (getattr(exc, "winerror", None) in IN_USE_WINERRORS
+            or (os.name == "nt" and isinstance(exc, PermissionError)))
+
+
+#: How patiently() waits; tests replace it so that they never sleep.
+in_use_pause: Callable[[float], None] = time.sleep
+
+
+def patiently(action: Callable, *args):
+    """action(*args), tried again for about 2 s while the file is in use.
+    Raises FileInUse after that, or the OSError of any other failure."""
+    for pause in IN_USE_PAUSES + (None,):
+        try:
+            return action(*args)
+        except OSError as exc:
+            if not in_use(exc):
+                raise
+            if pause is None:
+                raise FileInUse(in_use_sentence(Path(args[0]).name, exc)) from None
+        in_use_pause(pause)
+
+
+def in_use_sentence(name: str, exc: OSError) -> str:
+    code = getattr(exc, "winerror", None)
+    held = "another program has it open" if code in (32, 33) else "Windows refused access to it"
+    return (f"{name} is in use: {held} (WinError {code or exc.errno}), for example the library "
+            "system still writing it, the antivirus or a backup; try again in a minute.")
+
+
+def read_regular(path: Path, limit: int, head: int | None = None) -> bytes:
+    """The whole file (or its first `head` bytes), checked before it is
+    opened: a plain file (not a pipe, device, folder or link; lstat, then
+    opened without following a link and without waiting), at most `limit`
+    bytes. The bytes read are checked against the size of the open file
+    before and after reading, so a file still growing or shrinking is never
+    taken for the whole. Raises NotAFile, FileInUse or OSError."""
+    st = os.lstat(path)
+    problem = file_problem(st, limit)
+    if problem:
+        raise NotAFile(problem)
+    flags = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_NONBLOCK", 0))
+    fd = patiently(os.open, path, flags)
+    with open(fd, "rb", closefd=True) as fh:
+        before = os.fstat(fd)
+        problem = file_problem(before, limit)
+        if problem:
+            raise NotAFile(problem)
+        want = before.st_size if head is None else min(head, before.st_size)
+        data = fh.read(want + (1 if head is None else 0))
+        after = os.fstat(fd)
+    if head is None and (len(data) != before.st_size or after.st_size != before.st_size
+                         or after.st_mtime_ns != before.st_mtime_ns):
+        raise FileInUse(f"{Path(path).name} changed while it was read ({before.st_size:,} bytes, "
+                        f"then {after.st_size:,}): another program is still writing it; it is "
+                        "taken at a later check.")
+    return data
+
+
+def file_problem(st: os.stat_result, limit: int) -> str | None:
+    """Why a file of this lstat/fstat may not be read, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a link to another file, not a file of its own; links are not followed."
+    if stat.S_ISDIR(st.st_mode):
+        return "it is a folder, not a file."
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a plain file (a pipe or a device); it was not opened."
+    if st.st_size > limit:
+        return (f"the file is {st.st_size / 1048576:,.0f} MB; the limit here is "
+                f"{limit // 1048576} MB (mail servers refuse larger messages).")
+    return None
+
+
+def claim_path(path: Path) -> Path:
+    """Where a file waits while one check sends it."""
+    return path.with_name("." + path.name + CLAIM_SUFFIX)
+
+
+def is_claim_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(CLAIM_SUFFIX)
+
+
+def claim(path: Path) -> Path:
+    """Take a waiting file for this check: rename it to its private name,
+    which Windows refuses while another program has the file open. Returns
+    the claimed path; raises FileInUse, or FileNotFoundError if it is gone."""
+    claimed = claim_path(path)
+    if os.path.lexists(claimed):        # an earlier copy not yet put back: never overwritten
+        raise FileInUse(f"{path.name}: an earlier file of this name is still being put back "
+                        "in the queue; it is taken at a later check.")
+    patiently(os.rename, path, claimed)
+    return claimed
+
+
+def release(claimed: Path, name: str) -> Path | None:
+    """Put a claimed file back in the queue as `name` (or name-2, ... if a new
+    file took that name meanwhile). None if it cannot be, for now: it stays
+    claimed, and the next check puts it back (recover_claims)."""
+    if not os.path.lexists(claimed):
+        return None
+    stem, ext = os.path.splitext(name)
+    target = free_name(claimed.parent, stem, ext)
+    try:
+        patiently(os.rename, claimed, target)
+    except (OSError, SpoolError) as exc:
+        log.warning("%s could not be put back in the queue (%s); the next check does it",
+                    name, exc)
+        return None
+    return target
+
+
+def recover_claims(folder: Path) -> list[str]:
+    """Files a check had claimed when its process ended (a kill, a power cut)
+    go back in the queue under their names; called under the sender lock, so
+    no live check owns them. Their sent-ledger rows still guard against a
+    second delivery. Returns the names put back."""
+    back = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        claimed = [Path(e.path) for e in entries if is_claim_name(e.name)]
+    for path in claimed:
+        restored = release(path, path.name[1:-len(CLAIM_SUFFIX)])
+        if restored:
+            back.append(restored.name)
+    return back
 
 
 def fsync_folder(folder: Path) -> None:
@@ -1184,17 +1345,20 @@ def reason_path(bad: Path) -> Path:
     return bad.with_name(bad.name + REASON_SUFFIX)
 
 
-def mark_bad(path: Path, reason: str, now: float) -> Path:
-    """Rename a waiting file to .BAD, its reason in a text file beside it.
+def mark_bad(path: Path, reason: str, now: float, name: str | None = None) -> Path:
+    """Rename a waiting (or claimed) file to .BAD, its reason in a text file
+    beside it; `name` is its name in the queue (path's own by default).
     The reason is written first: a crash in between leaves the message
-    waiting (and a stray reason file that the next .BAD reuses)."""
-    stem = path.name[:-len(WAITING_EXT)]
+    waiting (and a stray reason file that the next .BAD reuses). Raises
+    SpoolError (FileInUse) or OSError when the rename fails."""
+    name = name or path.name
+    stem = name[:-len(WAITING_EXT)] if is_waiting_name(name) else name
     if len(stem) > 200:         # keep NAME.BAD-reason.txt within 255 characters
         stem = f"{stem[:190]}-{hashlib.sha256(stem.encode()).hexdigest()[:8]}"
     bad = free_name(path.parent, stem, BAD_EXT)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     write_atomic(reason_path(bad), f"{stamp} {reason}\n".encode("utf-8"))
-    os.replace(path, bad)
+    patiently(os.replace, path, bad)
     fsync_folder(path.parent)
     return bad
 
@@ -1213,9 +1377,11 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
                          "`queue` shows it.")
     path = Path(folder) / name
     try:
-        found = path.is_file()
-    except OSError:             # a name too long for the file system
+        found = stat.S_ISREG(os.lstat(path).st_mode)     # never a link, pipe or folder
+    except (OSError, ValueError):       # a name too long for the file system
         found = False
+    if not found and os.path.lexists(claim_path(path)):
+        raise SpoolError(f"{name} is being sent right now; look again in a minute.")
     if not found or not (is_waiting_name(name) or is_bad_name(name)):
         raise SpoolError(f"There is no queued message called {name} in {folder}.")
     return path
@@ -1227,17 +1393,31 @@ def retry_bad(folder: Path, name: str) -> Path:
     if not is_bad_name(name):
         raise SpoolError(f"{name} is already waiting to be sent.")
     target = free_name(bad.parent, name[:-len(BAD_EXT)], WAITING_EXT)
-    os.replace(bad, target)
-    with contextlib.suppress(OSError):
-        reason_path(bad).unlink()
+    try:
+        patiently(os.replace, bad, target)
+    except FileNotFoundError:
+        raise SpoolError(f"{name} was removed meanwhile.") from None
+    except OSError as exc:
+        raise SpoolError(f"{name} cannot be renamed ({exc.strerror or exc}); check the spool "
+                         "folder's permissions.") from None
+    with contextlib.suppress(OSError, SpoolError):
+        patiently(os.unlink, reason_path(bad))
     return target
 
 
 def delete_file(folder: Path, name: str) -> None:
+    """Remove one queued or .BAD file (and its reason). Raises SpoolError;
+    FileInUse says in a sentence what holds the file."""
     path = resolve_in_spool(folder, name)
-    path.unlink()
-    with contextlib.suppress(OSError):
-        reason_path(path).unlink()
+    try:
+        patiently(os.unlink, path)
+    except FileNotFoundError:
+        raise SpoolError(f"{name} was sent or removed meanwhile.") from None
+    except OSError as exc:
+        raise SpoolError(f"{name} cannot be deleted ({exc.strerror or exc}); check the spool "
+                         "folder's permissions.") from None
+    with contextlib.suppress(OSError, SpoolError):
+        patiently(os.unlink, reason_path(path))
 
 
 def remove_stale_parts(folder: Path, now: float) -> None:
@@ -1453,14 +1633,18 @@ class Sender:
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()
         result = CheckResult()
+        for name in recover_claims(self.settings.spool):
+            self.journal.event("recovered", "put back in the queue: a check that had taken it "
+                               "ended before it was sent", name, logging.WARNING)
         files = scan_times(self.settings.spool)
         self._forget_gone({name for name, _, _ in files})
         waits = {} if ignore_waits else {
             r["file"]: r["next_try"] for r in
             self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
         # "Unchanged for a while" is measured by the file system's clock.
+        self._settled = time.time() - STABLE_SECONDS
         batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
-                           settled=time.time() - STABLE_SECONDS)
+                           settled=self._settled)
         if not batch:
             return result
         smtp = None
@@ -1477,7 +1661,7 @@ class Sender:
                         result.problem = exc
                         self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
-                outcome = self._send_one(smtp, item, result, removed)
+                outcome = self._send_file(smtp, item, result, removed)
                 if outcome == Outcome.BROKEN:
                     smtp.close()
                     smtp = None
@@ -1490,15 +1674,57 @@ class Sender:
             self._forget_delivered(removed)
         return result
 
-    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult,
-                  removed: list) -> str:
-        try:
-            raw = item.path.read_bytes()
-        except FileNotFoundError:       # deleted from the queue meanwhile
-            return Outcome.SENT
-        except OSError as exc:          # e.g. still open in another program (Windows)
-            self._later(item, f"the file cannot be read just now ({exc.strerror})", result)
+    def _send_file(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult,
+                   removed: list) -> str:
+        """Claim one file, read it whole, send it; a file neither sent nor
+        .BAD goes back in the queue under its name."""
+        taken = self._take(item, result)
+        if taken is None:
             return Outcome.LATER
+        held, raw = taken
+        try:
+            return self._send_one(smtp, held, raw, result, removed)
+        finally:
+            release(held.path, item.name)
+
+    def _take(self, item: SpoolFile, result: CheckResult) -> tuple[SpoolFile, bytes] | None:
+        """(the file at its claimed path, its bytes), or None when it is set
+        aside (not a plain file, too large), gone, or left for a later check
+        (still held open or still changing)."""
+        try:
+            problem = file_problem(os.lstat(item.path), MAX_MESSAGE_BYTES)
+        except FileNotFoundError:       # deleted from the queue meanwhile
+            return None
+        except OSError as exc:
+            problem = f"it cannot be looked at ({exc.strerror or exc})."
+        if problem:                     # checked before it is opened: never read
+            self._bad(item, f"not sent: {problem}", result)
+            return None
+        try:
+            held = dataclasses.replace(item, path=claim(item.path))
+        except FileNotFoundError:
+            return None
+        except (OSError, SpoolError) as exc:    # e.g. still open in another program (Windows)
+            self._held(item, getattr(exc, "strerror", None) or str(exc), result)
+            return None
+        try:
+            raw = read_regular(held.path, MAX_MESSAGE_BYTES)
+            # The listing's time can be stale (NTFS updates it lazily while a
+            # writer keeps the file open): the claimed file's own time decides.
+            if os.stat(held.path).st_mtime > self._settled:
+                raise FileInUse(f"{item.name} changed a moment ago: another program is "
+                                "still writing it; it is taken at a later check.")
+        except NotAFile as exc:
+            self._bad(held, f"not sent: {exc}", result)
+            return None
+        except (OSError, SpoolError) as exc:
+            release(held.path, item.name)
+            self._held(item, getattr(exc, "strerror", None) or str(exc), result)
+            return None
+        return held, raw
+
+    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, raw: bytes, result: CheckResult,
+                  removed: list) -> str:
         digest = hashlib.sha256(raw).hexdigest()
         if self.db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
                            (item.name, digest)).fetchone():
@@ -1570,12 +1796,15 @@ class Sender:
         """A delivered file leaves the queue; `removed` collects it for
         _forget_delivered."""
         try:
-            item.path.unlink(missing_ok=True)
-        except OSError as exc:
+            patiently(os.unlink, item.path)
+        except FileNotFoundError:
+            pass
+        except (OSError, SpoolError) as exc:
             # Held open by another program (Windows): the ledger row stays, so
             # the file is not sent again, and a later check removes it.
+            why = getattr(exc, "strerror", None) or str(exc)
             self.journal.event("not_removed", f"delivered, but the file cannot be removed just "
-                               f"now ({exc.strerror}); a later check removes it", item.name,
+                               f"now ({why}); a later check removes it", item.name,
                                logging.WARNING)
             return
         removed.append((item.name, digest))
@@ -1584,23 +1813,35 @@ class Sender:
 
     def _bad(self, item: SpoolFile, reason: str, result: CheckResult) -> None:
         try:
-            bad = mark_bad(item.path, reason, self.clock())
+            bad = mark_bad(item.path, reason, self.clock(), item.name)
         except (OSError, SpoolError) as exc:
-            self._later(item, f"{reason} (and it could not be renamed .BAD: {exc})", result)
+            # Never _bad again from here (a file held open, a full disk): it
+            # waits, and a later check tries once more.
+            why = getattr(exc, "strerror", None) or str(exc)
+            self._later(item, f"{reason} (and it could not be renamed .BAD: {why})", result,
+                        give_up=False)
             return
         with self.db:
             self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
-    def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True) -> None:
-        """A temporary failure: try again later, or give up after give_up_after_hours."""
+    def _held(self, item: SpoolFile, why: str, result: CheckResult) -> None:
+        """A file another program still holds, or still writes: left as it
+        is for the next check, with no attempt counted (it was not tried)."""
+        result.deferred += 1
+        self.journal.event("held", f"not taken for now: {why}", item.name, logging.WARNING)
+
+    def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True,
+               give_up: bool = True) -> None:
+        """A temporary failure: try again later, or give up after
+        give_up_after_hours (unless give_up is false: the .BAD rename failed)."""
         now = self.clock()
         row = self.db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
                               (item.name,)).fetchone()
         attempts = (row["attempts"] if row else 0) + 1
         first = row["first_failed"] if row and row["first_failed"] else now
-        if now - first >= self.settings.give_up_seconds:
+        if give_up and now - first >= self.settings.give_up_seconds:
             hours = self.settings.give_up_seconds / 3600
             self._bad(item, f"not delivered after trying for {hours:g} hours; last: {reason}", result)
             return
