@@ -1181,6 +1181,8 @@ def patiently(action: Callable, *args):
 
 
 def in_use_sentence(name: str, exc: OSError) -> str:
+    if is_claim_name(name):
+        name = name[1:-len(CLAIM_SUFFIX)]
     code = getattr(exc, "winerror", None)
     held = "another program has it open" if code in (32, 33) else "Windows refused access to it"
     return (f"{name} is in use: {held} (WinError {code or exc.errno}), for example the library "
@@ -1637,7 +1639,10 @@ class Sender:
             self.journal.event("recovered", "put back in the queue: a check that had taken it "
                                "ended before it was sent", name, logging.WARNING)
         files = scan_times(self.settings.spool)
-        self._forget_gone({name for name, _, _ in files})
+        # A claimed file that could not be put back yet keeps its ledger row.
+        still_claimed = {name[1:-len(CLAIM_SUFFIX)]
+                         for name, _, _ in scan_times(self.settings.spool, is_claim_name)}
+        self._forget_gone({name for name, _, _ in files} | still_claimed)
         waits = {} if ignore_waits else {
             r["file"]: r["next_try"] for r in
             self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
