@@ -527,3 +527,56 @@ def test_a_short_in_use_is_retried_and_then_succeeds(monkeypatch, tmp_path, sink
     assert bg.main(["--config", str(ini), "retry", "m000.BAD"]) == 0
     assert len(fs.pauses) == 3
     assert (settings.spool / "m000.TMP").exists()
+
+
+# -- files that are not messages: checked before they are opened -----------------
+
+POSIX = pytest.mark.skipif(os.name == "nt", reason="FIFOs and /dev/zero are POSIX")
+
+
+def make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def make_sparse(path: Path) -> None:
+    with open(path, "wb") as fh:
+        fh.truncate(40 * 1024 ** 3)             # 40 GB, no disk used
+
+
+def make_dev_zero_link(path: Path) -> None:
+    os.symlink("/dev/zero", path)
+
+
+def make_private_link(path: Path) -> None:
+    secret = path.parent.parent / "secret.txt"
+    secret.write_text("To: thief@example.org\nSubject: the password\n\nS3cret\n")
+    os.chmod(secret, 0o600)
+    os.symlink(secret, path)
+
+
+@POSIX
+@pytest.mark.parametrize("make, reason", [
+    (make_fifo, "not a plain file"),
+    (make_sparse, "the limit here is 40 MB"),
+    (make_dev_zero_link, "link"),
+    (make_private_link, "link"),
+], ids=["fifo", "sparse-40GB", "link-to-dev-zero", "link-to-private-file"])
+def test_a_spool_file_that_is_not_a_message_is_set_aside_unread_and_the_rest_goes(
+        gateway, sink, make, reason):
+    bg.ensure_layout(gateway.ini)
+    queued = queue(gateway.spool, 2)
+    odd = gateway.spool / "odd.TMP"
+    make(odd)
+    os.utime(odd, (time.time() - 60, time.time() - 60), follow_symlinks=False)
+    for _ in range(2):                          # the listing pages too: never blocked
+        gateway.cli("queue", "--json", check=0, timeout=30)
+    r = gateway.cli("send", "--all", timeout=30)
+    assert "2 sent, 1 failed for good" in r.stdout, r.stdout + r.stderr
+    assert_each_once_and_whole(sink, queued)
+    assert sorted(n for n in left_in(gateway.spool) if not n.endswith(".lock")) == [
+        "odd.BAD", "odd.BAD" + bg.REASON_SUFFIX]
+    text = (gateway.spool / ("odd.BAD" + bg.REASON_SUFFIX)).read_text(encoding="utf-8")
+    assert reason in text
+    assert not any("thief" in m.data.decode() for m in sink.messages)
+    log = "".join(p.read_text(encoding="utf-8") for p in (gateway.dir / "logs").glob("*.log"))
+    assert "S3cret" not in log
