@@ -53,6 +53,7 @@ import heapq
 import itertools
 import hmac
 import html
+import io
 import http.server
 import ipaddress
 import json
@@ -252,6 +253,7 @@ templates_folder = templates
 log_folder = logs
 import_folder = import  ; patrons.csv / loans.csv dropped here are imported by `run`
 keep_log_days = 60      ; log files older than this are deleted
+csv_encoding = auto     ; auto (UTF-8, else Excel's cp1252) | utf-8 | cp1252
 """
 
 def _defaults() -> MappingProxyType:
@@ -298,6 +300,7 @@ class Settings:
     log_folder: Path = Path("logs")
     import_folder: Path = Path("import")
     keep_log_days: int = 60
+    csv_encoding: str = "auto"
 
     @property
     def base(self) -> Path:
@@ -457,6 +460,13 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
     s.import_folder = r.path(base, "data", "import_folder")
     s.keep_log_days = r.number("data", "keep_log_days", int, 1, 3650,
                                "Use a number of days such as 60.", 60)
+    s.csv_encoding = r.text("data", "csv_encoding").lower().replace("_", "-") or "auto"
+    if s.csv_encoding in ("utf8", "utf-8-sig"):
+        s.csv_encoding = "utf-8"
+    if s.csv_encoding not in CSV_ENCODINGS:
+        problems.append(ini_problem("data", "csv_encoding", r.text("data", "csv_encoding"),
+                                    "must be auto, utf-8 or cp1252."))
+        s.csv_encoding = "auto"
     for check in SETTINGS_CHECKS:
         check(s, r)
     return s
@@ -1196,18 +1206,9 @@ def read_regular(path: Path, limit: int, head: int | None = None) -> bytes:
     bytes. The bytes read are checked against the size of the open file
     before and after reading, so a file still growing or shrinking is never
     taken for the whole. Raises NotAFile, FileInUse or OSError."""
-    st = os.lstat(path)
-    problem = file_problem(st, limit)
-    if problem:
-        raise NotAFile(problem)
-    flags = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
-             | getattr(os, "O_NONBLOCK", 0))
-    fd = patiently(os.open, path, flags)
-    with open(fd, "rb", closefd=True) as fh:
+    with open_regular(path, limit) as fh:
+        fd = fh.fileno()
         before = os.fstat(fd)
-        problem = file_problem(before, limit)
-        if problem:
-            raise NotAFile(problem)
         want = before.st_size if head is None else min(head, before.st_size)
         data = fh.read(want + (1 if head is None else 0))
         after = os.fstat(fd)
@@ -1219,6 +1220,29 @@ def read_regular(path: Path, limit: int, head: int | None = None) -> bytes:
     return data
 
 
+def open_regular(path: Path, limit: int):
+    """path opened for reading in binary, once lstat has shown a plain file
+    of at most `limit` bytes; opened without following a link (O_NOFOLLOW)
+    and without waiting for a writer (O_NONBLOCK, where the OS has them), and
+    checked again through the open handle. Raises NotAFile, FileInUse or
+    OSError."""
+    problem = file_problem(os.lstat(path), limit)
+    if problem:
+        raise NotAFile(problem)
+    flags = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_NONBLOCK", 0))
+    fd = patiently(os.open, path, flags)
+    try:
+        problem = file_problem(os.fstat(fd), limit)
+    except OSError:
+        os.close(fd)
+        raise
+    if problem:
+        os.close(fd)
+        raise NotAFile(problem)
+    return open(fd, "rb", closefd=True)
+
+
 def file_problem(st: os.stat_result, limit: int) -> str | None:
     """Why a file of this lstat/fstat may not be read, or None."""
     if stat.S_ISLNK(st.st_mode):
@@ -1228,8 +1252,10 @@ def file_problem(st: os.stat_result, limit: int) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "it is not a plain file (a pipe or a device); it was not opened."
     if st.st_size > limit:
+        what = "mail servers refuse larger messages" if limit == MAX_MESSAGE_BYTES else \
+            "a larger file is not an export of a library system"
         return (f"the file is {st.st_size / 1048576:,.0f} MB; the limit here is "
-                f"{limit // 1048576} MB (mail servers refuse larger messages).")
+                f"{limit // 1048576:,} MB ({what}).")
     return None
 
 
@@ -2129,6 +2155,17 @@ IMPORT_CACHE_KB = 64 * 1024
 PROGRESS_FIRST, PROGRESS_EVERY = 5_000, 100_000
 #: The state key holding when the loans snapshot was imported (a timestamp).
 LOANS_IMPORTED_KEY = "loans_imported_at"
+#: A CSV line longer than this is not an export of a library system: the
+#: file is refused without reading the rest (a 10 GB line would fill memory).
+MAX_CSV_LINE = 1024 * 1024
+#: A larger dropped CSV file is refused before it is opened (a million loans
+#: take about 100 MB).
+MAX_CSV_BYTES = 2 * 1024 ** 3
+#: [data] csv_encoding values: auto is UTF-8 (with or without a BOM), else
+#: cp1252, what Excel's "CSV (Comma delimited)" writes on a Windows PC.
+CSV_ENCODINGS = ("auto", "utf-8", "cp1252")
+#: What a refused file may show of itself in logs and mails: this many characters.
+EXCERPT_CHARS = 40
 #: The file names the import folder watches for (any case), in import order:
 #: patrons first, so the loans of a new patron in the same drop are known.
 DROPPED_FILES = (("patrons.csv", "patrons"), ("loans.csv", "loans"))
@@ -2189,40 +2226,117 @@ def sniff_delimiter(header: str) -> str:
     return max(counts, key=counts.get) if any(counts.values()) else ","
 
 
-def csv_records(path: Path, source: str) -> Iterator[tuple[int, list | str]]:
+def excerpt(text) -> str:
+    """A short, escaped quotation of a refused file's line: nothing more of
+    such a file goes into logs or mails."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    text = text.strip()
+    short = text[:EXCERPT_CHARS] + ("..." if len(text) > EXCERPT_CHARS else "")
+    return ascii(short)
+
+
+def csv_bytes_problem(fh, encoding: str) -> tuple[int, str] | None:
+    """(line, what) of the first line of a binary file that is not
+    `encoding` text or is longer than MAX_CSV_LINE; None if there is none.
+    Reads in slices of 1 MB, so a file of any size costs little memory."""
+    line, run, carry = 1, 0, b""
+    while True:
+        chunk = fh.read(1 << 20)
+        data = carry + chunk
+        if not data:
+            return None
+        carry = b""
+        try:
+            data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            if chunk and exc.reason == "unexpected end of data":   # a character cut in two
+                data, carry = data[:exc.start], data[exc.start:]
+            else:
+                at = line + data.count(b"\n", 0, exc.start)
+                start = data.rfind(b"\n", 0, exc.start) + 1
+                return at, f"byte 0x{data[exc.start]:02X} {excerpt(data[start:exc.start + 1])}"
+        # A line between two line ends inside one slice is shorter than the
+        # slice; only the one running on from the slice before can be longer.
+        first, last = data.find(b"\n"), data.rfind(b"\n")
+        if run + (first if first >= 0 else len(data)) > MAX_CSV_LINE:
+            return line, f"longer than {MAX_CSV_LINE:,} bytes"
+        run = len(data) - last - 1 if last >= 0 else run + len(data)
+        line += data.count(b"\n")
+
+
+def csv_encoding(fh, source: str, wanted: str, notes: list) -> str:
+    """The encoding to read a CSV file with ([data] csv_encoding): checked
+    over the whole file first, so that a bad byte names its own line. Raises
+    ImportRefused for a file that is neither, or has an overlong line."""
+    tried = ["utf-8"] if wanted == "auto" else [wanted]
+    if wanted == "auto":
+        tried.append("cp1252")
+    for n, encoding in enumerate(tried):
+        fh.seek(0)
+        problem = csv_bytes_problem(fh, encoding)
+        if problem is None:
+            fh.seek(0)
+            if n:
+                notes.append(f"{source} is not UTF-8: read as Windows-1252 (cp1252), what "
+                             "Excel's 'CSV (Comma delimited)' writes.")
+            return "utf-8-sig" if encoding == "utf-8" else encoding
+        if "longer than" in problem[1]:
+            raise ImportRefused(source, [f"{source} line {problem[0]}: {problem[1]}; this is "
+                                         "not a CSV export."],
+                                "Export the file again from the library system; nothing was "
+                                "imported.")
+        if n == 0:
+            first = problem
+    names = {"utf-8": "UTF-8", "cp1252": "Windows-1252 (cp1252)"}
+    what = " nor ".join(names[e] for e in tried)
+    line, detail = first if wanted == "auto" else problem
+    raise ImportRefused(source, [f"{source} line {line}: this is not {what} text ({detail})."],
+                        "In Excel, use Save As and choose 'CSV UTF-8 (Comma delimited)', or set "
+                        "[data] csv_encoding to the file's encoding; nothing was imported.")
+
+
+def csv_records(path: Path, source: str, encoding: str = "auto",
+                notes: list | None = None) -> Iterator[tuple[int, list | str]]:
     """(first line number, fields) of every record, the header first; blank
     lines are left out and a record the csv module cannot read comes as
-    (line, reason). UTF-8 with or without a BOM. Raises ImportRefused for a
-    file that cannot be opened or is not UTF-8 text."""
+    (line, reason). UTF-8 with or without a BOM, or cp1252 (see
+    csv_encoding; a note saying so goes to `notes`). The file is checked
+    before it is opened (a plain file, not a link) and no line is read
+    longer than MAX_CSV_LINE. Raises ImportRefused for a file that cannot be
+    opened or read as text."""
+    notes = [] if notes is None else notes
     try:
-        fh = open(path, encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise ImportRefused(source, [f"{path} cannot be opened: {exc.strerror or exc}."],
+        raw = open_regular(path, MAX_CSV_BYTES)
+    except NotAFile as exc:
+        raise ImportRefused(source, [f"{source} was not read: {exc}"],
+                            "Drop a plain CSV file instead; nothing was imported.") from None
+    except (OSError, SpoolError) as exc:
+        raise ImportRefused(source, [f"{source} cannot be opened: "
+                                     f"{getattr(exc, 'strerror', None) or exc}."],
                             "Check the file name, and that no other program has it open.") from None
     end = 0
-    with fh:
-        try:
-            first = fh.readline()
-            reader = csv.reader(itertools.chain([first], fh), delimiter=sniff_delimiter(first))
-            while True:
-                try:
-                    fields = next(reader)
-                except StopIteration:
+    with raw:
+        fh = io.TextIOWrapper(raw, encoding=csv_encoding(raw, source, encoding, notes),
+                              newline="")
+        first = fh.readline(MAX_CSV_LINE + 2)
+        lines = iter(lambda: fh.readline(MAX_CSV_LINE + 2), "")
+        reader = csv.reader(itertools.chain([first], lines), delimiter=sniff_delimiter(first))
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                if reader.line_num <= end:      # nothing consumed: cannot go on
+                    yield end + 1, f"cannot be read as CSV ({exc})."
                     return
-                except csv.Error as exc:
-                    if reader.line_num <= end:      # nothing consumed: cannot go on
-                        yield end + 1, f"cannot be read as CSV ({exc})."
-                        return
-                    start, end = end + 1, reader.line_num
-                    yield start, f"cannot be read as CSV ({exc})."
-                    continue
                 start, end = end + 1, reader.line_num
-                if fields and (fields[0].strip() or any(field.strip() for field in fields)):
-                    yield start, fields
-        except UnicodeDecodeError:
-            raise ImportRefused(source, [f"{source} line {end + 1}: this is not UTF-8 text."],
-                                "In Excel, use Save As and choose 'CSV UTF-8 (Comma delimited)'; "
-                                "nothing was imported.") from None
+                yield start, f"cannot be read as CSV ({exc})."
+                continue
+            start, end = end + 1, reader.line_num
+            if fields and (fields[0].strip() or any(field.strip() for field in fields)):
+                yield start, fields
 
 
 def header_columns(what: str, source: str, line: int, fields: list[str]) -> tuple[list, list]:
@@ -2237,7 +2351,8 @@ def header_columns(what: str, source: str, line: int, fields: list[str]) -> tupl
         where.setdefault(name, n)
     missing = [c for c in REQUIRED_COLUMNS[what] if c not in where]
     if missing:
-        found = ", ".join(f.strip() for f in fields if f.strip()) or "nothing"
+        found = excerpt(", ".join(f.strip() for f in fields if f.strip())) \
+            if any(f.strip() for f in fields) else "nothing"
         problems.append(f"{source} line {line}: there is no {' or '.join(missing)} column "
                         f"(the header holds {found}).")
         other = "loans" if what == "patrons" else "patrons"
@@ -2376,7 +2491,7 @@ ROW_CHECKERS = MappingProxyType({"patrons": PatronRows, "loans": LoanRows})
 
 def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False,
                progress: Callable[[str, int], None] | None = None,
-               now: float | None = None) -> ImportResult:
+               now: float | None = None, source: str | None = None) -> ImportResult:
     """Import a patrons or loans CSV file into the database.
 
     Every row is checked first; the good ones wait in a temporary table and
@@ -2385,12 +2500,12 @@ def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False
     unless skip_bad (then they are left out and listed in ``skipped``).
     progress(source, rows) is called now and then on long files."""
     path, now = Path(path), time.time() if now is None else now
-    source = path.name
+    source = source or path.name
     conn = open_db(settings.database)
     conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KB}")
     try:
         result = ImportResult(what, source)
-        checker = stage(conn, settings, what, path, result, progress)
+        checker = stage(conn, settings, what, path, result, progress, source)
         if result.skipped and not skip_bad:
             raise ImportRefused(source, result.skipped,
                                 f"Nothing was imported. Correct these rows and import {source} "
@@ -2408,12 +2523,12 @@ def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False
 
 
 def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
-          result: ImportResult, progress) -> PatronRows | LoanRows:
+          result: ImportResult, progress, source: str | None = None) -> PatronRows | LoanRows:
     """Read and check every row into temp.incoming; bad rows go to
     result.skipped. The temporary table is this connection's own, so the
     database stays free for the sender while a long file is read."""
-    source = path.name
-    records = csv_records(path, source)
+    source = source or path.name
+    records = csv_records(path, source, settings.csv_encoding, result.notes)
     first = next(records, None)
     columns = ", ".join(CSV_COLUMNS[what])
     if first is None:
@@ -2423,7 +2538,8 @@ def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
     if isinstance(header, str):
         raise ImportRefused(source, [f"{source} line {line}: {header}"],
                             f"The first line must name the columns {columns}.")
-    positions, result.notes = header_columns(what, source, line, header)
+    positions, notes = header_columns(what, source, line, header)
+    result.notes += notes
     checker = ROW_CHECKERS[what](conn, settings)
     conn.execute(checker.stage_sql)
     insert = f"INSERT INTO temp.incoming VALUES ({', '.join('?' * len(CSV_COLUMNS[what]))})"
@@ -2488,13 +2604,16 @@ class ImportWatch:
         #: file -> (size, mtime) of a file handled but not moved away
         self.handled: dict[Path, tuple] = {}
         self.created: set[Path] = set()
+        #: file -> (size, mtime) the listing showed when it had settled
+        self.seen: dict[Path, tuple] = {}
 
     def __call__(self, gateway: Gateway, now: float) -> None:
         for path, what in self.ready(gateway.settings.import_folder, now):
-            import_dropped(gateway, path, what, now)
+            if not import_dropped(gateway, path, what, now, self.seen.get(path)):
+                continue                        # held: tried again once it settles
             with contextlib.suppress(OSError):
-                if path.exists():               # it could not be moved away
-                    st = path.stat()
+                if os.path.lexists(path):       # still held, or it could not be moved away
+                    st = os.lstat(path)
                     self.handled[path] = (st.st_size, st.st_mtime_ns)
 
     def ready(self, folder: Path, now: float) -> list[tuple[Path, str]]:
@@ -2503,11 +2622,20 @@ class ImportWatch:
             self.created.add(folder)
             with contextlib.suppress(OSError):
                 folder.mkdir(parents=True, exist_ok=True)
+            # A file `run` had taken when it was stopped goes back under its name.
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                taken = [Path(e.path) for e in entries
+                         if e.name.startswith(".") and e.name.endswith(IMPORTING_SUFFIX)]
+            for path in taken:
+                release(path, path.name[1:-len(IMPORTING_SUFFIX)])
         found = {}
         with contextlib.suppress(OSError), os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_file():
-                    found[entry.name.lower()] = (Path(entry.path), entry.stat())
+                # lstat: a link, a pipe or a folder is seen as what it is (never followed)
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        found[entry.name.lower()] = (Path(entry.path), st)
         ready = []
         for name, what in DROPPED_FILES:
             if name not in found:
@@ -2521,50 +2649,98 @@ class ImportWatch:
                 self.settling[path] = (signature, now)
             elif now - seen[1] >= STABLE_SECONDS:
                 del self.settling[path]
+                self.seen[path] = signature
                 ready.append((path, what))
         return ready
 
 
-def import_dropped(gateway: Gateway, path: Path, what: str, now: float) -> None:
-    """Import one dropped file and move it to done/ or failed/."""
+def take_dropped(journal: Journal, path: Path, seen: tuple | None = None) -> Path | None:
+    """Claim a dropped file before it is read: renamed to its private name,
+    which Windows refuses while the library system still has it open. None
+    when it is held or still changing (it is tried again once it settles)."""
+    claimed = path.with_name("." + path.name + IMPORTING_SUFFIX)
+    try:
+        patiently(os.rename, path, claimed)
+    except FileNotFoundError:
+        return None
+    except (OSError, SpoolError) as exc:
+        journal.event("import", f"{path.name} is not imported yet: "
+                      f"{getattr(exc, 'strerror', None) or exc}", level=logging.WARNING)
+        return None
+    # The listing can be stale (NTFS, while a writer keeps the file open):
+    # the claimed file itself must be what the listing showed settled.
+    with contextlib.suppress(OSError):
+        st = os.lstat(claimed)
+        if seen is not None and (st.st_size, st.st_mtime_ns) != seen:
+            release(claimed, path.name)
+            journal.event("import", f"{path.name} is not imported yet: it is still being "
+                          "written", level=logging.WARNING)
+            return None
+    return claimed
+
+
+def import_dropped(gateway: Gateway, path: Path, what: str, now: float,
+                   seen: tuple | None = None) -> bool:
+    """Import one dropped file and move it to done/ or failed/; False when
+    it was left for later (held by another program, still changing). A
+    link, a pipe or a device is moved to failed/ without being opened."""
     s, journal = gateway.settings, gateway.journal
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    name = path.name
     try:
-        result = import_csv(s, what, path, now=now)
+        problem = file_problem(os.lstat(path), MAX_CSV_BYTES)
+    except OSError:             # gone meanwhile
+        return True
+    taken = path if problem else take_dropped(journal, path, seen)
+    if taken is None:
+        return False
+    try:
+        if problem:
+            raise ImportRefused(name, [f"{name} was not read: {problem}"], "")
+        result = import_csv(s, what, taken, now=now, source=name)
     except ImportRefused as exc:
         problems = exc.problems
     except (OSError, sqlite3.Error) as exc:
-        problems = [f"{path.name} could not be imported: {exc}."]
+        problems = [f"{name} could not be imported: {exc}."]
     else:
+        problems = []
         record_import(journal, result)
-        moved = move_aside(journal, path, s.import_folder / "done", stamp)
+    moved = move_aside(journal, taken, s.import_folder / ("failed" if problems else "done"),
+                       stamp, name)
+    if taken != path and os.path.lexists(taken):        # not moved: back under its name
+        release(taken, name)
+    if not problems:
         if moved:
-            journal.event("import", f"moved {path.name} to {moved}")
+            journal.event("import", f"moved {name} to {moved}")
         prune_folder(s.import_folder / "done", s.keep_log_days, now)
-        return
-    moved = move_aside(journal, path, s.import_folder / "failed", stamp)
-    report = moved.with_suffix(".txt") if moved else path.with_name(path.name + ".txt")
-    lines = [f"{path.name}, found in {s.import_folder} at {fmt_time(now)}, was NOT imported; "
+        return True
+    report = moved.with_suffix(".txt") if moved else path.with_name(name + ".txt")
+    lines = [f"{name}, found in {s.import_folder} at {fmt_time(now)}, was NOT imported; "
              "nothing was changed.",
              "Correct the rows below (in the library system, or in the file) and drop the "
              f"file into {s.import_folder} again.", "", *problems]
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, SpoolError):
         write_atomic(report, ("\n".join(lines) + "\n").encode("utf-8"))
-    journal.event("import_failed", f"{path.name} was NOT imported ({len(problems)} problem(s), "
+    journal.event("import_failed", f"{name} was NOT imported ({len(problems)} problem(s), "
                   f"the first: {problems[0]}); the file and the list of problems are in "
                   f"{report.parent}", level=logging.ERROR)
+    return True
 
 
-def move_aside(journal: Journal, path: Path, folder: Path, stamp: str) -> Path | None:
-    """Move a handled file to folder as NAME-STAMP.csv; None if it cannot be."""
+def move_aside(journal: Journal, path: Path, folder: Path, stamp: str,
+               name: str | None = None) -> Path | None:
+    """Move a handled file (`name` in the import folder) to folder as
+    NAME-STAMP.csv; None if it cannot be."""
+    name = name or path.name
+    stem, suffix = os.path.splitext(name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        target = free_name(folder, f"{path.stem}-{stamp}", path.suffix)
-        os.replace(path, target)
-    except OSError as exc:
-        journal.event("import_failed", f"{path.name} could not be moved to {folder} "
-                      f"({exc.strerror or exc}); it is not imported again until it changes",
-                      level=logging.ERROR)
+        target = free_name(folder, f"{stem}-{stamp}", suffix)
+        patiently(os.replace, path, target)
+    except (OSError, SpoolError) as exc:
+        journal.event("import_failed", f"{name} could not be moved to {folder} "
+                      f"({getattr(exc, 'strerror', None) or exc}); it is not imported again "
+                      "until it changes", level=logging.ERROR)
         return None
     return target
 

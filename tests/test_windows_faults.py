@@ -580,3 +580,138 @@ def test_a_spool_file_that_is_not_a_message_is_set_aside_unread_and_the_rest_goe
     assert not any("thief" in m.data.decode() for m in sink.messages)
     log = "".join(p.read_text(encoding="utf-8") for p in (gateway.dir / "logs").glob("*.log"))
     assert "S3cret" not in log
+
+
+# -- the import folder: claimed before it is read, checked before it is opened ---
+
+NOON = 1772449200.0          # 2026-03-02 12:00 UTC; only differences matter here
+PATRONS_CSV = ("patron_id,name,email,guardian_email,group,auto_overdue\r\n"
+               "P1,Ann Smith,ann@example.org,,7A,yes\r\nP2,Bob Jones,,,7A,no\r\n")
+
+
+class StepClock:
+    def __init__(self, start):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
+def import_gateway(tmp_path):
+    clock = StepClock(NOON)
+    gw = bg.Gateway(write_ini(tmp_path / "gw"), clock=clock)
+    return gw, clock, bg.ImportWatch()
+
+
+def settle(gw, clock, watcher, rounds=2):
+    for _ in range(rounds):
+        watcher(gw, clock())
+        clock.now += bg.STABLE_SECONDS + 1
+
+
+def patron_ids(gw):
+    return [r[0] for r in gw.journal.db.execute("SELECT patron_id FROM patrons ORDER BY 1")]
+
+
+def everything_logged(gw) -> str:
+    events = " ".join(r["detail"] for r in gw.journal.db.execute("SELECT detail FROM events"))
+    files = "".join(p.read_text(encoding="utf-8", errors="replace")
+                    for folder in (gw.settings.log_folder, gw.settings.import_folder / "failed")
+                    if folder.exists() for p in folder.iterdir() if p.suffix in (".log", ".txt"))
+    return events + files
+
+
+def test_a_dropped_file_held_by_its_writer_is_imported_once_it_is_free(monkeypatch, tmp_path):
+    gw, clock, watcher = import_gateway(tmp_path)
+    folder = gw.settings.import_folder
+    folder.mkdir(exist_ok=True)
+    fs = WindowsFS(monkeypatch, folder)
+    path = folder / "patrons.csv"
+    path.write_text(PATRONS_CSV[:60], encoding="utf-8")     # half a file, still open
+    fs.writing.add("patrons.csv")
+    settle(gw, clock, watcher, rounds=3)
+    assert patron_ids(gw) == [] and path.exists()
+    assert not (folder / "failed").exists()                 # not refused: waiting
+    with fs.real_open(path, "w", encoding="utf-8") as fh:
+        fh.write(PATRONS_CSV)
+    fs.calm()
+    settle(gw, clock, watcher)
+    assert patron_ids(gw) == ["P1", "P2"] and not path.exists()
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_dropped_file_behind_a_stale_listing_is_not_imported_half_way(monkeypatch, tmp_path):
+    gw, clock, watcher = import_gateway(tmp_path)
+    folder = gw.settings.import_folder
+    folder.mkdir(exist_ok=True)
+    fs = WindowsFS(monkeypatch, folder)
+    path = folder / "patrons.csv"
+    path.write_text(PATRONS_CSV[:90], encoding="utf-8")     # the header and half of P1
+    fs.stale["patrons.csv"] = (NOON - 3600, 30)
+    settle(gw, clock, watcher, rounds=3)
+    assert patron_ids(gw) == [] and path.exists() and not (folder / "failed").exists()
+    path.write_text(PATRONS_CSV, encoding="utf-8")
+    del fs.stale["patrons.csv"]
+    settle(gw, clock, watcher)
+    assert patron_ids(gw) == ["P1", "P2"]
+
+
+def test_a_file_run_had_taken_when_it_was_stopped_is_imported_at_the_next_start(tmp_path):
+    gw, clock, watcher = import_gateway(tmp_path)
+    folder = gw.settings.import_folder
+    folder.mkdir(exist_ok=True)
+    (folder / (".patrons.csv" + bg.IMPORTING_SUFFIX)).write_text(PATRONS_CSV, encoding="utf-8")
+    settle(gw, clock, watcher, rounds=3)
+    assert patron_ids(gw) == ["P1", "P2"]
+
+
+@POSIX
+@pytest.mark.parametrize("make, words", [
+    (make_fifo, "not a plain file"),
+    (make_dev_zero_link, "link"),
+    (make_private_link, "link"),
+], ids=["fifo", "link-to-dev-zero", "link-to-private-file"])
+def test_a_dropped_name_that_is_not_a_plain_file_is_refused_unread(tmp_path, make, words):
+    gw, clock, watcher = import_gateway(tmp_path)
+    folder = gw.settings.import_folder
+    folder.mkdir(exist_ok=True)
+    make(folder / "patrons.csv")
+    os.utime(folder / "patrons.csv", (NOON - 60, NOON - 60), follow_symlinks=False)
+    settle(gw, clock, watcher, rounds=3)                    # never blocks, never reads
+    failed = sorted(p.name for p in (folder / "failed").iterdir())
+    assert len(failed) == 2 and failed[1].endswith(".txt")
+    assert words in (folder / "failed" / failed[1]).read_text(encoding="utf-8")
+    assert "S3cret" not in everything_logged(gw) and "thief" not in everything_logged(gw)
+
+
+@pytest.mark.parametrize("gigabytes, words", [
+    (1.5, "loans.csv line 2: longer than 1,048,576 bytes"),
+    (10, "the file is 10,240 MB; the limit here is 2,048 MB"),
+])
+def test_a_gigabyte_line_is_refused_without_reading_it_whole(tmp_path, gigabytes, words):
+    """One line of NUL bytes (a sparse file: no disk used) read as a whole
+    line filled the memory at every attempt."""
+    gw, clock, watcher = import_gateway(tmp_path)
+    folder = gw.settings.import_folder
+    folder.mkdir(exist_ok=True)
+    path = folder / "loans.csv"
+    with open(path, "wb") as fh:
+        fh.write(b"patron_id,barcode,title,due_date\r\nP1,B1,")
+        fh.truncate(int(gigabytes * 1024 ** 3))
+    os.utime(path, (NOON - 60, NOON - 60))
+    settle(gw, clock, watcher, rounds=3)
+    [report] = [p for p in (folder / "failed").iterdir() if p.suffix == ".txt"]
+    assert words in report.read_text(encoding="utf-8")
+
+
+def test_a_refused_file_shows_only_a_short_escaped_excerpt(tmp_path):
+    gw, clock, watcher = import_gateway(tmp_path)
+    folder = gw.settings.import_folder
+    folder.mkdir(exist_ok=True)
+    secret = "root:$6$saltsalt$" + "x" * 80 + "\x1b[2J:18000:0:99999:7:::"
+    (folder / "patrons.csv").write_text(secret + "\n", encoding="utf-8")
+    os.utime(folder / "patrons.csv", (NOON - 60, NOON - 60))
+    settle(gw, clock, watcher, rounds=3)
+    logged = everything_logged(gw)
+    assert "the header holds 'root:$6$saltsalt$xxx" in logged
+    assert "\x1b" not in logged and "x" * 41 not in logged and "99999" not in logged
