@@ -5646,6 +5646,19 @@ def console_to_log(folder: Path) -> None:
             stream.folder = Path(folder)
 
 
+def safe_output() -> None:
+    """print() never fails on a character the console or a redirected file
+    cannot show: Windows writes redirected output in the ANSI code page
+    (cp1252, strict), and a patron called Łukasz ended `letters` with a
+    UnicodeEncodeError after the letters were queued. Such a character is
+    written as \\u0141 instead; the encoding itself is left as chosen."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(ValueError, OSError):    # a closed or odd stream
+                stream.reconfigure(errors="backslashreplace")
+
+
 def has_console() -> bool:
     return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
 
@@ -6261,6 +6274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     console_to_log(early_log_folder(argv))      # pythonw.exe: no console, so to logs/
+    safe_output()
     args = build_parser().parse_args(argv)
     ini = Path(args.config) if args.config else Path(__file__).resolve().with_name("bibliogate.ini")
     try:

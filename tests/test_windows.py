@@ -635,3 +635,23 @@ def test_with_no_console_errors_before_the_settings_are_read_land_in_the_log(gat
     log = log_text(gateway.dir)
     assert "CONSOLE The settings need attention before this can run:" in log
     assert "CONSOLE   bibliogate.ini [smtp] host = '': not set." in log
+
+
+# -- output a console or a redirected file cannot show ------------------------------
+
+def test_output_redirected_in_cp1252_never_crashes_on_a_name_it_cannot_show(gateway):
+    """Windows writes redirected output in the ANSI code page (cp1252) and
+    refuses what it cannot encode; the suite's usual PYTHONIOENCODING=utf-8
+    is left out on purpose."""
+    bg.ensure_layout(gateway.ini)
+    (gateway.spool / "m.TMP").write_bytes(eml(to="lukasz@example.org",
+                                              subject="Ksi\u0105\u017cki dla \u0141ukasza"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8")}
+    env["PYTHONIOENCODING"] = "cp1252"
+    for command in (["queue"], ["status"], ["delete", "nothing.TMP"]):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(gateway.ini),
+                               *command], capture_output=True, env=env, timeout=60)
+        out, err = proc.stdout.decode("cp1252"), proc.stderr.decode("cp1252")
+        assert "Traceback" not in err and "UnicodeEncodeError" not in err, err
+        if command == ["queue"]:
+            assert proc.returncode == 0 and "\\u0141ukasza" in out and "m.TMP" in out
