@@ -5596,6 +5596,19 @@ RESTART_INTERVAL, RESTART_COUNT = "PT1M", 255
 RESTART_CHECK = "PT5M"
 #: The same unexpected error this many ticks in a row ends `run` (status 1).
 TICK_ERROR_LIMIT = 10
+#: Windows' MAX_PATH: Task Scheduler, and Python without the long-path
+#: setting, cannot start a program or open a file by a longer path.
+MAX_WINDOWS_PATH = 260
+#: The Administrators group, named by its SID so that icacls works in every
+#: language of Windows ("Administratoren", "Administrateurs" ...).
+ADMINISTRATORS_SID = "S-1-5-32-544"
+#: The local group of the librarian and the library system's account: it may
+#: queue messages (modify the spool and the import folder) and read the logs,
+#: nothing else. install-task creates it; the README says who belongs in it.
+USERS_GROUP = "BiblioGate Users"
+#: Open files the systemd unit allows: the page's connections and the
+#: database, beside the default 1,024 a connection flood used up.
+UNIT_NOFILE = 8192
 
 
 class ConsoleLog:
@@ -5769,6 +5782,9 @@ class TaskPlan:
     script: Path
     ini: Path
     user: str
+    #: The folders `run` writes in (data, spool, logs, import): systemd's
+    #: ReadWritePaths and the ACLs of install-task.
+    writable: tuple = ()
 
     @property
     def folder(self) -> Path:
@@ -5780,8 +5796,10 @@ class TaskPlan:
 
     @property
     def arguments(self) -> str:
-        """The task's command line after the program, every path quoted."""
-        return f'"{self.script}" --config "{self.ini}" run'
+        """The task's command line after the program, every path quoted;
+        -I (isolated): no folder of the script or the current one on
+        sys.path before the standard library, no PYTHON* variables."""
+        return f'-I "{self.script}" --config "{self.ini}" run'
 
 
 def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOWS,
@@ -5802,7 +5820,23 @@ def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOW
         if '"' in str(path) or "\n" in str(path):
             raise UsageError(f"{path} has a quote or a line break in its name, which a command "
                              "line cannot carry; move BiblioGate to a folder with a plain name.")
+    if windows:
+        windows_plan_problems(plan)
     return plan
+
+
+def windows_plan_problems(plan: TaskPlan) -> None:
+    """Refuse, before anything is registered, what the task could not start."""
+    if "WindowsApps" in plan.program.parts or "windowsapps" in str(plan.program).lower():
+        raise UsageError(f"{plan.program} is the Microsoft Store Python, which a scheduled "
+                         "task running as SYSTEM cannot start. Install Python from python.org "
+                         "(for all users), then run install-task with that python.exe.")
+    for path in (plan.program, plan.script, plan.ini, *plan.writable):
+        if len(str(path)) >= MAX_WINDOWS_PATH:
+            raise UsageError(f"{str(path)[:60]}... is {len(str(path))} characters long; Windows "
+                             f"cannot start a task or open a file by a path of "
+                             f"{MAX_WINDOWS_PATH} or more. Move BiblioGate to a shorter folder, "
+                             "such as C:\\BiblioGate.")
 
 
 def _current_user() -> str:
@@ -5866,7 +5900,7 @@ def task_xml(plan: TaskPlan, now: float | None = None) -> str:
                        ("ExecutionTimeLimit", "PT0S"), ("Priority", "7")):
         add(settings, tag, value)
     run = add(add(task, "Actions", Context="Author"), "Exec")
-    add(run, "Command", str(plan.program))
+    add(run, "Command", f'"{plan.program}"')      # C:\\Program Files\\...: never split at a space
     add(run, "Arguments", plan.arguments)
     add(run, "WorkingDirectory", str(plan.folder))
     ET.indent(task, space="  ")
@@ -5890,7 +5924,8 @@ def systemd_unit(plan: TaskPlan) -> str:
     """The Linux counterpart of the scheduled task: a systemd service that
     starts at boot and again a minute after `run` ends with an error."""
     name = TASK_NAME.lower()
-    start = " ".join(systemd_word(str(p)) for p in (plan.program, plan.script))
+    start = " ".join(systemd_word(str(p)) for p in (plan.program, "-I", plan.script))
+    writable = " ".join(systemd_word(str(p)) for p in plan.writable or (plan.folder,))
     return f"""\
 # BiblioGate, the library's email gateway: started at boot, and again a minute
 # after it stops with an error. Written by `bibliogate.py install-task`.
@@ -5900,7 +5935,7 @@ def systemd_unit(plan: TaskPlan) -> str:
 # Remove:  `bibliogate.py uninstall-task` prints the commands.
 
 [Unit]
-Description=BiblioGate email gateway ({plan.ini})
+Description=BiblioGate email gateway ({str(plan.ini).replace("%", "%%")})
 Wants=network-online.target
 After=network-online.target
 
@@ -5913,7 +5948,13 @@ Restart=on-failure
 RestartSec=60
 # A stop lets the message in flight finish first.
 TimeoutStopSec=120
-Environment=PYTHONIOENCODING=utf-8
+# Files and folders BiblioGate creates are its own account's only (0600/0700).
+UMask=0077
+LimitNOFILE={UNIT_NOFILE}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={writable}
+PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target
@@ -5942,12 +5983,21 @@ def install_task(settings: Settings, user: str | None = None, print_only: bool =
     runner(argv, quiet=False) runs schtasks and returns its exit status (tests
     pass a recorder). Raises BibliogateError when schtasks refuses."""
     plan = task_plan(settings.ini_path, user, windows)
+    plan = dataclasses.replace(plan, writable=writable_folders(settings))
+    if windows:
+        windows_plan_problems(plan)
+    warning = network_database_warning(settings)
+    if warning:
+        print(f"Warning: {warning}")
     if not windows:
         return _install_systemd(settings, plan, print_only)
     text = task_xml(plan, now)
     if print_only:
         print(text, end="")
+        for argv in acl_commands(plan, settings):
+            print(" ".join(f'"{a}"' if " " in a else a for a in argv))
         return 0
+    set_acls(plan, settings, runner)
     xml_path = settings.base / TASK_XML_FILE
     try:
         xml_path.write_bytes(task_xml_bytes(text))
@@ -5968,9 +6018,6 @@ def install_task(settings: Settings, user: str | None = None, print_only: bool =
     print(f"Registered the scheduled task {TASK_NAME}: it starts BiblioGate one minute after "
           f"every boot, as {who}, and again within {RESTART_CHECK[2:-1]} minutes whenever it "
           "has stopped.")
-    if "WindowsApps" in plan.program.parts:
-        print("Warning: this Python is the Microsoft Store one, which the task may not be able "
-              "to start. Install Python from python.org and run install-task with that python.")
     if run_is_active(settings.ini_path):
         print("A BiblioGate `run` for these settings is active now, probably in a Command "
               "Prompt window: stop it with Ctrl+C, and the task takes over within "
@@ -5984,6 +6031,75 @@ def install_task(settings: Settings, user: str | None = None, print_only: bool =
     for problem in settings.problems:
         print(f"Before messages go out, fix this: {problem}")
     return 0
+
+
+def writable_folders(settings: Settings) -> tuple:
+    """The folders `run` writes in, none inside another of them."""
+    folders = sorted({settings.base, settings.database.parent, settings.spool,
+                      settings.log_folder, settings.import_folder}, key=lambda p: len(p.parts))
+    kept: list[Path] = []
+    for folder in folders:
+        if not any(folder == k or k in folder.parents for k in kept):
+            kept.append(folder)
+    return tuple(kept)
+
+
+def network_database_warning(settings: Settings) -> str | None:
+    """SQLite's WAL mode needs shared memory on the same computer: a
+    database on a network share (\\\\server\\share\\...) can be corrupted."""
+    value = settings.get("data", "database").strip()
+    if value.startswith(("\\\\", "//")) or str(settings.database).startswith("\\\\"):
+        return (f"[data] database = {value} is on a network share; SQLite cannot use it safely "
+                "there (its write-ahead log needs a local disk). Keep the database on a local "
+                "disk of this server.")
+    return None
+
+
+def acl_commands(plan: TaskPlan, settings: Settings) -> list[list[str]]:
+    """The icacls command lines that make BiblioGate's folders writable only
+    by SYSTEM and the Administrators (and the task's account, if another):
+    no other account may change the program (it runs as SYSTEM) or read the
+    ini (it holds the SMTP password). The USERS_GROUP may modify the spool
+    and the import folder (to queue messages and drop CSV files) and read
+    the logs. Files inherit from their folder, so a Save from the page or a
+    new spool file gets the same rights."""
+    owners = [f"*{SYSTEM_SID}:(OI)(CI)F", f"*{ADMINISTRATORS_SID}:(OI)(CI)F"]
+    if not plan.as_system:
+        owners.append(f"{plan.user}:(OI)(CI)M")
+    lock = ["/inheritance:r", "/grant:r", *owners]
+    commands, done = [], set()
+    for folder in (plan.script.parent, *plan.writable):
+        if folder not in done:
+            done.add(folder)
+            commands.append(["icacls", str(folder), *lock])
+    for path in (plan.ini, settings.database):    # explicit, in case they were shared before
+        commands.append(["icacls", str(path), "/inheritance:r", "/grant:r",
+                         *(o.replace("(OI)(CI)", "") for o in owners)])
+    commands.append(["icacls", str(settings.spool), "/grant", f"{USERS_GROUP}:(OI)(CI)M"])
+    commands.append(["icacls", str(settings.import_folder), "/grant",
+                     f"{USERS_GROUP}:(OI)(CI)M"])
+    commands.append(["icacls", str(settings.log_folder), "/grant", f"{USERS_GROUP}:(OI)(CI)RX"])
+    return commands
+
+
+def set_acls(plan: TaskPlan, settings: Settings, runner: Callable[..., int]) -> None:
+    """Create USERS_GROUP (if it is not there) and run acl_commands, each
+    printed first. Raises BibliogateError, before the task is registered,
+    when one fails."""
+    with contextlib.suppress(OSError):
+        settings.import_folder.mkdir(parents=True, exist_ok=True)
+    runner(["net", "localgroup", USERS_GROUP, "/add", "/comment:May queue messages for "
+            "BiblioGate and read its logs"], quiet=True)        # fails harmlessly if it exists
+    for argv in acl_commands(plan, settings):
+        print(" ".join(f'"{a}"' if " " in a else a for a in argv))
+        if runner(argv) != 0:
+            raise BibliogateError(f"Windows did not change the permissions of {argv[1]} (icacls "
+                                  "said why, above); nothing was registered. Open a Command "
+                                  "Prompt with \"Run as administrator\" and run this again.")
+    print(f"Permissions set: only SYSTEM and the Administrators may change BiblioGate's "
+          f"folders or read the ini; the group \"{USERS_GROUP}\" may queue messages "
+          f"({settings.spool}), drop CSV files ({settings.import_folder}) and read the logs "
+          f"({settings.log_folder}). Add the librarian and the library system's account to it.")
 
 
 def _install_systemd(settings: Settings, plan: TaskPlan, print_only: bool) -> int:
@@ -6300,5 +6416,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def private_files() -> None:
+    """POSIX: every file BiblioGate creates (the ini and its temporary file,
+    the database, logs, spool files, letters) is its own account's only,
+    0600, and every folder 0700, from the first byte. (On Windows the
+    folders' ACLs, set by install-task, do this.)"""
+    if os.name != "nt":
+        os.umask(0o077)
+
+
 if __name__ == "__main__":
+    private_files()
     sys.exit(main())

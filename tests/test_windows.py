@@ -288,9 +288,12 @@ def test_task_starts_at_boot_and_again_whenever_run_has_stopped(tmp_path):
     assert text(principal, "t:UserId") == "S-1-5-18"
     assert principal.find("t:LogonType", NS) is None       # the service account needs none
     run = root.find("t:Actions/t:Exec", NS)
-    assert text(run, "t:Command") == str(tmp_path / "Library Server" / "Python39" / "pythonw.exe")
+    # Quoted: C:\Program Files\... is never split at its space; -I: isolated
+    # mode, so no json.py dropped beside the script runs as SYSTEM.
+    assert text(run, "t:Command") == \
+        f'"{tmp_path / "Library Server" / "Python39" / "pythonw.exe"}"'
     ini = (tmp_path / "Library Server" / "bibliogate.ini").resolve()
-    assert text(run, "t:Arguments") == f'"{SCRIPT.resolve()}" --config "{ini}" run'
+    assert text(run, "t:Arguments") == f'-I "{SCRIPT.resolve()}" --config "{ini}" run'
     assert text(run, "t:WorkingDirectory") == str(ini.parent)
 
 
@@ -333,7 +336,7 @@ def test_install_task_registers_the_definition_with_schtasks_and_starts_it(tmp_p
     schtasks = Recorder()
     assert bg.install_task(settings, windows=True, runner=schtasks) == 0
     xml_path = settings.base / bg.TASK_XML_FILE
-    assert schtasks.calls == [
+    assert [c for c in schtasks.calls if c[0] == "schtasks"] == [
         ["schtasks", "/Create", "/TN", "BiblioGate", "/XML", str(xml_path), "/F", "/RU", "SYSTEM"],
         ["schtasks", "/Run", "/TN", "BiblioGate"]]
     assert schtasks.xml[:2] == b"\xff\xfe" and schtasks.xml == xml_path.read_bytes()
@@ -343,11 +346,81 @@ def test_install_task_registers_the_definition_with_schtasks_and_starts_it(tmp_p
     assert any("registered the scheduled task" in d for d in events(settings.database, "setup"))
 
 
+def test_install_task_makes_the_folders_writable_only_by_system_and_administrators(
+        tmp_path, capsys):
+    """Any logged-on user could edit bibliogate.py, or drop a json.py beside
+    it, and have it run as SYSTEM; or read the SMTP password in the ini."""
+    settings = settings_in(tmp_path / "gw", gateway__spool_folder=str(tmp_path / "queue"))
+    schtasks = Recorder()
+    bg.install_task(settings, windows=True, runner=schtasks)
+    programs = [c[0] for c in schtasks.calls]
+    assert programs.index("icacls") < programs.index("schtasks")     # before the task exists
+    icacls = [c for c in schtasks.calls if c[0] == "icacls"]
+    owners = ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F"]
+    locked = {c[1] for c in icacls if c[2:] == owners}
+    assert {str(SCRIPT.parent), str(settings.base), str(tmp_path / "queue")} <= locked
+    for path in (settings.ini_path, settings.database):
+        assert ["icacls", str(path), "/inheritance:r", "/grant:r", "*S-1-5-18:F",
+                "*S-1-5-32-544:F"] in icacls
+    group = bg.USERS_GROUP
+    assert ["icacls", str(tmp_path / "queue"), "/grant", f"{group}:(OI)(CI)M"] in icacls
+    assert ["icacls", str(settings.log_folder), "/grant", f"{group}:(OI)(CI)RX"] in icacls
+    assert ["net", "localgroup", group, "/add"] == schtasks.calls[0][:4]
+    out = capsys.readouterr().out
+    assert f'icacls "{settings.log_folder}" /grant "{group}:(OI)(CI)RX"' in out \
+        or f'icacls {settings.log_folder} /grant "{group}:(OI)(CI)RX"' in out
+    assert "Permissions set" in out
+
+
+def test_an_icacls_failure_registers_nothing(tmp_path):
+    settings = settings_in(tmp_path / "gw")
+    calls = []
+
+    def refuse_icacls(argv, quiet=False):
+        calls.append(argv)
+        return 5 if argv[0] == "icacls" else 0
+    with pytest.raises(bg.BibliogateError, match="nothing was registered"):
+        bg.install_task(settings, windows=True, runner=refuse_icacls)
+    assert not [c for c in calls if c[0] == "schtasks"]
+
+
+@pytest.mark.parametrize("where, words", [
+    ("WindowsApps", "Microsoft Store Python"),
+    ("long", "characters long"),
+])
+def test_a_python_or_a_folder_the_task_cannot_start_is_refused_before_registering(
+        tmp_path, where, words):
+    settings = settings_in(tmp_path / "gw")
+    if where == "long":
+        deep = tmp_path
+        while len(str(deep)) < 270:
+            deep = deep / ("d" * 40)
+        settings = settings_in(deep)
+        exe = tmp_path / "Python39" / "python.exe"
+    else:
+        exe = tmp_path / "Program Files" / "WindowsApps" / "Python3.12" / "python.exe"
+    schtasks = Recorder()
+    with pytest.raises(bg.UsageError, match=words):
+        bg.task_plan(settings.ini_path, windows=True, executable=str(exe))
+    monkey_exe = str(exe)
+    with pytest.raises(bg.UsageError, match=words):
+        bg.windows_plan_problems(bg.task_plan(settings.ini_path, windows=False,
+                                              executable=monkey_exe))
+    assert schtasks.calls == []
+
+
+def test_a_database_on_a_network_share_is_warned_about(tmp_path, capsys):
+    settings = settings_in(tmp_path / "gw", data__database=r"\\fileserver\library\bibliogate.db")
+    assert "network share" in bg.network_database_warning(settings)
+    assert bg.network_database_warning(settings_in(tmp_path / "local")) is None
+
+
 def test_install_task_for_an_account_lets_schtasks_ask_its_password(tmp_path):
     settings = settings_in(tmp_path / "gw")
     schtasks = Recorder()
     bg.install_task(settings, user=r"SCHOOL\bib-svc", windows=True, runner=schtasks)
-    assert schtasks.calls[0][-4:] == ["/RU", r"SCHOOL\bib-svc", "/RP", "*"]
+    [create] = [c for c in schtasks.calls if "/Create" in c]
+    assert create[-4:] == ["/RU", r"SCHOOL\bib-svc", "/RP", "*"]
     assert text(parse_task(schtasks.xml), "t:Principals/t:Principal/t:LogonType") == "Password"
 
 
@@ -357,7 +430,7 @@ def test_install_task_refused_by_windows_says_what_to_do(tmp_path):
     with pytest.raises(bg.BibliogateError, match="Run as administrator") as caught:
         bg.install_task(settings, windows=True, runner=schtasks)
     assert str(settings.base / bg.TASK_XML_FILE) in str(caught.value)
-    assert len(schtasks.calls) == 1                 # nothing started
+    assert [c[1] for c in schtasks.calls if c[0] == "schtasks"] == ["/Create"]   # nothing started
 
 
 def test_install_task_leaves_a_running_gateway_alone(tmp_path, capsys):
@@ -369,7 +442,7 @@ def test_install_task_leaves_a_running_gateway_alone(tmp_path, capsys):
         bg.install_task(settings, windows=True, runner=schtasks)
     finally:
         holder.release()
-    assert [c[1] for c in schtasks.calls] == ["/Create"]         # no second `run`
+    assert [c[1] for c in schtasks.calls if c[0] == "schtasks"] == ["/Create"]  # no second run
     assert "Ctrl+C" in capsys.readouterr().out
 
 
@@ -379,7 +452,9 @@ def test_install_task_print_only_shows_the_definition_and_registers_nothing(tmp_
     bg.install_task(settings, print_only=True, windows=True, runner=schtasks)
     out = capsys.readouterr().out
     assert schtasks.calls == [] and not (settings.base / bg.TASK_XML_FILE).exists()
-    check_schema(ET.fromstring(out.split("?>", 1)[1]))
+    xml_text, _, acls = out.partition("</Task>")
+    check_schema(ET.fromstring(xml_text.split("?>", 1)[1] + "</Task>"))
+    assert "icacls" in acls                     # the permissions it would set, shown
 
 
 def test_uninstall_task_stops_and_removes_the_task(tmp_path, capsys):
@@ -412,9 +487,24 @@ def test_systemd_unit_restarts_run_when_it_fails(tmp_path):
     assert service["User"] == "bib"
     assert service["WorkingDirectory"] == str(folder.resolve()).replace("%", "%%")
     words = [w.replace("%%", "%") for w in shlex.split(service["ExecStart"])]
-    assert words == ["/usr/bin/python3", str(SCRIPT.resolve()), "--config",
+    assert words == ["/usr/bin/python3", "-I", str(SCRIPT.resolve()), "--config",
                      str(folder.resolve() / "bibliogate.ini"), "run"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # A % in a folder's name is a systemd specifier unless doubled, here too.
+    assert unit["Unit"]["Description"].endswith("library 100%%/bibliogate.ini)")
+
+
+def test_systemd_unit_is_hardened_and_may_write_only_its_folders(tmp_path):
+    settings = settings_in(tmp_path / "gw 100%", gateway__spool_folder=str(tmp_path / "q"))
+    plan = bg.task_plan(settings.ini_path, "bib", windows=False, executable="/usr/bin/python3")
+    plan = bg.dataclasses.replace(plan, writable=bg.writable_folders(settings))
+    service = unit_values(bg.systemd_unit(plan))["Service"]
+    assert int(service["LimitNOFILE"]) >= 4096
+    assert (service["NoNewPrivileges"], service["ProtectSystem"], service["PrivateTmp"]) == \
+        ("yes", "strict", "yes")
+    assert service["UMask"] == "0077"
+    paths = [w.replace("%%", "%") for w in shlex.split(service["ReadWritePaths"])]
+    assert sorted(paths) == sorted([str(settings.base), str(tmp_path / "q")])  # the rest: inside
 
 
 def test_install_task_and_uninstall_task_on_the_command_line(gateway):
@@ -423,7 +513,10 @@ def test_install_task_and_uninstall_task_on_the_command_line(gateway):
         assert printed.startswith('<?xml version="1.0" encoding="UTF-16"?>')
         return
     removed = gateway.cli("uninstall-task", check=0).stdout
-    assert "Restart=on-failure" in printed and f"ExecStart={sys.executable}" in printed
+    exec_start = next(line for line in printed.splitlines() if line.startswith("ExecStart="))
+    program = shlex.split(exec_start[len("ExecStart="):])[0]
+    # The same program, however pytest was started (a relative venv path, a link).
+    assert "Restart=on-failure" in printed and os.path.samefile(program, sys.executable)
     assert not (gateway.dir / "bibliogate.service").exists()            # --print writes nothing
     assert "systemctl disable --now bibliogate" in removed
     out = gateway.cli("install-task", check=0).stdout
@@ -655,3 +748,23 @@ def test_output_redirected_in_cp1252_never_crashes_on_a_name_it_cannot_show(gate
         assert "Traceback" not in err and "UnicodeEncodeError" not in err, err
         if command == ["queue"]:
             assert proc.returncode == 0 and "\\u0141ukasza" in out and "m.TMP" in out
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes; Windows uses the ACLs of install-task")
+def test_files_and_folders_bibliogate_creates_are_its_own_only(tmp_path, sink):
+    """The ini holds the SMTP password, the database every pupil's address."""
+    from conftest import Gateway
+    gw = Gateway(tmp_path / "fresh", sink, cwd=tmp_path)
+    gw.ini.unlink()                             # a first start writes it
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    for args in (["status"], ["test", "--to", "a@example.org"]):
+        subprocess.run([sys.executable, str(SCRIPT), "--config", str(gw.ini), *args],
+                       capture_output=True, env=env, timeout=60, cwd=str(tmp_path))
+    files = [gw.ini, gw.dir / "bibliogate.db", *gw.spool.iterdir(),
+             *(gw.dir / "logs").iterdir(), *(gw.dir / "templates").iterdir()]
+    assert len(files) > 6
+    modes = {str(p.relative_to(gw.dir)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o600"}, modes
+    for folder in ("spool", "logs", "templates", "import"):
+        if (gw.dir / folder).exists():
+            assert oct((gw.dir / folder).stat().st_mode & 0o777) == "0o700", folder
