@@ -6135,6 +6135,8 @@ def uninstall_task(settings: Settings, windows: bool = IS_WINDOWS,
         print(f"  rm /etc/systemd/system/{name}.service")
         print("  systemctl daemon-reload")
         return 0
+    if not request_stop(settings.ini_path):        # the message in flight first
+        print(f"BiblioGate did not stop within {STOP_WAIT_SECONDS} seconds; Windows ends it now.")
     runner(["schtasks", "/End", "/TN", TASK_NAME], quiet=True)    # fails harmlessly if not running
     if runner(["schtasks", "/Delete", "/TN", TASK_NAME, "/F"]) != 0:
         raise BibliogateError(f"Windows did not remove the task {TASK_NAME} (schtasks said why, "
@@ -6144,6 +6146,68 @@ def uninstall_task(settings: Settings, windows: bool = IS_WINDOWS,
     Journal(settings.database).event("setup", f"removed the scheduled task {TASK_NAME}")
     print(f"Removed the scheduled task {TASK_NAME}; BiblioGate no longer starts at boot.")
     return 0
+
+
+# -- a graceful stop, on Windows too ---------------------------------------------
+#
+# Windows has no SIGTERM, and Task Scheduler's "End" (schtasks /End) kills
+# the process outright (TerminateProcess): the message in its SMTP
+# transaction may go again at the next start. `stop` asks instead, through a
+# file beside the ini that `run` watches: the sender finishes the message in
+# flight, and `run` exits with status 0.
+
+#: How long `stop` waits for `run` to finish the message in flight and exit.
+STOP_WAIT_SECONDS = 180
+
+
+def stop_path(ini_path: Path) -> Path:
+    return Path(str(ini_path) + ".stop")
+
+
+def watch_stop_file(path: Path, stop: threading.Event, every: float = TICK_SECONDS / 2
+                    ) -> threading.Thread:
+    """Set `stop` once `path` appears (a `stop` command); the thread ends with `run`."""
+    def watch() -> None:
+        while not stop.wait(every):
+            if os.path.lexists(path):
+                log.info("stopping (asked by `bibliogate.py stop`): finishing the message "
+                         "in flight")
+                stop.set()
+    thread = threading.Thread(target=watch, name="stop-file", daemon=True)
+    thread.start()
+    return thread
+
+
+def request_stop(ini_path: Path, wait: float = STOP_WAIT_SECONDS,
+                 sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Ask the `run` of this ini to stop; True once it has (or none was running)."""
+    if not run_is_active(ini_path):
+        return True
+    try:
+        stop_path(ini_path).write_text(f"stop asked by process {os.getpid()}\n", encoding="utf-8")
+    except OSError as exc:
+        raise BibliogateError(f"Could not ask BiblioGate to stop: {stop_path(ini_path)} cannot "
+                              f"be written ({exc.strerror}). Run this as an administrator.") from None
+    for _ in range(max(1, int(wait / 0.2))):       # bounded: `wait` seconds at most
+        if not run_is_active(ini_path):
+            return True
+        sleep(0.2)
+    return not run_is_active(ini_path)
+
+
+def cmd_stop(args, settings: Settings) -> int:
+    if not run_is_active(settings.ini_path):
+        print(f"BiblioGate is not running for {settings.ini_path}.")
+        return 0
+    print("Asked BiblioGate to stop; it finishes the message it is sending first ...",
+          flush=True)
+    if request_stop(settings.ini_path):
+        print("BiblioGate has stopped. (With the scheduled task installed, it starts again "
+              f"within {RESTART_CHECK[2:-1]} minutes; uninstall-task keeps it stopped.)")
+        return 0
+    print(f"BiblioGate has not stopped after {STOP_WAIT_SECONDS} seconds; it stops once the "
+          "message in flight is done. Run `python bibliogate.py status` to see.")
+    return 1
 
 
 def cmd_install_task(args, settings: Settings) -> int:
@@ -6162,7 +6226,9 @@ def add_task_commands(command: Callable) -> None:
                    help="only show the task definition (on Linux, the systemd unit)")
     p.add_argument("--user", metavar="U", help="the account that runs BiblioGate (default: "
                    "SYSTEM on Windows, the current account on Linux)")
-    command("uninstall-task", cmd_uninstall_task, "remove the scheduled task again")
+    command("uninstall-task", cmd_uninstall_task, "stop BiblioGate (after the message in "
+            "flight) and remove the scheduled task")
+    command("stop", cmd_stop, "ask a running `run` to finish the message in flight and exit")
 
 
 # Command line ################################################################
@@ -6231,6 +6297,8 @@ def cmd_run(args, settings: Settings) -> int:
               "a second one would do nothing.", file=sys.stderr)
         return 1
     stop = threading.Event()
+    with contextlib.suppress(OSError):          # a request meant for an earlier `run`
+        os.unlink(stop_path(settings.ini_path))
     setup_logging(settings, console=has_console())
     gateway = Gateway(settings.ini_path, stop=stop)
     guard = RunGuard(gateway).install()     # errors are logged; a crash ends `run` with status 1
@@ -6247,13 +6315,22 @@ def cmd_run(args, settings: Settings) -> int:
                           f"settings {s.ini_path}, spool {s.spool}")
     for problem in s.problems:
         log.warning("not configured yet: %s", problem)
+    warning = network_database_warning(s)
+    if warning:
+        gateway.journal.event("setup", warning, level=logging.WARNING)
+    watch_stop_file(stop_path(settings.ini_path), stop)
     try:
         gateway.run_forever()
     except Exception as exc:        # a bug: logged with its traceback, and `run` ends with status 1
         guard.crash(f"BiblioGate stopped on an unexpected error: {error_summary(exc)}", exc)
     finally:
+        stop.set()                              # ends the stop-file watcher too
         stop_page(page)
-        gateway.journal.event("stop", "BiblioGate stopped")
+        asked = os.path.lexists(stop_path(settings.ini_path))
+        with contextlib.suppress(OSError):
+            os.unlink(stop_path(settings.ini_path))
+        gateway.journal.event("stop", "BiblioGate stopped" + (" (asked by `stop`)" if asked
+                                                               else ""))
         guard.uninstall()
         lock.release()
     return guard.exit_status

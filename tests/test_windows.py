@@ -768,3 +768,46 @@ def test_files_and_folders_bibliogate_creates_are_its_own_only(tmp_path, sink):
     for folder in ("spool", "logs", "templates", "import"):
         if (gw.dir / folder).exists():
             assert oct((gw.dir / folder).stat().st_mode & 0o777) == "0o700", folder
+
+
+# -- a graceful stop on Windows: `stop` ----------------------------------------------
+
+def test_stop_lets_run_finish_the_message_in_flight_and_exit(tmp_path, make_sink, runs):
+    """Windows has no SIGTERM and Task Scheduler's End is TerminateProcess:
+    `stop` asks through a file `run` watches. Nothing is lost or sent twice,
+    and the next `run` sends the rest."""
+    from conftest import Gateway
+    sink = make_sink(delay=0.3)
+    gw = Gateway(tmp_path / "gw", sink, cwd=tmp_path)
+    gw.configure(gateway__minutes_between_checks=0.05, gateway__messages_per_check=100)
+    bg.ensure_layout(gw.ini)
+    ids = []
+    for n in range(30):
+        path = gw.spool / f"m{n:03d}.TMP"
+        path.write_bytes(eml(to=f"p{n}@example.org", Message_ID=f"<stop-{n}@test>"))
+        os.utime(path, (time.time() - 600 + n,) * 2)
+        ids.append(f"<stop-{n}@test>")
+    proc = runs.start(gw)
+    runs.wait_running(gw, proc)
+    wait_until(lambda: len(sink.messages) >= 2 or proc.poll() is not None, "two messages")
+    r = gw.cli("stop", check=0, timeout=WAIT * 4)
+    assert "has stopped" in r.stdout, r.stdout + r.stderr
+    assert proc.wait(WAIT) == 0, runs.output(proc)
+    sent = collections_counter(m.message["Message-ID"] for m in sink.messages)
+    assert max(sent.values()) == 1 and len(sent) < len(ids)    # stopped mid-batch, no repeat
+    left = sorted(p.name for p in gw.spool.iterdir() if p.name.endswith(".TMP"))
+    assert len(left) + len(sent) == len(ids)                    # none lost, none half-sent
+    assert not [p for p in gw.spool.iterdir() if bg.is_claim_name(p.name)]
+    assert not bg.stop_path(gw.ini).exists()
+    assert any("asked by `stop`" in e for e in events(gw.dir / "bibliogate.db", "stop"))
+    assert "is not running" in gw.cli("stop", check=0).stdout
+    proc = runs.start(gw)                        # an old stop file never stops the next run
+    wait_until(lambda: len(sink.messages) >= len(ids) or proc.poll() is not None, "the rest")
+    assert runs.stop(proc) == 0
+    assert sorted(collections_counter(m.message["Message-ID"] for m in sink.messages).values()) \
+        == [1] * len(ids)
+
+
+def collections_counter(items):
+    import collections
+    return collections.Counter(items)
