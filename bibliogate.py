@@ -522,10 +522,31 @@ def check_folders(settings: Settings) -> None:
     if not settings.spool.is_dir():
         settings.problems.append(ini_problem("gateway", "spool_folder", settings.get("gateway", "spool_folder"),
                                              f"{settings.spool} is not a folder. Create it or fix the path."))
-    elif not os.access(settings.spool, os.R_OK | os.W_OK):
+    elif not folder_usable(settings.spool):
         settings.problems.append(ini_problem("gateway", "spool_folder", settings.get("gateway", "spool_folder"),
                                              f"{settings.spool} cannot be read and written by this "
                                              "account. Give it modify rights on the folder."))
+
+
+def folder_usable(folder: Path) -> bool:
+    """Whether this account may list the folder, create a file in it, rename
+    and delete it: tried with a probe file, since os.access ignores Windows'
+    ACLs (and a read-only disk). The probe is a hidden .part file, so a crash
+    in between leaves nothing that is ever sent (remove_stale_parts)."""
+    probe = folder / f".bibliogate-probe-{secrets.token_hex(4)}{PART_SUFFIX}"
+    moved = probe.with_name(probe.name + ".2" + PART_SUFFIX)
+    try:
+        with os.scandir(folder) as entries:
+            next(iter(entries), None)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(probe, moved)
+        os.unlink(moved)
+    except OSError:
+        for path in (probe, moved):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return False
+    return True
 
 
 # Locks #######################################################################

@@ -715,3 +715,29 @@ def test_a_refused_file_shows_only_a_short_escaped_excerpt(tmp_path):
     logged = everything_logged(gw)
     assert "the header holds 'root:$6$saltsalt$xxx" in logged
     assert "\x1b" not in logged and "x" * 41 not in logged and "99999" not in logged
+
+
+# -- the spool permission check: a probe file, not os.access ---------------------
+
+def test_a_spool_folder_this_account_may_not_write_in_is_a_settings_problem(
+        monkeypatch, tmp_path):
+    """Windows: os.access on a folder ignores its ACL, and says yes. Creating
+    a file is what the ACL refuses (WinError 5)."""
+    ini = write_ini(tmp_path / "gw")
+    spool = bg.ensure_layout(ini)[0].spool
+    assert not [p for p in bg.load_settings(ini).problems if "spool_folder" in p]
+    real_open = os.open
+
+    def acl_refuses(path, flags, *a, **k):
+        if Path(os.fsdecode(path)).parent == spool and flags & os.O_CREAT:
+            raise win_error(5, path)
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", acl_refuses)
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+    settings, _ = bg.ensure_layout(ini)
+    assert any("spool_folder" in p and "cannot be read and written by this account" in p
+               for p in settings.problems), settings.problems
+    monkeypatch.setattr(os, "open", real_open)
+    assert [p.name for p in spool.iterdir()] == []           # no probe left behind
+    settings, _ = bg.ensure_layout(ini)
+    assert not [p for p in settings.problems if "spool_folder" in p]
