@@ -73,6 +73,7 @@ import textwrap
 import threading
 import time
 import urllib.parse
+import weakref
 import webbrowser
 from http import HTTPStatus
 from pathlib import Path
@@ -2068,8 +2069,56 @@ class Gateway:
             self.stop.wait(max(0.05, min(TICK_SECONDS, due - self.clock())))
 
 
+#: An absence of `run` (the server off or asleep, BiblioGate stopped) this
+#: long or longer is named in the daily log; a restart by the task is shorter.
+GAP_SECONDS = 10 * 60
+#: `run` notes that it is alive in the database this often, so that the next
+#: start can tell how long it was away.
+ALIVE_EVERY = 60
+#: After an absence the daily logs of the missed days are sent, this many at most.
+DAILY_LOG_DAYS_BACK = 7
+#: The absences kept for the daily logs (newest last).
+GAPS_KEPT = 50
+
+
+def heartbeat_task(gateway: Gateway, now: float) -> None:
+    """GATEWAY_TASKS entry: notice an absence, ended now: the previous `run`
+    last noted it was alive long ago, or the clock jumped (the server slept).
+    Each absence is kept (state `gaps`) for the daily logs of its days."""
+    db = gateway.journal.db
+    seen = _alive.get(gateway)
+    last = seen[0] if seen else get_state(db, "alive_at")
+    if last is not None and now - last >= GAP_SECONDS:
+        gaps = (get_state(db, "gaps") or [])[-(GAPS_KEPT - 1):] + [[last, now]]
+        set_state(db, gaps=gaps)
+        gateway.journal.event("not_running", f"BiblioGate was not running {gap_text(last, now)}",
+                              level=logging.WARNING)
+    if not seen or now - seen[1] >= ALIVE_EVERY or now < seen[1]:
+        set_state(db, alive_at=now)
+        _alive[gateway] = [now, now]
+    else:
+        seen[0] = now
+
+
+def gap_text(start: float, end: float) -> str:
+    """'from Tue 2026-03-03 10:02 to Fri 2026-03-06 08:55'"""
+    def when(ts):
+        return time.strftime("%a %Y-%m-%d %H:%M", time.localtime(ts))
+    return f"from {when(start)} to {when(end)}"
+
+
+def days_to_report(done: str, yesterday: str) -> tuple[list[str], list[str]]:
+    """The days whose daily log is due (after `done`, up to yesterday), at
+    most DAILY_LOG_DAYS_BACK of the latest, and the older ones left out."""
+    first, last = dt.date.fromisoformat(done), dt.date.fromisoformat(yesterday)
+    days = [(first + dt.timedelta(days=n)).isoformat() for n in range(1, (last - first).days + 1)]
+    return days[-DAILY_LOG_DAYS_BACK:], days[:-DAILY_LOG_DAYS_BACK]
+
+
 def daily_log_task(gateway: Gateway, now: float) -> None:
-    """Once a day, after midnight, queue the previous day's log to from_address."""
+    """Once a day, after midnight, queue the previous day's log to
+    from_address; after an absence, the log of every missed day (a week at
+    most), each saying when BiblioGate was not running."""
     db = gateway.journal.db
     yesterday = (local_day(now) - dt.timedelta(days=1)).isoformat()
     done = get_state(db, "daily_log_for")
@@ -2079,16 +2128,22 @@ def daily_log_task(gateway: Gateway, now: float) -> None:
     s = gateway.settings
     if done >= yesterday or not valid_address(s.from_address):
         return
-    try:
-        subject, body = load_template(s, "daily_log").render(daily_summary(gateway, yesterday))
-        data = compose(s, s.from_address, subject, body, now=now)
-        path = enqueue_bytes(s.spool, data, now, priority=True, label="daily-log")
-    except (BibliogateError, KeyError, ValueError) as exc:
-        gateway.journal.event("daily_log", f"the daily log for {yesterday} could not be "
-                              f"queued: {exc}", level=logging.ERROR)
-        return
-    set_state(db, daily_log_for=yesterday)
-    gateway.journal.event("daily_log", f"queued the daily log for {yesterday}", path.name)
+    days, skipped = days_to_report(done, yesterday)
+    if skipped:
+        gateway.journal.event("daily_log", f"the daily logs for {skipped[0]} to {skipped[-1]} "
+                              f"are not mailed (more than {DAILY_LOG_DAYS_BACK} days ago); "
+                              f"{s.log_folder} has them", level=logging.WARNING)
+    for day in days:
+        try:
+            subject, body = load_template(s, "daily_log").render(daily_summary(gateway, day))
+            data = compose(s, s.from_address, subject, body, now=now)
+            path = enqueue_bytes(s.spool, data, now, priority=True, label=f"daily-log-{day}")
+        except (BibliogateError, KeyError, ValueError) as exc:
+            gateway.journal.event("daily_log", f"the daily log for {day} could not be "
+                                  f"queued: {exc}", level=logging.ERROR)
+            return
+        set_state(db, daily_log_for=day)
+        gateway.journal.event("daily_log", f"queued the daily log for {day}", path.name)
     prune_logs(s.log_folder, s.keep_log_days, now)
     with db:
         db.execute("DELETE FROM events WHERE at < ?", (now - s.keep_log_days * 86400,))
@@ -2117,7 +2172,12 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     waiting = scan(s.spool)
     bad_now = scan(s.spool, is_bad_name)
     oldest = min((f.mtime for f in waiting), default=None)
-    other = [r for r in rows if r["kind"] not in ("sent", "bad", "deferred", "refused", "check")]
+    other = [r for r in rows if r["kind"] not in ("sent", "bad", "deferred", "refused", "check",
+                                                  "not_running")]
+    start = dt.datetime.combine(dt.date.fromisoformat(day), dt.time()).timestamp()
+    end = start + 86400
+    absences = [f"not running {gap_text(a, b)}" for a, b in get_state(journal.db, "gaps") or []
+                if a < end and b > start]
     return {
         "library_name": s.library_name or "library", "day": day,
         "sent_count": len(by_kind.get("sent", [])), "bad_count": len(by_kind.get("bad", [])),
@@ -2126,8 +2186,8 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
         "oldest_waiting": fmt_time(oldest) if oldest else "none",
         "bad_list": _bullets([f"{r['file']}: {r['detail']}" for r in by_kind.get("bad", [])]),
         "refused_list": _bullets([f"{r['file']}: {r['detail']}" for r in by_kind.get("refused", [])]),
-        "sender_stops": _bullets([f"{fmt_time(r['at'])[11:]} {r['detail']}"
-                                  for r in by_kind.get("sender_stopped", [])]),
+        "sender_stops": _bullets(absences + [f"{fmt_time(r['at'])[11:]} {r['detail']}"
+                                             for r in by_kind.get("sender_stopped", [])]),
         "activity": _bullets([f"{fmt_time(r['at'])[11:]} {r['detail']}" for r in other]),
         "log_lines": (f"  (the first {len(rows) - DAILY_LOG_LINES} lines are left out here; "
                       f"logs/bibliogate-{day}.log has them all)\n" if len(rows) > DAILY_LOG_LINES
@@ -2138,7 +2198,8 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
 
 
 #: What `run` does at every tick besides checking; later parts add theirs.
-GATEWAY_TASKS: list[Callable[[Gateway, float], None]] = [daily_log_task]
+GATEWAY_TASKS: list[Callable[[Gateway, float], None]] = [heartbeat_task, daily_log_task]
+_alive = weakref.WeakKeyDictionary()        #: gateway -> [last tick, last saved to the database]
 
 
 # Circulation data ############################################################
