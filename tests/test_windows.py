@@ -613,7 +613,7 @@ def test_run_exits_1_when_a_thread_dies(gateway, monkeypatch, keep_signals, quie
         if not getattr(gw, "started_it", False):
             gw.started_it = True
             threading.Thread(target=lambda: 1 / 0, name="doomed").start()
-    monkeypatch.setattr(bg, "GATEWAY_TASKS", [start_a_doomed_thread, give_up_after(10)])
+    monkeypatch.setattr(bg, "gateway_tasks", lambda: [start_a_doomed_thread, give_up_after(10)])
     hook = threading.excepthook
     assert bg.main(["--config", str(gateway.ini), "run"]) == 1
     db = gateway.dir / "bibliogate.db"
@@ -625,7 +625,7 @@ def test_run_exits_1_when_a_thread_dies(gateway, monkeypatch, keep_signals, quie
 def test_run_exits_1_when_the_same_error_keeps_coming(gateway, monkeypatch, keep_signals,
                                                       quiet_logger):
     monkeypatch.setattr(bg, "TICK_ERROR_LIMIT", 2)
-    monkeypatch.setattr(bg, "GATEWAY_TASKS", [give_up_after(10), failing_task(ValueError("bad row"))])
+    monkeypatch.setattr(bg, "gateway_tasks", lambda: [give_up_after(10), failing_task(ValueError("bad row"))])
     assert bg.main(["--config", str(gateway.ini), "run"]) == 1
     db = gateway.dir / "bibliogate.db"
     [crash] = events(db, "crash")
@@ -755,11 +755,22 @@ def test_files_and_folders_bibliogate_creates_are_its_own_only(tmp_path, sink):
     """The ini holds the SMTP password, the database every pupil's address."""
     from conftest import Gateway
     gw = Gateway(tmp_path / "fresh", sink, cwd=tmp_path)
-    gw.ini.unlink()                             # a first start writes it
+    gw.ini.unlink()                             # a first `run` writes it
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    for args in (["status"], ["test", "--to", "a@example.org"]):
-        subprocess.run([sys.executable, str(SCRIPT), "--config", str(gw.ini), *args],
-                       capture_output=True, env=env, timeout=60, cwd=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(gw.ini), "run"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=str(tmp_path))
+    try:
+        wait_until(lambda: state(gw.dir / "bibliogate.db", "run_pid") == proc.pid
+                   or proc.poll() is not None, "run to start")
+        for args in (["stop"], ["test", "--to", "a@example.org"]):
+            subprocess.run([sys.executable, str(SCRIPT), "--config", str(gw.ini), *args],
+                           capture_output=True, env=env, timeout=WAIT * 4, cwd=str(tmp_path))
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     files = [gw.ini, gw.dir / "bibliogate.db", *gw.spool.iterdir(),
              *(gw.dir / "logs").iterdir(), *(gw.dir / "templates").iterdir()]
     assert len(files) > 6
