@@ -120,7 +120,7 @@ def test_every_bad_row_is_reported_by_line_and_nothing_changes(settings, tmp_pat
             "P7,,g@example.org,,,\r\n"                                   # line 9: no name
             "P8,Hal,h@example.org,,7B,no,extra\r\n")                     # line 10: too many values
     path = tmp_path / "bad.csv"
-    path.write_text(text, encoding="utf-8", newline="")
+    path.write_bytes(text.encode("utf-8"))
     with pytest.raises(bg.ImportRefused) as caught:
         bg.import_csv(settings, "patrons", path)
     problems = caught.value.problems
@@ -155,8 +155,8 @@ def test_rows_the_csv_reader_cannot_take_are_reported_too(settings, tmp_path):
 
 def test_a_name_on_two_lines_becomes_one_line(settings, tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text('patron_id,name,email\nP1,"Ann\r\nBcc: evil@example.org",ann@example.org\n',
-                    encoding="utf-8", newline="")
+    path.write_bytes('patron_id,name,email\nP1,"Ann\r\nBcc: evil@example.org",ann@example.org\n'
+                     .encode("utf-8"))
     bg.import_csv(settings, "patrons", path)
     assert patrons(settings)[0][1] == "Ann Bcc: evil@example.org"
 
@@ -279,7 +279,7 @@ class Clock:
 def drop(folder: Path, name: str, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_text(text, encoding="utf-8", newline="")
+    path.write_bytes(text.encode("utf-8"))
     return path
 
 
