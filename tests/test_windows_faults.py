@@ -14,6 +14,8 @@ What must hold: nothing lost, nothing sent twice, nothing half-sent, no
 recursion, and the rest of the queue keeps moving.
 """
 
+from __future__ import annotations
+
 import builtins
 import collections
 import io
