@@ -1336,7 +1336,9 @@ def peek(path: Path, limit: int = 65536) -> dict:
     """To and Subject of a queued file, for lists (never raises, never
     blocks: a pipe or a device is not opened)."""
     try:
-        fields, _ = split_headers(read_regular(path, MAX_MESSAGE_BYTES, head=limit))
+        # Not patient: a list must not wait two seconds for each file in use.
+        fields, _ = split_headers(read_regular(path, MAX_MESSAGE_BYTES, head=limit,
+                                               patient=False))
     except (OSError, SpoolError):
         return {"to": "", "subject": ""}
     found = {"to": "", "subject": ""}
@@ -1469,14 +1471,14 @@ def in_use_sentence(name: str, exc: OSError) -> str:
             "system still writing it, the antivirus or a backup; try again in a minute.")
 
 
-def read_regular(path: Path, limit: int, head: int | None = None) -> bytes:
+def read_regular(path: Path, limit: int, head: int | None = None, patient: bool = True) -> bytes:
     """The whole file (or its first `head` bytes), checked before it is
     opened: a plain file (not a pipe, device, folder or link; lstat, then
     opened without following a link and without waiting), at most `limit`
     bytes. The bytes read are checked against the size of the open file
     before and after reading, so a file still growing or shrinking is never
     taken for the whole. Raises NotAFile, FileInUse or OSError."""
-    with open_regular(path, limit) as fh:
+    with open_regular(path, limit, patient) as fh:
         fd = fh.fileno()
         before = os.fstat(fd)
         want = before.st_size if head is None else min(head, before.st_size)
@@ -1490,7 +1492,7 @@ def read_regular(path: Path, limit: int, head: int | None = None) -> bytes:
     return data
 
 
-def open_regular(path: Path, limit: int):
+def open_regular(path: Path, limit: int, patient: bool = True):
     """path opened for reading in binary, once lstat has shown a plain file
     of at most `limit` bytes; opened without following a link (O_NOFOLLOW)
     and without waiting for a writer (O_NONBLOCK, where the OS has them), and
@@ -1501,7 +1503,7 @@ def open_regular(path: Path, limit: int):
         raise NotAFile(problem)
     flags = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
              | getattr(os, "O_NONBLOCK", 0))
-    fd = patiently(os.open, path, flags)
+    fd = patiently(os.open, path, flags) if patient else os.open(path, flags)
     try:
         problem = file_problem(os.fstat(fd), limit)
     except OSError:
@@ -1595,22 +1597,28 @@ def fsync_folder(folder: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, mtime: float | None = None) -> None:
     """Write data to path so that no one ever sees half of it: a hidden
-    .part file first, flushed to disk, then renamed. On error (a full disk)
-    the .part file is removed and SpoolError says what happened."""
+    .part file first, flushed to disk, then renamed. The .part file is the
+    owner's only (0600 on POSIX) before its first byte: it may hold the SMTP
+    password or a pupil's address. On error (a full disk, a file held open
+    past patience) the .part file is removed and SpoolError says what
+    happened."""
     part = path.with_name("." + path.name + PART_SUFFIX)
     try:
-        with open(part, "wb") as fh:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                     0o600)
+        with open(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         if mtime is not None:
             os.utime(part, (mtime, mtime))
-        os.replace(part, path)
+        patiently(os.replace, part, path)
         fsync_folder(path.parent)
-    except OSError as exc:
+    except (OSError, FileInUse) as exc:
         with contextlib.suppress(OSError):
-            part.unlink()
-        raise SpoolError(f"Could not write {path.name} in {path.parent}: {exc.strerror or exc}. "
+            os.unlink(part)
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise SpoolError(f"Could not write {path.name} in {path.parent}: {why}. "
                          "Free some disk space or check the folder's permissions; "
                          "nothing was queued.") from None
 

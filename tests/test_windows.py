@@ -822,3 +822,25 @@ def test_stop_lets_run_finish_the_message_in_flight_and_exit(tmp_path, make_sink
 def collections_counter(items):
     import collections
     return collections.Counter(items)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_the_ini_and_spool_files_are_private_from_their_first_byte(tmp_path, monkeypatch):
+    """A Save wrote a world-readable .bibliogate.ini.part first: a reader
+    on the same server caught the SMTP password during Saves."""
+    old = os.umask(0o022)                       # what a careless service would have
+    try:
+        seen = {}
+        real_replace = os.replace
+
+        def watch(src, dst, *a, **k):
+            seen[Path(src).name] = oct(os.stat(src).st_mode & 0o777)
+            return real_replace(src, dst, *a, **k)
+        monkeypatch.setattr(os, "replace", watch)
+        ini = tmp_path / "bibliogate.ini"
+        bg.write_atomic(ini, b"[smtp]\npassword = S3cret\n")
+        bg.enqueue_bytes(tmp_path, eml())
+    finally:
+        os.umask(old)
+    assert set(seen.values()) == {"0o600"} and len(seen) == 2, seen
+    assert oct(ini.stat().st_mode & 0o777) == "0o600"
