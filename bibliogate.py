@@ -2336,7 +2336,7 @@ class Heartbeat:
     noted it was alive long ago, or the clock jumped (the server slept).
     Each absence is kept (state `gaps`) for the daily logs of its days."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.last: float | None = None      #: the previous tick
         self.saved: float | None = None     #: when alive_at was last written
 
@@ -2765,9 +2765,8 @@ def csv_encoding(fh, source: str, wanted: str, notes: list) -> str:
     """The encoding to read a CSV file with ([data] csv_encoding): checked
     over the whole file first, so that a bad byte names its own line. Raises
     ImportRefused for a file that is neither, or has an overlong line."""
-    tried = ["utf-8"] if wanted == "auto" else [wanted]
-    if wanted == "auto":
-        tried.append("cp1252")
+    tried = ["utf-8", "cp1252"] if wanted == "auto" else [wanted]
+    found: list[tuple[int, str]] = []
     for n, encoding in enumerate(tried):
         fh.seek(0)
         problem = csv_bytes_problem(fh, encoding)
@@ -2782,11 +2781,10 @@ def csv_encoding(fh, source: str, wanted: str, notes: list) -> str:
                                          "not a CSV export."],
                                 "Export the file again from the library system; nothing was "
                                 "imported.")
-        if n == 0:
-            first = problem
+        found.append(problem)
     names = {"utf-8": "UTF-8", "cp1252": "Windows-1252 (cp1252)"}
     what = " nor ".join(names[e] for e in tried)
-    line, detail = first if wanted == "auto" else problem
+    line, detail = found[0]             # the first encoding's: the one the file should be in
     raise ImportRefused(source, [f"{source} line {line}: this is not {what} text ({detail})."],
                         "In Excel, use Save As and choose 'CSV UTF-8 (Comma delimited)', or set "
                         "[data] csv_encoding to the file's encoding; nothing was imported.")
