@@ -2003,7 +2003,8 @@ class Sender:
         except FileNotFoundError:       # deleted from the queue meanwhile
             return None
         except OSError as exc:
-            problem = f"it cannot be looked at ({exc.strerror or exc})."
+            self._held(item, f"it cannot be looked at ({exc.strerror or exc})", result)
+            return None
         if problem:                     # checked before it is opened: never read
             self._bad(item, f"not sent: {problem}", result)
             return None
