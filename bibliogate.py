@@ -3609,6 +3609,7 @@ def write_batch(folder: Path, files: list[tuple[str, bytes]], mtime: float) -> N
 def already_queued(spool: Path, db: sqlite3.Connection, name: str) -> bool:
     stem = name[:-len(WAITING_EXT)]
     return ((spool / name).exists() or (spool / f"{stem}{BAD_EXT}").exists()
+            or os.path.lexists(claim_path(spool / name))       # being sent right now
             or db.execute("SELECT 1 FROM events WHERE file = ? AND kind = 'sent'",
                           (name,)).fetchone() is not None)
 
