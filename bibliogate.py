@@ -20,10 +20,14 @@ SMTP server:
     Journal             every action to logs/ and to the database
     Templates           templates/*.txt: a Subject line, a blank line, a body
     Messages            composing our own messages; checking queued ones
-    Spool               the queue folder: writing, listing, picking, BAD files
+    Spool               the queue folder: writing, listing, picking, claiming a file
+                        before reading it (whole, checked before it is opened), files
+                        held open by other programs, BAD files
     Sender              one check: connect, send a batch, sort out each reply
     Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
-    Running unattended  output to logs/ without a console; the guard that logs crashes
+                        (with the days it was not running)
+    Running unattended  output to logs/ without a console, never failing on a character;
+                        the guard that logs crashes
     Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
     Auto-overdue        the daily warning / overdue / reminder notices and their ledger
     Letters             overdue letter reports: who gets which letter, email or print
@@ -31,7 +35,8 @@ SMTP server:
     Operations          every action on the queue and the patrons, for the command line
                         and the page alike; status
     Config page         the page ``run`` serves: settings, queue, log, patrons
-    Windows task        install-task (Task Scheduler; systemd on Linux)
+    Windows task        install-task (Task Scheduler and its folder permissions;
+                        systemd on Linux); `stop`, a graceful stop on Windows too
     Wiring              the templates, tasks and status fields, joined in one place
     Command line        argparse, one small function per command
 """
