@@ -731,9 +731,9 @@ def folder_usable(folder: Path) -> bool:
         with os.scandir(folder) as entries:
             next(iter(entries), None)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.replace(probe, moved)
-        os.unlink(moved)
-    except OSError:
+        patiently(os.replace, probe, moved)         # the antivirus may look at it first
+        patiently(os.unlink, moved)
+    except (OSError, FileInUse):
         for path in (probe, moved):
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -1619,11 +1619,15 @@ def write_atomic(path: Path, data: bytes, mtime: float | None = None) -> None:
             os.utime(part, (mtime, mtime))
         patiently(os.replace, part, path)
         fsync_folder(path.parent)
-    except (OSError, FileInUse) as exc:
+    except FileInUse as exc:
         with contextlib.suppress(OSError):
             os.unlink(part)
-        why = getattr(exc, "strerror", None) or str(exc)
-        raise SpoolError(f"Could not write {path.name} in {path.parent}: {why}. "
+        raise SpoolError(f"Could not write {path.name} in {path.parent}: {exc} Nothing was "
+                         "queued.") from None
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise SpoolError(f"Could not write {path.name} in {path.parent}: {exc.strerror or exc}. "
                          "Free some disk space or check the folder's permissions; "
                          "nothing was queued.") from None
 

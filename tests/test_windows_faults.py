@@ -743,3 +743,35 @@ def test_a_spool_folder_this_account_may_not_write_in_is_a_settings_problem(
     assert [p.name for p in spool.iterdir()] == []           # no probe left behind
     settings, _ = bg.ensure_layout(ini)
     assert not [p for p in settings.problems if "spool_folder" in p]
+
+
+# -- writing into the spool while the antivirus looks ----------------------------
+
+def test_enqueue_waits_out_a_brief_in_use_and_says_so_when_it_lasts(
+        monkeypatch, tmp_path, sink, capsys):
+    """Before: a rename refused for a moment (WinError 5, the antivirus
+    scanning the new file) gave "free some disk space ... nothing was queued"."""
+    ini = write_ini(tmp_path / "gw", sink)
+    settings, _ = bg.ensure_layout(ini)
+    letter = tmp_path / "letter.eml"
+    letter.write_bytes(eml())
+    fs = WindowsFS(monkeypatch, settings.spool)
+    real_replace = fs.real["replace"]
+    refusals = {"left": 3}
+
+    def antivirus(src, dst, *a, **k):
+        if Path(dst).parent.resolve() == fs.folder and str(dst).endswith(".TMP") \
+                and refusals["left"]:
+            refusals["left"] -= 1
+            raise win_error(5, dst)
+        return real_replace(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", antivirus)
+    assert bg.main(["--config", str(ini), "enqueue", str(letter)]) == 0
+    assert len(fs.pauses) == 3 and len(list(settings.spool.glob("*.TMP"))) == 1
+    refusals["left"] = 100
+    capsys.readouterr()
+    assert bg.main(["--config", str(ini), "enqueue", str(letter)]) == 1
+    err = capsys.readouterr().err
+    assert "is in use" in err and "disk space" not in err and "Nothing was queued" in err
+    assert len(list(settings.spool.glob("*.TMP"))) == 1
+    assert not [p for p in settings.spool.iterdir() if p.name.endswith(bg.PART_SUFFIX)]
