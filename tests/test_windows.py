@@ -844,3 +844,16 @@ def test_the_ini_and_spool_files_are_private_from_their_first_byte(tmp_path, mon
         os.umask(old)
     assert set(seen.values()) == {"0o600"} and len(seen) == 2, seen
     assert oct(ini.stat().st_mode & 0o777) == "0o600"
+
+
+def test_uninstall_task_lets_a_running_gateway_finish_before_windows_ends_it(
+        gateway, runs, capsys):
+    """schtasks /End is TerminateProcess: `run` is asked to stop first."""
+    proc = runs.start(gateway)
+    runs.wait_running(gateway, proc)
+    settings, _ = bg.ensure_layout(gateway.ini)
+    schtasks = Recorder()
+    assert bg.uninstall_task(settings, windows=True, runner=schtasks) == 0
+    assert proc.wait(WAIT) == 0                 # it had stopped by itself, status 0
+    assert [c[1] for c in schtasks.calls] == ["/End", "/Delete"]
+    assert any("asked by `stop`" in e for e in events(gateway.dir / "bibliogate.db", "stop"))
