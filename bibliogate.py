@@ -6557,6 +6557,21 @@ def network_database_warning(settings: Settings) -> str | None:
     return None
 
 
+def ini_exposure_warning(ini_path: Path) -> str | None:
+    """POSIX: the ini holds the SMTP password; other accounts must not read it."""
+    if os.name == "nt":
+        return None                     # install-task's ACLs see to it
+    try:
+        mode = os.stat(ini_path).st_mode
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (f"{ini_path} can be read by other accounts on this computer (mode "
+                f"{stat.filemode(mode)}), and it holds the SMTP password: run "
+                f"`chmod 600 {ini_path}`.")
+    return None
+
+
 def acl_commands(plan: TaskPlan, settings: Settings) -> list[list[str]]:
     """The icacls command lines that make BiblioGate's folders writable only
     by SYSTEM and the Administrators (and the task's account, if another):
@@ -6797,9 +6812,9 @@ def serve_until_stopped(gateway: Gateway, guard: RunGuard) -> None:
                           f"settings {s.ini_path}, spool {s.spool}")
     for problem in s.problems:
         log.warning("not configured yet: %s", problem)
-    warning = network_database_warning(s)
-    if warning:
-        gateway.journal.event("setup", warning, level=logging.WARNING)
+    for warning in (network_database_warning(s), ini_exposure_warning(s.ini_path)):
+        if warning:
+            gateway.journal.event("setup", warning, level=logging.WARNING)
     watch_stop_file(stop_path(s.ini_path), gateway.stop)
     try:
         gateway.run_forever(guard)

@@ -857,3 +857,12 @@ def test_uninstall_task_lets_a_running_gateway_finish_before_windows_ends_it(
     assert proc.wait(WAIT) == 0                 # it had stopped by itself, status 0
     assert [c[1] for c in schtasks.calls] == ["/End", "/Delete"]
     assert any("asked by `stop`" in e for e in events(gateway.dir / "bibliogate.db", "stop"))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_an_ini_other_accounts_can_read_is_warned_about(tmp_path):
+    settings = settings_in(tmp_path / "gw")
+    os.chmod(settings.ini_path, 0o644)
+    assert "chmod 600" in bg.ini_exposure_warning(settings.ini_path)
+    os.chmod(settings.ini_path, 0o600)
+    assert bg.ini_exposure_warning(settings.ini_path) is None
