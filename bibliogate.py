@@ -21,12 +21,16 @@ SMTP server:
     Templates           templates/*.txt: a Subject line, a blank line, a body
     Messages            composing our own messages; checking queued ones and
                         encoding them for the server (UTF-16, 8-bit, long lines)
-    Spool               the queue folder: writing, listing, picking, BAD files
+    Spool               the queue folder: writing, listing, picking, claiming a file
+                        before reading it (whole, checked before it is opened), files
+                        held open by other programs, BAD files
     Sender              one check: connect, log in (password or OAuth), send a batch,
                         sort out each reply, each recipient's outcome kept; the daily
                         cap; smtp-check's steps
     Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
-    Running unattended  output to logs/ without a console; the guard that logs crashes
+                        (with the days it was not running)
+    Running unattended  output to logs/ without a console, never failing on a character;
+                        the guard that logs crashes
     Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
     Auto-overdue        the daily warning / overdue / reminder notices and their ledger
     Letters             overdue letter reports: who gets which letter, email or print
@@ -34,7 +38,8 @@ SMTP server:
     Operations          every action on the queue and the patrons, for the command line
                         and the page alike; status
     Config page         the page ``run`` serves: settings, queue, log, patrons
-    Windows task        install-task (Task Scheduler; systemd on Linux)
+    Windows task        install-task (Task Scheduler and its folder permissions;
+                        systemd on Linux); `stop`, a graceful stop on Windows too
     Wiring              the templates, tasks and status fields, joined in one place
     Command line        argparse, one small function per command
 """
@@ -62,6 +67,7 @@ import heapq
 import itertools
 import hmac
 import html
+import io
 import http.server
 import io
 import ipaddress
@@ -76,6 +82,7 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import stat
 import string
 import sys
 import textwrap
@@ -108,6 +115,19 @@ WAITING_EXT, BAD_EXT = ".TMP", ".BAD"
 REASON_SUFFIX = "-reason.txt"
 #: A file being written by BiblioGate; never matches *.TMP.
 PART_SUFFIX = ".part"
+#: A file one check has taken (claimed) is renamed ".NAME" + this while it is
+#: sent: a rename Windows refuses while another program still has the file
+#: open, so a message still being written is never read half-way.
+CLAIM_SUFFIX = ".sending"
+#: A dropped CSV file while `run` imports it: ".NAME" + this.
+IMPORTING_SUFFIX = ".importing"
+#: Windows' "in use" errors: ERROR_ACCESS_DENIED (5, also a file about to be
+#: deleted), ERROR_SHARING_VIOLATION (32), ERROR_LOCK_VIOLATION (33). The
+#: antivirus or the search indexer opening a file for a moment causes them.
+IN_USE_WINERRORS = frozenset({5, 32, 33})
+#: The pauses between attempts of a file operation that met "in use": about
+#: 2 s in all, then that file waits for the next check.
+IN_USE_PAUSES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25)
 #: Larger files are refused: most mail servers refuse over 25 MB anyway.
 MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 #: RFC 5321 4.5.3.1.6: a line of a message is at most 998 characters (and
@@ -181,6 +201,17 @@ class BadMessage(BibliogateError):
 
 class SpoolError(BibliogateError):
     """The spool folder cannot be read or written."""
+
+
+class FileInUse(SpoolError):
+    """Another program kept a file open for longer than BiblioGate waits
+    (Windows: the library system still writing it, the antivirus, a backup)."""
+
+
+class NotAFile(SpoolError):
+    """A name in the spool or import folder that is not a plain file BiblioGate
+    may read (a pipe, a device, a folder, a link), or one too large: set aside
+    with this reason, never opened."""
 
 
 class SenderProblem(BibliogateError):
@@ -319,6 +350,7 @@ templates_folder = templates
 log_folder = logs
 import_folder = import  ; patrons.csv / loans.csv dropped here are imported by `run`
 keep_log_days = 60      ; log files older than this are deleted
+csv_encoding = auto     ; auto (UTF-8, else Excel's cp1252) | utf-8 | cp1252
 """
 
 def _defaults() -> MappingProxyType:
@@ -397,6 +429,7 @@ class Settings:
     log_folder: Path = Path("logs")
     import_folder: Path = Path("import")
     keep_log_days: int = 60
+    csv_encoding: str = "auto"
     overdue: OverdueSettings = OverdueSettings()
 
     @property
@@ -652,6 +685,13 @@ def parse_settings(text: str, ini_path: Path) -> Settings:
     keep_log_days = r.number("data", "keep_log_days", int, 1, 3650,
                              "Use a number of days such as 60.", 60)
     overdue = read_overdue(r, date_format)
+    csv_encoding = r.text("data", "csv_encoding").lower().replace("_", "-") or "auto"
+    if csv_encoding in ("utf8", "utf-8-sig"):
+        csv_encoding = "utf-8"
+    if csv_encoding not in CSV_ENCODINGS:
+        problems.append(ini_problem("data", "csv_encoding", r.text("data", "csv_encoding"),
+                                    "must be auto, utf-8 or cp1252."))
+        csv_encoding = "auto"
     return Settings(
         ini_path=ini_path, raw=MappingProxyType(raw), problems=tuple(problems),
         smtp_host=smtp_host, smtp_port=smtp_port, security=security, ehlo=ehlo,
@@ -662,7 +702,7 @@ def parse_settings(text: str, ini_path: Path) -> Settings:
         date_format=date_format, database=folders["database"],
         templates=folders["templates_folder"], log_folder=folders["log_folder"],
         import_folder=folders["import_folder"], keep_log_days=keep_log_days, overdue=overdue,
-        **login)
+        csv_encoding=csv_encoding, **login)
 
 
 #: The OAuth 2.0 token endpoint of Microsoft 365 (Entra ID) for a tenant.
@@ -787,7 +827,11 @@ def make_folders(settings: Settings, created: list[str]) -> list[str]:
 
 
 def ca_file_problems(settings: Settings) -> list[str]:
-    if settings.ca_file and not Path(settings.ca_file).is_file():
+    try:
+        found = not settings.ca_file or Path(settings.ca_file).is_file()
+    except OSError:         # a name too long for the file system, say
+        found = False
+    if not found:
         return [ini_problem("smtp", "ca_file", settings.get("smtp", "ca_file"),
                             "no such file. Give the path of the relay's PEM "
                             "certificate, or leave it empty.")]
@@ -801,11 +845,32 @@ def layout_problems(settings: Settings) -> list[str]:
     if not settings.spool.is_dir():
         problems.append(ini_problem("gateway", "spool_folder", spool_value,
                                     f"{settings.spool} is not a folder. Create it or fix the path."))
-    elif not os.access(settings.spool, os.R_OK | os.W_OK):
+    elif not folder_usable(settings.spool):
         problems.append(ini_problem("gateway", "spool_folder", spool_value,
                                     f"{settings.spool} cannot be read and written by this "
                                     "account. Give it modify rights on the folder."))
     return problems
+
+
+def folder_usable(folder: Path) -> bool:
+    """Whether this account may list the folder, create a file in it, rename
+    and delete it: tried with a probe file, since os.access ignores Windows'
+    ACLs (and a read-only disk). The probe is a hidden .part file, so a crash
+    in between leaves nothing that is ever sent (remove_stale_parts)."""
+    probe = folder / f".bibliogate-probe-{secrets.token_hex(4)}{PART_SUFFIX}"
+    moved = probe.with_name(probe.name + ".2" + PART_SUFFIX)
+    try:
+        with os.scandir(folder) as entries:
+            next(iter(entries), None)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        patiently(os.replace, probe, moved)         # the antivirus may look at it first
+        patiently(os.unlink, moved)
+    except (OSError, FileInUse):
+        for path in (probe, moved):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return False
+    return True
 
 
 # Locks #######################################################################
@@ -1663,11 +1728,13 @@ def _decodes(data: bytes, encoding: str) -> bool:
 
 
 def peek(path: Path, limit: int = 65536) -> dict:
-    """To and Subject of a queued file, for lists (never raises)."""
+    """To and Subject of a queued file, for lists (never raises, never
+    blocks: a pipe or a device is not opened)."""
     try:
-        with open(path, "rb") as fh:
-            fields, _ = split_headers(fh.read(limit))
-    except OSError:
+        # Not patient: a list must not wait two seconds for each file in use.
+        fields, _ = split_headers(read_regular(path, MAX_MESSAGE_BYTES, head=limit,
+                                               patient=False))
+    except (OSError, SpoolError):
         return {"to": "", "subject": ""}
     found = {"to": "", "subject": ""}
     for line in fields:
@@ -1718,7 +1785,7 @@ def scan_times(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> l
                 if not want(entry.name):
                     continue
                 try:
-                    st = entry.stat()
+                    st = entry.stat(follow_symlinks=False)     # a link is not followed
                 except OSError:       # removed while we looked
                     continue
                 found.append((entry.name, st.st_mtime, st.st_size))
@@ -1758,6 +1825,160 @@ def pick_batch(files: Iterable[tuple], folder: Path, limit: int, now: float,
     return [SpoolFile(name, folder / name, mtime, size) for name, mtime, size in chosen]
 
 
+# -- files that other programs may hold open ---------------------------------
+#
+# On Windows a file another program has open cannot be renamed or deleted
+# (WinError 32), and the antivirus or the indexer opens every new file for a
+# moment. Every rename, delete and open of a spool or import file goes
+# through patiently(): about two seconds of short pauses, then FileInUse, and
+# that one file waits for the next check while the others go on.
+
+def in_use(exc: OSError) -> bool:
+    """True for Windows' "in use" and "access denied" errors, which pass."""
+    return (getattr(exc, "winerror", None) in IN_USE_WINERRORS
+            or (os.name == "nt" and isinstance(exc, PermissionError)))
+
+
+#: How patiently() waits; tests replace it so that they never sleep.
+in_use_pause: Callable[[float], None] = time.sleep
+
+
+def patiently(action: Callable, *args):
+    """action(*args), tried again for about 2 s while the file is in use.
+    Raises FileInUse after that, or the OSError of any other failure."""
+    for pause in IN_USE_PAUSES + (None,):
+        try:
+            return action(*args)
+        except OSError as exc:
+            if not in_use(exc):
+                raise
+            if pause is None:
+                raise FileInUse(in_use_sentence(Path(args[0]).name, exc)) from None
+        in_use_pause(pause)
+
+
+def in_use_sentence(name: str, exc: OSError) -> str:
+    if is_claim_name(name):
+        name = name[1:-len(CLAIM_SUFFIX)]
+    code = getattr(exc, "winerror", None)
+    held = "another program has it open" if code in (32, 33) else "Windows refused access to it"
+    return (f"{name} is in use: {held} (WinError {code or exc.errno}), for example the library "
+            "system still writing it, the antivirus or a backup; try again in a minute.")
+
+
+def read_regular(path: Path, limit: int, head: int | None = None, patient: bool = True) -> bytes:
+    """The whole file (or its first `head` bytes), checked before it is
+    opened: a plain file (not a pipe, device, folder or link; lstat, then
+    opened without following a link and without waiting), at most `limit`
+    bytes. The bytes read are checked against the size of the open file
+    before and after reading, so a file still growing or shrinking is never
+    taken for the whole. Raises NotAFile, FileInUse or OSError."""
+    with open_regular(path, limit, patient) as fh:
+        fd = fh.fileno()
+        before = os.fstat(fd)
+        want = before.st_size if head is None else min(head, before.st_size)
+        data = fh.read(want + (1 if head is None else 0))
+        after = os.fstat(fd)
+    if head is None and (len(data) != before.st_size or after.st_size != before.st_size
+                         or after.st_mtime_ns != before.st_mtime_ns):
+        raise FileInUse(f"{Path(path).name} changed while it was read ({before.st_size:,} bytes, "
+                        f"then {after.st_size:,}): another program is still writing it; it is "
+                        "taken at a later check.")
+    return data
+
+
+def open_regular(path: Path, limit: int, patient: bool = True):
+    """path opened for reading in binary, once lstat has shown a plain file
+    of at most `limit` bytes; opened without following a link (O_NOFOLLOW)
+    and without waiting for a writer (O_NONBLOCK, where the OS has them), and
+    checked again through the open handle. Raises NotAFile, FileInUse or
+    OSError."""
+    problem = file_problem(os.lstat(path), limit)
+    if problem:
+        raise NotAFile(problem)
+    flags = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_NONBLOCK", 0))
+    fd = patiently(os.open, path, flags) if patient else os.open(path, flags)
+    try:
+        problem = file_problem(os.fstat(fd), limit)
+    except OSError:
+        os.close(fd)
+        raise
+    if problem:
+        os.close(fd)
+        raise NotAFile(problem)
+    return open(fd, "rb", closefd=True)
+
+
+def file_problem(st: os.stat_result, limit: int) -> str | None:
+    """Why a file of this lstat/fstat may not be read, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a link to another file, not a file of its own; links are not followed."
+    if stat.S_ISDIR(st.st_mode):
+        return "it is a folder, not a file."
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a plain file (a pipe or a device); it was not opened."
+    if st.st_size > limit:
+        what = "mail servers refuse larger messages" if limit == MAX_MESSAGE_BYTES else \
+            "a larger file is not an export of a library system"
+        return (f"the file is {st.st_size / 1048576:,.0f} MB; the limit here is "
+                f"{limit // 1048576:,} MB ({what}).")
+    return None
+
+
+def claim_path(path: Path) -> Path:
+    """Where a file waits while one check sends it."""
+    return path.with_name("." + path.name + CLAIM_SUFFIX)
+
+
+def is_claim_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(CLAIM_SUFFIX)
+
+
+def claim(path: Path) -> Path:
+    """Take a waiting file for this check: rename it to its private name,
+    which Windows refuses while another program has the file open. Returns
+    the claimed path; raises FileInUse, or FileNotFoundError if it is gone."""
+    claimed = claim_path(path)
+    if os.path.lexists(claimed):        # an earlier copy not yet put back: never overwritten
+        raise FileInUse(f"{path.name}: an earlier file of this name is still being put back "
+                        "in the queue; it is taken at a later check.")
+    patiently(os.rename, path, claimed)
+    return claimed
+
+
+def release(claimed: Path, name: str) -> Path | None:
+    """Put a claimed file back in the queue as `name` (or name-2, ... if a new
+    file took that name meanwhile). None if it cannot be, for now: it stays
+    claimed, and the next check puts it back (recover_claims)."""
+    if not os.path.lexists(claimed):
+        return None
+    stem, ext = os.path.splitext(name)
+    target = free_name(claimed.parent, stem, ext)
+    try:
+        patiently(os.rename, claimed, target)
+    except (OSError, SpoolError) as exc:
+        log.warning("%s could not be put back in the queue (%s); the next check does it",
+                    name, exc)
+        return None
+    return target
+
+
+def recover_claims(folder: Path) -> list[str]:
+    """Files a check had claimed when its process ended (a kill, a power cut)
+    go back in the queue under their names; called under the sender lock, so
+    no live check owns them. Their sent-ledger rows still guard against a
+    second delivery. Returns the names put back."""
+    back = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        claimed = [Path(e.path) for e in entries if is_claim_name(e.name)]
+    for path in claimed:
+        restored = release(path, path.name[1:-len(CLAIM_SUFFIX)])
+        if restored:
+            back.append(restored.name)
+    return back
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename survive a power cut (POSIX; Windows' NTFS journals it)."""
     if os.name == "nt":
@@ -1771,21 +1992,31 @@ def fsync_folder(folder: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, mtime: float | None = None) -> None:
     """Write data to path so that no one ever sees half of it: a hidden
-    .part file first, flushed to disk, then renamed. On error (a full disk)
-    the .part file is removed and SpoolError says what happened."""
+    .part file first, flushed to disk, then renamed. The .part file is the
+    owner's only (0600 on POSIX) before its first byte: it may hold the SMTP
+    password or a pupil's address. On error (a full disk, a file held open
+    past patience) the .part file is removed and SpoolError says what
+    happened."""
     part = path.with_name("." + path.name + PART_SUFFIX)
     try:
-        with open(part, "wb") as fh:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                     0o600)
+        with open(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         if mtime is not None:
             os.utime(part, (mtime, mtime))
-        os.replace(part, path)
+        patiently(os.replace, part, path)
         fsync_folder(path.parent)
+    except FileInUse as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise SpoolError(f"Could not write {path.name} in {path.parent}: {exc} Nothing was "
+                         "queued.") from None
     except OSError as exc:
         with contextlib.suppress(OSError):
-            part.unlink()
+            os.unlink(part)
         raise SpoolError(f"Could not write {path.name} in {path.parent}: {exc.strerror or exc}. "
                          "Free some disk space or check the folder's permissions; "
                          "nothing was queued.") from None
@@ -1819,17 +2050,20 @@ def reason_path(bad: Path) -> Path:
     return bad.with_name(bad.name + REASON_SUFFIX)
 
 
-def mark_bad(path: Path, reason: str, now: float) -> Path:
-    """Rename a waiting file to .BAD, its reason in a text file beside it.
+def mark_bad(path: Path, reason: str, now: float, name: str | None = None) -> Path:
+    """Rename a waiting (or claimed) file to .BAD, its reason in a text file
+    beside it; `name` is its name in the queue (path's own by default).
     The reason is written first: a crash in between leaves the message
-    waiting (and a stray reason file that the next .BAD reuses)."""
-    stem = path.name[:-len(WAITING_EXT)]
+    waiting (and a stray reason file that the next .BAD reuses). Raises
+    SpoolError (FileInUse) or OSError when the rename fails."""
+    name = name or path.name
+    stem = name[:-len(WAITING_EXT)] if is_waiting_name(name) else name
     if len(stem) > 200:         # keep NAME.BAD-reason.txt within 255 characters
         stem = f"{stem[:190]}-{hashlib.sha256(stem.encode()).hexdigest()[:8]}"
     bad = free_name(path.parent, stem, BAD_EXT)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     write_atomic(reason_path(bad), f"{stamp} {reason}\n".encode("utf-8"))
-    os.replace(path, bad)
+    patiently(os.replace, path, bad)
     fsync_folder(path.parent)
     return bad
 
@@ -1848,9 +2082,11 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
                          "`queue` shows it.")
     path = Path(folder) / name
     try:
-        found = path.is_file()
-    except OSError:             # a name too long for the file system
+        found = stat.S_ISREG(os.lstat(path).st_mode)     # never a link, pipe or folder
+    except (OSError, ValueError):       # a name too long for the file system
         found = False
+    if not found and os.path.lexists(claim_path(path)):
+        raise SpoolError(f"{name} is being sent right now; look again in a minute.")
     if not found or not (is_waiting_name(name) or is_bad_name(name)):
         raise SpoolError(f"There is no queued message called {name} in {folder}.")
     return path
@@ -1862,17 +2098,31 @@ def retry_bad(folder: Path, name: str) -> Path:
     if not is_bad_name(name):
         raise SpoolError(f"{name} is already waiting to be sent.")
     target = free_name(bad.parent, name[:-len(BAD_EXT)], WAITING_EXT)
-    os.replace(bad, target)
-    with contextlib.suppress(OSError):
-        reason_path(bad).unlink()
+    try:
+        patiently(os.replace, bad, target)
+    except FileNotFoundError:
+        raise SpoolError(f"{name} was removed meanwhile.") from None
+    except OSError as exc:
+        raise SpoolError(f"{name} cannot be renamed ({exc.strerror or exc}); check the spool "
+                         "folder's permissions.") from None
+    with contextlib.suppress(OSError, SpoolError):
+        patiently(os.unlink, reason_path(bad))
     return target
 
 
 def delete_file(folder: Path, name: str) -> None:
+    """Remove one queued or .BAD file (and its reason). Raises SpoolError;
+    FileInUse says in a sentence what holds the file."""
     path = resolve_in_spool(folder, name)
-    path.unlink()
-    with contextlib.suppress(OSError):
-        reason_path(path).unlink()
+    try:
+        patiently(os.unlink, path)
+    except FileNotFoundError:
+        raise SpoolError(f"{name} was sent or removed meanwhile.") from None
+    except OSError as exc:
+        raise SpoolError(f"{name} cannot be deleted ({exc.strerror or exc}); check the spool "
+                         "folder's permissions.") from None
+    with contextlib.suppress(OSError, SpoolError):
+        patiently(os.unlink, reason_path(path))
 
 
 def remove_stale_parts(folder: Path, now: float) -> None:
@@ -2676,12 +2926,19 @@ class Sender:
         if self._day_full(now):
             return CheckResult(held=self._cap_text())
         result = CheckResult()
+        for name in recover_claims(self.settings.spool):
+            self.journal.event("recovered", "put back in the queue: a check that had taken it "
+                               "ended before it was sent", name, logging.WARNING)
         files = scan_times(self.settings.spool)
-        self._forget_gone({name for name, _, _ in files})
+        # A claimed file that could not be put back yet keeps its ledger row.
+        still_claimed = {name[1:-len(CLAIM_SUFFIX)]
+                         for name, _, _ in scan_times(self.settings.spool, is_claim_name)}
+        self._forget_gone({name for name, _, _ in files} | still_claimed)
         waits = {} if ignore_waits else retry_waits(self.db, now)
         # "Unchanged for a while" is measured by the file system's clock.
+        self._settled = time.time() - STABLE_SECONDS
         batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
-                           settled=time.time() - STABLE_SECONDS)
+                           settled=self._settled)
         if not batch:
             if get_state(self.db, "login_refused"):
                 self._try_login(result)     # so the state says whether the new settings work
@@ -2702,7 +2959,7 @@ class Sender:
                             self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
                 try:
-                    outcome = self._send_one(smtp, item, result, removed)
+                    outcome = self._send_file(smtp, item, result, removed)
                 except SettingsRefused as exc:      # the file keeps its place, uncharged
                     result.problem = exc
                     break
@@ -2728,15 +2985,58 @@ class Sender:
             self._forget_delivered(removed)
         return result
 
-    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult,
-                  removed: list) -> str:
-        try:
-            raw = item.path.read_bytes()
-        except FileNotFoundError:       # deleted from the queue meanwhile
-            return Outcome.SENT
-        except OSError as exc:          # e.g. still open in another program (Windows)
-            self._later(item, f"the file cannot be read just now ({exc.strerror})", result)
+    def _send_file(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult,
+                   removed: list) -> str:
+        """Claim one file, read it whole, send it; a file neither sent nor
+        .BAD goes back in the queue under its name."""
+        taken = self._take(item, result)
+        if taken is None:
             return Outcome.LATER
+        held, raw = taken
+        try:
+            return self._send_one(smtp, held, raw, result, removed)
+        finally:
+            release(held.path, item.name)
+
+    def _take(self, item: SpoolFile, result: CheckResult) -> tuple[SpoolFile, bytes] | None:
+        """(the file at its claimed path, its bytes), or None when it is set
+        aside (not a plain file, too large), gone, or left for a later check
+        (still held open or still changing)."""
+        try:
+            problem = file_problem(os.lstat(item.path), MAX_MESSAGE_BYTES)
+        except FileNotFoundError:       # deleted from the queue meanwhile
+            return None
+        except OSError as exc:
+            self._held(item, f"it cannot be looked at ({exc.strerror or exc})", result)
+            return None
+        if problem:                     # checked before it is opened: never read
+            self._bad(item, f"not sent: {problem}", result)
+            return None
+        try:
+            held = dataclasses.replace(item, path=claim(item.path))
+        except FileNotFoundError:
+            return None
+        except (OSError, SpoolError) as exc:    # e.g. still open in another program (Windows)
+            self._held(item, getattr(exc, "strerror", None) or str(exc), result)
+            return None
+        try:
+            raw = read_regular(held.path, MAX_MESSAGE_BYTES)
+            # The listing's time can be stale (NTFS updates it lazily while a
+            # writer keeps the file open): the claimed file's own time decides.
+            if os.stat(held.path).st_mtime > self._settled:
+                raise FileInUse(f"{item.name} changed a moment ago: another program is "
+                                "still writing it; it is taken at a later check.")
+        except NotAFile as exc:
+            self._bad(held, f"not sent: {exc}", result)
+            return None
+        except (OSError, SpoolError) as exc:
+            release(held.path, item.name)
+            self._held(item, getattr(exc, "strerror", None) or str(exc), result)
+            return None
+        return held, raw
+
+    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, raw: bytes, result: CheckResult,
+                  removed: list) -> str:
         digest = hashlib.sha256(raw).hexdigest()
         if was_delivered(self.db, item.name, digest):
             self._remove(item, digest, removed, "delivered before a restart; removed from the queue")
@@ -2832,7 +3132,7 @@ class Sender:
         if d.refused:
             with self.db:
                 record_recipients(self.db, item.name, digest, "refused", d.refused, now)
-        outcome = self._settled(item, digest, d, out, result, removed)
+        outcome = self._file_outcome(item, digest, d, out, result, removed)
         refused = dict(d.refused)
         refused.update({a: "not an email address" for a in out.invalid})
         if refused and outcome != Outcome.BAD:
@@ -2840,7 +3140,7 @@ class Sender:
                                item.name, logging.WARNING)
         return Outcome.BROKEN if d.broken else outcome
 
-    def _settled(self, item: SpoolFile, digest: str, d: Delivery, out: Outgoing,
+    def _file_outcome(self, item: SpoolFile, digest: str, d: Delivery, out: Outgoing,
                  result: CheckResult, removed: list) -> str:
         """The file waits, is set aside, or leaves the queue delivered."""
         now = self.clock()
@@ -2939,12 +3239,15 @@ class Sender:
         """A delivered file leaves the queue; `removed` collects it for
         _forget_delivered."""
         try:
-            item.path.unlink(missing_ok=True)
-        except OSError as exc:
+            patiently(os.unlink, item.path)
+        except FileNotFoundError:
+            pass
+        except (OSError, SpoolError) as exc:
             # Held open by another program (Windows): the ledger row stays, so
             # the file is not sent again, and a later check removes it.
+            why = getattr(exc, "strerror", None) or str(exc)
             self.journal.event("not_removed", f"delivered, but the file cannot be removed just "
-                               f"now ({exc.strerror}); a later check removes it", item.name,
+                               f"now ({why}); a later check removes it", item.name,
                                logging.WARNING)
             return
         removed.append((item.name, digest))
@@ -2953,9 +3256,13 @@ class Sender:
 
     def _bad(self, item: SpoolFile, reason: str, result: CheckResult) -> None:
         try:
-            bad = mark_bad(item.path, reason, self.clock())
+            bad = mark_bad(item.path, reason, self.clock(), item.name)
         except (OSError, SpoolError) as exc:
-            self._later(item, f"{reason} (and it could not be renamed .BAD: {exc})", result)
+            # Never _bad again from here (a file held open, a full disk): it
+            # waits, and a later check tries once more.
+            why = getattr(exc, "strerror", None) or str(exc)
+            self._later(item, f"{reason} (and it could not be renamed .BAD: {why})", result,
+                        give_up=False)
             return
         with self.db:
             forget_retry_state(self.db, item.name)
@@ -2963,13 +3270,21 @@ class Sender:
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
-    def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True) -> None:
-        """A temporary failure: try again later, or give up after give_up_after_hours."""
+    def _held(self, item: SpoolFile, why: str, result: CheckResult) -> None:
+        """A file another program still holds, or still writes: left as it
+        is for the next check, with no attempt counted (it was not tried)."""
+        result.deferred += 1
+        self.journal.event("held", f"not taken for now: {why}", item.name, logging.WARNING)
+
+    def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True,
+               give_up: bool = True) -> None:
+        """A temporary failure: try again later, or give up after
+        give_up_after_hours (unless give_up is false: the .BAD rename failed)."""
         now = self.clock()
         row = retry_state(self.db, item.name)
         attempts = (row["attempts"] if row else 0) + 1
         first = row["first_failed"] if row and row["first_failed"] else now
-        if now - first >= self.settings.give_up_seconds:
+        if give_up and now - first >= self.settings.give_up_seconds:
             hours = self.settings.give_up_seconds / 3600
             self._bad(item, f"not delivered after trying for {hours:g} hours; last: {reason}", result)
             return
@@ -3152,8 +3467,60 @@ class Gateway:
             self.stop.wait(max(0.05, min(TICK_SECONDS, due - self.clock())))
 
 
+#: An absence of `run` (the server off or asleep, BiblioGate stopped) this
+#: long or longer is named in the daily log; a restart by the task is shorter.
+GAP_SECONDS = 10 * 60
+#: `run` notes that it is alive in the database this often, so that the next
+#: start can tell how long it was away.
+ALIVE_EVERY = 60
+#: After an absence the daily logs of the missed days are sent, this many at most.
+DAILY_LOG_DAYS_BACK = 7
+#: The absences kept for the daily logs (newest last).
+GAPS_KEPT = 50
+
+
+class Heartbeat:
+    """A `run` task: notice an absence, ended now: the previous `run` last
+    noted it was alive long ago, or the clock jumped (the server slept).
+    Each absence is kept (state `gaps`) for the daily logs of its days."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None      #: the previous tick
+        self.saved: float | None = None     #: when alive_at was last written
+
+    def __call__(self, gateway: Gateway, now: float) -> None:
+        db = gateway.journal.db
+        last = self.last if self.last is not None else get_state(db, "alive_at")
+        if last is not None and now - last >= GAP_SECONDS:
+            gaps = (get_state(db, "gaps") or [])[-(GAPS_KEPT - 1):] + [[last, now]]
+            set_state(db, gaps=gaps)
+            gateway.journal.event("not_running", f"BiblioGate was not running "
+                                  f"{gap_text(last, now)}", level=logging.WARNING)
+        if self.saved is None or not 0 <= now - self.saved < ALIVE_EVERY:
+            set_state(db, alive_at=now)
+            self.saved = now
+        self.last = now
+
+
+def gap_text(start: float, end: float) -> str:
+    """'from Tue 2026-03-03 10:02 to Fri 2026-03-06 08:55'"""
+    def when(ts):
+        return time.strftime("%a %Y-%m-%d %H:%M", time.localtime(ts))
+    return f"from {when(start)} to {when(end)}"
+
+
+def days_to_report(done: str, yesterday: str) -> tuple[list[str], list[str]]:
+    """The days whose daily log is due (after `done`, up to yesterday), at
+    most DAILY_LOG_DAYS_BACK of the latest, and the older ones left out."""
+    first, last = dt.date.fromisoformat(done), dt.date.fromisoformat(yesterday)
+    days = [(first + dt.timedelta(days=n)).isoformat() for n in range(1, (last - first).days + 1)]
+    return days[-DAILY_LOG_DAYS_BACK:], days[:-DAILY_LOG_DAYS_BACK]
+
+
 def daily_log_task(gateway: Gateway, now: float) -> None:
-    """Once a day, after midnight, queue the previous day's log to from_address."""
+    """Once a day, after midnight, queue the previous day's log to
+    from_address; after an absence, the log of every missed day (a week at
+    most), each saying when BiblioGate was not running."""
     db = gateway.journal.db
     yesterday = (local_day(now) - dt.timedelta(days=1)).isoformat()
     done = get_state(db, "daily_log_for")
@@ -3163,16 +3530,22 @@ def daily_log_task(gateway: Gateway, now: float) -> None:
     s = gateway.settings
     if done >= yesterday or not valid_address(s.from_address):
         return
-    try:
-        subject, body = load_template(s, "daily_log").render(daily_summary(gateway, yesterday))
-        data = compose(s, s.from_address, subject, body, now=now)
-        path = enqueue_bytes(s.spool, data, now, priority=True, label="daily-log")
-    except (BibliogateError, KeyError, ValueError) as exc:
-        gateway.journal.event("daily_log", f"the daily log for {yesterday} could not be "
-                              f"queued: {exc}", level=logging.ERROR)
-        return
-    set_state(db, daily_log_for=yesterday)
-    gateway.journal.event("daily_log", f"queued the daily log for {yesterday}", path.name)
+    days, skipped = days_to_report(done, yesterday)
+    if skipped:
+        gateway.journal.event("daily_log", f"the daily logs for {skipped[0]} to {skipped[-1]} "
+                              f"are not mailed (more than {DAILY_LOG_DAYS_BACK} days ago); "
+                              f"{s.log_folder} has them", level=logging.WARNING)
+    for day in days:
+        try:
+            subject, body = load_template(s, "daily_log").render(daily_summary(gateway, day))
+            data = compose(s, s.from_address, subject, body, now=now)
+            path = enqueue_bytes(s.spool, data, now, priority=True, label=f"daily-log-{day}")
+        except (BibliogateError, KeyError, ValueError) as exc:
+            gateway.journal.event("daily_log", f"the daily log for {day} could not be "
+                                  f"queued: {exc}", level=logging.ERROR)
+            return
+        set_state(db, daily_log_for=day)
+        gateway.journal.event("daily_log", f"queued the daily log for {day}", path.name)
     prune_logs(s.log_folder, s.keep_log_days, now)
     with db:
         db.execute("DELETE FROM events WHERE at < ?", (now - s.keep_log_days * 86400,))
@@ -3201,7 +3574,12 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     waiting = scan(s.spool)
     bad_now = scan(s.spool, is_bad_name)
     oldest = min((f.mtime for f in waiting), default=None)
-    other = [r for r in rows if r["kind"] not in ("sent", "bad", "deferred", "refused", "check")]
+    other = [r for r in rows if r["kind"] not in ("sent", "bad", "deferred", "refused", "check",
+                                                  "not_running")]
+    start = dt.datetime.combine(dt.date.fromisoformat(day), dt.time()).timestamp()
+    end = start + 86400
+    absences = [f"not running {gap_text(a, b)}" for a, b in get_state(journal.db, "gaps") or []
+                if a < end and b > start]
     return {
         "library_name": s.library_name or "library", "day": day,
         "sent_count": len(by_kind.get("sent", [])), "bad_count": len(by_kind.get("bad", [])),
@@ -3210,8 +3588,8 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
         "oldest_waiting": fmt_time(oldest) if oldest else "none",
         "bad_list": _bullets([f"{r['file']}: {r['detail']}" for r in by_kind.get("bad", [])]),
         "refused_list": _bullets([f"{r['file']}: {r['detail']}" for r in by_kind.get("refused", [])]),
-        "sender_stops": _bullets([f"{fmt_time(r['at'])[11:]} {r['detail']}"
-                                  for r in by_kind.get("sender_stopped", [])]),
+        "sender_stops": _bullets(absences + [f"{fmt_time(r['at'])[11:]} {r['detail']}"
+                                             for r in by_kind.get("sender_stopped", [])]),
         "activity": _bullets([f"{fmt_time(r['at'])[11:]} {r['detail']}" for r in other]),
         "log_lines": (f"  (the first {len(rows) - DAILY_LOG_LINES} lines are left out here; "
                       f"logs/bibliogate-{day}.log has them all)\n" if len(rows) > DAILY_LOG_LINES
@@ -3279,6 +3657,19 @@ def console_to_log(folder: Path) -> None:
             setattr(sys, name, ConsoleLog(folder))
         elif isinstance(stream, ConsoleLog):
             stream.folder = Path(folder)
+
+
+def safe_output() -> None:
+    """print() never fails on a character the console or a redirected file
+    cannot show: Windows writes redirected output in the ANSI code page
+    (cp1252, strict), and a patron called Łukasz ended `letters` with a
+    UnicodeEncodeError after the letters were queued. Such a character is
+    written as \\u0141 instead; the encoding itself is left as chosen."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(ValueError, OSError):    # a closed or odd stream
+                stream.reconfigure(errors="backslashreplace")
 
 
 def has_console() -> bool:
@@ -3421,6 +3812,17 @@ IMPORT_CACHE_KB = 64 * 1024
 PROGRESS_FIRST, PROGRESS_EVERY = 5_000, 100_000
 #: The state key holding when the loans snapshot was imported (a timestamp).
 LOANS_IMPORTED_KEY = "loans_imported_at"
+#: A CSV line longer than this is not an export of a library system: the
+#: file is refused without reading the rest (a 10 GB line would fill memory).
+MAX_CSV_LINE = 1024 * 1024
+#: A larger dropped CSV file is refused before it is opened (a million loans
+#: take about 100 MB).
+MAX_CSV_BYTES = 2 * 1024 ** 3
+#: [data] csv_encoding values: auto is UTF-8 (with or without a BOM), else
+#: cp1252, what Excel's "CSV (Comma delimited)" writes on a Windows PC.
+CSV_ENCODINGS = ("auto", "utf-8", "cp1252")
+#: What a refused file may show of itself in logs and mails: this many characters.
+EXCERPT_CHARS = 40
 #: The file names the import folder watches for (any case), in import order:
 #: patrons first, so the loans of a new patron in the same drop are known.
 DROPPED_FILES = (("patrons.csv", "patrons"), ("loans.csv", "loans"))
@@ -3468,40 +3870,115 @@ def sniff_delimiter(header: str) -> str:
     return max(counts, key=counts.get) if any(counts.values()) else ","
 
 
-def csv_records(path: Path, source: str) -> Iterator[tuple[int, list | str]]:
+def excerpt(text) -> str:
+    """A short, escaped quotation of a refused file's line: nothing more of
+    such a file goes into logs or mails."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    text = text.strip()
+    short = text[:EXCERPT_CHARS] + ("..." if len(text) > EXCERPT_CHARS else "")
+    return ascii(short)
+
+
+def csv_bytes_problem(fh, encoding: str) -> tuple[int, str] | None:
+    """(line, what) of the first line of a binary file that is not
+    `encoding` text or is longer than MAX_CSV_LINE; None if there is none.
+    Reads in slices of 1 MB, so a file of any size costs little memory."""
+    line, run, carry = 1, 0, b""
+    while True:
+        chunk = fh.read(1 << 20)
+        data = carry + chunk
+        if not data:
+            return None
+        carry = b""
+        try:
+            data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            if chunk and exc.reason == "unexpected end of data":   # a character cut in two
+                data, carry = data[:exc.start], data[exc.start:]
+            else:
+                at = line + data.count(b"\n", 0, exc.start)
+                start = data.rfind(b"\n", 0, exc.start) + 1
+                return at, f"byte 0x{data[exc.start]:02X} {excerpt(data[start:exc.start + 1])}"
+        # A line between two line ends inside one slice is shorter than the
+        # slice; only the one running on from the slice before can be longer.
+        first, last = data.find(b"\n"), data.rfind(b"\n")
+        if run + (first if first >= 0 else len(data)) > MAX_CSV_LINE:
+            return line, f"longer than {MAX_CSV_LINE:,} bytes"
+        run = len(data) - last - 1 if last >= 0 else run + len(data)
+        line += data.count(b"\n")
+
+
+def csv_encoding(fh, source: str, wanted: str, notes: list) -> str:
+    """The encoding to read a CSV file with ([data] csv_encoding): checked
+    over the whole file first, so that a bad byte names its own line. Raises
+    ImportRefused for a file that is neither, or has an overlong line."""
+    tried = ["utf-8", "cp1252"] if wanted == "auto" else [wanted]
+    found: list[tuple[int, str]] = []
+    for n, encoding in enumerate(tried):
+        fh.seek(0)
+        problem = csv_bytes_problem(fh, encoding)
+        if problem is None:
+            fh.seek(0)
+            if n:
+                notes.append(f"{source} is not UTF-8: read as Windows-1252 (cp1252), what "
+                             "Excel's 'CSV (Comma delimited)' writes.")
+            return "utf-8-sig" if encoding == "utf-8" else encoding
+        if "longer than" in problem[1]:
+            raise ImportRefused(source, [f"{source} line {problem[0]}: {problem[1]}; this is "
+                                         "not a CSV export."],
+                                "Export the file again from the library system; nothing was "
+                                "imported.")
+        found.append(problem)
+    names = {"utf-8": "UTF-8", "cp1252": "Windows-1252 (cp1252)"}
+    what = " nor ".join(names[e] for e in tried)
+    line, detail = found[0]             # the first encoding's: the one the file should be in
+    raise ImportRefused(source, [f"{source} line {line}: this is not {what} text ({detail})."],
+                        "In Excel, use Save As and choose 'CSV UTF-8 (Comma delimited)', or set "
+                        "[data] csv_encoding to the file's encoding; nothing was imported.")
+
+
+def csv_records(path: Path, source: str, encoding: str = "auto",
+                notes: list | None = None) -> Iterator[tuple[int, list | str]]:
     """(first line number, fields) of every record, the header first; blank
     lines are left out and a record the csv module cannot read comes as
-    (line, reason). UTF-8 with or without a BOM. Raises ImportRefused for a
-    file that cannot be opened or is not UTF-8 text."""
+    (line, reason). UTF-8 with or without a BOM, or cp1252 (see
+    csv_encoding; a note saying so goes to `notes`). The file is checked
+    before it is opened (a plain file, not a link) and no line is read
+    longer than MAX_CSV_LINE. Raises ImportRefused for a file that cannot be
+    opened or read as text."""
+    notes = [] if notes is None else notes
     try:
-        fh = open(path, encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise ImportRefused(source, [f"{path} cannot be opened: {exc.strerror or exc}."],
+        raw = open_regular(path, MAX_CSV_BYTES)
+    except NotAFile as exc:
+        raise ImportRefused(source, [f"{source} was not read: {exc}"],
+                            "Drop a plain CSV file instead; nothing was imported.") from None
+    except (OSError, SpoolError) as exc:
+        raise ImportRefused(source, [f"{source} cannot be opened: "
+                                     f"{getattr(exc, 'strerror', None) or exc}."],
                             "Check the file name, and that no other program has it open.") from None
     end = 0
-    with fh:
-        try:
-            first = fh.readline()
-            reader = csv.reader(itertools.chain([first], fh), delimiter=sniff_delimiter(first))
-            while True:
-                try:
-                    fields = next(reader)
-                except StopIteration:
+    with raw:
+        fh = io.TextIOWrapper(raw, encoding=csv_encoding(raw, source, encoding, notes),
+                              newline="")
+        first = fh.readline(MAX_CSV_LINE + 2)
+        lines = iter(lambda: fh.readline(MAX_CSV_LINE + 2), "")
+        reader = csv.reader(itertools.chain([first], lines), delimiter=sniff_delimiter(first))
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                if reader.line_num <= end:      # nothing consumed: cannot go on
+                    yield end + 1, f"cannot be read as CSV ({exc})."
                     return
-                except csv.Error as exc:
-                    if reader.line_num <= end:      # nothing consumed: cannot go on
-                        yield end + 1, f"cannot be read as CSV ({exc})."
-                        return
-                    start, end = end + 1, reader.line_num
-                    yield start, f"cannot be read as CSV ({exc})."
-                    continue
                 start, end = end + 1, reader.line_num
-                if fields and (fields[0].strip() or any(field.strip() for field in fields)):
-                    yield start, fields
-        except UnicodeDecodeError:
-            raise ImportRefused(source, [f"{source} line {end + 1}: this is not UTF-8 text."],
-                                "In Excel, use Save As and choose 'CSV UTF-8 (Comma delimited)'; "
-                                "nothing was imported.") from None
+                yield start, f"cannot be read as CSV ({exc})."
+                continue
+            start, end = end + 1, reader.line_num
+            if fields and (fields[0].strip() or any(field.strip() for field in fields)):
+                yield start, fields
 
 
 def header_columns(what: str, source: str, line: int, fields: list[str]) -> tuple[list, list]:
@@ -3516,7 +3993,8 @@ def header_columns(what: str, source: str, line: int, fields: list[str]) -> tupl
         where.setdefault(name, n)
     missing = [c for c in REQUIRED_COLUMNS[what] if c not in where]
     if missing:
-        found = ", ".join(f.strip() for f in fields if f.strip()) or "nothing"
+        found = excerpt(", ".join(f.strip() for f in fields if f.strip())) \
+            if any(f.strip() for f in fields) else "nothing"
         problems.append(f"{source} line {line}: there is no {' or '.join(missing)} column "
                         f"(the header holds {found}).")
         other = "loans" if what == "patrons" else "patrons"
@@ -3655,7 +4133,7 @@ ROW_CHECKERS = MappingProxyType({"patrons": PatronRows, "loans": LoanRows})
 
 def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False,
                progress: Callable[[str, int], None] | None = None,
-               now: float | None = None) -> ImportResult:
+               now: float | None = None, source: str | None = None) -> ImportResult:
     """Import a patrons or loans CSV file into the database.
 
     Every row is checked first; the good ones wait in a temporary table and
@@ -3664,12 +4142,12 @@ def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False
     unless skip_bad (then they are left out and listed in ``skipped``).
     progress(source, rows) is called now and then on long files."""
     path, now = Path(path), time.time() if now is None else now
-    source = path.name
+    source = source or path.name
     conn = open_db(settings.database)
     conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KB}")
     try:
         result = ImportResult(what, source)
-        checker = stage(conn, settings, what, path, result, progress)
+        checker = stage(conn, settings, what, path, result, progress, source)
         if result.skipped and not skip_bad:
             raise ImportRefused(source, result.skipped,
                                 f"Nothing was imported. Correct these rows and import {source} "
@@ -3687,12 +4165,12 @@ def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False
 
 
 def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
-          result: ImportResult, progress) -> PatronRows | LoanRows:
+          result: ImportResult, progress, source: str | None = None) -> PatronRows | LoanRows:
     """Read and check every row into temp.incoming; bad rows go to
     result.skipped. The temporary table is this connection's own, so the
     database stays free for the sender while a long file is read."""
-    source = path.name
-    records = csv_records(path, source)
+    source = source or path.name
+    records = csv_records(path, source, settings.csv_encoding, result.notes)
     first = next(records, None)
     columns = ", ".join(CSV_COLUMNS[what])
     if first is None:
@@ -3702,7 +4180,8 @@ def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
     if isinstance(header, str):
         raise ImportRefused(source, [f"{source} line {line}: {header}"],
                             f"The first line must name the columns {columns}.")
-    positions, result.notes = header_columns(what, source, line, header)
+    positions, notes = header_columns(what, source, line, header)
+    result.notes += notes
     checker = ROW_CHECKERS[what](conn, settings)
     conn.execute(checker.stage_sql)
     insert = f"INSERT INTO temp.incoming VALUES ({', '.join('?' * len(CSV_COLUMNS[what]))})"
@@ -3767,13 +4246,16 @@ class ImportWatch:
         #: file -> (size, mtime) of a file handled but not moved away
         self.handled: dict[Path, tuple] = {}
         self.created: set[Path] = set()
+        #: file -> (size, mtime) the listing showed when it had settled
+        self.seen: dict[Path, tuple] = {}
 
     def __call__(self, gateway: Gateway, now: float) -> None:
         for path, what in self.ready(gateway.settings.import_folder, now):
-            import_dropped(gateway, path, what, now)
+            if not import_dropped(gateway, path, what, now, self.seen.get(path)):
+                continue                        # held: tried again once it settles
             with contextlib.suppress(OSError):
-                if path.exists():               # it could not be moved away
-                    st = path.stat()
+                if os.path.lexists(path):       # still held, or it could not be moved away
+                    st = os.lstat(path)
                     self.handled[path] = (st.st_size, st.st_mtime_ns)
 
     def ready(self, folder: Path, now: float) -> list[tuple[Path, str]]:
@@ -3782,11 +4264,20 @@ class ImportWatch:
             self.created.add(folder)
             with contextlib.suppress(OSError):
                 folder.mkdir(parents=True, exist_ok=True)
+            # A file `run` had taken when it was stopped goes back under its name.
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                taken = [Path(e.path) for e in entries
+                         if e.name.startswith(".") and e.name.endswith(IMPORTING_SUFFIX)]
+            for path in taken:
+                release(path, path.name[1:-len(IMPORTING_SUFFIX)])
         found = {}
         with contextlib.suppress(OSError), os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_file():
-                    found[entry.name.lower()] = (Path(entry.path), entry.stat())
+                # lstat: a link, a pipe or a folder is seen as what it is (never followed)
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        found[entry.name.lower()] = (Path(entry.path), st)
         ready = []
         for name, what in DROPPED_FILES:
             if name not in found:
@@ -3800,50 +4291,98 @@ class ImportWatch:
                 self.settling[path] = (signature, now)
             elif now - seen[1] >= STABLE_SECONDS:
                 del self.settling[path]
+                self.seen[path] = signature
                 ready.append((path, what))
         return ready
 
 
-def import_dropped(gateway: Gateway, path: Path, what: str, now: float) -> None:
-    """Import one dropped file and move it to done/ or failed/."""
+def take_dropped(journal: Journal, path: Path, seen: tuple | None = None) -> Path | None:
+    """Claim a dropped file before it is read: renamed to its private name,
+    which Windows refuses while the library system still has it open. None
+    when it is held or still changing (it is tried again once it settles)."""
+    claimed = path.with_name("." + path.name + IMPORTING_SUFFIX)
+    try:
+        patiently(os.rename, path, claimed)
+    except FileNotFoundError:
+        return None
+    except (OSError, SpoolError) as exc:
+        journal.event("import", f"{path.name} is not imported yet: "
+                      f"{getattr(exc, 'strerror', None) or exc}", level=logging.WARNING)
+        return None
+    # The listing can be stale (NTFS, while a writer keeps the file open):
+    # the claimed file itself must be what the listing showed settled.
+    with contextlib.suppress(OSError):
+        st = os.lstat(claimed)
+        if seen is not None and (st.st_size, st.st_mtime_ns) != seen:
+            release(claimed, path.name)
+            journal.event("import", f"{path.name} is not imported yet: it is still being "
+                          "written", level=logging.WARNING)
+            return None
+    return claimed
+
+
+def import_dropped(gateway: Gateway, path: Path, what: str, now: float,
+                   seen: tuple | None = None) -> bool:
+    """Import one dropped file and move it to done/ or failed/; False when
+    it was left for later (held by another program, still changing). A
+    link, a pipe or a device is moved to failed/ without being opened."""
     s, journal = gateway.settings, gateway.journal
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    name = path.name
     try:
-        result = import_csv(s, what, path, now=now)
+        problem = file_problem(os.lstat(path), MAX_CSV_BYTES)
+    except OSError:             # gone meanwhile
+        return True
+    taken = path if problem else take_dropped(journal, path, seen)
+    if taken is None:
+        return False
+    try:
+        if problem:
+            raise ImportRefused(name, [f"{name} was not read: {problem}"], "")
+        result = import_csv(s, what, taken, now=now, source=name)
     except ImportRefused as exc:
         problems = exc.problems
     except (OSError, sqlite3.Error) as exc:
-        problems = [f"{path.name} could not be imported: {exc}."]
+        problems = [f"{name} could not be imported: {exc}."]
     else:
+        problems = []
         record_import(journal, result)
-        moved = move_aside(journal, path, s.import_folder / "done", stamp)
+    moved = move_aside(journal, taken, s.import_folder / ("failed" if problems else "done"),
+                       stamp, name)
+    if taken != path and os.path.lexists(taken):        # not moved: back under its name
+        release(taken, name)
+    if not problems:
         if moved:
-            journal.event("import", f"moved {path.name} to {moved}")
+            journal.event("import", f"moved {name} to {moved}")
         prune_folder(s.import_folder / "done", s.keep_log_days, now)
-        return
-    moved = move_aside(journal, path, s.import_folder / "failed", stamp)
-    report = moved.with_suffix(".txt") if moved else path.with_name(path.name + ".txt")
-    lines = [f"{path.name}, found in {s.import_folder} at {fmt_time(now)}, was NOT imported; "
+        return True
+    report = moved.with_suffix(".txt") if moved else path.with_name(name + ".txt")
+    lines = [f"{name}, found in {s.import_folder} at {fmt_time(now)}, was NOT imported; "
              "nothing was changed.",
              "Correct the rows below (in the library system, or in the file) and drop the "
              f"file into {s.import_folder} again.", "", *problems]
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, SpoolError):
         write_atomic(report, ("\n".join(lines) + "\n").encode("utf-8"))
-    journal.event("import_failed", f"{path.name} was NOT imported ({len(problems)} problem(s), "
+    journal.event("import_failed", f"{name} was NOT imported ({len(problems)} problem(s), "
                   f"the first: {problems[0]}); the file and the list of problems are in "
                   f"{report.parent}", level=logging.ERROR)
+    return True
 
 
-def move_aside(journal: Journal, path: Path, folder: Path, stamp: str) -> Path | None:
-    """Move a handled file to folder as NAME-STAMP.csv; None if it cannot be."""
+def move_aside(journal: Journal, path: Path, folder: Path, stamp: str,
+               name: str | None = None) -> Path | None:
+    """Move a handled file (`name` in the import folder) to folder as
+    NAME-STAMP.csv; None if it cannot be."""
+    name = name or path.name
+    stem, suffix = os.path.splitext(name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        target = free_name(folder, f"{path.stem}-{stamp}", path.suffix)
-        os.replace(path, target)
-    except OSError as exc:
-        journal.event("import_failed", f"{path.name} could not be moved to {folder} "
-                      f"({exc.strerror or exc}); it is not imported again until it changes",
-                      level=logging.ERROR)
+        target = free_name(folder, f"{stem}-{stamp}", suffix)
+        patiently(os.replace, path, target)
+    except (OSError, SpoolError) as exc:
+        journal.event("import_failed", f"{name} could not be moved to {folder} "
+                      f"({getattr(exc, 'strerror', None) or exc}); it is not imported again "
+                      "until it changes", level=logging.ERROR)
         return None
     return target
 
@@ -4217,6 +4756,7 @@ def write_batch(folder: Path, files: list[tuple[str, bytes]], mtime: float) -> N
 def already_queued(spool: Path, db: sqlite3.Connection, name: str) -> bool:
     stem = name[:-len(WAITING_EXT)]
     return ((spool / name).exists() or (spool / f"{stem}{BAD_EXT}").exists()
+            or os.path.lexists(claim_path(spool / name))       # being sent right now
             or db.execute("SELECT 1 FROM events WHERE file = ? AND kind = 'sent'",
                           (name,)).fetchone() is not None)
 
@@ -6904,6 +7444,19 @@ RESTART_INTERVAL, RESTART_COUNT = "PT1M", 255
 #: are ignored (MultipleInstancesPolicy IgnoreNew), and when it has stopped,
 #: the next one starts it again.
 RESTART_CHECK = "PT5M"
+#: Windows' MAX_PATH: Task Scheduler, and Python without the long-path
+#: setting, cannot start a program or open a file by a longer path.
+MAX_WINDOWS_PATH = 260
+#: The Administrators group, named by its SID so that icacls works in every
+#: language of Windows ("Administratoren", "Administrateurs" ...).
+ADMINISTRATORS_SID = "S-1-5-32-544"
+#: The local group of the librarian and the library system's account: it may
+#: queue messages (modify the spool and the import folder) and read the logs,
+#: nothing else. install-task creates it; the README says who belongs in it.
+USERS_GROUP = "BiblioGate Users"
+#: Open files the systemd unit allows: the page's connections and the
+#: database, beside the default 1,024 a connection flood used up.
+UNIT_NOFILE = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6915,6 +7468,9 @@ class TaskPlan:
     script: Path
     ini: Path
     user: str
+    #: The folders `run` writes in (data, spool, logs, import): systemd's
+    #: ReadWritePaths and the ACLs of install-task.
+    writable: tuple = ()
 
     @property
     def folder(self) -> Path:
@@ -6926,8 +7482,10 @@ class TaskPlan:
 
     @property
     def arguments(self) -> str:
-        """The task's command line after the program, every path quoted."""
-        return f'"{self.script}" --config "{self.ini}" run'
+        """The task's command line after the program, every path quoted;
+        -I (isolated): no folder of the script or the current one on
+        sys.path before the standard library, no PYTHON* variables."""
+        return f'-I "{self.script}" --config "{self.ini}" run'
 
 
 def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOWS,
@@ -6948,7 +7506,23 @@ def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOW
         if '"' in str(path) or "\n" in str(path):
             raise UsageError(f"{path} has a quote or a line break in its name, which a command "
                              "line cannot carry; move BiblioGate to a folder with a plain name.")
+    if windows:
+        windows_plan_problems(plan)
     return plan
+
+
+def windows_plan_problems(plan: TaskPlan) -> None:
+    """Refuse, before anything is registered, what the task could not start."""
+    if "WindowsApps" in plan.program.parts or "windowsapps" in str(plan.program).lower():
+        raise UsageError(f"{plan.program} is the Microsoft Store Python, which a scheduled "
+                         "task running as SYSTEM cannot start. Install Python from python.org "
+                         "(for all users), then run install-task with that python.exe.")
+    for path in (plan.program, plan.script, plan.ini, *plan.writable):
+        if len(str(path)) >= MAX_WINDOWS_PATH:
+            raise UsageError(f"{str(path)[:60]}... is {len(str(path))} characters long; Windows "
+                             f"cannot start a task or open a file by a path of "
+                             f"{MAX_WINDOWS_PATH} or more. Move BiblioGate to a shorter folder, "
+                             "such as C:\\BiblioGate.")
 
 
 def _current_user() -> str:
@@ -7012,7 +7586,7 @@ def task_xml(plan: TaskPlan, now: float | None = None) -> str:
                        ("ExecutionTimeLimit", "PT0S"), ("Priority", "7")):
         add(settings, tag, value)
     run = add(add(task, "Actions", Context="Author"), "Exec")
-    add(run, "Command", str(plan.program))
+    add(run, "Command", f'"{plan.program}"')      # C:\\Program Files\\...: never split at a space
     add(run, "Arguments", plan.arguments)
     add(run, "WorkingDirectory", str(plan.folder))
     ET.indent(task, space="  ")
@@ -7036,7 +7610,8 @@ def systemd_unit(plan: TaskPlan) -> str:
     """The Linux counterpart of the scheduled task: a systemd service that
     starts at boot and again a minute after `run` ends with an error."""
     name = TASK_NAME.lower()
-    start = " ".join(systemd_word(str(p)) for p in (plan.program, plan.script))
+    start = " ".join(systemd_word(str(p)) for p in (plan.program, "-I", plan.script))
+    writable = " ".join(systemd_word(str(p)) for p in plan.writable or (plan.folder,))
     return f"""\
 # BiblioGate, the library's email gateway: started at boot, and again a minute
 # after it stops with an error. Written by `bibliogate.py install-task`.
@@ -7046,7 +7621,7 @@ def systemd_unit(plan: TaskPlan) -> str:
 # Remove:  `bibliogate.py uninstall-task` prints the commands.
 
 [Unit]
-Description=BiblioGate email gateway ({plan.ini})
+Description=BiblioGate email gateway ({str(plan.ini).replace("%", "%%")})
 Wants=network-online.target
 After=network-online.target
 
@@ -7059,7 +7634,13 @@ Restart=on-failure
 RestartSec=60
 # A stop lets the message in flight finish first.
 TimeoutStopSec=120
-Environment=PYTHONIOENCODING=utf-8
+# Files and folders BiblioGate creates are its own account's only (0600/0700).
+UMask=0077
+LimitNOFILE={UNIT_NOFILE}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={writable}
+PrivateTmp=yes
 
 [Install]
 WantedBy=multi-user.target
@@ -7088,12 +7669,21 @@ def install_task(settings: Settings, user: str | None = None, print_only: bool =
     runner(argv, quiet=False) runs schtasks and returns its exit status (tests
     pass a recorder). Raises BibliogateError when schtasks refuses."""
     plan = task_plan(settings.ini_path, user, windows)
+    plan = dataclasses.replace(plan, writable=writable_folders(settings))
+    if windows:
+        windows_plan_problems(plan)
+    warning = network_database_warning(settings)
+    if warning:
+        print(f"Warning: {warning}")
     if not windows:
         return _install_systemd(settings, plan, print_only)
     text = task_xml(plan, now)
     if print_only:
         print(text, end="")
+        for argv in acl_commands(plan, settings):
+            print(" ".join(f'"{a}"' if " " in a else a for a in argv))
         return 0
+    set_acls(plan, settings, runner)
     xml_path = settings.base / TASK_XML_FILE
     try:
         xml_path.write_bytes(task_xml_bytes(text))
@@ -7114,9 +7704,6 @@ def install_task(settings: Settings, user: str | None = None, print_only: bool =
     print(f"Registered the scheduled task {TASK_NAME}: it starts BiblioGate one minute after "
           f"every boot, as {who}, and again within {RESTART_CHECK[2:-1]} minutes whenever it "
           "has stopped.")
-    if "WindowsApps" in plan.program.parts:
-        print("Warning: this Python is the Microsoft Store one, which the task may not be able "
-              "to start. Install Python from python.org and run install-task with that python.")
     if run_is_active(settings.ini_path):
         print("A BiblioGate `run` for these settings is active now, probably in a Command "
               "Prompt window: stop it with Ctrl+C, and the task takes over within "
@@ -7130,6 +7717,90 @@ def install_task(settings: Settings, user: str | None = None, print_only: bool =
     for problem in settings.problems:
         print(f"Before messages go out, fix this: {problem}")
     return 0
+
+
+def writable_folders(settings: Settings) -> tuple:
+    """The folders `run` writes in, none inside another of them."""
+    folders = sorted({settings.base, settings.database.parent, settings.spool,
+                      settings.log_folder, settings.import_folder}, key=lambda p: len(p.parts))
+    kept: list[Path] = []
+    for folder in folders:
+        if not any(folder == k or k in folder.parents for k in kept):
+            kept.append(folder)
+    return tuple(kept)
+
+
+def network_database_warning(settings: Settings) -> str | None:
+    """SQLite's WAL mode needs shared memory on the same computer: a
+    database on a network share (\\\\server\\share\\...) can be corrupted."""
+    value = settings.get("data", "database").strip()
+    if value.startswith(("\\\\", "//")) or str(settings.database).startswith("\\\\"):
+        return (f"[data] database = {value} is on a network share; SQLite cannot use it safely "
+                "there (its write-ahead log needs a local disk). Keep the database on a local "
+                "disk of this server.")
+    return None
+
+
+def ini_exposure_warning(ini_path: Path) -> str | None:
+    """POSIX: the ini holds the SMTP password; other accounts must not read it."""
+    if os.name == "nt":
+        return None                     # install-task's ACLs see to it
+    try:
+        mode = os.stat(ini_path).st_mode
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (f"{ini_path} can be read by other accounts on this computer (mode "
+                f"{stat.filemode(mode)}), and it holds the SMTP password: run "
+                f"`chmod 600 {ini_path}`.")
+    return None
+
+
+def acl_commands(plan: TaskPlan, settings: Settings) -> list[list[str]]:
+    """The icacls command lines that make BiblioGate's folders writable only
+    by SYSTEM and the Administrators (and the task's account, if another):
+    no other account may change the program (it runs as SYSTEM) or read the
+    ini (it holds the SMTP password). The USERS_GROUP may modify the spool
+    and the import folder (to queue messages and drop CSV files) and read
+    the logs. Files inherit from their folder, so a Save from the page or a
+    new spool file gets the same rights."""
+    owners = [f"*{SYSTEM_SID}:(OI)(CI)F", f"*{ADMINISTRATORS_SID}:(OI)(CI)F"]
+    if not plan.as_system:
+        owners.append(f"{plan.user}:(OI)(CI)M")
+    lock = ["/inheritance:r", "/grant:r", *owners]
+    commands, done = [], set()
+    for folder in (plan.script.parent, *plan.writable):
+        if folder not in done:
+            done.add(folder)
+            commands.append(["icacls", str(folder), *lock])
+    for path in (plan.ini, settings.database):    # explicit, in case they were shared before
+        commands.append(["icacls", str(path), "/inheritance:r", "/grant:r",
+                         *(o.replace("(OI)(CI)", "") for o in owners)])
+    commands.append(["icacls", str(settings.spool), "/grant", f"{USERS_GROUP}:(OI)(CI)M"])
+    commands.append(["icacls", str(settings.import_folder), "/grant",
+                     f"{USERS_GROUP}:(OI)(CI)M"])
+    commands.append(["icacls", str(settings.log_folder), "/grant", f"{USERS_GROUP}:(OI)(CI)RX"])
+    return commands
+
+
+def set_acls(plan: TaskPlan, settings: Settings, runner: Callable[..., int]) -> None:
+    """Create USERS_GROUP (if it is not there) and run acl_commands, each
+    printed first. Raises BibliogateError, before the task is registered,
+    when one fails."""
+    with contextlib.suppress(OSError):
+        settings.import_folder.mkdir(parents=True, exist_ok=True)
+    runner(["net", "localgroup", USERS_GROUP, "/add", "/comment:May queue messages for "
+            "BiblioGate and read its logs"], quiet=True)        # fails harmlessly if it exists
+    for argv in acl_commands(plan, settings):
+        print(" ".join(f'"{a}"' if " " in a else a for a in argv))
+        if runner(argv) != 0:
+            raise BibliogateError(f"Windows did not change the permissions of {argv[1]} (icacls "
+                                  "said why, above); nothing was registered. Open a Command "
+                                  "Prompt with \"Run as administrator\" and run this again.")
+    print(f"Permissions set: only SYSTEM and the Administrators may change BiblioGate's "
+          f"folders or read the ini; the group \"{USERS_GROUP}\" may queue messages "
+          f"({settings.spool}), drop CSV files ({settings.import_folder}) and read the logs "
+          f"({settings.log_folder}). Add the librarian and the library system's account to it.")
 
 
 def _install_systemd(settings: Settings, plan: TaskPlan, print_only: bool) -> int:
@@ -7165,6 +7836,8 @@ def uninstall_task(settings: Settings, windows: bool = IS_WINDOWS,
         print(f"  rm /etc/systemd/system/{name}.service")
         print("  systemctl daemon-reload")
         return 0
+    if not request_stop(settings.ini_path):        # the message in flight first
+        print(f"BiblioGate did not stop within {STOP_WAIT_SECONDS} seconds; Windows ends it now.")
     runner(["schtasks", "/End", "/TN", TASK_NAME], quiet=True)    # fails harmlessly if not running
     if runner(["schtasks", "/Delete", "/TN", TASK_NAME, "/F"]) != 0:
         raise BibliogateError(f"Windows did not remove the task {TASK_NAME} (schtasks said why, "
@@ -7174,6 +7847,68 @@ def uninstall_task(settings: Settings, windows: bool = IS_WINDOWS,
     Journal(settings.database).event("setup", f"removed the scheduled task {TASK_NAME}")
     print(f"Removed the scheduled task {TASK_NAME}; BiblioGate no longer starts at boot.")
     return 0
+
+
+# -- a graceful stop, on Windows too ---------------------------------------------
+#
+# Windows has no SIGTERM, and Task Scheduler's "End" (schtasks /End) kills
+# the process outright (TerminateProcess): the message in its SMTP
+# transaction may go again at the next start. `stop` asks instead, through a
+# file beside the ini that `run` watches: the sender finishes the message in
+# flight, and `run` exits with status 0.
+
+#: How long `stop` waits for `run` to finish the message in flight and exit.
+STOP_WAIT_SECONDS = 180
+
+
+def stop_path(ini_path: Path) -> Path:
+    return Path(str(ini_path) + ".stop")
+
+
+def watch_stop_file(path: Path, stop: threading.Event, every: float = TICK_SECONDS / 2
+                    ) -> threading.Thread:
+    """Set `stop` once `path` appears (a `stop` command); the thread ends with `run`."""
+    def watch() -> None:
+        while not stop.wait(every):
+            if os.path.lexists(path):
+                log.info("stopping (asked by `bibliogate.py stop`): finishing the message "
+                         "in flight")
+                stop.set()
+    thread = threading.Thread(target=watch, name="stop-file", daemon=True)
+    thread.start()
+    return thread
+
+
+def request_stop(ini_path: Path, wait: float = STOP_WAIT_SECONDS,
+                 sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Ask the `run` of this ini to stop; True once it has (or none was running)."""
+    if not run_is_active(ini_path):
+        return True
+    try:
+        stop_path(ini_path).write_text(f"stop asked by process {os.getpid()}\n", encoding="utf-8")
+    except OSError as exc:
+        raise BibliogateError(f"Could not ask BiblioGate to stop: {stop_path(ini_path)} cannot "
+                              f"be written ({exc.strerror}). Run this as an administrator.") from None
+    for _ in range(max(1, int(wait / 0.2))):       # bounded: `wait` seconds at most
+        if not run_is_active(ini_path):
+            return True
+        sleep(0.2)
+    return not run_is_active(ini_path)
+
+
+def cmd_stop(args, settings: Settings) -> int:
+    if not run_is_active(settings.ini_path):
+        print(f"BiblioGate is not running for {settings.ini_path}.")
+        return 0
+    print("Asked BiblioGate to stop; it finishes the message it is sending first ...",
+          flush=True)
+    if request_stop(settings.ini_path):
+        print("BiblioGate has stopped. (With the scheduled task installed, it starts again "
+              f"within {RESTART_CHECK[2:-1]} minutes; uninstall-task keeps it stopped.)")
+        return 0
+    print(f"BiblioGate has not stopped after {STOP_WAIT_SECONDS} seconds; it stops once the "
+          "message in flight is done. Run `python bibliogate.py status` to see.")
+    return 1
 
 
 def cmd_install_task(args, settings: Settings) -> int:
@@ -7192,7 +7927,9 @@ def add_task_commands(command: Callable) -> None:
                    help="only show the task definition (on Linux, the systemd unit)")
     p.add_argument("--user", metavar="U", help="the account that runs BiblioGate (default: "
                    "SYSTEM on Windows, the current account on Linux)")
-    command("uninstall-task", cmd_uninstall_task, "remove the scheduled task again")
+    command("uninstall-task", cmd_uninstall_task, "stop BiblioGate (after the message in "
+            "flight) and remove the scheduled task")
+    command("stop", cmd_stop, "ask a running `run` to finish the message in flight and exit")
 
 
 # Wiring ######################################################################
@@ -7211,7 +7948,7 @@ DEFAULT_TEMPLATES = MappingProxyType({**CORE_TEMPLATES, **NOTICE_TEMPLATES, **LE
 def gateway_tasks() -> list[Callable[[Gateway, float], None]]:
     """What `run` does at every tick besides checking, in this order; each
     Gateway gets its own (the import watcher keeps state)."""
-    return [daily_log_task, ImportWatch(), overdue_task]
+    return [Heartbeat(), daily_log_task, ImportWatch(), overdue_task]
 
 
 #: The lines `status` shows besides the sender's (name -> function of
@@ -7232,6 +7969,8 @@ def cmd_run(args, settings: Settings) -> int:
         print(f"BiblioGate is already running for {settings.ini_path} (process {pid}); "
               "a second one would do nothing.", file=sys.stderr)
         return 1
+    with contextlib.suppress(OSError):          # a request meant for an earlier `run`
+        os.unlink(stop_path(settings.ini_path))
     setup_logging(settings, console=has_console())
     try:
         gateway = Gateway(settings.ini_path, stop=threading.Event())
@@ -7257,13 +7996,23 @@ def serve_until_stopped(gateway: Gateway, guard: RunGuard) -> None:
                           f"settings {s.ini_path}, spool {s.spool}")
     for problem in s.problems:
         log.warning("not configured yet: %s", problem)
+    for warning in (network_database_warning(s), ini_exposure_warning(s.ini_path)):
+        if warning:
+            gateway.journal.event("setup", warning, level=logging.WARNING)
+    watch_stop_file(stop_path(s.ini_path), gateway.stop)
     try:
         gateway.run_forever(guard)
     except Exception as exc:        # a bug: logged with its traceback, and `run` ends with status 1
         guard.crash(f"BiblioGate stopped on an unexpected error: {error_summary(exc)}", exc)
     finally:
+        gateway.stop.set()                      # ends the stop-file watcher too
         stop_page(page)
-        gateway.journal.event("stop", "BiblioGate stopped")
+        ini = gateway.settings.ini_path
+        asked = os.path.lexists(stop_path(ini))
+        with contextlib.suppress(OSError):
+            os.unlink(stop_path(ini))
+        gateway.journal.event("stop", "BiblioGate stopped" + (" (asked by `stop`)" if asked
+                                                               else ""))
 
 
 def cmd_send(args, settings: Settings) -> int:
@@ -7424,6 +8173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     console_to_log(early_log_folder(argv))      # pythonw.exe: no console, so to logs/
+    safe_output()
     args = build_parser().parse_args(argv)
     ini = Path(args.config) if args.config else Path(__file__).resolve().with_name("bibliogate.ini")
     if args.config and args.command != "run" and not ini.is_file():
@@ -7454,5 +8204,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def private_files() -> None:
+    """POSIX: every file BiblioGate creates (the ini and its temporary file,
+    the database, logs, spool files, letters) is its own account's only,
+    0600, and every folder 0700, from the first byte. (On Windows the
+    folders' ACLs, set by install-task, do this.)"""
+    if os.name != "nt":
+        os.umask(0o077)
+
+
 if __name__ == "__main__":
+    private_files()
     sys.exit(main())

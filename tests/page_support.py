@@ -174,7 +174,7 @@ class RunningPage:
     def __init__(self, folder: Path, ini_text: str, clock: Clock):
         folder.mkdir(parents=True, exist_ok=True)
         self.ini = folder / "bibliogate.ini"
-        self.ini.write_text(ini_text, encoding="utf-8", newline="")
+        self.ini.write_bytes(ini_text.encode("utf-8"))
         self.clock = clock
         self.gateway = bg.Gateway(self.ini, clock=clock)
         self.gateway.tick()             # the first check, done before any test drops a file

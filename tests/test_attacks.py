@@ -354,7 +354,7 @@ def test_script_written_into_the_ini_by_hand_is_shown_escaped(open_page):
     for f in bg.SETTINGS_FIELDS:        # the password too: markup around the real one
         value = SECRET + PAYLOAD if f.kind == "password" else PAYLOAD
         text = bg.update_ini_text(text, {(f.section, f.key): value})
-    page.ini.write_text(text, encoding="utf-8", newline="")
+    page.ini.write_bytes(text.encode("utf-8"))
     try:
         # the loop reads a hand edit at its next tick
         assert wait_until(lambda: page.gateway.settings.library_name == PAYLOAD)

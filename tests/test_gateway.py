@@ -123,3 +123,44 @@ def test_a_long_day_is_cut_in_the_daily_log_with_a_pointer_to_the_file(tmp_path,
     shown = [line for line in text.splitlines() if line.startswith("  - ")]
     assert len(shown) == 5 and shown[-1].endswith("line 19")
     assert "logs/bibliogate-2026-03-02.log has them all" in text.splitlines()[0]
+
+
+def test_days_bibliogate_was_not_running_each_get_their_log_saying_so(tmp_path, sink):
+    """Off from Tuesday 10:02 to Friday 08:55: Friday's start mails the logs
+    of Tuesday, Wednesday and Thursday, each saying when it was not running."""
+    tue = dt.date(2026, 3, 3)
+    clock = Clock(day_at(tue - dt.timedelta(days=1), 9))
+    gateway = bg.Gateway(write_ini(tmp_path, sink), clock=clock)
+    gateway.tick()                               # Monday: the first start
+    clock.now = day_at(tue, 0, 1)
+    gateway.tick()                               # Monday's log
+    clock.now = day_at(tue, 10, 2)
+    gateway.tick()
+    gateway.journal.db.close()
+    clock.now = day_at(tue + dt.timedelta(days=3), 8, 55)
+    gateway = bg.Gateway(write_ini(tmp_path, sink), clock=clock)       # the next start, Friday
+    gateway.tick()
+    clock.advance(gateway.settings.interval)
+    gateway.tick()
+    logs = {m.message["Subject"].split(" for ")[1][:10]: m.message.get_content()
+            for m in sink.messages if "daily log" in m.message["Subject"]}
+    assert sorted(logs) == ["2026-03-02", "2026-03-03", "2026-03-04", "2026-03-05"]
+    gap = "not running from Tue 2026-03-03 10:02 to Fri 2026-03-06 08:55"
+    for day in ("2026-03-03", "2026-03-04", "2026-03-05"):
+        assert gap in logs[day], logs[day]
+    assert gap not in logs["2026-03-02"]
+
+
+def test_after_a_long_absence_only_the_last_week_of_logs_is_mailed(tmp_path, sink):
+    day = dt.date(2026, 3, 2)
+    clock = Clock(day_at(day, 9))
+    gateway = bg.Gateway(write_ini(tmp_path, sink), clock=clock)
+    gateway.tick()
+    clock.now = day_at(day + dt.timedelta(days=30), 9)
+    gateway.tick()
+    clock.advance(gateway.settings.interval)
+    gateway.tick()
+    logs = [m for m in sink.messages if "daily log" in m.message["Subject"]]
+    assert len(logs) == bg.DAILY_LOG_DAYS_BACK
+    skipped = gateway.journal.events(bg.local_day(clock()).isoformat(), ["daily_log"])
+    assert any("are not mailed (more than 7 days ago)" in e["detail"] for e in skipped)

@@ -120,7 +120,7 @@ def test_every_bad_row_is_reported_by_line_and_nothing_changes(settings, tmp_pat
             "P7,,g@example.org,,,\r\n"                                   # line 9: no name
             "P8,Hal,h@example.org,,7B,no,extra\r\n")                     # line 10: too many values
     path = tmp_path / "bad.csv"
-    path.write_text(text, encoding="utf-8", newline="")
+    path.write_bytes(text.encode("utf-8"))
     with pytest.raises(bg.ImportRefused) as caught:
         bg.import_csv(settings, "patrons", path)
     problems = caught.value.problems
@@ -155,8 +155,8 @@ def test_rows_the_csv_reader_cannot_take_are_reported_too(settings, tmp_path):
 
 def test_a_name_on_two_lines_becomes_one_line(settings, tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text('patron_id,name,email\nP1,"Ann\r\nBcc: evil@example.org",ann@example.org\n',
-                    encoding="utf-8", newline="")
+    path.write_bytes('patron_id,name,email\nP1,"Ann\r\nBcc: evil@example.org",ann@example.org\n'
+                     .encode("utf-8"))
     bg.import_csv(settings, "patrons", path)
     assert patrons(settings)[0][1] == "Ann Bcc: evil@example.org"
 
@@ -227,8 +227,8 @@ def test_dates_in_date_format_and_always_iso(tmp_path):
     (b"patron_id,barcode,title\nP1,B1,X\n", "no due_date column"),
     (b"patron_id,name,email,guardian_email,group,auto_overdue\n", "looks like a patrons file"),
     (b"patron_id,barcode,title,due_date,barcode\n", "the column barcode appears twice"),
-    ("patron_id,barcode,title,due_date\nP1,B1,Caf\u00e9,2026-03-05\n".encode("cp1252"),
-     "not UTF-8 text"),
+    (b"patron_id,barcode,title,due_date\nP1,B1,Caf\x81,2026-03-05\n",
+     "line 2: this is not UTF-8 nor Windows-1252 (cp1252) text"),
 ])
 def test_files_that_cannot_be_imported_say_why(settings, tmp_path, content, words):
     path = tmp_path / "loans.csv"
@@ -279,7 +279,7 @@ class Clock:
 def drop(folder: Path, name: str, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_text(text, encoding="utf-8", newline="")
+    path.write_bytes(text.encode("utf-8"))
     return path
 
 
@@ -359,3 +359,46 @@ def test_the_gateway_runs_the_watcher(tmp_path):
         clock.now += bg.STABLE_SECONDS + 1
     assert len(patrons(gateway.settings)) == 3
     assert os.listdir(gateway.settings.import_folder / "done")
+
+
+# -- encodings: UTF-8 (with or without a BOM), else Excel's cp1252 -----------------
+
+EXCEL_ROWS = "patron_id,name,email,guardian_email,group,auto_overdue\r\n" \
+             "P1,Ann Smith,,,7A,yes\r\nP2,Zoë Łukasz,,,7A,no\r\nP3,Renée Müller,,,7B,\r\n"
+
+
+@pytest.mark.parametrize("data, note", [
+    (EXCEL_ROWS.replace("Ł", "L").encode("cp1252"), "read as Windows-1252 (cp1252)"),
+    (EXCEL_ROWS.encode("utf-8"), None),
+    (b"\xef\xbb\xbf" + EXCEL_ROWS.encode("utf-8"), None),
+], ids=["excel-csv-cp1252", "utf-8", "utf-8-with-bom"])
+def test_excel_csv_and_utf8_both_import_and_the_note_says_which(settings, tmp_path, data, note):
+    path = tmp_path / "patrons.csv"
+    path.write_bytes(data)
+    result = bg.import_csv(settings, "patrons", path)
+    names = [row[1] for row in patrons(settings)]
+    assert names[2] == "Renée Müller" and names[1].startswith("Zoë")
+    notes = " ".join(result.notes)
+    assert (note in notes) if note else "cp1252" not in notes
+
+
+def test_a_bad_byte_names_its_own_line_when_utf8_is_forced(tmp_path):
+    settings = make_settings(tmp_path / "lib", data__csv_encoding="utf-8")
+    path = tmp_path / "patrons.csv"
+    path.write_bytes(EXCEL_ROWS.replace("Ł", "L").encode("cp1252"))
+    with pytest.raises(bg.ImportRefused) as caught:
+        bg.import_csv(settings, "patrons", path)
+    [problem] = caught.value.problems
+    assert problem.startswith("patrons.csv line 3: this is not UTF-8 text (byte 0xEB 'P2,Zo")
+    assert "csv_encoding" in caught.value.fix
+
+
+def test_cp1252_can_be_forced_and_a_bad_setting_is_named(tmp_path):
+    settings = make_settings(tmp_path / "lib", data__csv_encoding="cp1252")
+    path = tmp_path / "patrons.csv"
+    path.write_bytes("patron_id,name\r\nP1,Caf\u00e9\r\n".encode("utf-8"))
+    bg.import_csv(settings, "patrons", path)
+    assert patrons(settings)[0][1] == "CafÃ©"                  # as asked: read as cp1252
+    bad = make_settings(tmp_path / "other", data__csv_encoding="latin-9")
+    assert any("[data] csv_encoding = 'latin-9': must be auto, utf-8 or cp1252" in p
+               for p in bad.problems)

@@ -288,9 +288,12 @@ def test_task_starts_at_boot_and_again_whenever_run_has_stopped(tmp_path):
     assert text(principal, "t:UserId") == "S-1-5-18"
     assert principal.find("t:LogonType", NS) is None       # the service account needs none
     run = root.find("t:Actions/t:Exec", NS)
-    assert text(run, "t:Command") == str(tmp_path / "Library Server" / "Python39" / "pythonw.exe")
+    # Quoted: C:\Program Files\... is never split at its space; -I: isolated
+    # mode, so no json.py dropped beside the script runs as SYSTEM.
+    assert text(run, "t:Command") == \
+        f'"{tmp_path / "Library Server" / "Python39" / "pythonw.exe"}"'
     ini = (tmp_path / "Library Server" / "bibliogate.ini").resolve()
-    assert text(run, "t:Arguments") == f'"{SCRIPT.resolve()}" --config "{ini}" run'
+    assert text(run, "t:Arguments") == f'-I "{SCRIPT.resolve()}" --config "{ini}" run'
     assert text(run, "t:WorkingDirectory") == str(ini.parent)
 
 
@@ -333,7 +336,7 @@ def test_install_task_registers_the_definition_with_schtasks_and_starts_it(tmp_p
     schtasks = Recorder()
     assert bg.install_task(settings, windows=True, runner=schtasks) == 0
     xml_path = settings.base / bg.TASK_XML_FILE
-    assert schtasks.calls == [
+    assert [c for c in schtasks.calls if c[0] == "schtasks"] == [
         ["schtasks", "/Create", "/TN", "BiblioGate", "/XML", str(xml_path), "/F", "/RU", "SYSTEM"],
         ["schtasks", "/Run", "/TN", "BiblioGate"]]
     assert schtasks.xml[:2] == b"\xff\xfe" and schtasks.xml == xml_path.read_bytes()
@@ -343,11 +346,81 @@ def test_install_task_registers_the_definition_with_schtasks_and_starts_it(tmp_p
     assert any("registered the scheduled task" in d for d in events(settings.database, "setup"))
 
 
+def test_install_task_makes_the_folders_writable_only_by_system_and_administrators(
+        tmp_path, capsys):
+    """Any logged-on user could edit bibliogate.py, or drop a json.py beside
+    it, and have it run as SYSTEM; or read the SMTP password in the ini."""
+    settings = settings_in(tmp_path / "gw", gateway__spool_folder=str(tmp_path / "queue"))
+    schtasks = Recorder()
+    bg.install_task(settings, windows=True, runner=schtasks)
+    programs = [c[0] for c in schtasks.calls]
+    assert programs.index("icacls") < programs.index("schtasks")     # before the task exists
+    icacls = [c for c in schtasks.calls if c[0] == "icacls"]
+    owners = ["/inheritance:r", "/grant:r", "*S-1-5-18:(OI)(CI)F", "*S-1-5-32-544:(OI)(CI)F"]
+    locked = {c[1] for c in icacls if c[2:] == owners}
+    assert {str(SCRIPT.parent), str(settings.base), str(tmp_path / "queue")} <= locked
+    for path in (settings.ini_path, settings.database):
+        assert ["icacls", str(path), "/inheritance:r", "/grant:r", "*S-1-5-18:F",
+                "*S-1-5-32-544:F"] in icacls
+    group = bg.USERS_GROUP
+    assert ["icacls", str(tmp_path / "queue"), "/grant", f"{group}:(OI)(CI)M"] in icacls
+    assert ["icacls", str(settings.log_folder), "/grant", f"{group}:(OI)(CI)RX"] in icacls
+    assert ["net", "localgroup", group, "/add"] == schtasks.calls[0][:4]
+    out = capsys.readouterr().out
+    assert f'icacls "{settings.log_folder}" /grant "{group}:(OI)(CI)RX"' in out \
+        or f'icacls {settings.log_folder} /grant "{group}:(OI)(CI)RX"' in out
+    assert "Permissions set" in out
+
+
+def test_an_icacls_failure_registers_nothing(tmp_path):
+    settings = settings_in(tmp_path / "gw")
+    calls = []
+
+    def refuse_icacls(argv, quiet=False):
+        calls.append(argv)
+        return 5 if argv[0] == "icacls" else 0
+    with pytest.raises(bg.BibliogateError, match="nothing was registered"):
+        bg.install_task(settings, windows=True, runner=refuse_icacls)
+    assert not [c for c in calls if c[0] == "schtasks"]
+
+
+@pytest.mark.parametrize("where, words", [
+    ("WindowsApps", "Microsoft Store Python"),
+    ("long", "characters long"),
+])
+def test_a_python_or_a_folder_the_task_cannot_start_is_refused_before_registering(
+        tmp_path, where, words):
+    settings = settings_in(tmp_path / "gw")
+    if where == "long":
+        deep = tmp_path
+        while len(str(deep)) < 270:
+            deep = deep / ("d" * 40)
+        settings = settings_in(deep)
+        exe = tmp_path / "Python39" / "python.exe"
+    else:
+        exe = tmp_path / "Program Files" / "WindowsApps" / "Python3.12" / "python.exe"
+    schtasks = Recorder()
+    with pytest.raises(bg.UsageError, match=words):
+        bg.task_plan(settings.ini_path, windows=True, executable=str(exe))
+    monkey_exe = str(exe)
+    with pytest.raises(bg.UsageError, match=words):
+        bg.windows_plan_problems(bg.task_plan(settings.ini_path, windows=False,
+                                              executable=monkey_exe))
+    assert schtasks.calls == []
+
+
+def test_a_database_on_a_network_share_is_warned_about(tmp_path, capsys):
+    settings = settings_in(tmp_path / "gw", data__database=r"\\fileserver\library\bibliogate.db")
+    assert "network share" in bg.network_database_warning(settings)
+    assert bg.network_database_warning(settings_in(tmp_path / "local")) is None
+
+
 def test_install_task_for_an_account_lets_schtasks_ask_its_password(tmp_path):
     settings = settings_in(tmp_path / "gw")
     schtasks = Recorder()
     bg.install_task(settings, user=r"SCHOOL\bib-svc", windows=True, runner=schtasks)
-    assert schtasks.calls[0][-4:] == ["/RU", r"SCHOOL\bib-svc", "/RP", "*"]
+    [create] = [c for c in schtasks.calls if "/Create" in c]
+    assert create[-4:] == ["/RU", r"SCHOOL\bib-svc", "/RP", "*"]
     assert text(parse_task(schtasks.xml), "t:Principals/t:Principal/t:LogonType") == "Password"
 
 
@@ -357,7 +430,7 @@ def test_install_task_refused_by_windows_says_what_to_do(tmp_path):
     with pytest.raises(bg.BibliogateError, match="Run as administrator") as caught:
         bg.install_task(settings, windows=True, runner=schtasks)
     assert str(settings.base / bg.TASK_XML_FILE) in str(caught.value)
-    assert len(schtasks.calls) == 1                 # nothing started
+    assert [c[1] for c in schtasks.calls if c[0] == "schtasks"] == ["/Create"]   # nothing started
 
 
 def test_install_task_leaves_a_running_gateway_alone(tmp_path, capsys):
@@ -369,7 +442,7 @@ def test_install_task_leaves_a_running_gateway_alone(tmp_path, capsys):
         bg.install_task(settings, windows=True, runner=schtasks)
     finally:
         holder.release()
-    assert [c[1] for c in schtasks.calls] == ["/Create"]         # no second `run`
+    assert [c[1] for c in schtasks.calls if c[0] == "schtasks"] == ["/Create"]  # no second run
     assert "Ctrl+C" in capsys.readouterr().out
 
 
@@ -379,7 +452,9 @@ def test_install_task_print_only_shows_the_definition_and_registers_nothing(tmp_
     bg.install_task(settings, print_only=True, windows=True, runner=schtasks)
     out = capsys.readouterr().out
     assert schtasks.calls == [] and not (settings.base / bg.TASK_XML_FILE).exists()
-    check_schema(ET.fromstring(out.split("?>", 1)[1]))
+    xml_text, _, acls = out.partition("</Task>")
+    check_schema(ET.fromstring(xml_text.split("?>", 1)[1] + "</Task>"))
+    assert "icacls" in acls                     # the permissions it would set, shown
 
 
 def test_uninstall_task_stops_and_removes_the_task(tmp_path, capsys):
@@ -412,9 +487,24 @@ def test_systemd_unit_restarts_run_when_it_fails(tmp_path):
     assert service["User"] == "bib"
     assert service["WorkingDirectory"] == str(folder.resolve()).replace("%", "%%")
     words = [w.replace("%%", "%") for w in shlex.split(service["ExecStart"])]
-    assert words == ["/usr/bin/python3", str(SCRIPT.resolve()), "--config",
+    assert words == ["/usr/bin/python3", "-I", str(SCRIPT.resolve()), "--config",
                      str(folder.resolve() / "bibliogate.ini"), "run"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # A % in a folder's name is a systemd specifier unless doubled, here too.
+    assert unit["Unit"]["Description"].endswith("library 100%%/bibliogate.ini)")
+
+
+def test_systemd_unit_is_hardened_and_may_write_only_its_folders(tmp_path):
+    settings = settings_in(tmp_path / "gw 100%", gateway__spool_folder=str(tmp_path / "q"))
+    plan = bg.task_plan(settings.ini_path, "bib", windows=False, executable="/usr/bin/python3")
+    plan = bg.dataclasses.replace(plan, writable=bg.writable_folders(settings))
+    service = unit_values(bg.systemd_unit(plan))["Service"]
+    assert int(service["LimitNOFILE"]) >= 4096
+    assert (service["NoNewPrivileges"], service["ProtectSystem"], service["PrivateTmp"]) == \
+        ("yes", "strict", "yes")
+    assert service["UMask"] == "0077"
+    paths = [w.replace("%%", "%") for w in shlex.split(service["ReadWritePaths"])]
+    assert sorted(paths) == sorted([str(settings.base), str(tmp_path / "q")])  # the rest: inside
 
 
 def test_install_task_and_uninstall_task_on_the_command_line(gateway):
@@ -423,7 +513,10 @@ def test_install_task_and_uninstall_task_on_the_command_line(gateway):
         assert printed.startswith('<?xml version="1.0" encoding="UTF-16"?>')
         return
     removed = gateway.cli("uninstall-task", check=0).stdout
-    assert "Restart=on-failure" in printed and f"ExecStart={sys.executable}" in printed
+    exec_start = next(line for line in printed.splitlines() if line.startswith("ExecStart="))
+    program = shlex.split(exec_start[len("ExecStart="):])[0]
+    # The same program, however pytest was started (a relative venv path, a link).
+    assert "Restart=on-failure" in printed and os.path.samefile(program, sys.executable)
     assert not (gateway.dir / "bibliogate.service").exists()            # --print writes nothing
     assert "systemctl disable --now bibliogate" in removed
     out = gateway.cli("install-task", check=0).stdout
@@ -635,3 +728,141 @@ def test_with_no_console_errors_before_the_settings_are_read_land_in_the_log(gat
     log = log_text(gateway.dir)
     assert "CONSOLE The settings need attention before this can run:" in log
     assert "CONSOLE   bibliogate.ini [smtp] host = '': not set." in log
+
+
+# -- output a console or a redirected file cannot show ------------------------------
+
+def test_output_redirected_in_cp1252_never_crashes_on_a_name_it_cannot_show(gateway):
+    """Windows writes redirected output in the ANSI code page (cp1252) and
+    refuses what it cannot encode; the suite's usual PYTHONIOENCODING=utf-8
+    is left out on purpose."""
+    bg.ensure_layout(gateway.ini)
+    (gateway.spool / "m.TMP").write_bytes(eml(to="lukasz@example.org",
+                                              subject="Ksi\u0105\u017cki dla \u0141ukasza"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8")}
+    env["PYTHONIOENCODING"] = "cp1252"
+    for command in (["queue"], ["status"], ["delete", "nothing.TMP"]):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(gateway.ini),
+                               *command], capture_output=True, env=env, timeout=60)
+        out, err = proc.stdout.decode("cp1252"), proc.stderr.decode("cp1252")
+        assert "Traceback" not in err and "UnicodeEncodeError" not in err, err
+        if command == ["queue"]:
+            assert proc.returncode == 0 and "\\u0141ukasza" in out and "m.TMP" in out
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes; Windows uses the ACLs of install-task")
+def test_files_and_folders_bibliogate_creates_are_its_own_only(tmp_path, sink):
+    """The ini holds the SMTP password, the database every pupil's address."""
+    from conftest import Gateway
+    gw = Gateway(tmp_path / "fresh", sink, cwd=tmp_path)
+    gw.ini.unlink()                             # a first `run` writes it
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(gw.ini), "run"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=str(tmp_path))
+    try:
+        wait_until(lambda: state(gw.dir / "bibliogate.db", "run_pid") == proc.pid
+                   or proc.poll() is not None, "run to start")
+        for args in (["stop"], ["test", "--to", "a@example.org"]):
+            subprocess.run([sys.executable, str(SCRIPT), "--config", str(gw.ini), *args],
+                           capture_output=True, env=env, timeout=WAIT * 4, cwd=str(tmp_path))
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    files = [gw.ini, gw.dir / "bibliogate.db", *gw.spool.iterdir(),
+             *(gw.dir / "logs").iterdir(), *(gw.dir / "templates").iterdir()]
+    assert len(files) > 6
+    modes = {str(p.relative_to(gw.dir)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o600"}, modes
+    for folder in ("spool", "logs", "templates", "import"):
+        if (gw.dir / folder).exists():
+            assert oct((gw.dir / folder).stat().st_mode & 0o777) == "0o700", folder
+
+
+# -- a graceful stop on Windows: `stop` ----------------------------------------------
+
+def test_stop_lets_run_finish_the_message_in_flight_and_exit(tmp_path, make_sink, runs):
+    """Windows has no SIGTERM and Task Scheduler's End is TerminateProcess:
+    `stop` asks through a file `run` watches. Nothing is lost or sent twice,
+    and the next `run` sends the rest."""
+    from conftest import Gateway
+    sink = make_sink(delay=0.3)
+    gw = Gateway(tmp_path / "gw", sink, cwd=tmp_path)
+    gw.configure(gateway__minutes_between_checks=0.05, gateway__messages_per_check=100)
+    bg.ensure_layout(gw.ini)
+    ids = []
+    for n in range(30):
+        path = gw.spool / f"m{n:03d}.TMP"
+        path.write_bytes(eml(to=f"p{n}@example.org", Message_ID=f"<stop-{n}@test>"))
+        os.utime(path, (time.time() - 600 + n,) * 2)
+        ids.append(f"<stop-{n}@test>")
+    proc = runs.start(gw)
+    runs.wait_running(gw, proc)
+    wait_until(lambda: len(sink.messages) >= 2 or proc.poll() is not None, "two messages")
+    r = gw.cli("stop", check=0, timeout=WAIT * 4)
+    assert "has stopped" in r.stdout, r.stdout + r.stderr
+    assert proc.wait(WAIT) == 0, runs.output(proc)
+    sent = collections_counter(m.message["Message-ID"] for m in sink.messages)
+    assert max(sent.values()) == 1 and len(sent) < len(ids)    # stopped mid-batch, no repeat
+    left = sorted(p.name for p in gw.spool.iterdir() if p.name.endswith(".TMP"))
+    assert len(left) + len(sent) == len(ids)                    # none lost, none half-sent
+    assert not [p for p in gw.spool.iterdir() if bg.is_claim_name(p.name)]
+    assert not bg.stop_path(gw.ini).exists()
+    assert any("asked by `stop`" in e for e in events(gw.dir / "bibliogate.db", "stop"))
+    assert "is not running" in gw.cli("stop", check=0).stdout
+    proc = runs.start(gw)                        # an old stop file never stops the next run
+    wait_until(lambda: len(sink.messages) >= len(ids) or proc.poll() is not None, "the rest")
+    assert runs.stop(proc) == 0
+    assert sorted(collections_counter(m.message["Message-ID"] for m in sink.messages).values()) \
+        == [1] * len(ids)
+
+
+def collections_counter(items):
+    import collections
+    return collections.Counter(items)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_the_ini_and_spool_files_are_private_from_their_first_byte(tmp_path, monkeypatch):
+    """A Save wrote a world-readable .bibliogate.ini.part first: a reader
+    on the same server caught the SMTP password during Saves."""
+    old = os.umask(0o022)                       # what a careless service would have
+    try:
+        seen = {}
+        real_replace = os.replace
+
+        def watch(src, dst, *a, **k):
+            seen[Path(src).name] = oct(os.stat(src).st_mode & 0o777)
+            return real_replace(src, dst, *a, **k)
+        monkeypatch.setattr(os, "replace", watch)
+        ini = tmp_path / "bibliogate.ini"
+        bg.write_atomic(ini, b"[smtp]\npassword = S3cret\n")
+        bg.enqueue_bytes(tmp_path, eml())
+    finally:
+        os.umask(old)
+    assert set(seen.values()) == {"0o600"} and len(seen) == 2, seen
+    assert oct(ini.stat().st_mode & 0o777) == "0o600"
+
+
+def test_uninstall_task_lets_a_running_gateway_finish_before_windows_ends_it(
+        gateway, runs, capsys):
+    """schtasks /End is TerminateProcess: `run` is asked to stop first."""
+    proc = runs.start(gateway)
+    runs.wait_running(gateway, proc)
+    settings, _ = bg.ensure_layout(gateway.ini)
+    schtasks = Recorder()
+    assert bg.uninstall_task(settings, windows=True, runner=schtasks) == 0
+    assert proc.wait(WAIT) == 0                 # it had stopped by itself, status 0
+    assert [c[1] for c in schtasks.calls] == ["/End", "/Delete"]
+    assert any("asked by `stop`" in e for e in events(gateway.dir / "bibliogate.db", "stop"))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_an_ini_other_accounts_can_read_is_warned_about(tmp_path):
+    settings = settings_in(tmp_path / "gw")
+    os.chmod(settings.ini_path, 0o644)
+    assert "chmod 600" in bg.ini_exposure_warning(settings.ini_path)
+    os.chmod(settings.ini_path, 0o600)
+    assert bg.ini_exposure_warning(settings.ini_path) is None
