@@ -311,7 +311,7 @@ class _Reader:
         value = self.text(section, key)
         if not value and required_for:
             self.problems.append(ini_problem(section, key, value, f"not set. {required_for}"))
-        elif value and not ADDRESS_RE.match(value):
+        elif value and not ADDRESS_RE.fullmatch(value):
             self.problems.append(ini_problem(
                 section, key, value, "not an email address. Write it as name@school.example."))
             return ""
@@ -398,7 +398,8 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
         problems.append(ini_problem("smtp", "ehlo", s.ehlo, "must be a host name such as "
                                     "library.school.example, without spaces."))
     s.username = r.text("smtp", "username")
-    s.password = raw.get(("smtp", "password"), "").strip()
+    s.password = read_smtp_password(raw, problems)
+    check_password_binding(s, problems)
     s.timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
                          "Use a number of seconds from 1 to 600, such as 30.", 30.0)
     s.ca_file = r.text("smtp", "ca_file")
@@ -435,6 +436,107 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
     for check in SETTINGS_CHECKS:
         check(s, r)
     return s
+
+
+# -- the SMTP password ---------------------------------------------------------------
+#
+# The password belongs to one server: changing any of PASSWORD_BOUND_KEYS on
+# the page clears it unless it is typed again in the same Save (see
+# rebind_password), so nobody who can reach the page can send it to a server
+# of their own. It never crosses the network in clear except to this computer.
+# On Windows the page writes it encrypted with DPAPI (machine scope); a plain
+# password typed into the ini by hand is read as it is.
+
+#: Changing one of these points the stored password at another server (or
+#: another account on it), so the page clears it unless typed again.
+PASSWORD_BOUND_KEYS = (("smtp", "host"), ("smtp", "port"), ("smtp", "security"),
+                       ("smtp", "username"))
+#: A password the page encrypted with DPAPI starts with this in the ini.
+DPAPI_PREFIX = "dpapi:"
+
+
+def _dpapi_pair() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] | None:
+    """CryptProtectData / CryptUnprotectData (machine scope) through ctypes;
+    None where there is no DPAPI (anything but Windows)."""
+    if os.name != "nt":
+        return None
+    import ctypes
+    from ctypes import wintypes
+
+    class Blob(ctypes.Structure):
+        _fields_ = [("cbData", wintypes.DWORD), ("pbData", ctypes.POINTER(ctypes.c_char))]
+
+    crypt32, kernel32 = ctypes.windll.crypt32, ctypes.windll.kernel32
+    local_machine, no_ui = 0x4, 0x1      # CRYPTPROTECT_LOCAL_MACHINE, CRYPTPROTECT_UI_FORBIDDEN
+
+    def call(fn, data: bytes) -> bytes:
+        buffer = ctypes.create_string_buffer(data, len(data))
+        blob_in, blob_out = Blob(len(data), buffer), Blob()
+        if not fn(ctypes.byref(blob_in), None, None, None, None, local_machine | no_ui,
+                  ctypes.byref(blob_out)):
+            raise OSError(ctypes.GetLastError(), "DPAPI refused the password")
+        try:
+            return ctypes.string_at(blob_out.pbData, blob_out.cbData)
+        finally:
+            kernel32.LocalFree(blob_out.pbData)
+
+    return (lambda data: call(crypt32.CryptProtectData, data),
+            lambda data: call(crypt32.CryptUnprotectData, data))
+
+
+#: (protect, unprotect) on Windows; tests put a pair of their own here.
+DPAPI = _dpapi_pair()
+
+
+def stored_smtp_password(password: str) -> str:
+    """What the page writes to [smtp] password: DPAPI-encrypted where there is
+    DPAPI, else the password itself (the ini is readable by its owner only)."""
+    if not password or DPAPI is None:
+        return password
+    import base64
+    return DPAPI_PREFIX + base64.b64encode(DPAPI[0](password.encode("utf-8"))).decode("ascii")
+
+
+def read_smtp_password(raw: dict, problems: list) -> str:
+    """[smtp] password as the server wants it: decrypted if the page encrypted it."""
+    value = raw.get(("smtp", "password"), "").strip()
+    if not value.startswith(DPAPI_PREFIX):
+        return value
+    import base64
+    import binascii
+    try:
+        if DPAPI is None:
+            raise OSError("no DPAPI here")
+        return DPAPI[1](base64.b64decode(value[len(DPAPI_PREFIX):], validate=True)).decode("utf-8")
+    except (OSError, ValueError, binascii.Error, UnicodeDecodeError):
+        problems.append(ini_problem("smtp", "password", "(hidden)", "it was encrypted on another "
+                                    "computer (or for another Windows installation) and cannot "
+                                    "be read here. Type the password again on the Settings page."))
+        return ""
+
+
+def check_password_binding(s: Settings, problems: list) -> None:
+    """A password only with a username, and never in clear over the network."""
+    if s.username and not s.password:
+        problems.append(ini_problem("smtp", "password", "", f"not set, but [smtp] username is "
+                                    f"{s.username!r}. Type the password for "
+                                    f"{s.smtp_host or 'the server'}:{s.smtp_port} (it is cleared "
+                                    "whenever the server, port, security or username changes), "
+                                    "or leave username empty if the server needs no login."))
+    if s.password and s.security == "none" and s.smtp_host and not is_loopback(s.smtp_host):
+        problems.append(ini_problem("smtp", "security", "none", f"the password would cross the "
+                                    f"network to {s.smtp_host} in clear. Use starttls (port 587) "
+                                    "or tls (port 465), or leave username and password empty if "
+                                    "the server needs no login."))
+
+
+def rebind_password(raw: dict, changes: dict) -> dict:
+    """`changes` ((section, key) -> value) plus an empty [smtp] password when
+    they point the stored one at another server and bring no new one."""
+    moved = any(key in changes for key in PASSWORD_BOUND_KEYS)
+    if moved and ("smtp", "password") not in changes and raw.get(("smtp", "password"), "").strip():
+        return {**changes, ("smtp", "password"): ""}
+    return changes
 
 
 #: Further checks (section, reader) that later parts of the program add.
@@ -860,7 +962,7 @@ def one_line(value: str) -> str:
 
 
 def valid_address(address: str) -> bool:
-    return bool(ADDRESS_RE.match(address or ""))
+    return bool(ADDRESS_RE.fullmatch(address or ""))
 
 
 def header_value(text: str, name: str) -> str:
@@ -4263,6 +4365,8 @@ def settings_changes(form: dict, raw: dict) -> tuple[dict, dict]:
                 new = ""
             elif form.get(f.name):
                 new = form[f.name]
+                if ini_value_problem(new) is None:
+                    new = stored_smtp_password(new)
             else:
                 continue                  # empty = keep the stored password
         elif f.kind == "yesno":
@@ -4275,7 +4379,7 @@ def settings_changes(form: dict, raw: dict) -> tuple[dict, dict]:
         if problem:
             shown = "(hidden)" if f.kind == "password" else new
             errors[f.name] = ini_problem(f.section, f.key, shown, problem)
-        elif new != old:
+        elif new != old or f.kind == "password":     # typed again: still its server's
             changes[(f.section, f.key)] = new
     return changes, errors
 
@@ -4292,8 +4396,12 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
                           "try again."], []
     raw, _ = parse_ini_text(text.lstrip("\ufeff"), ini_path)
     changes, errors = settings_changes(form, raw)
-    new_text = update_ini_text(text, changes)
+    bound = rebind_password(raw, changes)
+    new_text = update_ini_text(text, bound)
     by_field, other = sort_problems(load_settings(ini_path, text=new_text.lstrip("\ufeff")).problems)
+    if bound.get(("smtp", "password")) == "":     # cleared: the page asks for it beside the field
+        by_field.pop("smtp.password", None)
+    changes = bound
     for name, problem in by_field.items():
         errors.setdefault(name, problem)
     general = [p for p in other if p not in current]

@@ -699,3 +699,88 @@ def test_a_line_break_in_any_field_never_reaches_the_ini(open_page):
         assert page.ini.read_bytes() == witness.ini, repr(brk)
     assert page.gateway.settings.password == SECRET
     witness.unharmed()
+
+
+# == A red team on the same server and on the school network ================================
+#
+# Each attack below was found getting through; each test drives it from outside (real
+# sockets, files, an SMTP server of the attacker's own) and, where the tests run as root,
+# from a second operating-system account ("nobody").
+
+from conftest import Sink  # noqa: E402
+
+
+class CredentialTrap(Sink):
+    """An attacker's SMTP server: offers AUTH, takes any login, keeps every
+    (username, password) it is given."""
+
+    def __init__(self):
+        super().__init__(auth=("anyone", "anything"))
+        self.captured: list[tuple[str, str]] = []
+
+    def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        with self._lock:
+            self.captured.append((auth_data.login.decode(), auth_data.password.decode()))
+        return bg_auth_result(auth_data)
+
+
+def bg_auth_result(auth_data):
+    from aiosmtpd.smtp import AuthResult
+    return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+
+@pytest.fixture
+def trap():
+    t = CredentialTrap().start()
+    yield t
+    t.stop()
+
+
+def send_now_and_wait(page, c, sessions_before: int, sink, seconds: float = 10.0) -> None:
+    """Press "Send now" and wait (bounded) until `sink` has had a connection."""
+    c.get("/queue")
+    c.post("/queue/send-now", {"token": c.token()})
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and sink.sessions <= sessions_before:
+        time.sleep(0.02)
+    time.sleep(0.3)                     # the login, if any, follows the greeting
+
+
+@pytest.mark.parametrize("change", ["port", "username", "security"])
+def test_the_stored_smtp_password_never_reaches_a_server_it_was_not_typed_for(open_page, trap,
+                                                                              change):
+    page = open_page()
+    drop(page.spool, "waiting.TMP", eml(subject="held"), age=3600)
+    c = page.client()
+    c.get("/")
+    edits = {"port": {"smtp.port": str(trap.port)},
+             # the same server, now as another account of it, or without TLS
+             "username": {"smtp.port": str(trap.port), "smtp.username": "mallory"},
+             "security": {"smtp.port": str(trap.port), "smtp.security": "none"}}[change]
+    r = c.submit("/settings", **edits)
+    text = page.ini.read_text(encoding="utf-8")
+    assert SECRET not in text, "the stored password survived a change of its server"
+    assert "password =\n" in text
+    assert "Type the password for" in field_error(r.text, "smtp.password")
+    assert page.gateway.sender_state[0] == "stopped"     # until the password is typed
+    send_now_and_wait(page, c, 0, trap, seconds=1.0)
+    assert not [p for _, p in trap.captured if p == SECRET], trap.captured
+    assert not trap.messages, "queued mail reached a server the librarian never chose"
+    # typed again in the same Save, it goes to the server it was typed for
+    c.get("/")
+    c.submit("/settings", **{"smtp.password": "typed-for-the-trap"})   # Save starts a check
+    login = ("librarian" if change != "username" else "mallory", "typed-for-the-trap")
+    assert wait_until(lambda: login in trap.captured), trap.captured
+
+
+def test_a_password_in_clear_to_another_computer_is_refused_with_the_reason(open_page):
+    page = open_page()
+    c = page.client()
+    c.get("/")
+    r = c.submit("/settings", **{"smtp.host": "192.0.2.25", "smtp.password": "Typed-Again-1"})
+    assert "in clear" in field_error(r.text, "smtp.security")
+    assert "192.0.2.25" not in page.ini.read_text(encoding="utf-8")
+    # a hand edit that does it stops the sender instead of sending it in clear
+    s = bg.load_settings(page.ini, text=page.ini.read_text(encoding="utf-8").replace(
+        "host = 127.0.0.1", "host = 192.0.2.25"))
+    assert any("in clear" in p for p in s.problems)
