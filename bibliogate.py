@@ -399,7 +399,7 @@ def load_settings(ini_path: Path, text: str | None = None) -> Settings:
                                     "library.school.example, without spaces."))
     s.username = r.text("smtp", "username")
     s.password = read_smtp_password(raw, problems)
-    check_password_binding(s, problems)
+    problems += password_problems(s.smtp_host, s.smtp_port, s.security, s.username, s.password)
     s.timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
                          "Use a number of seconds from 1 to 600, such as 30.", 30.0)
     s.ca_file = r.text("smtp", "ca_file")
@@ -515,19 +515,22 @@ def read_smtp_password(raw: dict, problems: list) -> str:
         return ""
 
 
-def check_password_binding(s: Settings, problems: list) -> None:
+def password_problems(host: str, port: int, security: str, username: str,
+                      password: str) -> list[str]:
     """A password only with a username, and never in clear over the network."""
-    if s.username and not s.password:
+    problems = []
+    if username and not password:
         problems.append(ini_problem("smtp", "password", "", f"not set, but [smtp] username is "
-                                    f"{s.username!r}. Type the password for "
-                                    f"{s.smtp_host or 'the server'}:{s.smtp_port} (it is cleared "
-                                    "whenever the server, port, security or username changes), "
-                                    "or leave username empty if the server needs no login."))
-    if s.password and s.security == "none" and s.smtp_host and not is_loopback(s.smtp_host):
+                                    f"{username!r}. Type the password for {host or 'the server'}:"
+                                    f"{port} (it is cleared whenever the server, port, security "
+                                    "or username changes), or leave username empty if the server "
+                                    "needs no login."))
+    if password and security == "none" and host and not is_loopback(host):
         problems.append(ini_problem("smtp", "security", "none", f"the password would cross the "
-                                    f"network to {s.smtp_host} in clear. Use starttls (port 587) "
-                                    "or tls (port 465), or leave username and password empty if "
-                                    "the server needs no login."))
+                                    f"network to {host} in clear. Use starttls (port 587) or tls "
+                                    "(port 465), or leave username and password empty if the "
+                                    "server needs no login."))
+    return problems
 
 
 def rebind_password(raw: dict, changes: dict) -> dict:
@@ -675,6 +678,8 @@ CREATE TABLE IF NOT EXISTS sent (
     file TEXT NOT NULL, digest TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (file, digest));
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
+-- one-time login links to the config page (`page`): a hash of each, never the link
+CREATE TABLE IF NOT EXISTS page_logins (digest TEXT PRIMARY KEY, expires REAL NOT NULL);
 -- circulation data, imported from the library system's CSV files
 CREATE TABLE IF NOT EXISTS patrons (
     patron_id TEXT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL DEFAULT '',
@@ -719,7 +724,41 @@ def set_state(conn: sqlite3.Connection, **values) -> None:
                          [(k, json.dumps(v)) for k, v in values.items()])
 
 
+def add_login_link(conn: sqlite3.Connection, token: str, expires: float, now: float) -> None:
+    with conn:
+        conn.execute("DELETE FROM page_logins WHERE expires < ?", (now,))
+        conn.execute("INSERT INTO page_logins(digest, expires) VALUES (?, ?)",
+                     (hashlib.sha256(token.encode()).hexdigest(), expires))
+
+
+def take_login_link(conn: sqlite3.Connection, token: str, now: float) -> bool:
+    """Whether `token` is a link not yet used nor out of date; it is used up."""
+    with conn:
+        cursor = conn.execute("DELETE FROM page_logins WHERE digest = ? AND expires >= ?",
+                              (hashlib.sha256(token.encode()).hexdigest(), now))
+    return cursor.rowcount == 1
+
+
 # Journal #####################################################################
+
+#: What could end or fake a line in a log: control characters and Unicode line ends.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters written as escapes (\\n, \\x1b), so
+    a newline in a patron id or a file name cannot forge a line of the log."""
+    return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
+class LineFormatter(logging.Formatter):
+    """One record, one line: the message's control characters escaped (a
+    traceback, added after it, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
 
 class DailyFileHandler(logging.Handler):
     """Writes each record to logs/bibliogate-YYYY-MM-DD.log of its own day,
@@ -729,8 +768,8 @@ class DailyFileHandler(logging.Handler):
     def __init__(self, folder: Path):
         super().__init__()
         self.folder = Path(folder)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
-                                            "%Y-%m-%d %H:%M:%S"))
+        self.setFormatter(LineFormatter("%(asctime)s %(levelname)-7s %(message)s",
+                                        "%Y-%m-%d %H:%M:%S"))
 
     def emit(self, record: logging.LogRecord) -> None:
         day = time.strftime("%Y-%m-%d", time.localtime(record.created))
@@ -753,7 +792,7 @@ def setup_logging(settings: Settings, console: bool = True) -> None:
         log.addHandler(DailyFileHandler(settings.log_folder))
     if console and sys.stderr is not None:   # pythonw has no console at all
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(LineFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
 
 
@@ -782,6 +821,7 @@ class Journal:
               level: int = logging.INFO) -> None:
         now = self.clock()
         day = dt.datetime.fromtimestamp(now).strftime("%Y-%m-%d")
+        detail, file = printable(detail), None if file is None else printable(file)
         log.log(level, "%s%s", f"{file}: " if file else "", detail)
         try:
             with self.db:
@@ -1726,6 +1766,25 @@ class Sender:
 
 # Gateway #####################################################################
 
+#: The sender is "stuck" when no check has finished for this many times the
+#: longest a check may take (the check interval, or CHECK_CAP_SECONDS if
+#: longer) while messages wait: a loop that hangs, not a slow server.
+STUCK_CHECKS = 3
+
+
+def is_stuck(check_done: float | None, now: float, interval: float, waiting: int | None) -> bool:
+    """Whether the sender has not finished a check for STUCK_CHECKS intervals while messages wait."""
+    if not waiting or check_done is None:
+        return False
+    return now - check_done > STUCK_CHECKS * max(interval, CHECK_CAP_SECONDS)
+
+
+def stuck_sentence(check_done: float | None, now: float) -> str:
+    minutes = int((now - (check_done or now)) // 60)
+    return (f"stuck: no check has finished for {minutes} minutes while messages wait. Restart "
+            "BiblioGate; if it happens again, the log of the last check shows where it stopped.")
+
+
 def local_day(ts: float) -> dt.date:
     return dt.datetime.fromtimestamp(ts).date()
 
@@ -1755,6 +1814,8 @@ class Gateway:
             self.journal.event("setup", line)
         self.ini_stamp = self._ini_stamp()
         self.next_check = clock()
+        #: When the last check finished (the heartbeat /health and status compare with the clock).
+        self.check_done = clock()
         self.sender_state = None
         self.tasks: list[Callable[["Gateway", float], None]] = list(GATEWAY_TASKS)
         #: The config page asks from its own threads; the loop acts (see request_reload).
@@ -1866,11 +1927,18 @@ class Gateway:
                 self._announce_settings()
             if result.sent or result.bad or result.deferred or result.problem:
                 self.journal.event("check", f"check: {result.summary()}")
-        set_state(self.journal.db, last_check=now, next_check=self.next_check)
+        self.check_done = self.clock()
+        set_state(self.journal.db, last_check=now, next_check=self.next_check,
+                  check_done=self.check_done)
         return result
 
+    def stuck(self, waiting: int | None) -> bool:
+        return is_stuck(self.check_done, self.clock(), self.settings.interval, waiting)
+
     def run_forever(self) -> None:
-        set_state(self.journal.db, run_pid=os.getpid(), run_started=self.clock())
+        self.check_done = self.clock()
+        set_state(self.journal.db, run_pid=os.getpid(), run_started=self.clock(),
+                  check_done=self.check_done)
         remove_stale_parts(self.settings.spool, self.clock())
         while not self.stop.is_set():
             due = self.tick()
@@ -3791,8 +3859,19 @@ MAX_SESSIONS = 200
 #: PBKDF2-SHA256 rounds for a new page password (OWASP's advice for 2023).
 PASSWORD_ROUNDS = 600_000
 MIN_PASSWORD_LENGTH = 8
-#: After this many wrong passwords within LOGIN_WINDOW seconds, logins pause.
-LOGIN_TRIES, LOGIN_WINDOW = 10, 300.0
+#: A wrong password makes its client address wait this long before the next
+#: try, doubling with each wrong one up to LOGIN_DELAY_MAX; an hour without
+#: a try forgets them. Other addresses, and one-time links, never wait.
+LOGIN_DELAY_FIRST, LOGIN_DELAY_MAX, LOGIN_FORGET = 1.0, 60.0, 3600.0
+#: Addresses remembered by the login throttle at most (the idle ones go first).
+LOGIN_ADDRESSES = 10_000
+#: Logged-in sessions kept for one client address; its oldest goes first.
+SESSIONS_PER_ADDRESS = 20
+#: A one-time login link (`page`) works once, within this many seconds.
+LOGIN_LINK_SECONDS = 300.0
+#: Connections served at once; a connection beyond them is closed at once,
+#: so a flood cannot take the process's file handles from the sender.
+MAX_CONNECTIONS = 64
 #: The Log page lists this many days and shows at most LOG_BYTES of one.
 LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
 #: The Patrons page lists at most this many patrons, the Queue page this
@@ -3863,6 +3942,83 @@ def check_password(stored: str, password: str) -> bool:
     rounds, salt, digest = parts
     return hmac.compare_digest(hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds),
                                digest)
+
+
+# -- who is there: one-time links, the throttle -------------------------------------
+
+def link_host(address: str) -> str:
+    """The address a browser on this computer opens the page at."""
+    if address in ("0.0.0.0", "localhost") or is_loopback(address):
+        return "127.0.0.1" if ":" not in address else "[::1]"
+    return "[::1]" if address == "::" else (f"[{address}]" if ":" in address else address)
+
+
+def new_login_link(db: sqlite3.Connection, address: str, port: int, now: float) -> str:
+    """A link that logs in to the page once, within LOGIN_LINK_SECONDS, from
+    this computer only. The database keeps a hash of it, never the link."""
+    token = secrets.token_urlsafe(32)
+    add_login_link(db, token, now + LOGIN_LINK_SECONDS, now)
+    return f"http://{link_host(address)}:{port}/login?once={token}"
+
+
+def from_this_computer(peer: str, local: str) -> bool:
+    """Whether a connection comes from this computer: a loopback address, or
+    the very address it reached us at (a browser here opening our LAN address)."""
+    peer, local = (a[7:] if a.startswith("::ffff:") else a for a in (peer, local))
+    return is_loopback(peer) or peer == local
+
+
+@dataclasses.dataclass
+class _Tries:
+    failures: int = 0
+    until: float = 0.0          #: no password check from this address before then
+    busy: bool = False          #: a check from this address is running now
+
+
+class LoginThrottle:
+    """Growing delays per client address, decided before the password is
+    checked: admit() and done() run under one lock, so a burst of tries at
+    once gets one check through, not one per thread."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.tries: dict[str, _Tries] = {}
+
+    def admit(self, address: str) -> float:
+        """0.0 if a password check from `address` may run now (it is then
+        counted as running), else the seconds to wait."""
+        with self.lock:
+            now = self.clock()
+            entry = self.tries.get(address)
+            if entry is None:
+                self._forget_idle(now)
+                entry = self.tries[address] = _Tries()
+            if entry.busy or now < entry.until:
+                return max(1.0, entry.until - now)
+            entry.busy = True
+            return 0.0
+
+    def done(self, address: str, ok: bool) -> None:
+        with self.lock:
+            entry = self.tries.setdefault(address, _Tries())
+            entry.busy = False
+            if ok:
+                del self.tries[address]
+                return
+            entry.failures += 1
+            entry.until = self.clock() + min(LOGIN_DELAY_MAX,
+                                             LOGIN_DELAY_FIRST * 2 ** min(entry.failures - 1, 30))
+
+    def _forget_idle(self, now: float) -> None:
+        for address in [a for a, e in self.tries.items()
+                        if not e.busy and now - e.until > LOGIN_FORGET]:
+            del self.tries[address]
+        while len(self.tries) >= LOGIN_ADDRESSES:
+            idle = [a for a, e in self.tries.items() if not e.busy]
+            if not idle:
+                break
+            del self.tries[min(idle, key=lambda a: self.tries[a].until)]
 
 
 # -- writing the ini -------------------------------------------------------------
@@ -4525,6 +4681,8 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.view_lock = threading.Lock()      #: one reading of the spool at a time
         self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
         self._view: SpoolView | None = None
+        #: Proves to `status` that this process answers here (see page_proof).
+        self.nonce = secrets.token_hex(16)
 
     def server_bind(self) -> None:
         # TCPServer's bind only: HTTPServer's also asks DNS for a name, which may be slow.
@@ -5204,10 +5362,12 @@ def start_page(gateway: Gateway) -> PageServer | None:
                                  "`python bibliogate.py set-password`, then restart BiblioGate.")])
         server = PageServer(gateway, address, port)
     except SettingsError as exc:
+        set_state(gateway.journal.db, page_nonce=None)
         gateway.journal.event("page", f"the config page is not started: {exc} The gateway "
                               "sends meanwhile.", level=logging.WARNING)
         return None
     except OSError as exc:
+        set_state(gateway.journal.db, page_nonce=None)
         gateway.journal.event("page", f"the config page is not started: {address}:{port} cannot "
                               f"be used ({exc.strerror or exc}). Is another BiblioGate running? "
                               "Otherwise set bibliogate.ini [web] port to a free port. The "
@@ -5215,7 +5375,8 @@ def start_page(gateway: Gateway) -> PageServer | None:
         return None
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},  # for stop_page
                      name="config-page", daemon=True).start()
-    set_state(gateway.journal.db, page_url=server.url)
+    set_state(gateway.journal.db, page_url=server.url, page_port=server.port,
+              page_nonce=server.nonce)
     gateway.journal.event("page", f"the config page is at {server.url}")
     return server
 
@@ -5224,6 +5385,8 @@ def stop_page(server: PageServer | None) -> None:
     if server is not None:
         server.shutdown()
         server.server_close()
+        with contextlib.suppress(sqlite3.Error):
+            set_state(server.gateway.journal.db, page_nonce=None)
 
 
 def cmd_set_password(args, settings: Settings) -> int:
@@ -5738,11 +5901,14 @@ def queue_test(settings: Settings, to: str, now: float) -> Path:
                          now, priority=True, label="test")
 
 
-def status_info(settings: Settings) -> dict:
+def status_info(settings: Settings, now: float | None = None) -> dict:
+    now = time.time() if now is None else now
     db = open_db(settings.database)
     try:
         running = run_is_active(settings.ini_path)
         g = lambda key: get_state(db, key)  # noqa: E731
+        waiting = len(scan(settings.spool))
+        page, page_ok = page_status(settings, db, running)
         info = {
             "running": running, "pid": g("run_pid") if running else None,
             "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
@@ -5750,9 +5916,13 @@ def status_info(settings: Settings) -> dict:
             "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
             if running else "`python bibliogate.py run` is not running",
             "problems": settings.problems,
-            "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
+            "waiting": waiting, "bad": len(scan(settings.spool, is_bad_name)),
             "last_check": g("last_check"), "next_check": g("next_check") if running else None,
+            "stuck": running and is_stuck(g("check_done"), now, settings.interval, waiting),
+            "page": page, "page_ok": page_ok,
         }
+        if info["stuck"]:
+            info["sender"], info["reason"] = "stuck", stuck_sentence(g("check_done"), now)
         for key, fn in STATUS_EXTRA.items():
             info[key] = fn(settings, db)
         return info
@@ -5763,6 +5933,61 @@ def status_info(settings: Settings) -> dict:
 #: More fields for `status` (name -> function of settings and database).
 STATUS_EXTRA: dict[str, Callable] = {}
 STATUS_EXTRA.update(CIRCULATION_STATUS)
+
+
+def page_status(settings: Settings, db: sqlite3.Connection, running: bool) -> tuple[str, bool]:
+    """Who answers at the config page's address: (a sentence, True if all is
+    well). The page proves it is this BiblioGate by answering a random
+    challenge with the key `run` keeps in the database (page_nonce)."""
+    nonce = get_state(db, "page_nonce") if running else None
+    try:
+        address, port = web_address(settings)
+    except SettingsError as exc:
+        return f"not started: {exc}", not running
+    if nonce:
+        port = get_state(db, "page_port") or port
+    host = "127.0.0.1" if address in ("0.0.0.0", "::") or is_loopback(address) else address
+    where = f"{host}:{port}"
+    challenge = secrets.token_hex(16)
+    answer = probe_health(host, port, challenge)
+    if answer is None:
+        if running and not nonce:
+            return f"not started (the log says why); nothing answers at {where}", False
+        return (f"not answering at {where}" if running else f"not running; {where} is free",
+                not running)
+    if nonce and hmac.compare_digest(str(answer.get("proof", "")), page_proof(nonce, challenge)):
+        return f"up at {get_state(db, 'page_url') or where}, answered as this BiblioGate", True
+    return (f"WARNING: another program answers at {where}. It is not this BiblioGate: do not "
+            "type a password into it. Find and stop that program (or set [web] port to a free "
+            "port), then restart BiblioGate."), False
+
+
+def probe_health(host: str, port: int, challenge: str, timeout: float = 3.0) -> dict | None:
+    """The JSON of GET /health at host:port; {} for an answer that is not ours,
+    None when nothing listens there."""
+    import http.client
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", f"/health?challenge={challenge}",
+                     headers={"Host": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
+        data = conn.getresponse().read(65536)
+    except ConnectionRefusedError:
+        return None
+    except (OSError, http.client.HTTPException):
+        return {}                   # something holds the port, and it is not a page of ours
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def page_proof(nonce: str, challenge: str) -> str:
+    """What the page answers to /health?challenge=...: only the process that
+    wrote page_nonce to the database knows it."""
+    return hmac.new(nonce.encode(), challenge.encode()[:64], hashlib.sha256).hexdigest()
 
 
 def run_lock_path(ini_path: Path) -> Path:
@@ -5792,6 +6017,10 @@ def cmd_run(args, settings: Settings) -> int:
     gateway = Gateway(settings.ini_path, stop=stop)
     guard = RunGuard(gateway).install()     # errors are logged; a crash ends `run` with status 1
     page = start_page(gateway)
+    if page is not None and sys.stdin is not None and sys.stdin.isatty():
+        print(f"The config page: {page_link(gateway.journal.db, page, gateway.clock())}\n"
+              f"  (logs in once, within {LOGIN_LINK_SECONDS / 60:g} minutes, on this computer; "
+              "later, `python bibliogate.py page` opens it)", flush=True)
 
     def on_signal(signum, frame):
         log.info("stopping (signal %s): finishing the message in flight", signum)
@@ -5814,6 +6043,42 @@ def cmd_run(args, settings: Settings) -> int:
         guard.uninstall()
         lock.release()
     return guard.exit_status
+
+
+def page_link(db: sqlite3.Connection, server: PageServer, now: float) -> str:
+    return new_login_link(db, server.address, server.port, now)
+
+
+def cmd_page(args, settings: Settings) -> int:
+    """Open the config page in the browser through a one-time login link."""
+    db = open_db(settings.database)
+    try:
+        port = get_state(db, "page_port")
+        if not run_is_active(settings.ini_path) or not get_state(db, "page_nonce") or not port:
+            raise BibliogateError("The config page is not running: start BiblioGate with "
+                                  "`python bibliogate.py run` (or its scheduled task), then run "
+                                  "`python bibliogate.py page` again. `status` says why a page "
+                                  "did not start.")
+        address, _ = web_address(settings)
+        link = new_login_link(db, address, port, time.time())
+    finally:
+        db.close()
+    if args.print:
+        print(link)
+    elif open_in_browser(link):
+        print(f"Opened the config page in the browser (the link logs in once, within "
+              f"{LOGIN_LINK_SECONDS / 60:g} minutes).")
+    else:
+        print(f"No browser could be opened here. Open this link on this computer (it logs in "
+              f"once, within {LOGIN_LINK_SECONDS / 60:g} minutes):\n{link}")
+    return 0
+
+
+def open_in_browser(url: str) -> bool:
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
 
 
 def cmd_send(args, settings: Settings) -> int:
@@ -5855,7 +6120,7 @@ def cmd_test(args, settings: Settings) -> int:
 
 def cmd_status(args, settings: Settings) -> int:
     info = status_info(settings)
-    ok = not settings.problems and info["bad"] == 0
+    ok = not settings.problems and info["bad"] == 0 and not info["stuck"] and info["page_ok"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if ok else 1
@@ -5865,6 +6130,7 @@ def cmd_status(args, settings: Settings) -> int:
         print(f"  problem: {problem}")
     print(f"waiting: {info['waiting']}, .BAD: {info['bad']}")
     print(f"last check: {fmt_time(info['last_check'])}, next check: {fmt_time(info['next_check'])}")
+    print(f"config page: {info['page']}")
     for key in STATUS_EXTRA:
         print(f"{key.replace('_', ' ')}: {info[key]}")
     return 0 if ok else 1
@@ -5922,6 +6188,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("run", cmd_run, "run the gateway until stopped (Ctrl+C)")
+    p = command("page", cmd_page, "open the config page in the browser, logged in (once)")
+    p.add_argument("--print", action="store_true", help="print the one-time link instead")
     p = command("send", cmd_send, "one check now, then exit")
     p.add_argument("--all", action="store_true", help="try every waiting message now")
     p = command("enqueue", cmd_enqueue, "queue one message file (or - for standard input)")
