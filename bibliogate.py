@@ -27,6 +27,8 @@ SMTP server:
     Auto-overdue     the daily warning / overdue / reminder notices and their ledger
     Letters          overdue letter reports: who gets which letter, email or print
     Mailto           the "direct" email: a mailto: link for one patron
+    Operations       every action on the queue and the patrons, for the command
+                     line and the page alike; status
     Config page      the page ``run`` serves: settings, queue, log, patrons
     Windows task     install-task (Task Scheduler; systemd on Linux); no-console
                      output to logs/; the guard that logs crashes for a restart
@@ -724,6 +726,68 @@ def set_state(conn: sqlite3.Connection, **values) -> None:
                          [(k, json.dumps(v)) for k, v in values.items()])
 
 
+# -- retry state and the sent ledger ----------------------------------------------
+# The only SQL on spool_state and sent. The writes do not commit: the caller
+# holds the transaction (`with db:`), so a delivery, its retry state and its
+# event can share one commit, which is one flush to disk.
+
+def retry_states(db: sqlite3.Connection) -> dict[str, sqlite3.Row]:
+    """Every file's retry state: file name -> row."""
+    return {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
+
+
+def retry_state(db: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    return db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
+                      (name,)).fetchone()
+
+
+def retry_waits(db: sqlite3.Connection, now: float) -> dict[str, float]:
+    """The files that must not be tried before a later time: name -> next try."""
+    return {r["file"]: r["next_try"] for r in
+            db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
+
+
+def save_retry_state(db: sqlite3.Connection, name: str, attempts: int, first_failed: float,
+                     next_try: float | None, last_error: str) -> None:
+    db.execute("INSERT OR REPLACE INTO spool_state(file, attempts, first_failed, next_try, "
+               "last_error) VALUES (?,?,?,?,?)", (name, attempts, first_failed, next_try, last_error))
+
+
+def forget_retry_state(db: sqlite3.Connection, name: str) -> None:
+    db.execute("DELETE FROM spool_state WHERE file = ?", (name,))
+
+
+def was_delivered(db: sqlite3.Connection, name: str, digest: str) -> bool:
+    return db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
+                      (name, digest)).fetchone() is not None
+
+
+def record_delivery(db: sqlite3.Connection, name: str, digest: str, at: float) -> None:
+    """The server took the file: a ledger row, and no retry state."""
+    db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)", (name, digest, at))
+    forget_retry_state(db, name)
+
+
+def forget_deliveries(db: sqlite3.Connection, removed: list[tuple[str, str]]) -> None:
+    """Drop the ledger rows of (file, digest) pairs whose files are gone."""
+    db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+
+
+def forget_absent_files(db: sqlite3.Connection, present: set) -> None:
+    """Drop the retry state and ledger rows of files not in `present`."""
+    for table in ("spool_state", "sent"):
+        gone = [(r["file"],) for r in db.execute(f"SELECT file FROM {table}")
+                if r["file"] not in present]
+        if gone:
+            db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
+
+
+def prune_sent_ledger(db: sqlite3.Connection, before: float) -> None:
+    db.execute("DELETE FROM sent WHERE at < ?", (before,))
+
+
+# -- one-time login links to the config page ------------------------------------
+
 def add_login_link(conn: sqlite3.Connection, token: str, expires: float, now: float) -> None:
     with conn:
         conn.execute("DELETE FROM page_logins WHERE expires < ?", (now,))
@@ -1395,7 +1459,7 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
                files: list[SpoolFile] | None = None) -> list[dict]:
     """The queue as `queue --json` and the config page show it: every file,
     .BAD ones first, or only `files` (in their order)."""
-    state = {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
+    state = retry_states(db)
     rows = []
     if files is None:
         files = sorted(scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n)),
@@ -1597,9 +1661,7 @@ class Sender:
         result = CheckResult()
         files = scan_times(self.settings.spool)
         self._forget_gone({name for name, _, _ in files})
-        waits = {} if ignore_waits else {
-            r["file"]: r["next_try"] for r in
-            self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
+        waits = {} if ignore_waits else retry_waits(self.db, now)
         # "Unchanged for a while" is measured by the file system's clock.
         batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
                            settled=time.time() - STABLE_SECONDS)
@@ -1642,8 +1704,7 @@ class Sender:
             self._later(item, f"the file cannot be read just now ({exc.strerror})", result)
             return Outcome.LATER
         digest = hashlib.sha256(raw).hexdigest()
-        if self.db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
-                           (item.name, digest)).fetchone():
+        if was_delivered(self.db, item.name, digest):
             self._remove(item, digest, removed, "delivered before a restart; removed from the queue")
             return Outcome.SENT
         try:
@@ -1671,9 +1732,7 @@ class Sender:
         # One commit, so one flush to disk, for the ledger row, the retry state
         # and the event: Journal.event's own `with` commits all three at once.
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
-                            (item.name, digest, self.clock()))
-            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            record_delivery(self.db, item.name, digest, self.clock())
             self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
                                item.name)
         result.sent += 1
@@ -1691,12 +1750,8 @@ class Sender:
         """The retry state and ledger row of a file no longer waiting (deleted
         by hand, or removed just before a crash) are forgotten, so that a new
         file of the same name starts afresh instead of inheriting them."""
-        for table in ("spool_state", "sent"):
-            gone = [(r["file"],) for r in self.db.execute(f"SELECT file FROM {table}")
-                    if r["file"] not in present]
-            if gone:
-                with self.db:
-                    self.db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
+        with self.db:
+            forget_absent_files(self.db, present)
 
     def _forget_delivered(self, removed: list) -> None:
         """The sent ledger covers a crash between the server's "250 OK" and the
@@ -1706,7 +1761,7 @@ class Sender:
         if removed:
             fsync_folder(self.settings.spool)
             with self.db:
-                self.db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+                forget_deliveries(self.db, removed)
 
     def _remove(self, item: SpoolFile, digest: str, removed: list, note: str = "") -> None:
         """A delivered file leaves the queue; `removed` collects it for
@@ -1731,15 +1786,14 @@ class Sender:
             self._later(item, f"{reason} (and it could not be renamed .BAD: {exc})", result)
             return
         with self.db:
-            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            forget_retry_state(self.db, item.name)
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
     def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True) -> None:
         """A temporary failure: try again later, or give up after give_up_after_hours."""
         now = self.clock()
-        row = self.db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
-                              (item.name,)).fetchone()
+        row = retry_state(self.db, item.name)
         attempts = (row["attempts"] if row else 0) + 1
         first = row["first_failed"] if row and row["first_failed"] else now
         if now - first >= self.settings.give_up_seconds:
@@ -1748,9 +1802,7 @@ class Sender:
             return
         next_try = now + retry_wait(attempts) if wait else None
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO spool_state(file, attempts, first_failed, "
-                            "next_try, last_error) VALUES (?,?,?,?,?)",
-                            (item.name, attempts, first, next_try, reason))
+            save_retry_state(self.db, item.name, attempts, first, next_try, reason)
         result.deferred += 1
         when = f"; next try after {time.strftime('%H:%M', time.localtime(next_try))}" if wait else ""
         self.journal.event("deferred", f"not sent for now ({reason}){when}", item.name,
@@ -1969,7 +2021,7 @@ def daily_log_task(gateway: Gateway, now: float) -> None:
     prune_logs(s.log_folder, s.keep_log_days, now)
     with db:
         db.execute("DELETE FROM events WHERE at < ?", (now - s.keep_log_days * 86400,))
-        db.execute("DELETE FROM sent WHERE at < ?", (now - SENT_LEDGER_DAYS * 86400,))
+        prune_sent_ledger(db, now - SENT_LEDGER_DAYS * 86400)
 
 
 def prune_logs(folder: Path, keep_days: int, now: float) -> None:
@@ -3830,6 +3882,223 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
     p.add_argument("--open", action="store_true", help="open it in the default mail program")
+# Operations ##################################################################
+#
+# Every action on the queue and the patrons, whoever asks for it: the command
+# line and the config page both call these, and differ only in how they show
+# the result. `by` names who asked, for the journal ("config page"); it is
+# empty for the command line.
+
+def noted(detail: str, by: str) -> str:
+    """A journal detail, with who asked for it when that was not the command line."""
+    return f"{detail} ({by})" if by else detail
+
+
+def queue_test(settings: Settings, to: str, now: float) -> Path:
+    """Queue the test message (the tech note's [Test] button)."""
+    if not valid_address(to):
+        raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
+                              "--to name@school.example." if not to else
+                              f"{to!r} is not an email address.")
+    values = {"library_name": settings.library_name or "library", "to_address": to,
+              "from_address": settings.from_address or "(not set)",
+              "smtp_host": settings.smtp_host or "(not set)", "queued_at": fmt_time(now)}
+    subject, body = load_template(settings, "test").render(values)
+    return enqueue_bytes(settings.spool, compose(settings, to, subject, body, now=now),
+                         now, priority=True, label="test")
+
+
+def queue_test_message(settings: Settings, journal: Journal, to: str, now: float,
+                       by: str = "") -> Path:
+    """Queue the test message to `to` and journal it; the file queued.
+    Raises BibliogateError for a missing or bad address or template."""
+    path = queue_test(settings, to, now)
+    journal.event("queued", noted(f"queued a test message to {to}", by), path.name)
+    return path
+
+
+def bad_names(settings: Settings) -> list[str]:
+    """The names of the .BAD files, in queue order. Raises SpoolError."""
+    return [f.name for f in scan(settings.spool, is_bad_name)]
+
+
+def retry_file(settings: Settings, journal: Journal, name: str, by: str = "") -> Path:
+    """Put one .BAD file back in the queue, as a new try from the start: its
+    retry state is forgotten. The file's new path. Raises SpoolError (no such
+    .BAD file, or a name outside the queue) or OSError (it cannot be renamed)."""
+    path = retry_bad(settings.spool, name)
+    with journal.db:
+        forget_retry_state(journal.db, path.name)
+    journal.event("retry", noted(f"put back in the queue as {path.name}", by), name)
+    return path
+
+
+def delete_queued(settings: Settings, journal: Journal, name: str, by: str = "") -> None:
+    """Delete one waiting or .BAD file for good. Raises SpoolError (no such
+    file, or a name outside the queue) or OSError (it cannot be removed)."""
+    delete_file(settings.spool, name)
+    journal.event("deleted", noted("deleted from the queue", by), name)
+
+
+def send_now(gateway: Gateway) -> None:
+    """Ask the running gateway for a check within a few seconds. Raises
+    BibliogateError while the settings stop the sender."""
+    if gateway.settings.problems:
+        raise BibliogateError("The sender is stopped: fix the settings first.")
+    gateway.request_check()
+
+
+def send_once(settings: Settings, every: bool = False) -> CheckResult:
+    """One check in this process, as `run` makes them; with `every`, every
+    waiting message, whatever its retry wait. Raises SettingsError while the
+    settings stop the sender."""
+    if settings.problems:
+        raise SettingsError(settings.problems)
+    journal = Journal(settings.database)
+    return Sender(settings, journal).check(limit=0 if every else None, ignore_waits=every)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatronEdit:
+    """What edit_patron did: nothing if there are errors ({field: sentence})."""
+    name: str
+    changed: list
+    errors: dict
+
+
+def edit_patron(journal: Journal, patron_id: str, values: dict, by: str = "") -> PatronEdit:
+    """Change a patron's email, guardian_email, grp and auto_overdue, if
+    patron_problems finds none in `values`. Raises UnknownPatron."""
+    db = journal.db
+    row = db.execute("SELECT * FROM patrons WHERE patron_id = ?", (patron_id,)).fetchone()
+    if row is None:
+        raise UnknownPatron(patron_id)
+    errors = patron_problems(values)
+    if errors:
+        return PatronEdit(row["name"], [], errors)
+    changed = [key for key in values if row[key] != values[key]]
+    with db:
+        db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
+                   "WHERE patron_id = ?", (values["email"], values["guardian_email"],
+                                           values["grp"], values["auto_overdue"], patron_id))
+    if changed:
+        journal.event("patron", noted(f"patron {patron_id}: changed {', '.join(changed)}", by))
+    return PatronEdit(row["name"], changed, {})
+
+
+def patron_problems(values: dict) -> dict:
+    """{field: sentence} for the patron form's bad values."""
+    errors = {}
+    for key in ("email", "guardian_email"):
+        if values[key] and not valid_address(values[key]):
+            errors[key] = (f"{values[key]!r} is not an email address. Write it as "
+                           "name@example.org, or leave it empty.")
+    if re.search(r"[\x00-\x1f\x7f]", values["grp"]) or len(values["grp"]) > 60:
+        errors["grp"] = "A group is one line of at most 60 characters, such as 7B or Staff."
+    return errors
+
+
+def status_info(settings: Settings, now: float | None = None) -> dict:
+    """What `status` tells: is `run` running, the sender's state (or "stuck"),
+    the queue, who answers on the page's port, and the fields of STATUS_FIELDS.
+    Raises SpoolError if the spool cannot be read."""
+    now = time.time() if now is None else now
+    db = open_db(settings.database)
+    try:
+        running = run_is_active(settings.ini_path)
+        g = lambda key: get_state(db, key)  # noqa: E731
+        waiting = len(scan(settings.spool))
+        page, page_ok = page_status(settings, db, running)
+        info = {
+            "running": running, "pid": g("run_pid") if running else None,
+            "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
+            if running else "not running",
+            "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
+            if running else "`python bibliogate.py run` is not running",
+            "problems": settings.problems,
+            "waiting": waiting, "bad": len(scan(settings.spool, is_bad_name)),
+            "last_check": g("last_check"), "next_check": g("next_check") if running else None,
+            "stuck": running and is_stuck(g("check_done"), now, settings.interval, waiting),
+            "page": page, "page_ok": page_ok,
+        }
+        if info["stuck"]:
+            info["sender"], info["reason"] = "stuck", stuck_sentence(g("check_done"), now)
+        for key, fn in STATUS_FIELDS.items():
+            info[key] = fn(settings, db)
+        return info
+    finally:
+        db.close()
+
+
+def page_status(settings: Settings, db: sqlite3.Connection, running: bool) -> tuple[str, bool]:
+    """Who answers at the config page's address: (a sentence, True if all is
+    well). The page proves it is this BiblioGate by answering a random
+    challenge with the key `run` keeps in the database (page_nonce)."""
+    nonce = get_state(db, "page_nonce") if running else None
+    try:
+        address, port = web_address(settings)
+    except SettingsError as exc:
+        return f"not started: {exc}", not running
+    if nonce:
+        port = get_state(db, "page_port") or port
+    host = "127.0.0.1" if address in ("0.0.0.0", "::") or is_loopback(address) else address
+    where = f"{host}:{port}"
+    challenge = secrets.token_hex(16)
+    answer = probe_health(host, port, challenge)
+    if answer is None:
+        if running and not nonce:
+            return f"not started (the log says why); nothing answers at {where}", False
+        return (f"not answering at {where}" if running else f"not running; {where} is free",
+                not running)
+    if nonce and hmac.compare_digest(str(answer.get("proof", "")), page_proof(nonce, challenge)):
+        return f"up at {get_state(db, 'page_url') or where}, answered as this BiblioGate", True
+    return (f"WARNING: another program answers at {where}. It is not this BiblioGate: do not "
+            "type a password into it. Find and stop that program (or set [web] port to a free "
+            "port), then restart BiblioGate."), False
+
+
+def probe_health(host: str, port: int, challenge: str, timeout: float = 3.0) -> dict | None:
+    """The JSON of GET /health at host:port; {} for an answer that is not ours,
+    None when nothing listens there."""
+    import http.client
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", f"/health?challenge={challenge}",
+                     headers={"Host": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
+        data = conn.getresponse().read(65536)
+    except ConnectionRefusedError:
+        return None
+    except (OSError, http.client.HTTPException):
+        return {}                   # something holds the port, and it is not a page of ours
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def page_proof(nonce: str, challenge: str) -> str:
+    """What the page answers to /health?challenge=...: only the process that
+    wrote page_nonce to the database knows it."""
+    return hmac.new(nonce.encode(), challenge.encode()[:64], hashlib.sha256).hexdigest()
+
+
+def run_lock_path(ini_path: Path) -> Path:
+    return Path(str(ini_path) + ".lock")
+
+
+def run_is_active(ini_path: Path) -> bool:
+    """True while a `run` holds the lock of this ini."""
+    probe = FileLock(run_lock_path(ini_path))
+    if probe.acquire():
+        probe.release()
+        return False
+    return True
+
+
+
 # Config page #################################################################
 #
 # The tech note's "SMTP Gateway Manager": a small page that `run` serves from
@@ -3844,6 +4113,12 @@ def add_letter_commands(command: Callable) -> None:
 # one; for a POST, the Origin check and the session's form token (no forged
 # cross-site posts). Every value shown passes through esc(), and the SMTP
 # password is never put in a page.
+#
+# PageHandler does only that, then routes: GET_PAGES maps an address to a view
+# (page_*: a PageContext in, a title and the body's Html out) and POST_ACTIONS
+# to an action (post_*: it does one thing, through the Operations section when
+# it touches the queue or a patron, and returns where to redirect). A new page
+# is a view, its template and a line in GET_PAGES (and PAGE_LINKS for the menu).
 
 #: A form larger than this is refused unread (the Settings form is about 2 KB).
 MAX_FORM_BYTES = 1024 * 1024
@@ -4420,6 +4695,13 @@ LOGIN_BODY = string.Template("""\
 <code>python bibliogate.py set-password</code>.</p>
 """)
 NOT_FOUND_BODY = Html('<p>There is no such page here. <a href="/">Back to the settings</a>.</p>')
+LOGGED_IN_BODY = Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
+NO_PATRON_BODY = string.Template('<p>There is no patron $id. '
+                                 '<a href="/patrons">Search the patrons</a>.</p>')
+NO_EMAIL_BADGE = Html('<span class="badge">no email</span>')
+MUTED = string.Template('<p class="muted">$text</p>')
+PROBLEM_LIST = string.Template("<ul>$items</ul>")
+LIST_ITEM = string.Template("<li>$text</li>")
 
 
 # -- the settings form ---------------------------------------------------------------
@@ -4563,18 +4845,6 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
     general = [p for p in other if p not in current]
     changed = [f"[{section}] {key}" for section, key in changes]
     return new_text, errors, general, changed
-
-
-def patron_problems(values: dict) -> dict:
-    """{field: sentence} for the patron form's bad values."""
-    errors = {}
-    for key in ("email", "guardian_email"):
-        if values[key] and not valid_address(values[key]):
-            errors[key] = (f"{values[key]!r} is not an email address. Write it as "
-                           "name@example.org, or leave it empty.")
-    if re.search(r"[\x00-\x1f\x7f]", values["grp"]) or len(values["grp"]) > 60:
-        errors["grp"] = "A group is one line of at most 60 characters, such as 7B or Staff."
-    return errors
 
 
 def age_text(seconds: float) -> str:
@@ -4767,8 +5037,572 @@ class PageServer(http.server.ThreadingHTTPServer):
             return len(self.failed_logins) >= LOGIN_TRIES
 
 
+# -- what a view or an action is given ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PageContext:
+    """One request as a view or an action sees it: the running gateway, the
+    page's server (sessions, the spool reading), this browser's session (for
+    /health, an empty one that is never stored), the query of a GET or the
+    form of a POST, and the address of the computer that asked."""
+    gateway: Gateway
+    server: PageServer
+    session: PageSession
+    query: dict = dataclasses.field(default_factory=dict)
+    form: dict = dataclasses.field(default_factory=dict)
+    client: str = ""
+
+    @property
+    def settings(self) -> Settings:
+        return self.gateway.settings
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self.gateway.journal.db
+
+    @property
+    def token(self) -> Html:
+        """The session's form token, as a hidden field of a form."""
+        return render(TOKEN_INPUT, token=self.session.token)
+
+    def flash(self, kind: str, text: str) -> None:
+        """Say something ("ok" or "error") on the next page this browser shows."""
+        self.session.flash.append((kind, text))
+
+
+# -- pieces of pages ------------------------------------------------------------------
+
+#: The page's menu: (address, label).
+PAGE_LINKS = (("/", "Settings"), ("/queue", "Queue"), ("/log", "Log"), ("/patrons", "Patrons"))
+#: The menu entry a page belongs to, when its address is not in PAGE_LINKS.
+PAGE_MENU_ENTRY = MappingProxyType({"/settings": "/", "/patron": "/patrons"})
+NOTHING = Html("")
+
+
+def flag(on: bool, attribute: str) -> Html:
+    """An attribute such as ' checked', or nothing."""
+    return Html(attribute if on else "")
+
+
+def nav_link(href: str, label: str, current: bool) -> Html:
+    return render(NAV_LINK, href=href, label=label, current=flag(current, ' aria-current="page"'))
+
+
+def page_html(server: PageServer, session: PageSession, here: str, title: str, body: Html) -> Html:
+    """The whole page around a view's body: menu, log-out button, the
+    session's messages (shown once)."""
+    here = PAGE_MENU_ENTRY.get(here, here)
+    logged_in = server.logged_in(session)
+    nav = join(nav_link(href, label, here == href) for href, label in PAGE_LINKS) \
+        if logged_in else NOTHING
+    logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=session.token)) \
+        if logged_in and server.login_needed() else NOTHING
+    flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
+    session.flash = []
+    return render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
+                  library=server.gateway.settings.library_name)
+
+
+def problem_list(problems: Iterable[str]) -> Html:
+    items = join(render(LIST_ITEM, text=problem) for problem in problems)
+    return render(PROBLEM_LIST, items=items) if items else NOTHING
+
+
+def state_box(ctx: PageContext, settings: Settings) -> Html:
+    """The sender's state, the settings' problems and the queue's size."""
+    state, reason = ctx.gateway.sender_state or ("not started", "")
+    if settings.problems:
+        reason = "the settings need attention:"
+    try:
+        view = ctx.server.spool_view()
+        waiting, bad = view.waiting, len(view.bad)
+    except SpoolError:
+        waiting = bad = "?"
+    last = get_state(ctx.db, "last_check")
+    upcoming = "when the settings are fixed and saved" if settings.problems \
+        else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ctx.gateway.next_check))
+    return render(STATE_BOX, state=state, reason=reason, problems=problem_list(settings.problems),
+                  waiting=waiting, bad=bad, last=fmt_time(last), next=upcoming)
+
+
+def form_field(name: str, label: str, control: Html, hint: str, error: str | None) -> Html:
+    """One labelled field of a form, with its error, if any."""
+    return render(FIELD, id=name, label=label, control=control, hint=hint,
+                  invalid=flag(bool(error), " invalid"),
+                  error=render(FIELD_ERROR, text=error) if error else NOTHING)
+
+
+def choice_options(choices: Iterable[str], value: str) -> Html:
+    return join(render(OPTION, value=c, selected=flag(c == value.lower(), " selected"))
+                for c in choices)
+
+
+def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
+    value = values.get(f.name, "")
+    if f.kind == "password":
+        control = render(PASSWORD_INPUT, id=f.name)
+        hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
+                else "Not set. Type one if the server needs a login.")
+    elif f.kind == "yesno":
+        control = render(CHECKBOX, id=f.name, checked=flag(value.lower() in YES_WORDS, " checked"))
+        hint = f.hint
+    elif f.kind == "choice":
+        control, hint = render(SELECT, id=f.name, options=choice_options(f.choices, value)), f.hint
+    else:
+        control, hint = render(TEXT_INPUT, id=f.name, value=value), f.hint
+    return form_field(f.name, f.label, control, hint, errors.get(f.name))
+
+
+def settings_fieldset(legend: str, fields: Iterable[Field], values: dict, errors: dict,
+                      password_set: bool) -> Html:
+    rows = join(settings_field(f, values, errors, password_set) for f in fields)
+    return render(FIELDSET, legend=legend, fields=rows)
+
+
+def settings_facts(ctx: PageContext, s: Settings) -> Html:
+    """What the Settings page shows but does not change."""
+    web_hash = bool(s.get("web", "password_hash").strip())
+    facts = {"Page address": f"{ctx.server.url} ([web] address and port)",
+             "Page password": "set" if web_hash else "not set (run set-password to set one)",
+             "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
+             "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
+    return join(render(FACT, name=name, value=value) for name, value in facts.items())
+
+
+def queue_row(r: dict, token: Html, now: float) -> Html:
+    bad = r["state"] == "bad"
+    return render(QUEUE_ROW, state=r["state"], state_label=".BAD" if bad else "waiting",
+                  to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
+                  attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
+                  retry=render(RETRY_FORM, token=token, file=r["file"]) if bad else NOTHING)
+
+
+def queue_table(rows: list[dict], left: int, token: Html, now: float) -> Html:
+    """The files shown, and how many more wait unlisted."""
+    if not rows:
+        return render(MUTED, text="The queue is empty.")
+    table = render(QUEUE_TABLE, rows=join(queue_row(r, token, now) for r in rows))
+    more = render(MUTED, text=f"And {left} more waiting messages, not listed.") \
+        if left > 0 else NOTHING
+    return join([table, more])
+
+
+def log_note(path: Path, shown: bool, cut: bool) -> str:
+    if not shown:
+        return "Nothing was logged this day."
+    return ("Newest first" + (f"; only the last {LOG_BYTES // 1024} KB" if cut else "")
+            + f". The file: {path}")
+
+
+#: A patron and how many loans they have.
+PATRON_WITH_LOANS = ("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) "
+                     "AS loans FROM patrons p")
+
+
+def find_patrons(db: sqlite3.Connection, q: str, missing: bool, limit: int) -> list:
+    """Patrons whose id is q, or whose name, group or id contains it."""
+    like = "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
+    only_missing = "AND p.email = ''" if missing else ""
+    return db.execute(
+        f"{PATRON_WITH_LOANS} WHERE (p.patron_id = ? OR p.name LIKE ? ESCAPE '\\' "
+        "OR p.grp LIKE ? ESCAPE '\\' OR p.patron_id LIKE ? ESCAPE '\\') "
+        f"{only_missing} ORDER BY p.name, p.patron_id LIMIT ?",
+        (q, like, like, like, limit)).fetchall()
+
+
+def patrons_summary(found: int, total: int, no_email: int | None) -> str:
+    if not total:
+        return "No patrons yet: import patrons.csv from the library system."
+    return (f"{min(found, PATRONS_SHOWN)} shown" + (" (the first ones; search to narrow)"
+            if found > PATRONS_SHOWN else "")
+            + f" of {total} patrons; {no_email or 0} have no email address.")
+
+
+def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
+    """[Email] and [Email guardian], for the addresses the patron has."""
+    links = []
+    for guardian, label in ((False, "Email"), (True, "Email guardian")):
+        try:
+            links.append(render(MAIL_LINK, href=build_mailto(s, db, patron_id, guardian=guardian),
+                                label=label))
+        except NoEmail:
+            pass
+    return join(links)
+
+
+def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
+    no_email = not r["email"]
+    return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
+                  name=r["name"], guardian=r["guardian_email"], group=r["grp"],
+                  email=NO_EMAIL_BADGE if no_email else r["email"],
+                  auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
+                  edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
+                  mail=mail_buttons(s, db, r["patron_id"]))
+
+
+#: The patron form: (key, label, hint).
+PATRON_FORM = (
+    ("email", "Email", "Empty = this patron gets no email."),
+    ("guardian_email", "Guardian email", "For guardian letters."),
+    ("grp", "Group", "Letters can be run for one group."),
+    ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices."),
+)
+
+
+def patron_control(key: str, values: dict) -> Html:
+    if key == "auto_overdue":
+        return render(CHECKBOX, id=key, checked=flag(bool(values[key]), " checked"))
+    return render(TEXT_INPUT, id=key, value=values[key])
+
+
+def patron_fields(values: dict, errors: dict) -> Html:
+    return join(form_field(key, label, patron_control(key, values), hint, errors.get(key))
+                for key, label, hint in PATRON_FORM)
+
+
+def patron_form_values(form: dict) -> dict:
+    return {"email": form.get("email", "").strip(),
+            "guardian_email": form.get("guardian_email", "").strip(),
+            "grp": form.get("grp", "").strip(),
+            "auto_overdue": 1 if form.get("auto_overdue") else 0}
+
+
+def settings_draft(form: dict) -> dict:
+    """A refused Settings form's values, to show again."""
+    values = {f.name: form.get(f.name, "").strip() for f in SETTINGS_FIELDS if f.kind != "password"}
+    for f in SETTINGS_FIELDS:
+        if f.kind == "yesno":
+            values[f.name] = "yes" if form.get(f.name) else "no"
+    return values
+
+
+# -- the views: (title, body) of a page ---------------------------------------------
+
+def page_settings(ctx: PageContext) -> tuple[str, Html]:
+    s = ctx.settings
+    text, digest = read_ini(s.ini_path)
+    raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
+    draft = ctx.session.drafts.pop("settings", None)
+    values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
+    password_set = bool(raw.get(("smtp", "password"), "").strip())
+    fieldsets = join(settings_fieldset(legend, fields, values, errors, password_set)
+                     for legend, fields in SETTINGS_FORM)
+    return "Settings", render(SETTINGS_BODY, state=state_box(ctx, s), token=ctx.token,
+                              digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
+                              test_to=s.test_to or "not set", facts=settings_facts(ctx, s))
+
+
+def page_queue(ctx: PageContext) -> tuple[str, Html]:
+    s, now = ctx.settings, ctx.gateway.clock()
+    try:
+        view = ctx.server.spool_view()
+        rows, left = queue_rows(s, ctx.db, view.bad + view.first), view.waiting - len(view.first)
+    except SpoolError as exc:
+        ctx.flash("error", str(exc))
+        rows, left = [], 0
+    table = queue_table(rows, left, ctx.token, now)
+    return "Queue", render(QUEUE_BODY, state=state_box(ctx, s), token=ctx.token, spool=s.spool,
+                           table=table)
+
+
+def page_log(ctx: PageContext) -> tuple[str, Html]:
+    folder = ctx.settings.log_folder
+    today = local_day(ctx.gateway.clock()).isoformat()
+    days = list(dict.fromkeys([today] + log_days(folder)))[:LOG_DAYS_SHOWN]
+    day = ctx.query.get("day", today)
+    if day not in days:
+        ctx.flash("error", f"There is no log for {day!r} here; the page shows the last "
+                           f"{LOG_DAYS_SHOWN} days.")
+        day = today
+    path = folder / f"bibliogate-{day}.log"
+    lines, cut = log_tail(path)
+    links = join(nav_link(f"/log?day={d}", d, d == day) for d in days)
+    return "Log", render(LOG_BODY, days=links, day=day, note=log_note(path, bool(lines), cut),
+                         lines="\n".join(lines))
+
+
+def page_patrons(ctx: PageContext) -> tuple[str, Html]:
+    db, s = ctx.db, ctx.settings
+    q, missing = ctx.query.get("q", "").strip(), bool(ctx.query.get("missing"))
+    rows = find_patrons(db, q, missing, PATRONS_SHOWN + 1)
+    total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
+    table = render(PATRONS_TABLE, rows=join(patron_row(s, db, r) for r in rows[:PATRONS_SHOWN])) \
+        if rows else NOTHING
+    return "Patrons", render(PATRONS_BODY, q=q, missing=flag(missing, " checked"),
+                             summary=patrons_summary(len(rows), total, no_email), table=table)
+
+
+def page_patron(ctx: PageContext) -> tuple[str, Html]:
+    db, pid = ctx.db, ctx.query.get("id", "")
+    row = db.execute(f"{PATRON_WITH_LOANS} WHERE patron_id = ?", (pid,)).fetchone()
+    if row is None:
+        return "Patron not found", render(NO_PATRON_BODY, id=repr(pid))
+    values, errors = ctx.session.drafts.pop(f"patron:{pid}", (dict(row), {}))
+    return f"Patron {row['name']}", render(
+        PATRON_BODY, name=row["name"], id=pid, loans=row["loans"],
+        fields=patron_fields(values, errors), token=ctx.token,
+        mail=mail_buttons(ctx.settings, db, pid))
+
+
+def page_login(ctx: PageContext) -> tuple[str, Html]:
+    if ctx.server.logged_in(ctx.session):
+        return "Logged in", LOGGED_IN_BODY
+    return "Log in", render(LOGIN_BODY, token=ctx.token)
+
+
+def health(ctx: PageContext) -> dict:
+    """For monitoring: the sender's state, the queue, the last check."""
+    g, s = ctx.gateway, ctx.settings
+    state, reason = g.sender_state or ("not started", "")
+    try:
+        view = ctx.server.spool_view()
+        waiting, bad = view.waiting, len(view.bad)
+    except SpoolError as exc:
+        waiting = bad = None
+        reason = f"{reason} {exc}"
+    last = get_state(g.journal.db, "last_check")
+    return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
+            "problems": len(s.problems), "waiting": waiting, "bad": bad,
+            "last_check": last, "last_check_text": fmt_time(last),
+            "next_check": None if s.problems else g.next_check, "version": __version__}
+
+
+# -- the actions: each does one thing and says where to go next ---------------------
+# An action returns the address to redirect to, and (login, logout) the
+# session that replaces the browser's.
+
+#: Who asked, in the journal, for what the page does.
+BY_PAGE = "config page"
+
+
+def post_login(ctx: PageContext) -> tuple[str, PageSession]:
+    server, session = ctx.server, ctx.session
+    stored = server.password_hash()
+    if not server.login_needed():
+        return "/", session
+    if server.login_paused():
+        ctx.flash("error", "Too many wrong passwords in the last few minutes. Wait five "
+                           "minutes, then try again.")
+    elif split_hash(stored) is None:
+        ctx.flash("error", "No usable page password is set. On the server, run "
+                           "`python bibliogate.py set-password`.")
+    elif check_password(stored, ctx.form.get("password", "")):
+        ctx.gateway.journal.event("page", f"logged in to the config page from {ctx.client}")
+        return "/", server.renew(session, login_hash=stored)
+    else:
+        server.login_paused(failed=True)
+        ctx.gateway.journal.event("page", f"a wrong config page password from {ctx.client}",
+                                  level=logging.WARNING)
+        ctx.flash("error", "Wrong password.")
+    return "/login", session
+
+
+def post_logout(ctx: PageContext) -> tuple[str, PageSession]:
+    return "/login", ctx.server.renew(ctx.session, login_hash="")
+
+
+def post_settings(ctx: PageContext) -> str:
+    g = ctx.gateway
+    ini_path = g.settings.ini_path
+    with ctx.server.save_lock:
+        text, digest = read_ini(ini_path)
+        if ctx.form.get("ini_digest") != digest:
+            ctx.flash("error", f"{ini_path.name} was changed by someone else since this page "
+                               "was opened; nothing was saved. Here are its values now: check "
+                               "them and save again.")
+            return "/settings"
+        new_text, errors, general, changed = check_settings_form(
+            ctx.form, text, ini_path, g.settings.problems)
+        if errors or general:
+            refuse_settings(ctx, errors, general)
+            return "/settings"
+        if changed:
+            save_ini_text(ini_path, new_text)
+    what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
+    g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
+    if g.request_reload(wait=RELOAD_WAIT_SECONDS):
+        state, reason = g.sender_state or ("", "")
+        ctx.flash("ok", f"{what} The sender restarted: it is {state}.")
+    else:
+        ctx.flash("ok", f"{what} The sender restarts with the settings as soon as it finishes "
+                        "the check in progress.")
+    return "/settings"
+
+
+def refuse_settings(ctx: PageContext, errors: dict, general: list) -> None:
+    """Keep a refused Settings form to show again, with what is wrong."""
+    ctx.session.drafts["settings"] = (settings_draft(ctx.form), errors)
+    typed = " Type the password again." if ctx.form.get("smtp.password") else ""
+    ctx.flash("error", f"Nothing was saved: fix the {len(errors)} field(s) marked below.{typed}"
+              if errors else "Nothing was saved.")
+    for problem in general:
+        ctx.flash("error", problem)
+
+
+def post_test(ctx: PageContext) -> str:
+    g, s = ctx.gateway, ctx.settings
+    try:
+        path = queue_test_message(s, g.journal, s.test_to, g.clock(), by=BY_PAGE)
+    except BibliogateError as exc:
+        ctx.flash("error", f"No test message was queued: {exc}")
+        return "/settings"
+    if s.problems:
+        when = "The sender is stopped until the settings are fixed, so it waits in the queue."
+    else:
+        due = max(g.next_check, g.clock())
+        when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
+    ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
+    return "/settings"
+
+
+def post_retry(ctx: PageContext) -> str:
+    retry_names(ctx, [ctx.form.get("file", "")])
+    return "/queue"
+
+
+def post_retry_all(ctx: PageContext) -> str:
+    names = bad_names(ctx.settings)
+    if not names:
+        ctx.flash("ok", "There are no .BAD files.")
+    retry_names(ctx, names)
+    return "/queue"
+
+
+def retry_names(ctx: PageContext, names: list[str]) -> None:
+    s, journal = ctx.settings, ctx.gateway.journal
+    for name in names:
+        try:
+            path = retry_file(s, journal, name, by=BY_PAGE)
+        except (SpoolError, OSError) as exc:
+            ctx.flash("error", f"{name} was not put back: {exc}")
+            continue
+        ctx.flash("ok", f"{name} is waiting again as {path.name}.")
+
+
+def post_delete(ctx: PageContext) -> str:
+    name = ctx.form.get("file", "")
+    try:
+        delete_queued(ctx.settings, ctx.gateway.journal, name, by=BY_PAGE)
+    except (SpoolError, OSError) as exc:
+        ctx.flash("error", f"Nothing was deleted: {exc}")
+        return "/queue"
+    ctx.flash("ok", f"Deleted {name}.")
+    return "/queue"
+
+
+def post_send_now(ctx: PageContext) -> str:
+    try:
+        send_now(ctx.gateway)
+    except BibliogateError as exc:
+        ctx.flash("error", str(exc))
+    else:
+        ctx.flash("ok", "A check starts within a few seconds; reload this page to see what "
+                        "it sent.")
+    return "/queue"
+
+
+def post_patron(ctx: PageContext) -> str:
+    pid, values = ctx.form.get("patron_id", ""), patron_form_values(ctx.form)
+    try:
+        edit = edit_patron(ctx.gateway.journal, pid, values, by=BY_PAGE)
+    except UnknownPatron:
+        ctx.flash("error", f"There is no patron {pid!r}; nothing was saved.")
+        return "/patrons"
+    if edit.errors:
+        ctx.session.drafts[f"patron:{pid}"] = (values, edit.errors)
+        ctx.flash("error", "Nothing was saved: fix the fields marked below.")
+        return "/patron?" + urllib.parse.urlencode({"id": pid})
+    ctx.flash("ok", f"Saved patron {pid} ({edit.name})." if edit.changed
+              else f"Nothing had changed for patron {pid}.")
+    return "/patrons?" + urllib.parse.urlencode({"q": pid})
+
+
+# -- routes ------------------------------------------------------------------------
+
+#: GET: address -> view. /login is the one page shown before logging in.
+GET_PAGES = MappingProxyType({
+    "/": page_settings, "/settings": page_settings, "/queue": page_queue, "/log": page_log,
+    "/patrons": page_patrons, "/patron": page_patron, "/login": page_login})
+#: POST: address -> action, for a logged-in session (/login is answered before).
+POST_ACTIONS = MappingProxyType({
+    "/settings": post_settings, "/test": post_test, "/queue/retry": post_retry,
+    "/queue/retry-all": post_retry_all, "/queue/delete": post_delete,
+    "/queue/send-now": post_send_now, "/patron": post_patron, "/logout": post_logout})
+
+
+# -- the request -------------------------------------------------------------------
+# The checks every request meets (PageHandler calls them in the order the
+# section's opening comment gives); each refuses with a PageRefusal.
+
+def check_host(host: str, server: PageServer) -> None:
+    if not host_allowed(host, server.address, server.port):
+        raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
+                          f"This page answers only at {server.url} (bibliogate.ini "
+                          f"[web] address); it was asked for {host!r}.")
+
+
+def check_origin(headers) -> None:
+    """Refuse a post from another site. Under our no-referrer policy a browser
+    sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
+    page can set, then tells, and for a browser without it the form token."""
+    origin = headers.get("Origin", "").strip().lower()
+    site = headers.get("Sec-Fetch-Site")
+    own = "http://" + headers.get("Host", "").strip().lower()
+    if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
+                          "so it was refused. Open the page itself and use its buttons.")
+
+
+def check_token(session: PageSession | None, form: dict) -> PageSession:
+    """The session a form was posted in, if its token is the session's."""
+    if session is None or not hmac.compare_digest(form.get("token", "").encode(),
+                                                  session.token.encode()):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
+                          "have restarted since the page was opened). Go back, reload the "
+                          "page and try again.")
+    return session
+
+
+def form_length(header: str) -> int:
+    """A form's Content-Length, if the page takes a form that long."""
+    if not (header.isascii() and header.isdigit()):      # "²".isdigit() is true
+        raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
+    # int() refuses 4,300 digits and more, so a long number is refused first.
+    if len(header) > 12 or int(header) > MAX_FORM_BYTES:
+        raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                          f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
+    return int(header)
+
+
+def cookie_value(header: str, name: str) -> str:
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+def parse_form(data: bytes) -> dict:
+    """The fields (first value of each) of an urlencoded form."""
+    try:
+        fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
+                                       max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
+    return {name: values[0] for name, values in fields.items()}
+
+
+def parse_query(query: str) -> dict:
+    """The fields (first value of each) of an address's query."""
+    try:
+        return {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=20).items()}
+    except ValueError:
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
+
+
 class PageHandler(http.server.BaseHTTPRequestHandler):
-    """One request to the config page. GET shows a page; POST does one thing
+    """One request to the config page: the checks every request meets, then
+    a GET shows a page (GET_PAGES) and a POST does one thing (POST_ACTIONS)
     and answers with a redirect to a page that tells what happened."""
 
     server: PageServer
@@ -4834,61 +5668,28 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong on this "
                                "page; the details are in the log. The gateway goes on sending.")
 
-    # -- checks -----------------------------------------------------------------
-
-    def check_host(self) -> None:
-        host = self.headers.get("Host", "")
-        if not host_allowed(host, self.server.address, self.server.port):
-            raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
-                              f"This page answers only at {self.server.url} (bibliogate.ini "
-                              f"[web] address); it was asked for {host!r}.")
-
-    def check_origin(self) -> None:
-        """Refuse a post from another site. Under our no-referrer policy a browser
-        sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
-        page can set, then tells, and for a browser without it the form token."""
-        origin = self.headers.get("Origin", "").strip().lower()
-        site = self.headers.get("Sec-Fetch-Site")
-        own = "http://" + self.headers.get("Host", "").strip().lower()
-        if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
-            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
-                              "so it was refused. Open the page itself and use its buttons.")
-
-    def check_token(self, session: PageSession | None, form: dict) -> None:
-        if session is None or not hmac.compare_digest(form.get("token", "").encode(),
-                                                      session.token.encode()):
-            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
-                              "have restarted since the page was opened). Go back, reload the "
-                              "page and try again.")
+    # -- what the request brings -------------------------------------------------
 
     def read_form(self) -> dict:
         """The posted fields (first value of each) of a small urlencoded form."""
-        length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):      # "²".isdigit() is true
-            raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
-        # int() refuses 4,300 digits and more, so a long number is refused first.
-        if len(length) > 12 or int(length) > MAX_FORM_BYTES:
-            raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
-        data = self.rfile.read(int(length))
+        length = form_length(self.headers.get("Content-Length", ""))
+        data = self.rfile.read(length)
         self.deadline.cancel()
-        if len(data) < int(length):
+        if len(data) < length:
             raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form arrived incomplete.")
         if self.headers.get_content_type() != "application/x-www-form-urlencoded":
             raise PageRefusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Only the page's own forms "
                               "are taken here.")
-        try:
-            fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
-                                           max_num_fields=200)
-        except (UnicodeDecodeError, ValueError):
-            raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
-        return {name: values[0] for name, values in fields.items()}
+        return parse_form(data)
 
     def session(self, create: bool) -> PageSession | None:
         found, new = self.server.session(self.cookie_sid(), create)
         if new:
             self.new_sid = found.sid
         return found
+
+    def cookie_sid(self) -> str:
+        return cookie_value(self.headers.get("Cookie", ""), self.server.cookie_name)
 
     # -- answers ----------------------------------------------------------------
 
@@ -4902,12 +5703,13 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def send_text(self, status: HTTPStatus, text: str) -> None:
         self.send_body(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
 
-    def cookie_sid(self) -> str:
-        for part in self.headers.get("Cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == self.server.cookie_name:
-                return value
-        return ""
+    def send_json(self, status: HTTPStatus, value) -> None:
+        self.send_body(status, json.dumps(value, indent=2).encode("utf-8"), "application/json")
+
+    def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
+        here = urllib.parse.urlsplit(self.path).path
+        page = page_html(self.server, session, here, title, body)
+        self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def redirect(self, location: str, session: PageSession) -> None:
         if session.sid != self.cookie_sid():
@@ -4917,32 +5719,15 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
-        here = urllib.parse.urlsplit(self.path).path
-        here = {"/settings": "/", "/patron": "/patrons"}.get(here, here)
-        logged_in = self.server.logged_in(session)
-        nav = join(render(NAV_LINK, href=href, label=label,
-                          current=Html(' aria-current="page"' if here == href else ""))
-                   for href, label in PAGE_LINKS) if logged_in else Html("")
-        logout = render(LOGOUT_FORM, token=self.token_input(session)) \
-            if logged_in and self.server.login_needed() else Html("")
-        flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
-        session.flash = []
-        page = render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
-                      library=self.server.gateway.settings.library_name)
-        self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
+    # -- routing ------------------------------------------------------------------
 
-    def send_json(self, status: HTTPStatus, value) -> None:
-        self.send_body(status, json.dumps(value, indent=2).encode("utf-8"), "application/json")
-
-    @staticmethod
-    def token_input(session: PageSession) -> Html:
-        return render(TOKEN_INPUT, token=session.token)
-
-    # -- GET --------------------------------------------------------------------
+    def context(self, session: PageSession, query: dict | None = None,
+                form: dict | None = None) -> PageContext:
+        return PageContext(self.server.gateway, self.server, session, query or {}, form or {},
+                           self.client_address[0])
 
     def _get(self) -> None:
-        self.check_host()
+        check_host(self.headers.get("Host", ""), self.server)
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/style.css":
             return self.send_body(HTTPStatus.OK, PAGE_CSS.encode("utf-8"), "text/css; charset=utf-8")
@@ -4951,398 +5736,38 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             return self.end_headers()
         if url.path == "/health":
             with self.server.workers:
-                info = self.health()
+                info = health(self.context(PageSession("", "", "", time.monotonic())))
             return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
         session = self.session(create=True)
         if not self.server.logged_in(session) and url.path != "/login":
             return self.redirect("/login", session)
-        try:
-            query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query, max_num_fields=20).items()}
-        except ValueError:
-            raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
-        view = self.GET_PAGES.get(url.path)
+        query = parse_query(url.query)
+        view = GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
         with self.server.workers:
-            title, body = view(self, session, query)
+            title, body = view(self.context(session, query=query))
         self.send_page(HTTPStatus.OK, title, body, session)
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.server.gateway
-
-    def state_box(self, settings: Settings) -> Html:
-        state, reason = self.gateway.sender_state or ("not started", "")
-        if settings.problems:
-            reason = "the settings need attention:"
-        problems = Html("<ul>" + join(Html(f"<li>{esc(p)}</li>") for p in settings.problems)
-                        + "</ul>") if settings.problems else Html("")
-        try:
-            view = self.server.spool_view()
-            waiting, bad = view.waiting, len(view.bad)
-        except SpoolError:
-            waiting = bad = "?"
-        last = get_state(self.gateway.journal.db, "last_check")
-        upcoming = "when the settings are fixed and saved" if settings.problems \
-            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.gateway.next_check))
-        return render(STATE_BOX, state=state, reason=reason, problems=problems, waiting=waiting,
-                      bad=bad, last=fmt_time(last), next=upcoming)
-
-    def page_settings(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        s = self.gateway.settings
-        text, digest = read_ini(s.ini_path)
-        raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
-        draft = session.drafts.pop("settings", None)
-        values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
-        password_set = bool(raw.get(("smtp", "password"), "").strip())
-        fieldsets = join(render(FIELDSET, legend=legend, fields=join(
-            self.settings_field(f, values, errors, password_set) for f in fields))
-            for legend, fields in SETTINGS_FORM)
-        web_hash = bool(s.get("web", "password_hash").strip())
-        facts = {"Page address": f"{self.server.url} ([web] address and port)",
-                 "Page password": "set" if web_hash else "not set (run set-password to set one)",
-                 "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
-                 "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
-        body = render(SETTINGS_BODY, state=self.state_box(s), token=self.token_input(session),
-                      digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
-                      test_to=s.test_to or "not set",
-                      facts=join(render(FACT, name=k, value=v) for k, v in facts.items()))
-        return "Settings", body
-
-    @staticmethod
-    def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
-        value = values.get(f.name, "")
-        if f.kind == "password":
-            control = render(PASSWORD_INPUT, id=f.name)
-            hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
-                    else "Not set. Type one if the server needs a login.")
-        elif f.kind == "yesno":
-            control = render(CHECKBOX, id=f.name, checked=Html(
-                " checked" if value.lower() in YES_WORDS else ""))
-            hint = f.hint
-        elif f.kind == "choice":
-            control = render(SELECT, id=f.name, options=join(
-                render(OPTION, value=c, selected=Html(" selected" if c == value.lower() else ""))
-                for c in f.choices))
-            hint = f.hint
-        else:
-            control, hint = render(TEXT_INPUT, id=f.name, value=value), f.hint
-        error = errors.get(f.name)
-        return render(FIELD, id=f.name, label=f.label, control=control, hint=hint,
-                      invalid=Html(" invalid" if error else ""),
-                      error=render(FIELD_ERROR, text=error) if error else Html(""))
-
-    def page_queue(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        s, now = self.gateway.settings, self.gateway.clock()
-        token = self.token_input(session)
-        try:
-            view = self.server.spool_view()
-            rows, left = queue_rows(s, self.gateway.journal.db, view.bad + view.first), \
-                view.waiting - len(view.first)
-        except SpoolError as exc:
-            session.flash.append(("error", str(exc)))
-            rows, left = [], 0
-        more = Html(f'<p class="muted">And {left} more waiting messages, not listed.</p>') \
-            if left > 0 else Html("")
-        table = join([render(QUEUE_TABLE, rows=join(render(
-            QUEUE_ROW, state=r["state"], state_label=".BAD" if r["state"] == "bad" else "waiting",
-            to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
-            attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
-            retry=render(RETRY_FORM, token=token, file=r["file"]) if r["state"] == "bad" else Html(""))
-            for r in rows)), more]) if rows else Html('<p class="muted">The queue is empty.</p>')
-        return "Queue", render(QUEUE_BODY, state=self.state_box(s), token=token, spool=s.spool,
-                               table=table)
-
-    def page_log(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        folder = self.gateway.settings.log_folder
-        today = local_day(self.gateway.clock()).isoformat()
-        days = list(dict.fromkeys([today] + log_days(folder)))[:LOG_DAYS_SHOWN]
-        day = query.get("day", today)
-        if day not in days:
-            session.flash.append(("error", f"There is no log for {day!r} here; the page shows "
-                                           f"the last {LOG_DAYS_SHOWN} days."))
-            day = today
-        lines, cut = log_tail(folder / f"bibliogate-{day}.log")
-        note = ("Newest first" + (f"; only the last {LOG_BYTES // 1024} KB" if cut else "")
-                + f". The file: {folder / f'bibliogate-{day}.log'}") if lines \
-            else "Nothing was logged this day."
-        links = join(render(NAV_LINK, href=f"/log?day={d}", label=d,
-                            current=Html(' aria-current="page"' if d == day else "")) for d in days)
-        return "Log", render(LOG_BODY, days=links, day=day, note=note, lines="\n".join(lines))
-
-    def page_patrons(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        db, s = self.gateway.journal.db, self.gateway.settings
-        q, missing = query.get("q", "").strip(), bool(query.get("missing"))
-        like = "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
-        only_missing = "AND p.email = ''" if missing else ""
-        rows = db.execute(
-            "SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) AS loans "
-            "FROM patrons p WHERE (p.patron_id = ? OR p.name LIKE ? ESCAPE '\\' "
-            "OR p.grp LIKE ? ESCAPE '\\' OR p.patron_id LIKE ? ESCAPE '\\') "
-            f"{only_missing} ORDER BY p.name, p.patron_id LIMIT ?",
-            (q, like, like, like, PATRONS_SHOWN + 1)).fetchall()
-        total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
-        summary = (f"{len(rows[:PATRONS_SHOWN])} shown" + (" (the first ones; search to narrow)"
-                   if len(rows) > PATRONS_SHOWN else "")
-                   + f" of {total} patrons; {no_email or 0} have no email address.")
-        if not total:
-            summary = "No patrons yet: import patrons.csv from the library system."
-        table = render(PATRONS_TABLE, rows=join(self.patron_row(s, db, r)
-                                                for r in rows[:PATRONS_SHOWN])) if rows else Html("")
-        return "Patrons", render(PATRONS_BODY, q=q, missing=Html(" checked" if missing else ""),
-                                 summary=summary, table=table)
-
-    @staticmethod
-    def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
-        links = []
-        for guardian, label in ((False, "Email"), (True, "Email guardian")):
-            try:
-                links.append(render(MAIL_LINK, href=build_mailto(s, db, patron_id, guardian=guardian),
-                                    label=label))
-            except NoEmail:
-                pass
-        return join(links)
-
-    def patron_row(self, s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
-        no_email = not r["email"]
-        return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
-                      name=r["name"], guardian=r["guardian_email"], group=r["grp"],
-                      email=Html('<span class="badge">no email</span>') if no_email else r["email"],
-                      auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
-                      edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
-                      mail=self.mail_buttons(s, db, r["patron_id"]))
-
-    def page_patron(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        db, pid = self.gateway.journal.db, query.get("id", "")
-        row = db.execute("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = "
-                         "p.patron_id) AS loans FROM patrons p WHERE patron_id = ?",
-                         (pid,)).fetchone()
-        if row is None:
-            return "Patron not found", Html(f'<p>There is no patron {esc(repr(pid))}. '
-                                            '<a href="/patrons">Search the patrons</a>.</p>')
-        values, errors = session.drafts.pop(f"patron:{pid}", (dict(row), {}))
-        fields = join(render(FIELD, id=key, label=label, hint=hint, control=control,
-                             invalid=Html(" invalid" if key in errors else ""),
-                             error=render(FIELD_ERROR, text=errors[key]) if key in errors else Html(""))
-                      for key, label, hint, control in (
-            ("email", "Email", "Empty = this patron gets no email.",
-             render(TEXT_INPUT, id="email", value=values["email"])),
-            ("guardian_email", "Guardian email", "For guardian letters.",
-             render(TEXT_INPUT, id="guardian_email", value=values["guardian_email"])),
-            ("grp", "Group", "Letters can be run for one group.",
-             render(TEXT_INPUT, id="grp", value=values["grp"])),
-            ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices.",
-             render(CHECKBOX, id="auto_overdue",
-                    checked=Html(" checked" if values["auto_overdue"] else "")))))
-        body = render(PATRON_BODY, name=row["name"], id=pid, loans=row["loans"], fields=fields,
-                      token=self.token_input(session),
-                      mail=self.mail_buttons(self.gateway.settings, db, pid))
-        return f"Patron {row['name']}", body
-
-    def page_login(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        if self.server.logged_in(session):
-            return "Logged in", Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
-        return "Log in", render(LOGIN_BODY, token=self.token_input(session))
-
-    def health(self) -> dict:
-        """For monitoring: the sender's state, the queue, the last check."""
-        g, s = self.gateway, self.gateway.settings
-        state, reason = g.sender_state or ("not started", "")
-        try:
-            view = self.server.spool_view()
-            waiting, bad = view.waiting, len(view.bad)
-        except SpoolError as exc:
-            waiting = bad = None
-            reason = f"{reason} {exc}"
-        last = get_state(g.journal.db, "last_check")
-        return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
-                "problems": len(s.problems), "waiting": waiting, "bad": bad,
-                "last_check": last, "last_check_text": fmt_time(last),
-                "next_check": None if s.problems else g.next_check, "version": __version__}
-
-    GET_PAGES = {"/": page_settings, "/settings": page_settings, "/queue": page_queue,
-                 "/log": page_log, "/patrons": page_patrons, "/patron": page_patron,
-                 "/login": page_login}
-
-    # -- POST -------------------------------------------------------------------
 
     def _post(self) -> None:
         form = self.read_form()        # read first: closing on unread data would reset the answer
-        self.check_host()
-        self.check_origin()
-        session = self.session(create=False)
-        self.check_token(session, form)
+        check_host(self.headers.get("Host", ""), self.server)
+        check_origin(self.headers)
+        session = check_token(self.session(create=False), form)
         path = urllib.parse.urlsplit(self.path).path
         if path == "/login":
-            return self.redirect(*self.login(session, form))
+            return self.redirect(*post_login(self.context(session, form=form)))
         if not self.server.logged_in(session):
             return self.redirect("/login", session)
-        action = self.POST_ACTIONS.get(path)
+        action = POST_ACTIONS.get(path)
         if action is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
         try:
-            location = action(self, session, form)
+            answer = action(self.context(session, form=form))
         finally:
             self.server.forget_spool_view()     # the page after it shows the change
+        location, session = answer if isinstance(answer, tuple) else (answer, session)
         self.redirect(location, session)
-
-    def login(self, session: PageSession, form: dict) -> tuple[str, PageSession]:
-        stored = self.server.password_hash()
-        if not self.server.login_needed():
-            return "/", session
-        if self.server.login_paused():
-            session.flash.append(("error", "Too many wrong passwords in the last few minutes. "
-                                           "Wait five minutes, then try again."))
-        elif split_hash(stored) is None:
-            session.flash.append(("error", "No usable page password is set. On the server, run "
-                                           "`python bibliogate.py set-password`."))
-        elif check_password(stored, form.get("password", "")):
-            self.gateway.journal.event("page", f"logged in to the config page from "
-                                       f"{self.client_address[0]}")
-            return "/", self.server.renew(session, login_hash=stored)
-        else:
-            self.server.login_paused(failed=True)
-            self.gateway.journal.event("page", f"a wrong config page password from "
-                                       f"{self.client_address[0]}", level=logging.WARNING)
-            session.flash.append(("error", "Wrong password."))
-        return "/login", session
-
-    def logout(self, session: PageSession, form: dict) -> str:
-        self.new_sid = self.server.renew(session, login_hash="").sid
-        return "/login"
-
-    def save_settings(self, session: PageSession, form: dict) -> str:
-        g = self.gateway
-        with self.server.save_lock:
-            text, digest = read_ini(g.settings.ini_path)
-            if form.get("ini_digest") != digest:
-                session.flash.append(("error", f"{g.settings.ini_path.name} was changed by someone "
-                                               "else since this page was opened; nothing was saved. "
-                                               "Here are its values now: check them and save again."))
-                return "/settings"
-            new_text, errors, general, changed = check_settings_form(
-                form, text, g.settings.ini_path, g.settings.problems)
-            if errors or general:
-                values = {f.name: form.get(f.name, "").strip() for f in SETTINGS_FIELDS
-                          if f.kind != "password"}
-                for f in SETTINGS_FIELDS:
-                    if f.kind == "yesno":
-                        values[f.name] = "yes" if form.get(f.name) else "no"
-                session.drafts["settings"] = (values, errors)
-                typed = " Type the password again." if form.get("smtp.password") else ""
-                session.flash += [("error", f"Nothing was saved: fix the {len(errors)} field(s) "
-                                            f"marked below.{typed}" if errors else
-                                   "Nothing was saved.")] + [("error", p) for p in general]
-                return "/settings"
-            if changed:
-                save_ini_text(g.settings.ini_path, new_text)
-        what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
-        g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
-        if g.request_reload(wait=RELOAD_WAIT_SECONDS):
-            state, reason = g.sender_state or ("", "")
-            session.flash.append(("ok", f"{what} The sender restarted: it is {state}."))
-        else:
-            session.flash.append(("ok", f"{what} The sender restarts with the settings as soon "
-                                        "as it finishes the check in progress."))
-        return "/settings"
-
-    def send_test(self, session: PageSession, form: dict) -> str:
-        g = self.gateway
-        s = g.settings
-        try:
-            path = queue_test(s, s.test_to, g.clock())
-        except BibliogateError as exc:
-            session.flash.append(("error", f"No test message was queued: {exc}"))
-            return "/settings"
-        g.journal.event("queued", f"queued a test message to {s.test_to} (config page)", path.name)
-        if s.problems:
-            when = "The sender is stopped until the settings are fixed, so it waits in the queue."
-        else:
-            due = max(g.next_check, g.clock())
-            when = (f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, "
-                    "will take it.")
-        session.flash.append(("ok", f"Queued the test message {path.name} in {s.spool} for "
-                                    f"{s.test_to}. {when}"))
-        return "/settings"
-
-    def retry(self, session: PageSession, form: dict) -> str:
-        self._retry(session, [form.get("file", "")])
-        return "/queue"
-
-    def retry_all(self, session: PageSession, form: dict) -> str:
-        names = [f.name for f in scan(self.gateway.settings.spool, is_bad_name)]
-        if not names:
-            session.flash.append(("ok", "There are no .BAD files."))
-        self._retry(session, names)
-        return "/queue"
-
-    def _retry(self, session: PageSession, names: list[str]) -> None:
-        journal, spool = self.gateway.journal, self.gateway.settings.spool
-        for name in names:
-            try:
-                path = retry_bad(spool, name)
-            except (SpoolError, OSError) as exc:
-                session.flash.append(("error", f"{name} was not put back: {exc}"))
-                continue
-            with journal.db:
-                journal.db.execute("DELETE FROM spool_state WHERE file = ?", (path.name,))
-            journal.event("retry", f"put back in the queue as {path.name} (config page)", name)
-            session.flash.append(("ok", f"{name} is waiting again as {path.name}."))
-
-    def delete(self, session: PageSession, form: dict) -> str:
-        name = form.get("file", "")
-        try:
-            delete_file(self.gateway.settings.spool, name)
-        except (SpoolError, OSError) as exc:
-            session.flash.append(("error", f"Nothing was deleted: {exc}"))
-            return "/queue"
-        self.gateway.journal.event("deleted", "deleted from the queue (config page)", name)
-        session.flash.append(("ok", f"Deleted {name}."))
-        return "/queue"
-
-    def send_now(self, session: PageSession, form: dict) -> str:
-        if self.gateway.settings.problems:
-            session.flash.append(("error", "The sender is stopped: fix the settings first."))
-        else:
-            self.gateway.request_check()
-            session.flash.append(("ok", "A check starts within a few seconds; reload this page "
-                                        "to see what it sent."))
-        return "/queue"
-
-    def save_patron(self, session: PageSession, form: dict) -> str:
-        db, pid = self.gateway.journal.db, form.get("patron_id", "")
-        back = "/patron?" + urllib.parse.urlencode({"id": pid})
-        row = db.execute("SELECT * FROM patrons WHERE patron_id = ?", (pid,)).fetchone()
-        if row is None:
-            session.flash.append(("error", f"There is no patron {pid!r}; nothing was saved."))
-            return "/patrons"
-        values = {"email": form.get("email", "").strip(),
-                  "guardian_email": form.get("guardian_email", "").strip(),
-                  "grp": form.get("grp", "").strip(),
-                  "auto_overdue": 1 if form.get("auto_overdue") else 0}
-        errors = patron_problems(values)
-        if errors:
-            session.drafts[f"patron:{pid}"] = (values, errors)
-            session.flash.append(("error", "Nothing was saved: fix the fields marked below."))
-            return back
-        changed = [key for key in values if row[key] != values[key]]
-        with db:
-            db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
-                       "WHERE patron_id = ?", (*values.values(), pid))
-        if changed:
-            self.gateway.journal.event("patron", f"patron {pid}: changed {', '.join(changed)} "
-                                                 "(config page)")
-        session.flash.append(("ok", f"Saved patron {pid} ({row['name']})." if changed
-                              else f"Nothing had changed for patron {pid}."))
-        return "/patrons?" + urllib.parse.urlencode({"q": pid})
-
-    POST_ACTIONS = {"/settings": save_settings, "/test": send_test, "/queue/retry": retry,
-                    "/queue/retry-all": retry_all, "/queue/delete": delete,
-                    "/queue/send-now": send_now, "/patron": save_patron, "/logout": logout}
-
-
-#: The page's menu: (address, label).
-PAGE_LINKS = (("/", "Settings"), ("/queue", "Queue"), ("/log", "Log"), ("/patrons", "Patrons"))
 
 
 def start_page(gateway: Gateway) -> PageServer | None:
@@ -5885,123 +6310,11 @@ def add_task_commands(command: Callable) -> None:
     command("uninstall-task", cmd_uninstall_task, "remove the scheduled task again")
 
 
+#: The lines `status` adds (name -> function of settings and database).
+STATUS_FIELDS = MappingProxyType(dict(CIRCULATION_STATUS))     # (moves to the wiring block)
+
+
 # Command line ################################################################
-
-def queue_test(settings: Settings, to: str, now: float) -> Path:
-    """Queue the test message (the tech note's [Test] button)."""
-    if not valid_address(to):
-        raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
-                              "--to name@school.example." if not to else
-                              f"{to!r} is not an email address.")
-    values = {"library_name": settings.library_name or "library", "to_address": to,
-              "from_address": settings.from_address or "(not set)",
-              "smtp_host": settings.smtp_host or "(not set)", "queued_at": fmt_time(now)}
-    subject, body = load_template(settings, "test").render(values)
-    return enqueue_bytes(settings.spool, compose(settings, to, subject, body, now=now),
-                         now, priority=True, label="test")
-
-
-def status_info(settings: Settings, now: float | None = None) -> dict:
-    now = time.time() if now is None else now
-    db = open_db(settings.database)
-    try:
-        running = run_is_active(settings.ini_path)
-        g = lambda key: get_state(db, key)  # noqa: E731
-        waiting = len(scan(settings.spool))
-        page, page_ok = page_status(settings, db, running)
-        info = {
-            "running": running, "pid": g("run_pid") if running else None,
-            "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
-            if running else "not running",
-            "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
-            if running else "`python bibliogate.py run` is not running",
-            "problems": settings.problems,
-            "waiting": waiting, "bad": len(scan(settings.spool, is_bad_name)),
-            "last_check": g("last_check"), "next_check": g("next_check") if running else None,
-            "stuck": running and is_stuck(g("check_done"), now, settings.interval, waiting),
-            "page": page, "page_ok": page_ok,
-        }
-        if info["stuck"]:
-            info["sender"], info["reason"] = "stuck", stuck_sentence(g("check_done"), now)
-        for key, fn in STATUS_EXTRA.items():
-            info[key] = fn(settings, db)
-        return info
-    finally:
-        db.close()
-
-
-#: More fields for `status` (name -> function of settings and database).
-STATUS_EXTRA: dict[str, Callable] = {}
-STATUS_EXTRA.update(CIRCULATION_STATUS)
-
-
-def page_status(settings: Settings, db: sqlite3.Connection, running: bool) -> tuple[str, bool]:
-    """Who answers at the config page's address: (a sentence, True if all is
-    well). The page proves it is this BiblioGate by answering a random
-    challenge with the key `run` keeps in the database (page_nonce)."""
-    nonce = get_state(db, "page_nonce") if running else None
-    try:
-        address, port = web_address(settings)
-    except SettingsError as exc:
-        return f"not started: {exc}", not running
-    if nonce:
-        port = get_state(db, "page_port") or port
-    host = "127.0.0.1" if address in ("0.0.0.0", "::") or is_loopback(address) else address
-    where = f"{host}:{port}"
-    challenge = secrets.token_hex(16)
-    answer = probe_health(host, port, challenge)
-    if answer is None:
-        if running and not nonce:
-            return f"not started (the log says why); nothing answers at {where}", False
-        return (f"not answering at {where}" if running else f"not running; {where} is free",
-                not running)
-    if nonce and hmac.compare_digest(str(answer.get("proof", "")), page_proof(nonce, challenge)):
-        return f"up at {get_state(db, 'page_url') or where}, answered as this BiblioGate", True
-    return (f"WARNING: another program answers at {where}. It is not this BiblioGate: do not "
-            "type a password into it. Find and stop that program (or set [web] port to a free "
-            "port), then restart BiblioGate."), False
-
-
-def probe_health(host: str, port: int, challenge: str, timeout: float = 3.0) -> dict | None:
-    """The JSON of GET /health at host:port; {} for an answer that is not ours,
-    None when nothing listens there."""
-    import http.client
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", f"/health?challenge={challenge}",
-                     headers={"Host": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
-        data = conn.getresponse().read(65536)
-    except ConnectionRefusedError:
-        return None
-    except (OSError, http.client.HTTPException):
-        return {}                   # something holds the port, and it is not a page of ours
-    finally:
-        conn.close()
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
-
-
-def page_proof(nonce: str, challenge: str) -> str:
-    """What the page answers to /health?challenge=...: only the process that
-    wrote page_nonce to the database knows it."""
-    return hmac.new(nonce.encode(), challenge.encode()[:64], hashlib.sha256).hexdigest()
-
-
-def run_lock_path(ini_path: Path) -> Path:
-    return Path(str(ini_path) + ".lock")
-
-
-def run_is_active(ini_path: Path) -> bool:
-    """True while a `run` holds the lock of this ini."""
-    probe = FileLock(run_lock_path(ini_path))
-    if probe.acquire():
-        probe.release()
-        return False
-    return True
-
 
 def cmd_run(args, settings: Settings) -> int:
     lock = FileLock(run_lock_path(settings.ini_path))
@@ -6082,10 +6395,7 @@ def open_in_browser(url: str) -> bool:
 
 
 def cmd_send(args, settings: Settings) -> int:
-    if settings.problems:
-        raise SettingsError(settings.problems)
-    journal = Journal(settings.database)
-    result = Sender(settings, journal).check(limit=0 if args.all else None, ignore_waits=args.all)
+    result = send_once(settings, every=args.all)
     print(result.summary() or "nothing to send")
     return 1 if result.problem or result.skipped else 0
 
@@ -6111,9 +6421,8 @@ def read_input(name: str) -> bytes:
 
 
 def cmd_test(args, settings: Settings) -> int:
-    path = queue_test(settings, args.to or settings.test_to, time.time())
-    Journal(settings.database).event("queued", f"queued a test message to {args.to or settings.test_to}",
-                                     path.name)
+    path = queue_test_message(settings, Journal(settings.database), args.to or settings.test_to,
+                              time.time())
     print(path.name)
     return 0
 
@@ -6131,7 +6440,7 @@ def cmd_status(args, settings: Settings) -> int:
     print(f"waiting: {info['waiting']}, .BAD: {info['bad']}")
     print(f"last check: {fmt_time(info['last_check'])}, next check: {fmt_time(info['next_check'])}")
     print(f"config page: {info['page']}")
-    for key in STATUS_EXTRA:
+    for key in STATUS_FIELDS:
         print(f"{key.replace('_', ' ')}: {info[key]}")
     return 0 if ok else 1
 
@@ -6155,22 +6464,17 @@ def cmd_queue(args, settings: Settings) -> int:
 def cmd_retry(args, settings: Settings) -> int:
     if not args.name and not args.all_bad:
         raise UsageError("retry needs a file NAME (as `queue` shows it) or --all-bad.")
-    names = [f.name for f in scan(settings.spool, is_bad_name)] if args.all_bad else [args.name]
+    names = bad_names(settings) if args.all_bad else [args.name]
     journal = Journal(settings.database)
     for name in names:
-        path = retry_bad(settings.spool, name)
-        with journal.db:
-            journal.db.execute("DELETE FROM spool_state WHERE file = ?", (path.name,))
-        journal.event("retry", f"put back in the queue as {path.name}", name)
-        print(path.name)
+        print(retry_file(settings, journal, name).name)
     if not names:
         print("There are no .BAD files.")
     return 0
 
 
 def cmd_delete(args, settings: Settings) -> int:
-    delete_file(settings.spool, args.name)
-    Journal(settings.database).event("deleted", "deleted from the queue", args.name)
+    delete_queued(settings, Journal(settings.database), args.name)
     print(f"deleted {args.name}")
     return 0
 
