@@ -67,6 +67,7 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import stat
 import string
 import sys
 import textwrap
@@ -1419,11 +1420,14 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
                          "`queue` shows it.")
     path = Path(folder) / name
     try:
-        found = path.is_file()
-    except OSError:             # a name too long for the file system
-        found = False
-    if not found or not (is_waiting_name(name) or is_bad_name(name)):
+        found = os.lstat(path)      # the entry itself: a link is not followed
+    except (OSError, ValueError):       # none, a name too long, or a NUL in it
+        found = None
+    if found is None or not (is_waiting_name(name) or is_bad_name(name)):
         raise SpoolError(f"There is no queued message called {name} in {folder}.")
+    if not stat.S_ISREG(found.st_mode):
+        raise SpoolError(f"{name} in {folder} is not a message file (it is a link, a pipe or a "
+                         "folder); BiblioGate leaves it alone.")
     return path
 
 
@@ -4129,6 +4133,7 @@ REQUEST_SECONDS = 30.0
 #: Save waits this long for the loop to restart the sender before answering.
 RELOAD_WAIT_SECONDS = 10.0
 #: Sessions idle this long are forgotten; at most MAX_SESSIONS are kept.
+#: A session is made only at login (see SESSIONS_PER_ADDRESS).
 SESSION_SECONDS = 12 * 3600
 MAX_SESSIONS = 200
 #: PBKDF2-SHA256 rounds for a new page password (OWASP's advice for 2023).
@@ -4684,6 +4689,10 @@ $fields</fieldset>
 correct them there too.</p>
 """)
 LOGIN_BODY = string.Template("""\
+$message<p>On the computer BiblioGate runs on, open the page with
+<code>python bibliogate.py page</code>: it opens this page in the browser, logged in.</p>
+$form""")
+LOGIN_FORM = string.Template("""\
 <form method="post" action="/login">$token
 <fieldset><legend>Page password</legend>
 <div class="field"><label for="password">Password</label><div>
@@ -4694,6 +4703,24 @@ LOGIN_BODY = string.Template("""\
 <p class="muted">The password is set on the server with
 <code>python bibliogate.py set-password</code>.</p>
 """)
+NO_LOGIN_FORM = Html('<p class="muted">No page password is set, so the page opens only '
+                     'through <code>page</code>. To log in with a password (and from other '
+                     'computers), set one on the server with '
+                     '<code>python bibliogate.py set-password</code>.</p>\n')
+#: What the login page says after a try: ?m=... -> sentence.
+LOGIN_MESSAGES = MappingProxyType({
+    "wrong": "Wrong password.",
+    "wait": "Too many wrong passwords from this address just now: wait a few seconds (longer "
+            "after each wrong one), then try again. On the server, `python bibliogate.py page` "
+            "logs in at once.",
+    "nohash": "No usable page password is set. On the server, run "
+              "`python bibliogate.py set-password`.",
+    "used": "This login link was used already or is out of date (a link works once, within "
+            "five minutes). Run `python bibliogate.py page` again.",
+    "here": "A login link works only on the computer BiblioGate runs on. From here, log in "
+            "with the page password.",
+    "out": "You are logged out.",
+})
 NOT_FOUND_BODY = Html('<p>There is no such page here. <a href="/">Back to the settings</a>.</p>')
 LOGGED_IN_BODY = Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
 NO_PATRON_BODY = string.Template('<p>There is no patron $id. '
@@ -4840,11 +4867,68 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
     if bound.get(("smtp", "password")) == "":     # cleared: the page asks for it beside the field
         by_field.pop("smtp.password", None)
     changes = bound
+    if ("gateway", "spool_folder") in changes:
+        value = changes[("gateway", "spool_folder")]
+        problem = spool_folder_problem(absolute(ini_path.parent, value), ini_path.parent)
+        if problem:
+            errors["gateway.spool_folder"] = ini_problem("gateway", "spool_folder", value, problem)
     for name, problem in by_field.items():
         errors.setdefault(name, problem)
     general = [p for p in other if p not in current]
     changed = [f"[{section}] {key}" for section, key in changes]
     return new_text, errors, general, changed
+
+
+#: The page never points the spool at these folders, nor (POSIX_SYSTEM_TREES,
+#: WINDOWS_SYSTEM_TREES) at any folder inside the first ones.
+POSIX_SYSTEM_TREES = ("/etc", "/bin", "/sbin", "/usr", "/lib", "/lib32", "/lib64", "/boot",
+                      "/dev", "/proc", "/sys", "/run", "/var/run", "/var/lib", "/var/log")
+POSIX_SYSTEM_FOLDERS = ("/", "/var", "/home", "/root", "/opt", "/srv", "/mnt", "/media",
+                        "/var/spool", "/var/mail")
+WINDOWS_SYSTEM_TREES = ("SystemRoot", "ProgramFiles", "ProgramFiles(x86)", "ProgramW6432")
+WINDOWS_SYSTEM_FOLDERS = ("ProgramData", "PUBLIC", "SystemDrive")
+
+
+def is_system_folder(path: Path, windows: bool = os.name == "nt") -> bool:
+    """Whether `path` is (or, for the system trees, is inside) a folder of the
+    operating system's own, or a drive's root."""
+    if windows:
+        trees = [os.environ.get(name, "") for name in WINDOWS_SYSTEM_TREES] + ["C:\\Windows"]
+        folders = [os.environ.get(name, "") for name in WINDOWS_SYSTEM_FOLDERS] + \
+            [str(Path(os.environ.get("USERPROFILE", "C:\\Users")).parent)]
+        norm = lambda p: os.path.normcase(os.path.normpath(p)).rstrip("\\/")  # noqa: E731
+    else:
+        trees, folders, norm = POSIX_SYSTEM_TREES, POSIX_SYSTEM_FOLDERS, os.path.normpath
+    here = norm(str(path))
+    if path.parent == path or here in {norm(f) for f in folders if f}:
+        return True
+    return any(here == norm(t) or here.startswith(norm(t) + os.sep) for t in trees if t)
+
+
+def spool_folder_problem(path: Path | None, base: Path) -> str | None:
+    """Why the page will not point [gateway] spool_folder at `path`, or None.
+    A spool folder is trusted: whatever is saved there is mailed from the
+    library's address. So it must exist already (the page creates no
+    folders), and be no system folder nor one that every account may write."""
+    if path is None:
+        return "not a usable path."
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (f"no such folder ({path}). The page creates no folders: create it first (with "
+                "rights for BiblioGate's account only), or give an existing one.")
+    except OSError as exc:
+        return f"{path} cannot be used ({exc.strerror})."
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder. Give the folder the library program saves messages in."
+    if is_system_folder(path):
+        return (f"{path} is a system folder. Use a folder of BiblioGate's own, such as "
+                f"{base / 'spool'}.")
+    if os.name != "nt" and st.st_mode & stat.S_IWOTH:
+        return (f"{path} is writable by every account, so anyone on this server could mail "
+                "from the library's address. Use a folder only BiblioGate's account (and the "
+                "library program's) can write to.")
+    return None
 
 
 def age_text(seconds: float) -> str:
@@ -4922,6 +5006,7 @@ class PageSession:
     token: str
     login_hash: str
     seen: float
+    address: str = ""           #: the client address it logged in from
     flash: list = dataclasses.field(default_factory=list)
     drafts: dict = dataclasses.field(default_factory=dict)
 
@@ -4943,10 +5028,12 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.port = self.server_address[1]
         self.loopback = is_loopback(address)
         self.cookie_name = f"bibliogate-{self.port}"
+        self.login_cookie = f"{self.cookie_name}-login"      #: the login form's token (no session)
         self.request_seconds = REQUEST_SECONDS
         self.sessions: dict[str, PageSession] = {}
-        self.failed_logins: list[float] = []
-        self.lock = threading.Lock()           #: guards sessions and failed_logins
+        self.throttle = LoginThrottle(gateway.clock)
+        self.connections = 0                   #: being served now (at most MAX_CONNECTIONS)
+        self.lock = threading.Lock()           #: guards sessions and connections
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
         self.view_lock = threading.Lock()      #: one reading of the spool at a time
         self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
@@ -4967,43 +5054,68 @@ class PageServer(http.server.ThreadingHTTPServer):
     def password_hash(self) -> str:
         return self.gateway.settings.get("web", "password_hash").strip()
 
-    def login_needed(self) -> bool:
-        """Always off this computer; on it, once a password is set."""
-        return not self.loopback or bool(self.password_hash())
-
-    def session(self, sid: str, create: bool) -> tuple[PageSession | None, bool]:
-        """The session of a cookie; a new one if asked. (session, is_new)."""
+    def session(self, sid: str) -> PageSession | None:
+        """The logged-in session of a cookie, or None. Nothing is made here:
+        a session is made only at login, so no request can evict one."""
         now = time.monotonic()
         with self.lock:
             for old in [k for k, s in self.sessions.items() if now - s.seen > SESSION_SECONDS]:
                 del self.sessions[old]
-            found = self.sessions.get(sid)
+            found = self.sessions.get(sid) if sid else None
             if found is not None:
                 found.seen = now
-                return found, False
-            if not create:
-                return None, False
-            return self._new_session("", now), True
+            return found
 
-    def _new_session(self, login_hash: str, now: float) -> PageSession:
-        if len(self.sessions) >= MAX_SESSIONS:
-            del self.sessions[min(self.sessions, key=lambda k: self.sessions[k].seen)]
-        new = PageSession(secrets.token_urlsafe(24), secrets.token_urlsafe(24), login_hash, now)
-        self.sessions[new.sid] = new
-        return new
-
-    def renew(self, old: PageSession, login_hash: str) -> PageSession:
-        """A fresh session id and token at login or logout (no session fixation)."""
+    def login(self, address: str, login_hash: str) -> PageSession:
+        """A new session, after a right password or a one-time link. One
+        address keeps at most SESSIONS_PER_ADDRESS: its oldest goes first."""
+        now = time.monotonic()
         with self.lock:
-            self.sessions.pop(old.sid, None)
-            new = self._new_session(login_hash, time.monotonic())
-            new.flash = old.flash
+            mine = [k for k, s in self.sessions.items() if s.address == address]
+            for sid in sorted(mine, key=lambda k: self.sessions[k].seen)[
+                    :max(0, len(mine) - SESSIONS_PER_ADDRESS + 1)]:
+                del self.sessions[sid]
+            if len(self.sessions) >= MAX_SESSIONS:
+                del self.sessions[min(self.sessions, key=lambda k: self.sessions[k].seen)]
+            new = PageSession(secrets.token_urlsafe(24), secrets.token_urlsafe(24), login_hash,
+                              now, address)
+            self.sessions[new.sid] = new
             return new
 
-    def logged_in(self, session: PageSession) -> bool:
-        stored = self.password_hash()
-        return not self.login_needed() or (bool(session.login_hash) and hmac.compare_digest(
-            session.login_hash.encode(), stored.encode()))
+    def logout(self, session: PageSession) -> None:
+        with self.lock:
+            self.sessions.pop(session.sid, None)
+
+    def logged_in(self, session: PageSession | None) -> bool:
+        """A session made at login, under the page password of now (a new
+        password, or a first one, logs everyone out)."""
+        return session is not None and self.sessions.get(session.sid) is session and \
+            hmac.compare_digest(session.login_hash.encode(), self.password_hash().encode())
+
+    def process_request(self, request, client_address) -> None:
+        """At most MAX_CONNECTIONS served at once; one more is closed at once."""
+        with self.lock:
+            full = self.connections >= MAX_CONNECTIONS
+            if not full:
+                self.connections += 1
+        if full:
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:                   # no thread: it will not count itself out
+            self._served()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._served()
+
+    def _served(self) -> None:
+        with self.lock:
+            self.connections -= 1
 
     def spool_view(self) -> SpoolView:
         """The spool as the pages show it. While one page reads a long queue
@@ -5027,14 +5139,6 @@ class PageServer(http.server.ThreadingHTTPServer):
         """After a page's own change to the queue: the next page reads it afresh."""
         with self.view_lock:
             self._view = None
-
-    def login_paused(self, failed: bool = False) -> bool:
-        now = time.monotonic()
-        with self.lock:
-            self.failed_logins = [t for t in self.failed_logins if now - t < LOGIN_WINDOW]
-            if failed:
-                self.failed_logins.append(now)
-            return len(self.failed_logins) >= LOGIN_TRIES
 
 
 # -- what a view or an action is given ------------------------------------------------
@@ -5096,7 +5200,7 @@ def page_html(server: PageServer, session: PageSession, here: str, title: str, b
     nav = join(nav_link(href, label, here == href) for href, label in PAGE_LINKS) \
         if logged_in else NOTHING
     logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=session.token)) \
-        if logged_in and server.login_needed() else NOTHING
+        if logged_in else NOTHING
     flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
     session.flash = []
     return render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
@@ -5347,11 +5451,18 @@ def page_patron(ctx: PageContext) -> tuple[str, Html]:
 def page_login(ctx: PageContext) -> tuple[str, Html]:
     if ctx.server.logged_in(ctx.session):
         return "Logged in", LOGGED_IN_BODY
-    return "Log in", render(LOGIN_BODY, token=ctx.token)
+    said = LOGIN_MESSAGES.get(ctx.query.get("m", ""))
+    message = render(FLASH, kind="ok" if ctx.query.get("m") == "out" else "error", text=said) \
+        if said else NOTHING
+    form = render(LOGIN_FORM, token=ctx.token) if ctx.server.password_hash() else NO_LOGIN_FORM
+    return "Log in", render(LOGIN_BODY, message=message, form=form)
 
 
-def health(ctx: PageContext) -> dict:
-    """For monitoring: the sender's state, the queue, the last check."""
+def health(ctx: PageContext, detail: str = "full") -> dict:
+    """For monitoring: the sender's state (or "stuck"), the queue, the last
+    check. detail: "full" for a login; "local" for anyone on this computer
+    (no server names, no reasons); "ok" for anyone else (ok or not, only).
+    With ?challenge=..., the proof `status` asks for (page_proof)."""
     g, s = ctx.gateway, ctx.settings
     state, reason = g.sender_state or ("not started", "")
     try:
@@ -5360,11 +5471,22 @@ def health(ctx: PageContext) -> dict:
     except SpoolError as exc:
         waiting = bad = None
         reason = f"{reason} {exc}"
+    stuck = g.stuck(waiting)
+    if stuck:
+        state, reason = "stuck", stuck_sentence(g.check_done, g.clock())
     last = get_state(g.journal.db, "last_check")
-    return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
-            "problems": len(s.problems), "waiting": waiting, "bad": bad,
+    info = {"ok": state == "running" and bad == 0, "stuck": stuck, "sender": state,
+            "reason": reason, "problems": len(s.problems), "waiting": waiting, "bad": bad,
             "last_check": last, "last_check_text": fmt_time(last),
             "next_check": None if s.problems else g.next_check, "version": __version__}
+    if detail == "ok":
+        info = {"ok": info["ok"]}
+    elif detail == "local":
+        info = {k: v for k, v in info.items() if k not in ("reason", "problems", "next_check")}
+    challenge = ctx.query.get("challenge")
+    if challenge:
+        info["proof"] = page_proof(ctx.server.nonce, challenge)
+    return info
 
 
 # -- the actions: each does one thing and says where to go next ---------------------
@@ -5375,30 +5497,42 @@ def health(ctx: PageContext) -> dict:
 BY_PAGE = "config page"
 
 
-def post_login(ctx: PageContext) -> tuple[str, PageSession]:
-    server, session = ctx.server, ctx.session
+def post_login(ctx: PageContext) -> tuple[str, PageSession | None]:
+    """The page password. Each client address waits longer after each wrong
+    one (LoginThrottle), decided before the password is checked."""
+    server = ctx.server
     stored = server.password_hash()
-    if not server.login_needed():
-        return "/", session
-    if server.login_paused():
-        ctx.flash("error", "Too many wrong passwords in the last few minutes. Wait five "
-                           "minutes, then try again.")
-    elif split_hash(stored) is None:
-        ctx.flash("error", "No usable page password is set. On the server, run "
-                           "`python bibliogate.py set-password`.")
-    elif check_password(stored, ctx.form.get("password", "")):
+    if split_hash(stored) is None:
+        return "/login?m=nohash", None
+    if server.throttle.admit(ctx.client):
+        return "/login?m=wait", None
+    right = False
+    try:
+        right = check_password(stored, ctx.form.get("password", ""))
+    finally:
+        server.throttle.done(ctx.client, right)
+    if right:
         ctx.gateway.journal.event("page", f"logged in to the config page from {ctx.client}")
-        return "/", server.renew(session, login_hash=stored)
-    else:
-        server.login_paused(failed=True)
-        ctx.gateway.journal.event("page", f"a wrong config page password from {ctx.client}",
-                                  level=logging.WARNING)
-        ctx.flash("error", "Wrong password.")
-    return "/login", session
+        return "/", server.login(ctx.client, stored)
+    ctx.gateway.journal.event("page", f"a wrong config page password from {ctx.client}",
+                              level=logging.WARNING)
+    return "/login?m=wrong", None
 
 
-def post_logout(ctx: PageContext) -> tuple[str, PageSession]:
-    return "/login", ctx.server.renew(ctx.session, login_hash="")
+def link_login(ctx: PageContext, token: str, local: str) -> tuple[str, PageSession | None]:
+    """A one-time link from `page` (or `run`'s console): once, in time, from this computer."""
+    if not from_this_computer(ctx.client, local):
+        return "/login?m=here", None
+    if not take_login_link(ctx.db, token, ctx.gateway.clock()):
+        return "/login?m=used", None
+    ctx.gateway.journal.event("page", f"logged in to the config page with a one-time link "
+                                      f"from {ctx.client}")
+    return "/", ctx.server.login(ctx.client, ctx.server.password_hash())
+
+
+def post_logout(ctx: PageContext) -> tuple[str, PageSession | None]:
+    ctx.server.logout(ctx.session)
+    return "/login?m=out", None
 
 
 def post_settings(ctx: PageContext) -> str:
@@ -5574,6 +5708,28 @@ def form_length(header: str) -> int:
     return int(header)
 
 
+def check_login_token(cookie_header: str, name: str, form: dict) -> PageSession:
+    """Before a login there is no session: the login form's token is the
+    login cookie's value (a page of another site can read neither), and the
+    visitor a session that is never stored."""
+    token = cookie_value(cookie_header, name)
+    if not token or not hmac.compare_digest(form.get("token", "").encode(), token.encode()):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This login form is out of date. Open the "
+                          "login page again and log in there.")
+    return PageSession("", token, "", time.monotonic())
+
+
+def origin_form(target: str, address: str, port: int) -> str | None:
+    """The path (and query) a request line asks for. An absolute URI
+    (http://host:port/path) only if it names this page; None otherwise."""
+    if target.startswith("/"):
+        return target
+    url = urllib.parse.urlsplit(target)
+    if url.scheme.lower() != "http" or not host_allowed(url.netloc, address, port):
+        return None
+    return urllib.parse.urlunsplit(("", "", url.path or "/", url.query, ""))
+
+
 def cookie_value(header: str, name: str) -> str:
     for part in header.split(";"):
         key, _, value = part.strip().partition("=")
@@ -5614,7 +5770,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.new_sid = None
+        self.cookies: list[str] = []         #: Set-Cookie values of this answer
         self.deadline = threading.Timer(self.server.request_seconds, self._cut_off)
         self.deadline.daemon = True
         self.deadline.start()
@@ -5641,10 +5797,36 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def end_headers(self) -> None:
         for name, value in SECURITY_HEADERS:
             self.send_header(name, value)
-        if self.new_sid:
-            self.send_header("Set-Cookie", f"{self.server.cookie_name}={self.new_sid}; Path=/; "
-                                           "HttpOnly; SameSite=Strict")
+        for cookie in self.cookies:
+            self.send_header("Set-Cookie", cookie)
         super().end_headers()
+
+    def set_cookie(self, name: str, value: str) -> None:
+        self.cookies.append(f"{name}={value}; Path=/; HttpOnly; SameSite=Strict"
+                            + ("" if value else "; Max-Age=0"))
+
+    def parse_request(self) -> bool:
+        """The request line and headers; refused: HTTP/0.9 (its answer would
+        have no headers, so none of SECURITY_HEADERS) and an absolute URI
+        naming another host."""
+        words = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n").split()
+        if len(words) == 2:
+            self.requestline, self.command, self.path = " ".join(words), words[0], words[1]
+            self.request_version, self.close_connection = "HTTP/1.0", True
+            self.send_error(HTTPStatus.BAD_REQUEST, "Only HTTP/1.0 and 1.1 are served here.")
+            return False
+        if not super().parse_request():
+            return False
+        if self.command not in ("GET", "POST"):
+            return True                     # answered 501 (not implemented) next
+        target = origin_form(self.path, self.server.address, self.server.port)
+        if target is None:
+            self.close_connection = True
+            self.send_error(HTTPStatus.MISDIRECTED_REQUEST,
+                            f"This page answers only at {self.server.url}.")
+            return False
+        self.path = target
+        return True
 
     def do_GET(self) -> None:
         self.deadline.cancel()
@@ -5682,11 +5864,21 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                               "are taken here.")
         return parse_form(data)
 
-    def session(self, create: bool) -> PageSession | None:
-        found, new = self.server.session(self.cookie_sid(), create)
-        if new:
-            self.new_sid = found.sid
-        return found
+    def session(self) -> PageSession | None:
+        """The logged-in session of this browser, or None."""
+        return self.server.session(self.cookie_sid())
+
+    def visitor(self) -> PageSession:
+        """Someone not logged in: a session never stored, its form token the
+        login cookie's (set here when the browser has none)."""
+        token = cookie_value(self.headers.get("Cookie", ""), self.server.login_cookie)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{32,64}", token):
+            token = secrets.token_urlsafe(24)
+            self.set_cookie(self.server.login_cookie, token)
+        return PageSession("", token, "", time.monotonic())
+
+    def from_here(self) -> bool:
+        return from_this_computer(self.client_address[0], self.connection.getsockname()[0])
 
     def cookie_sid(self) -> str:
         return cookie_value(self.headers.get("Cookie", ""), self.server.cookie_name)
@@ -5711,9 +5903,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         page = page_html(self.server, session, here, title, body)
         self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
 
-    def redirect(self, location: str, session: PageSession) -> None:
-        if session.sid != self.cookie_sid():
-            self.new_sid = session.sid
+    def redirect(self, location: str, session: PageSession | None = None) -> None:
+        """A 303 to `location`; with a new session (a login), its cookie."""
+        if session is not None and session.sid != self.cookie_sid():
+            self.set_cookie(self.server.cookie_name, session.sid)
         self.send_response(HTTPStatus.SEE_OTHER)
         self.send_header("Location", location)
         self.send_header("Content-Length", "0")
@@ -5734,14 +5927,22 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if url.path == "/favicon.ico":                  # asked for by every browser
             self.send_response(HTTPStatus.NO_CONTENT)
             return self.end_headers()
-        if url.path == "/health":
-            with self.server.workers:
-                info = health(self.context(PageSession("", "", "", time.monotonic())))
-            return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
-        session = self.session(create=True)
-        if not self.server.logged_in(session) and url.path != "/login":
-            return self.redirect("/login", session)
         query = parse_query(url.query)
+        session = self.session()
+        logged_in = self.server.logged_in(session)
+        if url.path == "/health":
+            detail = "full" if logged_in else "local" if self.server.loopback and self.from_here() \
+                else "ok"
+            with self.server.workers:
+                info = health(self.context(session or PageSession("", "", "", 0.0), query), detail)
+            return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
+        if url.path == "/login" and "once" in query:
+            ctx = self.context(PageSession("", "", "", 0.0), query=query)
+            return self.redirect(*link_login(ctx, query["once"], self.connection.getsockname()[0]))
+        if not logged_in:
+            if url.path != "/login":
+                return self.redirect("/login")
+            session = self.visitor()
         view = GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
@@ -5753,12 +5954,15 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         form = self.read_form()        # read first: closing on unread data would reset the answer
         check_host(self.headers.get("Host", ""), self.server)
         check_origin(self.headers)
-        session = check_token(self.session(create=False), form)
         path = urllib.parse.urlsplit(self.path).path
         if path == "/login":
-            return self.redirect(*post_login(self.context(session, form=form)))
+            visitor = check_login_token(self.headers.get("Cookie", ""), self.server.login_cookie,
+                                        form)
+            return self.redirect(*post_login(self.context(visitor, form=form)))
+        session = check_token(self.session(), form)
         if not self.server.logged_in(session):
-            return self.redirect("/login", session)
+            raise PageRefusal(HTTPStatus.FORBIDDEN, "You are not logged in (a new page password "
+                              "logs everyone out). Log in again, then try again.")
         action = POST_ACTIONS.get(path)
         if action is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
@@ -5766,8 +5970,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             answer = action(self.context(session, form=form))
         finally:
             self.server.forget_spool_view()     # the page after it shows the change
-        location, session = answer if isinstance(answer, tuple) else (answer, session)
-        self.redirect(location, session)
+        location, after = answer if isinstance(answer, tuple) else (answer, session)
+        if after is None:                        # logged out
+            self.set_cookie(self.server.cookie_name, "")
+        self.redirect(location, after)
 
 
 def start_page(gateway: Gateway) -> PageServer | None:

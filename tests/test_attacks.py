@@ -822,9 +822,12 @@ print(json.dumps(out))
 def other_python() -> str:
     """A Python the other account may run (root's own may sit in /root)."""
     for candidate in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
-        if candidate and subprocess.run([candidate, "-c", "pass"], preexec_fn=become_nobody,
-                                        capture_output=True).returncode == 0:
-            return candidate
+        try:
+            if candidate and subprocess.run([candidate, "-c", "pass"], preexec_fn=become_nobody,
+                                            capture_output=True, cwd="/").returncode == 0:
+                return candidate
+        except OSError:                 # not even started: that account may not run it
+            continue
     pytest.skip("no Python the second account can run")
 
 
@@ -857,7 +860,8 @@ def test_another_account_gets_no_page_on_127_0_0_1_without_a_login(open_page):
                                   for p in posts] + [["GET", "/health", None]])
     for path, (status, location, body) in zip(gets[:-1], answers):
         assert status == 303 and location == "/login", (path, status)
-    assert answers[len(gets) - 1][0] == 200 and "Log in" in answers[len(gets) - 1][2]
+    status, location, _ = answers[len(gets) - 1]          # a made-up one-time link
+    assert status == 303 and location == "/login?m=used"
     for path, (status, _, _) in zip(posts, answers[len(gets):]):
         assert status == 403, (path, status)
     status, _, body = answers[-1]
@@ -1025,11 +1029,19 @@ def test_150_wrong_passwords_at_once_get_one_check_and_the_librarian_still_logs_
 
     def attacker():
         start.wait(30)
-        results.append(try_password(page, "127.0.0.1", cookie, token, "guess"))
+        try:
+            results.append(try_password(page, "127.0.0.1", cookie, token, "guess"))
+        except OSError:             # closed at once: beyond the page's connection cap
+            results.append("closed")
 
     def librarian():
         start.wait(30)
-        right.append(try_password(page, "127.0.0.2", cookie2, token2, "correct horse"))
+        for _ in range(50):         # a browser's reload, if the burst filled the connections
+            try:
+                right.append(try_password(page, "127.0.0.2", cookie2, token2, "correct horse"))
+                return
+            except OSError:
+                time.sleep(0.1)
     threads = [threading.Thread(target=attacker) for _ in range(150)] + \
         [threading.Thread(target=librarian)]
     for t in threads:
@@ -1115,15 +1127,19 @@ def test_retry_and_delete_touch_only_regular_files_directly_in_the_spool(open_pa
     witness = Witness(page)
     c = page.client()
     for name in ("link.BAD", "link.TMP.BAD", "pipe.BAD", "folder.BAD"):
-        c.get("/queue")
-        r = c.post("/queue/retry", {"token": c.token(), "file": name})
+        c.get("/log")               # (the Queue page's reading of a FIFO is another test's)
+        c.post("/queue/retry", {"token": c.token(), "file": name}, follow=False)
+        r = c.get("/log")
         assert any("not put back" in n for n in flashes(r.text)), (name, flashes(r.text))
-        r = c.post("/queue/delete", {"token": c.token(), "file": name})
+        c.post("/queue/delete", {"token": c.token(), "file": name}, follow=False)
+        r = c.get("/log")
         assert any("Nothing was deleted" in n for n in flashes(r.text)), name
     assert elsewhere.read_bytes() == b"someone else's"
     assert os.path.islink(page.spool / "link.BAD") and stat.S_ISFIFO(
         os.lstat(page.spool / "pipe.BAD").st_mode)
     assert not list(page.spool.glob("*.TMP"))
+    os.unlink(page.spool / "pipe.BAD")
+    witness.unharmed(spool_changed=True)
 
 
 # -- health that tells the truth ----------------------------------------------------------------
@@ -1161,7 +1177,7 @@ def test_health_off_this_computer_without_a_login_says_only_ok(open_page):
     page = open_page()
     page.server.loopback = False            # as in LAN mode (address 0.0.0.0 or the server's)
     r = page.client(login=False).get("/health")
-    assert set(json.loads(r.text)) <= {"ok", "stuck"}
+    assert set(json.loads(r.text)) == {"ok"}
     page.server.loopback = True
 
 
