@@ -12,27 +12,28 @@ Run ``python bibliogate.py run`` and leave it running; ``--help`` lists the
 other commands. The sections below follow a message from the ini file to the
 SMTP server:
 
-    Constants        names, limits and the reasons for them
-    Errors           BibliogateError and its leaves; each says what to do
-    Settings         bibliogate.ini: the default text, reading, validation
-    Locks            OS file locks, released by the OS when a process dies
-    Database         sqlite: the event log, per-file retry state, sent ledger
-    Journal          every action to logs/ and to the database
-    Templates        templates/*.txt: a Subject line, a blank line, a body
-    Messages         composing our own messages; checking queued ones
-    Spool            the queue folder: writing, listing, picking, BAD files
-    Sender           one check: connect, send a batch, sort out each reply
-    Gateway          the clock-driven loop of ``run``: checks, daily log
-    Circulation data patrons.csv and loans.csv: checking, importing, the import folder
-    Auto-overdue     the daily warning / overdue / reminder notices and their ledger
-    Letters          overdue letter reports: who gets which letter, email or print
-    Mailto           the "direct" email: a mailto: link for one patron
-    Operations       every action on the queue and the patrons, for the command
-                     line and the page alike; status
-    Config page      the page ``run`` serves: settings, queue, log, patrons
-    Windows task     install-task (Task Scheduler; systemd on Linux); no-console
-                     output to logs/; the guard that logs crashes for a restart
-    Command line     argparse, one small function per command
+    Constants           names, limits and the reasons for them
+    Errors              BibliogateError and every leaf of it; each says what to do
+    Settings            bibliogate.ini: the default text, parsing (pure), the checks on disk
+    Locks               OS file locks, released by the OS when a process dies
+    Database            sqlite: the schema and the named reads and writes of its tables
+    Journal             every action to logs/ and to the database
+    Templates           templates/*.txt: a Subject line, a blank line, a body
+    Messages            composing our own messages; checking queued ones
+    Spool               the queue folder: writing, listing, picking, BAD files
+    Sender              one check: connect, send a batch, sort out each reply
+    Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
+    Running unattended  output to logs/ without a console; the guard that logs crashes
+    Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
+    Auto-overdue        the daily warning / overdue / reminder notices and their ledger
+    Letters             overdue letter reports: who gets which letter, email or print
+    Mailto              the "direct" email: a mailto: link for one patron
+    Operations          every action on the queue and the patrons, for the command line
+                        and the page alike; status
+    Config page         the page ``run`` serves: settings, queue, log, patrons
+    Windows task        install-task (Task Scheduler; systemd on Linux)
+    Wiring              the templates, tasks and status fields, joined in one place
+    Command line        argparse, one small function per command
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ import webbrowser
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 __version__ = "1.0"
 
@@ -121,6 +122,10 @@ HEADER_LINE_RE = re.compile(rb"^[!-9;-~]+[ \t]*:")
 RECIPIENT_HEADERS = ("to", "cc", "bcc")
 #: Headers BiblioGate sets itself on every message it relays.
 REPLACED_HEADERS = frozenset({"from", "sender", "bcc", "return-path"})
+#: A date as yyyy-mm-dd, the form of every date BiblioGate stores.
+ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: Weekday names as [overdue] closed may write them (shortened to 3+ letters).
+WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 log = logging.getLogger("bibliogate")
 
@@ -176,6 +181,50 @@ class Busy(BibliogateError):
 
 class UsageError(BibliogateError):
     """The command line asks for something that cannot be done as asked."""
+
+
+class ImportRefused(BibliogateError):
+    """A CSV file was not imported, and nothing changed. ``problems`` holds a
+    sentence for every bad row ('FILE line N: what is wrong'); ``fix`` says
+    what to do."""
+
+    def __init__(self, source: str, problems: list[str], fix: str):
+        shown = problems[:20]
+        if len(problems) > 20:
+            shown.append(f"... and {len(problems) - 20} more.")
+        super().__init__("\n".join(shown + [fix]))
+        self.source, self.problems, self.fix = source, problems, fix
+
+
+class StaleData(BibliogateError):
+    """The loans were imported too long ago to send notices from them."""
+
+
+class UnknownPatron(BibliogateError):
+    """A patron id that is not in the patrons list."""
+
+    def __init__(self, patron_id: str):
+        super().__init__(f"There is no patron with the id {patron_id!r}; check the id, or "
+                         "import the patrons file again.")
+        self.patron_id = patron_id
+
+
+class NoEmail(BibliogateError):
+    """A patron (or guardian) without a usable email address."""
+
+    def __init__(self, patron, problem: str):
+        self.name, self.patron_id = one_line(patron["name"]), patron["patron_id"]
+        super().__init__(f"{self.name} (patron {self.patron_id}) has {problem}, so no email "
+                         "can be written; add it in the library system and import the patrons "
+                         "again, or fix it on the config page.")
+
+
+class PageRefusal(BibliogateError):
+    """A request the page will not serve; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 # Settings ####################################################################
@@ -245,16 +294,41 @@ DEFAULTS = _defaults()
 SECURITY_CHOICES = ("none", "starttls", "tls")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class OverdueSettings:
+    """The [overdue] section, checked (``Settings.overdue``)."""
+    enabled: bool = False
+    run_at: dt.time = dt.time(6, 30)
+    warning_days: int = 3
+    overdue_days: int = 1
+    reminder_days: int = 3
+    closed_weekdays: frozenset = frozenset()    #: 0 is Monday
+    closed_dates: tuple = ()                    #: (first, last) pairs, both days closed
+    max_data_age_hours: float = 36.0
+    problems: tuple = ()                        #: the sentences about this section
+
+    def closed(self, day: dt.date) -> bool:
+        return (day.weekday() in self.closed_weekdays
+                or any(first <= day <= last for first, last in self.closed_dates))
+
+    def due_dates(self, day: dt.date) -> dict[str, dt.date]:
+        """The due date each kind of notice looks for on day."""
+        return {"warning": day + dt.timedelta(days=self.warning_days),
+                "overdue": day - dt.timedelta(days=self.overdue_days),
+                "reminder": day - dt.timedelta(days=self.reminder_days)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything bibliogate.ini says, checked. ``problems`` lists what is wrong,
-    one sentence each, naming the key and the fix; the sender does not run while
-    there is one, but everything else does."""
+    """Everything bibliogate.ini says, checked; built once (parse_settings)
+    and never changed. ``problems`` lists what is wrong, one sentence each,
+    naming the key and the fix; the sender does not run while there is one,
+    but everything else does."""
 
     ini_path: Path
     #: (section, key) -> the text as written, for the config page.
-    raw: dict
-    problems: list
+    raw: Mapping[tuple[str, str], str]
+    problems: tuple[str, ...] = ()
     smtp_host: str = ""
     smtp_port: int = 25
     security: str = "none"
@@ -276,6 +350,7 @@ class Settings:
     log_folder: Path = Path("logs")
     import_folder: Path = Path("import")
     keep_log_days: int = 60
+    overdue: OverdueSettings = OverdueSettings()
 
     @property
     def base(self) -> Path:
@@ -283,6 +358,87 @@ class Settings:
 
     def get(self, section: str, key: str) -> str:
         return self.raw.get((section, key), DEFAULTS[section][key])
+
+    def with_problems(self, more: Iterable[str]) -> "Settings":
+        """The same settings with more problems (found on disk, not in the text)."""
+        more = tuple(more)
+        return dataclasses.replace(self, problems=self.problems + more) if more else self
+
+
+def iso_date(text: str) -> dt.date | None:
+    if ISO_DATE_RE.match(text):
+        with contextlib.suppress(ValueError):
+            return dt.date.fromisoformat(text)
+    return None
+
+
+def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
+    """Weekdays (0 = Monday), (first, last) date ranges, and what could not
+    be read, from 'sat, sun, 2026-04-03, 2026-12-18..2027-01-28'."""
+    weekdays, ranges, bad = set(), [], []
+    text = re.sub(r"\s*\.\.\s*", "..", text)
+    for item in filter(None, re.split(r"[\s,;]+", text)):
+        word = item.lower()
+        days = [n for n, name in enumerate(WEEKDAY_NAMES) if len(word) >= 3 and name.startswith(word)]
+        first, dots, last = item.partition("..")
+        if days:
+            weekdays.update(days)
+        elif dots:
+            a, b = iso_date(first), iso_date(last)
+            if a is None or b is None:
+                bad.append(f"{item!r} is not a range of dates such as 2026-12-18..2027-01-28")
+            elif b < a:
+                bad.append(f"the range {item!r} ends before it starts")
+            else:
+                ranges.append((a, b))
+        elif iso_date(item):
+            ranges.append((iso_date(item), iso_date(item)))
+        else:
+            bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
+                       "or a range of dates (2026-12-18..2027-01-28)")
+    return frozenset(weekdays), tuple(ranges), bad
+
+
+def read_overdue(r: _Reader, date_format: str) -> OverdueSettings:
+    """[overdue], checked; also checks that [library] date_format reads back
+    the dates it writes (the notices write due dates with it)."""
+    before = len(r.problems)
+    enabled = r.text("overdue", "enabled").lower()
+    if enabled not in ("yes", "no", "true", "false", "on", "off", "1", "0", ""):
+        r.problems.append(ini_problem("overdue", "enabled", enabled, "must be yes or no."))
+    match = re.fullmatch(r"(\d{1,2})[:.](\d{2})", r.text("overdue", "run_at"))
+    if match and int(match[1]) < 24 and int(match[2]) < 60:
+        run_at = dt.time(int(match[1]), int(match[2]))
+    else:
+        run_at = dt.time(6, 30)
+        r.problems.append(ini_problem("overdue", "run_at", r.text("overdue", "run_at"),
+                                      "not a time of day. Write it as HH:MM in 24-hour time, "
+                                      "such as 06:30."))
+    days = {key: r.number("overdue", key, int, low, 365, f"Use a number of days from {low} to "
+                          f"365, such as {DEFAULTS['overdue'][key]}.", int(DEFAULTS["overdue"][key]))
+            for key, low in (("warning_days", 0), ("overdue_days", 1), ("reminder_days", 1))}
+    weekdays, ranges, bad = parse_closed(r.text("overdue", "closed"))
+    if bad:
+        r.problems.append(ini_problem("overdue", "closed", r.text("overdue", "closed"),
+                                      "; ".join(bad) + ". Separate the days with commas."))
+    age = r.number("overdue", "max_data_age_hours", float, 1, 24 * 366,
+                   "Use hours such as 36 (a day and a half: one missed nightly export "
+                   "does not stop the notices).", 36.0)
+    fmt = date_format
+    if "%" in fmt:
+        sample = dt.date(2026, 12, 25)          # a day above 12 shows day and month apart
+        try:
+            back = dt.datetime.strptime(sample.strftime(fmt), fmt).date()
+        except ValueError:
+            back = None
+        if back != sample:
+            r.problems.append(ini_problem("library", "date_format", fmt, "cannot read back the "
+                                          f"dates it writes ({sample} becomes "
+                                          f"{sample.strftime(fmt)!r}). Use %d, %m and %Y, such "
+                                          "as %d/%m/%Y."))
+    return OverdueSettings(enabled in ("yes", "true", "on", "1"), run_at, days["warning_days"],
+                           days["overdue_days"], days["reminder_days"], weekdays, ranges,
+                           age, tuple(r.problems[before:]))
 
 
 def ini_problem(section: str, key: str, value: str, what: str) -> str:
@@ -366,79 +522,86 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
 
 
 def load_settings(ini_path: Path, text: str | None = None) -> Settings:
-    """Read and check bibliogate.ini (or `text`, what it would hold: the config
-    page checks a change this way before writing it). Never raises for a bad
-    value: every problem is a sentence in ``Settings.problems`` and the default
-    is used instead."""
+    """Read bibliogate.ini and parse it (or parse `text`, what it would hold:
+    the config page checks a change this way before writing it). Never raises
+    for a bad value: every problem is a sentence in ``Settings.problems``.
+    Of the disk it checks only that [smtp] ca_file exists (layout_problems
+    checks the folders)."""
     ini_path = Path(ini_path).resolve()
-    unreadable = None
     try:
         text = ini_path.read_text(encoding="utf-8-sig") if text is None else text
     except FileNotFoundError:
         text = DEFAULT_INI
     except (OSError, UnicodeDecodeError) as exc:
-        text, unreadable = "", f"{ini_path} cannot be read ({exc}); using the defaults."
+        return parse_settings("", ini_path).with_problems(
+            [f"{ini_path} cannot be read ({exc}); using the defaults."])
+    settings = parse_settings(text, ini_path)
+    return settings.with_problems(ca_file_problems(settings))
+
+
+def parse_settings(text: str, ini_path: Path) -> Settings:
+    """The settings that `text` (an ini file's content) gives, with a bad value
+    replaced by its default and named in ``problems``. Pure: reads no file.
+    Relative paths are taken from ini_path's folder."""
     raw, problems = parse_ini_text(text, ini_path)
-    if unreadable:
-        problems.append(unreadable)
     r, base = _Reader(raw, problems), ini_path.parent
-    s = Settings(ini_path=ini_path, raw=raw, problems=problems)
-    s.smtp_host = r.text("smtp", "host")
-    if not s.smtp_host:
+    smtp_host = r.text("smtp", "host")
+    if not smtp_host:
         problems.append(ini_problem("smtp", "host", "", "not set. Enter the IP address or name "
                                     "of the SMTP server this school's computers send through."))
-    elif not re.match(r"^[A-Za-z0-9.:\[\]-]+$", s.smtp_host):
-        problems.append(ini_problem("smtp", "host", s.smtp_host, "not a server name or IP address."))
-    s.security = r.text("smtp", "security").lower()
-    if s.security not in SECURITY_CHOICES:
-        problems.append(ini_problem("smtp", "security", s.security,
+    elif not re.match(r"^[A-Za-z0-9.:\[\]-]+$", smtp_host):
+        problems.append(ini_problem("smtp", "host", smtp_host, "not a server name or IP address."))
+    security = r.text("smtp", "security").lower()
+    if security not in SECURITY_CHOICES:
+        problems.append(ini_problem("smtp", "security", security,
                                     "must be none, starttls or tls."))
-        s.security = "none"
+        security = "none"
     port_fix = "Use 25, 587 (starttls) or 465 (tls)."
-    s.smtp_port = r.number("smtp", "port", int, 1, 65535, port_fix, 25)
-    s.ehlo = r.text("smtp", "ehlo")
-    if s.ehlo and not re.match(r"^[A-Za-z0-9.\[\]:-]+$", s.ehlo):
-        problems.append(ini_problem("smtp", "ehlo", s.ehlo, "must be a host name such as "
+    smtp_port = r.number("smtp", "port", int, 1, 65535, port_fix, 25)
+    ehlo = r.text("smtp", "ehlo")
+    if ehlo and not re.match(r"^[A-Za-z0-9.\[\]:-]+$", ehlo):
+        problems.append(ini_problem("smtp", "ehlo", ehlo, "must be a host name such as "
                                     "library.school.example, without spaces."))
-    s.username = r.text("smtp", "username")
-    s.password = read_smtp_password(raw, problems)
-    problems += password_problems(s.smtp_host, s.smtp_port, s.security, s.username, s.password)
-    s.timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
-                         "Use a number of seconds from 1 to 600, such as 30.", 30.0)
-    s.ca_file = r.text("smtp", "ca_file")
-    if s.ca_file:
-        ca = absolute(base, s.ca_file)
-        s.ca_file = str(ca or "")
-        if not (ca and ca.is_file()):
-            problems.append(ini_problem("smtp", "ca_file", r.text("smtp", "ca_file"),
-                                        "no such file. Give the path of the relay's PEM "
-                                        "certificate, or leave it empty."))
-    s.spool = r.path(base, "gateway", "spool_folder")
-    s.from_address = r.address("gateway", "from_address",
-                               required_for="Enter the library's address, e.g. library@school.example; "
-                                            "every message is sent from it and the daily log goes to it.")
+    username = r.text("smtp", "username")
+    password = read_smtp_password(raw, problems)
+    problems += password_problems(smtp_host, smtp_port, security, username, password)
+    timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
+                       "Use a number of seconds from 1 to 600, such as 30.", 30.0)
+    ca_text = r.text("smtp", "ca_file")
+    ca_path = absolute(base, ca_text) if ca_text else None
+    if ca_text and ca_path is None:
+        problems.append(ini_problem("smtp", "ca_file", ca_text, "not a usable path. Give the "
+                                    "full path of the relay's PEM certificate, or leave it empty."))
+    spool = r.path(base, "gateway", "spool_folder")
+    from_address = r.address("gateway", "from_address", required_for=(
+        "Enter the library's address, e.g. library@school.example; "
+        "every message is sent from it and the daily log goes to it."))
     minutes = r.number("gateway", "minutes_between_checks", float, 0.05, 1440,
                        "Use minutes from 0.05 to 1440, such as 3 or 0.5.", 3.0)
-    s.interval = minutes * 60.0
-    s.per_check = r.number("gateway", "messages_per_check", int, 1, 10000,
-                           "Use a whole number from 1 to 10000, such as 10.", 10)
-    s.test_to = r.address("gateway", "test_to_address")
-    s.give_up_seconds = 3600.0 * r.number("gateway", "give_up_after_hours", float, 0.01, 24 * 60,
-                                          "Use hours from 0.01 to 1440, such as 72.", 72.0)
-    s.library_name = r.text("library", "name")
-    s.date_format = r.text("library", "date_format") or "%Y-%m-%d"
-    if "%" not in s.date_format:
-        problems.append(ini_problem("library", "date_format", s.date_format,
+    per_check = r.number("gateway", "messages_per_check", int, 1, 10000,
+                         "Use a whole number from 1 to 10000, such as 10.", 10)
+    test_to = r.address("gateway", "test_to_address")
+    give_up_hours = r.number("gateway", "give_up_after_hours", float, 0.01, 24 * 60,
+                             "Use hours from 0.01 to 1440, such as 72.", 72.0)
+    date_format = r.text("library", "date_format") or "%Y-%m-%d"
+    if "%" not in date_format:
+        problems.append(ini_problem("library", "date_format", date_format,
                                     "needs %d, %m and %Y codes, such as %d/%m/%Y."))
-    s.database = r.path(base, "data", "database")
-    s.templates = r.path(base, "data", "templates_folder")
-    s.log_folder = r.path(base, "data", "log_folder")
-    s.import_folder = r.path(base, "data", "import_folder")
-    s.keep_log_days = r.number("data", "keep_log_days", int, 1, 3650,
-                               "Use a number of days such as 60.", 60)
-    for check in SETTINGS_CHECKS:
-        check(s, r)
-    return s
+    folders = {key: r.path(base, "data", key)
+               for key in ("database", "templates_folder", "log_folder", "import_folder")}
+    keep_log_days = r.number("data", "keep_log_days", int, 1, 3650,
+                             "Use a number of days such as 60.", 60)
+    overdue = read_overdue(r, date_format)
+    return Settings(
+        ini_path=ini_path, raw=MappingProxyType(raw), problems=tuple(problems),
+        smtp_host=smtp_host, smtp_port=smtp_port, security=security, ehlo=ehlo,
+        username=username, password=password, timeout=timeout, ca_file=str(ca_path or ""),
+        spool=spool,
+        from_address=from_address, interval=minutes * 60.0, per_check=per_check, test_to=test_to,
+        give_up_seconds=give_up_hours * 3600.0, library_name=r.text("library", "name"),
+        date_format=date_format, database=folders["database"],
+        templates=folders["templates_folder"], log_folder=folders["log_folder"],
+        import_folder=folders["import_folder"], keep_log_days=keep_log_days, overdue=overdue)
 
 
 # -- the SMTP password ---------------------------------------------------------------
@@ -545,13 +708,10 @@ def rebind_password(raw: dict, changes: dict) -> dict:
     return changes
 
 
-#: Further checks (section, reader) that later parts of the program add.
-SETTINGS_CHECKS: list[Callable[[Settings, _Reader], None]] = []
-
-
 def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
     """First run: write the default ini and templates; always: create the
-    folders. Returns the settings and what was created, as sentences."""
+    folders. Returns the settings, with what is wrong on disk among their
+    problems, and what was created, as sentences."""
     ini_path = Path(ini_path).resolve()
     created = []
     # Two commands may start at once on a new folder: "x" and exist_ok=False
@@ -562,9 +722,17 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
             fh.write(DEFAULT_INI)
         created.append(f"Wrote the default settings to {ini_path}.")
     settings = load_settings(ini_path)
-    # A missing template (a new kind after an upgrade, or one deleted by
-    # mistake) gets the default text: a gateway that stops sending over it
-    # would be worse. The log says so.
+    problems = write_default_templates(settings, created)
+    problems += make_folders(settings, created)
+    problems += layout_problems(settings)
+    problems += template_problems(settings)
+    return settings.with_problems(problems), created
+
+
+def write_default_templates(settings: Settings, created: list[str]) -> list[str]:
+    """A missing template (a new kind after an upgrade, or one deleted by
+    mistake) gets the default text: a gateway that stops sending over it
+    would be worse. Appends what it wrote to `created`; returns problems."""
     try:
         settings.templates.mkdir(parents=True, exist_ok=True)
         for kind, text in DEFAULT_TEMPLATES.items():
@@ -573,8 +741,14 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
                     fh.write(text)
                 created.append(f"Wrote the default template {settings.templates / kind}.txt.")
     except OSError as exc:
-        settings.problems.append(f"{settings.templates} cannot be written ({exc.strerror}). "
-                                 "Check [data] templates_folder and its permissions.")
+        return [f"{settings.templates} cannot be written ({exc.strerror}). "
+                "Check [data] templates_folder and its permissions."]
+    return []
+
+
+def make_folders(settings: Settings, created: list[str]) -> list[str]:
+    """Create the spool and log folders if missing; returns problems."""
+    problems = []
     for folder, (section, key) in ((settings.spool, ("gateway", "spool_folder")),
                                    (settings.log_folder, ("data", "log_folder"))):
         if not folder.exists():
@@ -582,23 +756,33 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
                 folder.mkdir(parents=True)
                 created.append(f"Created {folder}.")
             except OSError as exc:
-                settings.problems.append(ini_problem(
+                problems.append(ini_problem(
                     section, key, settings.get(section, key),
                     f"{folder} cannot be created ({exc.strerror or exc}). Fix the path, or give "
                     "this account the right to create it."))
-    check_folders(settings)
-    settings.problems.extend(template_problems(settings))
-    return settings, created
+    return problems
 
 
-def check_folders(settings: Settings) -> None:
+def ca_file_problems(settings: Settings) -> list[str]:
+    if settings.ca_file and not Path(settings.ca_file).is_file():
+        return [ini_problem("smtp", "ca_file", settings.get("smtp", "ca_file"),
+                            "no such file. Give the path of the relay's PEM "
+                            "certificate, or leave it empty.")]
+    return []
+
+
+def layout_problems(settings: Settings) -> list[str]:
+    """What is wrong on disk with the files and folders the settings name."""
+    problems = []
+    spool_value = settings.get("gateway", "spool_folder")
     if not settings.spool.is_dir():
-        settings.problems.append(ini_problem("gateway", "spool_folder", settings.get("gateway", "spool_folder"),
-                                             f"{settings.spool} is not a folder. Create it or fix the path."))
+        problems.append(ini_problem("gateway", "spool_folder", spool_value,
+                                    f"{settings.spool} is not a folder. Create it or fix the path."))
     elif not os.access(settings.spool, os.R_OK | os.W_OK):
-        settings.problems.append(ini_problem("gateway", "spool_folder", settings.get("gateway", "spool_folder"),
-                                             f"{settings.spool} cannot be read and written by this "
-                                             "account. Give it modify rights on the folder."))
+        problems.append(ini_problem("gateway", "spool_folder", spool_value,
+                                    f"{settings.spool} cannot be read and written by this "
+                                    "account. Give it modify rights on the folder."))
+    return problems
 
 
 # Locks #######################################################################
@@ -905,15 +1089,17 @@ class Journal:
 
 # Templates ###################################################################
 
-#: The placeholders each kind of message may use. Later parts add kinds.
-TEMPLATE_FIELDS: dict[str, frozenset] = {
+#: The placeholders of the gateway's own messages (the notices and letters
+#: have theirs in their sections; TEMPLATE_FIELDS, in Wiring, joins them).
+CORE_TEMPLATE_FIELDS = MappingProxyType({
     "test": frozenset({"library_name", "to_address", "from_address", "smtp_host", "queued_at"}),
     "daily_log": frozenset({"library_name", "day", "sent_count", "bad_count", "deferred_count",
                             "waiting_count", "waiting_bad_count", "oldest_waiting", "bad_list",
                             "refused_list", "sender_stops", "activity", "log_lines"}),
-}
+})
 
-DEFAULT_TEMPLATES: dict[str, str] = {
+#: The default text of each of the gateway's own templates.
+CORE_TEMPLATES = MappingProxyType({
     "test": """\
 # The message sent by [Test] on the config page and by `bibliogate.py test`.
 # Lines starting with # are notes for you and are not sent.
@@ -962,7 +1148,7 @@ ${activity}
 The whole log of the day:
 ${log_lines}
 """,
-}
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1860,7 +2046,8 @@ class Gateway:
     injected so tests can step through days without sleeping."""
 
     def __init__(self, ini_path: Path, clock: Callable[[], float] = time.time,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None,
+                 tasks: Iterable[Callable[[Gateway, float], None]] | None = None):
         self.ini_path = Path(ini_path).resolve()
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -1873,7 +2060,9 @@ class Gateway:
         #: When the last check finished (the heartbeat /health and status compare with the clock).
         self.check_done = clock()
         self.sender_state = None
-        self.tasks: list[Callable[["Gateway", float], None]] = list(GATEWAY_TASKS)
+        #: What the loop does at every tick besides checking (see gateway_tasks).
+        self.tasks: list[Callable[[Gateway, float], None]] = \
+            gateway_tasks() if tasks is None else list(tasks)
         #: The config page asks from its own threads; the loop acts (see request_reload).
         self._requests = threading.Condition()
         self._reload_asked = self._reload_done = 0
@@ -1991,13 +2180,16 @@ class Gateway:
     def stuck(self, waiting: int | None) -> bool:
         return is_stuck(self.check_done, self.clock(), self.settings.interval, waiting)
 
-    def run_forever(self) -> None:
+    def run_forever(self, guard: RunGuard | None = None) -> None:
+        """Tick until stopped; with a guard, an error in a tick is the guard's
+        to log (and, repeated, to stop on) instead of ending the loop."""
         self.check_done = self.clock()
         set_state(self.journal.db, run_pid=os.getpid(), run_started=self.clock(),
                   check_done=self.check_done)
         remove_stale_parts(self.settings.spool, self.clock())
+        tick = guard.tick if guard else self.tick
         while not self.stop.is_set():
-            due = self.tick()
+            due = tick()
             self.stop.wait(max(0.05, min(TICK_SECONDS, due - self.clock())))
 
 
@@ -2070,8 +2262,170 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     }
 
 
-#: What `run` does at every tick besides checking; later parts add theirs.
-GATEWAY_TASKS: list[Callable[[Gateway, float], None]] = [daily_log_task]
+# Running unattended ##########################################################
+#
+# Two things keep a `run` that nobody watches honest: ConsoleLog (with no
+# console, as under pythonw.exe, what would be printed goes to logs/) and
+# RunGuard (an unexpected error is logged with its traceback; one that ends a
+# thread, or comes back tick after tick, ends `run` with status 1 so that the
+# scheduled task or systemd starts it afresh).
+
+#: The same unexpected error this many ticks in a row ends `run` (status 1).
+TICK_ERROR_LIMIT = 10
+
+
+class ConsoleLog:
+    """Stands in for sys.stdout and sys.stderr when there is no console
+    (pythonw.exe, as the scheduled task starts BiblioGate): every line that
+    would have been printed goes to the day's file in the log folder."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._append(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._append(self._partial)
+                self._partial = ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def _append(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        # With no console and no writable log folder, there is nowhere left to tell.
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / f"bibliogate-{stamp[:10]}.log", "a", encoding="utf-8") as fh:
+                fh.write(f"{stamp} CONSOLE {line.rstrip()}\n")
+
+
+def console_to_log(folder: Path) -> None:
+    """With no console, send print() and error messages to the log folder.
+    Called again once the settings have named the log folder."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, ConsoleLog(folder))
+        elif isinstance(stream, ConsoleLog):
+            stream.folder = Path(folder)
+
+
+def has_console() -> bool:
+    return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
+
+
+def early_log_folder(argv: list[str]) -> Path:
+    """Where messages go before the settings are read: `logs` beside the ini
+    that --config names, or beside this program."""
+    ini = Path(__file__).resolve().with_name("bibliogate.ini")
+    for n, arg in enumerate(argv):
+        if arg == "--config" and n + 1 < len(argv):
+            ini = Path(argv[n + 1])
+        elif arg.startswith("--config="):
+            ini = Path(arg.partition("=")[2])
+    return ini.resolve().parent / DEFAULTS["data"]["log_folder"]
+
+
+def error_summary(exc: BaseException) -> str:
+    """The error and where it happened, on one line:
+    "KeyError: 'x' (bibliogate.py line 1234, in tick)"."""
+    import traceback
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno}, in {frames[-1].name})" \
+        if frames else ""
+    return one_line(f"{type(exc).__name__}: {exc}{where}")
+
+
+def traceback_text(exc: BaseException) -> str:
+    import traceback
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+
+
+class RunGuard:
+    """Keeps an unattended `run` honest. An unexpected error in one tick is
+    logged with its traceback and recorded (an "error" event), and the loop
+    goes on at the next tick. The same error TICK_ERROR_LIMIT ticks in a row,
+    or any error that ends a thread, is recorded as a "crash" (the daily log
+    shows it) and stops `run` with exit status 1, so that the scheduled task
+    or systemd starts it afresh: never a silent dead thread."""
+
+    def __init__(self, gateway: Gateway, limit: int | None = None):
+        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
+        self.exit_status = 0
+        self.repeats = 0            #: ticks in a row that failed with the same error
+        self._last: str | None = None
+        self._thread_hook = threading.excepthook
+
+    def install(self) -> RunGuard:
+        """Guard every thread: an error that ends one is a crash. (The ticks
+        are guarded by passing the guard to Gateway.run_forever; an error in
+        the main thread reaches cmd_run, which calls crash.)"""
+        threading.excepthook = self._thread_error
+        return self
+
+    def uninstall(self) -> None:
+        threading.excepthook = self._thread_hook
+
+    def __enter__(self) -> RunGuard:
+        return self.install()
+
+    def __exit__(self, *exc_info) -> None:
+        self.uninstall()
+
+    def tick(self) -> float:
+        """One tick of the gateway; an error in it is logged, and `run` goes on."""
+        try:
+            due = self.gateway.tick()
+        except Exception as exc:        # a bug or an unforeseen OS error: logged; `run` goes on
+            self._tick_failed(exc)
+            return self.gateway.clock() + TICK_SECONDS
+        self._last, self.repeats = None, 0
+        return due
+
+    def _tick_failed(self, exc: Exception) -> None:
+        summary = error_summary(exc)
+        self.repeats = self.repeats + 1 if summary == self._last else 1
+        self._last = summary
+        if self.repeats >= self.limit:
+            self.crash(f"the same error {self.repeats} times in a row: {summary}; BiblioGate "
+                       "stops so that it is started afresh", exc)
+        elif self.repeats == 1:
+            self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
+                                       level=logging.ERROR)
+            log.error("%s", traceback_text(exc))
+        else:
+            log.error("the same error again (%d in a row): %s", self.repeats, summary)
+
+    def crash(self, what: str, exc: BaseException) -> None:
+        """Record an error that ends `run`, with its traceback, and stop `run`
+        with exit status 1."""
+        self.exit_status = 1
+        try:
+            self.gateway.journal.event("crash", what, level=logging.CRITICAL)
+            log.critical("%s", traceback_text(exc))
+        except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
+            print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
+        finally:
+            self.gateway.stop.set()
+
+    def _thread_error(self, args) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        exc = args.exc_value if args.exc_value is not None else args.exc_type()
+        name = args.thread.name if args.thread is not None else "?"
+        self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
 
 
 # Circulation data ############################################################
@@ -2098,7 +2452,6 @@ REQUIRED_COLUMNS = MappingProxyType({
 })
 #: auto_overdue values, compared without regard to case; empty means no.
 YES_NO = MappingProxyType({"yes": 1, "true": 1, "1": 1, "no": 0, "false": 0, "0": 0, "": 0})
-ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 #: Rows go to the database in slices of this many, so a million loans never
 #: sit in memory at once.
 IMPORT_CHUNK = 20_000
@@ -2112,19 +2465,6 @@ LOANS_IMPORTED_KEY = "loans_imported_at"
 #: The file names the import folder watches for (any case), in import order:
 #: patrons first, so the loans of a new patron in the same drop are known.
 DROPPED_FILES = (("patrons.csv", "patrons"), ("loans.csv", "loans"))
-
-
-class ImportRefused(BibliogateError):
-    """A CSV file was not imported, and nothing changed. ``problems`` holds a
-    sentence for every bad row ('FILE line N: what is wrong'); ``fix`` says
-    what to do."""
-
-    def __init__(self, source: str, problems: list[str], fix: str):
-        shown = problems[:20]
-        if len(problems) > 20:
-            shown.append(f"... and {len(problems) - 20} more.")
-        super().__init__("\n".join(shown + [fix]))
-        self.source, self.problems, self.fix = source, problems, fix
 
 
 @dataclasses.dataclass
@@ -2454,7 +2794,7 @@ def record_import(journal: Journal, result: ImportResult) -> None:
 
 
 class ImportWatch:
-    """The import folder, at every tick of `run` (a GATEWAY_TASKS entry).
+    """The import folder, at every tick of `run` (one of gateway_tasks()).
 
     A patrons.csv or loans.csv (any case) that has kept its size and time
     for STABLE_SECONDS is imported, then moved to done/NAME-STAMP.csv, or,
@@ -2600,7 +2940,6 @@ NOTICE_KINDS = ("warning", "overdue", "reminder")
 CATCH_UP_DAYS = 7
 #: Messages are written, flushed to disk and recorded this many at a time.
 LEDGER_BATCH = 200
-WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 #: The placeholders of the notices, as notice_values() gives them.
 NOTICE_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
                            "today", "earliest_due"})
@@ -2609,10 +2948,6 @@ HOLD_SECONDS = 5 * 60
 #: State keys: the last day the daily schedule handled; the last run; why
 #: the schedule is held back (shown once a day in the log and in `status`).
 SCHEDULE_KEY, LAST_RUN_KEY, HELD_KEY = "overdue_schedule_day", "overdue_last_run", "overdue_held"
-
-
-class StaleData(BibliogateError):
-    """The loans were imported too long ago to send notices from them."""
 
 
 def show_date(settings: Settings, iso: str) -> str:
@@ -2654,8 +2989,8 @@ _NOTICE_NOTES = """\
 #   ${items} (one line per item, with its due date) ${today} ${earliest_due}
 """
 
-TEMPLATE_FIELDS.update({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
-DEFAULT_TEMPLATES.update({
+NOTICE_TEMPLATE_FIELDS = MappingProxyType({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
+NOTICE_TEMPLATES = MappingProxyType({
     "warning": "# Auto-overdue: sent when items fall due in [overdue] warning_days days.\n"
                + _NOTICE_NOTES + """\
 Subject: ${library_name}: library items due back on ${earliest_due}
@@ -2713,111 +3048,6 @@ ${library_name}
 (Sent automatically for library account ${patron_id}.)
 """,
 })
-
-
-# -- settings ------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class OverdueSettings:
-    """The [overdue] section, checked; load_settings puts it in ``settings.overdue``."""
-    enabled: bool = False
-    run_at: dt.time = dt.time(6, 30)
-    warning_days: int = 3
-    overdue_days: int = 1
-    reminder_days: int = 3
-    closed_weekdays: frozenset = frozenset()    #: 0 is Monday
-    closed_dates: tuple = ()                    #: (first, last) pairs, both days closed
-    max_data_age_hours: float = 36.0
-    problems: tuple = ()                        #: the sentences about this section
-
-    def closed(self, day: dt.date) -> bool:
-        return (day.weekday() in self.closed_weekdays
-                or any(first <= day <= last for first, last in self.closed_dates))
-
-    def due_dates(self, day: dt.date) -> dict[str, dt.date]:
-        """The due date each kind of notice looks for on day."""
-        return {"warning": day + dt.timedelta(days=self.warning_days),
-                "overdue": day - dt.timedelta(days=self.overdue_days),
-                "reminder": day - dt.timedelta(days=self.reminder_days)}
-
-
-def iso_date(text: str) -> dt.date | None:
-    if ISO_DATE_RE.match(text):
-        with contextlib.suppress(ValueError):
-            return dt.date.fromisoformat(text)
-    return None
-
-
-def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
-    """Weekdays (0 = Monday), (first, last) date ranges, and what could not
-    be read, from 'sat, sun, 2026-04-03, 2026-12-18..2027-01-28'."""
-    weekdays, ranges, bad = set(), [], []
-    text = re.sub(r"\s*\.\.\s*", "..", text)
-    for item in filter(None, re.split(r"[\s,;]+", text)):
-        word = item.lower()
-        days = [n for n, name in enumerate(WEEKDAY_NAMES) if len(word) >= 3 and name.startswith(word)]
-        first, dots, last = item.partition("..")
-        if days:
-            weekdays.update(days)
-        elif dots:
-            a, b = iso_date(first), iso_date(last)
-            if a is None or b is None:
-                bad.append(f"{item!r} is not a range of dates such as 2026-12-18..2027-01-28")
-            elif b < a:
-                bad.append(f"the range {item!r} ends before it starts")
-            else:
-                ranges.append((a, b))
-        elif iso_date(item):
-            ranges.append((iso_date(item), iso_date(item)))
-        else:
-            bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
-                       "or a range of dates (2026-12-18..2027-01-28)")
-    return frozenset(weekdays), tuple(ranges), bad
-
-
-def check_overdue_settings(s: Settings, r: _Reader) -> None:
-    """SETTINGS_CHECKS entry: read [overdue] into ``s.overdue``, and check
-    that [library] date_format reads back the dates it writes."""
-    before = len(r.problems)
-    enabled = r.text("overdue", "enabled").lower()
-    if enabled not in ("yes", "no", "true", "false", "on", "off", "1", "0", ""):
-        r.problems.append(ini_problem("overdue", "enabled", enabled, "must be yes or no."))
-    match = re.fullmatch(r"(\d{1,2})[:.](\d{2})", r.text("overdue", "run_at"))
-    if match and int(match[1]) < 24 and int(match[2]) < 60:
-        run_at = dt.time(int(match[1]), int(match[2]))
-    else:
-        run_at = dt.time(6, 30)
-        r.problems.append(ini_problem("overdue", "run_at", r.text("overdue", "run_at"),
-                                      "not a time of day. Write it as HH:MM in 24-hour time, "
-                                      "such as 06:30."))
-    days = {key: r.number("overdue", key, int, low, 365, f"Use a number of days from {low} to "
-                          f"365, such as {DEFAULTS['overdue'][key]}.", int(DEFAULTS["overdue"][key]))
-            for key, low in (("warning_days", 0), ("overdue_days", 1), ("reminder_days", 1))}
-    weekdays, ranges, bad = parse_closed(r.text("overdue", "closed"))
-    if bad:
-        r.problems.append(ini_problem("overdue", "closed", r.text("overdue", "closed"),
-                                      "; ".join(bad) + ". Separate the days with commas."))
-    age = r.number("overdue", "max_data_age_hours", float, 1, 24 * 366,
-                   "Use hours such as 36 (a day and a half: one missed nightly export "
-                   "does not stop the notices).", 36.0)
-    fmt = s.date_format
-    if "%" in fmt:
-        sample = dt.date(2026, 12, 25)          # a day above 12 shows day and month apart
-        try:
-            back = dt.datetime.strptime(sample.strftime(fmt), fmt).date()
-        except ValueError:
-            back = None
-        if back != sample:
-            r.problems.append(ini_problem("library", "date_format", fmt, "cannot read back the "
-                                          f"dates it writes ({sample} becomes "
-                                          f"{sample.strftime(fmt)!r}). Use %d, %m and %Y, such "
-                                          "as %d/%m/%Y."))
-    s.overdue = OverdueSettings(enabled in ("yes", "true", "on", "1"), run_at, days["warning_days"],
-                                days["overdue_days"], days["reminder_days"], weekdays, ranges,
-                                age, tuple(r.problems[before:]))
-
-
-SETTINGS_CHECKS.append(check_overdue_settings)
 
 
 # -- deciding --------------------------------------------------------------------
@@ -3043,7 +3273,7 @@ def record_notices(db: sqlite3.Connection, rows: list) -> None:
 # -- the daily schedule ----------------------------------------------------------
 
 def overdue_task(gateway: Gateway, now: float) -> None:
-    """GATEWAY_TASKS entry: the run at run_at, and the days missed while the
+    """A task of `run` (see gateway_tasks): the run at run_at, and the days missed while the
     gateway was off. A day is done when it ran or was closed; a run that
     cannot go (stale loans, a bad template) leaves it to be caught up later
     and says why, once a day."""
@@ -3081,9 +3311,6 @@ def hold(journal: Journal, now: float, exc: Exception) -> None:
         journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
 
 
-GATEWAY_TASKS.extend([ImportWatch(), overdue_task])
-
-
 # -- status and command line -----------------------------------------------------
 
 def status_auto_overdue(settings: Settings, db: sqlite3.Connection) -> str:
@@ -3106,12 +3333,6 @@ def status_loans(settings: Settings, db: sqlite3.Connection) -> str:
     problem = loans_age_problem(db, settings, time.time())
     text = f"{count:,} loans, imported {fmt_time(imported)}" if imported else "none imported"
     return text + (f"; TOO OLD FOR AUTO-OVERDUE: {problem}" if problem and imported else "")
-
-
-#: The lines `status` adds for circulation (see STATUS_EXTRA).
-CIRCULATION_STATUS = MappingProxyType({"auto_overdue": status_auto_overdue,
-                                       "last_overdue_run": status_last_run,
-                                       "loans_data": status_loans})
 
 
 def cmd_overdue(args, settings: Settings) -> int:
@@ -3183,7 +3404,7 @@ LETTER_OUTPUTS = ("email", "print")
 LETTER_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
                            "today", "earliest_due", "addressee"})
 
-TEMPLATE_FIELDS.update({
+LETTER_TEMPLATE_FIELDS = MappingProxyType({
     "overdue_first": LETTER_FIELDS,
     "overdue_second": LETTER_FIELDS | {"previous_sent"},
     "overdue_final": LETTER_FIELDS | {"previous_sent"},
@@ -3202,7 +3423,7 @@ _LETTER_NOTES = """\
 #   ${item_count} ${today} ${earliest_due}
 """
 
-DEFAULT_TEMPLATES.update({
+LETTER_TEMPLATES = MappingProxyType({
     "overdue_first": """\
 # The first overdue letter (`letters overdue_first`): a friendly reminder.
 # It lists every item now past its due date that has not had this letter.
@@ -3762,25 +3983,6 @@ def cmd_letters(args, settings: Settings) -> int:
 MAILTO_BODY_LIMIT = 1800
 
 
-class UnknownPatron(BibliogateError):
-    """A patron id that is not in the patrons list."""
-
-    def __init__(self, patron_id: str):
-        super().__init__(f"There is no patron with the id {patron_id!r}; check the id, or "
-                         "import the patrons file again.")
-        self.patron_id = patron_id
-
-
-class NoEmail(BibliogateError):
-    """A patron (or guardian) without a usable email address."""
-
-    def __init__(self, patron, problem: str):
-        self.name, self.patron_id = one_line(patron["name"]), patron["patron_id"]
-        super().__init__(f"{self.name} (patron {self.patron_id}) has {problem}, so no email "
-                         "can be written; add it in the library system and import the patrons "
-                         "again, or fix it on the config page.")
-
-
 def _encode(text: str) -> str:
     """RFC 6068: UTF-8, percent-encoded, line breaks as %0D%0A, never '+'."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
@@ -4184,14 +4386,6 @@ SECURITY_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 )
-
-
-class PageRefusal(BibliogateError):
-    """A request the page will not serve; ``status`` is the HTTP answer."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 # -- the page password -----------------------------------------------------------
@@ -6045,11 +6239,8 @@ def cmd_set_password(args, settings: Settings) -> int:
 # `install-task` makes BiblioGate an appliance: Task Scheduler starts `run` one
 # minute after boot, as SYSTEM, with no window (pythonw.exe), whether or not
 # anyone is logged on, and starts it again when it stops. On Linux the same
-# command writes a systemd unit. Two things keep such an unattended `run`
-# honest: ConsoleLog (with no console, what would be printed goes to logs/)
-# and RunGuard (an unexpected error is logged with its traceback; one that ends
-# a thread, or comes back tick after tick, ends `run` with status 1 so that it
-# is started afresh). Modules only these commands need are imported where used.
+# command writes a systemd unit (see "Running unattended" for what keeps such
+# a `run` honest). Modules only these commands need are imported where used.
 
 #: True on Windows, where `install-task` registers a scheduled task.
 IS_WINDOWS = os.name == "nt"
@@ -6074,157 +6265,6 @@ RESTART_INTERVAL, RESTART_COUNT = "PT1M", 255
 #: are ignored (MultipleInstancesPolicy IgnoreNew), and when it has stopped,
 #: the next one starts it again.
 RESTART_CHECK = "PT5M"
-#: The same unexpected error this many ticks in a row ends `run` (status 1).
-TICK_ERROR_LIMIT = 10
-
-
-class ConsoleLog:
-    """Stands in for sys.stdout and sys.stderr when there is no console
-    (pythonw.exe, as the scheduled task starts BiblioGate): every line that
-    would have been printed goes to the day's file in the log folder."""
-
-    encoding, errors = "utf-8", "strict"
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self._partial = ""
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            *lines, self._partial = (self._partial + text).split("\n")
-            for line in lines:
-                self._append(line)
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._partial:
-                self._append(self._partial)
-                self._partial = ""
-
-    def isatty(self) -> bool:
-        return False
-
-    def _append(self, line: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        # With no console and no writable log folder, there is nowhere left to tell.
-        with contextlib.suppress(OSError):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.folder / f"bibliogate-{stamp[:10]}.log", "a", encoding="utf-8") as fh:
-                fh.write(f"{stamp} CONSOLE {line.rstrip()}\n")
-
-
-def console_to_log(folder: Path) -> None:
-    """With no console, send print() and error messages to the log folder.
-    Called again once the settings have named the log folder."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is None:
-            setattr(sys, name, ConsoleLog(folder))
-        elif isinstance(stream, ConsoleLog):
-            stream.folder = Path(folder)
-
-
-def has_console() -> bool:
-    return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
-
-
-def early_log_folder(argv: list[str]) -> Path:
-    """Where messages go before the settings are read: `logs` beside the ini
-    that --config names, or beside this program."""
-    ini = Path(__file__).resolve().with_name("bibliogate.ini")
-    for n, arg in enumerate(argv):
-        if arg == "--config" and n + 1 < len(argv):
-            ini = Path(argv[n + 1])
-        elif arg.startswith("--config="):
-            ini = Path(arg.partition("=")[2])
-    return ini.resolve().parent / DEFAULTS["data"]["log_folder"]
-
-
-def error_summary(exc: BaseException) -> str:
-    """The error and where it happened, on one line:
-    "KeyError: 'x' (bibliogate.py line 1234, in tick)"."""
-    import traceback
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno}, in {frames[-1].name})" \
-        if frames else ""
-    return one_line(f"{type(exc).__name__}: {exc}{where}")
-
-
-def traceback_text(exc: BaseException) -> str:
-    import traceback
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
-
-
-class RunGuard:
-    """Keeps an unattended `run` honest. An unexpected error in one tick is
-    logged with its traceback and recorded (an "error" event), and the loop
-    goes on at the next tick. The same error TICK_ERROR_LIMIT ticks in a row,
-    or any error that ends a thread, is recorded as a "crash" (the daily log
-    shows it) and stops `run` with exit status 1, so that the scheduled task
-    or systemd starts it afresh: never a silent dead thread."""
-
-    def __init__(self, gateway: Gateway, limit: int | None = None):
-        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
-        self.exit_status = 0
-        self.repeats = 0            #: ticks in a row that failed with the same error
-        self._last: str | None = None
-        self._tick = gateway.tick
-        self._thread_hook = threading.excepthook
-
-    def install(self) -> "RunGuard":
-        """Guard the ticks and every thread. (An error in the main thread
-        reaches cmd_run, which calls crash.)"""
-        self.gateway.tick = self.tick       # run_forever calls the guarded tick
-        threading.excepthook = self._thread_error
-        return self
-
-    def uninstall(self) -> None:
-        threading.excepthook = self._thread_hook
-        vars(self.gateway).pop("tick", None)
-
-    def tick(self) -> float:
-        try:
-            due = self._tick()
-        except Exception as exc:        # a bug or an unforeseen OS error: logged; `run` goes on
-            self._tick_failed(exc)
-            return self.gateway.clock() + TICK_SECONDS
-        self._last, self.repeats = None, 0
-        return due
-
-    def _tick_failed(self, exc: Exception) -> None:
-        summary = error_summary(exc)
-        self.repeats = self.repeats + 1 if summary == self._last else 1
-        self._last = summary
-        if self.repeats >= self.limit:
-            self.crash(f"the same error {self.repeats} times in a row: {summary}; BiblioGate "
-                       "stops so that it is started afresh", exc)
-        elif self.repeats == 1:
-            self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
-                                       level=logging.ERROR)
-            log.error("%s", traceback_text(exc))
-        else:
-            log.error("the same error again (%d in a row): %s", self.repeats, summary)
-
-    def crash(self, what: str, exc: BaseException) -> None:
-        """Record an error that ends `run`, with its traceback, and stop `run`
-        with exit status 1."""
-        self.exit_status = 1
-        try:
-            self.gateway.journal.event("crash", what, level=logging.CRITICAL)
-            log.critical("%s", traceback_text(exc))
-        except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
-            print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
-        finally:
-            self.gateway.stop.set()
-
-    def _thread_error(self, args) -> None:
-        if issubclass(args.exc_type, SystemExit):
-            return
-        exc = args.exc_value if args.exc_value is not None else args.exc_type()
-        name = args.thread.name if args.thread is not None else "?"
-        self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6516,8 +6556,30 @@ def add_task_commands(command: Callable) -> None:
     command("uninstall-task", cmd_uninstall_task, "remove the scheduled task again")
 
 
-#: The lines `status` adds (name -> function of settings and database).
-STATUS_FIELDS = MappingProxyType(dict(CIRCULATION_STATUS))     # (moves to the wiring block)
+# Wiring ######################################################################
+#
+# What the sections above are joined into, in one place: the templates of
+# every kind, the tasks of `run`, the fields of `status`. A new kind of
+# message, task or status line is added here, and nowhere else.
+
+#: The placeholders each kind of template may use.
+TEMPLATE_FIELDS = MappingProxyType({**CORE_TEMPLATE_FIELDS, **NOTICE_TEMPLATE_FIELDS,
+                                    **LETTER_TEMPLATE_FIELDS})
+#: The default text of every template, written to templates/ when missing.
+DEFAULT_TEMPLATES = MappingProxyType({**CORE_TEMPLATES, **NOTICE_TEMPLATES, **LETTER_TEMPLATES})
+
+
+def gateway_tasks() -> list[Callable[[Gateway, float], None]]:
+    """What `run` does at every tick besides checking, in this order; each
+    Gateway gets its own (the import watcher keeps state)."""
+    return [daily_log_task, ImportWatch(), overdue_task]
+
+
+#: The lines `status` shows besides the sender's (name -> function of
+#: settings and database).
+STATUS_FIELDS = MappingProxyType({"auto_overdue": status_auto_overdue,
+                                  "last_overdue_run": status_last_run,
+                                  "loans_data": status_loans})
 
 
 # Command line ################################################################
@@ -6531,10 +6593,18 @@ def cmd_run(args, settings: Settings) -> int:
         print(f"BiblioGate is already running for {settings.ini_path} (process {pid}); "
               "a second one would do nothing.", file=sys.stderr)
         return 1
-    stop = threading.Event()
     setup_logging(settings, console=has_console())
-    gateway = Gateway(settings.ini_path, stop=stop)
-    guard = RunGuard(gateway).install()     # errors are logged; a crash ends `run` with status 1
+    try:
+        gateway = Gateway(settings.ini_path, stop=threading.Event())
+        with RunGuard(gateway) as guard:    # errors are logged; a crash ends `run` with status 1
+            serve_until_stopped(gateway, guard)
+        return guard.exit_status
+    finally:
+        lock.release()
+
+
+def serve_until_stopped(gateway: Gateway, guard: RunGuard) -> None:
+    """The page and the loop, until a signal, a crash or the stop event."""
     page = start_page(gateway)
     if page is not None and sys.stdin is not None and sys.stdin.isatty():
         print(f"The config page: {page_link(gateway.journal.db, page, gateway.clock())}\n"
@@ -6543,7 +6613,7 @@ def cmd_run(args, settings: Settings) -> int:
 
     def on_signal(signum, frame):
         log.info("stopping (signal %s): finishing the message in flight", signum)
-        stop.set()
+        gateway.stop.set()
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
@@ -6553,15 +6623,12 @@ def cmd_run(args, settings: Settings) -> int:
     for problem in s.problems:
         log.warning("not configured yet: %s", problem)
     try:
-        gateway.run_forever()
+        gateway.run_forever(guard)
     except Exception as exc:        # a bug: logged with its traceback, and `run` ends with status 1
         guard.crash(f"BiblioGate stopped on an unexpected error: {error_summary(exc)}", exc)
     finally:
         stop_page(page)
         gateway.journal.event("stop", "BiblioGate stopped")
-        guard.uninstall()
-        lock.release()
-    return guard.exit_status
 
 
 def page_link(db: sqlite3.Connection, server: PageServer, now: float) -> str:
@@ -6695,6 +6762,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, fn, help_text):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
+        # --config is welcome after the command too (`status --config x.ini`).
+        p.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                       help="the settings file (default: bibliogate.ini beside this program)")
         return p
 
     command("run", cmd_run, "run the gateway until stopped (Ctrl+C)")
@@ -6727,6 +6797,11 @@ def main(argv: list[str] | None = None) -> int:
     console_to_log(early_log_folder(argv))      # pythonw.exe: no console, so to logs/
     args = build_parser().parse_args(argv)
     ini = Path(args.config) if args.config else Path(__file__).resolve().with_name("bibliogate.ini")
+    if args.config and args.command != "run" and not ini.is_file():
+        print(f"bibliogate.py {args.command}: there is no settings file {ini}. Check the "
+              "--config path; to set up a new installation there, run "
+              f"`python bibliogate.py run --config {args.config}` once.", file=sys.stderr)
+        return 2
     try:
         settings, created = ensure_layout(ini)
         console_to_log(settings.log_folder)
