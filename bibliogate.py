@@ -6003,7 +6003,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         """The request line and headers; refused: HTTP/0.9 (its answer would
         have no headers, so none of SECURITY_HEADERS) and an absolute URI
         naming another host."""
-        words = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n").split()
+        words = str(getattr(self, "raw_requestline", b""), "iso-8859-1").rstrip("\r\n").split()
         if len(words) == 2:
             self.requestline, self.command, self.path = " ".join(words), words[0], words[1]
             self.request_version, self.close_connection = "HTTP/1.0", True
@@ -6133,7 +6133,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if url.path == "/login" and "once" in query:
             ctx = self.context(PageSession("", "", "", 0.0), query=query)
             return self.redirect(*link_login(ctx, query["once"], self.connection.getsockname()[0]))
-        if not logged_in:
+        if session is None or not logged_in:
             if url.path != "/login":
                 return self.redirect("/login")
             session = self.visitor()
