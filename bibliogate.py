@@ -1000,12 +1000,20 @@ def printable(text: str) -> str:
     return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], str(text))
 
 
+#: log.error("%s", text, extra=TRACEBACK): a traceback of our own keeps its
+#: lines, each after the first indented, so none can pass for a record.
+TRACEBACK = MappingProxyType({"keep_lines": True})
+
+
 class LineFormatter(logging.Formatter):
     """One record, one line: the message's control characters escaped (a
-    traceback, added after it, keeps its lines)."""
+    traceback, added after it or marked TRACEBACK, keeps its lines, indented)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(record.message)
+        if getattr(record, "keep_lines", False):
+            record.message = "\n  ".join(printable(line) for line in record.message.split("\n"))
+        else:
+            record.message = printable(record.message)
         return super().formatMessage(record)
 
 
@@ -2404,7 +2412,7 @@ class RunGuard:
         elif self.repeats == 1:
             self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
                                        level=logging.ERROR)
-            log.error("%s", traceback_text(exc))
+            log.error("%s", traceback_text(exc), extra=TRACEBACK)
         else:
             log.error("the same error again (%d in a row): %s", self.repeats, summary)
 
@@ -2414,7 +2422,7 @@ class RunGuard:
         self.exit_status = 1
         try:
             self.gateway.journal.event("crash", what, level=logging.CRITICAL)
-            log.critical("%s", traceback_text(exc))
+            log.critical("%s", traceback_text(exc), extra=TRACEBACK)
         except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
             print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
         finally:
@@ -5440,7 +5448,9 @@ def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> 
     if f.kind == "password":
         control = render(PASSWORD_INPUT, id=f.name)
         hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
-                else "Not set. Type one if the server needs a login.")
+                else "Not set. Type one if the server needs a login.") + \
+            " It belongs to the server above: changing the server, port, security or username " \
+            "clears it unless you type it again in the same Save."
     elif f.kind == "yesno":
         control = render(CHECKBOX, id=f.name, checked=flag(value.lower() in YES_WORDS, " checked"))
         hint = f.hint

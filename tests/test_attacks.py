@@ -753,6 +753,7 @@ def test_the_stored_smtp_password_never_reaches_a_server_it_was_not_typed_for(op
     drop(page.spool, "waiting.TMP", eml(subject="held"), age=3600)
     c = page.client()
     c.get("/")
+    assert "changing the server, port, security or username clears it" in c.page
     edits = {"port": {"smtp.port": str(trap.port)},
              # the same server, now as another account of it, or without TLS
              "username": {"smtp.port": str(trap.port), "smtp.username": "mallory"},
