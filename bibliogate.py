@@ -4476,7 +4476,8 @@ class LoginThrottle:
             if entry is None:
                 self._forget_idle(now)
                 entry = self.tries[address] = _Tries()
-            if entry.busy or now < entry.until:
+            # (a wait longer than the longest is a clock set back: it is over)
+            if entry.busy or 0 < entry.until - now <= LOGIN_DELAY_MAX:
                 return max(1.0, entry.until - now)
             entry.busy = True
             return 0.0
