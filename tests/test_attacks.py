@@ -848,6 +848,7 @@ def as_other_account(port: int, requests: list) -> list:
     return json.loads(done.stdout)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="a second account, FIFOs and modes are POSIX's")
 def test_another_account_gets_no_page_on_127_0_0_1_without_a_login(open_page):
     page = open_page()
     drop(page.spool, "victim.BAD", eml(subject="victim"))
@@ -1089,6 +1090,7 @@ def test_anonymous_requests_make_no_session_and_log_nobody_out(open_page):
 
 # -- the spool folder and its files ---------------------------------------------------------
 
+@pytest.mark.skipif(os.name == "nt", reason="a second account, FIFOs and modes are POSIX's")
 def test_the_page_cannot_aim_the_gateway_at_other_peoples_files(open_page, tmp_path):
     page = open_page()
     witness = Witness(page)
@@ -1117,6 +1119,7 @@ def test_the_page_cannot_aim_the_gateway_at_other_peoples_files(open_page, tmp_p
     assert page.gateway.settings.spool == own.resolve()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="a second account, FIFOs and modes are POSIX's")
 def test_retry_and_delete_touch_only_regular_files_directly_in_the_spool(open_page, tmp_path):
     page = open_page()
     elsewhere = tmp_path / "private.BAD"
