@@ -230,8 +230,8 @@ class PageRefusal(BibliogateError):
 # Settings ####################################################################
 
 DEFAULT_INI = """\
-; BiblioGate settings. Edit by hand (Notepad is fine) or on the config page,
-; http://127.0.0.1:8025/ while `python bibliogate.py run` is running.
+; BiblioGate settings. Edit by hand (Notepad is fine) or on the config page:
+; `python bibliogate.py page` opens it while `python bibliogate.py run` is running.
 ; A changed file is picked up at the next check; no restart is needed.
 ; Relative paths are relative to the folder this file is in.
 ; Text after " ;" on a line is a comment.
@@ -4321,12 +4321,17 @@ def run_is_active(ini_path: Path) -> bool:
 # restart the sender (Gateway.request_reload), "Send now" asks it for a check
 # (request_check), so a bad request can only ever fail itself.
 #
-# A request meets, in order: a socket timeout, a deadline and a size limit;
-# the Host check (the page answers only to its own address, so no other web
-# site can read it through DNS rebinding); the page password, when there is
-# one; for a POST, the Origin check and the session's form token (no forged
-# cross-site posts). Every value shown passes through esc(), and the SMTP
-# password is never put in a page.
+# A connection beyond MAX_CONNECTIONS is closed at once. A request meets, in
+# order: a socket timeout, a deadline and a size limit; HTTP/1.x only, and an
+# absolute request line only if it names this page; the Host check (the page
+# answers only to its own address, so no other web site can read it through
+# DNS rebinding); a login, on 127.0.0.1 too, since other accounts of the
+# server reach it as well: a one-time link from `page` (on this computer
+# only) or the page password (LoginThrottle makes each address wait longer
+# after each wrong one); a session exists only after a login. For a POST, the
+# Origin check and the session's form token (no forged cross-site posts).
+# Every value shown passes through esc(), and the SMTP password is never put
+# in a page.
 #
 # PageHandler does only that, then routes: GET_PAGES maps an address to a view
 # (page_*: a PageContext in, a title and the body's Html out) and POST_ACTIONS
