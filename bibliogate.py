@@ -2031,7 +2031,7 @@ def is_stuck(check_done: float | None, now: float, interval: float, waiting: int
 
 def stuck_sentence(check_done: float | None, now: float) -> str:
     minutes = int((now - (check_done or now)) // 60)
-    return (f"stuck: no check has finished for {minutes} minutes while messages wait. Restart "
+    return (f"no check has finished for {minutes} minutes while messages wait. Restart "
             "BiblioGate; if it happens again, the log of the last check shows where it stopped.")
 
 

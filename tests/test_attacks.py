@@ -14,19 +14,29 @@ slow-client attacks, so the module stays within a few seconds of each."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
+import http.client
+import json
 import os
+import re
 import select
+import shutil
 import socket
+import stat
+import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 
 import bibliogate as bg
-from conftest import eml
-from page_support import SECRET, field_error, flashes, open_page  # noqa: F401
+from conftest import REPO, Sink, eml, write_ini
+from page_support import SECRET, PageClient, field_error, flashes, open_page  # noqa: F401
 from test_page import add_patrons, drop, raw_request
 
 #: Markup that would run, or open a tag, if it were ever put in a page as it is.
@@ -707,7 +717,6 @@ def test_a_line_break_in_any_field_never_reaches_the_ini(open_page):
 # sockets, files, an SMTP server of the attacker's own) and, where the tests run as root,
 # from a second operating-system account ("nobody").
 
-from conftest import Sink  # noqa: E402
 
 
 class CredentialTrap(Sink):
@@ -721,12 +730,7 @@ class CredentialTrap(Sink):
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
         with self._lock:
             self.captured.append((auth_data.login.decode(), auth_data.password.decode()))
-        return bg_auth_result(auth_data)
-
-
-def bg_auth_result(auth_data):
-    from aiosmtpd.smtp import AuthResult
-    return AuthResult(success=True, handled=False, auth_data=auth_data)
+        return AuthResult(success=True, handled=False, auth_data=auth_data)
 
 
 @pytest.fixture
@@ -789,14 +793,7 @@ def test_a_password_in_clear_to_another_computer_is_refused_with_the_reason(open
 
 # -- another account on the same server --------------------------------------------------------
 
-import json  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
 
-from conftest import REPO, Clock, write_ini  # noqa: E402
 
 #: The second account: "nobody" where the tests run as root, else this one.
 NOBODY = 65534
@@ -860,7 +857,7 @@ def test_another_account_gets_no_page_on_127_0_0_1_without_a_login(open_page):
     answers = as_other_account(page.port, [["GET", p, None] for p in gets]
                                + [["POST", p, "file=victim.BAD&gateway.spool_folder=/tmp"]
                                   for p in posts] + [["GET", "/health", None]])
-    for path, (status, location, body) in zip(gets[:-1], answers):
+    for path, (status, location, _) in zip(gets[:-1], answers):
         assert status == 303 and location == "/login", (path, status)
     status, location, _ = answers[len(gets) - 1]          # a made-up one-time link
     assert status == 303 and location == "/login?m=used"
@@ -938,7 +935,31 @@ def test_page_command_prints_a_link_that_logs_the_librarian_in(tmp_path, sink):
     assert done.returncode == 1 and "python bibliogate.py run" in done.stderr
 
 
-from page_support import PageClient  # noqa: E402
+@pytest.mark.skipif(os.name == "nt", reason="a pseudo-terminal is POSIX's")
+def test_run_in_a_console_prints_a_one_time_link(tmp_path, sink):
+    import pty
+    ini = write_ini(tmp_path, sink, web__port=0)
+    console, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bibliogate.py"), "--config", str(ini), "run"],
+                            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        line = ""
+        for _ in range(20):                  # bounded: the link is among the first lines
+            line = proc.stdout.readline().decode()
+            if "/login?once=" in line or not line:
+                break
+        link = line.split("The config page: ", 1)[-1].strip()
+        assert link.startswith("http://127.0.0.1:"), line
+        c = PageClient(int(link.split(":")[2].split("/")[0]))
+        c.login(link)
+        assert "<h1>Settings</h1>" in c.get("/").text
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        os.close(console)
+        os.close(terminal)
+
+
 
 
 def test_status_warns_when_another_program_holds_the_page_port(tmp_path, sink):
@@ -957,7 +978,6 @@ def test_status_warns_when_another_program_holds_the_page_port(tmp_path, sink):
                 conn.sendall(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n'
                              b'{"ok": true, "sender": "running"}')
                 conn.close()
-    import contextlib
     threading.Thread(target=answer, daemon=True).start()
     try:
         ini = write_ini(tmp_path, sink, web__port=port)
@@ -997,8 +1017,6 @@ def login_form(page, source: str = "127.0.0.1"):
     return cookie, token
 
 
-import http.client  # noqa: E402
-import re  # noqa: E402
 
 
 def http_connection(page, source: str) -> http.client.HTTPConnection:
@@ -1217,8 +1235,9 @@ def test_a_newline_in_a_file_name_or_patron_id_cannot_forge_a_log_line(open_page
     c.get("/patrons")
     r = c.post("/patron", {"token": c.token(), "patron_id": f"p1\n{forged}",
                            "email": "new@example.org", "guardian_email": "", "grp": "7B"})
+    assert any("Saved patron" in n for n in flashes(r.text)), flashes(r.text)
     text = "".join(p.read_text(encoding="utf-8") for p in page.gateway.settings.log_folder.glob("*.log"))
-    assert "x\\n2026-11-30 09:00:00" in text
+    assert "x\\n2026-11-30 09:00:00" in text and "patron p1\\n2026-11-30 09:00:00" in text
     assert not [line for line in text.splitlines() if line.startswith(forged)]
     db = page.db()
     assert not [r[0] for r in db.execute("SELECT detail FROM events") if "\n" in r[0]]
