@@ -5478,6 +5478,8 @@ def settings_facts(ctx: PageContext, s: Settings) -> Html:
     web_hash = bool(s.get("web", "password_hash").strip())
     facts = {"Page address": f"{ctx.server.url} ([web] address and port)",
              "Page password": "set" if web_hash else "not set (run set-password to set one)",
+             "Logging in": "a one-time link from `python bibliogate.py page` on this computer"
+                           + (", or the page password" if web_hash else ""),
              "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
              "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
     return join(render(FACT, name=name, value=value) for name, value in facts.items())
