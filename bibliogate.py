@@ -632,7 +632,8 @@ def _dpapi_pair() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] |
     class Blob(ctypes.Structure):
         _fields_ = [("cbData", wintypes.DWORD), ("pbData", ctypes.POINTER(ctypes.c_char))]
 
-    crypt32, kernel32 = ctypes.windll.crypt32, ctypes.windll.kernel32
+    windll = ctypes.windll      # type: ignore[attr-defined]  # (Windows only)
+    crypt32, kernel32 = windll.crypt32, windll.kernel32
     local_machine, no_ui = 0x4, 0x1      # CRYPTPROTECT_LOCAL_MACHINE, CRYPTPROTECT_UI_FORBIDDEN
 
     def call(fn, data: bytes) -> bytes:
@@ -640,7 +641,8 @@ def _dpapi_pair() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] |
         blob_in, blob_out = Blob(len(data), buffer), Blob()
         if not fn(ctypes.byref(blob_in), None, None, None, None, local_machine | no_ui,
                   ctypes.byref(blob_out)):
-            raise OSError(ctypes.GetLastError(), "DPAPI refused the password")
+            raise OSError(ctypes.GetLastError(),  # type: ignore[attr-defined]
+                          "DPAPI refused the password")
         try:
             return ctypes.string_at(blob_out.pbData, blob_out.cbData)
         finally:
@@ -5106,7 +5108,8 @@ def is_system_folder(path: Path, windows: bool = os.name == "nt") -> bool:
             [str(Path(os.environ.get("USERPROFILE", "C:\\Users")).parent)]
         norm = lambda p: os.path.normcase(os.path.normpath(p)).rstrip("\\/")  # noqa: E731
     else:
-        trees, folders, norm = POSIX_SYSTEM_TREES, POSIX_SYSTEM_FOLDERS, os.path.normpath
+        trees, folders = list(POSIX_SYSTEM_TREES), list(POSIX_SYSTEM_FOLDERS)
+        norm = os.path.normpath
     here = norm(str(path))
     if path.parent == path or here in {norm(f) for f in folders if f}:
         return True
