@@ -162,11 +162,13 @@ def main(argv=None) -> int:
         for phase in ("quiet", "flood"):
             t0 = time.time()
             probe: list[float] = []
-            prober = threading.Thread(target=lambda: probe.extend(health_probe(web_port, args.seconds)))
+            prober = threading.Thread(target=lambda out=probe: out.extend(
+                health_probe(web_port, args.seconds)))
             prober.start()
             peak: list[int] = []
             fds: list[int] = []
-            watch = threading.Thread(target=lambda: fds.extend(open_files(gateway.pid, args.seconds)))
+            watch = threading.Thread(target=lambda out=fds: out.extend(
+                open_files(gateway.pid, args.seconds)))
             watch.start()
             opened = flood(web_port, args.connections, args.seconds, peak) if phase == "flood" else 0
             watch.join(args.seconds + 60)
