@@ -5768,6 +5768,10 @@ def post_settings(ctx: PageContext) -> str:
         if changed:
             save_ini_text(ini_path, new_text)
     what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
+    if "[smtp] password" in changed and not ctx.form.get("smtp.password") \
+            and not ctx.form.get("smtp.password.clear"):
+        what += (" The SMTP password was cleared: it belongs to the server it was typed for. "
+                 "Type it for the new one below.")
     g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
     if g.request_reload(wait=RELOAD_WAIT_SECONDS):
         state, reason = g.sender_state or ("", "")

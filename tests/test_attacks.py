@@ -767,6 +767,7 @@ def test_the_stored_smtp_password_never_reaches_a_server_it_was_not_typed_for(op
     assert SECRET not in text, "the stored password survived a change of its server"
     assert "password =\n" in text
     assert "Type the password for" in field_error(r.text, "smtp.password")
+    assert any("The SMTP password was cleared" in n for n in flashes(r.text))
     assert page.gateway.sender_state[0] == "stopped"     # until the password is typed
     send_now_and_wait(page, c, 0, trap, seconds=1.0)
     assert not [p for _, p in trap.captured if p == SECRET], trap.captured
