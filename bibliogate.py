@@ -4367,8 +4367,10 @@ SESSIONS_PER_ADDRESS = 20
 #: A one-time login link (`page`) works once, within this many seconds.
 LOGIN_LINK_SECONDS = 300.0
 #: Connections served at once; a connection beyond them is closed at once,
-#: so a flood cannot take the process's file handles from the sender.
-MAX_CONNECTIONS = 64
+#: so a flood cannot take the process's file handles from the sender. One
+#: client address holds at most MAX_CONNECTIONS_PER_ADDRESS of them, so a
+#: flood from one computer leaves room for the others.
+MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS = 64, 32
 #: The Log page lists this many days and shows at most LOG_BYTES of one.
 LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
 #: The Patrons page lists at most this many patrons, the Queue page this
@@ -5243,7 +5245,7 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.request_seconds = REQUEST_SECONDS
         self.sessions: dict[str, PageSession] = {}
         self.throttle = LoginThrottle(gateway.clock)
-        self.connections = 0                   #: being served now (at most MAX_CONNECTIONS)
+        self.connections: dict[str, int] = {}  #: being served now, by client address
         self.lock = threading.Lock()           #: guards sessions and connections
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
         self.view_lock = threading.Lock()      #: one reading of the spool at a time
@@ -5304,29 +5306,36 @@ class PageServer(http.server.ThreadingHTTPServer):
             hmac.compare_digest(session.login_hash.encode(), self.password_hash().encode())
 
     def process_request(self, request, client_address) -> None:
-        """At most MAX_CONNECTIONS served at once; one more is closed at once."""
+        """At most MAX_CONNECTIONS served at once (MAX_CONNECTIONS_PER_ADDRESS
+        from one address); one more is closed at once, before a thread is made."""
+        address = client_address[0]
         with self.lock:
-            full = self.connections >= MAX_CONNECTIONS
+            full = sum(self.connections.values()) >= MAX_CONNECTIONS or \
+                self.connections.get(address, 0) >= MAX_CONNECTIONS_PER_ADDRESS
             if not full:
-                self.connections += 1
+                self.connections[address] = self.connections.get(address, 0) + 1
         if full:
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except Exception:                   # no thread: it will not count itself out
-            self._served()
+            self._served(address)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._served()
+            self._served(client_address[0])
 
-    def _served(self) -> None:
+    def _served(self, address: str) -> None:
         with self.lock:
-            self.connections -= 1
+            left = self.connections.get(address, 1) - 1
+            if left > 0:
+                self.connections[address] = left
+            else:
+                self.connections.pop(address, None)
 
     def spool_view(self) -> SpoolView:
         """The spool as the pages show it. While one page reads a long queue

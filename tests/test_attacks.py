@@ -1208,12 +1208,24 @@ def test_health_off_this_computer_without_a_login_says_only_ok(open_page):
 
 def test_a_connection_flood_is_capped_and_the_sender_goes_on(open_page, monkeypatch):
     monkeypatch.setattr(bg, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(bg, "MAX_CONNECTIONS_PER_ADDRESS", 5)
     page = open_page()
     witness = Witness(page)
-    idle = [connect(page) for _ in range(8)]
+    c = page.client()
+
+    def from_address(source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", page.port), timeout=5,
+                                        source_address=(source, 0))
+    idle = [from_address("127.0.0.2") for _ in range(5)]
     try:
         time.sleep(0.3)
-        extra = connect(page)
+        extra = from_address("127.0.0.2")
+        assert closed_by_server(extra, 5), "one address held more than its share"
+        extra.close()
+        assert c.get("/queue").status == 200            # another address still gets in
+        idle += [from_address("127.0.0.3") for _ in range(3)]
+        time.sleep(0.3)
+        extra = from_address("127.0.0.4")
         assert closed_by_server(extra, 5), "a connection beyond the cap was kept"
         extra.close()
     finally:
