@@ -293,8 +293,8 @@ class PageRefusal(BibliogateError):
 # Settings ####################################################################
 
 DEFAULT_INI = """\
-; BiblioGate settings. Edit by hand (Notepad is fine) or on the config page,
-; http://127.0.0.1:8025/ while `python bibliogate.py run` is running.
+; BiblioGate settings. Edit by hand (Notepad is fine) or on the config page:
+; `python bibliogate.py page` opens it while `python bibliogate.py run` is running.
 ; A changed file is picked up at the next check; no restart is needed.
 ; Relative paths are relative to the folder this file is in.
 ; Text after " ;" on a line is a comment.
@@ -550,7 +550,7 @@ class _Reader:
         value = self.text(section, key)
         if not value and required_for:
             self.problems.append(ini_problem(section, key, value, f"not set. {required_for}"))
-        elif value and not ADDRESS_RE.match(value):
+        elif value and not ADDRESS_RE.fullmatch(value):
             self.problems.append(ini_problem(
                 section, key, value, "not an email address. Write it as name@school.example."))
             return ""
@@ -653,8 +653,10 @@ def parse_settings(text: str, ini_path: Path) -> Settings:
         problems.append(ini_problem("smtp", "ehlo", ehlo, "must be a host name such as "
                                     "library.school.example, without spaces."))
     username = r.text("smtp", "username")
-    password = raw.get(("smtp", "password"), "").strip()
+    password = read_smtp_password(raw, problems)
     login = read_login(r, username, security)
+    if login["auth"] == "password":
+        problems += password_problems(smtp_host, smtp_port, security, username, password)
     timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
                        "Use a number of seconds from 1 to 600, such as 30.", 30.0)
     ca_text = r.text("smtp", "ca_file")
@@ -718,7 +720,7 @@ def read_login(r: _Reader, username: str, security: str) -> dict:
                                       "(Microsoft 365 without basic authentication)."))
         auth = "password"
     tenant, client_id = r.text("smtp", "oauth_tenant"), r.text("smtp", "oauth_client_id")
-    secret = r.raw.get(("smtp", "oauth_client_secret"), "").strip()
+    secret = read_smtp_password(r.raw, r.problems, "oauth_client_secret")
     url = r.text("smtp", "oauth_token_url")
     login = dict(auth=auth, oauth_tenant=tenant, oauth_client_id=client_id,
                  oauth_client_secret=secret, oauth_token_url=url or MICROSOFT_TOKEN_URL.format(
@@ -769,6 +771,115 @@ def token_url_allowed(url: str) -> bool:
     if parts.scheme == "https" and parts.hostname:
         return True
     return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+
+# -- the SMTP password ---------------------------------------------------------------
+#
+# The password belongs to one server: changing any of PASSWORD_BOUND_KEYS on
+# the page clears it unless it is typed again in the same Save (see
+# rebind_password), so nobody who can reach the page can send it to a server
+# of their own. It never crosses the network in clear except to this computer.
+# On Windows the page writes it encrypted with DPAPI (machine scope); a plain
+# password typed into the ini by hand is read as it is.
+
+#: Changing one of these points the stored password at another server (or
+#: another account on it), so the page clears it unless typed again.
+PASSWORD_BOUND_KEYS = (("smtp", "host"), ("smtp", "port"), ("smtp", "security"),
+                       ("smtp", "username"))
+#: A password the page encrypted with DPAPI starts with this in the ini.
+DPAPI_PREFIX = "dpapi:"
+
+
+def _dpapi_pair() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] | None:
+    """CryptProtectData / CryptUnprotectData (machine scope) through ctypes;
+    None where there is no DPAPI (anything but Windows)."""
+    if os.name != "nt":
+        return None
+    import ctypes
+    from ctypes import wintypes
+
+    class Blob(ctypes.Structure):
+        _fields_ = [("cbData", wintypes.DWORD), ("pbData", ctypes.POINTER(ctypes.c_char))]
+
+    windll = ctypes.windll      # type: ignore[attr-defined]  # (Windows only)
+    crypt32, kernel32 = windll.crypt32, windll.kernel32
+    local_machine, no_ui = 0x4, 0x1      # CRYPTPROTECT_LOCAL_MACHINE, CRYPTPROTECT_UI_FORBIDDEN
+
+    def call(fn, data: bytes) -> bytes:
+        buffer = ctypes.create_string_buffer(data, len(data))
+        blob_in, blob_out = Blob(len(data), buffer), Blob()
+        if not fn(ctypes.byref(blob_in), None, None, None, None, local_machine | no_ui,
+                  ctypes.byref(blob_out)):
+            raise OSError(ctypes.GetLastError(),  # type: ignore[attr-defined]
+                          "DPAPI refused the password")
+        try:
+            return ctypes.string_at(blob_out.pbData, blob_out.cbData)
+        finally:
+            kernel32.LocalFree(blob_out.pbData)
+
+    return (lambda data: call(crypt32.CryptProtectData, data),
+            lambda data: call(crypt32.CryptUnprotectData, data))
+
+
+#: (protect, unprotect) on Windows; tests put a pair of their own here.
+DPAPI = _dpapi_pair()
+
+
+def stored_smtp_password(password: str) -> str:
+    """What the page writes to [smtp] password: DPAPI-encrypted where there is
+    DPAPI, else the password itself (the ini is readable by its owner only)."""
+    if not password or DPAPI is None:
+        return password
+    import base64
+    return DPAPI_PREFIX + base64.b64encode(DPAPI[0](password.encode("utf-8"))).decode("ascii")
+
+
+def read_smtp_password(raw: Mapping, problems: list, key: str = "password") -> str:
+    """[smtp] password (or another secret of [smtp]) as the server wants it:
+    decrypted if the page encrypted it."""
+    value = raw.get(("smtp", key), "").strip()
+    if not value.startswith(DPAPI_PREFIX):
+        return value
+    import base64
+    import binascii
+    try:
+        if DPAPI is None:
+            raise OSError("no DPAPI here")
+        return DPAPI[1](base64.b64decode(value[len(DPAPI_PREFIX):], validate=True)).decode("utf-8")
+    except (OSError, ValueError, binascii.Error, UnicodeDecodeError):
+        problems.append(ini_problem("smtp", key, "(hidden)", "it was encrypted on another "
+                                    "computer (or for another Windows installation) and cannot "
+                                    "be read here. Type the "
+                                    f"{'password' if key == 'password' else 'client secret'} "
+                                    "again on the Settings page."))
+        return ""
+
+
+def password_problems(host: str, port: int, security: str, username: str,
+                      password: str) -> list[str]:
+    """A password only with a username, and never in clear over the network."""
+    problems = []
+    if username and not password:
+        problems.append(ini_problem("smtp", "password", "", f"not set, but [smtp] username is "
+                                    f"{username!r}. Type the password for {host or 'the server'}:"
+                                    f"{port} (it is cleared whenever the server, port, security "
+                                    "or username changes), or leave username empty if the server "
+                                    "needs no login."))
+    if password and security == "none" and host and not is_loopback(host):
+        problems.append(ini_problem("smtp", "security", "none", f"the password would cross the "
+                                    f"network to {host} in clear. Use starttls (port 587) or tls "
+                                    "(port 465), or leave username and password empty if the "
+                                    "server needs no login."))
+    return problems
+
+
+def rebind_password(raw: dict, changes: dict) -> dict:
+    """`changes` ((section, key) -> value) plus an empty [smtp] password when
+    they point the stored one at another server and bring no new one."""
+    moved = any(key in changes for key in PASSWORD_BOUND_KEYS)
+    if moved and ("smtp", "password") not in changes and raw.get(("smtp", "password"), "").strip():
+        return {**changes, ("smtp", "password"): ""}
+    return changes
 
 
 def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
@@ -962,6 +1073,8 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT);
 -- recipients handed to the server each (local) day, for [gateway] max_per_day
 CREATE TABLE IF NOT EXISTS sent_per_day (day TEXT PRIMARY KEY, recipients INTEGER NOT NULL);
+-- one-time login links to the config page (`page`): a hash of each, never the link
+CREATE TABLE IF NOT EXISTS page_logins (digest TEXT PRIMARY KEY, expires REAL NOT NULL);
 -- circulation data, imported from the library system's CSV files
 CREATE TABLE IF NOT EXISTS patrons (
     patron_id TEXT PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL DEFAULT '',
@@ -1113,7 +1226,51 @@ def forget_recipients(db: sqlite3.Connection, name: str) -> None:
     db.execute("DELETE FROM recipients WHERE file = ?", (name,))
 
 
+# -- one-time login links to the config page ------------------------------------
+
+def add_login_link(conn: sqlite3.Connection, token: str, expires: float, now: float) -> None:
+    with conn:
+        conn.execute("DELETE FROM page_logins WHERE expires < ?", (now,))
+        conn.execute("INSERT INTO page_logins(digest, expires) VALUES (?, ?)",
+                     (hashlib.sha256(token.encode()).hexdigest(), expires))
+
+
+def take_login_link(conn: sqlite3.Connection, token: str, now: float) -> bool:
+    """Whether `token` is a link not yet used nor out of date; it is used up."""
+    with conn:
+        cursor = conn.execute("DELETE FROM page_logins WHERE digest = ? AND expires >= ?",
+                              (hashlib.sha256(token.encode()).hexdigest(), now))
+    return cursor.rowcount == 1
+
+
 # Journal #####################################################################
+
+#: What could end or fake a line in a log: control characters and Unicode line ends.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters written as escapes (\\n, \\x1b), so
+    a newline in a patron id or a file name cannot forge a line of the log."""
+    return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
+#: log.error("%s", text, extra=TRACEBACK): a traceback of our own keeps its
+#: lines, each after the first indented, so none can pass for a record.
+TRACEBACK = MappingProxyType({"keep_lines": True})
+
+
+class LineFormatter(logging.Formatter):
+    """One record, one line: the message's control characters escaped (a
+    traceback, added after it or marked TRACEBACK, keeps its lines, indented)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if getattr(record, "keep_lines", False):
+            record.message = "\n  ".join(printable(line) for line in record.message.split("\n"))
+        else:
+            record.message = printable(record.message)
+        return super().formatMessage(record)
+
 
 class DailyFileHandler(logging.Handler):
     """Writes each record to logs/bibliogate-YYYY-MM-DD.log of its own day,
@@ -1123,8 +1280,8 @@ class DailyFileHandler(logging.Handler):
     def __init__(self, folder: Path):
         super().__init__()
         self.folder = Path(folder)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
-                                            "%Y-%m-%d %H:%M:%S"))
+        self.setFormatter(LineFormatter("%(asctime)s %(levelname)-7s %(message)s",
+                                        "%Y-%m-%d %H:%M:%S"))
 
     def emit(self, record: logging.LogRecord) -> None:
         day = time.strftime("%Y-%m-%d", time.localtime(record.created))
@@ -1147,7 +1304,7 @@ def setup_logging(settings: Settings, console: bool = True) -> None:
         log.addHandler(DailyFileHandler(settings.log_folder))
     if console and sys.stderr is not None:   # pythonw has no console at all
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(LineFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
 
 
@@ -1176,6 +1333,7 @@ class Journal:
               level: int = logging.INFO) -> None:
         now = self.clock()
         day = dt.datetime.fromtimestamp(now).strftime("%Y-%m-%d")
+        detail, file = printable(detail), None if file is None else printable(file)
         log.log(level, "%s%s", f"{file}: " if file else "", detail)
         try:
             with self.db:
@@ -1358,7 +1516,7 @@ def one_line(value: str) -> str:
 
 
 def valid_address(address: str) -> bool:
-    return bool(ADDRESS_RE.match(address or ""))
+    return bool(ADDRESS_RE.fullmatch(address or ""))
 
 
 def ascii_address(address: str) -> str | None:
@@ -2082,13 +2240,16 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
                          "`queue` shows it.")
     path = Path(folder) / name
     try:
-        found = stat.S_ISREG(os.lstat(path).st_mode)     # never a link, pipe or folder
-    except (OSError, ValueError):       # a name too long for the file system
-        found = False
-    if not found and os.path.lexists(claim_path(path)):
+        found = os.lstat(path)      # the entry itself: a link is not followed
+    except (OSError, ValueError):       # none, a name too long, or a NUL in it
+        found = None
+    if found is None and os.path.lexists(claim_path(path)):
         raise SpoolError(f"{name} is being sent right now; look again in a minute.")
-    if not found or not (is_waiting_name(name) or is_bad_name(name)):
+    if found is None or not (is_waiting_name(name) or is_bad_name(name)):
         raise SpoolError(f"There is no queued message called {name} in {folder}.")
+    if not stat.S_ISREG(found.st_mode):
+        raise SpoolError(f"{name} in {folder} is not a message file (it is a link, a pipe or a "
+                         "folder); BiblioGate leaves it alone.")
     return path
 
 
@@ -3306,6 +3467,25 @@ class Sender:
 
 # Gateway #####################################################################
 
+#: The sender is "stuck" when no check has finished for this many times the
+#: longest a check may take (the check interval, or CHECK_CAP_SECONDS if
+#: longer) while messages wait: a loop that hangs, not a slow server.
+STUCK_CHECKS = 3
+
+
+def is_stuck(check_done: float | None, now: float, interval: float, waiting: int | None) -> bool:
+    """Whether the sender has not finished a check for STUCK_CHECKS intervals while messages wait."""
+    if not waiting or check_done is None:
+        return False
+    return now - check_done > STUCK_CHECKS * max(interval, CHECK_CAP_SECONDS)
+
+
+def stuck_sentence(check_done: float | None, now: float) -> str:
+    minutes = int((now - (check_done or now)) // 60)
+    return (f"no check has finished for {minutes} minutes while messages wait. Restart "
+            "BiblioGate; if it happens again, the log of the last check shows where it stopped.")
+
+
 def local_day(ts: float) -> dt.date:
     return dt.datetime.fromtimestamp(ts).date()
 
@@ -3336,6 +3516,8 @@ class Gateway:
             self.journal.event("setup", line)
         self.ini_stamp = self._ini_stamp()
         self.next_check = clock()
+        #: When the last check finished (the heartbeat /health and status compare with the clock).
+        self.check_done = clock()
         self.sender_state = None
         #: OAuth tokens, kept from check to check (in memory only).
         self.tokens = TokenCache()
@@ -3453,13 +3635,20 @@ class Gateway:
                 self._announce_settings()
             if result.sent or result.bad or result.deferred or result.problem:
                 self.journal.event("check", f"check: {result.summary()}")
-        set_state(self.journal.db, last_check=now, next_check=self.next_check)
+        self.check_done = self.clock()
+        set_state(self.journal.db, last_check=now, next_check=self.next_check,
+                  check_done=self.check_done)
         return result
+
+    def stuck(self, waiting: int | None) -> bool:
+        return is_stuck(self.check_done, self.clock(), self.settings.interval, waiting)
 
     def run_forever(self, guard: RunGuard | None = None) -> None:
         """Tick until stopped; with a guard, an error in a tick is the guard's
         to log (and, repeated, to stop on) instead of ending the loop."""
-        set_state(self.journal.db, run_pid=os.getpid(), run_started=self.clock())
+        self.check_done = self.clock()
+        set_state(self.journal.db, run_pid=os.getpid(), run_started=self.clock(),
+                  check_done=self.check_done)
         remove_stale_parts(self.settings.spool, self.clock())
         tick = guard.tick if guard else self.tick
         while not self.stop.is_set():
@@ -3754,7 +3943,7 @@ class RunGuard:
         elif self.repeats == 1:
             self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
                                        level=logging.ERROR)
-            log.error("%s", traceback_text(exc))
+            log.error("%s", traceback_text(exc), extra=TRACEBACK)
         else:
             log.error("the same error again (%d in a row): %s", self.repeats, summary)
 
@@ -3764,7 +3953,7 @@ class RunGuard:
         self.exit_status = 1
         try:
             self.gateway.journal.event("crash", what, level=logging.CRITICAL)
-            log.critical("%s", traceback_text(exc))
+            log.critical("%s", traceback_text(exc), extra=TRACEBACK)
         except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
             print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
         finally:
@@ -5703,13 +5892,17 @@ def patron_problems(values: dict) -> dict:
     return errors
 
 
-def status_info(settings: Settings) -> dict:
-    """What `status` tells: is `run` running, the sender's state, the queue,
-    and the fields of STATUS_FIELDS. Raises SpoolError if the spool cannot be read."""
+def status_info(settings: Settings, now: float | None = None) -> dict:
+    """What `status` tells: is `run` running, the sender's state (or "stuck"),
+    the queue, who answers on the page's port, and the fields of STATUS_FIELDS.
+    Raises SpoolError if the spool cannot be read."""
+    now = time.time() if now is None else now
     db = open_db(settings.database)
     try:
         running = run_is_active(settings.ini_path)
         g = lambda key: get_state(db, key)  # noqa: E731
+        waiting = len(scan(settings.spool))
+        page, page_ok = page_status(settings, db, running)
         info = {
             "running": running, "pid": g("run_pid") if running else None,
             "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
@@ -5717,17 +5910,76 @@ def status_info(settings: Settings) -> dict:
             "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
             if running else "`python bibliogate.py run` is not running",
             "problems": settings.problems,
-            "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
+            "waiting": waiting, "bad": len(scan(settings.spool, is_bad_name)),
             "last_check": g("last_check"), "next_check": g("next_check") if running else None,
             "login": login_hold(settings, db, time.time()),
             "sent_today": sent_on(db, local_day(time.time()).isoformat()),
             "max_per_day": settings.max_per_day,
+            "stuck": running and is_stuck(g("check_done"), now, settings.interval, waiting),
+            "page": page, "page_ok": page_ok,
         }
+        if info["stuck"]:
+            info["sender"], info["reason"] = "stuck", stuck_sentence(g("check_done"), now)
         for key, fn in STATUS_FIELDS.items():
             info[key] = fn(settings, db)
         return info
     finally:
         db.close()
+
+
+def page_status(settings: Settings, db: sqlite3.Connection, running: bool) -> tuple[str, bool]:
+    """Who answers at the config page's address: (a sentence, True if all is
+    well). The page proves it is this BiblioGate by answering a random
+    challenge with the key `run` keeps in the database (page_nonce)."""
+    nonce = get_state(db, "page_nonce") if running else None
+    try:
+        address, port = web_address(settings)
+    except SettingsError as exc:
+        return f"not started: {exc}", not running
+    if nonce:
+        port = get_state(db, "page_port") or port
+    host = "127.0.0.1" if address in ("0.0.0.0", "::") or is_loopback(address) else address
+    where = f"{host}:{port}"
+    challenge = secrets.token_hex(16)
+    answer = probe_health(host, port, challenge)
+    if answer is None:
+        if running and not nonce:
+            return f"not started (the log says why); nothing answers at {where}", False
+        return (f"not answering at {where}" if running else f"not running; {where} is free",
+                not running)
+    if nonce and hmac.compare_digest(str(answer.get("proof", "")), page_proof(nonce, challenge)):
+        return f"up at {get_state(db, 'page_url') or where}, answered as this BiblioGate", True
+    return (f"WARNING: another program answers at {where}. It is not this BiblioGate: do not "
+            "type a password into it. Find and stop that program (or set [web] port to a free "
+            "port), then restart BiblioGate."), False
+
+
+def probe_health(host: str, port: int, challenge: str, timeout: float = 3.0) -> dict | None:
+    """The JSON of GET /health at host:port; {} for an answer that is not ours,
+    None when nothing listens there."""
+    import http.client
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", f"/health?challenge={challenge}",
+                     headers={"Host": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
+        data = conn.getresponse().read(65536)
+    except ConnectionRefusedError:
+        return None
+    except (OSError, http.client.HTTPException):
+        return {}                   # something holds the port, and it is not a page of ours
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def page_proof(nonce: str, challenge: str) -> str:
+    """What the page answers to /health?challenge=...: only the process that
+    wrote page_nonce to the database knows it."""
+    return hmac.new(nonce.encode(), challenge.encode()[:64], hashlib.sha256).hexdigest()
 
 
 def run_lock_path(ini_path: Path) -> Path:
@@ -5752,12 +6004,17 @@ def run_is_active(ini_path: Path) -> bool:
 # restart the sender (Gateway.request_reload), "Send now" asks it for a check
 # (request_check), so a bad request can only ever fail itself.
 #
-# A request meets, in order: a socket timeout, a deadline and a size limit;
-# the Host check (the page answers only to its own address, so no other web
-# site can read it through DNS rebinding); the page password, when there is
-# one; for a POST, the Origin check and the session's form token (no forged
-# cross-site posts). Every value shown passes through esc(), and the SMTP
-# password is never put in a page.
+# A connection beyond MAX_CONNECTIONS is closed at once. A request meets, in
+# order: a socket timeout, a deadline and a size limit; HTTP/1.x only, and an
+# absolute request line only if it names this page; the Host check (the page
+# answers only to its own address, so no other web site can read it through
+# DNS rebinding); a login, on 127.0.0.1 too, since other accounts of the
+# server reach it as well: a one-time link from `page` (on this computer
+# only) or the page password (LoginThrottle makes each address wait longer
+# after each wrong one); a session exists only after a login. For a POST, the
+# Origin check and the session's form token (no forged cross-site posts).
+# Every value shown passes through esc(), and the SMTP password is never put
+# in a page.
 #
 # PageHandler does only that, then routes: GET_PAGES maps an address to a view
 # (page_*: a PageContext in, a title and the body's Html out) and POST_ACTIONS
@@ -5774,13 +6031,27 @@ REQUEST_SECONDS = 30.0
 #: Save waits this long for the loop to restart the sender before answering.
 RELOAD_WAIT_SECONDS = 10.0
 #: Sessions idle this long are forgotten; at most MAX_SESSIONS are kept.
+#: A session is made only at login (see SESSIONS_PER_ADDRESS).
 SESSION_SECONDS = 12 * 3600
 MAX_SESSIONS = 200
 #: PBKDF2-SHA256 rounds for a new page password (OWASP's advice for 2023).
 PASSWORD_ROUNDS = 600_000
 MIN_PASSWORD_LENGTH = 8
-#: After this many wrong passwords within LOGIN_WINDOW seconds, logins pause.
-LOGIN_TRIES, LOGIN_WINDOW = 10, 300.0
+#: A wrong password makes its client address wait this long before the next
+#: try, doubling with each wrong one up to LOGIN_DELAY_MAX; an hour without
+#: a try forgets them. Other addresses, and one-time links, never wait.
+LOGIN_DELAY_FIRST, LOGIN_DELAY_MAX, LOGIN_FORGET = 1.0, 60.0, 3600.0
+#: Addresses remembered by the login throttle at most (the idle ones go first).
+LOGIN_ADDRESSES = 10_000
+#: Logged-in sessions kept for one client address; its oldest goes first.
+SESSIONS_PER_ADDRESS = 20
+#: A one-time login link (`page`) works once, within this many seconds.
+LOGIN_LINK_SECONDS = 300.0
+#: Connections served at once; a connection beyond them is closed at once,
+#: so a flood cannot take the process's file handles from the sender. One
+#: client address holds at most MAX_CONNECTIONS_PER_ADDRESS of them, so a
+#: flood from one computer leaves room for the others.
+MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS = 64, 32
 #: The Log page lists this many days and shows at most LOG_BYTES of one.
 LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
 #: The Patrons page lists at most this many patrons, the Queue page this
@@ -5843,6 +6114,84 @@ def check_password(stored: str, password: str) -> bool:
     rounds, salt, digest = parts
     return hmac.compare_digest(hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds),
                                digest)
+
+
+# -- who is there: one-time links, the throttle -------------------------------------
+
+def link_host(address: str) -> str:
+    """The address a browser on this computer opens the page at."""
+    if address in ("0.0.0.0", "localhost") or is_loopback(address):
+        return "127.0.0.1" if ":" not in address else "[::1]"
+    return "[::1]" if address == "::" else (f"[{address}]" if ":" in address else address)
+
+
+def new_login_link(db: sqlite3.Connection, address: str, port: int, now: float) -> str:
+    """A link that logs in to the page once, within LOGIN_LINK_SECONDS, from
+    this computer only. The database keeps a hash of it, never the link."""
+    token = secrets.token_urlsafe(32)
+    add_login_link(db, token, now + LOGIN_LINK_SECONDS, now)
+    return f"http://{link_host(address)}:{port}/login?once={token}"
+
+
+def from_this_computer(peer: str, local: str) -> bool:
+    """Whether a connection comes from this computer: a loopback address, or
+    the very address it reached us at (a browser here opening our LAN address)."""
+    peer, local = (a[7:] if a.startswith("::ffff:") else a for a in (peer, local))
+    return is_loopback(peer) or peer == local
+
+
+@dataclasses.dataclass
+class _Tries:
+    failures: int = 0
+    until: float = 0.0          #: no password check from this address before then
+    busy: bool = False          #: a check from this address is running now
+
+
+class LoginThrottle:
+    """Growing delays per client address, decided before the password is
+    checked: admit() and done() run under one lock, so a burst of tries at
+    once gets one check through, not one per thread."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.tries: dict[str, _Tries] = {}
+
+    def admit(self, address: str) -> float:
+        """0.0 if a password check from `address` may run now (it is then
+        counted as running), else the seconds to wait."""
+        with self.lock:
+            now = self.clock()
+            entry = self.tries.get(address)
+            if entry is None:
+                self._forget_idle(now)
+                entry = self.tries[address] = _Tries()
+            # (a wait longer than the longest is a clock set back: it is over)
+            if entry.busy or 0 < entry.until - now <= LOGIN_DELAY_MAX:
+                return max(1.0, entry.until - now)
+            entry.busy = True
+            return 0.0
+
+    def done(self, address: str, ok: bool) -> None:
+        with self.lock:
+            entry = self.tries.setdefault(address, _Tries())
+            entry.busy = False
+            if ok:
+                del self.tries[address]
+                return
+            entry.failures += 1
+            entry.until = self.clock() + min(LOGIN_DELAY_MAX,
+                                             LOGIN_DELAY_FIRST * 2 ** min(entry.failures - 1, 30))
+
+    def _forget_idle(self, now: float) -> None:
+        for address in [a for a, e in self.tries.items()
+                        if not e.busy and now - e.until > LOGIN_FORGET]:
+            del self.tries[address]
+        while len(self.tries) >= LOGIN_ADDRESSES:
+            idle = [a for a, e in self.tries.items() if not e.busy]
+            if not idle:
+                break
+            del self.tries[min(idle, key=lambda a: self.tries[a].until)]
 
 
 # -- writing the ini -------------------------------------------------------------
@@ -6234,6 +6583,10 @@ $fields</fieldset>
 correct them there too.</p>
 """)
 LOGIN_BODY = string.Template("""\
+$message<p>On the computer BiblioGate runs on, open the page with
+<code>python bibliogate.py page</code>: it opens this page in the browser, logged in.</p>
+$form""")
+LOGIN_FORM = string.Template("""\
 <form method="post" action="/login">$token
 <fieldset><legend>Page password</legend>
 <div class="field"><label for="password">Password</label><div>
@@ -6244,6 +6597,24 @@ LOGIN_BODY = string.Template("""\
 <p class="muted">The password is set on the server with
 <code>python bibliogate.py set-password</code>.</p>
 """)
+NO_LOGIN_FORM = Html('<p class="muted">No page password is set, so the page opens only '
+                     'through <code>page</code>. To log in with a password (and from other '
+                     'computers), set one on the server with '
+                     '<code>python bibliogate.py set-password</code>.</p>\n')
+#: What the login page says after a try: ?m=... -> sentence.
+LOGIN_MESSAGES = MappingProxyType({
+    "wrong": "Wrong password.",
+    "wait": "Too many wrong passwords from this address just now: wait a few seconds (longer "
+            "after each wrong one), then try again. On the server, `python bibliogate.py page` "
+            "logs in at once.",
+    "nohash": "No usable page password is set. On the server, run "
+              "`python bibliogate.py set-password`.",
+    "used": "This login link was used already or is out of date (a link works once, within "
+            "five minutes). Run `python bibliogate.py page` again.",
+    "here": "A login link works only on the computer BiblioGate runs on. From here, log in "
+            "with the page password.",
+    "out": "You are logged out.",
+})
 NOT_FOUND_BODY = Html('<p>There is no such page here. <a href="/">Back to the settings</a>.</p>')
 LOGGED_IN_BODY = Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
 NO_PATRON_BODY = string.Template('<p>There is no patron $id. '
@@ -6364,6 +6735,8 @@ def settings_changes(form: dict, raw: dict) -> tuple[dict, dict]:
                 new = ""
             elif form.get(f.name):
                 new = form[f.name]
+                if ini_value_problem(new) is None:
+                    new = stored_smtp_password(new)
             else:
                 continue                  # empty = keep the stored password
         elif f.kind == "yesno":
@@ -6376,7 +6749,7 @@ def settings_changes(form: dict, raw: dict) -> tuple[dict, dict]:
         if problem:
             shown = "(hidden)" if f.kind == "password" else new
             errors[f.name] = ini_problem(f.section, f.key, shown, problem)
-        elif new != old:
+        elif new != old or f.kind == "password":     # typed again: still its server's
             changes[(f.section, f.key)] = new
     return changes, errors
 
@@ -6406,13 +6779,75 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
     raw, _ = parse_ini_text(text.lstrip("\ufeff"), ini_path)
     changes, errors = settings_changes(form, raw)
     errors.update(secret_moved(changes, raw, typed=bool(form.get("smtp.oauth_client_secret"))))
-    new_text = update_ini_text(text, changes)
+    bound = rebind_password(raw, changes)
+    new_text = update_ini_text(text, bound)
     by_field, other = sort_problems(load_settings(ini_path, text=new_text.lstrip("\ufeff")).problems)
+    if bound.get(("smtp", "password")) == "":     # cleared: the page asks for it beside the field
+        by_field.pop("smtp.password", None)
+    changes = bound
+    if ("gateway", "spool_folder") in changes:
+        value = changes[("gateway", "spool_folder")]
+        problem = spool_folder_problem(absolute(ini_path.parent, value), ini_path.parent)
+        if problem:
+            errors["gateway.spool_folder"] = ini_problem("gateway", "spool_folder", value, problem)
     for name, problem in by_field.items():
         errors.setdefault(name, problem)
     general = [p for p in other if p not in current]
     changed = [f"[{section}] {key}" for section, key in changes]
     return new_text, errors, general, changed
+
+
+#: The page never points the spool at these folders, nor (POSIX_SYSTEM_TREES,
+#: WINDOWS_SYSTEM_TREES) at any folder inside the first ones.
+POSIX_SYSTEM_TREES = ("/etc", "/bin", "/sbin", "/usr", "/lib", "/lib32", "/lib64", "/boot",
+                      "/dev", "/proc", "/sys", "/run", "/var/run", "/var/lib", "/var/log")
+POSIX_SYSTEM_FOLDERS = ("/", "/var", "/home", "/root", "/opt", "/srv", "/mnt", "/media",
+                        "/var/spool", "/var/mail")
+WINDOWS_SYSTEM_TREES = ("SystemRoot", "ProgramFiles", "ProgramFiles(x86)", "ProgramW6432")
+WINDOWS_SYSTEM_FOLDERS = ("ProgramData", "PUBLIC", "SystemDrive")
+
+
+def is_system_folder(path: Path, windows: bool = os.name == "nt") -> bool:
+    """Whether `path` is (or, for the system trees, is inside) a folder of the
+    operating system's own, or a drive's root."""
+    if windows:
+        trees = [os.environ.get(name, "") for name in WINDOWS_SYSTEM_TREES] + ["C:\\Windows"]
+        folders = [os.environ.get(name, "") for name in WINDOWS_SYSTEM_FOLDERS] + \
+            [str(Path(os.environ.get("USERPROFILE", "C:\\Users")).parent)]
+        norm = lambda p: os.path.normcase(os.path.normpath(p)).rstrip("\\/")  # noqa: E731
+    else:
+        trees, folders = list(POSIX_SYSTEM_TREES), list(POSIX_SYSTEM_FOLDERS)
+        norm = os.path.normpath
+    here = norm(str(path))
+    if path.parent == path or here in {norm(f) for f in folders if f}:
+        return True
+    return any(here == norm(t) or here.startswith(norm(t) + os.sep) for t in trees if t)
+
+
+def spool_folder_problem(path: Path | None, base: Path) -> str | None:
+    """Why the page will not point [gateway] spool_folder at `path`, or None.
+    A spool folder is trusted: whatever is saved there is mailed from the
+    library's address. So it must exist already (the page creates no
+    folders), and be no system folder nor one that every account may write."""
+    if path is None:
+        return "not a usable path."
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (f"no such folder ({path}). The page creates no folders: create it first (with "
+                "rights for BiblioGate's account only), or give an existing one.")
+    except OSError as exc:
+        return f"{path} cannot be used ({exc.strerror})."
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder. Give the folder the library program saves messages in."
+    if is_system_folder(path):
+        return (f"{path} is a system folder. Use a folder of BiblioGate's own, such as "
+                f"{base / 'spool'}.")
+    if os.name != "nt" and st.st_mode & stat.S_IWOTH:
+        return (f"{path} is writable by every account, so anyone on this server could mail "
+                "from the library's address. Use a folder only BiblioGate's account (and the "
+                "library program's) can write to.")
+    return None
 
 
 def age_text(seconds: float) -> str:
@@ -6490,6 +6925,7 @@ class PageSession:
     token: str
     login_hash: str
     seen: float
+    address: str = ""           #: the client address it logged in from
     flash: list = dataclasses.field(default_factory=list)
     drafts: dict = dataclasses.field(default_factory=dict)
 
@@ -6511,14 +6947,18 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.port = self.server_address[1]
         self.loopback = is_loopback(address)
         self.cookie_name = f"bibliogate-{self.port}"
+        self.login_cookie = f"{self.cookie_name}-login"      #: the login form's token (no session)
         self.request_seconds = REQUEST_SECONDS
         self.sessions: dict[str, PageSession] = {}
-        self.failed_logins: list[float] = []
-        self.lock = threading.Lock()           #: guards sessions and failed_logins
+        self.throttle = LoginThrottle(gateway.clock)
+        self.connections: dict[str, int] = {}  #: being served now, by client address
+        self.lock = threading.Lock()           #: guards sessions and connections
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
         self.view_lock = threading.Lock()      #: one reading of the spool at a time
         self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
         self._view: SpoolView | None = None
+        #: Proves to `status` that this process answers here (see page_proof).
+        self.nonce = secrets.token_hex(16)
 
     def server_bind(self) -> None:
         # TCPServer's bind only: HTTPServer's also asks DNS for a name, which may be slow.
@@ -6533,43 +6973,75 @@ class PageServer(http.server.ThreadingHTTPServer):
     def password_hash(self) -> str:
         return self.gateway.settings.get("web", "password_hash").strip()
 
-    def login_needed(self) -> bool:
-        """Always off this computer; on it, once a password is set."""
-        return not self.loopback or bool(self.password_hash())
-
-    def session(self, sid: str, create: bool) -> tuple[PageSession | None, bool]:
-        """The session of a cookie; a new one if asked. (session, is_new)."""
+    def session(self, sid: str) -> PageSession | None:
+        """The logged-in session of a cookie, or None. Nothing is made here:
+        a session is made only at login, so no request can evict one."""
         now = time.monotonic()
         with self.lock:
             for old in [k for k, s in self.sessions.items() if now - s.seen > SESSION_SECONDS]:
                 del self.sessions[old]
-            found = self.sessions.get(sid)
+            found = self.sessions.get(sid) if sid else None
             if found is not None:
                 found.seen = now
-                return found, False
-            if not create:
-                return None, False
-            return self._new_session("", now), True
+            return found
 
-    def _new_session(self, login_hash: str, now: float) -> PageSession:
-        if len(self.sessions) >= MAX_SESSIONS:
-            del self.sessions[min(self.sessions, key=lambda k: self.sessions[k].seen)]
-        new = PageSession(secrets.token_urlsafe(24), secrets.token_urlsafe(24), login_hash, now)
-        self.sessions[new.sid] = new
-        return new
-
-    def renew(self, old: PageSession, login_hash: str) -> PageSession:
-        """A fresh session id and token at login or logout (no session fixation)."""
+    def login(self, address: str, login_hash: str) -> PageSession:
+        """A new session, after a right password or a one-time link. One
+        address keeps at most SESSIONS_PER_ADDRESS: its oldest goes first."""
+        now = time.monotonic()
         with self.lock:
-            self.sessions.pop(old.sid, None)
-            new = self._new_session(login_hash, time.monotonic())
-            new.flash = old.flash
+            mine = [k for k, s in self.sessions.items() if s.address == address]
+            for sid in sorted(mine, key=lambda k: self.sessions[k].seen)[
+                    :max(0, len(mine) - SESSIONS_PER_ADDRESS + 1)]:
+                del self.sessions[sid]
+            if len(self.sessions) >= MAX_SESSIONS:
+                del self.sessions[min(self.sessions, key=lambda k: self.sessions[k].seen)]
+            new = PageSession(secrets.token_urlsafe(24), secrets.token_urlsafe(24), login_hash,
+                              now, address)
+            self.sessions[new.sid] = new
             return new
 
-    def logged_in(self, session: PageSession) -> bool:
-        stored = self.password_hash()
-        return not self.login_needed() or (bool(session.login_hash) and hmac.compare_digest(
-            session.login_hash.encode(), stored.encode()))
+    def logout(self, session: PageSession) -> None:
+        with self.lock:
+            self.sessions.pop(session.sid, None)
+
+    def logged_in(self, session: PageSession | None) -> bool:
+        """A session made at login, under the page password of now (a new
+        password, or a first one, logs everyone out)."""
+        return session is not None and self.sessions.get(session.sid) is session and \
+            hmac.compare_digest(session.login_hash.encode(), self.password_hash().encode())
+
+    def process_request(self, request, client_address) -> None:
+        """At most MAX_CONNECTIONS served at once (MAX_CONNECTIONS_PER_ADDRESS
+        from one address); one more is closed at once, before a thread is made."""
+        address = client_address[0]
+        with self.lock:
+            full = sum(self.connections.values()) >= MAX_CONNECTIONS or \
+                self.connections.get(address, 0) >= MAX_CONNECTIONS_PER_ADDRESS
+            if not full:
+                self.connections[address] = self.connections.get(address, 0) + 1
+        if full:
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:                   # no thread: it will not count itself out
+            self._served(address)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._served(client_address[0])
+
+    def _served(self, address: str) -> None:
+        with self.lock:
+            left = self.connections.get(address, 1) - 1
+            if left > 0:
+                self.connections[address] = left
+            else:
+                self.connections.pop(address, None)
 
     def spool_view(self) -> SpoolView:
         """The spool as the pages show it. While one page reads a long queue
@@ -6593,14 +7065,6 @@ class PageServer(http.server.ThreadingHTTPServer):
         """After a page's own change to the queue: the next page reads it afresh."""
         with self.view_lock:
             self._view = None
-
-    def login_paused(self, failed: bool = False) -> bool:
-        now = time.monotonic()
-        with self.lock:
-            self.failed_logins = [t for t in self.failed_logins if now - t < LOGIN_WINDOW]
-            if failed:
-                self.failed_logins.append(now)
-            return len(self.failed_logins) >= LOGIN_TRIES
 
 
 # -- what a view or an action is given ------------------------------------------------
@@ -6662,7 +7126,7 @@ def page_html(server: PageServer, session: PageSession, here: str, title: str, b
     nav = join(nav_link(href, label, here == href) for href, label in PAGE_LINKS) \
         if logged_in else NOTHING
     logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=session.token)) \
-        if logged_in and server.login_needed() else NOTHING
+        if logged_in else NOTHING
     flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
     session.flash = []
     return render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
@@ -6712,6 +7176,9 @@ def settings_field(f: Field, values: dict, errors: dict, secrets_set: Container[
         hint = ("Set. Type a new one to change it; leave empty to keep it." if f.name in secrets_set
                 else "Not set. Type one if the server needs a login." if f.key == "password"
                 else "Not set. oauth2: the client secret's Value from Microsoft Entra.")
+        if f.key == "password":
+            hint += (" It belongs to the server above: changing the server, port, security or "
+                     "username clears it unless you type it again in the same Save.")
     elif f.kind == "yesno":
         control = render(CHECKBOX, id=f.name, checked=flag(value.lower() in YES_WORDS, " checked"))
         hint = f.hint
@@ -6733,6 +7200,8 @@ def settings_facts(ctx: PageContext, s: Settings) -> Html:
     web_hash = bool(s.get("web", "password_hash").strip())
     facts = {"Page address": f"{ctx.server.url} ([web] address and port)",
              "Page password": "set" if web_hash else "not set (run set-password to set one)",
+             "Logging in": "a one-time link from `python bibliogate.py page` on this computer"
+                           + (", or the page password" if web_hash else ""),
              "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
              "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
     return join(render(FACT, name=name, value=value) for name, value in facts.items())
@@ -6917,11 +7386,18 @@ def page_patron(ctx: PageContext) -> tuple[str, Html]:
 def page_login(ctx: PageContext) -> tuple[str, Html]:
     if ctx.server.logged_in(ctx.session):
         return "Logged in", LOGGED_IN_BODY
-    return "Log in", render(LOGIN_BODY, token=ctx.token)
+    said = LOGIN_MESSAGES.get(ctx.query.get("m", ""))
+    message = render(FLASH, kind="ok" if ctx.query.get("m") == "out" else "error", text=said) \
+        if said else NOTHING
+    form = render(LOGIN_FORM, token=ctx.token) if ctx.server.password_hash() else NO_LOGIN_FORM
+    return "Log in", render(LOGIN_BODY, message=message, form=form)
 
 
-def health(ctx: PageContext) -> dict:
-    """For monitoring: the sender's state, the queue, the last check."""
+def health(ctx: PageContext, detail: str = "full") -> dict:
+    """For monitoring: the sender's state (or "stuck"), the queue, the last
+    check. detail: "full" for a login; "local" for anyone on this computer
+    (no server names, no reasons); "ok" for anyone else (ok or not, only).
+    With ?challenge=..., the proof `status` asks for (page_proof)."""
     g, s = ctx.gateway, ctx.settings
     state, reason = g.sender_state or ("not started", "")
     try:
@@ -6930,11 +7406,22 @@ def health(ctx: PageContext) -> dict:
     except SpoolError as exc:
         waiting = bad = None
         reason = f"{reason} {exc}"
+    stuck = g.stuck(waiting)
+    if stuck:
+        state, reason = "stuck", stuck_sentence(g.check_done, g.clock())
     last = get_state(g.journal.db, "last_check")
-    return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
-            "problems": len(s.problems), "waiting": waiting, "bad": bad,
+    info = {"ok": state == "running" and bad == 0, "stuck": stuck, "sender": state,
+            "reason": reason, "problems": len(s.problems), "waiting": waiting, "bad": bad,
             "last_check": last, "last_check_text": fmt_time(last),
             "next_check": None if s.problems else g.next_check, "version": __version__}
+    if detail == "ok":
+        info = {"ok": info["ok"]}
+    elif detail == "local":
+        info = {k: v for k, v in info.items() if k not in ("reason", "problems", "next_check")}
+    challenge = ctx.query.get("challenge")
+    if challenge:
+        info["proof"] = page_proof(ctx.server.nonce, challenge)
+    return info
 
 
 # -- the actions: each does one thing and says where to go next ---------------------
@@ -6945,30 +7432,42 @@ def health(ctx: PageContext) -> dict:
 BY_PAGE = "config page"
 
 
-def post_login(ctx: PageContext) -> tuple[str, PageSession]:
-    server, session = ctx.server, ctx.session
+def post_login(ctx: PageContext) -> tuple[str, PageSession | None]:
+    """The page password. Each client address waits longer after each wrong
+    one (LoginThrottle), decided before the password is checked."""
+    server = ctx.server
     stored = server.password_hash()
-    if not server.login_needed():
-        return "/", session
-    if server.login_paused():
-        ctx.flash("error", "Too many wrong passwords in the last few minutes. Wait five "
-                           "minutes, then try again.")
-    elif split_hash(stored) is None:
-        ctx.flash("error", "No usable page password is set. On the server, run "
-                           "`python bibliogate.py set-password`.")
-    elif check_password(stored, ctx.form.get("password", "")):
+    if split_hash(stored) is None:
+        return "/login?m=nohash", None
+    if server.throttle.admit(ctx.client):
+        return "/login?m=wait", None
+    right = False
+    try:
+        right = check_password(stored, ctx.form.get("password", ""))
+    finally:
+        server.throttle.done(ctx.client, right)
+    if right:
         ctx.gateway.journal.event("page", f"logged in to the config page from {ctx.client}")
-        return "/", server.renew(session, login_hash=stored)
-    else:
-        server.login_paused(failed=True)
-        ctx.gateway.journal.event("page", f"a wrong config page password from {ctx.client}",
-                                  level=logging.WARNING)
-        ctx.flash("error", "Wrong password.")
-    return "/login", session
+        return "/", server.login(ctx.client, stored)
+    ctx.gateway.journal.event("page", f"a wrong config page password from {ctx.client}",
+                              level=logging.WARNING)
+    return "/login?m=wrong", None
 
 
-def post_logout(ctx: PageContext) -> tuple[str, PageSession]:
-    return "/login", ctx.server.renew(ctx.session, login_hash="")
+def link_login(ctx: PageContext, token: str, local: str) -> tuple[str, PageSession | None]:
+    """A one-time link from `page` (or `run`'s console): once, in time, from this computer."""
+    if not from_this_computer(ctx.client, local):
+        return "/login?m=here", None
+    if not take_login_link(ctx.db, token, ctx.gateway.clock()):
+        return "/login?m=used", None
+    ctx.gateway.journal.event("page", f"logged in to the config page with a one-time link "
+                                      f"from {ctx.client}")
+    return "/", ctx.server.login(ctx.client, ctx.server.password_hash())
+
+
+def post_logout(ctx: PageContext) -> tuple[str, PageSession | None]:
+    ctx.server.logout(ctx.session)
+    return "/login?m=out", None
 
 
 def post_settings(ctx: PageContext) -> str:
@@ -6989,6 +7488,10 @@ def post_settings(ctx: PageContext) -> str:
         if changed:
             save_ini_text(ini_path, new_text)
     what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
+    if "[smtp] password" in changed and not ctx.form.get("smtp.password") \
+            and not ctx.form.get("smtp.password.clear"):
+        what += (" The SMTP password was cleared: it belongs to the server it was typed for. "
+                 "Type it for the new one below.")
     g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
     if g.request_reload(wait=RELOAD_WAIT_SECONDS):
         state, reason = g.sender_state or ("", "")
@@ -7158,6 +7661,28 @@ def form_length(header: str) -> int:
     return int(header)
 
 
+def check_login_token(cookie_header: str, name: str, form: dict) -> PageSession:
+    """Before a login there is no session: the login form's token is the
+    login cookie's value (a page of another site can read neither), and the
+    visitor a session that is never stored."""
+    token = cookie_value(cookie_header, name)
+    if not token or not hmac.compare_digest(form.get("token", "").encode(), token.encode()):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This login form is out of date. Open the "
+                          "login page again and log in there.")
+    return PageSession("", token, "", time.monotonic())
+
+
+def origin_form(target: str, address: str, port: int) -> str | None:
+    """The path (and query) a request line asks for. An absolute URI
+    (http://host:port/path) only if it names this page; None otherwise."""
+    if target.startswith("/"):
+        return target
+    url = urllib.parse.urlsplit(target)
+    if url.scheme.lower() != "http" or not host_allowed(url.netloc, address, port):
+        return None
+    return urllib.parse.urlunsplit(("", "", url.path or "/", url.query, ""))
+
+
 def cookie_value(header: str, name: str) -> str:
     for part in header.split(";"):
         key, _, value = part.strip().partition("=")
@@ -7198,7 +7723,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.new_sid = None
+        self.cookies: list[str] = []         #: Set-Cookie values of this answer
         self.deadline = threading.Timer(self.server.request_seconds, self._cut_off)
         self.deadline.daemon = True
         self.deadline.start()
@@ -7225,10 +7750,36 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def end_headers(self) -> None:
         for name, value in SECURITY_HEADERS:
             self.send_header(name, value)
-        if self.new_sid:
-            self.send_header("Set-Cookie", f"{self.server.cookie_name}={self.new_sid}; Path=/; "
-                                           "HttpOnly; SameSite=Strict")
+        for cookie in self.cookies:
+            self.send_header("Set-Cookie", cookie)
         super().end_headers()
+
+    def set_cookie(self, name: str, value: str) -> None:
+        self.cookies.append(f"{name}={value}; Path=/; HttpOnly; SameSite=Strict"
+                            + ("" if value else "; Max-Age=0"))
+
+    def parse_request(self) -> bool:
+        """The request line and headers; refused: HTTP/0.9 (its answer would
+        have no headers, so none of SECURITY_HEADERS) and an absolute URI
+        naming another host."""
+        words = str(getattr(self, "raw_requestline", b""), "iso-8859-1").rstrip("\r\n").split()
+        if len(words) == 2:
+            self.requestline, self.command, self.path = " ".join(words), words[0], words[1]
+            self.request_version, self.close_connection = "HTTP/1.0", True
+            self.send_error(HTTPStatus.BAD_REQUEST, "Only HTTP/1.0 and 1.1 are served here.")
+            return False
+        if not super().parse_request():
+            return False
+        if self.command not in ("GET", "POST"):
+            return True                     # answered 501 (not implemented) next
+        target = origin_form(self.path, self.server.address, self.server.port)
+        if target is None:
+            self.close_connection = True
+            self.send_error(HTTPStatus.MISDIRECTED_REQUEST,
+                            f"This page answers only at {self.server.url}.")
+            return False
+        self.path = target
+        return True
 
     def do_GET(self) -> None:
         self.deadline.cancel()
@@ -7266,11 +7817,21 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                               "are taken here.")
         return parse_form(data)
 
-    def session(self, create: bool) -> PageSession | None:
-        found, new = self.server.session(self.cookie_sid(), create)
-        if new:
-            self.new_sid = found.sid
-        return found
+    def session(self) -> PageSession | None:
+        """The logged-in session of this browser, or None."""
+        return self.server.session(self.cookie_sid())
+
+    def visitor(self) -> PageSession:
+        """Someone not logged in: a session never stored, its form token the
+        login cookie's (set here when the browser has none)."""
+        token = cookie_value(self.headers.get("Cookie", ""), self.server.login_cookie)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{32,64}", token):
+            token = secrets.token_urlsafe(24)
+            self.set_cookie(self.server.login_cookie, token)
+        return PageSession("", token, "", time.monotonic())
+
+    def from_here(self) -> bool:
+        return from_this_computer(self.client_address[0], self.connection.getsockname()[0])
 
     def cookie_sid(self) -> str:
         return cookie_value(self.headers.get("Cookie", ""), self.server.cookie_name)
@@ -7295,9 +7856,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         page = page_html(self.server, session, here, title, body)
         self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
 
-    def redirect(self, location: str, session: PageSession) -> None:
-        if session.sid != self.cookie_sid():
-            self.new_sid = session.sid
+    def redirect(self, location: str, session: PageSession | None = None) -> None:
+        """A 303 to `location`; with a new session (a login), its cookie."""
+        if session is not None and session.sid != self.cookie_sid():
+            self.set_cookie(self.server.cookie_name, session.sid)
         self.send_response(HTTPStatus.SEE_OTHER)
         self.send_header("Location", location)
         self.send_header("Content-Length", "0")
@@ -7318,14 +7880,22 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         if url.path == "/favicon.ico":                  # asked for by every browser
             self.send_response(HTTPStatus.NO_CONTENT)
             return self.end_headers()
-        if url.path == "/health":
-            with self.server.workers:
-                info = health(self.context(PageSession("", "", "", time.monotonic())))
-            return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
-        session = self.session(create=True)
-        if not self.server.logged_in(session) and url.path != "/login":
-            return self.redirect("/login", session)
         query = parse_query(url.query)
+        session = self.session()
+        logged_in = self.server.logged_in(session)
+        if url.path == "/health":
+            detail = "full" if logged_in else "local" if self.server.loopback and self.from_here() \
+                else "ok"
+            with self.server.workers:
+                info = health(self.context(session or PageSession("", "", "", 0.0), query), detail)
+            return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
+        if url.path == "/login" and "once" in query:
+            ctx = self.context(PageSession("", "", "", 0.0), query=query)
+            return self.redirect(*link_login(ctx, query["once"], self.connection.getsockname()[0]))
+        if session is None or not logged_in:
+            if url.path != "/login":
+                return self.redirect("/login")
+            session = self.visitor()
         view = GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
@@ -7337,12 +7907,15 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         form = self.read_form()        # read first: closing on unread data would reset the answer
         check_host(self.headers.get("Host", ""), self.server)
         check_origin(self.headers)
-        session = check_token(self.session(create=False), form)
         path = urllib.parse.urlsplit(self.path).path
         if path == "/login":
-            return self.redirect(*post_login(self.context(session, form=form)))
+            visitor = check_login_token(self.headers.get("Cookie", ""), self.server.login_cookie,
+                                        form)
+            return self.redirect(*post_login(self.context(visitor, form=form)))
+        session = check_token(self.session(), form)
         if not self.server.logged_in(session):
-            return self.redirect("/login", session)
+            raise PageRefusal(HTTPStatus.FORBIDDEN, "You are not logged in (a new page password "
+                              "logs everyone out). Log in again, then try again.")
         action = POST_ACTIONS.get(path)
         if action is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
@@ -7350,8 +7923,10 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             answer = action(self.context(session, form=form))
         finally:
             self.server.forget_spool_view()     # the page after it shows the change
-        location, session = answer if isinstance(answer, tuple) else (answer, session)
-        self.redirect(location, session)
+        location, after = answer if isinstance(answer, tuple) else (answer, session)
+        if after is None:                        # logged out
+            self.set_cookie(self.server.cookie_name, "")
+        self.redirect(location, after)
 
 
 def start_page(gateway: Gateway) -> PageServer | None:
@@ -7371,10 +7946,12 @@ def start_page(gateway: Gateway) -> PageServer | None:
                                  "`python bibliogate.py set-password`, then restart BiblioGate.")])
         server = PageServer(gateway, address, port)
     except SettingsError as exc:
+        set_state(gateway.journal.db, page_nonce=None)
         gateway.journal.event("page", f"the config page is not started: {exc} The gateway "
                               "sends meanwhile.", level=logging.WARNING)
         return None
     except OSError as exc:
+        set_state(gateway.journal.db, page_nonce=None)
         gateway.journal.event("page", f"the config page is not started: {address}:{port} cannot "
                               f"be used ({exc.strerror or exc}). Is another BiblioGate running? "
                               "Otherwise set bibliogate.ini [web] port to a free port. The "
@@ -7382,7 +7959,8 @@ def start_page(gateway: Gateway) -> PageServer | None:
         return None
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},  # for stop_page
                      name="config-page", daemon=True).start()
-    set_state(gateway.journal.db, page_url=server.url)
+    set_state(gateway.journal.db, page_url=server.url, page_port=server.port,
+              page_nonce=server.nonce)
     gateway.journal.event("page", f"the config page is at {server.url}")
     return server
 
@@ -7391,6 +7969,8 @@ def stop_page(server: PageServer | None) -> None:
     if server is not None:
         server.shutdown()
         server.server_close()
+        with contextlib.suppress(sqlite3.Error):
+            set_state(server.gateway.journal.db, page_nonce=None)
 
 
 def cmd_set_password(args, settings: Settings) -> int:
@@ -7984,6 +8564,10 @@ def cmd_run(args, settings: Settings) -> int:
 def serve_until_stopped(gateway: Gateway, guard: RunGuard) -> None:
     """The page and the loop, until a signal, a crash or the stop event."""
     page = start_page(gateway)
+    if page is not None and sys.stdin is not None and sys.stdin.isatty():
+        print(f"The config page: {page_link(gateway.journal.db, page, gateway.clock())}\n"
+              f"  (logs in once, within {LOGIN_LINK_SECONDS / 60:g} minutes, on this computer; "
+              "later, `python bibliogate.py page` opens it)", flush=True)
 
     def on_signal(signum, frame):
         log.info("stopping (signal %s): finishing the message in flight", signum)
@@ -8013,6 +8597,42 @@ def serve_until_stopped(gateway: Gateway, guard: RunGuard) -> None:
             os.unlink(stop_path(ini))
         gateway.journal.event("stop", "BiblioGate stopped" + (" (asked by `stop`)" if asked
                                                                else ""))
+
+
+def page_link(db: sqlite3.Connection, server: PageServer, now: float) -> str:
+    return new_login_link(db, server.address, server.port, now)
+
+
+def cmd_page(args, settings: Settings) -> int:
+    """Open the config page in the browser through a one-time login link."""
+    db = open_db(settings.database)
+    try:
+        port = get_state(db, "page_port")
+        if not run_is_active(settings.ini_path) or not get_state(db, "page_nonce") or not port:
+            raise BibliogateError("The config page is not running: start BiblioGate with "
+                                  "`python bibliogate.py run` (or its scheduled task), then run "
+                                  "`python bibliogate.py page` again. `status` says why a page "
+                                  "did not start.")
+        address, _ = web_address(settings)
+        link = new_login_link(db, address, port, time.time())
+    finally:
+        db.close()
+    if args.print:
+        print(link)
+    elif open_in_browser(link):
+        print(f"Opened the config page in the browser (the link logs in once, within "
+              f"{LOGIN_LINK_SECONDS / 60:g} minutes).")
+    else:
+        print(f"No browser could be opened here. Open this link on this computer (it logs in "
+              f"once, within {LOGIN_LINK_SECONDS / 60:g} minutes):\n{link}")
+    return 0
+
+
+def open_in_browser(url: str) -> bool:
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
 
 
 def cmd_send(args, settings: Settings) -> int:
@@ -8050,7 +8670,8 @@ def cmd_test(args, settings: Settings) -> int:
 
 def cmd_status(args, settings: Settings) -> int:
     info = status_info(settings)
-    ok = not settings.problems and info["bad"] == 0 and not info["login"]
+    ok = (not settings.problems and info["bad"] == 0 and not info["login"]
+          and not info["stuck"] and info["page_ok"])
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if ok else 1
@@ -8066,6 +8687,7 @@ def cmd_status(args, settings: Settings) -> int:
         print(f"today: {info['sent_today']} of {settings.max_per_day} recipients (max_per_day)"
               + ("; daily cap reached, the rest go tomorrow" if full else ""))
     print(f"last check: {fmt_time(info['last_check'])}, next check: {fmt_time(info['next_check'])}")
+    print(f"config page: {info['page']}")
     for key in STATUS_FIELDS:
         print(f"{key.replace('_', ' ')}: {info[key]}")
     return 0 if ok else 1
@@ -8146,6 +8768,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("run", cmd_run, "run the gateway until stopped (Ctrl+C)")
+    p = command("page", cmd_page, "open the config page in the browser, logged in (once)")
+    p.add_argument("--print", action="store_true", help="print the one-time link instead")
     p = command("send", cmd_send, "one check now, then exit")
     p.add_argument("--all", action="store_true", help="try every waiting message now")
     p = command("enqueue", cmd_enqueue, "queue one message file (or - for standard input)")

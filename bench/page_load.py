@@ -124,8 +124,18 @@ def add_patrons(database: Path, count: int) -> None:
 class Client:
     """One browser: its own session cookie, requests back to back."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, login: list[str] | None = None):
         self.port, self.cookie = port, ""
+        if login:
+            self.log_in(login)
+
+    def log_in(self, command: list[str]) -> None:
+        """Log in as the librarian does: `bibliogate.py page --print` gives a
+        one-time link. (An older bibliogate.py without `page` needs no login.)"""
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        link = done.stdout.strip()
+        if done.returncode == 0 and "/login?once=" in link:
+            self.get(link.split(f":{self.port}", 1)[1])
 
     def get(self, path: str) -> tuple[int, float]:
         start = time.perf_counter()
@@ -143,15 +153,17 @@ class Client:
         return resp.status, time.perf_counter() - start
 
 
-def run_clients(port: int, clients: int, seconds: float, offset: int = 0) -> list[tuple]:
+def run_clients(port: int, clients: int, seconds: float, offset: int = 0,
+                login: list[str] | None = None) -> list[tuple]:
     """(page, seconds, status, started) of every request made by `clients`
-    threads within `seconds`."""
+    threads within `seconds`, each logged in first with `login`."""
     results: list[tuple] = []
     lock = threading.Lock()
+    logged_in = [Client(port, login) for _ in range(clients)]
     stop_at = time.monotonic() + seconds
 
     def work(n: int) -> None:
-        client, mine = Client(port), []
+        client, mine = logged_in[n - offset], []
         for i in range(1_000_000):                   # bounded; the clock ends it first
             if time.monotonic() >= stop_at:
                 break
@@ -173,9 +185,9 @@ def run_clients(port: int, clients: int, seconds: float, offset: int = 0) -> lis
     return results
 
 
-def probe(port: int, seconds: float) -> list[tuple]:
+def probe(port: int, seconds: float, login: list[str] | None = None) -> list[tuple]:
     """One client, one page a second: each page timed on its own."""
-    client, results = Client(port), []
+    client, results = Client(port, login), []
     stop_at = time.monotonic() + seconds
     for i in range(100_000):                          # bounded; the clock ends it first
         if time.monotonic() >= stop_at:
@@ -317,11 +329,13 @@ def main(argv=None) -> int:
 
         t0, cpu = time.time(), [cpu_seconds(gateway.pid)]
         print(f"quiet phase: {args.quiet:g} s, one probe request a second")
-        quiet = probe(web_port, args.quiet)
+        login = [sys.executable, str(args.program.resolve()), "--config", str(ini), "page",
+                 "--print"]
+        quiet = probe(web_port, args.quiet, login)
         t1 = time.time()
         cpu.append(cpu_seconds(gateway.pid))
         print(f"load phase: {args.seconds:g} s, {args.clients} clients back to back")
-        load = run_clients(web_port, args.clients, args.seconds)
+        load = run_clients(web_port, args.clients, args.seconds, login=login)
         t2 = time.time()
         cpu.append(cpu_seconds(gateway.pid))
         quiet_checks = checks(folder / "bibliogate.db", t0, t1)

@@ -113,6 +113,13 @@ class PageClient:
         self.seen.append(f"{resp.status} {resp.getheaders()}\n{text}")
         return Response(resp.status, resp.headers, text)
 
+    def login(self, link: str) -> Response:
+        """Open a one-time login link (as `page` makes) as a browser would."""
+        url = urllib.parse.urlsplit(link)
+        r = self.request("GET", f"{url.path}?{url.query}", headers={"Host": url.netloc})
+        assert r.status == 303 and r.headers["Location"] == "/", (r.status, r.text)
+        return r
+
     def get(self, path: str) -> Response:
         r = self.request("GET", path)
         if r.headers.get_content_type() == "text/html":
@@ -186,9 +193,21 @@ class RunningPage:
         self.spool = self.gateway.settings.spool
         self.clients: list[PageClient] = []
 
-    def client(self, host: str | None = None) -> PageClient:
+    def login_link(self) -> str:
+        """A one-time login link, as `python bibliogate.py page --print` prints it."""
+        db = self.db()
+        try:
+            return bg.new_login_link(db, "127.0.0.1", self.port, self.clock())
+        finally:
+            db.close()
+
+    def client(self, host: str | None = None, login: bool = True) -> PageClient:
+        """A browser on this computer: the librarian, logged in through a
+        one-time link (login=False: anyone else)."""
         c = PageClient(self.port, host)
         self.clients.append(c)
+        if login:
+            c.login(self.login_link())
         return c
 
     def db(self):

@@ -14,19 +14,29 @@ slow-client attacks, so the module stays within a few seconds of each."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
+import http.client
+import json
 import os
+import re
 import select
+import shutil
 import socket
+import stat
+import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 
 import bibliogate as bg
-from conftest import eml
-from page_support import SECRET, field_error, flashes, open_page  # noqa: F401
+from conftest import REPO, Sink, eml, write_ini
+from page_support import SECRET, PageClient, field_error, flashes, open_page  # noqa: F401
 from test_page import add_patrons, drop, raw_request
 
 #: Markup that would run, or open a tag, if it were ever put in a page as it is.
@@ -698,4 +708,575 @@ def test_a_line_break_in_any_field_never_reaches_the_ini(open_page):
         assert "must be one line" in field_error(r.text, "library.name"), repr(brk)
         assert page.ini.read_bytes() == witness.ini, repr(brk)
     assert page.gateway.settings.password == SECRET
+    witness.unharmed()
+
+
+# == A red team on the same server and on the school network ================================
+#
+# Each attack below was found getting through; each test drives it from outside (real
+# sockets, files, an SMTP server of the attacker's own) and, where the tests run as root,
+# from a second operating-system account ("nobody").
+
+
+
+class CredentialTrap(Sink):
+    """An attacker's SMTP server: offers AUTH, takes any login, keeps every
+    (username, password) it is given."""
+
+    def __init__(self):
+        super().__init__(auth=("anyone", "anything"))
+        self.captured: list[tuple[str, str]] = []
+
+    def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        with self._lock:
+            self.captured.append((auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+
+@pytest.fixture
+def trap():
+    t = CredentialTrap().start()
+    yield t
+    t.stop()
+
+
+def send_now_and_wait(page, c, sessions_before: int, sink, seconds: float = 10.0) -> None:
+    """Press "Send now" and wait (bounded) until `sink` has had a connection."""
+    c.get("/queue")
+    c.post("/queue/send-now", {"token": c.token()})
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and sink.sessions <= sessions_before:
+        time.sleep(0.02)
+    time.sleep(0.3)                     # the login, if any, follows the greeting
+
+
+@pytest.mark.parametrize("change", ["port", "username", "security"])
+def test_the_stored_smtp_password_never_reaches_a_server_it_was_not_typed_for(open_page, trap,
+                                                                              change):
+    page = open_page()
+    drop(page.spool, "waiting.TMP", eml(subject="held"), age=3600)
+    c = page.client()
+    c.get("/")
+    assert "changing the server, port, security or username clears it" in c.page
+    edits = {"port": {"smtp.port": str(trap.port)},
+             # the same server, now as another account of it, or without TLS
+             "username": {"smtp.port": str(trap.port), "smtp.username": "mallory"},
+             "security": {"smtp.port": str(trap.port), "smtp.security": "none"}}[change]
+    r = c.submit("/settings", **edits)
+    text = page.ini.read_text(encoding="utf-8")
+    assert SECRET not in text, "the stored password survived a change of its server"
+    assert "password =\n" in text
+    assert "Type the password for" in field_error(r.text, "smtp.password")
+    assert any("The SMTP password was cleared" in n for n in flashes(r.text))
+    assert page.gateway.sender_state[0] == "stopped"     # until the password is typed
+    send_now_and_wait(page, c, 0, trap, seconds=1.0)
+    assert not [p for _, p in trap.captured if p == SECRET], trap.captured
+    assert not trap.messages, "queued mail reached a server the librarian never chose"
+    # typed again in the same Save, it goes to the server it was typed for
+    c.get("/")
+    c.submit("/settings", **{"smtp.password": "typed-for-the-trap"})   # Save starts a check
+    login = ("librarian" if change != "username" else "mallory", "typed-for-the-trap")
+    assert wait_until(lambda: login in trap.captured), trap.captured
+
+
+def test_a_password_in_clear_to_another_computer_is_refused_with_the_reason(open_page):
+    page = open_page()
+    c = page.client()
+    c.get("/")
+    r = c.submit("/settings", **{"smtp.host": "192.0.2.25", "smtp.password": "Typed-Again-1"})
+    assert "in clear" in field_error(r.text, "smtp.security")
+    assert "192.0.2.25" not in page.ini.read_text(encoding="utf-8")
+    # a hand edit that does it stops the sender instead of sending it in clear
+    s = bg.load_settings(page.ini, text=page.ini.read_text(encoding="utf-8").replace(
+        "host = 127.0.0.1", "host = 192.0.2.25"))
+    assert any("in clear" in p for p in s.problems)
+
+
+# -- another account on the same server --------------------------------------------------------
+
+
+
+#: The second account: "nobody" where the tests run as root, else this one.
+NOBODY = 65534
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+#: What the other account runs: each request of REQUESTS, as a browser
+#: without our cookie would send it; prints [status, Location, body] each.
+PROBE = r"""
+import http.client, json, sys
+port, requests = int(sys.argv[1]), json.loads(sys.argv[2])
+out = []
+for method, path, body in requests:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    headers = {"Host": "127.0.0.1:%d" % port, "Origin": "http://127.0.0.1:%d" % port,
+               "Content-Type": "application/x-www-form-urlencoded"}
+    conn.request(method, path, body=body, headers=headers)
+    r = conn.getresponse()
+    out.append([r.status, r.getheader("Location"), r.read().decode("utf-8", "replace")])
+    conn.close()
+print(json.dumps(out))
+"""
+
+
+def other_python() -> str:
+    """A Python the other account may run (root's own may sit in /root)."""
+    for candidate in (sys.executable, shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
+        try:
+            if candidate and subprocess.run([candidate, "-c", "pass"], preexec_fn=become_nobody,
+                                            capture_output=True, cwd="/").returncode == 0:
+                return candidate
+        except OSError:                 # not even started: that account may not run it
+            continue
+    pytest.skip("no Python the second account can run")
+
+
+def become_nobody() -> None:
+    if AS_ROOT:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+
+def as_other_account(port: int, requests: list) -> list:
+    """Send `requests` ([method, path, body]) to the page from the second account."""
+    done = subprocess.run([other_python(), "-c", PROBE, str(port), json.dumps(requests)],
+                          preexec_fn=become_nobody, capture_output=True, text=True, timeout=120,
+                          cwd="/")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a second account, FIFOs and modes are POSIX's")
+def test_another_account_gets_no_page_on_127_0_0_1_without_a_login(open_page):
+    page = open_page()
+    drop(page.spool, "victim.BAD", eml(subject="victim"))
+    witness = Witness(page)
+    gets = ["/", "/settings", "/queue", "/log", "/patrons", "/patron?id=p1", "/nope",
+            "/login?once=" + "A" * 43]
+    posts = ["/settings", "/test", "/queue/retry", "/queue/retry-all", "/queue/delete",
+             "/queue/send-now", "/patron", "/logout"]
+    answers = as_other_account(page.port, [["GET", p, None] for p in gets]
+                               + [["POST", p, "file=victim.BAD&gateway.spool_folder=/tmp"]
+                                  for p in posts] + [["GET", "/health", None]])
+    for path, (status, location, _) in zip(gets[:-1], answers):
+        assert status == 303 and location == "/login", (path, status)
+    status, location, _ = answers[len(gets) - 1]          # a made-up one-time link
+    assert status == 303 and location == "/login?m=used"
+    for path, (status, _, _) in zip(posts, answers[len(gets):]):
+        assert status == 403, (path, status)
+    status, _, body = answers[-1]
+    health = json.loads(body)
+    assert "reason" not in health and SECRET not in body
+    assert not page.sink.messages
+    witness.unharmed()
+
+
+def test_a_one_time_link_logs_in_once_within_minutes_and_only_from_this_computer(open_page):
+    page = open_page()
+    link = page.login_link()
+    c = page.client(login=False)
+    c.login(link)
+    assert c.get("/").status == 200
+    again = page.client(login=False)
+    r = again.request("GET", link.split(f":{page.port}", 1)[1])
+    assert r.status == 303 and r.headers["Location"].startswith("/login")  # used up
+    assert again.get("/").status == 303
+    late = page.login_link()
+    page.clock.advance(bg.LOGIN_LINK_SECONDS + 1)
+    r = page.client(login=False).request("GET", late.split(f":{page.port}", 1)[1])
+    assert r.status == 303 and r.headers["Location"].startswith("/login")
+    # the database holds a hash of each link, never the link
+    db = page.db()
+    assert not [row for row in db.execute("SELECT digest FROM page_logins")
+                if row[0] in (link, late) or row[0] in link]
+    db.close()
+    assert bg.from_this_computer("127.0.0.1", "127.0.0.1")
+    assert bg.from_this_computer("192.168.1.5", "192.168.1.5")       # a browser here, at our LAN address
+    assert not bg.from_this_computer("192.168.1.6", "192.168.1.5")
+
+
+def run_gateway(tmp_path, sink, **web):
+    ini = write_ini(tmp_path, sink, web__port=0, **web)
+    proc = subprocess.Popen([sys.executable, str(REPO / "bibliogate.py"), "--config", str(ini), "run"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):                     # bounded: at most ~20 s
+        if (tmp_path / "bibliogate.db").exists():
+            db = bg.open_db(tmp_path / "bibliogate.db")
+            url = bg.get_state(db, "page_nonce") and bg.get_state(db, "page_url")
+            db.close()
+            if url:
+                return ini, proc, int(url.rsplit(":", 1)[1].strip("/"))
+        time.sleep(0.1)
+    proc.terminate()
+    raise AssertionError("run did not start its page")
+
+
+def bibliogate(ini, *args, user=None):
+    return subprocess.run([sys.executable, str(REPO / "bibliogate.py"), "--config", str(ini), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_page_command_prints_a_link_that_logs_the_librarian_in(tmp_path, sink):
+    ini, proc, port = run_gateway(tmp_path, sink)
+    try:
+        done = bibliogate(ini, "page", "--print")
+        assert done.returncode == 0, done.stderr
+        link = done.stdout.strip()
+        assert link.startswith(f"http://127.0.0.1:{port}/login?once=")
+        c = PageClient(port)
+        assert c.get("/").status == 303
+        c.login(link)
+        assert "<h1>Settings</h1>" in c.get("/").text
+        done = bibliogate(ini, "status")
+        assert "answered as this BiblioGate" in done.stdout, done.stdout
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    done = bibliogate(ini, "page", "--print")
+    assert done.returncode == 1 and "python bibliogate.py run" in done.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a pseudo-terminal is POSIX's")
+def test_run_in_a_console_prints_a_one_time_link(tmp_path, sink):
+    import pty
+    ini = write_ini(tmp_path, sink, web__port=0)
+    console, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bibliogate.py"), "--config", str(ini), "run"],
+                            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        line = ""
+        for _ in range(20):                  # bounded: the link is among the first lines
+            line = proc.stdout.readline().decode()
+            if "/login?once=" in line or not line:
+                break
+        link = line.split("The config page: ", 1)[-1].strip()
+        assert link.startswith("http://127.0.0.1:"), line
+        c = PageClient(int(link.split(":")[2].split("/")[0]))
+        c.login(link)
+        assert "<h1>Settings</h1>" in c.get("/").text
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        os.close(console)
+        os.close(terminal)
+
+
+
+
+def test_status_warns_when_another_program_holds_the_page_port(tmp_path, sink):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(5)
+    port = squatter.getsockname()[1]
+    caught = []
+
+    def answer():                          # a fake page that would collect a password
+        squatter.settimeout(20)
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = squatter.accept()
+                caught.append(conn.recv(65536))
+                conn.sendall(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n'
+                             b'{"ok": true, "sender": "running"}')
+                conn.close()
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        ini = write_ini(tmp_path, sink, web__port=port)
+        done = bibliogate(ini, "status")
+        assert done.returncode == 1
+        assert "another program answers at 127.0.0.1:%d" % port in done.stdout, done.stdout
+        info = json.loads(bibliogate(ini, "status", "--json").stdout)
+        assert info["page_ok"] is False
+    finally:
+        squatter.close()
+
+
+# -- throttling and sessions -------------------------------------------------------------------
+
+def password_page(open_page, monkeypatch):
+    stored = bg.hash_password("correct horse", rounds=1000)
+    page = open_page(web_hash=("password_hash =         ;", f"password_hash = {stored} ;"))
+    checks = []
+    real = bg.check_password
+
+    def counted(stored, password):
+        checks.append(password)
+        return real(stored, password)
+    monkeypatch.setattr(bg, "check_password", counted)
+    return page, checks
+
+
+def login_form(page, source: str = "127.0.0.1"):
+    """(cookie, token) of the login page, as a browser at `source` gets them."""
+    conn = http_connection(page, source)
+    conn.request("GET", "/login", headers={"Host": f"127.0.0.1:{page.port}"})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    cookie = (r.getheader("Set-Cookie") or "").split(";")[0]
+    token = re.search(r'name="token" value="([^"]+)"', text).group(1)
+    return cookie, token
+
+
+
+
+def http_connection(page, source: str) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", page.port, timeout=30,
+                                      source_address=(source, 0))
+
+
+def try_password(page, source: str, cookie: str, token: str, password: str):
+    conn = http_connection(page, source)
+    try:
+        conn.request("POST", "/login", body=urllib.parse.urlencode({"token": token,
+                                                                    "password": password}),
+                     headers={"Host": f"127.0.0.1:{page.port}", "Cookie": cookie,
+                              "Origin": f"http://127.0.0.1:{page.port}",
+                              "Content-Type": "application/x-www-form-urlencoded"})
+        r = conn.getresponse()
+        r.read()
+        return r.status, r.getheader("Location"), r.getheader("Set-Cookie")
+    finally:
+        conn.close()
+
+
+def test_150_wrong_passwords_at_once_get_one_check_and_the_librarian_still_logs_in(
+        open_page, monkeypatch):
+    page, checks = password_page(open_page, monkeypatch)
+    cookie, token = login_form(page)
+    cookie2, token2 = login_form(page, "127.0.0.2")
+    results, right = [], []
+    start = threading.Barrier(151)
+
+    def attacker():
+        start.wait(30)
+        try:
+            results.append(try_password(page, "127.0.0.1", cookie, token, "guess"))
+        except OSError:             # closed at once: beyond the page's connection cap
+            results.append("closed")
+
+    def librarian():
+        start.wait(30)
+        for _ in range(50):         # a browser's reload, if the burst filled the connections
+            try:
+                right.append(try_password(page, "127.0.0.2", cookie2, token2, "correct horse"))
+                return
+            except OSError:
+                time.sleep(0.1)
+    threads = [threading.Thread(target=attacker) for _ in range(150)] + \
+        [threading.Thread(target=librarian)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 150
+    wrong = [p for p in checks if p == "guess"]
+    assert len(wrong) <= 1, f"{len(wrong)} password checks got through the throttle"
+    status, location, set_cookie = right[0]
+    assert status == 303 and location == "/" and set_cookie, right
+    # the clock has not moved: the address waits; after a second, one more try
+    assert try_password(page, "127.0.0.1", cookie, token, "guess2")[1].startswith("/login")
+    assert "guess2" not in checks
+    page.clock.advance(bg.LOGIN_DELAY_FIRST + 0.1)
+    try_password(page, "127.0.0.1", cookie, token, "guess3")
+    assert "guess3" in checks
+    page.clock.advance(bg.LOGIN_DELAY_FIRST + 0.1)                      # the delay has doubled
+    try_password(page, "127.0.0.1", cookie, token, "guess4")
+    assert "guess4" not in checks
+    # the librarian on this computer is never locked out: the one-time link works
+    assert page.client().get("/queue").status == 200
+
+
+def test_anonymous_requests_make_no_session_and_log_nobody_out(open_page):
+    page = open_page()
+    librarian = page.client()
+    librarian.get("/")
+    before = len(page.server.sessions)
+    for n in range(300):                                # 404s, cross-site <img>s, the login page
+        path = ("/nope%d" % n, "/queue", "/login", "/health", "/style.css")[n % 5]
+        r = raw_request(page.port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+        assert b"bibliogate-%d=" % page.port not in r.split(b"\r\n\r\n")[0] or path == "/login"
+    assert len(page.server.sessions) == before
+    r = librarian.submit("/settings", **{"library.name": "Still Me"})
+    assert any("Saved [library] name" in n for n in flashes(r.text))
+    # logins from one address keep at most SESSIONS_PER_ADDRESS sessions
+    clients = [page.client() for _ in range(bg.SESSIONS_PER_ADDRESS + 5)]
+    mine = [s for s in page.server.sessions.values() if s.address == "127.0.0.1"]
+    assert len(mine) == bg.SESSIONS_PER_ADDRESS
+    assert clients[-1].get("/queue").status == 200
+
+
+# -- the spool folder and its files ---------------------------------------------------------
+
+@pytest.mark.skipif(os.name == "nt", reason="a second account, FIFOs and modes are POSIX's")
+def test_the_page_cannot_aim_the_gateway_at_other_peoples_files(open_page, tmp_path):
+    page = open_page()
+    witness = Witness(page)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)                     # writable by every account
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("x")
+    new = tmp_path / "deep" / "new" / "folder"
+    c = page.client()
+    refused = {str(shared): "writable by every account", "/tmp": "writable by every account",
+               "/": "system folder", "/etc": "system folder", "/usr/lib": "system folder",
+               str(new): "no such folder", str(a_file): "not a folder"}
+    for value, why in refused.items():
+        c.get("/")
+        r = c.submit("/settings", **{"gateway.spool_folder": value})
+        assert why in field_error(r.text, "gateway.spool_folder"), (value, field_error(
+            r.text, "gateway.spool_folder"))
+    assert not (tmp_path / "deep").exists(), "the page created folders"
+    assert page.gateway.settings.spool == page.spool
+    witness.unharmed()
+    own = tmp_path / "own-spool"
+    own.mkdir(mode=0o750)
+    c.get("/")
+    c.submit("/settings", **{"gateway.spool_folder": str(own)})
+    assert page.gateway.settings.spool == own.resolve()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a second account, FIFOs and modes are POSIX's")
+def test_retry_and_delete_touch_only_regular_files_directly_in_the_spool(open_page, tmp_path):
+    page = open_page()
+    elsewhere = tmp_path / "private.BAD"
+    elsewhere.write_bytes(b"someone else's")
+    os.symlink(elsewhere, page.spool / "link.BAD")
+    os.symlink(elsewhere, page.spool / "link.TMP.BAD")
+    os.mkfifo(page.spool / "pipe.BAD")
+    (page.spool / "folder.BAD").mkdir()
+    witness = Witness(page)
+    c = page.client()
+    for name in ("link.BAD", "link.TMP.BAD", "pipe.BAD", "folder.BAD"):
+        c.get("/log")               # (the Queue page's reading of a FIFO is another test's)
+        c.post("/queue/retry", {"token": c.token(), "file": name}, follow=False)
+        r = c.get("/log")
+        assert any("not put back" in n for n in flashes(r.text)), (name, flashes(r.text))
+        c.post("/queue/delete", {"token": c.token(), "file": name}, follow=False)
+        r = c.get("/log")
+        assert any("Nothing was deleted" in n for n in flashes(r.text)), name
+    assert elsewhere.read_bytes() == b"someone else's"
+    assert os.path.islink(page.spool / "link.BAD") and stat.S_ISFIFO(
+        os.lstat(page.spool / "pipe.BAD").st_mode)
+    assert not list(page.spool.glob("*.TMP"))
+    os.unlink(page.spool / "pipe.BAD")
+    witness.unharmed(spool_changed=True)
+
+
+# -- health that tells the truth ----------------------------------------------------------------
+
+def test_health_and_status_say_stuck_when_no_check_finishes_while_mail_waits(open_page, tmp_path):
+    silent = socket.socket()                        # an SMTP server that never greets
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    held = []
+    page = open_page(port=("port = 25               ;", f"port = {silent.getsockname()[1]:<5}           ;"))
+    try:
+        c = page.client()
+        drop(page.spool, "waiting.TMP", eml(subject="waits"), age=3600)
+        c.get("/queue")
+        c.post("/queue/send-now", {"token": c.token()})
+        silent.settimeout(10)
+        held.append(silent.accept()[0])            # the check now hangs in the greeting
+        assert json.loads(c.get("/health").text)["stuck"] is False
+        page.clock.advance(bg.STUCK_CHECKS * max(page.gateway.settings.interval,
+                                                 bg.CHECK_CAP_SECONDS) + 60)
+        r = c.get("/health")
+        health = json.loads(r.text)
+        assert r.status == 503 and health["ok"] is False and health["stuck"] is True
+        with bg.FileLock(bg.run_lock_path(page.ini)):       # as `run` holds it
+            info = bg.status_info(page.gateway.settings, now=page.clock())
+        assert info["stuck"] is True and info["sender"] == "stuck"
+        assert "no check has finished for" in info["reason"]
+    finally:
+        for conn in held:
+            conn.close()
+        silent.close()
+
+
+def test_health_off_this_computer_without_a_login_says_only_ok(open_page):
+    page = open_page()
+    page.server.loopback = False            # as in LAN mode (address 0.0.0.0 or the server's)
+    r = page.client(login=False).get("/health")
+    assert set(json.loads(r.text)) == {"ok"}
+    page.server.loopback = True
+
+
+# -- floods, forged log lines, odd requests -----------------------------------------------------
+
+def test_a_connection_flood_is_capped_and_the_sender_goes_on(open_page, monkeypatch):
+    monkeypatch.setattr(bg, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(bg, "MAX_CONNECTIONS_PER_ADDRESS", 5)
+    page = open_page()
+    witness = Witness(page)
+    c = page.client()
+
+    def from_address(source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", page.port), timeout=5,
+                                        source_address=(source, 0))
+    idle = [from_address("127.0.0.2") for _ in range(5)]
+    try:
+        time.sleep(0.3)
+        extra = from_address("127.0.0.2")
+        assert closed_by_server(extra, 5), "one address held more than its share"
+        extra.close()
+        assert c.get("/queue").status == 200            # another address still gets in
+        idle += [from_address("127.0.0.3") for _ in range(3)]
+        time.sleep(0.3)
+        extra = from_address("127.0.0.4")
+        assert closed_by_server(extra, 5), "a connection beyond the cap was kept"
+        extra.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    witness.unharmed()
+
+
+def test_a_newline_in_a_file_name_or_patron_id_cannot_forge_a_log_line(open_page, page_log):
+    page = open_page()
+    page_log(page)
+    forged = "2026-11-30 09:00:00 INFO    sent everything, all is well"
+    drop(page.spool, f"x\n{forged}.TMP", b"not a message at all\x00", age=3600)
+    c = page.client()
+    c.get("/queue")
+    c.post("/queue/send-now", {"token": c.token()})
+    assert wait_until(lambda: list(page.spool.glob("*.BAD")))
+    add_patrons(page, (f"p1\n{forged}", "Ann", "ann@example.org", "", "7B", 1))
+    c.get("/patrons")
+    r = c.post("/patron", {"token": c.token(), "patron_id": f"p1\n{forged}",
+                           "email": "new@example.org", "guardian_email": "", "grp": "7B"})
+    assert any("Saved patron" in n for n in flashes(r.text)), flashes(r.text)
+    text = "".join(p.read_text(encoding="utf-8") for p in page.gateway.settings.log_folder.glob("*.log"))
+    assert "x\\n2026-11-30 09:00:00" in text and "patron p1\\n2026-11-30 09:00:00" in text
+    assert not [line for line in text.splitlines() if line.startswith(forged)]
+    db = page.db()
+    assert not [r[0] for r in db.execute("SELECT detail FROM events") if "\n" in r[0]]
+    db.close()
+
+
+def test_an_address_with_a_trailing_newline_is_refused(tmp_path, sink):
+    ini = write_ini(tmp_path, sink)
+    done = bibliogate(ini, "test", "--to", "a@b.example\n")
+    assert done.returncode == 1 and "not an email address" in done.stderr
+    assert not list((tmp_path / "spool").glob("*.TMP"))
+
+
+def test_http_0_9_and_foreign_absolute_uris_are_refused(open_page):
+    page = open_page()
+    witness = Witness(page)
+    answer = raw_request(page.port, b"GET /health\r\n")
+    witness.raw.append(answer)
+    assert answer == b"" or (answer.startswith(b"HTTP/1.") and status_of(answer) >= 400), answer[:200]
+    for target in ("http://evil.example/health", f"http://evil.example:{page.port}/",
+                   "http://127.0.0.1:1/health", "ftp://127.0.0.1/"):
+        answer = raw_request(page.port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\n"
+                                        "Connection: close\r\n\r\n".encode())
+        witness.raw.append(answer)
+        assert 400 <= status_of(answer) < 500, (target, answer[:200])
+    answer = raw_request(page.port, f"GET http://127.0.0.1:{page.port}/health HTTP/1.1\r\n"
+                                    f"Host: 127.0.0.1:{page.port}\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(answer) in (200, 503)
     witness.unharmed()

@@ -77,6 +77,9 @@ def test_settings_test_queue_and_patron_in_a_browser(open_page, browser, tmp_pat
     complaints = []
     tab.on("console", lambda msg: complaints.append(msg.text) if msg.type == "error" else None)
 
+    # The librarian opens the page as `python bibliogate.py page` does: a one-time link.
+    tab.goto(page.login_link())
+    assert tab.url == url + "/"
     # Settings: change two values, Save, see them in the ini and on the page.
     tab.goto(url + "/")
     tab.fill('[name="gateway.messages_per_check"]', "4")
@@ -131,7 +134,8 @@ def test_settings_test_queue_and_patron_in_a_browser(open_page, browser, tmp_pat
     # On a phone the settings fit the screen's width.
     phone = browser.new_page(viewport={"width": 390, "height": 844})
     phone.on("console", lambda msg: complaints.append(msg.text) if msg.type == "error" else None)
-    phone.goto(url + "/")
+    phone.goto(page.login_link())
+    assert phone.url == url + "/"
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert complaints == []          # among them any Content-Security-Policy refusal
     assert SECRET not in tab.content() + phone.content()

@@ -156,3 +156,45 @@ def test_composed_messages_read_back_exactly(tmp_path):
         assert msg["From"] == "Bibliothèque Zoë <library@school.example>"
         assert msg["Bcc"] is None and msg["To"].addresses[0].addr_spec == "ann@example.org"
         assert msg["Auto-Submitted"] == "auto-generated" and msg["Message-ID"] and msg["Date"]
+
+
+def fake_dpapi():
+    """A stand-in for DPAPI with the same shape: bytes in, other bytes out."""
+    key = 0x5A
+    protect = lambda data: b"DP" + bytes(b ^ key for b in data)          # noqa: E731
+
+    def unprotect(data: bytes) -> bytes:
+        if not data.startswith(b"DP"):
+            raise OSError(13, "not ours")
+        return bytes(b ^ key for b in data[2:])
+    return protect, unprotect
+
+
+def test_the_smtp_password_round_trips_through_the_ini_encrypted_where_there_is_dpapi(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(bg, "DPAPI", fake_dpapi())
+    ini = write_ini(tmp_path, smtp__username="lib")
+    stored = bg.stored_smtp_password("S3cret pw;é")
+    assert stored.startswith("dpapi:") and "S3cret" not in stored
+    assert bg.ini_value_problem(stored) is None
+    ini.write_text(bg.update_ini_text(ini.read_text(encoding="utf-8"),
+                                      {("smtp", "password"): stored}), encoding="utf-8")
+    assert stored in ini.read_text(encoding="utf-8")
+    assert bg.load_settings(ini).password == "S3cret pw;é"
+    # a plain password typed by hand keeps working
+    ini.write_text(ini.read_text(encoding="utf-8").replace(stored, "typed-by-hand"), encoding="utf-8")
+    assert bg.load_settings(ini).password == "typed-by-hand"
+    # one encrypted elsewhere is a problem with its fix, not garbage sent to the server
+    ini.write_text(ini.read_text(encoding="utf-8").replace("typed-by-hand", "dpapi:QUJD"),
+                   encoding="utf-8")
+    s = bg.load_settings(ini)
+    assert s.password == "" and any("Type the password again" in p for p in s.problems)
+    # without DPAPI (Linux) the page writes the password itself
+    monkeypatch.setattr(bg, "DPAPI", None)
+    assert bg.stored_smtp_password("plain") == "plain"
+
+
+def test_addresses_are_matched_whole():
+    assert bg.valid_address("a@b.example")
+    for bad in ("a@b.example\n", "a@b.example\nBcc: x@evil.example", "a@b.example\r"):
+        assert not bg.valid_address(bad)
