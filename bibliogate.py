@@ -1108,6 +1108,32 @@ def open_db(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# -- durability in groups (the sender) -----------------------------------------
+# With a write-ahead log, a commit under `synchronous = NORMAL` is written to
+# the log file but not flushed: it survives a crash of the process (kill -9:
+# the operating system still has it) but not a power cut. sqlite documents it
+# ("transactions are durable across application crashes regardless of the
+# synchronous setting"); tests/test_crash.py shows it with SIGKILL. The sender
+# commits each delivery that way, and flushes a group of them at once.
+
+def relax_durability(conn: sqlite3.Connection) -> None:
+    """Commits from here on survive a kill -9 but wait for sync_db() to
+    survive a power cut."""
+    conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def sync_db(conn: sqlite3.Connection, relaxed: bool = False) -> None:
+    """Make every commit so far survive a power cut: one commit under
+    `synchronous = FULL`, whose flush of the log file carries all the
+    commits before it. The connection stays FULL unless `relaxed`."""
+    conn.execute("PRAGMA synchronous = FULL")
+    with conn:
+        conn.execute("INSERT OR REPLACE INTO state(key, value) VALUES ('synced_at', ?)",
+                      (json.dumps(time.time()),))
+    if relaxed:
+        relax_durability(conn)
+
+
 def get_state(conn: sqlite3.Connection, key: str, default=None):
     row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
     return json.loads(row[0]) if row else default
@@ -1153,6 +1179,11 @@ def forget_retry_state(db: sqlite3.Connection, name: str) -> None:
 def was_delivered(db: sqlite3.Connection, name: str, digest: str) -> bool:
     return db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
                       (name, digest)).fetchone() is not None
+
+
+def sent_ledger(db: sqlite3.Connection) -> set[tuple[str, str]]:
+    """Every (file, digest) in the sent ledger: read once per check."""
+    return {(r[0], r[1]) for r in db.execute("SELECT file, digest FROM sent")}
 
 
 def record_delivery(db: sqlite3.Connection, name: str, digest: str, at: float) -> None:
@@ -1214,6 +1245,14 @@ def record_recipients(conn: sqlite3.Connection, file: str, digest: str, state: s
                      [(file, digest, a, state, reply, at) for a, reply in replies.items()])
 
 
+def all_recipient_outcomes(conn: sqlite3.Connection) -> dict:
+    """{(file, digest): recipient_outcomes(...)} of every file: read once per check."""
+    found: dict = {}
+    for r in conn.execute("SELECT file, digest, address, state, reply FROM recipients"):
+        found.setdefault((r[0], r[1]), {})[r[2].lower()] = (r[3], r[4])
+    return found
+
+
 def recipients_by_file(conn: sqlite3.Connection) -> dict:
     """{file: {state: [address, ...]}} of every file with recorded outcomes."""
     found: dict = {}
@@ -1273,23 +1312,44 @@ class LineFormatter(logging.Formatter):
 
 
 class DailyFileHandler(logging.Handler):
-    """Writes each record to logs/bibliogate-YYYY-MM-DD.log of its own day,
-    opening the file for each line (so Notepad can read it, and nothing needs
-    rotating while the file is in use)."""
+    """Writes each record to logs/bibliogate-YYYY-MM-DD.log of its own day.
+    The day's file stays open (one handle per day, not one per line) and
+    each line is flushed, so Notepad sees it at once and a crash keeps it;
+    the file of a day that is over is closed, so nothing old stays held."""
 
     def __init__(self, folder: Path):
         super().__init__()
         self.folder = Path(folder)
         self.setFormatter(LineFormatter("%(asctime)s %(levelname)-7s %(message)s",
                                         "%Y-%m-%d %H:%M:%S"))
+        self._day, self._fh = "", None
 
     def emit(self, record: logging.LogRecord) -> None:
         day = time.strftime("%Y-%m-%d", time.localtime(record.created))
         try:
-            with open(self.folder / f"bibliogate-{day}.log", "a", encoding="utf-8") as fh:
-                fh.write(self.format(record) + "\n")
+            if day != self._day or self._fh is None:
+                self._close_file()
+                self._fh = open(self.folder / f"bibliogate-{day}.log", "a", encoding="utf-8")
+                self._day = day
+            self._fh.write(self.format(record) + "\n")
+            self._fh.flush()
         except OSError:
+            self._close_file()        # opened afresh for the next line
             self.handleError(record)
+
+    def _close_file(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self._close_file()
+        finally:
+            self.release()
+        super().close()
 
 
 def setup_logging(settings: Settings, console: bool = True) -> None:
@@ -2358,7 +2418,26 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 class _Steps:
     """smtplib's send() with each write bounded by the timeout: sendall()
     with a timeout bounds the whole upload (Python 3.5+), so a large message
-    on a slow but steady link was cut off at every try."""
+    on a slow but steady link was cut off at every try. MAIL and RCPT take
+    the bare addresses prepare_message() found: each address is parsed once,
+    not again by smtplib's quoteaddr()."""
+
+    def mail(self, sender, options=()):
+        optionlist = ""
+        if options and self.does_esmtp:
+            if any(x.lower() == "smtputf8" for x in options):
+                if not self.has_extn("smtputf8"):
+                    raise smtplib.SMTPNotSupportedError(
+                        "SMTPUTF8 not supported by server")
+                self.command_encoding = "utf-8"
+            optionlist = " " + " ".join(options)
+        self.putcmd("mail", f"from:<{sender}>{optionlist}")
+        return self.getreply()
+
+    def rcpt(self, recip, options=()):
+        optionlist = " " + " ".join(options) if options and self.does_esmtp else ""
+        self.putcmd("rcpt", f"to:<{recip}>{optionlist}")
+        return self.getreply()
 
     def send(self, s):
         if isinstance(s, str) or len(s) <= SEND_STEP_BYTES:
@@ -3047,7 +3126,22 @@ class Sender:
     3. After that commit: the next check reads the rows and sends only to
        the recipients still waiting; with none left, or with the ledger row,
        the file is removed (or, if nobody got it, set aside .BAD).
-    4. After the file is removed: its rows are forgotten at the next check."""
+    4. After the file is removed: its rows are forgotten at the next check.
+
+    Every record is committed at once, without a flush to disk (sqlite's
+    write-ahead log under `synchronous = NORMAL`): it survives a kill -9.
+    The flush comes once per group (GROUP_MESSAGES messages or GROUP_SECONDS,
+    whichever comes first, and at the end of the check), and the group's
+    delivered files are removed only after it: a power cut can undo the
+    records of the last group only, whose files are all still there, so at
+    most those messages go again; none is lost. The ledger, the recipients'
+    outcomes and the retry states are read once per check."""
+
+    #: A flush to disk (one fsync) per this many messages at most ...
+    GROUP_MESSAGES = 100
+    #: ... or per this many seconds, whichever comes first: what a power cut
+    #: can send again is bounded by both.
+    GROUP_SECONDS = 1.0
 
     def __init__(self, settings: Settings, journal: Journal, clock: Callable[[], float] = time.time,
                  stop: threading.Event | None = None, tokens: TokenCache | None = None):
@@ -3055,6 +3149,15 @@ class Sender:
         self.stop = stop or threading.Event()
         #: OAuth tokens outlive a check: the Gateway passes the same cache every time.
         self.tokens = tokens or TokenCache()
+        #: What one check read once (None between checks): the sent ledger's
+        #: (file, digest) pairs, the recipients' outcomes, the retry states.
+        self._ledger: set | None = None
+        self._outcomes: dict | None = None
+        self._states: dict | None = None
+        #: The group not yet flushed: delivered files to remove after the
+        #: flush (claimed path -> (item, digest, note)), its size and start.
+        self._to_remove: dict = {}
+        self._group_size, self._group_started = 0, 0.0
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -3107,6 +3210,7 @@ class Sender:
         smtp = None
         cap = now + max(CHECK_CAP_SECONDS, self.settings.interval)
         removed: list[tuple[str, str]] = []
+        self._begin_groups()
         try:
             for n, item in enumerate(batch):
                 if self.stop.is_set() or (limit and self.clock() > cap):
@@ -3120,10 +3224,14 @@ class Sender:
                             self._charge(batch[n:limit or n + self.settings.per_check], str(exc))
                         break
                 try:
-                    outcome = self._send_file(smtp, item, result, removed)
+                    outcome = self._send_file(smtp, item, result)
                 except SettingsRefused as exc:      # the file keeps its place, uncharged
                     result.problem = exc
                     break
+                self._group_size += 1
+                if (self._group_size >= self.GROUP_MESSAGES
+                        or self.clock() - self._group_started >= self.GROUP_SECONDS):
+                    self._flush_group(removed, relaxed=True)
                 if outcome == Outcome.HELD:
                     result.held = self._cap_text()
                     # The next message does not fit today: no more connections until tomorrow.
@@ -3143,21 +3251,44 @@ class Sender:
                 with contextlib.suppress(OSError, smtplib.SMTPException):
                     smtp.quit()
                 smtp.close()
+            self._flush_group(removed, relaxed=False)
+            self._ledger = self._outcomes = self._states = None
             self._forget_delivered(removed)
         return result
 
-    def _send_file(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult,
-                   removed: list) -> str:
+    def _begin_groups(self) -> None:
+        """Read what the check needs once; commits wait for a group's flush."""
+        self._ledger = sent_ledger(self.db)
+        self._outcomes = all_recipient_outcomes(self.db)
+        self._states = {r["file"]: dict(r) for r in retry_states(self.db).values()}
+        self._to_remove, self._group_size, self._group_started = {}, 0, self.clock()
+        relax_durability(self.db)
+
+    def _flush_group(self, removed: list, relaxed: bool) -> None:
+        """One flush puts the group's records on disk; then, and only then,
+        its delivered files leave the queue. At the end of a check (`relaxed`
+        false) it always flushes, and the connection is durable again."""
+        if relaxed and not self._group_size:
+            return
+        sync_db(self.db, relaxed=relaxed)
+        to_remove, self._to_remove = self._to_remove, {}
+        for item, digest, note in to_remove.values():
+            self._unlink(item, digest, removed, note)
+        self._group_size, self._group_started = 0, self.clock()
+
+    def _send_file(self, smtp: smtplib.SMTP, item: SpoolFile, result: CheckResult) -> str:
         """Claim one file, read it whole, send it; a file neither sent nor
-        .BAD goes back in the queue under its name."""
+        .BAD goes back in the queue under its name (one delivered waits,
+        claimed, for its group's flush)."""
         taken = self._take(item, result)
         if taken is None:
             return Outcome.LATER
         held, raw = taken
         try:
-            return self._send_one(smtp, held, raw, result, removed)
+            return self._send_one(smtp, held, raw, result)
         finally:
-            release(held.path, item.name)
+            if held.path not in self._to_remove:
+                release(held.path, item.name)
 
     def _take(self, item: SpoolFile, result: CheckResult) -> tuple[SpoolFile, bytes] | None:
         """(the file at its claimed path, its bytes), or None when it is set
@@ -3196,11 +3327,11 @@ class Sender:
             return None
         return held, raw
 
-    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, raw: bytes, result: CheckResult,
-                  removed: list) -> str:
+    def _send_one(self, smtp: smtplib.SMTP, item: SpoolFile, raw: bytes,
+                  result: CheckResult) -> str:
         digest = hashlib.sha256(raw).hexdigest()
-        if was_delivered(self.db, item.name, digest):
-            self._remove(item, digest, removed, "delivered before a restart; removed from the queue")
+        if self._was_delivered(item.name, digest):
+            self._remove(item, digest, "delivered before a restart; removed from the queue")
             return Outcome.SENT
         try:
             out = prepare_message(raw, self.settings.from_address, self.settings.library_name,
@@ -3218,7 +3349,7 @@ class Sender:
                       f"most {megabytes(limit)} (its SIZE limit). Send the attachment another "
                       "way, or ask for a higher limit.", result)
             return Outcome.BAD
-        d = Delivery(recipient_outcomes(self.db, item.name, digest))
+        d = Delivery(self._recipients(item.name, digest))
         pending = [a for a in out.recipients if d.before.get(a.lower(), ("",))[0] not in
                    ("sent", "refused")]
         cap = self.settings.max_per_day
@@ -3233,7 +3364,7 @@ class Sender:
         smtputf8 = "smtputf8" in features and not (
             all(a.isascii() for a in pending) and data.partition(b"\r\n\r\n")[0].isascii())
         self._deliver(smtp, item, digest, out, data, options, smtputf8, pending, d)
-        return self._settle(item, digest, out, d, result, removed)
+        return self._settle(item, digest, out, d, result)
 
     def _deliver(self, smtp: smtplib.SMTP, item: SpoolFile, digest: str, out: Outgoing,
                  data: bytes, options: list, smtputf8: bool, pending: list, d: Delivery) -> None:
@@ -3278,10 +3409,10 @@ class Sender:
         d.waiting.update(dict.fromkeys(pending, "the connection was closed after a refusal"))
 
     def _settle(self, item: SpoolFile, digest: str, out: Outgoing, d: Delivery,
-                result: CheckResult, removed: list) -> str:
+                result: CheckResult) -> str:
         """What becomes of the file once this check's transactions are done."""
         now = self.clock()
-        row = retry_state(self.db, item.name)
+        row = self._retry_row(item.name)
         first = row["first_failed"] if row and row["first_failed"] else now
         if d.waiting and now - first >= self.settings.give_up_seconds:
             hours = self.settings.give_up_seconds / 3600
@@ -3293,7 +3424,7 @@ class Sender:
         if d.refused:
             with self.db:
                 record_recipients(self.db, item.name, digest, "refused", d.refused, now)
-        outcome = self._file_outcome(item, digest, d, out, result, removed)
+        outcome = self._file_outcome(item, digest, d, out, result)
         refused = dict(d.refused)
         refused.update({a: "not an email address" for a in out.invalid})
         if refused and outcome != Outcome.BAD:
@@ -3302,7 +3433,7 @@ class Sender:
         return Outcome.BROKEN if d.broken else outcome
 
     def _file_outcome(self, item: SpoolFile, digest: str, d: Delivery, out: Outgoing,
-                 result: CheckResult, removed: list) -> str:
+                      result: CheckResult) -> str:
         """The file waits, is set aside, or leaves the queue delivered."""
         now = self.clock()
         have_it = d.had_it() + len(d.sent)
@@ -3319,8 +3450,9 @@ class Sender:
             self._bad(item, refusal_reason(d.refused, d.reason), result)
             return Outcome.BAD
         before = [a for a, (state, _) in d.before.items() if state == "sent"]
-        # One commit, so one flush to disk, for the ledger row, the retry state
-        # and the event: Journal.event's own `with` commits all three at once.
+        # One commit for the ledger row, the retry state and the event
+        # (Journal.event's own `with` commits all three at once), flushed to
+        # disk with its group.
         with self.db:
             record_delivery(self.db, item.name, digest, now)
             count_sent(self.db, local_day(now).isoformat(), len(d.sent))
@@ -3329,7 +3461,7 @@ class Sender:
                                if d.sent else f"{out.subject!r}: every recipient had it already "
                                "(before a restart); removed from the queue", item.name)
         result.sent += 1
-        self._remove(item, digest, removed)
+        self._remove(item, digest)
         return Outcome.SENT
 
     # -- logging in and the daily cap -----------------------------------------
@@ -3396,7 +3528,27 @@ class Sender:
             with self.db:
                 forget_deliveries(self.db, removed)
 
-    def _remove(self, item: SpoolFile, digest: str, removed: list, note: str = "") -> None:
+    def _was_delivered(self, name: str, digest: str) -> bool:
+        if self._ledger is None:
+            return was_delivered(self.db, name, digest)
+        return (name, digest) in self._ledger
+
+    def _recipients(self, name: str, digest: str) -> dict:
+        if self._outcomes is None:
+            return recipient_outcomes(self.db, name, digest)
+        return self._outcomes.get((name, digest), {})
+
+    def _retry_row(self, name: str):
+        if self._states is None:
+            return retry_state(self.db, name)
+        return self._states.get(name)
+
+    def _remove(self, item: SpoolFile, digest: str, note: str = "") -> None:
+        """A delivered file leaves the queue once its group is on disk
+        (_flush_group); until then it stays claimed."""
+        self._to_remove[item.path] = (item, digest, note)
+
+    def _unlink(self, item: SpoolFile, digest: str, removed: list, note: str = "") -> None:
         """A delivered file leaves the queue; `removed` collects it for
         _forget_delivered."""
         try:
@@ -3410,6 +3562,7 @@ class Sender:
             self.journal.event("not_removed", f"delivered, but the file cannot be removed just "
                                f"now ({why}); a later check removes it", item.name,
                                logging.WARNING)
+            release(item.path, item.name)
             return
         removed.append((item.name, digest))
         if note:
@@ -3428,6 +3581,8 @@ class Sender:
         with self.db:
             forget_retry_state(self.db, item.name)
             forget_recipients(self.db, item.name)
+        if self._states is not None:
+            self._states.pop(item.name, None)
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
@@ -3442,7 +3597,7 @@ class Sender:
         """A temporary failure: try again later, or give up after
         give_up_after_hours (unless give_up is false: the .BAD rename failed)."""
         now = self.clock()
-        row = retry_state(self.db, item.name)
+        row = self._retry_row(item.name)
         attempts = (row["attempts"] if row else 0) + 1
         first = row["first_failed"] if row and row["first_failed"] else now
         if give_up and now - first >= self.settings.give_up_seconds:
@@ -3452,6 +3607,10 @@ class Sender:
         next_try = now + retry_wait(attempts) if wait else None
         with self.db:
             save_retry_state(self.db, item.name, attempts, first, next_try, reason)
+        if self._states is not None:
+            self._states[item.name] = {"file": item.name, "attempts": attempts,
+                                       "first_failed": first, "next_try": next_try,
+                                       "last_error": reason}
         result.deferred += 1
         when = f"; next try after {time.strftime('%H:%M', time.localtime(next_try))}" if wait else ""
         self.journal.event("deferred", f"not sent for now ({reason}){when}", item.name,

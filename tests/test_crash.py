@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import bibliogate as bg
-from conftest import REPO, Gateway, Sink, eml
+from conftest import REPO, Clock, Gateway, Sink, eml
 
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="kill -9 is TerminateProcess on "
                                 "Windows, a different path; these tests use SIGKILL")
@@ -493,3 +493,161 @@ def test_enqueue_on_a_full_disk_says_so_and_leaves_nothing_half_written(
     assert not [p.name for p in small_disk.iterdir() if p.name.endswith(bg.PART_SUFFIX)]
     gw.cli("send", "--all", check=0)
     assert arrived(sink) == {"<before@crash.test>": 1, "<after@crash.test>": 1}
+
+
+# Group commit: a kill -9 and a power cut in the middle of a drain #############
+
+@POSIX_ONLY
+def test_a_commit_without_a_flush_survives_kill_9(tmp_path):
+    """What the group commit rests on: in sqlite's write-ahead log a commit
+    under `synchronous = NORMAL` is written to the log file, not flushed, and
+    a process killed right after it keeps it (the operating system has it)."""
+    db_path = tmp_path / "bibliogate.db"
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r}); import bibliogate as bg\n"
+              f"db = bg.open_db(__import__('pathlib').Path({str(db_path)!r}))\n"
+              "bg.relax_durability(db)\n"
+              "for n in range(50):\n"
+              "    with db: bg.record_delivery(db, f'm{n}.TMP', 'x', 1.0)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    db = bg.open_db(db_path)
+    try:
+        assert len(bg.sent_ledger(db)) == 50
+    finally:
+        db.close()
+
+
+class PowerCut(BaseException):
+    """The machine stops: nothing after it happens (not an Exception, so no
+    handler of the sender's catches it)."""
+
+
+class Disk:
+    """What a power cut leaves: the database as of its last flush (sync_db;
+    before the check: the state the check began with, every earlier commit
+    being flushed), and every file removed from the spool since the folder's
+    last flush back in it. The worst case a power cut can leave, for both."""
+
+    def __init__(self, monkeypatch, gw_dir: Path, spool: Path):
+        self.dir, self.spool = gw_dir, spool
+        self.db_files = self._db_bytes()
+        self.unflushed_removals: dict = {}
+        self.syncs, self.cut_state = 0, None
+        real_sync, real_fsync_folder, real_unlink = bg.sync_db, bg.fsync_folder, os.unlink
+
+        def sync_db(conn, relaxed=False):
+            real_sync(conn, relaxed)
+            if self.cut_state is None:
+                self.db_files, self.syncs = self._db_bytes(), self.syncs + 1
+
+        def fsync_folder(folder):
+            real_fsync_folder(folder)
+            if self.cut_state is None and Path(folder) == spool:
+                self.unflushed_removals.clear()
+
+        def unlink(path, *args, **kwargs):
+            path = Path(path)
+            if self.cut_state is None and path.parent == spool and path.exists():
+                self.unflushed_removals[path.name] = (path.read_bytes(), path.stat().st_mtime)
+            return real_unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(bg, "sync_db", sync_db)
+        monkeypatch.setattr(bg, "fsync_folder", fsync_folder)
+        monkeypatch.setattr(os, "unlink", unlink)
+
+    def _db_bytes(self) -> dict:
+        return {p.name: p.read_bytes() for p in self.dir.glob("bibliogate.db*")
+                if not p.name.endswith("-shm")}
+
+    def cut(self) -> None:
+        """The power goes: what is on disk now is kept aside."""
+        files = {p.name: (p.read_bytes(), p.stat().st_mtime) for p in self.spool.iterdir()
+                 if p.is_file()}
+        files.update(self.unflushed_removals)
+        self.cut_state = (dict(self.db_files), files)
+        raise PowerCut()
+
+    def restart(self) -> None:
+        """The machine is back: the disk as the cut left it."""
+        db_files, files = self.cut_state
+        for p in list(self.dir.glob("bibliogate.db*")) + list(self.spool.iterdir()):
+            if p.is_file():
+                p.unlink()
+        for name, data in db_files.items():
+            (self.dir / name).write_bytes(data)
+        for name, (data, mtime) in files.items():
+            (self.spool / name).write_bytes(data)
+            os.utime(self.spool / name, (mtime, mtime))
+
+
+def pairs(sink) -> collections.Counter:
+    """(Message-ID, recipient) -> copies the server took."""
+    return collections.Counter((m.message["Message-ID"], a) for m in sink.messages
+                               for a in m.rcpt_tos)
+
+
+@pytest.mark.parametrize("cut_at, after_reply", [
+    (1, False),          # before anything was flushed
+    (101, False),        # just after the first group was flushed
+    (160, False),        # in the middle of the second group
+    (100, True),         # the server took the 100th; its record and flush not yet made
+    (130, True),
+], ids=["first", "after a flush", "mid-group", "end of a group", "after a reply"])
+def test_a_power_cut_sends_again_at_most_the_last_unflushed_group(
+        tmp_path, make_sink, monkeypatch, cut_at, after_reply):
+    """A power cut in a drain of 220 messages, at the `cut_at`-th transaction
+    (before it, or once the server replied 250 and nothing was recorded).
+    The disk keeps only what was flushed. After the restart nothing is
+    lost, and exactly the pairs (message, recipient) the server took since
+    the last flush go again: at most one group, Sender.GROUP_MESSAGES. The
+    5th message is partly delivered (b is refused for now) and keeps its
+    promise: a and c do not get it twice unless its group was not flushed."""
+    from test_sender import make_sender
+    sink = make_sink(rcpt_replies={"b@example.org": "450 4.2.1 Mailbox busy"})
+    clock = Clock()         # never moves: the groups are closed by their size only
+    settings, sender = make_sender(tmp_path, sink, clock=clock)
+    ids = queue(settings.spool, 220)
+    (settings.spool / "m004.TMP").write_bytes(eml(
+        to=["a@example.org", "b@example.org", "c@example.org"], Message_ID=ids[4]))
+    os.utime(settings.spool / "m004.TMP", (time.time() - 600 + 4,) * 2)
+    disk = Disk(monkeypatch, tmp_path, settings.spool)
+    real_transaction, calls = bg.transaction, []
+    taken_at_last_flush = []
+
+    def transaction(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == cut_at and not after_reply:
+            disk.cut()
+        t = real_transaction(*args, **kwargs)
+        if len(calls) == cut_at and after_reply:
+            disk.cut()
+        return t
+
+    real_sync = bg.sync_db
+
+    def sync_db(conn, relaxed=False):
+        real_sync(conn, relaxed)
+        if disk.cut_state is None:
+            taken_at_last_flush[:] = [sum(pairs(sink).values())]
+
+    monkeypatch.setattr(bg, "transaction", transaction)
+    monkeypatch.setattr(bg, "sync_db", sync_db)
+    with pytest.raises(PowerCut):
+        sender.check(limit=0)
+    taken_before_cut = sum(pairs(sink).values())
+    repeatable = taken_before_cut - (taken_at_last_flush[0] if taken_at_last_flush else 0)
+    sender.journal.close()
+    disk.restart()
+    monkeypatch.undo()
+    sink.rcpt_replies.clear()
+    settings, sender = make_sender(tmp_path, sink)
+    assert sender.check(limit=0, ignore_waits=True).problem is None
+    got = pairs(sink)
+    expected = {(mid, f"patron{n}@example.org") for n, mid in enumerate(ids) if n != 4}
+    expected |= {(ids[4], f"{x}@example.org") for x in "abc"}
+    assert set(got) == expected                                       # nothing lost
+    repeats = sum(n - 1 for n in got.values())
+    assert repeats == repeatable                                     # the unflushed group only
+    assert repeatable <= bg.Sender.GROUP_MESSAGES + 2    # (m004 has 3 recipients)
+    assert waiting(settings.spool) == [] and bad(settings.spool) == []

@@ -554,3 +554,75 @@ def test_smtputf8_is_used_for_a_utf8_header_where_offered(tmp_path):
         assert "SMTPUTF8" in server.mail_options[0]
     finally:
         server.stop()
+
+
+# Bookkeeping per message ######################################################
+
+def test_a_check_reads_the_ledger_once_and_flushes_once_per_group(tmp_path, sink, monkeypatch):
+    """230 messages in one check: the sent ledger and the recipients are
+    read once for the check (and once more for what left the queue by
+    other ways), not once per message, and the database is flushed to disk
+    once per Sender.GROUP_MESSAGES messages and at the end: 3 flushes."""
+    settings, sender = make_sender(tmp_path, sink, clock=Clock())
+    for n in range(230):
+        drop(settings.spool, f"m{n:03d}.TMP", eml(subject=f"number {n}"), age=600 - n)
+    flushes = []
+    real_sync = bg.sync_db
+    monkeypatch.setattr(bg, "sync_db", lambda conn, relaxed=False: (
+        flushes.append(relaxed), real_sync(conn, relaxed)))
+    statements = []
+    sender.db.set_trace_callback(statements.append)
+    assert sender.check(limit=0).sent == 230
+    sender.db.set_trace_callback(None)
+    ledger_reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")
+                    and " FROM SENT" in s.upper()]
+    recipient_reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")
+                       and " FROM RECIPIENTS" in s.upper()]
+    assert len(ledger_reads) == 2 and len(recipient_reads) == 2, ledger_reads + recipient_reads
+    assert flushes == [True, True, False]
+    assert len(sink.messages) == 230 and list(settings.spool.glob("*.TMP")) == []
+    # between checks every commit is flushed again (synchronous = FULL)
+    assert sender.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_each_address_is_parsed_once(tmp_path, sink, monkeypatch):
+    """prepare_message() finds the addresses; MAIL and RCPT do not parse
+    them again (smtplib's quoteaddr() would, with email.utils.parseaddr)."""
+    settings, sender = make_sender(tmp_path, sink)
+    for n in range(3):
+        drop(settings.spool, f"m{n}.TMP", eml(to=["a@example.org", "b@example.org"]))
+    import email.utils
+    parsed = []
+    real = email.utils.parseaddr
+    monkeypatch.setattr(email.utils, "parseaddr", lambda *a, **k: (parsed.append(a), real(*a, **k))[1])
+    assert sender.check().sent == 3
+    assert parsed == []
+    assert [m.rcpt_tos for m in sink.messages] == [["a@example.org", "b@example.org"]] * 3
+
+
+def test_the_days_log_file_is_opened_once_for_many_lines(tmp_path, monkeypatch):
+    import builtins
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if "bibliogate-" in str(file):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    handler = bg.DailyFileHandler(tmp_path)
+    try:
+        for n in range(50):
+            handler.emit(bg.logging.LogRecord("bibliogate", bg.logging.INFO, "", 0,
+                                              f"line {n}", None, None))
+        day = time.strftime("%Y-%m-%d")
+        lines = (tmp_path / f"bibliogate-{day}.log").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 50 and lines[-1].endswith("line 49")   # each line flushed
+        assert len(opened) == 1
+        tomorrow = bg.logging.LogRecord("bibliogate", bg.logging.INFO, "", 0, "next day", None, None)
+        tomorrow.created += 86400
+        handler.emit(tomorrow)                     # a new day: its own file
+        assert len(opened) == 2
+    finally:
+        handler.close()
