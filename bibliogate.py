@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import configparser
 import contextlib
 import csv
@@ -63,11 +64,9 @@ import email.utils
 import functools
 import getpass
 import hashlib
-import heapq
 import itertools
 import hmac
 import html
-import io
 import http.server
 import io
 import ipaddress
@@ -90,7 +89,6 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 import webbrowser
 from http import HTTPStatus
 from pathlib import Path
@@ -1198,7 +1196,7 @@ def forget_deliveries(db: sqlite3.Connection, removed: list[tuple[str, str]]) ->
     db.executemany("DELETE FROM recipients WHERE file = ? AND digest = ?", removed)
 
 
-def forget_absent_files(db: sqlite3.Connection, present: set) -> None:
+def forget_absent_files(db: sqlite3.Connection, present: Container) -> None:
     """Drop the retry state, ledger rows and recipients of files not in `present`."""
     for table in ("spool_state", "sent", "recipients"):
         gone = [(r["file"],) for r in db.execute(f"SELECT DISTINCT file FROM {table}")
@@ -1322,17 +1320,19 @@ class DailyFileHandler(logging.Handler):
         self.folder = Path(folder)
         self.setFormatter(LineFormatter("%(asctime)s %(levelname)-7s %(message)s",
                                         "%Y-%m-%d %H:%M:%S"))
-        self._day, self._fh = "", None
+        self._day = ""
+        self._fh: io.TextIOWrapper | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         day = time.strftime("%Y-%m-%d", time.localtime(record.created))
         try:
-            if day != self._day or self._fh is None:
+            fh = self._fh
+            if day != self._day or fh is None:
                 self._close_file()
-                self._fh = open(self.folder / f"bibliogate-{day}.log", "a", encoding="utf-8")
+                fh = self._fh = open(self.folder / f"bibliogate-{day}.log", "a", encoding="utf-8")
                 self._day = day
-            self._fh.write(self.format(record) + "\n")
-            self._fh.flush()
+            fh.write(self.format(record) + "\n")
+            fh.flush()
         except OSError:
             self._close_file()        # opened afresh for the next line
             self.handleError(record)
@@ -1993,54 +1993,208 @@ def is_bad_name(name: str) -> bool:
     return name.upper().endswith(BAD_EXT)
 
 
-def scan_times(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[tuple]:
-    """(name, mtime, size) of every file of one kind in the spool folder, as
-    plain tuples: a check must stay cheap with 100,000 files waiting."""
-    found = []
+def spool_names(folder: Path) -> list[str]:
+    """The names in the spool folder, nothing more (no file is looked at):
+    what `status` counts, and what a SpoolIndex reads when the folder changed."""
     try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if not want(entry.name):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)     # a link is not followed
-                except OSError:       # removed while we looked
-                    continue
-                found.append((entry.name, st.st_mtime, st.st_size))
+        return os.listdir(folder)
     except OSError as exc:
         raise SpoolError(f"The spool folder {folder} cannot be read ({exc.strerror}). Check "
                          "[gateway] spool_folder and the folder's permissions.") from None
-    return found
 
 
-def queue_head(folder: Path, limit: int) -> tuple[list[SpoolFile], list[SpoolFile], int]:
-    """Every .BAD file and the first `limit` waiting files, each in queue
-    order, and how many files wait in all. Unlike scan(), it makes objects
-    of the files it returns only: a queue of 100,000 takes a third of the time."""
-    waiting, bad = [], []
-    for name, mtime, size in scan_times(folder, lambda n: is_waiting_name(n) or is_bad_name(n)):
-        (bad if is_bad_name(name) else waiting).append((queue_order(name, mtime), name, mtime, size))
-    folder = Path(folder)
-    files = [SpoolFile(name, folder / name, mtime, size)
-             for _, name, mtime, size in sorted(bad) + heapq.nsmallest(limit, waiting)]
-    return files[:len(bad)], files[len(bad):], len(waiting)
+def count_spool(folder: Path) -> tuple[int, int]:
+    """(waiting, .BAD) files, from the names alone."""
+    waiting = bad = 0
+    for name in spool_names(folder):
+        if is_waiting_name(name):
+            waiting += 1
+        elif is_bad_name(name):
+            bad += 1
+    return waiting, bad
+
+
+def look_at(folder: Path, name: str) -> tuple[float, int] | None:
+    """(mtime, size) of one file, not following a link; None if it is gone."""
+    try:
+        st = os.lstat(os.path.join(folder, name))
+    except OSError:       # removed while we looked
+        return None
+    return st.st_mtime, st.st_size
+
+
+def folder_stamp(folder: Path) -> int | None:
+    """The folder's modification time (ns), which changes when a name in it does."""
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+class SpoolIndex:
+    """What is known of the spool folder's waiting and .BAD files: each one's
+    time and size, the waiting ones in queue order. `run` keeps one between
+    checks; the check, the pages and /health read it, so a long queue is
+    read once, not once per reader. refresh() lists the names only when the
+    folder changed, and looks at (stats) only the names it has not seen:
+    with 100,000 files waiting, a check whose folder did not change reads
+    nothing, one whose folder changed reads the names (some 0.03 s).
+
+    A file that was changing when it was seen (its time within STABLE_SECONDS)
+    is looked at again at every refresh until it is quiet, so a file still
+    being written is taken once it is complete. One rewritten in place later
+    is caught when the sender claims it (see Sender._take), and every
+    FULL_SECONDS everything is looked at again. Thread-safe."""
+
+    #: Everything is looked at again this often (a file rewritten in place).
+    FULL_SECONDS = 300.0
+    #: A folder time this close to the reading may hide a later change in the
+    #: same tick of a coarse clock (FAT, some shares): such a reading is not trusted.
+    RACY_SECONDS = 2.0
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.lock = threading.RLock()
+        self.waiting: dict[str, tuple[float, int]] = {}     #: name -> (mtime, size)
+        self.bad: dict[str, tuple[float, int]] = {}
+        self.claimed: set[str] = set()      #: files a check has taken (".NAME.TMP.sending")
+        self._order: list[tuple] = []       #: queue_order() of each; may hold gone names
+        self._recent: set[str] = set()      #: names that were changing when last seen
+        self._stamp: int | None = None
+        self._full_at = -math.inf
+        self.readings = 0                   #: how many times the names were read
+
+    @classmethod
+    def read(cls, folder: Path) -> "SpoolIndex":
+        """A reading of the folder now (`queue`, `send`). Raises SpoolError."""
+        index = cls(folder)
+        index.refresh()
+        return index
+
+    def refresh(self) -> None:
+        """Bring the index up to date with the folder. Raises SpoolError."""
+        with self.lock:
+            stamp = folder_stamp(self.folder)
+            full = time.monotonic() - self._full_at >= self.FULL_SECONDS
+            if self._recent and not full:
+                self._look_again()
+            if stamp is not None and stamp == self._stamp and not full:
+                return
+            names = spool_names(self.folder)
+            self.readings += 1
+            if full:
+                self.waiting, self.bad, self._order = {}, {}, []
+                self._full_at = time.monotonic()
+            self._update(names)
+            racy = stamp is None or time.time() - stamp / 1e9 < self.RACY_SECONDS
+            self._stamp = None if racy else stamp
+
+    def _update(self, names: list[str]) -> None:
+        waiting, bad, claimed, new = {}, {}, set(), []
+        for name in names:
+            if is_waiting_name(name):
+                known = self.waiting.get(name)
+                if known is None:
+                    new.append(name)
+                else:
+                    waiting[name] = known
+            elif is_bad_name(name):
+                st = self.bad.get(name) or look_at(self.folder, name)
+                if st is not None:
+                    bad[name] = st
+            elif is_claim_name(name):
+                claimed.add(name)
+        order = self._order
+        if len(order) > 2 * len(waiting) + 64:          # compacted once half is gone
+            order = [o for o in order if o[-1] in waiting]
+        seen = [(name, look_at(self.folder, name)) for name in new]
+        added = [(name, st) for name, st in seen if st is not None]
+        for name, st in added:
+            waiting[name] = st
+        if len(added) > len(order) // 8:
+            order = sorted(order + [queue_order(name, st[0]) for name, st in added])
+        else:
+            order = list(order)         # a reader may be walking the old one
+            for name, st in added:
+                bisect.insort(order, queue_order(name, st[0]))
+        self.waiting, self.bad, self.claimed, self._order = waiting, bad, claimed, order
+        quiet = time.time() - STABLE_SECONDS - 1.0
+        self._recent = {n for n in self._recent if n in waiting}
+        self._recent.update(name for name, st in added if st[0] > quiet)
+
+    def _look_again(self) -> None:
+        """Files that were changing: their time and size now."""
+        quiet = time.time() - STABLE_SECONDS - 1.0
+        waiting, order = dict(self.waiting), list(self._order)
+        for name in list(self._recent):
+            st = look_at(self.folder, name)
+            if st is None or st[0] <= quiet:
+                self._recent.discard(name)
+            if st is not None and st != waiting.get(name):
+                waiting[name] = st
+                bisect.insort(order, queue_order(name, st[0]))
+        self.waiting, self._order = waiting, order
+
+    def in_order(self) -> Iterator[SpoolFile]:
+        """The waiting files, in sending order: a snapshot, safe to walk
+        while the index changes."""
+        with self.lock:
+            order, waiting = self._order, self.waiting
+        done: set = set()
+        for _, mtime, name in order:
+            st = waiting.get(name)
+            if st is None or st[0] != mtime or name in done:
+                continue                # gone, or seen again with a new time
+            done.add(name)
+            yield SpoolFile(name, self.folder / name, st[0], st[1])
+
+    def head(self, limit: int) -> tuple[list[SpoolFile], list[SpoolFile], int]:
+        """Every .BAD file and the first `limit` waiting files, each in queue
+        order, and how many files wait in all."""
+        with self.lock:
+            bad = sorted((queue_order(n, st[0]), SpoolFile(n, self.folder / n, *st))
+                         for n, st in self.bad.items())
+            count = len(self.waiting)
+            first = list(itertools.islice(self.in_order(), limit))
+        return [f for _, f in bad], first, count
+
+    def listing(self) -> Iterator[SpoolFile]:
+        """The .BAD files, then the waiting ones in sending order, one at a time."""
+        bad, _, _ = self.head(0)
+        yield from bad
+        yield from self.in_order()
+
+    def __len__(self) -> int:
+        """How many files wait and are .BAD."""
+        return len(self.waiting) + len(self.bad)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a file of this name waits or is being sent (claimed)."""
+        return (name in self.waiting
+                or (isinstance(name, str) and "." + name + CLAIM_SUFFIX in self.claimed))
 
 
 def scan(folder: Path, want: Callable[[str], bool] = is_waiting_name) -> list[SpoolFile]:
-    """Every file of one kind in the spool folder, with its time and size."""
+    """Every file of one kind in the spool folder, with its time and size, in
+    no particular order: one reading, for the few who need no order (a
+    SpoolIndex keeps the queue in order)."""
     folder = Path(folder)
-    return [SpoolFile(name, folder / name, mtime, size)
-            for name, mtime, size in scan_times(folder, want)]
+    found = []
+    for name in spool_names(folder):
+        if want(name):
+            st = look_at(folder, name)
+            if st is not None:
+                found.append(SpoolFile(name, folder / name, *st))
+    return found
 
 
-def pick_batch(files: Iterable[tuple], folder: Path, limit: int, now: float,
+def pick_batch(files: Iterable[SpoolFile], limit: int, now: float,
                not_before: dict, settled: float) -> list[SpoolFile]:
-    """The next files to send, from scan_times: unchanged since `settled` (no
-    foreign program still writing them), not waiting for a retry, test
-    messages first, then oldest first."""
-    ready = (f for f in files if f[1] <= settled and not_before.get(f[0], 0) <= now)
-    chosen = heapq.nsmallest(limit, ready, key=lambda f: queue_order(f[0], f[1]))
-    return [SpoolFile(name, folder / name, mtime, size) for name, mtime, size in chosen]
+    """The next files to send, from files in queue order (SpoolIndex.in_order):
+    unchanged since `settled` (no foreign program still writing them), not
+    waiting for a retry; test messages come first, then the oldest."""
+    ready = (f for f in files if f.mtime <= settled and not_before.get(f.name, 0) <= now)
+    return list(itertools.islice(ready, limit))
 
 
 # -- files that other programs may hold open ---------------------------------
@@ -2356,19 +2510,24 @@ def remove_stale_parts(folder: Path, now: float) -> None:
 
 
 def queue_rows(settings: Settings, db: sqlite3.Connection,
-               files: list[SpoolFile] | None = None) -> list[dict]:
-    """The queue as `queue --json` and the config page show it: every file,
-    .BAD ones first, or only `files` (in their order)."""
+               files: Iterable[SpoolFile] | None = None) -> list[dict]:
+    """The queue as the config page shows it: every file, .BAD ones first,
+    or only `files` (in their order)."""
+    return list(iter_queue_rows(settings, db, files))
+
+
+def iter_queue_rows(settings: Settings, db: sqlite3.Connection,
+                    files: Iterable[SpoolFile] | None = None) -> Iterator[dict]:
+    """queue_rows() one at a time (`queue --json` writes each as it comes):
+    each file is opened (peek) only when its row is made."""
     state = retry_states(db)
     outcomes = recipients_by_file(db)
-    rows = []
     if files is None:
-        files = sorted(scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n)),
-                       key=lambda f: (is_bad_name(f.name), f.order))
+        files = SpoolIndex.read(settings.spool).listing()
     for f in files:
         bad = is_bad_name(f.name)
         st = state.get(f.name)
-        rows.append({
+        yield {
             "file": f.name, "state": "bad" if bad else "waiting",
             "reason": read_reason(f.path) if bad else (st["last_error"] if st else None),
             "attempts": st["attempts"] if st else 0,
@@ -2377,8 +2536,7 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
             # who has it, who waits (tried again), who was refused for good;
             # empty lists until a recipient of the message had a reply
             "recipients": {state: outcomes.get(f.name, {}).get(state, [])
-                           for state in ("sent", "waiting", "refused")}})
-    return rows
+                           for state in ("sent", "waiting", "refused")}}
 
 
 # Sender ######################################################################
@@ -2727,17 +2885,23 @@ class TokenCache:
             self._token = None
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """The client secret goes to the token endpoint in the ini and nowhere else."""
+def no_redirects():
+    """An opener handler that follows no redirect: the client secret goes to
+    the token endpoint in the ini and nowhere else. (urllib.request is
+    imported here: a plain `send` with a password never needs it.)"""
+    import urllib.request
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None
+    return NoRedirect
 
 
 def fetch_token(settings: Settings) -> tuple[str, float]:
     """(access token, seconds it lives) by the OAuth 2.0 client-credentials
     grant. Raises SettingsRefused when the endpoint refuses, SenderProblem when
     it cannot be reached. No sentence ever holds the secret."""
+    import urllib.request       # only OAuth needs it: a plain `send` stays smaller
     url = settings.oauth_token_url
     where = urllib.parse.urlsplit(url).netloc
     body = urllib.parse.urlencode({
@@ -2745,7 +2909,7 @@ def fetch_token(settings: Settings) -> tuple[str, float]:
         "client_secret": settings.oauth_client_secret, "scope": OAUTH_SCOPE}).encode("ascii")
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
-    opener = urllib.request.build_opener(_NoRedirect)
+    opener = urllib.request.build_opener(no_redirects())
     try:
         with opener.open(request, timeout=settings.timeout) as response:
             answer = json.loads(response.read(1_000_000).decode("utf-8"))
@@ -3144,9 +3308,13 @@ class Sender:
     GROUP_SECONDS = 1.0
 
     def __init__(self, settings: Settings, journal: Journal, clock: Callable[[], float] = time.time,
-                 stop: threading.Event | None = None, tokens: TokenCache | None = None):
+                 stop: threading.Event | None = None, tokens: TokenCache | None = None,
+                 index: SpoolIndex | None = None):
         self.settings, self.journal, self.clock = settings, journal, clock
         self.stop = stop or threading.Event()
+        #: What is known of the spool: `run` keeps one between checks; `send` reads it afresh.
+        self.index = index if index is not None and index.folder == settings.spool else \
+            SpoolIndex(settings.spool)
         #: OAuth tokens outlive a check: the Gateway passes the same cache every time.
         self.tokens = tokens or TokenCache()
         #: What one check read once (None between checks): the sent ledger's
@@ -3190,18 +3358,18 @@ class Sender:
         if self._day_full(now):
             return CheckResult(held=self._cap_text())
         result = CheckResult()
-        for name in recover_claims(self.settings.spool):
-            self.journal.event("recovered", "put back in the queue: a check that had taken it "
-                               "ended before it was sent", name, logging.WARNING)
-        files = scan_times(self.settings.spool)
+        self.index.refresh()
+        if self.index.claimed:
+            for name in recover_claims(self.settings.spool):
+                self.journal.event("recovered", "put back in the queue: a check that had taken "
+                                   "it ended before it was sent", name, logging.WARNING)
+            self.index.refresh()
         # A claimed file that could not be put back yet keeps its ledger row.
-        still_claimed = {name[1:-len(CLAIM_SUFFIX)]
-                         for name, _, _ in scan_times(self.settings.spool, is_claim_name)}
-        self._forget_gone({name for name, _, _ in files} | still_claimed)
+        self._forget_gone(self.index)
         waits = {} if ignore_waits else retry_waits(self.db, now)
         # "Unchanged for a while" is measured by the file system's clock.
         self._settled = time.time() - STABLE_SECONDS
-        batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
+        batch = pick_batch(self.index.in_order(), limit or sys.maxsize, now, waits,
                            settled=self._settled)
         if not batch:
             if get_state(self.db, "login_refused"):
@@ -3510,7 +3678,7 @@ class Sender:
 
     # -- what becomes of a file -----------------------------------------------
 
-    def _forget_gone(self, present: set) -> None:
+    def _forget_gone(self, present: Container) -> None:
         """The retry state, ledger row and recipients of a file no longer
         waiting (deleted by hand, or removed just before a crash) are
         forgotten, so that a new file of the same name starts afresh instead
@@ -3680,6 +3848,8 @@ class Gateway:
         self.sender_state = None
         #: OAuth tokens, kept from check to check (in memory only).
         self.tokens = TokenCache()
+        #: What is known of the spool folder, shared by the checks and the pages.
+        self._index = SpoolIndex(self.settings.spool)
         #: What the loop does at every tick besides checking (see gateway_tasks).
         self.tasks: list[Callable[[Gateway, float], None]] = \
             gateway_tasks() if tasks is None else list(tasks)
@@ -3765,6 +3935,13 @@ class Gateway:
 
     # -- the loop -------------------------------------------------------------
 
+    def spool_index(self) -> SpoolIndex:
+        """The index of the spool folder now set (a new one if it changed)."""
+        index = self._index
+        if index.folder != self.settings.spool:
+            index = self._index = SpoolIndex(self.settings.spool)
+        return index
+
     def tick(self) -> float:
         """Do whatever is due now; returns the time of the next due thing."""
         self._serve_requests()
@@ -3782,7 +3959,8 @@ class Gateway:
             result = CheckResult(skipped="the settings need attention")
         else:
             try:
-                result = Sender(s, self.journal, self.clock, self.stop, self.tokens).check()
+                result = Sender(s, self.journal, self.clock, self.stop, self.tokens,
+                                self.spool_index()).check()
             except SpoolError as exc:       # e.g. the folder vanished from under us
                 result = CheckResult(problem=SenderProblem(str(exc), lasting=True))
             if result.problem:
@@ -6060,7 +6238,7 @@ def status_info(settings: Settings, now: float | None = None) -> dict:
     try:
         running = run_is_active(settings.ini_path)
         g = lambda key: get_state(db, key)  # noqa: E731
-        waiting = len(scan(settings.spool))
+        waiting, bad = count_spool(settings.spool)        # the names only: no file is opened
         page, page_ok = page_status(settings, db, running)
         info = {
             "running": running, "pid": g("run_pid") if running else None,
@@ -6069,7 +6247,7 @@ def status_info(settings: Settings, now: float | None = None) -> dict:
             "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
             if running else "`python bibliogate.py run` is not running",
             "problems": settings.problems,
-            "waiting": waiting, "bad": len(scan(settings.spool, is_bad_name)),
+            "waiting": waiting, "bad": bad,
             "last_check": g("last_check"), "next_check": g("next_check") if running else None,
             "login": login_hold(settings, db, time.time()),
             "sent_today": sent_on(db, local_day(time.time()).isoformat()),
@@ -6216,12 +6394,6 @@ LOG_DAYS_SHOWN, LOG_BYTES = 14, 512 * 1024
 #: The Patrons page lists at most this many patrons, the Queue page this
 #: many waiting messages (and every .BAD one).
 PATRONS_SHOWN = QUEUE_SHOWN = 200
-#: A reading of the spool folder slower than SPOOL_VIEW_SLOW seconds (a long
-#: queue: 100,000 messages take about half a second) serves every page asked
-#: for while the folder is unchanged, instead of each reading it again; a short
-#: queue is read afresh for every page. A change the folder's coarse clock
-#: missed shows after SPOOL_VIEW_SECONDS at most.
-SPOOL_VIEW_SLOW, SPOOL_VIEW_SECONDS = 0.02, 10.0
 #: At most this many requests build a page at once; the others wait their
 #: turn (a form sent is not held back). Python runs one thread at a time, so
 #: many pages built together would leave the sender, a thread of the same
@@ -7043,34 +7215,19 @@ def log_tail(path: Path) -> tuple[list[str], bool]:
 
 @dataclasses.dataclass(frozen=True)
 class SpoolView:
-    """One reading of the spool folder, for the pages."""
+    """The spool as the pages show it: from the SpoolIndex `run` keeps for its
+    checks, so the pages and the sender share one reading of the folder."""
     folder: Path
-    stamp: int          #: the folder's modification time (ns) just before the reading
     bad: list           #: every .BAD file, in queue order
     first: list         #: the first QUEUE_SHOWN waiting files, in sending order
     waiting: int        #: how many files wait in all
-    taken: float        #: time.monotonic() of the reading
-    cost: float         #: the seconds it took
-
-    def fresh(self, folder: Path) -> bool:
-        """Whether this reading may serve another page now."""
-        return (folder == self.folder and self.cost >= SPOOL_VIEW_SLOW
-                and time.monotonic() - self.taken < SPOOL_VIEW_SECONDS
-                and folder_stamp(folder) == self.stamp)
 
 
-def folder_stamp(folder: Path) -> int | None:
-    try:
-        return os.stat(folder).st_mtime_ns
-    except OSError:
-        return None
-
-
-def read_spool_view(folder: Path) -> SpoolView:
+def read_spool_view(index: SpoolIndex) -> SpoolView:
     """Raises SpoolError if the folder cannot be read."""
-    stamp, start = folder_stamp(folder), time.monotonic()
-    bad, first, waiting = queue_head(folder, QUEUE_SHOWN)
-    return SpoolView(folder, stamp, bad, first, waiting, start, time.monotonic() - start)
+    with index.lock:
+        index.refresh()
+        return SpoolView(index.folder, *index.head(QUEUE_SHOWN))
 
 
 # -- sessions --------------------------------------------------------------------
@@ -7113,7 +7270,6 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.connections: dict[str, int] = {}  #: being served now, by client address
         self.lock = threading.Lock()           #: guards sessions and connections
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
-        self.view_lock = threading.Lock()      #: one reading of the spool at a time
         self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
         self._view: SpoolView | None = None
         #: Proves to `status` that this process answers here (see page_proof).
@@ -7203,27 +7359,22 @@ class PageServer(http.server.ThreadingHTTPServer):
                 self.connections.pop(address, None)
 
     def spool_view(self) -> SpoolView:
-        """The spool as the pages show it. While one page reads a long queue
-        again, the others show the last reading rather than wait; with no
-        reading to show they wait for it and share it. Raises SpoolError."""
-        folder = self.gateway.settings.spool
-        last = self._view
-        if last is not None and last.fresh(folder):
-            return last
-        slow = last is not None and last.folder == folder and last.cost >= SPOOL_VIEW_SLOW
-        if not self.view_lock.acquire(blocking=not slow):
-            return last
-        try:
-            if self._view is None or not self._view.fresh(folder):
-                self._view = read_spool_view(folder)
-            return self._view
-        finally:
-            self.view_lock.release()
+        """The spool as the pages show it, from the index the checks keep
+        (read again only where the folder changed). While a check or another
+        page is reading it, a page shows the last reading rather than wait;
+        with none to show it waits. Raises SpoolError."""
+        index, last = self.gateway.spool_index(), self._view
+        if last is not None and last.folder == index.folder:
+            if not index.lock.acquire(blocking=False):
+                return last             # being read (a check, a page): the last reading serves
+            index.lock.release()
+        self._view = view = read_spool_view(index)
+        return view
 
     def forget_spool_view(self) -> None:
-        """After a page's own change to the queue: the next page reads it afresh."""
-        with self.view_lock:
-            self._view = None
+        """After a page's own change to the queue: the next page waits for a
+        reading that shows it."""
+        self._view = None
 
 
 # -- what a view or an action is given ------------------------------------------------
@@ -8699,6 +8850,10 @@ STATUS_FIELDS = MappingProxyType({"auto_overdue": status_auto_overdue,
 
 # Command line ################################################################
 
+#: `queue` lists this many messages (every .BAD one first); `queue --all` lists all.
+QUEUE_PAGE = 50
+
+
 def cmd_run(args, settings: Settings) -> int:
     lock = FileLock(run_lock_path(settings.ini_path))
     if not lock.acquire():
@@ -8874,14 +9029,32 @@ def cmd_smtp_check(args, settings: Settings) -> int:
 
 
 def cmd_queue(args, settings: Settings) -> int:
+    index = SpoolIndex.read(settings.spool)
     db = open_db(settings.database)
-    rows = queue_rows(settings, db)
-    db.close()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
+    try:
+        if args.json:
+            write_json_list(sys.stdout, iter_queue_rows(settings, db, index.listing()))
+            return 0
+        shown = len(index) if args.all else QUEUE_PAGE
+        print_queue(iter_queue_rows(settings, db, itertools.islice(index.listing(), shown)))
+    finally:
+        db.close()
+    if not len(index):
         print("The queue is empty.")
+    elif len(index) > shown:
+        print(f"… {len(index) - shown:,} more; `queue --all` lists them all.")
+    return 0
+
+
+def write_json_list(out, items: Iterable) -> None:
+    """A JSON list written item by item, so memory stays flat however long it is."""
+    out.write("[")
+    for n, item in enumerate(items):
+        out.write(("," if n else "") + "\n  " + json.dumps(item))
+    out.write("\n]\n")
+
+
+def print_queue(rows: Iterable[dict]) -> None:
     for r in rows:
         print(f"{r['file']}  {r['state']}  to {r['to'] or '?'}  {r['subject']!r}"
               + (f"  attempts {r['attempts']}" if r["attempts"] else "")
@@ -8890,7 +9063,6 @@ def cmd_queue(args, settings: Settings) -> int:
                         for key, label in (("sent", "has it"), ("waiting", "waiting"),
                                            ("refused", "refused for good"))
                         if r["recipients"][key]))
-    return 0
 
 
 def cmd_retry(args, settings: Settings) -> int:
@@ -8937,8 +9109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="ADDR")
     p = command("status", cmd_status, "is it running, is it sending, what waits")
     p.add_argument("--json", action="store_true")
-    p = command("queue", cmd_queue, "list waiting and .BAD messages")
-    p.add_argument("--json", action="store_true")
+    p = command("queue", cmd_queue, f"list .BAD and waiting messages, the first {QUEUE_PAGE} "
+                "(--all: every one)")
+    p.add_argument("--all", action="store_true", help="list every message")
+    p.add_argument("--json", action="store_true", help="every message, as JSON")
     p = command("retry", cmd_retry, "put a .BAD message back in the queue")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("--all-bad", action="store_true")

@@ -1,28 +1,35 @@
-"""How fast BiblioGate drains its spool, and what a check costs with a huge queue.
+"""How fast BiblioGate drains its spool, and what a long queue costs.
 
-Two measurements, both against a local aiosmtpd server that runs in its own
-process (so it does not share the interpreter lock with the sender):
+drain   2,000 queued ~2 KB messages sent unthrottled, four ways, alternating
+        within each round, to two servers in turn: Postfix's `smtp-sink` (as
+        fast as a server gets) and aiosmtpd (in its own process; at these rates
+        it is the bottleneck). The ways: `bibliogate.py send --all` as a
+        subprocess, the same check in this process (Sender.check(limit=0)), a
+        bare smtplib loop that reads each file and sends it over one
+        connection, and that loop making one fsync'd sqlite commit per message
+        (WAL, synchronous = FULL: the price of recording each delivery on disk
+        at once). Reported: the median over the rounds of reference_time /
+        gateway_time, each ratio taken within one round (goals: >= 0.5 x the
+        bare loop and >= 1.0 x the fsync loop to smtp-sink), and every count
+        checked at the server.
 
-drain   2,000 queued ~2 KB messages sent unthrottled, three ways, alternating
-        within each round: `bibliogate.py send --all` as a subprocess, the same
-        check in this process (Sender.check(limit=0)), and a bare smtplib loop
-        that reads each file and sends it over one connection. Reported: the
-        median of bare_time / gateway_time over the rounds (goal >= 0.8), and
-        the CPU time of each way (steadier than wall time on a busy machine).
+backlog one ordinary check (messages_per_check = 10) with 1,000 / 10,000 /
+        100,000 files waiting against the same check with 10 waiting: the time
+        beyond the sending, in process as `run` does it (the spool index kept
+        from check to check) and as `send` (a fresh process, a fresh reading),
+        and the peak memory (tracemalloc in process; VmHWM of `send`). Also
+        `status` and `queue` (its first page) as commands, wall time and output.
 
-backlog one ordinary check (messages_per_check = 10) with 100,000 files waiting,
-        against the same check with only 10 waiting: the time beyond sending
-        (goal < 0.5 s) and the peak memory of `send` as a subprocess
-        (VmHWM, the peak resident set) and of the check in this process
-        (tracemalloc) (goal < 100 MB).
+Usage (Linux, from the repository folder; needs aiosmtpd, and Postfix's
+smtp-sink for that server):
 
-Usage (Linux, from the repository folder; needs aiosmtpd, as the tests do):
+    python bench/drain.py                 # both, default sizes (a few minutes)
+    python bench/drain.py drain --rounds 3 --messages 2000 --sink smtp-sink
+    python bench/drain.py backlog --waiting 1000,10000,100000
 
-    python bench/drain.py                 # both, default sizes
-    python bench/drain.py drain --rounds 5 --messages 2000
-    python bench/drain.py backlog --waiting 100000
-
-Only 127.0.0.1 is used; every temporary folder is removed at the end.
+BIBLIOGATE_REPO=/path/to/other/checkout measures that checkout's bibliogate.py
+with this script (before and after, side by side). Only 127.0.0.1 is used;
+every temporary folder is removed at the end.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ import asyncio
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import shutil
 import smtplib
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -44,7 +53,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(os.environ.get("BIBLIOGATE_REPO") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(REPO))
 
 import bibliogate as bg  # noqa: E402
@@ -106,6 +115,49 @@ class SinkProcess:
     def stop(self) -> None:
         self._proc.terminate()
         self._proc.join(10)
+
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+
+
+class PostfixSink:
+    """Postfix's smtp-sink on 127.0.0.1 (`-c`: it counts what it accepted)."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            self.port = s.getsockname()[1]
+        self.log = tempfile.NamedTemporaryFile(prefix="bibliogate-smtp-sink-", delete=False)
+        cmd = [SMTP_SINK, "-c", "-4", "-h", "sink.bench"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]             # smtp-sink refuses to run as root
+        self._proc = subprocess.Popen(cmd + [f"{HOST}:{self.port}", "64"], stdout=self.log,
+                                      stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection((HOST, self.port), timeout=2) as c:
+                    if c.recv(100).startswith(b"220"):
+                        c.sendall(b"QUIT\r\n")
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("smtp-sink did not start within 20 s") from None
+                time.sleep(0.05)
+
+    @property
+    def count(self) -> int:
+        with open(self.log.name, "rb") as fh:
+            found = re.findall(rb"msg=(\d+)", fh.read()[-200:])
+        return int(found[-1]) if found else 0
+
+    wait_for = SinkProcess.wait_for
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(10)
+        os.unlink(self.log.name)
 
 
 # Messages and folders ########################################################
@@ -179,33 +231,47 @@ def drain_in_process(settings: bg.Settings) -> None:
         raise RuntimeError(f"in-process check: {result.summary()}")
 
 
-def drain_bare(spool: Path, port: int) -> None:
-    """The floor: read each file and hand it to smtplib over one connection."""
+def drain_bare(spool: Path, port: int, db_path: Path | None = None) -> None:
+    """The floor: read each file and hand it to smtplib over one connection;
+    with db_path, also one fsync'd sqlite commit per message."""
     files = sorted(spool.glob("*.TMP"))
+    db = None
+    if db_path is not None:
+        db = sqlite3.connect(str(db_path))
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("CREATE TABLE IF NOT EXISTS sent (file TEXT PRIMARY KEY, at REAL)")
     with smtplib.SMTP(HOST, port, timeout=30) as smtp:
         for path in files:
             data = path.read_bytes().replace(b"\n", b"\r\n")
             n = int(path.stem[1:])
             smtp.sendmail(FROM, [f"patron{n}@example.org"], data)
+            if db is not None:
+                with db:
+                    db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (path.name, time.time()))
             path.unlink()
+    if db is not None:
+        db.close()
 
 
-SUBPROCESS, IN_PROCESS, BARE = "send --all (subprocess)", "Sender.check (in process)", "bare smtplib"
+SUBPROCESS, IN_PROCESS = "send --all (subprocess)", "Sender.check (in process)"
+BARE, BARE_FSYNC = "bare smtplib", "bare + fsync'd commit"
 
 
-def run_drain(rounds: int, count: int) -> dict:
+def run_drain(rounds: int, count: int, sink_kind: str) -> dict:
     """{way: [(seconds, CPU seconds), ...]}, one pair per round."""
-    sink = SinkProcess()
+    sink = PostfixSink() if sink_kind == "smtp-sink" else SinkProcess()
     tmp = Path(tempfile.mkdtemp(prefix="bibliogate-bench-"))
     try:
         settings = make_gateway(tmp / "gw", sink.port)
         ways = {SUBPROCESS: lambda: drain_subprocess(settings),
                 IN_PROCESS: lambda: drain_in_process(settings),
-                BARE: lambda: drain_bare(settings.spool, sink.port)}
+                BARE: lambda: drain_bare(settings.spool, sink.port),
+                BARE_FSYNC: lambda: drain_bare(settings.spool, sink.port, tmp / "bare.db")}
         got = {name: [] for name in ways}
         order = list(ways)
         for r in range(rounds):
-            for name in order[r % 3:] + order[:r % 3]:          # alternate who goes first
+            for name in order[r % 4:] + order[:r % 4]:          # alternate who goes first
                 fresh_database(settings)
                 fill(settings.spool, count)
                 before = sink.count
@@ -213,6 +279,8 @@ def run_drain(rounds: int, count: int) -> dict:
                 ways[name]()
                 got[name].append((time.perf_counter() - started, cpu_seconds() - cpu))
                 sink.wait_for(before + count)
+                if sink.count != before + count:
+                    raise RuntimeError(f"{name}: the server got {sink.count - before} of {count}")
                 if waiting(settings.spool):
                     raise RuntimeError(f"{name} left files behind")
             print(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1][0]:.2f} s ({t[-1][1]:.2f} CPU)"
@@ -233,40 +301,44 @@ def stop_logging() -> None:
 
 # Backlog #####################################################################
 
-#: Runs `bibliogate.py send`, then prints the process's CPU time and its peak
+#: Runs `bibliogate.py ARGS...`, then prints the process's CPU time and its peak
 #: resident memory: VmHWM, and ru_maxrss for comparison (on Linux ru_maxrss
 #: keeps the parent's peak from before exec, so it can read too high).
 CHILD = """
-import resource, sys
+import contextlib, io, resource, sys
 sys.path.insert(0, sys.argv[1])
 import bibliogate
-code = bibliogate.main(["--config", sys.argv[2], "send"])
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = bibliogate.main(["--config", *sys.argv[2:]])
 with open("/proc/self/status", encoding="ascii") as fh:
     hwm = [line.split()[1] for line in fh if line.startswith("VmHWM:")][0]
 use = resource.getrusage(resource.RUSAGE_SELF)
-print("measured", use.ru_utime + use.ru_stime, int(hwm) / 1024, use.ru_maxrss / 1024)
-sys.exit(code)
+print(out.getvalue()[-300:])
+print("measured", len(out.getvalue()), use.ru_utime + use.ru_stime, int(hwm) / 1024,
+      use.ru_maxrss / 1024)
 """
 
 
-def child_send(settings: bg.Settings) -> tuple:
-    """(seconds, CPU seconds, VmHWM MB, ru_maxrss MB) of `bibliogate.py send`
-    in a fresh process."""
-    cmd = [sys.executable, "-c", CHILD, str(REPO), str(settings.ini_path)]
+def child(settings: bg.Settings, *args: str, expect: str = "") -> tuple:
+    """(seconds, CPU seconds, VmHWM MB, output bytes) of `bibliogate.py ARGS`
+    in a fresh process (its output kept in memory, as a pipe would take it)."""
+    cmd = [sys.executable, "-c", CHILD, str(REPO), str(settings.ini_path), *args]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     elapsed = time.perf_counter() - started
-    if proc.returncode != 0 or "10 sent" not in proc.stdout:
-        raise RuntimeError(f"send failed: {proc.stdout} {proc.stderr}")
-    cpu, hwm, maxrss = map(float, proc.stdout.split("measured")[1].split())
-    return elapsed, cpu, hwm, maxrss
+    if "measured" not in proc.stdout or expect not in proc.stdout:
+        raise RuntimeError(f"{args} failed: {proc.stdout[-500:]} {proc.stderr[-2000:]}")
+    size, cpu, hwm, _ = map(float, proc.stdout.split("measured")[1].split())
+    return elapsed, cpu, hwm, size
 
 
-def check_in_process(settings: bg.Settings, trace: bool = False) -> tuple:
+def check_in_process(settings: bg.Settings, index=None, trace: bool = False) -> tuple:
     """(seconds, CPU seconds, tracemalloc peak MB) of one ordinary check."""
     bg.setup_logging(settings, console=False)       # as the command line does
     journal = bg.Journal(settings.database)
-    sender = bg.Sender(settings, journal)
+    sender = (bg.Sender(settings, journal) if index is None
+              else bg.Sender(settings, journal, index=index))
     if trace:
         tracemalloc.start()
     started, cpu = time.perf_counter(), time.process_time()
@@ -282,75 +354,98 @@ def check_in_process(settings: bg.Settings, trace: bool = False) -> tuple:
     return elapsed, cpu, peak
 
 
-def run_backlog(backlog: int, repeats: int) -> dict:
-    """Each check sends the 10 oldest files; the same 10 are put back before
-    the next one, so every check sees the same queue."""
+def run_backlog(sizes: list, repeats: int) -> dict:
+    """{size: {what: [measure, ...]}}. Each check sends the 10 oldest files;
+    the same 10 are put back before the next one, so every check sees the
+    same queue. `run` keeps its index from check to check (if it has one)."""
     sink = SinkProcess()
     tmp = Path(tempfile.mkdtemp(prefix="bibliogate-bench-"))
     base = time.time() - 3600
+    results = {}
     try:
         small = make_gateway(tmp / "small", sink.port)
-        big = make_gateway(tmp / "big", sink.port)
-        print(f"backlog: writing {backlog:,} files ...", flush=True)
-        fill(big.spool, backlog, base=base)
-        ways = {
-            "check, 10 waiting": lambda: check_in_process(small),
-            f"check, {backlog:,} waiting": lambda: check_in_process(big),
-            "send, 10 waiting": lambda: child_send(small),
-            f"send, {backlog:,} waiting": lambda: child_send(big),
-        }
-        got = {name: [] for name in ways}
-        for r in range(repeats):
-            for name, way in ways.items():
+        for size in sizes:
+            big = make_gateway(tmp / f"w{size}", sink.port)
+            print(f"backlog: writing {size:,} files ...", flush=True)
+            fill(big.spool, size, base=base)
+            kept = {"small": None, "big": None}
+            if hasattr(bg, "SpoolIndex"):
+                kept = {"small": bg.SpoolIndex(small.spool), "big": bg.SpoolIndex(big.spool)}
+                check_in_process(small, kept["small"])      # `run`'s first check reads all
                 fill(small.spool, 10, base=base)
-                fill(big.spool, 10, base=base)              # the 10 oldest, back again
-                got[name].append(way())
-        fill(small.spool, 10, base=base)
-        fill(big.spool, 10, base=base)
-        got["tracemalloc, 10 waiting"] = [check_in_process(small, trace=True)[2]]
-        got[f"tracemalloc, {backlog:,} waiting"] = [check_in_process(big, trace=True)[2]]
-        return got
+                check_in_process(big, kept["big"])
+            ways = {
+                "check 10": lambda: check_in_process(small, kept["small"]),
+                "check": lambda: check_in_process(big, kept["big"]),    # noqa: B023
+                "send 10": lambda: child(small, "send", expect="10 sent"),
+                "send": lambda: child(big, "send", expect="10 sent"),   # noqa: B023
+                "status": lambda: child(big, "status"),                 # noqa: B023
+                "queue": lambda: child(big, "queue"),                   # noqa: B023
+            }
+            got = {name: [] for name in ways}
+            for _ in range(repeats):
+                for name, way in ways.items():
+                    fill(small.spool, 10, base=base)
+                    fill(big.spool, 10, base=base)              # the 10 oldest, back again
+                    got[name].append(way())
+            fill(small.spool, 10, base=base)
+            fill(big.spool, 10, base=base)
+            got["tracemalloc 10"] = [check_in_process(small, kept["small"], trace=True)]
+            got["tracemalloc"] = [check_in_process(big, kept["big"], trace=True)]
+            results[size] = got
+            shutil.rmtree(tmp / f"w{size}", ignore_errors=True)
+        return results
     finally:
         stop_logging()
         sink.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def report_backlog(results: dict) -> None:
+    med = lambda rows, i: statistics.median(r[i] for r in rows)     # noqa: E731
+    print(f"  {'waiting':>9}  {'check beyond':>12}  {'check CPU':>9}  {'trace peak':>10}  "
+          f"{'send beyond':>11}  {'send HWM':>8}  {'status':>7}  {'HWM':>6}  "
+          f"{'queue':>7}  {'HWM':>6}  {'output':>9}")
+    for size, got in results.items():
+        print(f"  {size:>9,}  {med(got['check'], 0) - med(got['check 10'], 0):>10.3f} s"
+              f"  {med(got['check'], 1) - med(got['check 10'], 1):>7.3f} s"
+              f"  {got['tracemalloc'][0][2]:>7.1f} MB"
+              f"  {med(got['send'], 0) - med(got['send 10'], 0):>9.3f} s"
+              f"  {med(got['send'], 2):>5.1f} MB"
+              f"  {med(got['status'], 0):>5.2f} s  {med(got['status'], 2):>3.0f} MB"
+              f"  {med(got['queue'], 0):>5.2f} s  {med(got['queue'], 2):>3.0f} MB"
+              f"  {med(got['queue'], 3) / 1e3:>6.0f} kB")
+    print("  (check: in process, as `run` does it; send: a fresh process; status, queue: "
+          "the commands, wall time from start to exit, python's start included)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", choices=("drain", "backlog", "both"), default="both")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--waiting", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sink", choices=("smtp-sink", "aiosmtpd", "both"), default="both")
+    parser.add_argument("--waiting", default="1000,10000,100000")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  Python {platform.python_version()}  "
-          f"{platform.platform()}  {os.cpu_count()} cores  load {os.getloadavg()}")
+          f"{platform.platform()}  {os.cpu_count()} cores  load {os.getloadavg()}  {REPO}")
     if args.what in ("drain", "both"):
-        print(f"drain: {args.messages:,} messages, {args.rounds} rounds")
-        got = run_drain(args.rounds, args.messages)
-        for name, pairs in got.items():
-            wall = statistics.median(p[0] for p in pairs)
-            cpu = statistics.median(p[1] for p in pairs)
-            print(f"  {name:26s} median {wall:6.2f} s ({args.messages / wall:5.0f} msg/s), "
-                  f"CPU {cpu:5.2f} s")
-        for name in (SUBPROCESS, IN_PROCESS):
-            ratio = statistics.median(b[0] / g[0] for b, g in zip(got[BARE], got[name]))
-            print(f"  bare / gateway, {name:26s} median ratio {ratio:.2f} (goal >= 0.8)")
+        sinks = ("smtp-sink", "aiosmtpd") if args.sink == "both" else (args.sink,)
+        for sink in sinks:
+            print(f"drain: {args.messages:,} messages to {sink}, {args.rounds} rounds")
+            got = run_drain(args.rounds, args.messages, sink)
+            for name, pairs in got.items():
+                wall = statistics.median(p[0] for p in pairs)
+                cpu = statistics.median(p[1] for p in pairs)
+                print(f"  {name:26s} median {wall:6.2f} s ({args.messages / wall:5.0f} msg/s), "
+                      f"CPU {cpu:5.2f} s")
+            for name in (SUBPROCESS, IN_PROCESS):
+                for ref in (BARE, BARE_FSYNC):
+                    ratio = statistics.median(b[0] / g[0] for b, g in zip(got[ref], got[name]))
+                    print(f"  {ref} / {name:26s} median ratio {ratio:.2f}")
     if args.what in ("backlog", "both"):
-        got = run_backlog(args.waiting, args.repeats)
-        names = list(got)
-        med = {name: [statistics.median(x[i] for x in got[name]) for i in range(len(got[name][0]))]
-               for name in names[:4]}
-        for name in names[:4]:
-            print(f"  {name:28s} median {med[name][0]:6.3f} s, CPU {med[name][1]:6.3f} s"
-                  + (f", VmHWM {med[name][2]:5.1f} MB, ru_maxrss {med[name][3]:5.1f} MB"
-                     if len(med[name]) > 3 else ""))
-        for small, big, where in ((0, 1, "in process"), (2, 3, "subprocess")):
-            a, b = med[names[small]], med[names[big]]
-            print(f"  {where}: {b[0] - a[0]:.3f} s beyond the sending ({b[1] - a[1]:.3f} s CPU)")
-        for name in names[4:]:
-            print(f"  {name:28s} peak {got[name][0]:6.1f} MB")
+        report_backlog(run_backlog([int(n) for n in args.waiting.split(",")], args.repeats))
     return 0
 
 
