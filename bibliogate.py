@@ -2055,10 +2055,12 @@ class SpoolIndex:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.lock = threading.RLock()
-        self.waiting: dict[str, tuple[float, int]] = {}     #: name -> (mtime, size)
-        self.bad: dict[str, tuple[float, int]] = {}
+        self.waiting: dict[str, float] = {}                 #: name -> mtime
+        self.bad: dict[str, tuple[float, int]] = {}         #: name -> (mtime, size)
         self.claimed: set[str] = set()      #: files a check has taken (".NAME.TMP.sending")
-        self._order: list[tuple] = []       #: queue_order() of each; may hold gone names
+        #: (queue_order(name, mtime), size) flattened: (not priority, mtime, name, size),
+        #: sorted; an entry whose name is gone or has another time is skipped.
+        self._order: list[tuple] = []
         self._recent: set[str] = set()      #: names that were changing when last seen
         self._stamp: int | None = None
         self._full_at = -math.inf
@@ -2090,37 +2092,44 @@ class SpoolIndex:
             self._stamp = None if racy else stamp
 
     def _update(self, names: list[str]) -> None:
-        waiting, bad, claimed, new = {}, {}, set(), []
-        for name in names:
+        """Set operations (in C) find what came and went; only those are
+        looked at, so a reading costs little more than the listing."""
+        present = set(names)
+        del names
+        waiting = self.waiting
+        gone = waiting.keys() - present
+        others = present - waiting.keys()       # new waiting files, .BAD ones, the rest
+        del present
+        for name in gone:       # changed in place: readers only look names up
+            del waiting[name]
+        order = self._order
+        if len(order) > 2 * len(waiting) + 64:          # compacted once half is gone
+            order = [o for o in order if waiting.get(o[2]) == o[1]]
+        bad, claimed, added = {}, set(), []
+        for name in others:
             if is_waiting_name(name):
-                known = self.waiting.get(name)
-                if known is None:
-                    new.append(name)
-                else:
-                    waiting[name] = known
+                st = look_at(self.folder, name)
+                if st is not None:
+                    added.append(queue_order(name, st[0]) + (st[1],))
             elif is_bad_name(name):
                 st = self.bad.get(name) or look_at(self.folder, name)
                 if st is not None:
                     bad[name] = st
             elif is_claim_name(name):
                 claimed.add(name)
-        order = self._order
-        if len(order) > 2 * len(waiting) + 64:          # compacted once half is gone
-            order = [o for o in order if o[-1] in waiting]
-        seen = [(name, look_at(self.folder, name)) for name in new]
-        added = [(name, st) for name, st in seen if st is not None]
-        for name, st in added:
-            waiting[name] = st
-        if len(added) > len(order) // 8:
-            order = sorted(order + [queue_order(name, st[0]) for name, st in added])
-        else:
-            order = list(order)         # a reader may be walking the old one
-            for name, st in added:
-                bisect.insort(order, queue_order(name, st[0]))
+        if added:
+            for entry in added:
+                waiting[entry[2]] = entry[1]
+            if len(added) > len(order) // 8:
+                order = sorted(order + added)
+            else:
+                order = list(order)             # a reader may be walking the old one
+                for entry in added:
+                    bisect.insort(order, entry)
         self.waiting, self.bad, self.claimed, self._order = waiting, bad, claimed, order
         quiet = time.time() - STABLE_SECONDS - 1.0
         self._recent = {n for n in self._recent if n in waiting}
-        self._recent.update(name for name, st in added if st[0] > quiet)
+        self._recent.update(entry[2] for entry in added if entry[1] > quiet)
 
     def _look_again(self) -> None:
         """Files that were changing: their time and size now."""
@@ -2130,9 +2139,9 @@ class SpoolIndex:
             st = look_at(self.folder, name)
             if st is None or st[0] <= quiet:
                 self._recent.discard(name)
-            if st is not None and st != waiting.get(name):
-                waiting[name] = st
-                bisect.insort(order, queue_order(name, st[0]))
+            if st is not None and name in waiting:
+                waiting[name] = st[0]
+                bisect.insort(order, queue_order(name, st[0]) + (st[1],))
         self.waiting, self._order = waiting, order
 
     def in_order(self) -> Iterator[SpoolFile]:
@@ -2141,12 +2150,11 @@ class SpoolIndex:
         with self.lock:
             order, waiting = self._order, self.waiting
         done: set = set()
-        for _, mtime, name in order:
-            st = waiting.get(name)
-            if st is None or st[0] != mtime or name in done:
+        for _, mtime, name, size in order:
+            if waiting.get(name) != mtime or name in done:
                 continue                # gone, or seen again with a new time
             done.add(name)
-            yield SpoolFile(name, self.folder / name, st[0], st[1])
+            yield SpoolFile(name, self.folder / name, mtime, size)
 
     def head(self, limit: int) -> tuple[list[SpoolFile], list[SpoolFile], int]:
         """Every .BAD file and the first `limit` waiting files, each in queue

@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -121,18 +122,23 @@ SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
 
 class PostfixSink:
-    """Postfix's smtp-sink on 127.0.0.1 (`-c`: it counts what it accepted)."""
+    """Postfix's smtp-sink on 127.0.0.1. With `-c` it prints how many messages
+    it accepted; on a terminal it prints at once, so it gets a pty."""
 
     def __init__(self):
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
-        self.log = tempfile.NamedTemporaryFile(prefix="bibliogate-smtp-sink-", delete=False)
         cmd = [SMTP_SINK, "-c", "-4", "-h", "sink.bench"]
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]             # smtp-sink refuses to run as root
-        self._proc = subprocess.Popen(cmd + [f"{HOST}:{self.port}", "64"], stdout=self.log,
-                                      stderr=subprocess.STDOUT)
+        self._pty, child_end = os.openpty()
+        self._proc = subprocess.Popen(cmd + [f"{HOST}:{self.port}", "64"], stdout=child_end,
+                                      stderr=child_end)
+        os.close(child_end)
+        self._count, self._tail = 0, b""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -146,18 +152,29 @@ class PostfixSink:
                     raise RuntimeError("smtp-sink did not start within 20 s") from None
                 time.sleep(0.05)
 
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._pty, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self._tail = (self._tail + data)[-200:]
+            found = re.findall(rb"mesg=(\d+)", self._tail)
+            if found:
+                self._count = int(found[-1])
+
     @property
     def count(self) -> int:
-        with open(self.log.name, "rb") as fh:
-            found = re.findall(rb"msg=(\d+)", fh.read()[-200:])
-        return int(found[-1]) if found else 0
+        return self._count
 
     wait_for = SinkProcess.wait_for
 
     def stop(self) -> None:
         self._proc.terminate()
         self._proc.wait(10)
-        os.unlink(self.log.name)
+        os.close(self._pty)
 
 
 # Messages and folders ########################################################
@@ -371,8 +388,8 @@ def run_backlog(sizes: list, repeats: int) -> dict:
             kept = {"small": None, "big": None}
             if hasattr(bg, "SpoolIndex"):
                 kept = {"small": bg.SpoolIndex(small.spool), "big": bg.SpoolIndex(big.spool)}
-                check_in_process(small, kept["small"])      # `run`'s first check reads all
                 fill(small.spool, 10, base=base)
+                check_in_process(small, kept["small"])      # `run`'s first check reads all
                 check_in_process(big, kept["big"])
             ways = {
                 "check 10": lambda: check_in_process(small, kept["small"]),
