@@ -21,11 +21,13 @@ SMTP server:
     Templates           templates/*.txt: a Subject line, a blank line, a body
     Messages            composing our own messages; checking queued ones and
                         encoding them for the server (UTF-16, 8-bit, long lines)
-    Spool               the queue folder: writing, listing, picking, claiming a file
+    Spool               the queue folder: writing, the index `run` keeps of it (read
+                        where the folder changed), picking, claiming a file
                         before reading it (whole, checked before it is opened), files
                         held open by other programs, BAD files
     Sender              one check: connect, log in (password or OAuth), send a batch,
-                        sort out each reply, each recipient's outcome kept; the daily
+                        sort out each reply, each recipient's outcome kept, records
+                        flushed to disk in groups; the daily
                         cap; smtp-check's steps
     Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
                         (with the days it was not running)
