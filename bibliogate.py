@@ -2084,14 +2084,46 @@ class SpoolIndex:
                 self._look_again()
             if stamp is not None and stamp == self._stamp and not full:
                 return
-            names = spool_names(self.folder)
             self.readings += 1
             if full:
-                self.waiting, self.bad, self._order = {}, {}, []
+                self._read_all()
                 self._full_at = time.monotonic()
-            self._update(names)
+            else:
+                self._update(spool_names(self.folder))
             racy = stamp is None or time.time() - stamp / 1e9 < self.RACY_SECONDS
             self._stamp = None if racy else stamp
+
+    def _read_all(self) -> None:
+        """Every file looked at, in one pass of os.scandir (whose entries
+        carry their times on Windows, and need no path joined on Linux)."""
+        waiting: dict[str, float] = {}
+        bad: dict[str, tuple[float, int]] = {}
+        claimed, order = set(), []
+        try:
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    name = entry.name
+                    kind = (1 if is_waiting_name(name) else 2 if is_bad_name(name)
+                            else 3 if is_claim_name(name) else 0)
+                    if kind in (1, 2):
+                        try:
+                            st = entry.stat(follow_symlinks=False)    # a link is not followed
+                        except OSError:       # removed while we looked
+                            continue
+                        if kind == 1:
+                            waiting[name] = st.st_mtime
+                            order.append(queue_order(name, st.st_mtime) + (st.st_size,))
+                        else:
+                            bad[name] = (st.st_mtime, st.st_size)
+                    elif kind == 3:
+                        claimed.add(name)
+        except OSError as exc:
+            raise SpoolError(f"The spool folder {self.folder} cannot be read ({exc.strerror}). "
+                             "Check [gateway] spool_folder and the folder's permissions.") from None
+        order.sort()
+        quiet = time.time() - STABLE_SECONDS - 1.0
+        self.waiting, self.bad, self.claimed, self._order = waiting, bad, claimed, order
+        self._recent = {entry[2] for entry in order if entry[1] > quiet}
 
     def _update(self, names: list[str]) -> None:
         """Set operations (in C) find what came and went; only those are

@@ -16,17 +16,18 @@ from test_sender import drop
 def test_only_names_not_seen_before_are_looked_at(tmp_path, monkeypatch):
     for n in range(30):
         drop(tmp_path, f"m{n:02d}.TMP", eml(), age=600 - n)
-    looks = counting(monkeypatch, "look_at")
-    index = bg.SpoolIndex.read(tmp_path)
-    assert len(looks) == 30 and len(index.waiting) == 30
     settle(tmp_path)
+    looks = counting(monkeypatch, "look_at")
+    index = bg.SpoolIndex.read(tmp_path)        # the first reading: one pass of scandir
+    assert looks == [] and len(index.waiting) == 30 and index.readings == 1
     index.refresh()
-    assert len(looks) == 30                      # the folder did not change: nothing read
+    assert looks == [] and index.readings == 1   # the folder did not change: nothing read
     (tmp_path / "m00.TMP").unlink()
     drop(tmp_path, "new.TMP", eml(), age=10)
     settle(tmp_path)
     index.refresh()
-    assert [args[1] for args in looks[30:]] == ["new.TMP"]       # only the new name
+    assert index.readings == 2
+    assert [args[1] for args in looks] == ["new.TMP"]       # only the new name
     assert [f.name for f in index.in_order()][-2:] == ["m29.TMP", "new.TMP"]
     assert "m00.TMP" not in index and len(index.waiting) == 30
 
