@@ -67,7 +67,6 @@ import heapq
 import itertools
 import hmac
 import html
-import io
 import http.server
 import io
 import ipaddress
@@ -471,8 +470,8 @@ def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
                 bad.append(f"the range {item!r} ends before it starts")
             else:
                 ranges.append((a, b))
-        elif iso_date(item):
-            ranges.append((iso_date(item), iso_date(item)))
+        elif (day := iso_date(item)) is not None:
+            ranges.append((day, day))
         else:
             bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
                        "or a range of dates (2026-12-18..2027-01-28)")
@@ -563,7 +562,7 @@ class _Reader:
             default = DEFAULTS[section][key]
             self.problems.append(ini_problem(section, key, value, f"not a usable path. Write a "
                                              f"name such as {default}, or a full path."))
-            path = absolute(base, default)
+            path = absolute(base, default) or base / default
         return path
 
 
@@ -587,7 +586,8 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
         problems += [f"{ini_path.name} line {n}: {shown_line(lines[n - 1])!r} is not 'key = value' "
                      "nor a [section]. Fix or delete that line." for n, _ in exc.errors]
     except configparser.Error as exc:
-        where = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        lineno = getattr(exc, "lineno", None)
+        where = f" line {lineno}" if lineno else ""
         return {}, [f"{ini_path.name}{where} cannot be read: {exc.message.splitlines()[0]} "
                     "Fix that line, or delete the file to have a fresh one written."]
     raw = {}
@@ -986,7 +986,7 @@ def folder_usable(folder: Path) -> bool:
 
 # Locks #######################################################################
 
-if os.name == "nt":
+if sys.platform == "win32":        # (as mypy reads it: os.name == "nt")
     import msvcrt
 
     def _try_lock(fd: int) -> bool:
@@ -1020,7 +1020,8 @@ class FileLock:
     gateway never leaves a stale lock behind."""
 
     def __init__(self, path: Path):
-        self.path, self.fd = Path(path), None
+        self.path = Path(path)
+        self.fd: int | None = None
 
     def acquire(self) -> bool:
         """Take the lock if it is free; False if another process holds it."""
@@ -1706,7 +1707,10 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     if not fields or not HEADER_LINE_RE.match(fields[0]):
         raise BadMessage("this is not an email message: it must start with header lines "
                          "such as 'To: patron@example.org', then a blank line, then the text.")
-    recipients, invalid, kept, seen = [], [], [], set()
+    recipients: list[str] = []
+    invalid: list[str] = []
+    kept: list[bytes] = []
+    seen: set[str] = set()
     subject = message_id = ""
     names = set()
     for line in fields:
@@ -1729,7 +1733,12 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
             message_id = value
         if name not in REPLACED_HEADERS:
             kept.append(line)
-    recipients = [a for a in recipients if not (a.lower() in seen or seen.add(a.lower()))]
+    unique = []
+    for address in recipients:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            unique.append(address)
+    recipients = unique
     if not recipients:
         what = f"no valid recipient ({', '.join(invalid)} is not an address)" if invalid else \
             "no recipient: it has no To, Cc or Bcc address"
@@ -3518,7 +3527,7 @@ class Gateway:
         self.next_check = clock()
         #: When the last check finished (the heartbeat /health and status compare with the clock).
         self.check_done = clock()
-        self.sender_state = None
+        self.sender_state: tuple[str, str] | None = None
         #: OAuth tokens, kept from check to check (in memory only).
         self.tokens = TokenCache()
         #: What the loop does at every tick besides checking (see gateway_tasks).
@@ -8125,8 +8134,8 @@ def task_xml(plan: TaskPlan, now: float | None = None) -> str:
         element.text = text
         return element
 
-    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now)
-    stamp = stamp.replace(microsecond=0).isoformat()
+    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now) \
+        .replace(microsecond=0).isoformat()
     task = ET.Element("Task", {"version": "1.2", "xmlns": TASK_XMLNS})
     info = add(task, "RegistrationInfo")
     add(info, "URI", "\\" + TASK_NAME)
