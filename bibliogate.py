@@ -211,6 +211,7 @@ overdue_days = 1
 reminder_days = 3
 closed =                ; days with no run: weekdays and dates, e.g. sat, sun, 2026-12-18..2027-01-28
 max_data_age_hours = 36 ; refuse to send notices from loans imported longer ago than this
+send_to = patron        ; patron | guardian | both | patron_else_guardian
 
 [library]
 name =                  ; used in templates
@@ -884,21 +885,24 @@ def body_part(body: str) -> tuple[str, bytes]:
     return "quoted-printable", encoded.encode("ascii")
 
 
-def compose(settings: Settings, to: str, subject: str, body: str, to_name: str = "",
+def compose(settings: Settings, to: str | list, subject: str, body: str, to_name: str = "",
             now: float | None = None) -> bytes:
     """A complete message of our own, ready for the spool. The names and
     addresses come from data a patron may have typed: they pass through
     one_line and the email package's encoders, so they can never add a
     header. (Written by hand rather than with EmailMessage, which is five
     times slower: the overdue job of a big district writes thousands.)"""
-    if not valid_address(to):
-        raise BadMessage(f"{to!r} is not an email address.")
+    pairs = to if isinstance(to, list) else [(to_name, to)]     #: several: [(name, address)]
+    for _, address in pairs:
+        if not valid_address(address):
+            raise BadMessage(f"{address!r} is not an email address.")
     sender = settings.from_address or "bibliogate@localhost"
     domain = sender.rpartition("@")[2] or "localhost"
     cte, data = body_part(body)
     headers = [
         ("From", email.utils.formataddr((one_line(settings.library_name), sender), "utf-8")),
-        ("To", email.utils.formataddr((one_line(to_name), to), "utf-8")),
+        ("To", ",\r\n ".join(email.utils.formataddr((one_line(name), address), "utf-8")
+                              for name, address in pairs)),
         ("Subject", header_value(subject, "Subject")),
         ("Date", email.utils.formatdate(now, localtime=True)),
         ("Message-ID", f"<{time.time_ns()}.{secrets.token_hex(6)}.bibliogate@{domain}>"),
@@ -2358,31 +2362,62 @@ def print_progress(source: str, rows: int) -> None:
 
 # Auto-overdue ################################################################
 #
-# Once a day at [overdue] run_at, for the loans not yet returned whose due
-# date is warning_days ahead (warning), overdue_days ago (overdue) or
-# reminder_days ago (reminder): one message per patron and kind, listing all
-# that patron's loans of that kind, to patrons who have an email address and
-# are enabled for auto-overdue (never to a guardian). The notices ledger
-# makes a run safe to repeat: a loan, kind and due date is notified once (a
-# renewal has a new due date, so it is a new notice). Days missed while the
-# gateway was off are caught up, and the messages name the actual due dates,
-# so a caught-up notice is still true.
+# Once a day at [overdue] run_at, on the days the library is open, for the
+# loans not yet returned: a warning for items due back soon, an overdue
+# notice the day after the due date (overdue_days), and a reminder a few
+# days later (reminder_days). Each notice has its day: the due date minus
+# warning_days, plus overdue_days, plus reminder_days.
+#
+# A run covers every notice day since the last run, not only its own day: a
+# notice whose day fell on a closed day (a weekend, a holiday) or on a day the
+# gateway was off goes at the next run. A warning whose day falls on a closed
+# day goes early instead, on the last open day before it: a warning is only
+# useful before the due date. Everything one run has for a patron goes in ONE
+# message: the items grouped by kind, every item the patron has overdue
+# listed, the new ones marked. The notices ledger makes a run safe to repeat:
+# a loan, kind and due date is notified once (a renewal has a new due date,
+# so it is a new notice).
 
-#: The kinds of notice, in the order they are queued.
+#: The kinds of notice, from the mildest; a message's template is that of the
+#: most serious kind it holds.
 NOTICE_KINDS = ("warning", "overdue", "reminder")
-#: A day missed while the gateway was off is caught up if it is no older than this.
+#: The item groups of a message, in the order they are listed, with their
+#: headings. "listed" are the patron's other overdue items: not new, no
+#: reminder due, but a patron should see everything that is late.
+ITEM_GROUPS = (("overdue", "Now overdue:"),
+               ("reminder", "Still overdue (we wrote to you about these before):"),
+               ("listed", "Also overdue:"),
+               ("warning", "Due back soon:"))
+#: Who receives the notices ([overdue] send_to).
+SEND_TO_CHOICES = ("patron", "guardian", "both", "patron_else_guardian")
+#: Notice days missed while the gateway was off are caught up this far back
+#: (and further back across days the library was closed).
 CATCH_UP_DAYS = 7
+#: How far the search for the next or last open day looks.
+OPEN_DAY_SEARCH = 400
 #: Messages are written, flushed to disk and recorded this many at a time.
 LEDGER_BATCH = 200
+#: `overdue --date` further than this from today needs --force.
+SIMULATE_DAYS = 14
+#: Patron ids per `IN (...)` query (sqlite allows 999 parameters).
+ID_CHUNK = 500
 WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-#: The placeholders of the notices, as notice_values() gives them.
+#: The placeholders of the notices, as notice_fields() gives them.
 NOTICE_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
-                           "today", "earliest_due"})
+                           "today", "earliest_due", "first_name", "addressee", "your",
+                           "item_word", "book_word", "it_them", "is_are", "this_these",
+                           "items_with_barcodes", "overdue_count", "warning_count"})
 #: A run that could not go (stale loans, a full disk) is tried again after this.
 HOLD_SECONDS = 5 * 60
-#: State keys: the last day the daily schedule handled; the last run; why
-#: the schedule is held back (shown once a day in the log and in `status`).
+#: A loans.csv waiting in the import folder is imported before the run
+#: decides the loans are too old, unless it has waited this long (it could
+#: not be moved away, say).
+PENDING_IMPORT_SECONDS = 10 * 60
+#: State keys: the last day the daily schedule ran (its notices have gone);
+#: the last run; why the schedule is held back (shown once a day in the log
+#: and in `status`); the last closed day said so in the log.
 SCHEDULE_KEY, LAST_RUN_KEY, HELD_KEY = "overdue_schedule_day", "overdue_last_run", "overdue_held"
+CLOSED_KEY = "overdue_closed_day"
 
 
 class StaleData(BibliogateError):
@@ -2394,28 +2429,54 @@ def show_date(settings: Settings, iso: str) -> str:
     return dt.date.fromisoformat(iso).strftime(settings.date_format)
 
 
-def render_items(loans, settings: Settings, today: dt.date) -> str:
+def days_late(due: dt.date, today: dt.date) -> str:
+    late = (today - due).days
+    return f"{late} {'day' if late == 1 else 'days'} overdue" if late > 0 else ""
+
+
+def render_items(loans, settings: Settings, today: dt.date, barcodes: bool = True) -> str:
     """One line per loan, in the order given: "- Title (barcode B), due D"
-    and, once past due, ", N days overdue"."""
+    (without the barcode unless asked) and, once past due, ", N days overdue"."""
     lines = []
     for loan in loans:
         due = dt.date.fromisoformat(loan["due_date"])
-        line = (f"- {one_line(loan['title'])} (barcode {one_line(loan['barcode'])}), "
-                f"due {due.strftime(settings.date_format)}")
-        late = (today - due).days
-        if late > 0:
-            line += f", {late} {'day' if late == 1 else 'days'} overdue"
-        lines.append(line)
+        code = f" (barcode {one_line(loan['barcode'])})" if barcodes else ""
+        line = f"- {one_line(loan['title'])}{code}, due {due.strftime(settings.date_format)}"
+        late = days_late(due, today)
+        lines.append(line + (f", {late}" if late else ""))
     return "\n".join(lines)
 
 
-def notice_values(settings: Settings, patron, loans, today: dt.date) -> dict:
+def first_name(patron) -> str:
+    """The patron's first_name column when it holds something, else the part
+    of the name before the first space."""
+    with contextlib.suppress(IndexError, KeyError):
+        given = one_line(patron["first_name"] or "")
+        if given:
+            return given
+    name = one_line(patron["name"] or "")
+    return name.split(" ", 1)[0] if name else ""
+
+
+def wording(count: int) -> dict:
+    """The words that change with the number of items."""
+    one = count == 1
+    return {"item_count": count, "item_word": "item" if one else "items",
+            "book_word": "book" if one else "books", "it_them": "it" if one else "them",
+            "is_are": "is" if one else "are", "this_these": "this" if one else "these"}
+
+
+def notice_values(settings: Settings, patron, loans, today: dt.date,
+                  barcodes: bool = True) -> dict:
     """The placeholders every message about a patron's loans may use."""
     dues = [loan["due_date"] for loan in loans]
     return {
         "library_name": settings.library_name or "the library",
         "patron_name": one_line(patron["name"]), "patron_id": patron["patron_id"],
-        "items": render_items(loans, settings, today), "item_count": len(loans),
+        "first_name": first_name(patron),
+        "items": render_items(loans, settings, today, barcodes),
+        "items_with_barcodes": render_items(loans, settings, today, True),
+        **wording(len(loans)),
         "today": today.strftime(settings.date_format),
         "earliest_due": show_date(settings, min(dues)) if dues else "",
     }
@@ -2424,67 +2485,71 @@ def notice_values(settings: Settings, patron, loans, today: dt.date) -> dict:
 _NOTICE_NOTES = """\
 # Lines starting with # are notes for you and are not sent.
 # First line: Subject. Then one blank line. Then the body.
-# Placeholders: ${library_name} ${patron_name} ${patron_id} ${item_count}
-#   ${items} (one line per item, with its due date) ${today} ${earliest_due}
+# One run sends a patron ONE message holding everything due for them: ${items}
+# lists the items under headings (Now overdue / Still overdue / Also overdue /
+# Due back soon). The template of the most serious kind in it is used.
+# Placeholders:
+#   ${first_name} ${patron_name} ${patron_id} ${library_name} ${today}
+#   ${addressee}  the first name, or "parent or guardian of" the pupil
+#   ${your}       "your", or "Sam's" in a message to a parent only
+#   ${items}      the items, grouped; ${items_with_barcodes} the same with barcodes
+#   ${item_count} ${overdue_count} ${warning_count} ${earliest_due}
+#   ${item_word} item/items  ${book_word} book/books  ${it_them} it/them
+#   ${is_are} is/are  ${this_these} this/these
 """
 
 TEMPLATE_FIELDS.update({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
 DEFAULT_TEMPLATES.update({
-    "warning": "# Auto-overdue: sent when items fall due in [overdue] warning_days days.\n"
+    "warning": "# Auto-overdue: items due back in [overdue] warning_days days.\n"
                + _NOTICE_NOTES + """\
-Subject: ${library_name}: library items due back on ${earliest_due}
+Subject: Library ${book_word} due back soon
 
-Dear ${patron_name},
+Dear ${addressee},
 
-This is a friendly reminder from ${library_name}: these items on your
-library account are due back soon.
+A quick reminder from ${library_name}: ${your} library ${book_word} ${is_are}
+due back soon.
 
 ${items}
 
-Please bring them back, or ask at the library desk to renew them, by the
-date shown.
+Please bring ${it_them} back by the date shown, or ask us at the library
+if you need more time.
 
-Thank you,
+Thank you!
 ${library_name}
-
-(Sent automatically for library account ${patron_id}.)
 """,
-    "overdue": "# Auto-overdue: sent when items were due [overdue] overdue_days days ago.\n"
+    "overdue": "# Auto-overdue: items that were due [overdue] overdue_days days ago.\n"
                + _NOTICE_NOTES + """\
-Subject: ${library_name}: overdue library items
+Subject: Library ${book_word} to bring back
 
-Dear ${patron_name},
+Dear ${addressee},
 
-Our records on ${today} show ${item_count} item(s) on your library account
-as overdue:
+Our records on ${today} show that ${your} library ${book_word} below
+${is_are} late back.
 
 ${items}
 
-Please bring them back to the library as soon as you can. If you have
-already returned them, thank you, and please ignore this message.
+Please bring ${it_them} back to the library as soon as you can. If you
+have already brought ${it_them} back, thank you, and please ignore this
+message. If something is lost or damaged, just come and tell us.
 
 ${library_name}
-
-(Sent automatically for library account ${patron_id}.)
 """,
-    "reminder": "# Auto-overdue: sent when items were due [overdue] reminder_days days ago.\n"
+    "reminder": "# Auto-overdue: items still out [overdue] reminder_days days after the due date.\n"
                 + _NOTICE_NOTES + """\
-Subject: ${library_name}: reminder, library items still overdue
+Subject: Library ${book_word} still not back
 
-Dear ${patron_name},
+Dear ${addressee},
 
-We wrote to you about these items, and on ${today} they are still on your
-library account:
+We wrote to you about ${your} library ${book_word} a few days ago, and
+our records on ${today} show ${it_them} still out.
 
 ${items}
 
-Please bring them back to the library as soon as you can, or come and talk
-to us if there is a problem. If you have already returned them, thank you,
-and please ignore this message.
+Please bring ${it_them} back to the library as soon as you can, or come
+and talk to us if there is a problem. If you have already brought ${it_them}
+back, thank you, and please ignore this message.
 
 ${library_name}
-
-(Sent automatically for library account ${patron_id}.)
 """,
 })
 
@@ -2502,17 +2567,26 @@ class OverdueSettings:
     closed_weekdays: frozenset = frozenset()    #: 0 is Monday
     closed_dates: tuple = ()                    #: (first, last) pairs, both days closed
     max_data_age_hours: float = 36.0
+    send_to: str = "patron"
     problems: tuple = ()                        #: the sentences about this section
 
     def closed(self, day: dt.date) -> bool:
         return (day.weekday() in self.closed_weekdays
                 or any(first <= day <= last for first, last in self.closed_dates))
 
-    def due_dates(self, day: dt.date) -> dict[str, dt.date]:
-        """The due date each kind of notice looks for on day."""
-        return {"warning": day + dt.timedelta(days=self.warning_days),
-                "overdue": day - dt.timedelta(days=self.overdue_days),
-                "reminder": day - dt.timedelta(days=self.reminder_days)}
+    def next_open(self, day: dt.date) -> dt.date:
+        """The first day after `day` the job runs."""
+        for n in range(1, OPEN_DAY_SEARCH):
+            if not self.closed(day + dt.timedelta(days=n)):
+                return day + dt.timedelta(days=n)
+        return day + dt.timedelta(days=1)
+
+    def last_open(self, day: dt.date) -> dt.date:
+        """The last day before `day` the job runs."""
+        for n in range(1, OPEN_DAY_SEARCH):
+            if not self.closed(day - dt.timedelta(days=n)):
+                return day - dt.timedelta(days=n)
+        return day - dt.timedelta(days=1)
 
 
 def iso_date(text: str) -> dt.date | None:
@@ -2546,6 +2620,8 @@ def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
         else:
             bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
                        "or a range of dates (2026-12-18..2027-01-28)")
+    if len(weekdays) == 7:
+        bad.append("every weekday is closed, so notices would never go")
     return frozenset(weekdays), tuple(ranges), bad
 
 
@@ -2574,6 +2650,12 @@ def check_overdue_settings(s: Settings, r: _Reader) -> None:
     age = r.number("overdue", "max_data_age_hours", float, 1, 24 * 366,
                    "Use hours such as 36 (a day and a half: one missed nightly export "
                    "does not stop the notices).", 36.0)
+    send_to = r.text("overdue", "send_to").lower() or "patron"
+    if send_to not in SEND_TO_CHOICES:
+        r.problems.append(ini_problem("overdue", "send_to", send_to, "must be patron, guardian, "
+                                      "both or patron_else_guardian (the guardian when the "
+                                      "patron has no address)."))
+        send_to = "patron"
     fmt = s.date_format
     if "%" in fmt:
         sample = dt.date(2026, 12, 25)          # a day above 12 shows day and month apart
@@ -2588,7 +2670,7 @@ def check_overdue_settings(s: Settings, r: _Reader) -> None:
                                           "as %d/%m/%Y."))
     s.overdue = OverdueSettings(enabled in ("yes", "true", "on", "1"), run_at, days["warning_days"],
                                 days["overdue_days"], days["reminder_days"], weekdays, ranges,
-                                age, tuple(r.problems[before:]))
+                                age, send_to, tuple(r.problems[before:]))
 
 
 SETTINGS_CHECKS.append(check_overdue_settings)
@@ -2596,18 +2678,71 @@ SETTINGS_CHECKS.append(check_overdue_settings)
 
 # -- deciding --------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The notice days one run covers: overdue notices and reminders whose
+    day is after `after` up to `day`; warnings whose day is after `after` and
+    before `warn_before` (the next day the job runs), due `day` or later."""
+    day: dt.date            #: the run's day: "today" in its messages
+    after: dt.date
+    warn_before: dt.date
+
+    def due_ranges(self, ov: OverdueSettings) -> dict[str, tuple[dt.date, dt.date]]:
+        """Per kind, the due dates (first, last) whose notice this run sends."""
+        one = dt.timedelta(days=1)
+        w, o, r = (dt.timedelta(days=n) for n in (ov.warning_days, ov.overdue_days, ov.reminder_days))
+        return {"warning": (self.after + one + w, self.warn_before - one + w),
+                "overdue": (self.after + one - o, self.day - o),
+                "reminder": (self.after + one - r, self.day - r)}
+
+    def describe(self) -> str:
+        first = self.after + dt.timedelta(days=1)
+        return str(self.day) if first == self.day else f"{first}..{self.day}"
+
+
+def run_window(ov: OverdueSettings, day: dt.date, last_run: dt.date | None) -> Window:
+    """The window of a run on `day`. After a last run, every day since it
+    (at most CATCH_UP_DAYS back, further across closed days); without one
+    (by hand, or the first run ever) the days since the last open day."""
+    floor = day - dt.timedelta(days=CATCH_UP_DAYS)
+    for _ in range(OPEN_DAY_SEARCH):
+        if not ov.closed(floor):
+            break
+        floor -= dt.timedelta(days=1)
+    after = ov.last_open(day) if last_run is None else max(last_run, floor)
+    after = min(after, day - dt.timedelta(days=1))
+    return Window(day, after, ov.next_open(day))
+
+
 @dataclasses.dataclass
 class Notice:
-    """One message: a patron and all their loans of one kind."""
-    kind: str
-    patron: dict        #: patron_id, name, email
-    loans: list         #: dicts: barcode, title, due_date (ISO)
+    """One message: a patron and everything one run has for them. ``groups``
+    maps each of ITEM_GROUPS to its loans; ``records`` are the ledger rows
+    (kind, loan) it stands for, some of them without a line of their own (a
+    reminder that falls on the day its overdue notice goes)."""
+    patron: dict
+    to: list                    #: (name, address) pairs
+    groups: dict
+    records: list
+    wrote: dict = dataclasses.field(default_factory=dict)  #: (barcode, due) -> overdue notice day
+
+    @property
+    def kind(self) -> str:
+        """The most serious kind it holds; its template writes the message."""
+        return next((k for k in reversed(NOTICE_KINDS) if self.groups.get(k)), "warning")
+
+    @property
+    def sends(self) -> bool:
+        return any(self.groups.get(k) for k in NOTICE_KINDS)
+
+    def items(self) -> list:
+        return [loan for group, _ in ITEM_GROUPS for loan in self.groups.get(group, ())]
 
     def file_name(self, day: dt.date) -> str:
-        """The spool file's name, the same for the same day, kind, patron and
-        loans: a run repeated after a crash recognises what it queued."""
-        key = "\n".join([self.kind, self.patron["patron_id"],
-                         *sorted(f"{loan['barcode']}\t{loan['due_date']}" for loan in self.loans)])
+        """The spool file's name, the same for the same day, patron and
+        notices: a run repeated after a crash recognises what it queued."""
+        key = "\n".join([self.patron["patron_id"], *sorted(
+            f"{kind}\t{loan['barcode']}\t{loan['due_date']}" for kind, loan in self.records)])
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         return f"{self.kind}-{day.isoformat()}-{digest}{WAITING_EXT}"
 
@@ -2617,77 +2752,192 @@ class OverdueRun:
     """What one run decided (and, unless a dry run, queued)."""
     day: dt.date
     how: str                                    #: "by hand", "scheduled", "caught up"
+    window: Window | None = None
     notices: list = dataclasses.field(default_factory=list)
     not_enabled: set = dataclasses.field(default_factory=set)     #: patron ids
-    no_email: set = dataclasses.field(default_factory=set)        #: patron ids
-    too_late: int = 0           #: warnings of a caught-up day whose due date has passed
+    unreachable: dict = dataclasses.field(default_factory=dict)   #: patron id -> (who, why)
+    too_late: int = 0           #: warnings caught up after their due date
+
+    @property
+    def no_email(self) -> set:
+        return set(self.unreachable)
 
     def count(self, kind: str) -> int:
-        return sum(1 for n in self.notices if n.kind == kind)
+        return sum(1 for n in self.notices if n.sends and n.kind == kind)
+
+    def item_count(self, group: str) -> int:
+        return sum(len(n.groups.get(group, ())) for n in self.notices if n.sends)
+
+    def unreachable_lines(self, limit: int | None = None) -> list[str]:
+        """"Cy Young (P3, 7B): no guardian email address", by name."""
+        rows = sorted(self.unreachable.items(), key=lambda kv: kv[1][0].lower())
+        lines = [f"{who}: {why}" for _, (who, why) in rows]
+        if limit is not None and len(lines) > limit:
+            lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+        return lines
 
     def summary(self) -> str:
-        queued = ", ".join(f"{self.count(kind)} {kind}" for kind in NOTICE_KINDS)
-        items = sum(len(n.loans) for n in self.notices)
-        text = (f"auto-overdue for {self.day} ({self.how}): queued {queued} "
-                f"({items} item(s)); not sent: {len(self.no_email)} patron(s) without an "
-                f"email address, {len(self.not_enabled)} not enabled for auto-overdue")
+        sent = [n for n in self.notices if n.sends]
+        covering = f", notices due {self.window.describe()}" if self.window else ""
+        text = (f"auto-overdue for {self.day} ({self.how}{covering}): queued "
+                f"{_plural(len(sent), 'message')} ({self.item_count('warning')} due soon, "
+                f"{self.item_count('overdue')} newly overdue, {self.item_count('reminder')} "
+                f"reminders); not sent: {len(self.not_enabled)} not enabled for auto-overdue")
+        if self.unreachable:
+            text += (f", {len(self.unreachable)} could not be reached ("
+                     + "; ".join(self.unreachable_lines(20)) + ")")
         if self.too_late:
             text += f", {self.too_late} warning(s) for items already past due"
         return text
 
 
-CANDIDATES_SQL = """
-SELECT l.patron_id, l.barcode, l.title, l.due_date, p.name, p.email, p.auto_overdue
-FROM loans l LEFT JOIN patrons p ON p.patron_id = l.patron_id
-WHERE l.due_date = :due AND NOT EXISTS (
-    SELECT 1 FROM notices n WHERE n.barcode = l.barcode AND n.kind = :kind
-    AND n.due_date = l.due_date AND n.patron_id = l.patron_id)
-ORDER BY l.patron_id, l.due_date, l.title, l.barcode"""
+def notice_recipients(patron, send_to: str) -> tuple[list, str]:
+    """([(name, address)], "") for [overdue] send_to, or ([], why not)."""
+    own, own_problem = recipient(patron, guardian=False)
+    parent, parent_problem = recipient(patron, guardian=True)
+    name = one_line(patron["name"])
+    mine = [(name, own)] if own else []
+    theirs = [(f"Parent or guardian of {name}", parent)] if parent else []
+    if send_to == "patron":
+        return mine, own_problem
+    if send_to == "guardian":
+        return theirs, parent_problem
+    if send_to == "both":
+        return mine + theirs, "" if mine or theirs else f"{own_problem} and {parent_problem}"
+    return (mine or theirs), "" if mine or theirs else f"{own_problem} and {parent_problem}"
 
 
-def plan_notices(run: OverdueRun, kind: str, rows: Iterable) -> None:
-    """One kind's loans, ordered by patron, into notices: one per patron
-    enabled for auto-overdue with a valid email address (the patron's own:
-    auto-overdue never writes to a guardian); the others are counted."""
-    for patron_id, group in itertools.groupby(rows, key=lambda row: row["patron_id"]):
-        loans = list(group)
-        first = loans[0]
-        if not first["auto_overdue"]:
-            run.not_enabled.add(patron_id)
-        elif not valid_address(first["email"]):
-            run.no_email.add(patron_id)
-        else:
-            patron = {"patron_id": patron_id, "name": first["name"], "email": first["email"]}
-            run.notices.append(Notice(kind, patron, [
-                {"barcode": r["barcode"], "title": r["title"], "due_date": r["due_date"]}
-                for r in loans]))
+def candidate_sql(kind: str) -> str:
+    return f"""
+SELECT l.patron_id, l.barcode, l.title, l.due_date FROM loans l
+WHERE l.due_date >= :first AND l.due_date <= :last AND NOT EXISTS (
+    SELECT 1 FROM notices n WHERE n.barcode = l.barcode AND n.kind = '{kind}'
+    AND n.due_date = l.due_date AND n.patron_id = l.patron_id)"""
 
 
-def plan_day(db: sqlite3.Connection, ov: OverdueSettings, day: dt.date, today: dt.date,
-             how: str) -> OverdueRun:
-    """The notices due on day that the ledger does not hold yet."""
-    run = OverdueRun(day, how)
-    for kind, due in ov.due_dates(day).items():
-        rows = db.execute(CANDIDATES_SQL, {"due": due.isoformat(), "kind": kind})
-        if kind == "warning" and due < today:      # caught up too late to warn
-            run.too_late += len(rows.fetchall())
+def by_ids(db: sqlite3.Connection, sql: str, ids: list, *params) -> list:
+    """Rows of `sql` (holding one `IN ({ids})`) for the ids, in chunks."""
+    rows = []
+    for n in range(0, len(ids), ID_CHUNK):
+        chunk = ids[n:n + ID_CHUNK]
+        rows += db.execute(sql.format(ids=",".join("?" * len(chunk))), (*chunk, *params)).fetchall()
+    return rows
+
+
+def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: str) -> OverdueRun:
+    """Read what the window needs from the database and decide (decide_patron)."""
+    run = OverdueRun(window.day, how, window)
+    found: dict[str, dict] = {}
+    for kind, (first, last) in window.due_ranges(ov).items():
+        if first > last:
             continue
-        plan_notices(run, kind, rows)
+        for row in db.execute(candidate_sql(kind), {"first": first.isoformat(),
+                                                    "last": last.isoformat()}):
+            found.setdefault(row["patron_id"], {k: [] for k in NOTICE_KINDS})[kind].append(dict(row))
+    if not found:
+        return run
+    ids = sorted(found)
+    patrons = {r["patron_id"]: r for r in by_ids(db, "SELECT * FROM patrons WHERE patron_id IN ({ids})", ids)}
+    overdue: dict[str, list] = {}
+    for row in by_ids(db, "SELECT patron_id, barcode, title, due_date FROM loans WHERE "
+                      "patron_id IN ({ids}) AND due_date < ? ORDER BY due_date, title, barcode",
+                      ids, window.day.isoformat()):
+        overdue.setdefault(row["patron_id"], []).append(dict(row))
+    wrote: dict[tuple, dt.date] = {}
+    for row in by_ids(db, "SELECT patron_id, barcode, due_date, queued_at FROM notices WHERE "
+                      "kind = 'overdue' AND patron_id IN ({ids})", ids):
+        wrote[(row[0], row[1], row[2])] = local_day(row[3])
+    for pid in ids:
+        patron = patrons.get(pid)
+        if patron is None:
+            continue                    # a loan of a patron not in the patrons list
+        if not patron["auto_overdue"]:
+            run.not_enabled.add(pid)
+            continue
+        to, problem = notice_recipients(patron, ov.send_to)
+        if not to:
+            group = f", {one_line(patron['grp'])}" if patron["grp"] else ""
+            run.unreachable[pid] = (f"{one_line(patron['name'])} ({pid}{group})", problem)
+            continue
+        notice, too_late = decide_patron(dict(patron), to, found[pid], overdue.get(pid, []),
+                                         wrote, window.day)
+        run.too_late += too_late
+        if notice.records:
+            run.notices.append(notice)
     return run
 
 
-def days_to_run(last: str | None, now: dt.datetime, run_at: dt.time) -> list[dt.date]:
-    """The days whose run is due and not done: today once run_at has passed,
-    and the days missed since `last` (the last day done), at most
-    CATCH_UP_DAYS back. With no last day (the first run ever, or the first
-    since auto-overdue was enabled again) only today, once run_at has passed."""
-    today = now.date()
-    latest = today if now.time() >= run_at else today - dt.timedelta(days=1)
-    if last is None:
-        return [today] if latest == today else []
-    first = max(dt.date.fromisoformat(last) + dt.timedelta(days=1),
-                today - dt.timedelta(days=CATCH_UP_DAYS))
-    return [first + dt.timedelta(days=n) for n in range((latest - first).days + 1)]
+def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
+                  day: dt.date) -> tuple[Notice, int]:
+    """One patron's message from the loans whose notice day is in the window
+    (``due``: kind -> loans), every loan they have overdue, and the day each
+    overdue notice went (``wrote``: (patron_id, barcode, due) -> day).
+
+    A reminder says "we wrote to you", so it goes only for a loan whose
+    overdue notice went on an earlier day; a loan that never had one is
+    listed as newly overdue instead, and one whose notice goes today (both
+    fell in a long closure) is listed once, as overdue."""
+    pid, today = patron["patron_id"], day.isoformat()
+    key = lambda loan: (loan["barcode"], loan["due_date"])        # noqa: E731
+    warning = sorted((x for x in due["warning"] if x["due_date"] >= today),
+                     key=lambda x: (x["due_date"], x["title"]))
+    too_late = len(due["warning"]) - len(warning)
+    new = {key(x): x for x in due["overdue"]}
+    records = [("warning", x) for x in warning] + [("overdue", x) for x in new.values()]
+    reminder, sent_days = [], {}
+    for loan in due["reminder"]:
+        day_sent = wrote.get((pid, *key(loan)))
+        if day_sent is not None and day_sent < day:
+            reminder.append(loan)
+            sent_days[key(loan)] = day_sent
+        elif day_sent is None and key(loan) not in new:
+            new[key(loan)] = loan
+            records.append(("overdue", loan))
+        records.append(("reminder", loan))
+    named = set(new) | {key(x) for x in reminder}
+    groups = {"overdue": [x for x in overdue if key(x) in new],
+              "reminder": [x for x in overdue if key(x) in sent_days],
+              # every item overdue, in a message about overdue items
+              "listed": [x for x in overdue if key(x) not in named] if named else [],
+              "warning": warning}
+    # A loan the overdue query did not return (due today or later, or a race
+    # with an import) is still listed where its notice says.
+    for group, loans in (("overdue", new.values()), ("reminder", reminder)):
+        listed = {key(x) for x in groups[group]}
+        groups[group] += [x for x in loans if key(x) not in listed]
+    return Notice(patron, to, groups, records, sent_days), too_late
+
+
+def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
+    """The placeholders of one notice."""
+    patron, items = notice.patron, notice.items()
+    values = notice_values(settings, patron, items, today, barcodes=False)
+    values["items"] = render_groups(settings, notice, today, barcodes=False)
+    values["items_with_barcodes"] = render_groups(settings, notice, today, barcodes=True)
+    values["overdue_count"] = sum(len(notice.groups[g]) for g in ("overdue", "reminder", "listed"))
+    values["warning_count"] = len(notice.groups["warning"])
+    to_pupil = any(address == (patron["email"] or "").strip() for _, address in notice.to)
+    first = values["first_name"] or values["patron_name"]
+    values["addressee"] = first if to_pupil else f"parent or guardian of {values['patron_name']}"
+    values["your"] = "your" if to_pupil else f"{first}'s"
+    return values
+
+
+def render_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: bool) -> str:
+    """The items under their headings (ITEM_GROUPS); a reminder's line says
+    when we wrote."""
+    parts = []
+    for group, heading in ITEM_GROUPS:
+        loans = notice.groups.get(group)
+        if not loans:
+            continue
+        lines = render_items(loans, settings, today, barcodes).split("\n")
+        if group == "reminder":
+            lines = [f"{line} (we wrote on "
+                     f"{notice.wrote[(x['barcode'], x['due_date'])].strftime(settings.date_format)})"
+                     for line, x in zip(lines, loans)]
+        parts.append(heading + "\n" + "\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def loans_age_problem(db: sqlite3.Connection, settings: Settings, now: float) -> str | None:
@@ -2705,66 +2955,78 @@ def loans_age_problem(db: sqlite3.Connection, settings: Settings, now: float) ->
             f"[overdue] max_data_age_hours = {limit:g}; notices from them could tell patrons "
             "about books they have returned, so none are sent. Import a fresh loans.csv, or "
             f"check the library system's nightly export into {settings.import_folder}; the "
-            "days missed are caught up then (up to a week back).")
+            "notices are caught up then.")
+
+
+def loans_age_days(db: sqlite3.Connection, now: float) -> int | None:
+    imported = get_state(db, LOANS_IMPORTED_KEY)
+    return None if imported is None else int((now - imported) // 86400)
 
 
 # -- queueing ------------------------------------------------------------------
 
 def run_overdue(settings: Settings, journal: Journal, day: dt.date, now: float,
-                dry_run: bool = False, how: str = "by hand") -> OverdueRun:
-    """Queue the notices of one day.
+                dry_run: bool = False, how: str = "by hand", window: Window | None = None,
+                sent_at: float | None = None) -> OverdueRun:
+    """Queue the notices of one run.
 
-    day picks the loans (due warning_days after it, and so on); the messages
-    are written as of today, so a caught-up notice is true when it arrives.
-    A dry run decides and changes nothing. Raises SettingsError for bad
-    [overdue] settings, StaleData when the loans are older than
-    max_data_age_hours (not for a dry run), Busy when another run is going,
-    TemplateError, and SpoolError (the notices queued before it are kept)."""
+    day is the run's day, and now its time: the messages, the days overdue
+    and the age of the loans are all as of then (`overdue --date` passes a
+    day and time to simulate). window: the notice days covered (by default
+    those since the last open day before `day`). sent_at: the Date of the
+    messages (default now). A dry run decides and changes nothing. Raises
+    SettingsError for bad [overdue] settings, StaleData when the loans are
+    older than max_data_age_hours (not for a dry run), Busy when another run
+    is going, TemplateError, and SpoolError (the notices queued before it
+    are kept)."""
     ov = settings.overdue
     if ov.problems:
         raise SettingsError(list(ov.problems))
-    db, today = journal.db, local_day(now)
+    db = journal.db
+    window = window or run_window(ov, day, None)
     problem = loans_age_problem(db, settings, now)
     if problem and not dry_run:
         raise StaleData(f"Auto-overdue did not run: {problem}")
     if dry_run:
-        return plan_day(db, ov, day, today, how)
+        return plan_run(db, ov, window, how)
     templates = {kind: load_template(settings, kind) for kind in NOTICE_KINDS}
     lock = FileLock(settings.spool / ".bibliogate-overdue.lock")
     if not lock.acquire():
         raise Busy("Another auto-overdue run is going on right now; try again in a minute.")
     try:
-        run = plan_day(db, ov, day, today, how)
-        queue_notices(settings, db, run, templates, today, now)
+        run = plan_run(db, ov, window, how)
+        queue_notices(settings, db, run, templates, now, sent_at)
     finally:
         lock.release()
-    set_state(db, **{LAST_RUN_KEY: {"day": day.isoformat(), "at": now, "summary": run.summary()}})
-    journal.event("overdue_run", run.summary())
+    set_state(db, **{LAST_RUN_KEY: {"day": day.isoformat(), "at": now, "summary": run.summary(),
+                                    "unreachable": run.unreachable_lines()}})
+    journal.event("overdue_run", run.summary(),
+                  level=logging.WARNING if run.unreachable else logging.INFO)
     return run
 
 
 def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
-                  templates: dict, today: dt.date, now: float) -> None:
-    """Write the notices to the spool, then record their loans in the ledger,
+                  templates: dict, now: float, sent_at: float | None = None) -> None:
+    """Write the notices to the spool, then record them in the ledger,
     LEDGER_BATCH messages at a time.
 
     Queue first, record second. A crash in between never loses a notice: a
     loan is in the ledger only once its message is safely on disk. Nor does
-    it send one twice: a file's name comes from the day, kind, patron and
-    loans, so the run repeated after the crash finds the file it wrote
-    (still waiting, .BAD, or logged as sent) and only records
-    it. (Recording first would lose the notices of a crash in between.)"""
-    mtime = min(now, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
+    it send one twice: a file's name comes from the day, patron and
+    notices, so the run repeated after the crash finds the file it wrote
+    (still waiting, .BAD, or logged as sent) and only records it.
+    (Recording first would lose the notices of a crash in between.)"""
+    sent_at = now if sent_at is None else sent_at
+    mtime = min(sent_at, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
     files, rows = [], []
     for n, notice in enumerate(run.notices, 1):
-        name = notice.file_name(run.day)
-        if not already_queued(settings.spool, db, name):
-            values = notice_values(settings, notice.patron, notice.loans, today)
+        name = notice.file_name(run.day) if notice.sends else None
+        if name and not already_queued(settings.spool, db, name):
+            values = message_values(settings, notice, run.day)
             subject, body = templates[notice.kind].render(values)
-            files.append((name, compose(settings, notice.patron["email"], subject, body,
-                                        notice.patron["name"], now)))
-        rows += [(notice.patron["patron_id"], loan["barcode"], notice.kind, loan["due_date"],
-                  now, name) for loan in notice.loans]
+            files.append((name, compose(settings, notice.to, subject, body, now=sent_at)))
+        rows += [(notice.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now, name)
+                 for kind, loan in notice.records]
         if n % LEDGER_BATCH == 0 or n == len(run.notices):
             write_batch(settings.spool, files, mtime)
             record_notices(db, rows)
@@ -2817,10 +3079,11 @@ def record_notices(db: sqlite3.Connection, rows: list) -> None:
 # -- the daily schedule ----------------------------------------------------------
 
 def overdue_task(gateway: Gateway, now: float) -> None:
-    """GATEWAY_TASKS entry: the run at run_at, and the days missed while the
-    gateway was off. A day is done when it ran or was closed; a run that
-    cannot go (stale loans, a bad template) leaves it to be caught up later
-    and says why, once a day."""
+    """GATEWAY_TASKS entry: one run a day at run_at on the days the library
+    is open, covering every notice day since the last run (closed days and
+    days the gateway was off included). A run that cannot go (stale loans, a
+    bad template) is tried again later and says why, once a day; a
+    loans.csv waiting in the import folder is imported first."""
     s, journal = gateway.settings, gateway.journal
     db, ov = journal.db, s.overdue
     if not ov.enabled:
@@ -2831,18 +3094,42 @@ def overdue_task(gateway: Gateway, now: float) -> None:
     if held and now < held[3]:
         return
     moment = dt.datetime.fromtimestamp(now)
-    for day in days_to_run(get_state(db, SCHEDULE_KEY), moment, ov.run_at):
-        if ov.closed(day):
-            journal.event("overdue_run", f"auto-overdue for {day}: no run, the library is "
-                          "closed that day ([overdue] closed)")
-        else:
-            try:
-                run_overdue(s, journal, day, now, how="scheduled" if day == moment.date()
-                            else "caught up")
-            except (BibliogateError, sqlite3.Error, OSError) as exc:
-                hold(journal, now, exc)
-                return
-        set_state(db, **{SCHEDULE_KEY: day.isoformat(), HELD_KEY: None})
+    today = moment.date()
+    if ov.closed(today):
+        say_closed(journal, ov, today)
+        return
+    last = get_state(db, SCHEDULE_KEY)
+    if moment.time() < ov.run_at or (last is not None and last >= today.isoformat()):
+        return
+    if loans_age_problem(db, s, now) and import_pending(s, now):
+        return                          # the import folder's loans.csv first
+    window = run_window(ov, today, dt.date.fromisoformat(last) if last else None)
+    how = "scheduled" if window.after >= ov.last_open(today) else "caught up"
+    try:
+        run_overdue(s, journal, today, now, how=how, window=window)
+    except (BibliogateError, sqlite3.Error, OSError) as exc:
+        hold(journal, now, exc)
+        return
+    set_state(db, **{SCHEDULE_KEY: today.isoformat(), HELD_KEY: None})
+
+
+def say_closed(journal: Journal, ov: OverdueSettings, today: dt.date) -> None:
+    """Once a closed day: no run, and where its notices go."""
+    if get_state(journal.db, CLOSED_KEY) == today.isoformat():
+        return
+    set_state(journal.db, **{CLOSED_KEY: today.isoformat()})
+    journal.event("overdue_closed", f"auto-overdue: no run on {today}, the library is closed "
+                  f"([overdue] closed); the notices falling due today go on "
+                  f"{ov.next_open(today)}, its warnings went on {ov.last_open(today)}")
+
+
+def import_pending(settings: Settings, now: float) -> bool:
+    """A loans.csv waits in the import folder (and has not waited long)."""
+    with contextlib.suppress(OSError), os.scandir(settings.import_folder) as entries:
+        for entry in entries:
+            if entry.name.lower() == "loans.csv" and entry.is_file():
+                return entry.stat().st_mtime > now - PENDING_IMPORT_SECONDS
+    return False
 
 
 def hold(journal: Journal, now: float, exc: Exception) -> None:
@@ -2864,7 +3151,7 @@ def status_auto_overdue(settings: Settings, db: sqlite3.Connection) -> str:
     ov = settings.overdue
     if not ov.enabled:
         return "off ([overdue] enabled = no); `overdue` runs it by hand"
-    text = f"on, every day at {ov.run_at:%H:%M}"
+    text = f"on, every open day at {ov.run_at:%H:%M}, to {ov.send_to}"
     held = get_state(db, HELD_KEY)
     return text + (f"; HELD BACK: {held[2]}" if held else "")
 
@@ -2888,10 +3175,22 @@ CIRCULATION_STATUS = MappingProxyType({"auto_overdue": status_auto_overdue,
                                        "loans_data": status_loans})
 
 
+def simulated_now(day: dt.date, real: float, force: bool) -> float:
+    """The time of a run for `day` (`overdue --date`): that day at this
+    time of day. Raises UsageError for a day more than SIMULATE_DAYS away."""
+    moment = dt.datetime.fromtimestamp(real)
+    if abs((day - moment.date()).days) > SIMULATE_DAYS and not force:
+        raise UsageError(f"--date {day} is more than {SIMULATE_DAYS} days from today; the "
+                         "notices would be written as of that day, with today's loans. Add "
+                         "--force if that is what you want.")
+    return dt.datetime.combine(day, moment.time()).timestamp() if day != moment.date() else real
+
+
 def cmd_overdue(args, settings: Settings) -> int:
     journal = Journal(settings.database)
-    now = time.time()
-    day = args.date or local_day(now)
+    real = time.time()
+    day = args.date or local_day(real)
+    now = simulated_now(day, real, args.force)
     if settings.overdue.closed(day):
         print(f"{day} is a closed day ([overdue] closed); running it as asked.", file=sys.stderr)
     if args.dry_run:
@@ -2899,15 +3198,19 @@ def cmd_overdue(args, settings: Settings) -> int:
         if problem:
             print(f"warning: a real run would not send anything: {problem}", file=sys.stderr)
     try:
-        run = run_overdue(settings, journal, day, now, dry_run=args.dry_run)
+        run = run_overdue(settings, journal, day, now, dry_run=args.dry_run, sent_at=real)
     except StaleData as exc:
         journal.event("overdue_refused", str(exc), level=logging.ERROR)
         raise
     if args.dry_run:
         for notice in run.notices:
-            print(f"{notice.kind} to {notice.patron['name']} <{notice.patron['email']}> "
-                  f"({notice.patron['patron_id']}):")
-            print(textwrap.indent(render_items(notice.loans, settings, local_day(now)), "    "))
+            if notice.sends:
+                to = ", ".join(f"{name} <{address}>" for name, address in notice.to)
+                print(f"{notice.kind} message to {to} ({notice.patron['patron_id']}):")
+                print(textwrap.indent(render_groups(settings, notice, day, False), "    "))
+        if run.unreachable:
+            print(f"Could not be reached ([overdue] send_to = {settings.overdue.send_to}):")
+            print("\n".join(f"    {line}" for line in run.unreachable_lines()))
         print("dry run, nothing queued: " + run.summary().replace("queued", "would queue", 1))
     else:
         print(run.summary())
@@ -2931,7 +3234,10 @@ def add_circulation_commands(command: Callable) -> None:
                    help="import the good rows and list the bad ones (without it, a bad row "
                         "stops the whole import)")
     p = command("overdue", cmd_overdue, "run the auto-overdue job for one day now")
-    p.add_argument("--date", type=iso_day, metavar="YYYY-MM-DD", help="the day to run (default today)")
+    p.add_argument("--date", type=iso_day, metavar="YYYY-MM-DD",
+                   help="the day to run, as if it were that day (default today)")
+    p.add_argument("--force", action="store_true",
+                   help=f"allow a --date more than {SIMULATE_DAYS} days from today")
     p.add_argument("--dry-run", action="store_true", help="print who would get what; change nothing")
 
 
