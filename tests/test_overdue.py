@@ -563,3 +563,132 @@ def test_overdue_command_refuses_stale_data(gateway, tmp_path):
     assert queued(settings) == {}
     assert "TOO OLD FOR AUTO-OVERDUE" in gateway.cli("status").stdout
     assert len(events(settings, "overdue_refused")) == 1
+
+
+# -- who receives the notices: [overdue] send_to -----------------------------------
+
+FAMILY = [
+    ["P1", "Ann Smith", "ann@example.org", "ann.mum@example.org", "7A", "yes"],
+    ["P2", "Bob Jones", "bob@example.org", "", "7A", "yes"],
+    ["P3", "Cy Young", "", "cy.parent@example.org", "7B", "yes"],
+    ["P4", "Di Lost", "", "", "7B", "yes"],
+    ["P5", "Ed Typo", "", "", "7C", "yes"],       # its address is made 'ed@' below
+]
+
+
+def typo(db):
+    with db:
+        db.execute("UPDATE patrons SET email = 'ed@' WHERE patron_id = 'P5'")
+FAMILY_LOANS = [[pid, f"B{pid}", f"Book of {pid}", days(-1)] for pid, *_ in FAMILY]
+
+
+def send_to(tmp_path, sink, choice):
+    settings, _ = bg.ensure_layout(write_ini(tmp_path, sink, overdue__send_to=choice))
+    assert settings.problems == []
+    bg.import_csv(settings, "patrons", write_csv(tmp_path / "p.csv", PATRON_HEADER, FAMILY), now=at(DAY, 5))
+    rows = [[p, b, t, d.isoformat()] for p, b, t, d in FAMILY_LOANS]
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "l.csv", LOAN_HEADER, rows), now=at(DAY, 5))
+    journal = bg.Journal(settings.database, Clock(at(DAY)))
+    typo(journal.db)
+    run = bg.run_overdue(settings, journal, DAY, at(DAY))
+    bg.Sender(settings, journal).check(limit=0)
+    got = {tuple(sorted(m.rcpt_tos)): m.message for m in sink.wait_for(len(
+        [n for n in run.notices if n.sends]))}
+    return run, got
+
+
+@pytest.mark.parametrize("choice, reached, lost", [
+    ("patron", [("ann@example.org",), ("bob@example.org",)],
+     {"P3": "no email address", "P4": "no email address",
+      "P5": "an email address that is not valid ('ed@')"}),
+    ("guardian", [("ann.mum@example.org",), ("cy.parent@example.org",)],
+     {"P2": "no guardian email address", "P4": "no guardian email address",
+      "P5": "no guardian email address"}),
+    ("both", [("ann.mum@example.org", "ann@example.org"), ("bob@example.org",),
+              ("cy.parent@example.org",)],
+     {"P4": "no email address and no guardian email address",
+      "P5": "an email address that is not valid ('ed@') and no guardian email address"}),
+    ("patron_else_guardian", [("ann@example.org",), ("bob@example.org",), ("cy.parent@example.org",)],
+     {"P4": "no email address and no guardian email address",
+      "P5": "an email address that is not valid ('ed@') and no guardian email address"}),
+])
+def test_send_to_chooses_the_recipients_and_names_who_cannot_be_reached(tmp_path, sink, choice,
+                                                                         reached, lost):
+    run, got = send_to(tmp_path, sink, choice)
+    assert sorted(got) == reached                   # one message each, both addresses in one
+    assert {pid: why for pid, (_, why) in run.unreachable.items()} == lost
+    for pid, why in lost.items():
+        name, group = next((p[1], p[4]) for p in FAMILY if p[0] == pid)
+        assert f"{name} ({pid}, {group}): {why}" in run.summary()
+    if choice == "both":
+        ann = got[("ann.mum@example.org", "ann@example.org")]
+        assert [a.addr_spec for a in ann["To"].addresses] == ["ann@example.org", "ann.mum@example.org"]
+        assert ann.get_content().startswith("Dear Ann,\n")
+    if choice in ("guardian", "patron_else_guardian"):
+        cy = got[("cy.parent@example.org",)]
+        assert cy["To"] == "Parent or guardian of Cy Young <cy.parent@example.org>"
+        body = cy.get_content()
+        assert body.startswith("Dear parent or guardian of Cy Young,\n")
+        assert "show that Cy's library book below\nis late back." in body
+
+
+def test_a_bad_send_to_is_named_with_the_choices(tmp_path):
+    settings = bg.load_settings(write_ini(tmp_path, overdue__send_to="parents"))
+    assert any("[overdue] send_to = 'parents': must be patron, guardian, both or "
+               "patron_else_guardian" in p for p in settings.problems)
+
+
+def test_the_dry_run_names_the_pupils_it_cannot_reach(tmp_path, gateway):
+    gateway.configure(overdue__send_to="patron_else_guardian")
+    settings = bg.load_settings(gateway.ini)
+    today = dt.date.today()
+    rows = [[pid, f"B{pid}", f"Book of {pid}", (today - dt.timedelta(days=1)).isoformat()]
+            for pid, *_ in FAMILY]
+    bg.import_csv(settings, "patrons", write_csv(tmp_path / "p.csv", PATRON_HEADER, FAMILY))
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "l.csv", LOAN_HEADER, rows))
+    typo(bg.open_db(settings.database))
+    out = gateway.cli("overdue", "--dry-run", check=0).stdout
+    assert ("Could not be reached ([overdue] send_to = patron_else_guardian):\n"
+            "    Di Lost (P4, 7B): no email address and no guardian email address\n"
+            "    Ed Typo (P5, 7C): an email address that is not valid ('ed@') and no guardian "
+            "email address\n") in out
+    assert "overdue message to Parent or guardian of Cy Young <cy.parent@example.org>" in out
+
+
+# -- the start, and --date ------------------------------------------------------------
+
+def test_at_start_the_waiting_loans_file_is_imported_before_the_data_is_called_stale(tmp_path, sink):
+    settings, _ = setup(tmp_path, imported=at(DAY) - 72 * 3600, **{"smtp__port": sink.port})
+    rows = [[p, b, t, d.isoformat()] for p, b, t, d in LOANS]
+    settings.import_folder.mkdir(exist_ok=True)
+    write_csv(settings.import_folder / "loans.csv", LOAN_HEADER, rows)
+    clock = Clock(at(DAY, 7))
+    gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
+    for second in range(0, 6):                         # the first seconds of `run`
+        clock.now = at(DAY, 7) + second
+        gateway.tick()
+    assert events(settings, "overdue_refused") == []
+    assert overdue_days_run(settings) == ["2026-03-02"]
+    clock.now += 200                                   # the next check sends it
+    gateway.tick()
+    assert len(sink.wait_for(1)) == 1
+
+
+def test_overdue_date_is_a_whole_simulation(gateway, tmp_path):
+    settings = gateway_with_data(gateway, tmp_path, time.time())
+    today = dt.date.today()
+    ahead = today + dt.timedelta(days=2)               # Wonder: 3 days overdue by then
+    proc = gateway.cli("overdue", "--date", ahead.isoformat(), "--dry-run", check=0)
+    assert f"- Wonder, due {today - dt.timedelta(days=1)}, 3 days overdue" in proc.stdout
+    assert "a real run would not send anything: the loans were imported 48 hours ago" in proc.stderr
+    proc = gateway.cli("overdue", "--date", ahead.isoformat(), check=1)
+    assert "the loans were imported 48 hours ago" in proc.stderr
+    gateway.configure(overdue__max_data_age_hours=72)
+    proc = gateway.cli("overdue", "--date", ahead.isoformat(), check=0)
+    [msg] = queued(settings).values()
+    assert f"Our records on {ahead}" in msg.get_content()
+    assert f"- Wonder, due {today - dt.timedelta(days=1)}, 3 days overdue" in msg.get_content()
+    far = (today + dt.timedelta(days=15)).isoformat()
+    proc = gateway.cli("overdue", "--date", far, "--dry-run", check=2)
+    assert "more than 14 days from today" in proc.stderr and "--force" in proc.stderr
+    gateway.cli("overdue", "--date", far, "--dry-run", "--force", check=0)
