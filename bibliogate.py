@@ -3248,6 +3248,10 @@ def add_circulation_commands(command: Callable) -> None:
 # overdue_first, for the same due date, at least LETTER_GAP_DAYS earlier, and
 # overdue_final only after overdue_second. The notices ledger keeps one row per
 # loan and letter, so a report run twice never writes the same letter twice.
+# The guardian variant is recorded apart ("overdue_first_guardian"): writing to
+# the pupil does not use up the letter to the parents. Letters to pupils of the
+# group TEST (the tech note's way to try a report) are never recorded, and
+# --preview writes the print file and records nothing.
 
 #: The letter reports, in the order a loan receives them.
 LETTER_KINDS = ("overdue_first", "overdue_second", "overdue_final")
@@ -3261,7 +3265,13 @@ LETTERS_FOLDER = "letters"
 LETTER_OUTPUTS = ("email", "print")
 #: The placeholders of every letter and of the direct email.
 LETTER_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
-                           "today", "earliest_due", "addressee"})
+                           "today", "earliest_due", "addressee", "first_name",
+                           "items_with_barcodes", "item_word", "book_word", "it_them",
+                           "is_are", "this_these", "your"})
+#: A patron group whose letters are tries, not letters: never recorded.
+TEST_GROUP = "TEST"
+#: The ledger's name for the guardian variant of a letter.
+GUARDIAN_SUFFIX = "_guardian"
 
 TEMPLATE_FIELDS.update({
     "overdue_first": LETTER_FIELDS,
@@ -3270,16 +3280,20 @@ TEMPLATE_FIELDS.update({
     "direct": LETTER_FIELDS,
 })
 
+
 _LETTER_NOTES = """\
 # Lines starting with # are notes for you and are not sent.
 # First line: Subject. Then one blank line. Then the body.
-# The same letter goes to pupils and (with --guardian) to parents, so it
-# speaks of "${patron_name}" rather than "you".
+# The same letter goes to pupils and (with --guardian) to parents.
 # Placeholders:
-#   ${addressee}     the pupil's name, or "parent or guardian of" the pupil
-#   ${patron_name} ${patron_id} ${library_name}
-#   ${items}         one line per item: title, barcode, due date, days overdue
+#   ${addressee}     the pupil's first name, or "parent or guardian of" the pupil
+#   ${your}          "your", or "Sam's" in the guardian variant
+#   ${first_name} ${patron_name} ${patron_id} ${library_name}
+#   ${items}         one line per item: title, due date, days overdue
+#   ${items_with_barcodes}  the same, with each item's barcode
 #   ${item_count} ${today} ${earliest_due}
+#   ${item_word} item/items  ${book_word} book/books  ${it_them} it/them
+#   ${is_are} is/are  ${this_these} this/these
 """
 
 DEFAULT_TEMPLATES.update({
@@ -3287,21 +3301,21 @@ DEFAULT_TEMPLATES.update({
 # The first overdue letter (`letters overdue_first`): a friendly reminder.
 # It lists every item now past its due date that has not had this letter.
 """ + _LETTER_NOTES + """\
-Subject: Library items to return: ${patron_name}
+Subject: Library ${book_word} to bring back
 
 Dear ${addressee},
 
-This is a friendly reminder from ${library_name}. Our records show that
-these items, borrowed by ${patron_name}, are now past their due date:
+This is a friendly note from ${library_name}. Our records show that
+${your} library ${book_word} below ${is_are} now overdue:
 
 ${items}
 
-Please bring them back to the library as soon as you can, or come and see
-us if more time is needed. If they have already been returned, thank you,
-and please ignore this letter.
+Please bring ${it_them} back to the library as soon as you can, or come
+and see us if more time is needed. If you have already returned
+${it_them}, thank you, and please ignore this letter.
 
-If something has been lost or damaged, just let us know: we will gladly
-help to sort it out.
+If something has been lost or damaged, just let us know: we will help
+to sort it out.
 
 With thanks,
 ${library_name}
@@ -3311,49 +3325,44 @@ ${library_name}
 # for items that had the first letter at least 7 days earlier and are still out.
 """ + _LETTER_NOTES + """\
 #   ${previous_sent} when the first letter about these items was written
-Subject: Second reminder: library items still out for ${patron_name}
+Subject: Second reminder: library ${book_word} still not back
 
 Dear ${addressee},
 
-We wrote on ${previous_sent} about the items below, borrowed by
-${patron_name}. They have still not come back to ${library_name}:
+We wrote on ${previous_sent} about ${your} library ${book_word} below,
+and our records show ${it_them} still out:
 
 ${items}
 
-Other pupils are waiting to borrow them. Please return them this week.
-If an item has been lost or damaged, or there is a reason it cannot come
-back yet, please contact the library so that we can help.
-
-If the items have been returned since this letter was written, thank you,
-and please ignore it.
+Other pupils are waiting to borrow ${it_them}. Please bring ${it_them}
+back this week, or come and tell us if there is a problem. If you have
+already returned ${it_them}, thank you, and please ignore this letter.
 
 With thanks,
 ${library_name}
 """,
     "overdue_final": """\
 # The final overdue letter (`letters overdue_final`): the last letter before
-# the school acts. It goes only for items that had the second letter at least
-# 7 days earlier and are still out. Change the paragraph about what happens
-# next so that it says what your school does.
+# the school acts, written to the pupil's parent or guardian (use --guardian
+# to email it to them). It goes only for items that had the second letter at
+# least 7 days earlier and are still out. Change the paragraph about what
+# happens next so that it says what your school does.
 """ + _LETTER_NOTES + """\
 #   ${previous_sent} when the second letter about these items was written
-Subject: Final notice: library items still out for ${patron_name}
+Subject: Library ${book_word} borrowed by ${first_name}: final notice
 
-Dear ${addressee},
+Dear parent or guardian of ${patron_name},
 
-We have written twice about the items below, borrowed by ${patron_name},
-most recently on ${previous_sent}. They are still not back:
+We have written twice about the library ${book_word} below, borrowed by
+${first_name}, most recently on ${previous_sent}. Our records show
+${it_them} still out:
 
 ${items}
 
-This is our last letter about them. If the items are not returned, or we
-have not heard from you, within the next two weeks, the school may ask for
-the cost of replacing them, and borrowing from the library may be paused
-until this is sorted out.
-
-We would much rather have the items back. If they are lost or damaged, or
-there is something we should know, please contact the library: we are
-happy to help.
+Please help ${first_name} to bring ${it_them} back within the next two
+weeks. If an item cannot be found or has been damaged, please contact
+the library: we are happy to help, and would much rather talk it over
+than ask for the cost of replacing it.
 
 Yours sincerely,
 ${library_name}
@@ -3398,6 +3407,22 @@ def addressee(patron, guardian: bool) -> str:
     return f"parent or guardian of {name}" if guardian else name
 
 
+def ledger_kind(kind: str, guardian: bool) -> str:
+    """The ledger's name for a letter: the guardian variant is apart."""
+    return kind + GUARDIAN_SUFFIX if guardian else kind
+
+
+def is_test_patron(patron) -> bool:
+    """A pupil moved into the group TEST to try a report (the tech note)."""
+    return one_line(patron["grp"] or "").upper() == TEST_GROUP
+
+
+def surname(patron) -> str:
+    """The last word of the name: print files are in group, then surname, order."""
+    words = one_line(patron["name"] or "").split()
+    return words[-1].casefold() if words else ""
+
+
 @dataclasses.dataclass
 class Letter:
     """One patron's letter: the loans it lists and where it goes."""
@@ -3419,6 +3444,7 @@ class LetterRun:
     output: str
     dry_run: bool
     letters: list
+    preview: bool = False  #: the print file only; nothing recorded
     orphans: list = dataclasses.field(default_factory=list)   #: patron ids not in patrons
     undated: list = dataclasses.field(default_factory=list)   #: loans without a real due date
     queued: list = dataclasses.field(default_factory=list)    #: spool files
@@ -3429,24 +3455,32 @@ class LetterRun:
 
     @property
     def to_email(self) -> list:
-        return [] if self.output == "print" else [x for x in self.letters if x.address]
+        return [] if self.output == "print" or self.preview else \
+            [x for x in self.letters if x.address]
 
     @property
     def to_print(self) -> list:
-        return self.letters if self.output == "print" else \
+        return self.letters if self.output == "print" or self.preview else \
             [x for x in self.letters if not x.address]
+
+    @property
+    def tests(self) -> list:
+        """Letters to pupils of the group TEST: written, never recorded."""
+        return [x for x in self.letters if is_test_patron(x.patron)]
 
     @property
     def unsendable(self) -> list:
         return [x for x in self.letters if not x.address]
 
 
-def letter_loans(kind: str, loans, ledger: dict, today: dt.date) -> list:
+def letter_loans(kind: str, loans, ledger: dict, today: dt.date, guardian: bool = False) -> list:
     """The loans that get letter `kind` today, in the order given: past their
-    due date, without this letter for this due date yet and, for the later
-    letters, with the letter before it written LETTER_GAP_DAYS or more ago.
-    ``ledger`` maps (patron_id, barcode, due_date, kind) to the day written."""
+    due date, without this letter (of this variant) for this due date yet
+    and, for the later letters, with the letter before it written
+    LETTER_GAP_DAYS or more ago. ``ledger`` maps (patron_id, barcode,
+    due_date, ledger kind) to the day written."""
     before = PREVIOUS_LETTER.get(kind)
+    kind, before = ledger_kind(kind, guardian), before and ledger_kind(before, guardian)
     latest = today - dt.timedelta(days=LETTER_GAP_DAYS)
     chosen = []
     for loan in loans:
@@ -3467,20 +3501,23 @@ def plan_letters(settings: Settings, kind: str, loans, ledger: dict, guardian: b
     template = load_template(settings, kind)
     before = PREVIOUS_LETTER.get(kind)
     by_patron: dict[str, list] = {}
-    for loan in letter_loans(kind, loans, ledger, today):
+    for loan in letter_loans(kind, loans, ledger, today, guardian):
         by_patron.setdefault(loan["patron_id"], []).append(loan)
     letters = []
     for items in by_patron.values():
         patron = items[0]
-        values = notice_values(settings, patron, items, today)
-        values["addressee"] = addressee(patron, guardian)
+        values = notice_values(settings, patron, items, today, barcodes=False)
+        first = values["first_name"] or values["patron_name"]
+        values["addressee"] = addressee(patron, True) if guardian else first
+        values["your"] = f"{first}'s" if guardian else "your"
         if before:
-            latest = max(ledger[(x["patron_id"], x["barcode"], x["due_date"], before)]
-                         for x in items)
+            latest = max(ledger[(x["patron_id"], x["barcode"], x["due_date"],
+                                 ledger_kind(before, guardian))] for x in items)
             values["previous_sent"] = latest.strftime(settings.date_format)
         subject, body = template.render(values)
         address, problem = recipient(patron, guardian)
-        to_name = values["addressee"][:1].upper() + values["addressee"][1:]
+        to_name = "Parent or guardian of " + values["patron_name"] if guardian \
+            else values["patron_name"]
         letters.append(Letter(dict(patron), items, address, problem, subject, body, to_name))
     return letters
 
@@ -3510,15 +3547,18 @@ def overdue_rows(db: sqlite3.Connection, today: dt.date,
         params.append(group)
     sql += " ORDER BY p.name COLLATE NOCASE, l.patron_id, l.due_date, l.title"
     rows = [dict(row) for row in db.execute(sql, params)]
+    rows.sort(key=lambda r: ((r["grp"] or "").casefold(), surname(r) if r["name"] else "",
+                             (r["name"] or "").casefold(), r["patron_id"]))
     dated = [r for r in rows if is_iso_date(r["due_date"])]
     undated = [r for r in rows if not is_iso_date(r["due_date"])]
     return [r for r in dated if r["due_date"] < today.isoformat()], undated
 
 
 def letter_ledger(db: sqlite3.Connection) -> dict:
-    """(patron_id, barcode, due_date, kind) -> the day each letter was written."""
+    """(patron_id, barcode, due_date, ledger kind) -> the day each letter was written."""
+    kinds = LETTER_KINDS + tuple(ledger_kind(kind, True) for kind in LETTER_KINDS)
     rows = db.execute("SELECT patron_id, barcode, due_date, kind, queued_at FROM notices "
-                      f"WHERE kind IN ({','.join('?' * len(LETTER_KINDS))})", LETTER_KINDS)
+                      f"WHERE kind IN ({','.join('?' * len(kinds))})", kinds)
     return {(r[0], r[1], r[2], r[3]): local_day(r[4]) for r in rows}
 
 
@@ -3547,16 +3587,19 @@ def _plural(n: int, word: str) -> str:
 
 def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str | None = None,
                 guardian: bool = False, output: str = "email", dry_run: bool = False,
-                today: dt.date | None = None, now: float | None = None) -> LetterRun:
+                preview: bool = False, today: dt.date | None = None,
+                now: float | None = None) -> LetterRun:
     """Run one letter report: find who gets letter `kind`, then queue the
     letters (output "email") or write them to one HTML file (output "print").
     With output "email", letters for patrons without a usable address go to
-    a print file. Every letter written is recorded in the notices ledger, so
-    the same letter never goes twice for one loan and due date.
+    a print file. Every letter written is recorded in the notices ledger (the
+    guardian variant apart), so the same letter never goes twice for one
+    loan and due date; letters to the group TEST are never recorded.
 
     now: the clock (default: the time now); today: the day (default: now's
     day; given alone, now is that day at noon). dry_run: decide and render,
-    change nothing. Raises UsageError for an unknown kind, output or group,
+    change nothing. preview: write the print file of every letter, queue and
+    record nothing. Raises UsageError for an unknown kind, output or group,
     TemplateError for a broken template, BibliogateError when the print file
     cannot be written."""
     if now is None:
@@ -3569,16 +3612,16 @@ def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str |
     orphans = sorted({r["patron_id"] for r in rows if r["name"] is None})
     known = [r for r in rows if r["name"] is not None]
     letters = plan_letters(settings, kind, known, letter_ledger(db), guardian, today)
-    run = LetterRun(kind, group, guardian, output, dry_run, letters, orphans,
+    run = LetterRun(kind, group, guardian, output, dry_run, letters, preview, orphans,
                     [f"{r['barcode']} ({r['due_date']!r})" for r in undated])
     if dry_run or not letters:
-        if not dry_run:
+        if not dry_run and not preview:
             journal.event("letters", letters_summary(run))
         return run
     ahead = len(scan(settings.spool)) if run.to_email else 0
     for letter in run.to_email:
         try:
-            path = queue_letter(settings, db, kind, letter, now)
+            path = queue_letter(settings, db, run, letter, now)
         except SpoolError as exc:
             run.failed = str(exc)
             break
@@ -3590,31 +3633,37 @@ def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str |
         run.print_file = print_letters(settings, db, run, today, now)
     if run.queued:
         run.departure = departure_sentence(settings, db, len(run.queued), ahead, now)
-    journal.event("letters", letters_summary(run),
-                  level=logging.WARNING if run.failed else logging.INFO)
+    if not preview:
+        journal.event("letters", letters_summary(run),
+                      level=logging.WARNING if run.failed else logging.INFO)
     return run
 
 
-def record_letter(db: sqlite3.Connection, kind: str, letter: Letter, now: float,
+def record_letter(db: sqlite3.Connection, run: LetterRun, letter: Letter, now: float,
                   file: str | None, replace: bool = False) -> None:
-    """One ledger row per loan of the letter; a row already there raises
-    sqlite3.IntegrityError (or, with replace, is left as it is)."""
+    """One ledger row per loan of the letter, under its variant's name; a
+    row already there raises sqlite3.IntegrityError (or, with replace, is
+    left as it is). A preview, and a letter to the group TEST, record nothing."""
+    if run.preview or is_test_patron(letter.patron):
+        return
     verb = "INSERT OR IGNORE" if replace else "INSERT"
+    kind = ledger_kind(run.kind, run.guardian)
     db.executemany(f"{verb} INTO notices(patron_id, barcode, kind, due_date, queued_at, file) "
                    "VALUES (?,?,?,?,?,?)",
                    [(x["patron_id"], x["barcode"], kind, x["due_date"], now, file)
                     for x in letter.loans])
 
 
-def queue_letter(settings: Settings, db: sqlite3.Connection, kind: str, letter: Letter,
+def queue_letter(settings: Settings, db: sqlite3.Connection, run: LetterRun, letter: Letter,
                  now: float) -> Path | None:
     """Queue one letter and record it, as one step: if the spool file cannot
     be written, the ledger keeps no record (the next run writes it). None
     when another run recorded the same letter first."""
     data = compose(settings, letter.address, letter.subject, letter.body, letter.to_name, now)
+    kind = ledger_kind(run.kind, run.guardian)
     try:
         with db:
-            record_letter(db, kind, letter, now, file=None)
+            record_letter(db, run, letter, now, file=None)
             path = enqueue_bytes(settings.spool, data, now, label=kind.replace("_", "-"))
             db.executemany("UPDATE notices SET file = ? WHERE patron_id = ? AND barcode = ? "
                            "AND kind = ? AND due_date = ?",
@@ -3627,10 +3676,17 @@ def queue_letter(settings: Settings, db: sqlite3.Connection, kind: str, letter: 
 
 def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
                   today: dt.date, now: float) -> Path:
-    """Write the print file, then record its letters."""
+    """Write the print file, then record its letters (not for a preview)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     stem = f"{run.kind}{'-guardian' if run.guardian else ''}-{stamp}"
-    if run.output == "email":
+    if run.preview:
+        stem += "-preview"
+        note = (f"PREVIEW: {_plural(len(run.to_print), 'letter')} as the report would write "
+                "them. Nothing was queued or recorded: run the report without --preview to "
+                "send or print them for real.")
+        reasons = [f"{one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}, "
+                   "so this letter would be printed, not emailed" for x in run.unsendable]
+    elif run.output == "email":
         stem += "-not-emailed"
         note = (f"{_plural(len(run.to_print), 'letter')} that could not be emailed, for want "
                 "of a usable address. Print them and hand them out, and put the addresses "
@@ -3638,7 +3694,8 @@ def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
         reasons = [f"{one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}"
                    for x in run.to_print]
     else:
-        note, reasons = f"{_plural(len(run.to_print), 'letter')}, each on a new page.", []
+        note, reasons = (f"{_plural(len(run.to_print), 'letter')}, each on a new page, by "
+                         "class and surname; each class starts with a list for its teacher."), []
     page = letters_html(settings, f"{run.kind} letters, {today.isoformat()}", note, reasons,
                         run.to_print, today)
     folder = settings.base / LETTERS_FOLDER
@@ -3651,11 +3708,12 @@ def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
     write_atomic(path, page.encode("utf-8"))
     with db:
         for letter in run.to_print:
-            record_letter(db, run.kind, letter, now, file=path.name, replace=True)
+            record_letter(db, run, letter, now, file=path.name, replace=True)
     return path
 
 
-#: The print file: one page per letter; the note at the top shows on screen only.
+#: The print file: a cover page for each class, then a page per letter; the
+#: note at the top shows on screen only. Filled by render(): escaped.
 LETTERS_PAGE = string.Template("""\
 <!DOCTYPE html>
 <html lang="en">
@@ -3667,23 +3725,37 @@ LETTERS_PAGE = string.Template("""\
   body { font: 12pt/1.5 Georgia, "Times New Roman", serif; color: #000; margin: 0; }
   .note { font: 11pt/1.4 sans-serif; background: #fff8dc; border: 1px solid #c9b458;
           padding: .5em 1em; margin: 1em; }
-  .letter { padding: 1.5em; page-break-after: always; break-after: page; }
+  .letter, .cover { padding: 1.5em; page-break-after: always; break-after: page; }
   .letter:last-child { page-break-after: auto; break-after: auto; }
   .head { display: flex; justify-content: space-between; font-size: 10pt;
           border-bottom: 1px solid #888; margin-bottom: 2em; }
   .who { font-size: 10pt; margin-bottom: 1.5em; }
   h1 { font-size: 14pt; margin: 0 0 1em; }
+  .cover table { border-collapse: collapse; width: 100%; font-size: 11pt; }
+  .cover th, .cover td { border-bottom: 1px solid #bbb; text-align: left; padding: .3em;
+                         vertical-align: top; }
   .body { white-space: pre-wrap; }
-  @media screen { .letter + .letter { border-top: 3px dashed #bbb; } }
-  @media print { .note { display: none; } .letter { padding: 0; } }
+  @media screen { .letter + .letter, .cover { border-top: 3px dashed #bbb; } }
+  @media print { .note { display: none; } .letter, .cover { padding: 0; } }
 </style>
 </head>
 <body>
 <div class="note"><p>$note</p>$reasons<p>Print with Ctrl+P; this note is not printed.</p></div>
-$letters
+$pages
 </body>
 </html>
 """)
+
+COVER_HTML = string.Template("""\
+<section class="cover">
+<div class="head"><span>$library</span><span>$today</span></div>
+<h1>$heading</h1>
+<p>$count. The letters follow, in this order.</p>
+<table><thead><tr><th>Pupil</th><th>Items</th></tr></thead>
+<tbody>$rows</tbody></table>
+</section>""")
+
+COVER_ROW = string.Template("<tr><td>$name</td><td>$items</td></tr>")
 
 LETTER_HTML = string.Template("""\
 <section class="letter">
@@ -3693,22 +3765,33 @@ LETTER_HTML = string.Template("""\
 <div class="body">$body</div>
 </section>""")
 
+LIST_ITEM = string.Template("<li>$text</li>")
+
 
 def letters_html(settings: Settings, title: str, note: str, reasons: list[str],
                  letters: list[Letter], today: dt.date) -> str:
-    """The print file's HTML; every value is escaped."""
-    e = html.escape
-    reason_list = ("<ul>" + "".join(f"<li>{e(r)}</li>" for r in reasons) + "</ul>") \
+    """The print file's HTML: for each group (class), a cover page listing its
+    pupils and their items for the class teacher, then its letters, by
+    surname. Every value goes through render(), which escapes it."""
+    library, day = settings.library_name, today.strftime(settings.date_format)
+    reason_list = Html("<ul>" + join(render(LIST_ITEM, text=r) for r in reasons) + "</ul>") \
         if reasons else ""
     pages = []
-    for x in letters:
-        group = f", group {one_line(x.patron['grp'])}" if x.patron.get("grp") else ""
-        pages.append(LETTER_HTML.substitute(
-            library=e(settings.library_name), today=e(today.strftime(settings.date_format)),
-            to_name=e(x.to_name), patron=e(f"Patron {x.patron['patron_id']}{group}"),
-            subject=e(x.subject), body=e(x.body.rstrip("\n"))))
-    return LETTERS_PAGE.substitute(title=e(title), note=e(note), reasons=reason_list,
-                                   letters="\n".join(pages))
+    for group, members in itertools.groupby(letters, key=lambda x: one_line(x.patron.get("grp") or "")):
+        members = list(members)
+        rows = join(render(COVER_ROW, name=one_line(x.patron["name"]), items=Html("<br>".join(
+            esc(f"{one_line(loan['title'])}, due {show_date(settings, loan['due_date'])}")
+            for loan in x.loans))) for x in members)
+        pages.append(render(COVER_HTML, library=library, today=day, rows=rows,
+                            heading=f"Class {group}" if group else "Pupils without a class",
+                            count=_plural(len(members), "letter")))
+        for x in members:
+            where = f", group {group}" if group else ""
+            pages.append(render(LETTER_HTML, library=library, today=day, to_name=x.to_name,
+                                patron=f"Patron {x.patron['patron_id']}{where}",
+                                subject=x.subject, body=x.body.rstrip("\n")))
+    return render(LETTERS_PAGE, title=title, note=note, reasons=reason_list,
+                  pages=Html("\n".join(pages)))
 
 
 def departure_time(start: float, ahead: int, count: int, per_check: int,
@@ -3763,6 +3846,8 @@ def letters_summary(run: LetterRun) -> str:
         parts.append(f"{len(run.unsendable)} without a usable address")
     if run.skipped:
         parts.append(f"{run.skipped} already written by another run")
+    if run.tests:
+        parts.append(f"{len(run.tests)} to the group {TEST_GROUP}, not recorded")
     if run.orphans:
         parts.append(f"{_plural(len(run.orphans), 'patron id')} not in the patrons list")
     if run.undated:
@@ -3787,6 +3872,12 @@ def letters_report(run: LetterRun) -> list[str]:
                          f"{where}, {_plural(len(x.loans), 'item')}")
         lines.append(f"{_plural(len(run.letters), 'letter')} would be written: "
                      f"{len(run.to_email)} by email, {len(run.to_print)} to print.")
+    elif run.preview and run.print_file:
+        lines.append(f"Preview of {run.kind} for {scope} ({variant} variant): "
+                     f"{_plural(len(run.letters), 'letter')} in {run.print_file}. Nothing was "
+                     "queued or recorded; run it again without --preview to send them.")
+        lines += [f"  {one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}, "
+                  "so this letter would be printed" for x in run.unsendable]
     elif not run.letters:
         before = PREVIOUS_LETTER.get(run.kind)
         why = (f" (it goes only for loans that had {before} at least {LETTER_GAP_DAYS} days "
@@ -3805,6 +3896,9 @@ def letters_report(run: LetterRun) -> list[str]:
                       for x in run.unsendable]
         if run.print_file:
             lines.append(f"{_plural(len(run.to_print), 'letter')} to print: {run.print_file}")
+        if run.tests:
+            lines.append(f"{_plural(len(run.tests), 'letter')} to the group {TEST_GROUP} "
+                         "were not recorded: a test uses up no pupil's real letter.")
     if run.failed:
         done = len(run.queued)
         lines.append(f"Stopped after queueing {_plural(done, 'letter')}: {run.failed} The "
@@ -3824,7 +3918,8 @@ def cmd_letters(args, settings: Settings) -> int:
     journal = Journal(settings.database)
     try:
         run = run_letters(settings, journal, args.kind, group=args.group,
-                          guardian=args.guardian, output=args.output, dry_run=args.dry_run)
+                          guardian=args.guardian, output=args.output, dry_run=args.dry_run,
+                          preview=args.preview)
     finally:
         journal.close()
     print("\n".join(letters_report(run)))
@@ -3916,6 +4011,7 @@ def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
     loans = [r for r in rows if is_iso_date(r["due_date"])]
     values = notice_values(settings, patron, loans, today)
     values["addressee"] = addressee(patron, guardian)
+    values["your"] = f"{first_name(patron)}'s" if guardian else "your"
     values["item_count"] = len(rows)
     items = [values["items"]] if loans else []
     items += [f"- {one_line(r['title'])} (barcode {one_line(r['barcode'])}), due "
@@ -3962,6 +4058,8 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("--output", default="email", metavar="email|print",
                    help="queue the letters as email (the default) or write one file to print")
     p.add_argument("--dry-run", action="store_true", help="list who would get what; change nothing")
+    p.add_argument("--preview", action="store_true",
+                   help="write the print file of every letter to read first; queue and record nothing")
     p = command("mailto", cmd_mailto, "print (or open) a direct-email link for one patron")
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
