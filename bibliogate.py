@@ -12,25 +12,28 @@ Run ``python bibliogate.py run`` and leave it running; ``--help`` lists the
 other commands. The sections below follow a message from the ini file to the
 SMTP server:
 
-    Constants        names, limits and the reasons for them
-    Errors           BibliogateError and its leaves; each says what to do
-    Settings         bibliogate.ini: the default text, reading, validation
-    Locks            OS file locks, released by the OS when a process dies
-    Database         sqlite: the event log, per-file retry state, sent ledger
-    Journal          every action to logs/ and to the database
-    Templates        templates/*.txt: a Subject line, a blank line, a body
-    Messages         composing our own messages; checking queued ones
-    Spool            the queue folder: writing, listing, picking, BAD files
-    Sender           one check: connect, send a batch, sort out each reply
-    Gateway          the clock-driven loop of ``run``: checks, daily log
-    Circulation data patrons.csv and loans.csv: checking, importing, the import folder
-    Auto-overdue     the daily warning / overdue / reminder notices and their ledger
-    Letters          overdue letter reports: who gets which letter, email or print
-    Mailto           the "direct" email: a mailto: link for one patron
-    Config page      the page ``run`` serves: settings, queue, log, patrons
-    Windows task     install-task (Task Scheduler; systemd on Linux); no-console
-                     output to logs/; the guard that logs crashes for a restart
-    Command line     argparse, one small function per command
+    Constants           names, limits and the reasons for them
+    Errors              BibliogateError and every leaf of it; each says what to do
+    Settings            bibliogate.ini: the default text, parsing (pure), the checks on disk
+    Locks               OS file locks, released by the OS when a process dies
+    Database            sqlite: the schema and the named reads and writes of its tables
+    Journal             every action to logs/ and to the database
+    Templates           templates/*.txt: a Subject line, a blank line, a body
+    Messages            composing our own messages; checking queued ones
+    Spool               the queue folder: writing, listing, picking, BAD files
+    Sender              one check: connect, send a batch, sort out each reply
+    Gateway             the clock-driven loop of ``run``: checks, tasks, daily log
+    Running unattended  output to logs/ without a console; the guard that logs crashes
+    Circulation data    patrons.csv and loans.csv: checking, importing, the import folder
+    Auto-overdue        the daily warning / overdue / reminder notices and their ledger
+    Letters             overdue letter reports: who gets which letter, email or print
+    Mailto              the "direct" email: a mailto: link for one patron
+    Operations          every action on the queue and the patrons, for the command line
+                        and the page alike; status
+    Config page         the page ``run`` serves: settings, queue, log, patrons
+    Windows task        install-task (Task Scheduler; systemd on Linux)
+    Wiring              the templates, tasks and status fields, joined in one place
+    Command line        argparse, one small function per command
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ import webbrowser
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 __version__ = "1.0"
 
@@ -118,6 +121,10 @@ HEADER_LINE_RE = re.compile(rb"^[!-9;-~]+[ \t]*:")
 RECIPIENT_HEADERS = ("to", "cc", "bcc")
 #: Headers BiblioGate sets itself on every message it relays.
 REPLACED_HEADERS = frozenset({"from", "sender", "bcc", "return-path"})
+#: A date as yyyy-mm-dd, the form of every date BiblioGate stores.
+ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: Weekday names as [overdue] closed may write them (shortened to 3+ letters).
+WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 log = logging.getLogger("bibliogate")
 
@@ -173,6 +180,50 @@ class Busy(BibliogateError):
 
 class UsageError(BibliogateError):
     """The command line asks for something that cannot be done as asked."""
+
+
+class ImportRefused(BibliogateError):
+    """A CSV file was not imported, and nothing changed. ``problems`` holds a
+    sentence for every bad row ('FILE line N: what is wrong'); ``fix`` says
+    what to do."""
+
+    def __init__(self, source: str, problems: list[str], fix: str):
+        shown = problems[:20]
+        if len(problems) > 20:
+            shown.append(f"... and {len(problems) - 20} more.")
+        super().__init__("\n".join(shown + [fix]))
+        self.source, self.problems, self.fix = source, problems, fix
+
+
+class StaleData(BibliogateError):
+    """The loans were imported too long ago to send notices from them."""
+
+
+class UnknownPatron(BibliogateError):
+    """A patron id that is not in the patrons list."""
+
+    def __init__(self, patron_id: str):
+        super().__init__(f"There is no patron with the id {patron_id!r}; check the id, or "
+                         "import the patrons file again.")
+        self.patron_id = patron_id
+
+
+class NoEmail(BibliogateError):
+    """A patron (or guardian) without a usable email address."""
+
+    def __init__(self, patron, problem: str):
+        self.name, self.patron_id = one_line(patron["name"]), patron["patron_id"]
+        super().__init__(f"{self.name} (patron {self.patron_id}) has {problem}, so no email "
+                         "can be written; add it in the library system and import the patrons "
+                         "again, or fix it on the config page.")
+
+
+class PageRefusal(BibliogateError):
+    """A request the page will not serve; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 # Settings ####################################################################
@@ -241,18 +292,56 @@ def _defaults() -> MappingProxyType:
 DEFAULTS = _defaults()
 
 SECURITY_CHOICES = ("none", "starttls", "tls")
+#: Who receives the auto-overdue notices ([overdue] send_to).
+SEND_TO_CHOICES = ("patron", "guardian", "both", "patron_else_guardian")
+#: How far the search for the next or last open day looks (a year and more).
+OPEN_DAY_SEARCH = 400
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class OverdueSettings:
+    """The [overdue] section, checked (``Settings.overdue``)."""
+    enabled: bool = False
+    run_at: dt.time = dt.time(6, 30)
+    warning_days: int = 3
+    overdue_days: int = 1
+    reminder_days: int = 3
+    closed_weekdays: frozenset = frozenset()    #: 0 is Monday
+    closed_dates: tuple = ()                    #: (first, last) pairs, both days closed
+    max_data_age_hours: float = 36.0
+    send_to: str = "patron"                     #: one of SEND_TO_CHOICES
+    problems: tuple = ()                        #: the sentences about this section
+
+    def closed(self, day: dt.date) -> bool:
+        return (day.weekday() in self.closed_weekdays
+                or any(first <= day <= last for first, last in self.closed_dates))
+
+    def next_open(self, day: dt.date) -> dt.date:
+        """The first day after `day` the auto-overdue job runs."""
+        for n in range(1, OPEN_DAY_SEARCH):
+            if not self.closed(day + dt.timedelta(days=n)):
+                return day + dt.timedelta(days=n)
+        return day + dt.timedelta(days=1)
+
+    def last_open(self, day: dt.date) -> dt.date:
+        """The last day before `day` the auto-overdue job runs."""
+        for n in range(1, OPEN_DAY_SEARCH):
+            if not self.closed(day - dt.timedelta(days=n)):
+                return day - dt.timedelta(days=n)
+        return day - dt.timedelta(days=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything bibliogate.ini says, checked. ``problems`` lists what is wrong,
-    one sentence each, naming the key and the fix; the sender does not run while
-    there is one, but everything else does."""
+    """Everything bibliogate.ini says, checked; built once (parse_settings)
+    and never changed. ``problems`` lists what is wrong, one sentence each,
+    naming the key and the fix; the sender does not run while there is one,
+    but everything else does."""
 
     ini_path: Path
     #: (section, key) -> the text as written, for the config page.
-    raw: dict
-    problems: list
+    raw: Mapping[tuple[str, str], str]
+    problems: tuple[str, ...] = ()
     smtp_host: str = ""
     smtp_port: int = 25
     security: str = "none"
@@ -274,6 +363,7 @@ class Settings:
     log_folder: Path = Path("logs")
     import_folder: Path = Path("import")
     keep_log_days: int = 60
+    overdue: OverdueSettings = OverdueSettings()
 
     @property
     def base(self) -> Path:
@@ -281,6 +371,95 @@ class Settings:
 
     def get(self, section: str, key: str) -> str:
         return self.raw.get((section, key), DEFAULTS[section][key])
+
+    def with_problems(self, more: Iterable[str]) -> "Settings":
+        """The same settings with more problems (found on disk, not in the text)."""
+        more = tuple(more)
+        return dataclasses.replace(self, problems=self.problems + more) if more else self
+
+
+def iso_date(text: str) -> dt.date | None:
+    if ISO_DATE_RE.match(text):
+        with contextlib.suppress(ValueError):
+            return dt.date.fromisoformat(text)
+    return None
+
+
+def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
+    """Weekdays (0 = Monday), (first, last) date ranges, and what could not
+    be read, from 'sat, sun, 2026-04-03, 2026-12-18..2027-01-28'."""
+    weekdays, ranges, bad = set(), [], []
+    text = re.sub(r"\s*\.\.\s*", "..", text)
+    for item in filter(None, re.split(r"[\s,;]+", text)):
+        word = item.lower()
+        days = [n for n, name in enumerate(WEEKDAY_NAMES) if len(word) >= 3 and name.startswith(word)]
+        first, dots, last = item.partition("..")
+        if days:
+            weekdays.update(days)
+        elif dots:
+            a, b = iso_date(first), iso_date(last)
+            if a is None or b is None:
+                bad.append(f"{item!r} is not a range of dates such as 2026-12-18..2027-01-28")
+            elif b < a:
+                bad.append(f"the range {item!r} ends before it starts")
+            else:
+                ranges.append((a, b))
+        elif iso_date(item):
+            ranges.append((iso_date(item), iso_date(item)))
+        else:
+            bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
+                       "or a range of dates (2026-12-18..2027-01-28)")
+    if len(weekdays) == 7:
+        bad.append("every weekday is closed, so notices would never go")
+    return frozenset(weekdays), tuple(ranges), bad
+
+
+def read_overdue(r: _Reader, date_format: str) -> OverdueSettings:
+    """[overdue], checked; also checks that [library] date_format reads back
+    the dates it writes (the notices write due dates with it)."""
+    before = len(r.problems)
+    enabled = r.text("overdue", "enabled").lower()
+    if enabled not in ("yes", "no", "true", "false", "on", "off", "1", "0", ""):
+        r.problems.append(ini_problem("overdue", "enabled", enabled, "must be yes or no."))
+    match = re.fullmatch(r"(\d{1,2})[:.](\d{2})", r.text("overdue", "run_at"))
+    if match and int(match[1]) < 24 and int(match[2]) < 60:
+        run_at = dt.time(int(match[1]), int(match[2]))
+    else:
+        run_at = dt.time(6, 30)
+        r.problems.append(ini_problem("overdue", "run_at", r.text("overdue", "run_at"),
+                                      "not a time of day. Write it as HH:MM in 24-hour time, "
+                                      "such as 06:30."))
+    days = {key: r.number("overdue", key, int, low, 365, f"Use a number of days from {low} to "
+                          f"365, such as {DEFAULTS['overdue'][key]}.", int(DEFAULTS["overdue"][key]))
+            for key, low in (("warning_days", 0), ("overdue_days", 1), ("reminder_days", 1))}
+    weekdays, ranges, bad = parse_closed(r.text("overdue", "closed"))
+    if bad:
+        r.problems.append(ini_problem("overdue", "closed", r.text("overdue", "closed"),
+                                      "; ".join(bad) + ". Separate the days with commas."))
+    age = r.number("overdue", "max_data_age_hours", float, 1, 24 * 366,
+                   "Use hours such as 36 (a day and a half: one missed nightly export "
+                   "does not stop the notices).", 36.0)
+    send_to = r.text("overdue", "send_to").lower() or "patron"
+    if send_to not in SEND_TO_CHOICES:
+        r.problems.append(ini_problem("overdue", "send_to", send_to, "must be patron, guardian, "
+                                      "both or patron_else_guardian (the guardian when the "
+                                      "patron has no address)."))
+        send_to = "patron"
+    fmt = date_format
+    if "%" in fmt:
+        sample = dt.date(2026, 12, 25)          # a day above 12 shows day and month apart
+        try:
+            back = dt.datetime.strptime(sample.strftime(fmt), fmt).date()
+        except ValueError:
+            back = None
+        if back != sample:
+            r.problems.append(ini_problem("library", "date_format", fmt, "cannot read back the "
+                                          f"dates it writes ({sample} becomes "
+                                          f"{sample.strftime(fmt)!r}). Use %d, %m and %Y, such "
+                                          "as %d/%m/%Y."))
+    return OverdueSettings(enabled in ("yes", "true", "on", "1"), run_at, days["warning_days"],
+                           days["overdue_days"], days["reminder_days"], weekdays, ranges,
+                           age, send_to, tuple(r.problems[before:]))
 
 
 def ini_problem(section: str, key: str, value: str, what: str) -> str:
@@ -364,87 +543,91 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
 
 
 def load_settings(ini_path: Path, text: str | None = None) -> Settings:
-    """Read and check bibliogate.ini (or `text`, what it would hold: the config
-    page checks a change this way before writing it). Never raises for a bad
-    value: every problem is a sentence in ``Settings.problems`` and the default
-    is used instead."""
+    """Read bibliogate.ini and parse it (or parse `text`, what it would hold:
+    the config page checks a change this way before writing it). Never raises
+    for a bad value: every problem is a sentence in ``Settings.problems``.
+    Of the disk it checks only that [smtp] ca_file exists (layout_problems
+    checks the folders)."""
     ini_path = Path(ini_path).resolve()
-    unreadable = None
     try:
         text = ini_path.read_text(encoding="utf-8-sig") if text is None else text
     except FileNotFoundError:
         text = DEFAULT_INI
     except (OSError, UnicodeDecodeError) as exc:
-        text, unreadable = "", f"{ini_path} cannot be read ({exc}); using the defaults."
+        return parse_settings("", ini_path).with_problems(
+            [f"{ini_path} cannot be read ({exc}); using the defaults."])
+    settings = parse_settings(text, ini_path)
+    return settings.with_problems(ca_file_problems(settings))
+
+
+def parse_settings(text: str, ini_path: Path) -> Settings:
+    """The settings that `text` (an ini file's content) gives, with a bad value
+    replaced by its default and named in ``problems``. Pure: reads no file.
+    Relative paths are taken from ini_path's folder."""
     raw, problems = parse_ini_text(text, ini_path)
-    if unreadable:
-        problems.append(unreadable)
     r, base = _Reader(raw, problems), ini_path.parent
-    s = Settings(ini_path=ini_path, raw=raw, problems=problems)
-    s.smtp_host = r.text("smtp", "host")
-    if not s.smtp_host:
+    smtp_host = r.text("smtp", "host")
+    if not smtp_host:
         problems.append(ini_problem("smtp", "host", "", "not set. Enter the IP address or name "
                                     "of the SMTP server this school's computers send through."))
-    elif not re.match(r"^[A-Za-z0-9.:\[\]-]+$", s.smtp_host):
-        problems.append(ini_problem("smtp", "host", s.smtp_host, "not a server name or IP address."))
-    s.security = r.text("smtp", "security").lower()
-    if s.security not in SECURITY_CHOICES:
-        problems.append(ini_problem("smtp", "security", s.security,
+    elif not re.match(r"^[A-Za-z0-9.:\[\]-]+$", smtp_host):
+        problems.append(ini_problem("smtp", "host", smtp_host, "not a server name or IP address."))
+    security = r.text("smtp", "security").lower()
+    if security not in SECURITY_CHOICES:
+        problems.append(ini_problem("smtp", "security", security,
                                     "must be none, starttls or tls."))
-        s.security = "none"
+        security = "none"
     port_fix = "Use 25, 587 (starttls) or 465 (tls)."
-    s.smtp_port = r.number("smtp", "port", int, 1, 65535, port_fix, 25)
-    s.ehlo = r.text("smtp", "ehlo")
-    if s.ehlo and not re.match(r"^[A-Za-z0-9.\[\]:-]+$", s.ehlo):
-        problems.append(ini_problem("smtp", "ehlo", s.ehlo, "must be a host name such as "
+    smtp_port = r.number("smtp", "port", int, 1, 65535, port_fix, 25)
+    ehlo = r.text("smtp", "ehlo")
+    if ehlo and not re.match(r"^[A-Za-z0-9.\[\]:-]+$", ehlo):
+        problems.append(ini_problem("smtp", "ehlo", ehlo, "must be a host name such as "
                                     "library.school.example, without spaces."))
-    s.username = r.text("smtp", "username")
-    s.password = raw.get(("smtp", "password"), "").strip()
-    s.timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
-                         "Use a number of seconds from 1 to 600, such as 30.", 30.0)
-    s.ca_file = r.text("smtp", "ca_file")
-    if s.ca_file:
-        ca = absolute(base, s.ca_file)
-        s.ca_file = str(ca or "")
-        if not (ca and ca.is_file()):
-            problems.append(ini_problem("smtp", "ca_file", r.text("smtp", "ca_file"),
-                                        "no such file. Give the path of the relay's PEM "
-                                        "certificate, or leave it empty."))
-    s.spool = r.path(base, "gateway", "spool_folder")
-    s.from_address = r.address("gateway", "from_address",
-                               required_for="Enter the library's address, e.g. library@school.example; "
-                                            "every message is sent from it and the daily log goes to it.")
+    username = r.text("smtp", "username")
+    password = raw.get(("smtp", "password"), "").strip()
+    timeout = r.number("smtp", "timeout_seconds", float, 1, 600,
+                       "Use a number of seconds from 1 to 600, such as 30.", 30.0)
+    ca_text = r.text("smtp", "ca_file")
+    ca_path = absolute(base, ca_text) if ca_text else None
+    if ca_text and ca_path is None:
+        problems.append(ini_problem("smtp", "ca_file", ca_text, "not a usable path. Give the "
+                                    "full path of the relay's PEM certificate, or leave it empty."))
+    spool = r.path(base, "gateway", "spool_folder")
+    from_address = r.address("gateway", "from_address", required_for=(
+        "Enter the library's address, e.g. library@school.example; "
+        "every message is sent from it and the daily log goes to it."))
     minutes = r.number("gateway", "minutes_between_checks", float, 0.05, 1440,
                        "Use minutes from 0.05 to 1440, such as 3 or 0.5.", 3.0)
-    s.interval = minutes * 60.0
-    s.per_check = r.number("gateway", "messages_per_check", int, 1, 10000,
-                           "Use a whole number from 1 to 10000, such as 10.", 10)
-    s.test_to = r.address("gateway", "test_to_address")
-    s.give_up_seconds = 3600.0 * r.number("gateway", "give_up_after_hours", float, 0.01, 24 * 60,
-                                          "Use hours from 0.01 to 1440, such as 72.", 72.0)
-    s.library_name = r.text("library", "name")
-    s.date_format = r.text("library", "date_format") or "%Y-%m-%d"
-    if "%" not in s.date_format:
-        problems.append(ini_problem("library", "date_format", s.date_format,
+    per_check = r.number("gateway", "messages_per_check", int, 1, 10000,
+                         "Use a whole number from 1 to 10000, such as 10.", 10)
+    test_to = r.address("gateway", "test_to_address")
+    give_up_hours = r.number("gateway", "give_up_after_hours", float, 0.01, 24 * 60,
+                             "Use hours from 0.01 to 1440, such as 72.", 72.0)
+    date_format = r.text("library", "date_format") or "%Y-%m-%d"
+    if "%" not in date_format:
+        problems.append(ini_problem("library", "date_format", date_format,
                                     "needs %d, %m and %Y codes, such as %d/%m/%Y."))
-    s.database = r.path(base, "data", "database")
-    s.templates = r.path(base, "data", "templates_folder")
-    s.log_folder = r.path(base, "data", "log_folder")
-    s.import_folder = r.path(base, "data", "import_folder")
-    s.keep_log_days = r.number("data", "keep_log_days", int, 1, 3650,
-                               "Use a number of days such as 60.", 60)
-    for check in SETTINGS_CHECKS:
-        check(s, r)
-    return s
-
-
-#: Further checks (section, reader) that later parts of the program add.
-SETTINGS_CHECKS: list[Callable[[Settings, _Reader], None]] = []
+    folders = {key: r.path(base, "data", key)
+               for key in ("database", "templates_folder", "log_folder", "import_folder")}
+    keep_log_days = r.number("data", "keep_log_days", int, 1, 3650,
+                             "Use a number of days such as 60.", 60)
+    overdue = read_overdue(r, date_format)
+    return Settings(
+        ini_path=ini_path, raw=MappingProxyType(raw), problems=tuple(problems),
+        smtp_host=smtp_host, smtp_port=smtp_port, security=security, ehlo=ehlo,
+        username=username, password=password, timeout=timeout, ca_file=str(ca_path or ""),
+        spool=spool,
+        from_address=from_address, interval=minutes * 60.0, per_check=per_check, test_to=test_to,
+        give_up_seconds=give_up_hours * 3600.0, library_name=r.text("library", "name"),
+        date_format=date_format, database=folders["database"],
+        templates=folders["templates_folder"], log_folder=folders["log_folder"],
+        import_folder=folders["import_folder"], keep_log_days=keep_log_days, overdue=overdue)
 
 
 def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
     """First run: write the default ini and templates; always: create the
-    folders. Returns the settings and what was created, as sentences."""
+    folders. Returns the settings, with what is wrong on disk among their
+    problems, and what was created, as sentences."""
     ini_path = Path(ini_path).resolve()
     created = []
     # Two commands may start at once on a new folder: "x" and exist_ok=False
@@ -455,9 +638,17 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
             fh.write(DEFAULT_INI)
         created.append(f"Wrote the default settings to {ini_path}.")
     settings = load_settings(ini_path)
-    # A missing template (a new kind after an upgrade, or one deleted by
-    # mistake) gets the default text: a gateway that stops sending over it
-    # would be worse. The log says so.
+    problems = write_default_templates(settings, created)
+    problems += make_folders(settings, created)
+    problems += layout_problems(settings)
+    problems += template_problems(settings)
+    return settings.with_problems(problems), created
+
+
+def write_default_templates(settings: Settings, created: list[str]) -> list[str]:
+    """A missing template (a new kind after an upgrade, or one deleted by
+    mistake) gets the default text: a gateway that stops sending over it
+    would be worse. Appends what it wrote to `created`; returns problems."""
     try:
         settings.templates.mkdir(parents=True, exist_ok=True)
         for kind, text in DEFAULT_TEMPLATES.items():
@@ -466,8 +657,14 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
                     fh.write(text)
                 created.append(f"Wrote the default template {settings.templates / kind}.txt.")
     except OSError as exc:
-        settings.problems.append(f"{settings.templates} cannot be written ({exc.strerror}). "
-                                 "Check [data] templates_folder and its permissions.")
+        return [f"{settings.templates} cannot be written ({exc.strerror}). "
+                "Check [data] templates_folder and its permissions."]
+    return []
+
+
+def make_folders(settings: Settings, created: list[str]) -> list[str]:
+    """Create the spool and log folders if missing; returns problems."""
+    problems = []
     for folder, (section, key) in ((settings.spool, ("gateway", "spool_folder")),
                                    (settings.log_folder, ("data", "log_folder"))):
         if not folder.exists():
@@ -475,23 +672,33 @@ def ensure_layout(ini_path: Path) -> tuple[Settings, list[str]]:
                 folder.mkdir(parents=True)
                 created.append(f"Created {folder}.")
             except OSError as exc:
-                settings.problems.append(ini_problem(
+                problems.append(ini_problem(
                     section, key, settings.get(section, key),
                     f"{folder} cannot be created ({exc.strerror or exc}). Fix the path, or give "
                     "this account the right to create it."))
-    check_folders(settings)
-    settings.problems.extend(template_problems(settings))
-    return settings, created
+    return problems
 
 
-def check_folders(settings: Settings) -> None:
+def ca_file_problems(settings: Settings) -> list[str]:
+    if settings.ca_file and not Path(settings.ca_file).is_file():
+        return [ini_problem("smtp", "ca_file", settings.get("smtp", "ca_file"),
+                            "no such file. Give the path of the relay's PEM "
+                            "certificate, or leave it empty.")]
+    return []
+
+
+def layout_problems(settings: Settings) -> list[str]:
+    """What is wrong on disk with the files and folders the settings name."""
+    problems = []
+    spool_value = settings.get("gateway", "spool_folder")
     if not settings.spool.is_dir():
-        settings.problems.append(ini_problem("gateway", "spool_folder", settings.get("gateway", "spool_folder"),
-                                             f"{settings.spool} is not a folder. Create it or fix the path."))
+        problems.append(ini_problem("gateway", "spool_folder", spool_value,
+                                    f"{settings.spool} is not a folder. Create it or fix the path."))
     elif not os.access(settings.spool, os.R_OK | os.W_OK):
-        settings.problems.append(ini_problem("gateway", "spool_folder", settings.get("gateway", "spool_folder"),
-                                             f"{settings.spool} cannot be read and written by this "
-                                             "account. Give it modify rights on the folder."))
+        problems.append(ini_problem("gateway", "spool_folder", spool_value,
+                                    f"{settings.spool} cannot be read and written by this "
+                                    "account. Give it modify rights on the folder."))
+    return problems
 
 
 # Locks #######################################################################
@@ -618,6 +825,66 @@ def set_state(conn: sqlite3.Connection, **values) -> None:
                          [(k, json.dumps(v)) for k, v in values.items()])
 
 
+# -- retry state and the sent ledger ----------------------------------------------
+# The only SQL on spool_state and sent. The writes do not commit: the caller
+# holds the transaction (`with db:`), so a delivery, its retry state and its
+# event can share one commit, which is one flush to disk.
+
+def retry_states(db: sqlite3.Connection) -> dict[str, sqlite3.Row]:
+    """Every file's retry state: file name -> row."""
+    return {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
+
+
+def retry_state(db: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    return db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
+                      (name,)).fetchone()
+
+
+def retry_waits(db: sqlite3.Connection, now: float) -> dict[str, float]:
+    """The files that must not be tried before a later time: name -> next try."""
+    return {r["file"]: r["next_try"] for r in
+            db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
+
+
+def save_retry_state(db: sqlite3.Connection, name: str, attempts: int, first_failed: float,
+                     next_try: float | None, last_error: str) -> None:
+    db.execute("INSERT OR REPLACE INTO spool_state(file, attempts, first_failed, next_try, "
+               "last_error) VALUES (?,?,?,?,?)", (name, attempts, first_failed, next_try, last_error))
+
+
+def forget_retry_state(db: sqlite3.Connection, name: str) -> None:
+    db.execute("DELETE FROM spool_state WHERE file = ?", (name,))
+
+
+def was_delivered(db: sqlite3.Connection, name: str, digest: str) -> bool:
+    return db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
+                      (name, digest)).fetchone() is not None
+
+
+def record_delivery(db: sqlite3.Connection, name: str, digest: str, at: float) -> None:
+    """The server took the file: a ledger row, and no retry state."""
+    db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)", (name, digest, at))
+    forget_retry_state(db, name)
+
+
+def forget_deliveries(db: sqlite3.Connection, removed: list[tuple[str, str]]) -> None:
+    """Drop the ledger rows of (file, digest) pairs whose files are gone."""
+    db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+
+
+def forget_absent_files(db: sqlite3.Connection, present: set) -> None:
+    """Drop the retry state and ledger rows of files not in `present`."""
+    for table in ("spool_state", "sent"):
+        gone = [(r["file"],) for r in db.execute(f"SELECT file FROM {table}")
+                if r["file"] not in present]
+        if gone:
+            db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
+
+
+def prune_sent_ledger(db: sqlite3.Connection, before: float) -> None:
+    db.execute("DELETE FROM sent WHERE at < ?", (before,))
+
+
 # Journal #####################################################################
 
 class DailyFileHandler(logging.Handler):
@@ -699,15 +966,17 @@ class Journal:
 
 # Templates ###################################################################
 
-#: The placeholders each kind of message may use. Later parts add kinds.
-TEMPLATE_FIELDS: dict[str, frozenset] = {
+#: The placeholders of the gateway's own messages (the notices and letters
+#: have theirs in their sections; TEMPLATE_FIELDS, in Wiring, joins them).
+CORE_TEMPLATE_FIELDS = MappingProxyType({
     "test": frozenset({"library_name", "to_address", "from_address", "smtp_host", "queued_at"}),
     "daily_log": frozenset({"library_name", "day", "sent_count", "bad_count", "deferred_count",
                             "waiting_count", "waiting_bad_count", "oldest_waiting", "bad_list",
                             "refused_list", "sender_stops", "activity", "log_lines"}),
-}
+})
 
-DEFAULT_TEMPLATES: dict[str, str] = {
+#: The default text of each of the gateway's own templates.
+CORE_TEMPLATES = MappingProxyType({
     "test": """\
 # The message sent by [Test] on the config page and by `bibliogate.py test`.
 # Lines starting with # are notes for you and are not sent.
@@ -756,7 +1025,7 @@ ${activity}
 The whole log of the day:
 ${log_lines}
 """,
-}
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1257,7 +1526,7 @@ def queue_rows(settings: Settings, db: sqlite3.Connection,
                files: list[SpoolFile] | None = None) -> list[dict]:
     """The queue as `queue --json` and the config page show it: every file,
     .BAD ones first, or only `files` (in their order)."""
-    state = {r["file"]: r for r in db.execute("SELECT * FROM spool_state")}
+    state = retry_states(db)
     rows = []
     if files is None:
         files = sorted(scan(settings.spool, lambda n: is_waiting_name(n) or is_bad_name(n)),
@@ -1459,9 +1728,7 @@ class Sender:
         result = CheckResult()
         files = scan_times(self.settings.spool)
         self._forget_gone({name for name, _, _ in files})
-        waits = {} if ignore_waits else {
-            r["file"]: r["next_try"] for r in
-            self.db.execute("SELECT file, next_try FROM spool_state WHERE next_try > ?", (now,))}
+        waits = {} if ignore_waits else retry_waits(self.db, now)
         # "Unchanged for a while" is measured by the file system's clock.
         batch = pick_batch(files, self.settings.spool, limit or sys.maxsize, now, waits,
                            settled=time.time() - STABLE_SECONDS)
@@ -1504,8 +1771,7 @@ class Sender:
             self._later(item, f"the file cannot be read just now ({exc.strerror})", result)
             return Outcome.LATER
         digest = hashlib.sha256(raw).hexdigest()
-        if self.db.execute("SELECT 1 FROM sent WHERE file = ? AND digest = ?",
-                           (item.name, digest)).fetchone():
+        if was_delivered(self.db, item.name, digest):
             self._remove(item, digest, removed, "delivered before a restart; removed from the queue")
             return Outcome.SENT
         try:
@@ -1533,9 +1799,7 @@ class Sender:
         # One commit, so one flush to disk, for the ledger row, the retry state
         # and the event: Journal.event's own `with` commits all three at once.
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
-                            (item.name, digest, self.clock()))
-            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            record_delivery(self.db, item.name, digest, self.clock())
             self.journal.event("sent", f"sent to {', '.join(out.recipients)}: {out.subject!r}",
                                item.name)
         result.sent += 1
@@ -1553,12 +1817,8 @@ class Sender:
         """The retry state and ledger row of a file no longer waiting (deleted
         by hand, or removed just before a crash) are forgotten, so that a new
         file of the same name starts afresh instead of inheriting them."""
-        for table in ("spool_state", "sent"):
-            gone = [(r["file"],) for r in self.db.execute(f"SELECT file FROM {table}")
-                    if r["file"] not in present]
-            if gone:
-                with self.db:
-                    self.db.executemany(f"DELETE FROM {table} WHERE file = ?", gone)
+        with self.db:
+            forget_absent_files(self.db, present)
 
     def _forget_delivered(self, removed: list) -> None:
         """The sent ledger covers a crash between the server's "250 OK" and the
@@ -1568,7 +1828,7 @@ class Sender:
         if removed:
             fsync_folder(self.settings.spool)
             with self.db:
-                self.db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
+                forget_deliveries(self.db, removed)
 
     def _remove(self, item: SpoolFile, digest: str, removed: list, note: str = "") -> None:
         """A delivered file leaves the queue; `removed` collects it for
@@ -1593,15 +1853,14 @@ class Sender:
             self._later(item, f"{reason} (and it could not be renamed .BAD: {exc})", result)
             return
         with self.db:
-            self.db.execute("DELETE FROM spool_state WHERE file = ?", (item.name,))
+            forget_retry_state(self.db, item.name)
         result.bad += 1
         self.journal.event("bad", f"renamed {bad.name}: {reason}", item.name, logging.WARNING)
 
     def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True) -> None:
         """A temporary failure: try again later, or give up after give_up_after_hours."""
         now = self.clock()
-        row = self.db.execute("SELECT attempts, first_failed FROM spool_state WHERE file = ?",
-                              (item.name,)).fetchone()
+        row = retry_state(self.db, item.name)
         attempts = (row["attempts"] if row else 0) + 1
         first = row["first_failed"] if row and row["first_failed"] else now
         if now - first >= self.settings.give_up_seconds:
@@ -1610,9 +1869,7 @@ class Sender:
             return
         next_try = now + retry_wait(attempts) if wait else None
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO spool_state(file, attempts, first_failed, "
-                            "next_try, last_error) VALUES (?,?,?,?,?)",
-                            (item.name, attempts, first, next_try, reason))
+            save_retry_state(self.db, item.name, attempts, first, next_try, reason)
         result.deferred += 1
         when = f"; next try after {time.strftime('%H:%M', time.localtime(next_try))}" if wait else ""
         self.journal.event("deferred", f"not sent for now ({reason}){when}", item.name,
@@ -1647,7 +1904,8 @@ class Gateway:
     injected so tests can step through days without sleeping."""
 
     def __init__(self, ini_path: Path, clock: Callable[[], float] = time.time,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None,
+                 tasks: Iterable[Callable[[Gateway, float], None]] | None = None):
         self.ini_path = Path(ini_path).resolve()
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -1658,7 +1916,9 @@ class Gateway:
         self.ini_stamp = self._ini_stamp()
         self.next_check = clock()
         self.sender_state = None
-        self.tasks: list[Callable[["Gateway", float], None]] = list(GATEWAY_TASKS)
+        #: What the loop does at every tick besides checking (see gateway_tasks).
+        self.tasks: list[Callable[[Gateway, float], None]] = \
+            gateway_tasks() if tasks is None else list(tasks)
         #: The config page asks from its own threads; the loop acts (see request_reload).
         self._requests = threading.Condition()
         self._reload_asked = self._reload_done = 0
@@ -1771,11 +2031,14 @@ class Gateway:
         set_state(self.journal.db, last_check=now, next_check=self.next_check)
         return result
 
-    def run_forever(self) -> None:
+    def run_forever(self, guard: RunGuard | None = None) -> None:
+        """Tick until stopped; with a guard, an error in a tick is the guard's
+        to log (and, repeated, to stop on) instead of ending the loop."""
         set_state(self.journal.db, run_pid=os.getpid(), run_started=self.clock())
         remove_stale_parts(self.settings.spool, self.clock())
+        tick = guard.tick if guard else self.tick
         while not self.stop.is_set():
-            due = self.tick()
+            due = tick()
             self.stop.wait(max(0.05, min(TICK_SECONDS, due - self.clock())))
 
 
@@ -1803,7 +2066,7 @@ def daily_log_task(gateway: Gateway, now: float) -> None:
     prune_logs(s.log_folder, s.keep_log_days, now)
     with db:
         db.execute("DELETE FROM events WHERE at < ?", (now - s.keep_log_days * 86400,))
-        db.execute("DELETE FROM sent WHERE at < ?", (now - SENT_LEDGER_DAYS * 86400,))
+        prune_sent_ledger(db, now - SENT_LEDGER_DAYS * 86400)
 
 
 def prune_logs(folder: Path, keep_days: int, now: float) -> None:
@@ -1848,8 +2111,170 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     }
 
 
-#: What `run` does at every tick besides checking; later parts add theirs.
-GATEWAY_TASKS: list[Callable[[Gateway, float], None]] = [daily_log_task]
+# Running unattended ##########################################################
+#
+# Two things keep a `run` that nobody watches honest: ConsoleLog (with no
+# console, as under pythonw.exe, what would be printed goes to logs/) and
+# RunGuard (an unexpected error is logged with its traceback; one that ends a
+# thread, or comes back tick after tick, ends `run` with status 1 so that the
+# scheduled task or systemd starts it afresh).
+
+#: The same unexpected error this many ticks in a row ends `run` (status 1).
+TICK_ERROR_LIMIT = 10
+
+
+class ConsoleLog:
+    """Stands in for sys.stdout and sys.stderr when there is no console
+    (pythonw.exe, as the scheduled task starts BiblioGate): every line that
+    would have been printed goes to the day's file in the log folder."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._append(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._append(self._partial)
+                self._partial = ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def _append(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        # With no console and no writable log folder, there is nowhere left to tell.
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / f"bibliogate-{stamp[:10]}.log", "a", encoding="utf-8") as fh:
+                fh.write(f"{stamp} CONSOLE {line.rstrip()}\n")
+
+
+def console_to_log(folder: Path) -> None:
+    """With no console, send print() and error messages to the log folder.
+    Called again once the settings have named the log folder."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, ConsoleLog(folder))
+        elif isinstance(stream, ConsoleLog):
+            stream.folder = Path(folder)
+
+
+def has_console() -> bool:
+    return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
+
+
+def early_log_folder(argv: list[str]) -> Path:
+    """Where messages go before the settings are read: `logs` beside the ini
+    that --config names, or beside this program."""
+    ini = Path(__file__).resolve().with_name("bibliogate.ini")
+    for n, arg in enumerate(argv):
+        if arg == "--config" and n + 1 < len(argv):
+            ini = Path(argv[n + 1])
+        elif arg.startswith("--config="):
+            ini = Path(arg.partition("=")[2])
+    return ini.resolve().parent / DEFAULTS["data"]["log_folder"]
+
+
+def error_summary(exc: BaseException) -> str:
+    """The error and where it happened, on one line:
+    "KeyError: 'x' (bibliogate.py line 1234, in tick)"."""
+    import traceback
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno}, in {frames[-1].name})" \
+        if frames else ""
+    return one_line(f"{type(exc).__name__}: {exc}{where}")
+
+
+def traceback_text(exc: BaseException) -> str:
+    import traceback
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+
+
+class RunGuard:
+    """Keeps an unattended `run` honest. An unexpected error in one tick is
+    logged with its traceback and recorded (an "error" event), and the loop
+    goes on at the next tick. The same error TICK_ERROR_LIMIT ticks in a row,
+    or any error that ends a thread, is recorded as a "crash" (the daily log
+    shows it) and stops `run` with exit status 1, so that the scheduled task
+    or systemd starts it afresh: never a silent dead thread."""
+
+    def __init__(self, gateway: Gateway, limit: int | None = None):
+        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
+        self.exit_status = 0
+        self.repeats = 0            #: ticks in a row that failed with the same error
+        self._last: str | None = None
+        self._thread_hook = threading.excepthook
+
+    def install(self) -> RunGuard:
+        """Guard every thread: an error that ends one is a crash. (The ticks
+        are guarded by passing the guard to Gateway.run_forever; an error in
+        the main thread reaches cmd_run, which calls crash.)"""
+        threading.excepthook = self._thread_error
+        return self
+
+    def uninstall(self) -> None:
+        threading.excepthook = self._thread_hook
+
+    def __enter__(self) -> RunGuard:
+        return self.install()
+
+    def __exit__(self, *exc_info) -> None:
+        self.uninstall()
+
+    def tick(self) -> float:
+        """One tick of the gateway; an error in it is logged, and `run` goes on."""
+        try:
+            due = self.gateway.tick()
+        except Exception as exc:        # a bug or an unforeseen OS error: logged; `run` goes on
+            self._tick_failed(exc)
+            return self.gateway.clock() + TICK_SECONDS
+        self._last, self.repeats = None, 0
+        return due
+
+    def _tick_failed(self, exc: Exception) -> None:
+        summary = error_summary(exc)
+        self.repeats = self.repeats + 1 if summary == self._last else 1
+        self._last = summary
+        if self.repeats >= self.limit:
+            self.crash(f"the same error {self.repeats} times in a row: {summary}; BiblioGate "
+                       "stops so that it is started afresh", exc)
+        elif self.repeats == 1:
+            self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
+                                       level=logging.ERROR)
+            log.error("%s", traceback_text(exc))
+        else:
+            log.error("the same error again (%d in a row): %s", self.repeats, summary)
+
+    def crash(self, what: str, exc: BaseException) -> None:
+        """Record an error that ends `run`, with its traceback, and stop `run`
+        with exit status 1."""
+        self.exit_status = 1
+        try:
+            self.gateway.journal.event("crash", what, level=logging.CRITICAL)
+            log.critical("%s", traceback_text(exc))
+        except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
+            print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
+        finally:
+            self.gateway.stop.set()
+
+    def _thread_error(self, args) -> None:
+        if issubclass(args.exc_type, SystemExit):
+            return
+        exc = args.exc_value if args.exc_value is not None else args.exc_type()
+        name = args.thread.name if args.thread is not None else "?"
+        self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
 
 
 # Circulation data ############################################################
@@ -1876,7 +2301,6 @@ REQUIRED_COLUMNS = MappingProxyType({
 })
 #: auto_overdue values, compared without regard to case; empty means no.
 YES_NO = MappingProxyType({"yes": 1, "true": 1, "1": 1, "no": 0, "false": 0, "0": 0, "": 0})
-ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 #: Rows go to the database in slices of this many, so a million loans never
 #: sit in memory at once.
 IMPORT_CHUNK = 20_000
@@ -1890,19 +2314,6 @@ LOANS_IMPORTED_KEY = "loans_imported_at"
 #: The file names the import folder watches for (any case), in import order:
 #: patrons first, so the loans of a new patron in the same drop are known.
 DROPPED_FILES = (("patrons.csv", "patrons"), ("loans.csv", "loans"))
-
-
-class ImportRefused(BibliogateError):
-    """A CSV file was not imported, and nothing changed. ``problems`` holds a
-    sentence for every bad row ('FILE line N: what is wrong'); ``fix`` says
-    what to do."""
-
-    def __init__(self, source: str, problems: list[str], fix: str):
-        shown = problems[:20]
-        if len(problems) > 20:
-            shown.append(f"... and {len(problems) - 20} more.")
-        super().__init__("\n".join(shown + [fix]))
-        self.source, self.problems, self.fix = source, problems, fix
 
 
 @dataclasses.dataclass
@@ -2232,7 +2643,7 @@ def record_import(journal: Journal, result: ImportResult) -> None:
 
 
 class ImportWatch:
-    """The import folder, at every tick of `run` (a GATEWAY_TASKS entry).
+    """The import folder, at every tick of `run` (one of gateway_tasks()).
 
     A patrons.csv or loans.csv (any case) that has kept its size and time
     for STABLE_SECONDS is imported, then moved to done/NAME-STAMP.csv, or,
@@ -2388,21 +2799,16 @@ ITEM_GROUPS = (("overdue", "Now overdue:"),
                ("reminder", "Still overdue (we wrote to you about these before):"),
                ("listed", "Also overdue:"),
                ("warning", "Due back soon:"))
-#: Who receives the notices ([overdue] send_to).
-SEND_TO_CHOICES = ("patron", "guardian", "both", "patron_else_guardian")
 #: Notice days missed while the gateway was off are caught up this far back
 #: (and further back across days the library was closed).
 CATCH_UP_DAYS = 7
-#: How far the search for the next or last open day looks.
-OPEN_DAY_SEARCH = 400
 #: Messages are written, flushed to disk and recorded this many at a time.
 LEDGER_BATCH = 200
 #: `overdue --date` further than this from today needs --force.
 SIMULATE_DAYS = 14
 #: Patron ids per `IN (...)` query (sqlite allows 999 parameters).
 ID_CHUNK = 500
-WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-#: The placeholders of the notices, as notice_fields() gives them.
+#: The placeholders of the notices, as message_values() gives them.
 NOTICE_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
                            "today", "earliest_due", "first_name", "addressee", "your",
                            "item_word", "book_word", "it_them", "is_are", "this_these",
@@ -2418,10 +2824,6 @@ PENDING_IMPORT_SECONDS = 10 * 60
 #: and in `status`); the last closed day said so in the log.
 SCHEDULE_KEY, LAST_RUN_KEY, HELD_KEY = "overdue_schedule_day", "overdue_last_run", "overdue_held"
 CLOSED_KEY = "overdue_closed_day"
-
-
-class StaleData(BibliogateError):
-    """The loans were imported too long ago to send notices from them."""
 
 
 def show_date(settings: Settings, iso: str) -> str:
@@ -2498,8 +2900,8 @@ _NOTICE_NOTES = """\
 #   ${is_are} is/are  ${this_these} this/these
 """
 
-TEMPLATE_FIELDS.update({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
-DEFAULT_TEMPLATES.update({
+NOTICE_TEMPLATE_FIELDS = MappingProxyType({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
+NOTICE_TEMPLATES = MappingProxyType({
     "warning": "# Auto-overdue: items due back in [overdue] warning_days days.\n"
                + _NOTICE_NOTES + """\
 Subject: Library ${book_word} due back soon
@@ -2552,128 +2954,6 @@ back, thank you, and please ignore this message.
 ${library_name}
 """,
 })
-
-
-# -- settings ------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class OverdueSettings:
-    """The [overdue] section, checked; load_settings puts it in ``settings.overdue``."""
-    enabled: bool = False
-    run_at: dt.time = dt.time(6, 30)
-    warning_days: int = 3
-    overdue_days: int = 1
-    reminder_days: int = 3
-    closed_weekdays: frozenset = frozenset()    #: 0 is Monday
-    closed_dates: tuple = ()                    #: (first, last) pairs, both days closed
-    max_data_age_hours: float = 36.0
-    send_to: str = "patron"
-    problems: tuple = ()                        #: the sentences about this section
-
-    def closed(self, day: dt.date) -> bool:
-        return (day.weekday() in self.closed_weekdays
-                or any(first <= day <= last for first, last in self.closed_dates))
-
-    def next_open(self, day: dt.date) -> dt.date:
-        """The first day after `day` the job runs."""
-        for n in range(1, OPEN_DAY_SEARCH):
-            if not self.closed(day + dt.timedelta(days=n)):
-                return day + dt.timedelta(days=n)
-        return day + dt.timedelta(days=1)
-
-    def last_open(self, day: dt.date) -> dt.date:
-        """The last day before `day` the job runs."""
-        for n in range(1, OPEN_DAY_SEARCH):
-            if not self.closed(day - dt.timedelta(days=n)):
-                return day - dt.timedelta(days=n)
-        return day - dt.timedelta(days=1)
-
-
-def iso_date(text: str) -> dt.date | None:
-    if ISO_DATE_RE.match(text):
-        with contextlib.suppress(ValueError):
-            return dt.date.fromisoformat(text)
-    return None
-
-
-def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
-    """Weekdays (0 = Monday), (first, last) date ranges, and what could not
-    be read, from 'sat, sun, 2026-04-03, 2026-12-18..2027-01-28'."""
-    weekdays, ranges, bad = set(), [], []
-    text = re.sub(r"\s*\.\.\s*", "..", text)
-    for item in filter(None, re.split(r"[\s,;]+", text)):
-        word = item.lower()
-        days = [n for n, name in enumerate(WEEKDAY_NAMES) if len(word) >= 3 and name.startswith(word)]
-        first, dots, last = item.partition("..")
-        if days:
-            weekdays.update(days)
-        elif dots:
-            a, b = iso_date(first), iso_date(last)
-            if a is None or b is None:
-                bad.append(f"{item!r} is not a range of dates such as 2026-12-18..2027-01-28")
-            elif b < a:
-                bad.append(f"the range {item!r} ends before it starts")
-            else:
-                ranges.append((a, b))
-        elif iso_date(item):
-            ranges.append((iso_date(item), iso_date(item)))
-        else:
-            bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
-                       "or a range of dates (2026-12-18..2027-01-28)")
-    if len(weekdays) == 7:
-        bad.append("every weekday is closed, so notices would never go")
-    return frozenset(weekdays), tuple(ranges), bad
-
-
-def check_overdue_settings(s: Settings, r: _Reader) -> None:
-    """SETTINGS_CHECKS entry: read [overdue] into ``s.overdue``, and check
-    that [library] date_format reads back the dates it writes."""
-    before = len(r.problems)
-    enabled = r.text("overdue", "enabled").lower()
-    if enabled not in ("yes", "no", "true", "false", "on", "off", "1", "0", ""):
-        r.problems.append(ini_problem("overdue", "enabled", enabled, "must be yes or no."))
-    match = re.fullmatch(r"(\d{1,2})[:.](\d{2})", r.text("overdue", "run_at"))
-    if match and int(match[1]) < 24 and int(match[2]) < 60:
-        run_at = dt.time(int(match[1]), int(match[2]))
-    else:
-        run_at = dt.time(6, 30)
-        r.problems.append(ini_problem("overdue", "run_at", r.text("overdue", "run_at"),
-                                      "not a time of day. Write it as HH:MM in 24-hour time, "
-                                      "such as 06:30."))
-    days = {key: r.number("overdue", key, int, low, 365, f"Use a number of days from {low} to "
-                          f"365, such as {DEFAULTS['overdue'][key]}.", int(DEFAULTS["overdue"][key]))
-            for key, low in (("warning_days", 0), ("overdue_days", 1), ("reminder_days", 1))}
-    weekdays, ranges, bad = parse_closed(r.text("overdue", "closed"))
-    if bad:
-        r.problems.append(ini_problem("overdue", "closed", r.text("overdue", "closed"),
-                                      "; ".join(bad) + ". Separate the days with commas."))
-    age = r.number("overdue", "max_data_age_hours", float, 1, 24 * 366,
-                   "Use hours such as 36 (a day and a half: one missed nightly export "
-                   "does not stop the notices).", 36.0)
-    send_to = r.text("overdue", "send_to").lower() or "patron"
-    if send_to not in SEND_TO_CHOICES:
-        r.problems.append(ini_problem("overdue", "send_to", send_to, "must be patron, guardian, "
-                                      "both or patron_else_guardian (the guardian when the "
-                                      "patron has no address)."))
-        send_to = "patron"
-    fmt = s.date_format
-    if "%" in fmt:
-        sample = dt.date(2026, 12, 25)          # a day above 12 shows day and month apart
-        try:
-            back = dt.datetime.strptime(sample.strftime(fmt), fmt).date()
-        except ValueError:
-            back = None
-        if back != sample:
-            r.problems.append(ini_problem("library", "date_format", fmt, "cannot read back the "
-                                          f"dates it writes ({sample} becomes "
-                                          f"{sample.strftime(fmt)!r}). Use %d, %m and %Y, such "
-                                          "as %d/%m/%Y."))
-    s.overdue = OverdueSettings(enabled in ("yes", "true", "on", "1"), run_at, days["warning_days"],
-                                days["overdue_days"], days["reminder_days"], weekdays, ranges,
-                                age, send_to, tuple(r.problems[before:]))
-
-
-SETTINGS_CHECKS.append(check_overdue_settings)
 
 
 # -- deciding --------------------------------------------------------------------
@@ -3079,7 +3359,7 @@ def record_notices(db: sqlite3.Connection, rows: list) -> None:
 # -- the daily schedule ----------------------------------------------------------
 
 def overdue_task(gateway: Gateway, now: float) -> None:
-    """GATEWAY_TASKS entry: one run a day at run_at on the days the library
+    """A task of `run` (see gateway_tasks): one run a day at run_at on the days the library
     is open, covering every notice day since the last run (closed days and
     days the gateway was off included). A run that cannot go (stale loans, a
     bad template) is tried again later and says why, once a day; a
@@ -3142,9 +3422,6 @@ def hold(journal: Journal, now: float, exc: Exception) -> None:
         journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
 
 
-GATEWAY_TASKS.extend([ImportWatch(), overdue_task])
-
-
 # -- status and command line -----------------------------------------------------
 
 def status_auto_overdue(settings: Settings, db: sqlite3.Connection) -> str:
@@ -3167,12 +3444,6 @@ def status_loans(settings: Settings, db: sqlite3.Connection) -> str:
     problem = loans_age_problem(db, settings, time.time())
     text = f"{count:,} loans, imported {fmt_time(imported)}" if imported else "none imported"
     return text + (f"; TOO OLD FOR AUTO-OVERDUE: {problem}" if problem and imported else "")
-
-
-#: The lines `status` adds for circulation (see STATUS_EXTRA).
-CIRCULATION_STATUS = MappingProxyType({"auto_overdue": status_auto_overdue,
-                                       "last_overdue_run": status_last_run,
-                                       "loans_data": status_loans})
 
 
 def simulated_now(day: dt.date, real: float, force: bool) -> float:
@@ -3273,7 +3544,7 @@ TEST_GROUP = "TEST"
 #: The ledger's name for the guardian variant of a letter.
 GUARDIAN_SUFFIX = "_guardian"
 
-TEMPLATE_FIELDS.update({
+LETTER_TEMPLATE_FIELDS = MappingProxyType({
     "overdue_first": LETTER_FIELDS,
     "overdue_second": LETTER_FIELDS | {"previous_sent"},
     "overdue_final": LETTER_FIELDS | {"previous_sent"},
@@ -3296,7 +3567,7 @@ _LETTER_NOTES = """\
 #   ${is_are} is/are  ${this_these} this/these
 """
 
-DEFAULT_TEMPLATES.update({
+LETTER_TEMPLATES = MappingProxyType({
     "overdue_first": """\
 # The first overdue letter (`letters overdue_first`): a friendly reminder.
 # It lists every item now past its due date that has not had this letter.
@@ -3937,25 +4208,6 @@ def cmd_letters(args, settings: Settings) -> int:
 MAILTO_BODY_LIMIT = 1800
 
 
-class UnknownPatron(BibliogateError):
-    """A patron id that is not in the patrons list."""
-
-    def __init__(self, patron_id: str):
-        super().__init__(f"There is no patron with the id {patron_id!r}; check the id, or "
-                         "import the patrons file again.")
-        self.patron_id = patron_id
-
-
-class NoEmail(BibliogateError):
-    """A patron (or guardian) without a usable email address."""
-
-    def __init__(self, patron, problem: str):
-        self.name, self.patron_id = one_line(patron["name"]), patron["patron_id"]
-        super().__init__(f"{self.name} (patron {self.patron_id}) has {problem}, so no email "
-                         "can be written; add it in the library system and import the patrons "
-                         "again, or fix it on the config page.")
-
-
 def _encode(text: str) -> str:
     """RFC 6068: UTF-8, percent-encoded, line breaks as %0D%0A, never '+'."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
@@ -4064,6 +4316,160 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
     p.add_argument("--open", action="store_true", help="open it in the default mail program")
+# Operations ##################################################################
+#
+# Every action on the queue and the patrons, whoever asks for it: the command
+# line and the config page both call these, and differ only in how they show
+# the result. `by` names who asked, for the journal ("config page"); it is
+# empty for the command line.
+
+def noted(detail: str, by: str) -> str:
+    """A journal detail, with who asked for it when that was not the command line."""
+    return f"{detail} ({by})" if by else detail
+
+
+def queue_test(settings: Settings, to: str, now: float) -> Path:
+    """Queue the test message (the tech note's [Test] button)."""
+    if not valid_address(to):
+        raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
+                              "--to name@school.example." if not to else
+                              f"{to!r} is not an email address.")
+    values = {"library_name": settings.library_name or "library", "to_address": to,
+              "from_address": settings.from_address or "(not set)",
+              "smtp_host": settings.smtp_host or "(not set)", "queued_at": fmt_time(now)}
+    subject, body = load_template(settings, "test").render(values)
+    return enqueue_bytes(settings.spool, compose(settings, to, subject, body, now=now),
+                         now, priority=True, label="test")
+
+
+def queue_test_message(settings: Settings, journal: Journal, to: str, now: float,
+                       by: str = "") -> Path:
+    """Queue the test message to `to` and journal it; the file queued.
+    Raises BibliogateError for a missing or bad address or template."""
+    path = queue_test(settings, to, now)
+    journal.event("queued", noted(f"queued a test message to {to}", by), path.name)
+    return path
+
+
+def bad_names(settings: Settings) -> list[str]:
+    """The names of the .BAD files, in queue order. Raises SpoolError."""
+    return [f.name for f in scan(settings.spool, is_bad_name)]
+
+
+def retry_file(settings: Settings, journal: Journal, name: str, by: str = "") -> Path:
+    """Put one .BAD file back in the queue, as a new try from the start: its
+    retry state is forgotten. The file's new path. Raises SpoolError (no such
+    .BAD file, or a name outside the queue) or OSError (it cannot be renamed)."""
+    path = retry_bad(settings.spool, name)
+    with journal.db:
+        forget_retry_state(journal.db, path.name)
+    journal.event("retry", noted(f"put back in the queue as {path.name}", by), name)
+    return path
+
+
+def delete_queued(settings: Settings, journal: Journal, name: str, by: str = "") -> None:
+    """Delete one waiting or .BAD file for good. Raises SpoolError (no such
+    file, or a name outside the queue) or OSError (it cannot be removed)."""
+    delete_file(settings.spool, name)
+    journal.event("deleted", noted("deleted from the queue", by), name)
+
+
+def send_now(gateway: Gateway) -> None:
+    """Ask the running gateway for a check within a few seconds. Raises
+    BibliogateError while the settings stop the sender."""
+    if gateway.settings.problems:
+        raise BibliogateError("The sender is stopped: fix the settings first.")
+    gateway.request_check()
+
+
+def send_once(settings: Settings, every: bool = False) -> CheckResult:
+    """One check in this process, as `run` makes them; with `every`, every
+    waiting message, whatever its retry wait. Raises SettingsError while the
+    settings stop the sender."""
+    if settings.problems:
+        raise SettingsError(settings.problems)
+    journal = Journal(settings.database)
+    return Sender(settings, journal).check(limit=0 if every else None, ignore_waits=every)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatronEdit:
+    """What edit_patron did: nothing if there are errors ({field: sentence})."""
+    name: str
+    changed: list
+    errors: dict
+
+
+def edit_patron(journal: Journal, patron_id: str, values: dict, by: str = "") -> PatronEdit:
+    """Change a patron's email, guardian_email, grp and auto_overdue, if
+    patron_problems finds none in `values`. Raises UnknownPatron."""
+    db = journal.db
+    row = db.execute("SELECT * FROM patrons WHERE patron_id = ?", (patron_id,)).fetchone()
+    if row is None:
+        raise UnknownPatron(patron_id)
+    errors = patron_problems(values)
+    if errors:
+        return PatronEdit(row["name"], [], errors)
+    changed = [key for key in values if row[key] != values[key]]
+    with db:
+        db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
+                   "WHERE patron_id = ?", (values["email"], values["guardian_email"],
+                                           values["grp"], values["auto_overdue"], patron_id))
+    if changed:
+        journal.event("patron", noted(f"patron {patron_id}: changed {', '.join(changed)}", by))
+    return PatronEdit(row["name"], changed, {})
+
+
+def patron_problems(values: dict) -> dict:
+    """{field: sentence} for the patron form's bad values."""
+    errors = {}
+    for key in ("email", "guardian_email"):
+        if values[key] and not valid_address(values[key]):
+            errors[key] = (f"{values[key]!r} is not an email address. Write it as "
+                           "name@example.org, or leave it empty.")
+    if re.search(r"[\x00-\x1f\x7f]", values["grp"]) or len(values["grp"]) > 60:
+        errors["grp"] = "A group is one line of at most 60 characters, such as 7B or Staff."
+    return errors
+
+
+def status_info(settings: Settings) -> dict:
+    """What `status` tells: is `run` running, the sender's state, the queue,
+    and the fields of STATUS_FIELDS. Raises SpoolError if the spool cannot be read."""
+    db = open_db(settings.database)
+    try:
+        running = run_is_active(settings.ini_path)
+        g = lambda key: get_state(db, key)  # noqa: E731
+        info = {
+            "running": running, "pid": g("run_pid") if running else None,
+            "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
+            if running else "not running",
+            "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
+            if running else "`python bibliogate.py run` is not running",
+            "problems": settings.problems,
+            "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
+            "last_check": g("last_check"), "next_check": g("next_check") if running else None,
+        }
+        for key, fn in STATUS_FIELDS.items():
+            info[key] = fn(settings, db)
+        return info
+    finally:
+        db.close()
+
+
+def run_lock_path(ini_path: Path) -> Path:
+    return Path(str(ini_path) + ".lock")
+
+
+def run_is_active(ini_path: Path) -> bool:
+    """True while a `run` holds the lock of this ini."""
+    probe = FileLock(run_lock_path(ini_path))
+    if probe.acquire():
+        probe.release()
+        return False
+    return True
+
+
+
 # Config page #################################################################
 #
 # The tech note's "SMTP Gateway Manager": a small page that `run` serves from
@@ -4078,6 +4484,12 @@ def add_letter_commands(command: Callable) -> None:
 # one; for a POST, the Origin check and the session's form token (no forged
 # cross-site posts). Every value shown passes through esc(), and the SMTP
 # password is never put in a page.
+#
+# PageHandler does only that, then routes: GET_PAGES maps an address to a view
+# (page_*: a PageContext in, a title and the body's Html out) and POST_ACTIONS
+# to an action (post_*: it does one thing, through the Operations section when
+# it touches the queue or a patron, and returns where to redirect). A new page
+# is a view, its template and a line in GET_PAGES (and PAGE_LINKS for the menu).
 
 #: A form larger than this is refused unread (the Settings form is about 2 KB).
 MAX_FORM_BYTES = 1024 * 1024
@@ -4127,14 +4539,6 @@ SECURITY_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 )
-
-
-class PageRefusal(BibliogateError):
-    """A request the page will not serve; ``status`` is the HTTP answer."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 # -- the page password -----------------------------------------------------------
@@ -4566,6 +4970,13 @@ LOGIN_BODY = string.Template("""\
 <code>python bibliogate.py set-password</code>.</p>
 """)
 NOT_FOUND_BODY = Html('<p>There is no such page here. <a href="/">Back to the settings</a>.</p>')
+LOGGED_IN_BODY = Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
+NO_PATRON_BODY = string.Template('<p>There is no patron $id. '
+                                 '<a href="/patrons">Search the patrons</a>.</p>')
+NO_EMAIL_BADGE = Html('<span class="badge">no email</span>')
+MUTED = string.Template('<p class="muted">$text</p>')
+PROBLEM_LIST = string.Template("<ul>$items</ul>")
+LIST_ITEM = string.Template("<li>$text</li>")
 
 
 # -- the settings form ---------------------------------------------------------------
@@ -4703,18 +5114,6 @@ def check_settings_form(form: dict, text: str, ini_path: Path,
     general = [p for p in other if p not in current]
     changed = [f"[{section}] {key}" for section, key in changes]
     return new_text, errors, general, changed
-
-
-def patron_problems(values: dict) -> dict:
-    """{field: sentence} for the patron form's bad values."""
-    errors = {}
-    for key in ("email", "guardian_email"):
-        if values[key] and not valid_address(values[key]):
-            errors[key] = (f"{values[key]!r} is not an email address. Write it as "
-                           "name@example.org, or leave it empty.")
-    if re.search(r"[\x00-\x1f\x7f]", values["grp"]) or len(values["grp"]) > 60:
-        errors["grp"] = "A group is one line of at most 60 characters, such as 7B or Staff."
-    return errors
 
 
 def age_text(seconds: float) -> str:
@@ -4905,8 +5304,572 @@ class PageServer(http.server.ThreadingHTTPServer):
             return len(self.failed_logins) >= LOGIN_TRIES
 
 
+# -- what a view or an action is given ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PageContext:
+    """One request as a view or an action sees it: the running gateway, the
+    page's server (sessions, the spool reading), this browser's session (for
+    /health, an empty one that is never stored), the query of a GET or the
+    form of a POST, and the address of the computer that asked."""
+    gateway: Gateway
+    server: PageServer
+    session: PageSession
+    query: dict = dataclasses.field(default_factory=dict)
+    form: dict = dataclasses.field(default_factory=dict)
+    client: str = ""
+
+    @property
+    def settings(self) -> Settings:
+        return self.gateway.settings
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self.gateway.journal.db
+
+    @property
+    def token(self) -> Html:
+        """The session's form token, as a hidden field of a form."""
+        return render(TOKEN_INPUT, token=self.session.token)
+
+    def flash(self, kind: str, text: str) -> None:
+        """Say something ("ok" or "error") on the next page this browser shows."""
+        self.session.flash.append((kind, text))
+
+
+# -- pieces of pages ------------------------------------------------------------------
+
+#: The page's menu: (address, label).
+PAGE_LINKS = (("/", "Settings"), ("/queue", "Queue"), ("/log", "Log"), ("/patrons", "Patrons"))
+#: The menu entry a page belongs to, when its address is not in PAGE_LINKS.
+PAGE_MENU_ENTRY = MappingProxyType({"/settings": "/", "/patron": "/patrons"})
+NOTHING = Html("")
+
+
+def flag(on: bool, attribute: str) -> Html:
+    """An attribute such as ' checked', or nothing."""
+    return Html(attribute if on else "")
+
+
+def nav_link(href: str, label: str, current: bool) -> Html:
+    return render(NAV_LINK, href=href, label=label, current=flag(current, ' aria-current="page"'))
+
+
+def page_html(server: PageServer, session: PageSession, here: str, title: str, body: Html) -> Html:
+    """The whole page around a view's body: menu, log-out button, the
+    session's messages (shown once)."""
+    here = PAGE_MENU_ENTRY.get(here, here)
+    logged_in = server.logged_in(session)
+    nav = join(nav_link(href, label, here == href) for href, label in PAGE_LINKS) \
+        if logged_in else NOTHING
+    logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=session.token)) \
+        if logged_in and server.login_needed() else NOTHING
+    flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
+    session.flash = []
+    return render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
+                  library=server.gateway.settings.library_name)
+
+
+def problem_list(problems: Iterable[str]) -> Html:
+    items = join(render(LIST_ITEM, text=problem) for problem in problems)
+    return render(PROBLEM_LIST, items=items) if items else NOTHING
+
+
+def state_box(ctx: PageContext, settings: Settings) -> Html:
+    """The sender's state, the settings' problems and the queue's size."""
+    state, reason = ctx.gateway.sender_state or ("not started", "")
+    if settings.problems:
+        reason = "the settings need attention:"
+    try:
+        view = ctx.server.spool_view()
+        waiting, bad = view.waiting, len(view.bad)
+    except SpoolError:
+        waiting = bad = "?"
+    last = get_state(ctx.db, "last_check")
+    upcoming = "when the settings are fixed and saved" if settings.problems \
+        else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ctx.gateway.next_check))
+    return render(STATE_BOX, state=state, reason=reason, problems=problem_list(settings.problems),
+                  waiting=waiting, bad=bad, last=fmt_time(last), next=upcoming)
+
+
+def form_field(name: str, label: str, control: Html, hint: str, error: str | None) -> Html:
+    """One labelled field of a form, with its error, if any."""
+    return render(FIELD, id=name, label=label, control=control, hint=hint,
+                  invalid=flag(bool(error), " invalid"),
+                  error=render(FIELD_ERROR, text=error) if error else NOTHING)
+
+
+def choice_options(choices: Iterable[str], value: str) -> Html:
+    return join(render(OPTION, value=c, selected=flag(c == value.lower(), " selected"))
+                for c in choices)
+
+
+def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
+    value = values.get(f.name, "")
+    if f.kind == "password":
+        control = render(PASSWORD_INPUT, id=f.name)
+        hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
+                else "Not set. Type one if the server needs a login.")
+    elif f.kind == "yesno":
+        control = render(CHECKBOX, id=f.name, checked=flag(value.lower() in YES_WORDS, " checked"))
+        hint = f.hint
+    elif f.kind == "choice":
+        control, hint = render(SELECT, id=f.name, options=choice_options(f.choices, value)), f.hint
+    else:
+        control, hint = render(TEXT_INPUT, id=f.name, value=value), f.hint
+    return form_field(f.name, f.label, control, hint, errors.get(f.name))
+
+
+def settings_fieldset(legend: str, fields: Iterable[Field], values: dict, errors: dict,
+                      password_set: bool) -> Html:
+    rows = join(settings_field(f, values, errors, password_set) for f in fields)
+    return render(FIELDSET, legend=legend, fields=rows)
+
+
+def settings_facts(ctx: PageContext, s: Settings) -> Html:
+    """What the Settings page shows but does not change."""
+    web_hash = bool(s.get("web", "password_hash").strip())
+    facts = {"Page address": f"{ctx.server.url} ([web] address and port)",
+             "Page password": "set" if web_hash else "not set (run set-password to set one)",
+             "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
+             "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
+    return join(render(FACT, name=name, value=value) for name, value in facts.items())
+
+
+def queue_row(r: dict, token: Html, now: float) -> Html:
+    bad = r["state"] == "bad"
+    return render(QUEUE_ROW, state=r["state"], state_label=".BAD" if bad else "waiting",
+                  to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
+                  attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
+                  retry=render(RETRY_FORM, token=token, file=r["file"]) if bad else NOTHING)
+
+
+def queue_table(rows: list[dict], left: int, token: Html, now: float) -> Html:
+    """The files shown, and how many more wait unlisted."""
+    if not rows:
+        return render(MUTED, text="The queue is empty.")
+    table = render(QUEUE_TABLE, rows=join(queue_row(r, token, now) for r in rows))
+    more = render(MUTED, text=f"And {left} more waiting messages, not listed.") \
+        if left > 0 else NOTHING
+    return join([table, more])
+
+
+def log_note(path: Path, shown: bool, cut: bool) -> str:
+    if not shown:
+        return "Nothing was logged this day."
+    return ("Newest first" + (f"; only the last {LOG_BYTES // 1024} KB" if cut else "")
+            + f". The file: {path}")
+
+
+#: A patron and how many loans they have.
+PATRON_WITH_LOANS = ("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) "
+                     "AS loans FROM patrons p")
+
+
+def find_patrons(db: sqlite3.Connection, q: str, missing: bool, limit: int) -> list:
+    """Patrons whose id is q, or whose name, group or id contains it."""
+    like = "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
+    only_missing = "AND p.email = ''" if missing else ""
+    return db.execute(
+        f"{PATRON_WITH_LOANS} WHERE (p.patron_id = ? OR p.name LIKE ? ESCAPE '\\' "
+        "OR p.grp LIKE ? ESCAPE '\\' OR p.patron_id LIKE ? ESCAPE '\\') "
+        f"{only_missing} ORDER BY p.name, p.patron_id LIMIT ?",
+        (q, like, like, like, limit)).fetchall()
+
+
+def patrons_summary(found: int, total: int, no_email: int | None) -> str:
+    if not total:
+        return "No patrons yet: import patrons.csv from the library system."
+    return (f"{min(found, PATRONS_SHOWN)} shown" + (" (the first ones; search to narrow)"
+            if found > PATRONS_SHOWN else "")
+            + f" of {total} patrons; {no_email or 0} have no email address.")
+
+
+def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
+    """[Email] and [Email guardian], for the addresses the patron has."""
+    links = []
+    for guardian, label in ((False, "Email"), (True, "Email guardian")):
+        try:
+            links.append(render(MAIL_LINK, href=build_mailto(s, db, patron_id, guardian=guardian),
+                                label=label))
+        except NoEmail:
+            pass
+    return join(links)
+
+
+def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
+    no_email = not r["email"]
+    return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
+                  name=r["name"], guardian=r["guardian_email"], group=r["grp"],
+                  email=NO_EMAIL_BADGE if no_email else r["email"],
+                  auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
+                  edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
+                  mail=mail_buttons(s, db, r["patron_id"]))
+
+
+#: The patron form: (key, label, hint).
+PATRON_FORM = (
+    ("email", "Email", "Empty = this patron gets no email."),
+    ("guardian_email", "Guardian email", "For guardian letters."),
+    ("grp", "Group", "Letters can be run for one group."),
+    ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices."),
+)
+
+
+def patron_control(key: str, values: dict) -> Html:
+    if key == "auto_overdue":
+        return render(CHECKBOX, id=key, checked=flag(bool(values[key]), " checked"))
+    return render(TEXT_INPUT, id=key, value=values[key])
+
+
+def patron_fields(values: dict, errors: dict) -> Html:
+    return join(form_field(key, label, patron_control(key, values), hint, errors.get(key))
+                for key, label, hint in PATRON_FORM)
+
+
+def patron_form_values(form: dict) -> dict:
+    return {"email": form.get("email", "").strip(),
+            "guardian_email": form.get("guardian_email", "").strip(),
+            "grp": form.get("grp", "").strip(),
+            "auto_overdue": 1 if form.get("auto_overdue") else 0}
+
+
+def settings_draft(form: dict) -> dict:
+    """A refused Settings form's values, to show again."""
+    values = {f.name: form.get(f.name, "").strip() for f in SETTINGS_FIELDS if f.kind != "password"}
+    for f in SETTINGS_FIELDS:
+        if f.kind == "yesno":
+            values[f.name] = "yes" if form.get(f.name) else "no"
+    return values
+
+
+# -- the views: (title, body) of a page ---------------------------------------------
+
+def page_settings(ctx: PageContext) -> tuple[str, Html]:
+    s = ctx.settings
+    text, digest = read_ini(s.ini_path)
+    raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
+    draft = ctx.session.drafts.pop("settings", None)
+    values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
+    password_set = bool(raw.get(("smtp", "password"), "").strip())
+    fieldsets = join(settings_fieldset(legend, fields, values, errors, password_set)
+                     for legend, fields in SETTINGS_FORM)
+    return "Settings", render(SETTINGS_BODY, state=state_box(ctx, s), token=ctx.token,
+                              digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
+                              test_to=s.test_to or "not set", facts=settings_facts(ctx, s))
+
+
+def page_queue(ctx: PageContext) -> tuple[str, Html]:
+    s, now = ctx.settings, ctx.gateway.clock()
+    try:
+        view = ctx.server.spool_view()
+        rows, left = queue_rows(s, ctx.db, view.bad + view.first), view.waiting - len(view.first)
+    except SpoolError as exc:
+        ctx.flash("error", str(exc))
+        rows, left = [], 0
+    table = queue_table(rows, left, ctx.token, now)
+    return "Queue", render(QUEUE_BODY, state=state_box(ctx, s), token=ctx.token, spool=s.spool,
+                           table=table)
+
+
+def page_log(ctx: PageContext) -> tuple[str, Html]:
+    folder = ctx.settings.log_folder
+    today = local_day(ctx.gateway.clock()).isoformat()
+    days = list(dict.fromkeys([today] + log_days(folder)))[:LOG_DAYS_SHOWN]
+    day = ctx.query.get("day", today)
+    if day not in days:
+        ctx.flash("error", f"There is no log for {day!r} here; the page shows the last "
+                           f"{LOG_DAYS_SHOWN} days.")
+        day = today
+    path = folder / f"bibliogate-{day}.log"
+    lines, cut = log_tail(path)
+    links = join(nav_link(f"/log?day={d}", d, d == day) for d in days)
+    return "Log", render(LOG_BODY, days=links, day=day, note=log_note(path, bool(lines), cut),
+                         lines="\n".join(lines))
+
+
+def page_patrons(ctx: PageContext) -> tuple[str, Html]:
+    db, s = ctx.db, ctx.settings
+    q, missing = ctx.query.get("q", "").strip(), bool(ctx.query.get("missing"))
+    rows = find_patrons(db, q, missing, PATRONS_SHOWN + 1)
+    total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
+    table = render(PATRONS_TABLE, rows=join(patron_row(s, db, r) for r in rows[:PATRONS_SHOWN])) \
+        if rows else NOTHING
+    return "Patrons", render(PATRONS_BODY, q=q, missing=flag(missing, " checked"),
+                             summary=patrons_summary(len(rows), total, no_email), table=table)
+
+
+def page_patron(ctx: PageContext) -> tuple[str, Html]:
+    db, pid = ctx.db, ctx.query.get("id", "")
+    row = db.execute(f"{PATRON_WITH_LOANS} WHERE patron_id = ?", (pid,)).fetchone()
+    if row is None:
+        return "Patron not found", render(NO_PATRON_BODY, id=repr(pid))
+    values, errors = ctx.session.drafts.pop(f"patron:{pid}", (dict(row), {}))
+    return f"Patron {row['name']}", render(
+        PATRON_BODY, name=row["name"], id=pid, loans=row["loans"],
+        fields=patron_fields(values, errors), token=ctx.token,
+        mail=mail_buttons(ctx.settings, db, pid))
+
+
+def page_login(ctx: PageContext) -> tuple[str, Html]:
+    if ctx.server.logged_in(ctx.session):
+        return "Logged in", LOGGED_IN_BODY
+    return "Log in", render(LOGIN_BODY, token=ctx.token)
+
+
+def health(ctx: PageContext) -> dict:
+    """For monitoring: the sender's state, the queue, the last check."""
+    g, s = ctx.gateway, ctx.settings
+    state, reason = g.sender_state or ("not started", "")
+    try:
+        view = ctx.server.spool_view()
+        waiting, bad = view.waiting, len(view.bad)
+    except SpoolError as exc:
+        waiting = bad = None
+        reason = f"{reason} {exc}"
+    last = get_state(g.journal.db, "last_check")
+    return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
+            "problems": len(s.problems), "waiting": waiting, "bad": bad,
+            "last_check": last, "last_check_text": fmt_time(last),
+            "next_check": None if s.problems else g.next_check, "version": __version__}
+
+
+# -- the actions: each does one thing and says where to go next ---------------------
+# An action returns the address to redirect to, and (login, logout) the
+# session that replaces the browser's.
+
+#: Who asked, in the journal, for what the page does.
+BY_PAGE = "config page"
+
+
+def post_login(ctx: PageContext) -> tuple[str, PageSession]:
+    server, session = ctx.server, ctx.session
+    stored = server.password_hash()
+    if not server.login_needed():
+        return "/", session
+    if server.login_paused():
+        ctx.flash("error", "Too many wrong passwords in the last few minutes. Wait five "
+                           "minutes, then try again.")
+    elif split_hash(stored) is None:
+        ctx.flash("error", "No usable page password is set. On the server, run "
+                           "`python bibliogate.py set-password`.")
+    elif check_password(stored, ctx.form.get("password", "")):
+        ctx.gateway.journal.event("page", f"logged in to the config page from {ctx.client}")
+        return "/", server.renew(session, login_hash=stored)
+    else:
+        server.login_paused(failed=True)
+        ctx.gateway.journal.event("page", f"a wrong config page password from {ctx.client}",
+                                  level=logging.WARNING)
+        ctx.flash("error", "Wrong password.")
+    return "/login", session
+
+
+def post_logout(ctx: PageContext) -> tuple[str, PageSession]:
+    return "/login", ctx.server.renew(ctx.session, login_hash="")
+
+
+def post_settings(ctx: PageContext) -> str:
+    g = ctx.gateway
+    ini_path = g.settings.ini_path
+    with ctx.server.save_lock:
+        text, digest = read_ini(ini_path)
+        if ctx.form.get("ini_digest") != digest:
+            ctx.flash("error", f"{ini_path.name} was changed by someone else since this page "
+                               "was opened; nothing was saved. Here are its values now: check "
+                               "them and save again.")
+            return "/settings"
+        new_text, errors, general, changed = check_settings_form(
+            ctx.form, text, ini_path, g.settings.problems)
+        if errors or general:
+            refuse_settings(ctx, errors, general)
+            return "/settings"
+        if changed:
+            save_ini_text(ini_path, new_text)
+    what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
+    g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
+    if g.request_reload(wait=RELOAD_WAIT_SECONDS):
+        state, reason = g.sender_state or ("", "")
+        ctx.flash("ok", f"{what} The sender restarted: it is {state}.")
+    else:
+        ctx.flash("ok", f"{what} The sender restarts with the settings as soon as it finishes "
+                        "the check in progress.")
+    return "/settings"
+
+
+def refuse_settings(ctx: PageContext, errors: dict, general: list) -> None:
+    """Keep a refused Settings form to show again, with what is wrong."""
+    ctx.session.drafts["settings"] = (settings_draft(ctx.form), errors)
+    typed = " Type the password again." if ctx.form.get("smtp.password") else ""
+    ctx.flash("error", f"Nothing was saved: fix the {len(errors)} field(s) marked below.{typed}"
+              if errors else "Nothing was saved.")
+    for problem in general:
+        ctx.flash("error", problem)
+
+
+def post_test(ctx: PageContext) -> str:
+    g, s = ctx.gateway, ctx.settings
+    try:
+        path = queue_test_message(s, g.journal, s.test_to, g.clock(), by=BY_PAGE)
+    except BibliogateError as exc:
+        ctx.flash("error", f"No test message was queued: {exc}")
+        return "/settings"
+    if s.problems:
+        when = "The sender is stopped until the settings are fixed, so it waits in the queue."
+    else:
+        due = max(g.next_check, g.clock())
+        when = f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, will take it."
+    ctx.flash("ok", f"Queued the test message {path.name} in {s.spool} for {s.test_to}. {when}")
+    return "/settings"
+
+
+def post_retry(ctx: PageContext) -> str:
+    retry_names(ctx, [ctx.form.get("file", "")])
+    return "/queue"
+
+
+def post_retry_all(ctx: PageContext) -> str:
+    names = bad_names(ctx.settings)
+    if not names:
+        ctx.flash("ok", "There are no .BAD files.")
+    retry_names(ctx, names)
+    return "/queue"
+
+
+def retry_names(ctx: PageContext, names: list[str]) -> None:
+    s, journal = ctx.settings, ctx.gateway.journal
+    for name in names:
+        try:
+            path = retry_file(s, journal, name, by=BY_PAGE)
+        except (SpoolError, OSError) as exc:
+            ctx.flash("error", f"{name} was not put back: {exc}")
+            continue
+        ctx.flash("ok", f"{name} is waiting again as {path.name}.")
+
+
+def post_delete(ctx: PageContext) -> str:
+    name = ctx.form.get("file", "")
+    try:
+        delete_queued(ctx.settings, ctx.gateway.journal, name, by=BY_PAGE)
+    except (SpoolError, OSError) as exc:
+        ctx.flash("error", f"Nothing was deleted: {exc}")
+        return "/queue"
+    ctx.flash("ok", f"Deleted {name}.")
+    return "/queue"
+
+
+def post_send_now(ctx: PageContext) -> str:
+    try:
+        send_now(ctx.gateway)
+    except BibliogateError as exc:
+        ctx.flash("error", str(exc))
+    else:
+        ctx.flash("ok", "A check starts within a few seconds; reload this page to see what "
+                        "it sent.")
+    return "/queue"
+
+
+def post_patron(ctx: PageContext) -> str:
+    pid, values = ctx.form.get("patron_id", ""), patron_form_values(ctx.form)
+    try:
+        edit = edit_patron(ctx.gateway.journal, pid, values, by=BY_PAGE)
+    except UnknownPatron:
+        ctx.flash("error", f"There is no patron {pid!r}; nothing was saved.")
+        return "/patrons"
+    if edit.errors:
+        ctx.session.drafts[f"patron:{pid}"] = (values, edit.errors)
+        ctx.flash("error", "Nothing was saved: fix the fields marked below.")
+        return "/patron?" + urllib.parse.urlencode({"id": pid})
+    ctx.flash("ok", f"Saved patron {pid} ({edit.name})." if edit.changed
+              else f"Nothing had changed for patron {pid}.")
+    return "/patrons?" + urllib.parse.urlencode({"q": pid})
+
+
+# -- routes ------------------------------------------------------------------------
+
+#: GET: address -> view. /login is the one page shown before logging in.
+GET_PAGES = MappingProxyType({
+    "/": page_settings, "/settings": page_settings, "/queue": page_queue, "/log": page_log,
+    "/patrons": page_patrons, "/patron": page_patron, "/login": page_login})
+#: POST: address -> action, for a logged-in session (/login is answered before).
+POST_ACTIONS = MappingProxyType({
+    "/settings": post_settings, "/test": post_test, "/queue/retry": post_retry,
+    "/queue/retry-all": post_retry_all, "/queue/delete": post_delete,
+    "/queue/send-now": post_send_now, "/patron": post_patron, "/logout": post_logout})
+
+
+# -- the request -------------------------------------------------------------------
+# The checks every request meets (PageHandler calls them in the order the
+# section's opening comment gives); each refuses with a PageRefusal.
+
+def check_host(host: str, server: PageServer) -> None:
+    if not host_allowed(host, server.address, server.port):
+        raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
+                          f"This page answers only at {server.url} (bibliogate.ini "
+                          f"[web] address); it was asked for {host!r}.")
+
+
+def check_origin(headers) -> None:
+    """Refuse a post from another site. Under our no-referrer policy a browser
+    sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
+    page can set, then tells, and for a browser without it the form token."""
+    origin = headers.get("Origin", "").strip().lower()
+    site = headers.get("Sec-Fetch-Site")
+    own = "http://" + headers.get("Host", "").strip().lower()
+    if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
+                          "so it was refused. Open the page itself and use its buttons.")
+
+
+def check_token(session: PageSession | None, form: dict) -> PageSession:
+    """The session a form was posted in, if its token is the session's."""
+    if session is None or not hmac.compare_digest(form.get("token", "").encode(),
+                                                  session.token.encode()):
+        raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
+                          "have restarted since the page was opened). Go back, reload the "
+                          "page and try again.")
+    return session
+
+
+def form_length(header: str) -> int:
+    """A form's Content-Length, if the page takes a form that long."""
+    if not (header.isascii() and header.isdigit()):      # "²".isdigit() is true
+        raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
+    # int() refuses 4,300 digits and more, so a long number is refused first.
+    if len(header) > 12 or int(header) > MAX_FORM_BYTES:
+        raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                          f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
+    return int(header)
+
+
+def cookie_value(header: str, name: str) -> str:
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+def parse_form(data: bytes) -> dict:
+    """The fields (first value of each) of an urlencoded form."""
+    try:
+        fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
+                                       max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
+    return {name: values[0] for name, values in fields.items()}
+
+
+def parse_query(query: str) -> dict:
+    """The fields (first value of each) of an address's query."""
+    try:
+        return {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=20).items()}
+    except ValueError:
+        raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
+
+
 class PageHandler(http.server.BaseHTTPRequestHandler):
-    """One request to the config page. GET shows a page; POST does one thing
+    """One request to the config page: the checks every request meets, then
+    a GET shows a page (GET_PAGES) and a POST does one thing (POST_ACTIONS)
     and answers with a redirect to a page that tells what happened."""
 
     server: PageServer
@@ -4972,61 +5935,28 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
                 self.send_text(HTTPStatus.INTERNAL_SERVER_ERROR, "Something went wrong on this "
                                "page; the details are in the log. The gateway goes on sending.")
 
-    # -- checks -----------------------------------------------------------------
-
-    def check_host(self) -> None:
-        host = self.headers.get("Host", "")
-        if not host_allowed(host, self.server.address, self.server.port):
-            raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
-                              f"This page answers only at {self.server.url} (bibliogate.ini "
-                              f"[web] address); it was asked for {host!r}.")
-
-    def check_origin(self) -> None:
-        """Refuse a post from another site. Under our no-referrer policy a browser
-        sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
-        page can set, then tells, and for a browser without it the form token."""
-        origin = self.headers.get("Origin", "").strip().lower()
-        site = self.headers.get("Sec-Fetch-Site")
-        own = "http://" + self.headers.get("Host", "").strip().lower()
-        if origin not in ("", "null", own) or site not in (None, "same-origin", "none"):
-            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form was sent from another web site, "
-                              "so it was refused. Open the page itself and use its buttons.")
-
-    def check_token(self, session: PageSession | None, form: dict) -> None:
-        if session is None or not hmac.compare_digest(form.get("token", "").encode(),
-                                                      session.token.encode()):
-            raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
-                              "have restarted since the page was opened). Go back, reload the "
-                              "page and try again.")
+    # -- what the request brings -------------------------------------------------
 
     def read_form(self) -> dict:
         """The posted fields (first value of each) of a small urlencoded form."""
-        length = self.headers.get("Content-Length", "")
-        if not (length.isascii() and length.isdigit()):      # "²".isdigit() is true
-            raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
-        # int() refuses 4,300 digits and more, so a long number is refused first.
-        if len(length) > 12 or int(length) > MAX_FORM_BYTES:
-            raise PageRefusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"This form is larger than the page takes ({MAX_FORM_BYTES // 1024} KB).")
-        data = self.rfile.read(int(length))
+        length = form_length(self.headers.get("Content-Length", ""))
+        data = self.rfile.read(length)
         self.deadline.cancel()
-        if len(data) < int(length):
+        if len(data) < length:
             raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form arrived incomplete.")
         if self.headers.get_content_type() != "application/x-www-form-urlencoded":
             raise PageRefusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Only the page's own forms "
                               "are taken here.")
-        try:
-            fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
-                                           max_num_fields=200)
-        except (UnicodeDecodeError, ValueError):
-            raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form could not be read.") from None
-        return {name: values[0] for name, values in fields.items()}
+        return parse_form(data)
 
     def session(self, create: bool) -> PageSession | None:
         found, new = self.server.session(self.cookie_sid(), create)
         if new:
             self.new_sid = found.sid
         return found
+
+    def cookie_sid(self) -> str:
+        return cookie_value(self.headers.get("Cookie", ""), self.server.cookie_name)
 
     # -- answers ----------------------------------------------------------------
 
@@ -5040,12 +5970,13 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def send_text(self, status: HTTPStatus, text: str) -> None:
         self.send_body(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
 
-    def cookie_sid(self) -> str:
-        for part in self.headers.get("Cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == self.server.cookie_name:
-                return value
-        return ""
+    def send_json(self, status: HTTPStatus, value) -> None:
+        self.send_body(status, json.dumps(value, indent=2).encode("utf-8"), "application/json")
+
+    def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
+        here = urllib.parse.urlsplit(self.path).path
+        page = page_html(self.server, session, here, title, body)
+        self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def redirect(self, location: str, session: PageSession) -> None:
         if session.sid != self.cookie_sid():
@@ -5055,32 +5986,15 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def send_page(self, status: HTTPStatus, title: str, body: Html, session: PageSession) -> None:
-        here = urllib.parse.urlsplit(self.path).path
-        here = {"/settings": "/", "/patron": "/patrons"}.get(here, here)
-        logged_in = self.server.logged_in(session)
-        nav = join(render(NAV_LINK, href=href, label=label,
-                          current=Html(' aria-current="page"' if here == href else ""))
-                   for href, label in PAGE_LINKS) if logged_in else Html("")
-        logout = render(LOGOUT_FORM, token=self.token_input(session)) \
-            if logged_in and self.server.login_needed() else Html("")
-        flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
-        session.flash = []
-        page = render(PAGE_HTML, title=title, body=body, nav=nav, logout=logout, flash=flash,
-                      library=self.server.gateway.settings.library_name)
-        self.send_body(status, page.encode("utf-8"), "text/html; charset=utf-8")
+    # -- routing ------------------------------------------------------------------
 
-    def send_json(self, status: HTTPStatus, value) -> None:
-        self.send_body(status, json.dumps(value, indent=2).encode("utf-8"), "application/json")
-
-    @staticmethod
-    def token_input(session: PageSession) -> Html:
-        return render(TOKEN_INPUT, token=session.token)
-
-    # -- GET --------------------------------------------------------------------
+    def context(self, session: PageSession, query: dict | None = None,
+                form: dict | None = None) -> PageContext:
+        return PageContext(self.server.gateway, self.server, session, query or {}, form or {},
+                           self.client_address[0])
 
     def _get(self) -> None:
-        self.check_host()
+        check_host(self.headers.get("Host", ""), self.server)
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/style.css":
             return self.send_body(HTTPStatus.OK, PAGE_CSS.encode("utf-8"), "text/css; charset=utf-8")
@@ -5089,398 +6003,38 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             return self.end_headers()
         if url.path == "/health":
             with self.server.workers:
-                info = self.health()
+                info = health(self.context(PageSession("", "", "", time.monotonic())))
             return self.send_json(HTTPStatus.OK if info["ok"] else HTTPStatus.SERVICE_UNAVAILABLE, info)
         session = self.session(create=True)
         if not self.server.logged_in(session) and url.path != "/login":
             return self.redirect("/login", session)
-        try:
-            query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query, max_num_fields=20).items()}
-        except ValueError:
-            raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
-        view = self.GET_PAGES.get(url.path)
+        query = parse_query(url.query)
+        view = GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
         with self.server.workers:
-            title, body = view(self, session, query)
+            title, body = view(self.context(session, query=query))
         self.send_page(HTTPStatus.OK, title, body, session)
-
-    @property
-    def gateway(self) -> Gateway:
-        return self.server.gateway
-
-    def state_box(self, settings: Settings) -> Html:
-        state, reason = self.gateway.sender_state or ("not started", "")
-        if settings.problems:
-            reason = "the settings need attention:"
-        problems = Html("<ul>" + join(Html(f"<li>{esc(p)}</li>") for p in settings.problems)
-                        + "</ul>") if settings.problems else Html("")
-        try:
-            view = self.server.spool_view()
-            waiting, bad = view.waiting, len(view.bad)
-        except SpoolError:
-            waiting = bad = "?"
-        last = get_state(self.gateway.journal.db, "last_check")
-        upcoming = "when the settings are fixed and saved" if settings.problems \
-            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.gateway.next_check))
-        return render(STATE_BOX, state=state, reason=reason, problems=problems, waiting=waiting,
-                      bad=bad, last=fmt_time(last), next=upcoming)
-
-    def page_settings(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        s = self.gateway.settings
-        text, digest = read_ini(s.ini_path)
-        raw, _ = parse_ini_text(text.lstrip("\ufeff"), s.ini_path)
-        draft = session.drafts.pop("settings", None)
-        values, errors = draft if draft else (form_values(raw), sort_problems(s.problems)[0])
-        password_set = bool(raw.get(("smtp", "password"), "").strip())
-        fieldsets = join(render(FIELDSET, legend=legend, fields=join(
-            self.settings_field(f, values, errors, password_set) for f in fields))
-            for legend, fields in SETTINGS_FORM)
-        web_hash = bool(s.get("web", "password_hash").strip())
-        facts = {"Page address": f"{self.server.url} ([web] address and port)",
-                 "Page password": "set" if web_hash else "not set (run set-password to set one)",
-                 "Settings file": s.ini_path, "Spool folder": s.spool, "Database": s.database,
-                 "Templates": s.templates, "Log folder": s.log_folder, "Import folder": s.import_folder}
-        body = render(SETTINGS_BODY, state=self.state_box(s), token=self.token_input(session),
-                      digest=digest, fieldsets=fieldsets, ini=s.ini_path.name,
-                      test_to=s.test_to or "not set",
-                      facts=join(render(FACT, name=k, value=v) for k, v in facts.items()))
-        return "Settings", body
-
-    @staticmethod
-    def settings_field(f: Field, values: dict, errors: dict, password_set: bool) -> Html:
-        value = values.get(f.name, "")
-        if f.kind == "password":
-            control = render(PASSWORD_INPUT, id=f.name)
-            hint = ("Set. Type a new one to change it; leave empty to keep it." if password_set
-                    else "Not set. Type one if the server needs a login.")
-        elif f.kind == "yesno":
-            control = render(CHECKBOX, id=f.name, checked=Html(
-                " checked" if value.lower() in YES_WORDS else ""))
-            hint = f.hint
-        elif f.kind == "choice":
-            control = render(SELECT, id=f.name, options=join(
-                render(OPTION, value=c, selected=Html(" selected" if c == value.lower() else ""))
-                for c in f.choices))
-            hint = f.hint
-        else:
-            control, hint = render(TEXT_INPUT, id=f.name, value=value), f.hint
-        error = errors.get(f.name)
-        return render(FIELD, id=f.name, label=f.label, control=control, hint=hint,
-                      invalid=Html(" invalid" if error else ""),
-                      error=render(FIELD_ERROR, text=error) if error else Html(""))
-
-    def page_queue(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        s, now = self.gateway.settings, self.gateway.clock()
-        token = self.token_input(session)
-        try:
-            view = self.server.spool_view()
-            rows, left = queue_rows(s, self.gateway.journal.db, view.bad + view.first), \
-                view.waiting - len(view.first)
-        except SpoolError as exc:
-            session.flash.append(("error", str(exc)))
-            rows, left = [], 0
-        more = Html(f'<p class="muted">And {left} more waiting messages, not listed.</p>') \
-            if left > 0 else Html("")
-        table = join([render(QUEUE_TABLE, rows=join(render(
-            QUEUE_ROW, state=r["state"], state_label=".BAD" if r["state"] == "bad" else "waiting",
-            to=r["to"] or "?", subject=r["subject"], age=age_text(now - r["queued_at"]),
-            attempts=r["attempts"], reason=r["reason"] or "", file=r["file"], token=token,
-            retry=render(RETRY_FORM, token=token, file=r["file"]) if r["state"] == "bad" else Html(""))
-            for r in rows)), more]) if rows else Html('<p class="muted">The queue is empty.</p>')
-        return "Queue", render(QUEUE_BODY, state=self.state_box(s), token=token, spool=s.spool,
-                               table=table)
-
-    def page_log(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        folder = self.gateway.settings.log_folder
-        today = local_day(self.gateway.clock()).isoformat()
-        days = list(dict.fromkeys([today] + log_days(folder)))[:LOG_DAYS_SHOWN]
-        day = query.get("day", today)
-        if day not in days:
-            session.flash.append(("error", f"There is no log for {day!r} here; the page shows "
-                                           f"the last {LOG_DAYS_SHOWN} days."))
-            day = today
-        lines, cut = log_tail(folder / f"bibliogate-{day}.log")
-        note = ("Newest first" + (f"; only the last {LOG_BYTES // 1024} KB" if cut else "")
-                + f". The file: {folder / f'bibliogate-{day}.log'}") if lines \
-            else "Nothing was logged this day."
-        links = join(render(NAV_LINK, href=f"/log?day={d}", label=d,
-                            current=Html(' aria-current="page"' if d == day else "")) for d in days)
-        return "Log", render(LOG_BODY, days=links, day=day, note=note, lines="\n".join(lines))
-
-    def page_patrons(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        db, s = self.gateway.journal.db, self.gateway.settings
-        q, missing = query.get("q", "").strip(), bool(query.get("missing"))
-        like = "%" + re.sub(r"([\\%_])", r"\\\1", q) + "%"
-        only_missing = "AND p.email = ''" if missing else ""
-        rows = db.execute(
-            "SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) AS loans "
-            "FROM patrons p WHERE (p.patron_id = ? OR p.name LIKE ? ESCAPE '\\' "
-            "OR p.grp LIKE ? ESCAPE '\\' OR p.patron_id LIKE ? ESCAPE '\\') "
-            f"{only_missing} ORDER BY p.name, p.patron_id LIMIT ?",
-            (q, like, like, like, PATRONS_SHOWN + 1)).fetchall()
-        total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
-        summary = (f"{len(rows[:PATRONS_SHOWN])} shown" + (" (the first ones; search to narrow)"
-                   if len(rows) > PATRONS_SHOWN else "")
-                   + f" of {total} patrons; {no_email or 0} have no email address.")
-        if not total:
-            summary = "No patrons yet: import patrons.csv from the library system."
-        table = render(PATRONS_TABLE, rows=join(self.patron_row(s, db, r)
-                                                for r in rows[:PATRONS_SHOWN])) if rows else Html("")
-        return "Patrons", render(PATRONS_BODY, q=q, missing=Html(" checked" if missing else ""),
-                                 summary=summary, table=table)
-
-    @staticmethod
-    def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
-        links = []
-        for guardian, label in ((False, "Email"), (True, "Email guardian")):
-            try:
-                links.append(render(MAIL_LINK, href=build_mailto(s, db, patron_id, guardian=guardian),
-                                    label=label))
-            except NoEmail:
-                pass
-        return join(links)
-
-    def patron_row(self, s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
-        no_email = not r["email"]
-        return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
-                      name=r["name"], guardian=r["guardian_email"], group=r["grp"],
-                      email=Html('<span class="badge">no email</span>') if no_email else r["email"],
-                      auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
-                      edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
-                      mail=self.mail_buttons(s, db, r["patron_id"]))
-
-    def page_patron(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        db, pid = self.gateway.journal.db, query.get("id", "")
-        row = db.execute("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = "
-                         "p.patron_id) AS loans FROM patrons p WHERE patron_id = ?",
-                         (pid,)).fetchone()
-        if row is None:
-            return "Patron not found", Html(f'<p>There is no patron {esc(repr(pid))}. '
-                                            '<a href="/patrons">Search the patrons</a>.</p>')
-        values, errors = session.drafts.pop(f"patron:{pid}", (dict(row), {}))
-        fields = join(render(FIELD, id=key, label=label, hint=hint, control=control,
-                             invalid=Html(" invalid" if key in errors else ""),
-                             error=render(FIELD_ERROR, text=errors[key]) if key in errors else Html(""))
-                      for key, label, hint, control in (
-            ("email", "Email", "Empty = this patron gets no email.",
-             render(TEXT_INPUT, id="email", value=values["email"])),
-            ("guardian_email", "Guardian email", "For guardian letters.",
-             render(TEXT_INPUT, id="guardian_email", value=values["guardian_email"])),
-            ("grp", "Group", "Letters can be run for one group.",
-             render(TEXT_INPUT, id="grp", value=values["grp"])),
-            ("auto_overdue", "Auto-overdue notices", "Send this patron the daily overdue notices.",
-             render(CHECKBOX, id="auto_overdue",
-                    checked=Html(" checked" if values["auto_overdue"] else "")))))
-        body = render(PATRON_BODY, name=row["name"], id=pid, loans=row["loans"], fields=fields,
-                      token=self.token_input(session),
-                      mail=self.mail_buttons(self.gateway.settings, db, pid))
-        return f"Patron {row['name']}", body
-
-    def page_login(self, session: PageSession, query: dict) -> tuple[str, Html]:
-        if self.server.logged_in(session):
-            return "Logged in", Html('<p>You are logged in. <a href="/">Go to the settings</a>.</p>')
-        return "Log in", render(LOGIN_BODY, token=self.token_input(session))
-
-    def health(self) -> dict:
-        """For monitoring: the sender's state, the queue, the last check."""
-        g, s = self.gateway, self.gateway.settings
-        state, reason = g.sender_state or ("not started", "")
-        try:
-            view = self.server.spool_view()
-            waiting, bad = view.waiting, len(view.bad)
-        except SpoolError as exc:
-            waiting = bad = None
-            reason = f"{reason} {exc}"
-        last = get_state(g.journal.db, "last_check")
-        return {"ok": state == "running" and bad == 0, "sender": state, "reason": reason,
-                "problems": len(s.problems), "waiting": waiting, "bad": bad,
-                "last_check": last, "last_check_text": fmt_time(last),
-                "next_check": None if s.problems else g.next_check, "version": __version__}
-
-    GET_PAGES = {"/": page_settings, "/settings": page_settings, "/queue": page_queue,
-                 "/log": page_log, "/patrons": page_patrons, "/patron": page_patron,
-                 "/login": page_login}
-
-    # -- POST -------------------------------------------------------------------
 
     def _post(self) -> None:
         form = self.read_form()        # read first: closing on unread data would reset the answer
-        self.check_host()
-        self.check_origin()
-        session = self.session(create=False)
-        self.check_token(session, form)
+        check_host(self.headers.get("Host", ""), self.server)
+        check_origin(self.headers)
+        session = check_token(self.session(create=False), form)
         path = urllib.parse.urlsplit(self.path).path
         if path == "/login":
-            return self.redirect(*self.login(session, form))
+            return self.redirect(*post_login(self.context(session, form=form)))
         if not self.server.logged_in(session):
             return self.redirect("/login", session)
-        action = self.POST_ACTIONS.get(path)
+        action = POST_ACTIONS.get(path)
         if action is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
         try:
-            location = action(self, session, form)
+            answer = action(self.context(session, form=form))
         finally:
             self.server.forget_spool_view()     # the page after it shows the change
+        location, session = answer if isinstance(answer, tuple) else (answer, session)
         self.redirect(location, session)
-
-    def login(self, session: PageSession, form: dict) -> tuple[str, PageSession]:
-        stored = self.server.password_hash()
-        if not self.server.login_needed():
-            return "/", session
-        if self.server.login_paused():
-            session.flash.append(("error", "Too many wrong passwords in the last few minutes. "
-                                           "Wait five minutes, then try again."))
-        elif split_hash(stored) is None:
-            session.flash.append(("error", "No usable page password is set. On the server, run "
-                                           "`python bibliogate.py set-password`."))
-        elif check_password(stored, form.get("password", "")):
-            self.gateway.journal.event("page", f"logged in to the config page from "
-                                       f"{self.client_address[0]}")
-            return "/", self.server.renew(session, login_hash=stored)
-        else:
-            self.server.login_paused(failed=True)
-            self.gateway.journal.event("page", f"a wrong config page password from "
-                                       f"{self.client_address[0]}", level=logging.WARNING)
-            session.flash.append(("error", "Wrong password."))
-        return "/login", session
-
-    def logout(self, session: PageSession, form: dict) -> str:
-        self.new_sid = self.server.renew(session, login_hash="").sid
-        return "/login"
-
-    def save_settings(self, session: PageSession, form: dict) -> str:
-        g = self.gateway
-        with self.server.save_lock:
-            text, digest = read_ini(g.settings.ini_path)
-            if form.get("ini_digest") != digest:
-                session.flash.append(("error", f"{g.settings.ini_path.name} was changed by someone "
-                                               "else since this page was opened; nothing was saved. "
-                                               "Here are its values now: check them and save again."))
-                return "/settings"
-            new_text, errors, general, changed = check_settings_form(
-                form, text, g.settings.ini_path, g.settings.problems)
-            if errors or general:
-                values = {f.name: form.get(f.name, "").strip() for f in SETTINGS_FIELDS
-                          if f.kind != "password"}
-                for f in SETTINGS_FIELDS:
-                    if f.kind == "yesno":
-                        values[f.name] = "yes" if form.get(f.name) else "no"
-                session.drafts["settings"] = (values, errors)
-                typed = " Type the password again." if form.get("smtp.password") else ""
-                session.flash += [("error", f"Nothing was saved: fix the {len(errors)} field(s) "
-                                            f"marked below.{typed}" if errors else
-                                   "Nothing was saved.")] + [("error", p) for p in general]
-                return "/settings"
-            if changed:
-                save_ini_text(g.settings.ini_path, new_text)
-        what = f"Saved {', '.join(changed)}." if changed else "Nothing had changed."
-        g.journal.event("settings", f"Save on the config page: {', '.join(changed) or 'no change'}")
-        if g.request_reload(wait=RELOAD_WAIT_SECONDS):
-            state, reason = g.sender_state or ("", "")
-            session.flash.append(("ok", f"{what} The sender restarted: it is {state}."))
-        else:
-            session.flash.append(("ok", f"{what} The sender restarts with the settings as soon "
-                                        "as it finishes the check in progress."))
-        return "/settings"
-
-    def send_test(self, session: PageSession, form: dict) -> str:
-        g = self.gateway
-        s = g.settings
-        try:
-            path = queue_test(s, s.test_to, g.clock())
-        except BibliogateError as exc:
-            session.flash.append(("error", f"No test message was queued: {exc}"))
-            return "/settings"
-        g.journal.event("queued", f"queued a test message to {s.test_to} (config page)", path.name)
-        if s.problems:
-            when = "The sender is stopped until the settings are fixed, so it waits in the queue."
-        else:
-            due = max(g.next_check, g.clock())
-            when = (f"The next check, at {time.strftime('%H:%M:%S', time.localtime(due))}, "
-                    "will take it.")
-        session.flash.append(("ok", f"Queued the test message {path.name} in {s.spool} for "
-                                    f"{s.test_to}. {when}"))
-        return "/settings"
-
-    def retry(self, session: PageSession, form: dict) -> str:
-        self._retry(session, [form.get("file", "")])
-        return "/queue"
-
-    def retry_all(self, session: PageSession, form: dict) -> str:
-        names = [f.name for f in scan(self.gateway.settings.spool, is_bad_name)]
-        if not names:
-            session.flash.append(("ok", "There are no .BAD files."))
-        self._retry(session, names)
-        return "/queue"
-
-    def _retry(self, session: PageSession, names: list[str]) -> None:
-        journal, spool = self.gateway.journal, self.gateway.settings.spool
-        for name in names:
-            try:
-                path = retry_bad(spool, name)
-            except (SpoolError, OSError) as exc:
-                session.flash.append(("error", f"{name} was not put back: {exc}"))
-                continue
-            with journal.db:
-                journal.db.execute("DELETE FROM spool_state WHERE file = ?", (path.name,))
-            journal.event("retry", f"put back in the queue as {path.name} (config page)", name)
-            session.flash.append(("ok", f"{name} is waiting again as {path.name}."))
-
-    def delete(self, session: PageSession, form: dict) -> str:
-        name = form.get("file", "")
-        try:
-            delete_file(self.gateway.settings.spool, name)
-        except (SpoolError, OSError) as exc:
-            session.flash.append(("error", f"Nothing was deleted: {exc}"))
-            return "/queue"
-        self.gateway.journal.event("deleted", "deleted from the queue (config page)", name)
-        session.flash.append(("ok", f"Deleted {name}."))
-        return "/queue"
-
-    def send_now(self, session: PageSession, form: dict) -> str:
-        if self.gateway.settings.problems:
-            session.flash.append(("error", "The sender is stopped: fix the settings first."))
-        else:
-            self.gateway.request_check()
-            session.flash.append(("ok", "A check starts within a few seconds; reload this page "
-                                        "to see what it sent."))
-        return "/queue"
-
-    def save_patron(self, session: PageSession, form: dict) -> str:
-        db, pid = self.gateway.journal.db, form.get("patron_id", "")
-        back = "/patron?" + urllib.parse.urlencode({"id": pid})
-        row = db.execute("SELECT * FROM patrons WHERE patron_id = ?", (pid,)).fetchone()
-        if row is None:
-            session.flash.append(("error", f"There is no patron {pid!r}; nothing was saved."))
-            return "/patrons"
-        values = {"email": form.get("email", "").strip(),
-                  "guardian_email": form.get("guardian_email", "").strip(),
-                  "grp": form.get("grp", "").strip(),
-                  "auto_overdue": 1 if form.get("auto_overdue") else 0}
-        errors = patron_problems(values)
-        if errors:
-            session.drafts[f"patron:{pid}"] = (values, errors)
-            session.flash.append(("error", "Nothing was saved: fix the fields marked below."))
-            return back
-        changed = [key for key in values if row[key] != values[key]]
-        with db:
-            db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
-                       "WHERE patron_id = ?", (*values.values(), pid))
-        if changed:
-            self.gateway.journal.event("patron", f"patron {pid}: changed {', '.join(changed)} "
-                                                 "(config page)")
-        session.flash.append(("ok", f"Saved patron {pid} ({row['name']})." if changed
-                              else f"Nothing had changed for patron {pid}."))
-        return "/patrons?" + urllib.parse.urlencode({"q": pid})
-
-    POST_ACTIONS = {"/settings": save_settings, "/test": send_test, "/queue/retry": retry,
-                    "/queue/retry-all": retry_all, "/queue/delete": delete,
-                    "/queue/send-now": send_now, "/patron": save_patron, "/logout": logout}
-
-
-#: The page's menu: (address, label).
-PAGE_LINKS = (("/", "Settings"), ("/queue", "Queue"), ("/log", "Log"), ("/patrons", "Patrons"))
 
 
 def start_page(gateway: Gateway) -> PageServer | None:
@@ -5547,11 +6101,8 @@ def cmd_set_password(args, settings: Settings) -> int:
 # `install-task` makes BiblioGate an appliance: Task Scheduler starts `run` one
 # minute after boot, as SYSTEM, with no window (pythonw.exe), whether or not
 # anyone is logged on, and starts it again when it stops. On Linux the same
-# command writes a systemd unit. Two things keep such an unattended `run`
-# honest: ConsoleLog (with no console, what would be printed goes to logs/)
-# and RunGuard (an unexpected error is logged with its traceback; one that ends
-# a thread, or comes back tick after tick, ends `run` with status 1 so that it
-# is started afresh). Modules only these commands need are imported where used.
+# command writes a systemd unit (see "Running unattended" for what keeps such
+# a `run` honest). Modules only these commands need are imported where used.
 
 #: True on Windows, where `install-task` registers a scheduled task.
 IS_WINDOWS = os.name == "nt"
@@ -5576,157 +6127,6 @@ RESTART_INTERVAL, RESTART_COUNT = "PT1M", 255
 #: are ignored (MultipleInstancesPolicy IgnoreNew), and when it has stopped,
 #: the next one starts it again.
 RESTART_CHECK = "PT5M"
-#: The same unexpected error this many ticks in a row ends `run` (status 1).
-TICK_ERROR_LIMIT = 10
-
-
-class ConsoleLog:
-    """Stands in for sys.stdout and sys.stderr when there is no console
-    (pythonw.exe, as the scheduled task starts BiblioGate): every line that
-    would have been printed goes to the day's file in the log folder."""
-
-    encoding, errors = "utf-8", "strict"
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self._partial = ""
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            *lines, self._partial = (self._partial + text).split("\n")
-            for line in lines:
-                self._append(line)
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._partial:
-                self._append(self._partial)
-                self._partial = ""
-
-    def isatty(self) -> bool:
-        return False
-
-    def _append(self, line: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        # With no console and no writable log folder, there is nowhere left to tell.
-        with contextlib.suppress(OSError):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.folder / f"bibliogate-{stamp[:10]}.log", "a", encoding="utf-8") as fh:
-                fh.write(f"{stamp} CONSOLE {line.rstrip()}\n")
-
-
-def console_to_log(folder: Path) -> None:
-    """With no console, send print() and error messages to the log folder.
-    Called again once the settings have named the log folder."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is None:
-            setattr(sys, name, ConsoleLog(folder))
-        elif isinstance(stream, ConsoleLog):
-            stream.folder = Path(folder)
-
-
-def has_console() -> bool:
-    return sys.stderr is not None and not isinstance(sys.stderr, ConsoleLog)
-
-
-def early_log_folder(argv: list[str]) -> Path:
-    """Where messages go before the settings are read: `logs` beside the ini
-    that --config names, or beside this program."""
-    ini = Path(__file__).resolve().with_name("bibliogate.ini")
-    for n, arg in enumerate(argv):
-        if arg == "--config" and n + 1 < len(argv):
-            ini = Path(argv[n + 1])
-        elif arg.startswith("--config="):
-            ini = Path(arg.partition("=")[2])
-    return ini.resolve().parent / DEFAULTS["data"]["log_folder"]
-
-
-def error_summary(exc: BaseException) -> str:
-    """The error and where it happened, on one line:
-    "KeyError: 'x' (bibliogate.py line 1234, in tick)"."""
-    import traceback
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno}, in {frames[-1].name})" \
-        if frames else ""
-    return one_line(f"{type(exc).__name__}: {exc}{where}")
-
-
-def traceback_text(exc: BaseException) -> str:
-    import traceback
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
-
-
-class RunGuard:
-    """Keeps an unattended `run` honest. An unexpected error in one tick is
-    logged with its traceback and recorded (an "error" event), and the loop
-    goes on at the next tick. The same error TICK_ERROR_LIMIT ticks in a row,
-    or any error that ends a thread, is recorded as a "crash" (the daily log
-    shows it) and stops `run` with exit status 1, so that the scheduled task
-    or systemd starts it afresh: never a silent dead thread."""
-
-    def __init__(self, gateway: Gateway, limit: int | None = None):
-        self.gateway, self.limit = gateway, limit or TICK_ERROR_LIMIT
-        self.exit_status = 0
-        self.repeats = 0            #: ticks in a row that failed with the same error
-        self._last: str | None = None
-        self._tick = gateway.tick
-        self._thread_hook = threading.excepthook
-
-    def install(self) -> "RunGuard":
-        """Guard the ticks and every thread. (An error in the main thread
-        reaches cmd_run, which calls crash.)"""
-        self.gateway.tick = self.tick       # run_forever calls the guarded tick
-        threading.excepthook = self._thread_error
-        return self
-
-    def uninstall(self) -> None:
-        threading.excepthook = self._thread_hook
-        vars(self.gateway).pop("tick", None)
-
-    def tick(self) -> float:
-        try:
-            due = self._tick()
-        except Exception as exc:        # a bug or an unforeseen OS error: logged; `run` goes on
-            self._tick_failed(exc)
-            return self.gateway.clock() + TICK_SECONDS
-        self._last, self.repeats = None, 0
-        return due
-
-    def _tick_failed(self, exc: Exception) -> None:
-        summary = error_summary(exc)
-        self.repeats = self.repeats + 1 if summary == self._last else 1
-        self._last = summary
-        if self.repeats >= self.limit:
-            self.crash(f"the same error {self.repeats} times in a row: {summary}; BiblioGate "
-                       "stops so that it is started afresh", exc)
-        elif self.repeats == 1:
-            self.gateway.journal.event("error", f"unexpected error, the gateway goes on: {summary}",
-                                       level=logging.ERROR)
-            log.error("%s", traceback_text(exc))
-        else:
-            log.error("the same error again (%d in a row): %s", self.repeats, summary)
-
-    def crash(self, what: str, exc: BaseException) -> None:
-        """Record an error that ends `run`, with its traceback, and stop `run`
-        with exit status 1."""
-        self.exit_status = 1
-        try:
-            self.gateway.journal.event("crash", what, level=logging.CRITICAL)
-            log.critical("%s", traceback_text(exc))
-        except Exception:   # the log itself fails: stderr (or ConsoleLog) is all that is left
-            print(f"{what}\n{traceback_text(exc)}", file=sys.stderr)
-        finally:
-            self.gateway.stop.set()
-
-    def _thread_error(self, args) -> None:
-        if issubclass(args.exc_type, SystemExit):
-            return
-        exc = args.exc_value if args.exc_value is not None else args.exc_type()
-        name = args.thread.name if args.thread is not None else "?"
-        self.crash(f"the thread {name!r} stopped on an unexpected error: {error_summary(exc)}", exc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6018,61 +6418,33 @@ def add_task_commands(command: Callable) -> None:
     command("uninstall-task", cmd_uninstall_task, "remove the scheduled task again")
 
 
+# Wiring ######################################################################
+#
+# What the sections above are joined into, in one place: the templates of
+# every kind, the tasks of `run`, the fields of `status`. A new kind of
+# message, task or status line is added here, and nowhere else.
+
+#: The placeholders each kind of template may use.
+TEMPLATE_FIELDS = MappingProxyType({**CORE_TEMPLATE_FIELDS, **NOTICE_TEMPLATE_FIELDS,
+                                    **LETTER_TEMPLATE_FIELDS})
+#: The default text of every template, written to templates/ when missing.
+DEFAULT_TEMPLATES = MappingProxyType({**CORE_TEMPLATES, **NOTICE_TEMPLATES, **LETTER_TEMPLATES})
+
+
+def gateway_tasks() -> list[Callable[[Gateway, float], None]]:
+    """What `run` does at every tick besides checking, in this order; each
+    Gateway gets its own (the import watcher keeps state)."""
+    return [daily_log_task, ImportWatch(), overdue_task]
+
+
+#: The lines `status` shows besides the sender's (name -> function of
+#: settings and database).
+STATUS_FIELDS = MappingProxyType({"auto_overdue": status_auto_overdue,
+                                  "last_overdue_run": status_last_run,
+                                  "loans_data": status_loans})
+
+
 # Command line ################################################################
-
-def queue_test(settings: Settings, to: str, now: float) -> Path:
-    """Queue the test message (the tech note's [Test] button)."""
-    if not valid_address(to):
-        raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
-                              "--to name@school.example." if not to else
-                              f"{to!r} is not an email address.")
-    values = {"library_name": settings.library_name or "library", "to_address": to,
-              "from_address": settings.from_address or "(not set)",
-              "smtp_host": settings.smtp_host or "(not set)", "queued_at": fmt_time(now)}
-    subject, body = load_template(settings, "test").render(values)
-    return enqueue_bytes(settings.spool, compose(settings, to, subject, body, now=now),
-                         now, priority=True, label="test")
-
-
-def status_info(settings: Settings) -> dict:
-    db = open_db(settings.database)
-    try:
-        running = run_is_active(settings.ini_path)
-        g = lambda key: get_state(db, key)  # noqa: E731
-        info = {
-            "running": running, "pid": g("run_pid") if running else None,
-            "sender": ("stopped" if settings.problems else (g("sender_state") or "not started"))
-            if running else "not running",
-            "reason": ("the settings need attention" if settings.problems else g("sender_reason"))
-            if running else "`python bibliogate.py run` is not running",
-            "problems": settings.problems,
-            "waiting": len(scan(settings.spool)), "bad": len(scan(settings.spool, is_bad_name)),
-            "last_check": g("last_check"), "next_check": g("next_check") if running else None,
-        }
-        for key, fn in STATUS_EXTRA.items():
-            info[key] = fn(settings, db)
-        return info
-    finally:
-        db.close()
-
-
-#: More fields for `status` (name -> function of settings and database).
-STATUS_EXTRA: dict[str, Callable] = {}
-STATUS_EXTRA.update(CIRCULATION_STATUS)
-
-
-def run_lock_path(ini_path: Path) -> Path:
-    return Path(str(ini_path) + ".lock")
-
-
-def run_is_active(ini_path: Path) -> bool:
-    """True while a `run` holds the lock of this ini."""
-    probe = FileLock(run_lock_path(ini_path))
-    if probe.acquire():
-        probe.release()
-        return False
-    return True
-
 
 def cmd_run(args, settings: Settings) -> int:
     lock = FileLock(run_lock_path(settings.ini_path))
@@ -6083,15 +6455,23 @@ def cmd_run(args, settings: Settings) -> int:
         print(f"BiblioGate is already running for {settings.ini_path} (process {pid}); "
               "a second one would do nothing.", file=sys.stderr)
         return 1
-    stop = threading.Event()
     setup_logging(settings, console=has_console())
-    gateway = Gateway(settings.ini_path, stop=stop)
-    guard = RunGuard(gateway).install()     # errors are logged; a crash ends `run` with status 1
+    try:
+        gateway = Gateway(settings.ini_path, stop=threading.Event())
+        with RunGuard(gateway) as guard:    # errors are logged; a crash ends `run` with status 1
+            serve_until_stopped(gateway, guard)
+        return guard.exit_status
+    finally:
+        lock.release()
+
+
+def serve_until_stopped(gateway: Gateway, guard: RunGuard) -> None:
+    """The page and the loop, until a signal, a crash or the stop event."""
     page = start_page(gateway)
 
     def on_signal(signum, frame):
         log.info("stopping (signal %s): finishing the message in flight", signum)
-        stop.set()
+        gateway.stop.set()
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
@@ -6101,22 +6481,16 @@ def cmd_run(args, settings: Settings) -> int:
     for problem in s.problems:
         log.warning("not configured yet: %s", problem)
     try:
-        gateway.run_forever()
+        gateway.run_forever(guard)
     except Exception as exc:        # a bug: logged with its traceback, and `run` ends with status 1
         guard.crash(f"BiblioGate stopped on an unexpected error: {error_summary(exc)}", exc)
     finally:
         stop_page(page)
         gateway.journal.event("stop", "BiblioGate stopped")
-        guard.uninstall()
-        lock.release()
-    return guard.exit_status
 
 
 def cmd_send(args, settings: Settings) -> int:
-    if settings.problems:
-        raise SettingsError(settings.problems)
-    journal = Journal(settings.database)
-    result = Sender(settings, journal).check(limit=0 if args.all else None, ignore_waits=args.all)
+    result = send_once(settings, every=args.all)
     print(result.summary() or "nothing to send")
     return 1 if result.problem or result.skipped else 0
 
@@ -6142,9 +6516,8 @@ def read_input(name: str) -> bytes:
 
 
 def cmd_test(args, settings: Settings) -> int:
-    path = queue_test(settings, args.to or settings.test_to, time.time())
-    Journal(settings.database).event("queued", f"queued a test message to {args.to or settings.test_to}",
-                                     path.name)
+    path = queue_test_message(settings, Journal(settings.database), args.to or settings.test_to,
+                              time.time())
     print(path.name)
     return 0
 
@@ -6161,7 +6534,7 @@ def cmd_status(args, settings: Settings) -> int:
         print(f"  problem: {problem}")
     print(f"waiting: {info['waiting']}, .BAD: {info['bad']}")
     print(f"last check: {fmt_time(info['last_check'])}, next check: {fmt_time(info['next_check'])}")
-    for key in STATUS_EXTRA:
+    for key in STATUS_FIELDS:
         print(f"{key.replace('_', ' ')}: {info[key]}")
     return 0 if ok else 1
 
@@ -6185,22 +6558,17 @@ def cmd_queue(args, settings: Settings) -> int:
 def cmd_retry(args, settings: Settings) -> int:
     if not args.name and not args.all_bad:
         raise UsageError("retry needs a file NAME (as `queue` shows it) or --all-bad.")
-    names = [f.name for f in scan(settings.spool, is_bad_name)] if args.all_bad else [args.name]
+    names = bad_names(settings) if args.all_bad else [args.name]
     journal = Journal(settings.database)
     for name in names:
-        path = retry_bad(settings.spool, name)
-        with journal.db:
-            journal.db.execute("DELETE FROM spool_state WHERE file = ?", (path.name,))
-        journal.event("retry", f"put back in the queue as {path.name}", name)
-        print(path.name)
+        print(retry_file(settings, journal, name).name)
     if not names:
         print("There are no .BAD files.")
     return 0
 
 
 def cmd_delete(args, settings: Settings) -> int:
-    delete_file(settings.spool, args.name)
-    Journal(settings.database).event("deleted", "deleted from the queue", args.name)
+    delete_queued(settings, Journal(settings.database), args.name)
     print(f"deleted {args.name}")
     return 0
 
@@ -6215,6 +6583,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, fn, help_text):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
+        # --config is welcome after the command too (`status --config x.ini`).
+        p.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                       help="the settings file (default: bibliogate.ini beside this program)")
         return p
 
     command("run", cmd_run, "run the gateway until stopped (Ctrl+C)")
@@ -6245,6 +6616,11 @@ def main(argv: list[str] | None = None) -> int:
     console_to_log(early_log_folder(argv))      # pythonw.exe: no console, so to logs/
     args = build_parser().parse_args(argv)
     ini = Path(args.config) if args.config else Path(__file__).resolve().with_name("bibliogate.ini")
+    if args.config and args.command != "run" and not ini.is_file():
+        print(f"bibliogate.py {args.command}: there is no settings file {ini}. Check the "
+              "--config path; to set up a new installation there, run "
+              f"`python bibliogate.py run --config {args.config}` once.", file=sys.stderr)
+        return 2
     try:
         settings, created = ensure_layout(ini)
         console_to_log(settings.log_folder)

@@ -258,7 +258,7 @@ def test_a_line_with_no_name_before_its_equals_sign_is_reported_once(tmp_path):
     ini = tmp_path / "bibliogate.ini"
     ini.write_text("[smtp]\nhost = 127.0.0.1\n[gateway]\nfrom_address = library@school.example\n"
                    "= 5\n", encoding="utf-8")
-    assert bg.load_settings(ini).problems == [
+    assert list(bg.load_settings(ini).problems) == [
         "bibliogate.ini line 5: '= 5' is not 'key = value' nor a [section]. Fix or delete that line."]
 
 

@@ -5,6 +5,7 @@ spool and, for delivery, through a real SMTP server (aiosmtpd on 127.0.0.1).
 The day is injected, so the seven-day steps take no time.
 """
 
+import dataclasses
 import datetime as dt
 import email
 import email.policy
@@ -28,7 +29,7 @@ def days(n):
 def lib(tmp_path):
     """(settings, journal) for a fresh library folder with valid settings."""
     settings, _ = bg.ensure_layout(write_ini(tmp_path / "lib"))
-    assert settings.problems == []
+    assert settings.problems == ()
     journal = bg.Journal(settings.database)
     yield settings, journal
     journal.close()
@@ -439,8 +440,7 @@ def test_a_misspelt_placeholder_is_named_with_its_line(lib, capsys):
 
 
 def test_render_items_and_notice_values(lib):
-    settings, _ = lib
-    settings.date_format = "%d/%m/%Y"
+    settings = dataclasses.replace(lib[0], date_format="%d/%m/%Y")
     loans = [{"title": "The Hobbit", "barcode": "B1", "due_date": "2026-03-01"},
              {"title": "Matilda", "barcode": "B2", "due_date": "2026-03-09"},
              {"title": "Holes", "barcode": "B3", "due_date": "2026-03-10"},

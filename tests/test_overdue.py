@@ -57,7 +57,7 @@ class Clock:
 def setup(folder: Path, loans=LOANS, imported=None, **overrides):
     """Settings and a Journal, with patrons and loans imported at `imported`."""
     settings, _ = bg.ensure_layout(write_ini(folder, **overrides))
-    assert settings.problems == []
+    assert settings.problems == ()
     import_data(settings, folder, loans, imported or at(DAY, 5))
     return settings, bg.Journal(settings.database, Clock(imported or at(DAY, 5)))
 
@@ -489,7 +489,7 @@ def test_good_overdue_settings_are_read(tmp_path):
         tmp_path, overdue__enabled="Yes", overdue__run_at="7:05", overdue__warning_days=0,
         overdue__closed="sat,SUN  2026-04-03, 2026-12-18 .. 2027-01-28"))
     ov = settings.overdue
-    assert settings.problems == []
+    assert settings.problems == ()
     assert (ov.enabled, ov.run_at, ov.warning_days) == (True, dt.time(7, 5), 0)
     assert ov.closed(dt.date(2026, 3, 7)) and ov.closed(dt.date(2026, 3, 8))
     assert ov.closed(dt.date(2026, 4, 3)) and ov.closed(dt.date(2027, 1, 1))
@@ -584,7 +584,7 @@ FAMILY_LOANS = [[pid, f"B{pid}", f"Book of {pid}", days(-1)] for pid, *_ in FAMI
 
 def send_to(tmp_path, sink, choice):
     settings, _ = bg.ensure_layout(write_ini(tmp_path, sink, overdue__send_to=choice))
-    assert settings.problems == []
+    assert not settings.problems
     bg.import_csv(settings, "patrons", write_csv(tmp_path / "p.csv", PATRON_HEADER, FAMILY), now=at(DAY, 5))
     rows = [[p, b, t, d.isoformat()] for p, b, t, d in FAMILY_LOANS]
     bg.import_csv(settings, "loans", write_csv(tmp_path / "l.csv", LOAN_HEADER, rows), now=at(DAY, 5))

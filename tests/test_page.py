@@ -487,7 +487,7 @@ def test_a_port_in_use_or_a_bad_port_keeps_the_page_shut_not_the_sender(tmp_path
             try:
                 assert bg.start_page(gateway) is None
                 assert words in page_events(gateway)[-1]
-                assert gateway.settings.problems == []
+                assert gateway.settings.problems == ()
             finally:
                 gateway.journal.close()
 
@@ -500,7 +500,7 @@ def test_an_open_address_without_a_password_keeps_the_page_shut(tmp_path, sink):
         [detail] = page_events(gateway)
         assert "needs a password first" in detail and "set-password" in detail
         assert "gateway sends meanwhile" in detail
-        assert gateway.settings.problems == []      # the sender is not stopped for it
+        assert gateway.settings.problems == ()      # the sender is not stopped for it
     finally:
         gateway.journal.close()
 

@@ -26,7 +26,7 @@ def drop(spool: Path, name: str, data: bytes, age: float = 60.0) -> Path:
 def make_sender(folder: Path, sink=None, clock=None, **overrides):
     ini = write_ini(folder, sink, **overrides)
     settings, _ = bg.ensure_layout(ini)
-    assert settings.problems == []
+    assert settings.problems == ()
     journal = bg.Journal(settings.database, clock or time.time)
     return settings, bg.Sender(settings, journal, clock or time.time)
 

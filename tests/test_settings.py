@@ -68,7 +68,7 @@ def test_a_broken_ini_is_reported_not_fatal(tmp_path):
 
 def test_decimal_minutes_are_allowed(tmp_path):
     settings = bg.load_settings(write_ini(tmp_path, gateway__minutes_between_checks="0.5"))
-    assert settings.problems == [] and settings.interval == 30
+    assert settings.problems == () and settings.interval == 30
 
 
 def test_bad_settings_stop_send_with_exit_2_but_queueing_goes_on(gateway):
@@ -111,7 +111,7 @@ def test_a_missing_template_is_written_again_and_said(tmp_path):
     settings, created = bg.ensure_layout(ini)
     assert created == [f"Wrote the default template {path}."]
     assert path.read_text(encoding="utf-8") == bg.DEFAULT_TEMPLATES["daily_log"]
-    assert settings.problems == []
+    assert settings.problems == ()
 
 
 def test_an_unreadable_template_is_a_problem_that_names_it(tmp_path):

@@ -520,7 +520,7 @@ def test_run_exits_1_when_a_thread_dies(gateway, monkeypatch, keep_signals, quie
         if not getattr(gw, "started_it", False):
             gw.started_it = True
             threading.Thread(target=lambda: 1 / 0, name="doomed").start()
-    monkeypatch.setattr(bg, "GATEWAY_TASKS", [start_a_doomed_thread, give_up_after(10)])
+    monkeypatch.setattr(bg, "gateway_tasks", lambda: [start_a_doomed_thread, give_up_after(10)])
     hook = threading.excepthook
     assert bg.main(["--config", str(gateway.ini), "run"]) == 1
     db = gateway.dir / "bibliogate.db"
@@ -532,7 +532,7 @@ def test_run_exits_1_when_a_thread_dies(gateway, monkeypatch, keep_signals, quie
 def test_run_exits_1_when_the_same_error_keeps_coming(gateway, monkeypatch, keep_signals,
                                                       quiet_logger):
     monkeypatch.setattr(bg, "TICK_ERROR_LIMIT", 2)
-    monkeypatch.setattr(bg, "GATEWAY_TASKS", [give_up_after(10), failing_task(ValueError("bad row"))])
+    monkeypatch.setattr(bg, "gateway_tasks", lambda: [give_up_after(10), failing_task(ValueError("bad row"))])
     assert bg.main(["--config", str(gateway.ini), "run"]) == 1
     db = gateway.dir / "bibliogate.db"
     [crash] = events(db, "crash")
