@@ -972,7 +972,8 @@ CORE_TEMPLATE_FIELDS = MappingProxyType({
     "test": frozenset({"library_name", "to_address", "from_address", "smtp_host", "queued_at"}),
     "daily_log": frozenset({"library_name", "day", "sent_count", "bad_count", "deferred_count",
                             "waiting_count", "waiting_bad_count", "oldest_waiting", "bad_list",
-                            "refused_list", "sender_stops", "activity", "log_lines"}),
+                            "refused_list", "sender_stops", "activity", "log_lines",
+                            "attention", "summary"}),
 })
 
 #: The default text of each of the gateway's own templates.
@@ -999,10 +1000,17 @@ If you can read this, library email works. No reply is needed.
 # Placeholders: ${library_name} ${day} ${sent_count} ${bad_count} ${deferred_count}
 #   ${waiting_count} ${waiting_bad_count} ${oldest_waiting} ${bad_list} ${refused_list}
 #   ${sender_stops} ${activity} ${log_lines}
-Subject: BiblioGate daily log for ${day}: ${sent_count} sent, ${bad_count} failed
+#   ${attention}  "ACTION NEEDED: ... " when something needs you, else nothing
+#   ${summary}    the day in a few plain lines: sent, not sent and why, who
+#                 could not be reached, what needs you
+Subject: ${attention}BiblioGate daily log for ${day}: ${sent_count} sent, ${bad_count} failed
 
 This is the daily log of the ${library_name} email gateway for ${day}.
 If one morning this message does not arrive, library email needs attention.
+
+${summary}
+
+The details:
 
 Sent:                        ${sent_count}
 Failed for good (.BAD):      ${bad_count}
@@ -2092,7 +2100,11 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     bad_now = scan(s.spool, is_bad_name)
     oldest = min((f.mtime for f in waiting), default=None)
     other = [r for r in rows if r["kind"] not in ("sent", "bad", "deferred", "refused", "check")]
+    needs, lines = day_digest(gateway, day, by_kind, len(bad_now))
     return {
+        "attention": f"ACTION NEEDED: {'; '.join(needs)}. " if needs else "",
+        "summary": "In short:\n" + _bullets(lines + [f"Needs you: {x}." for x in needs]
+                                            or ["Nothing happened, and nothing needs you."]),
         "library_name": s.library_name or "library", "day": day,
         "sent_count": len(by_kind.get("sent", [])), "bad_count": len(by_kind.get("bad", [])),
         "deferred_count": len(by_kind.get("deferred", [])),
@@ -2109,6 +2121,26 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
         + _bullets([f"{fmt_time(r['at'])[11:]} {r['file'] + ': ' if r['file'] else ''}"
                     f"{r['detail']}" for r in rows[-DAILY_LOG_LINES:]]),
     }
+
+
+def day_digest(gateway: Gateway, day: str, by_kind: dict, bad_now: int) -> tuple[list, list]:
+    """(what needs the librarian, the day in plain lines) for the daily log."""
+    s, needs = gateway.settings, []
+    lines = [f"{_plural(len(by_kind.get('sent', [])), 'message')} sent."]
+    if by_kind.get("bad"):
+        lines.append(f"{_plural(len(by_kind['bad']), 'message')} could not be sent: the "
+                     "details below say why.")
+    lines += overdue_digest(gateway.journal.db, s, day, by_kind, needs)
+    if by_kind.get("import_failed"):
+        needs.append(f"{_plural(len(by_kind['import_failed']), 'import')} of circulation "
+                     "data failed (see the details)")
+    if bad_now:         # the subject counts them already ("1 failed")
+        lines.append(f".BAD files waiting for you: {bad_now} (the Queue page lists them, "
+                     "with the reason; retry or delete each).")
+    if s.problems:
+        needs.append("the settings need attention, so nothing is sent (the Settings page "
+                     "says what to change)")
+    return needs, lines
 
 
 # Running unattended ##########################################################
@@ -2999,7 +3031,8 @@ class Notice:
     """One message: a patron and everything one run has for them. ``groups``
     maps each of ITEM_GROUPS to its loans; ``records`` are the ledger rows
     (kind, loan) it stands for, some of them without a line of their own (a
-    reminder that falls on the day its overdue notice goes)."""
+    reminder that falls on the day its overdue notice goes): (kind, loan,
+    whether the message names it so)."""
     patron: dict
     to: list                    #: (name, address) pairs
     groups: dict
@@ -3022,7 +3055,7 @@ class Notice:
         """The spool file's name, the same for the same day, patron and
         notices: a run repeated after a crash recognises what it queued."""
         key = "\n".join([self.patron["patron_id"], *sorted(
-            f"{kind}\t{loan['barcode']}\t{loan['due_date']}" for kind, loan in self.records)])
+            f"{kind}\t{loan['barcode']}\t{loan['due_date']}" for kind, loan, _ in self.records)])
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         return f"{self.kind}-{day.isoformat()}-{digest}{WAITING_EXT}"
 
@@ -3163,7 +3196,7 @@ def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
                      key=lambda x: (x["due_date"], x["title"]))
     too_late = len(due["warning"]) - len(warning)
     new = {key(x): x for x in due["overdue"]}
-    records = [("warning", x) for x in warning] + [("overdue", x) for x in new.values()]
+    records = [("warning", x, True) for x in warning] + [("overdue", x, True) for x in new.values()]
     reminder, sent_days = [], {}
     for loan in due["reminder"]:
         day_sent = wrote.get((pid, *key(loan)))
@@ -3172,8 +3205,8 @@ def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
             sent_days[key(loan)] = day_sent
         elif day_sent is None and key(loan) not in new:
             new[key(loan)] = loan
-            records.append(("overdue", loan))
-        records.append(("reminder", loan))
+            records.append(("overdue", loan, True))
+        records.append(("reminder", loan, key(loan) in sent_days))
     named = set(new) | {key(x) for x in reminder}
     groups = {"overdue": [x for x in overdue if key(x) in new],
               "reminder": [x for x in overdue if key(x) in sent_days],
@@ -3282,6 +3315,11 @@ def run_overdue(settings: Settings, journal: Journal, day: dt.date, now: float,
                                     "unreachable": run.unreachable_lines()}})
     journal.event("overdue_run", run.summary(),
                   level=logging.WARNING if run.unreachable else logging.INFO)
+    if run.unreachable:
+        journal.event("overdue_unreachable", f"Auto-overdue could not reach "
+                      f"{_plural(len(run.unreachable), 'pupil')} ([overdue] send_to = "
+                      f"{ov.send_to}): " + "; ".join(run.unreachable_lines()) + ".",
+                      level=logging.WARNING)
     return run
 
 
@@ -3305,8 +3343,10 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
             values = message_values(settings, notice, run.day)
             subject, body = templates[notice.kind].render(values)
             files.append((name, compose(settings, notice.to, subject, body, now=sent_at)))
-        rows += [(notice.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now, name)
-                 for kind, loan in notice.records]
+        # A notice the message does not name as such (a reminder listed as
+        # newly overdue) is recorded without a file: it was never sent as one.
+        rows += [(notice.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now,
+                  name if named else None) for kind, loan, named in notice.records]
         if n % LEDGER_BATCH == 0 or n == len(run.notices):
             write_batch(settings.spool, files, mtime)
             record_notices(db, rows)
@@ -3420,6 +3460,35 @@ def hold(journal: Journal, now: float, exc: Exception) -> None:
     set_state(journal.db, **{HELD_KEY: [today, reason, str(exc), now + HOLD_SECONDS]})
     if not (held and held[:2] == [today, reason]):
         journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
+
+
+def overdue_digest(db: sqlite3.Connection, settings: Settings, day: str, by_kind: dict,
+                   needs: list) -> list[str]:
+    """The auto-overdue lines of the daily log's summary; what needs the
+    librarian is added to `needs` ("auto-overdue did not run - loans are 3
+    days old")."""
+    start = dt.datetime.combine(dt.date.fromisoformat(day), dt.time()).timestamp()
+    rows = db.execute("SELECT kind, count(*), count(DISTINCT file) FROM notices WHERE "
+                      "queued_at >= ? AND queued_at < ? AND kind IN ('warning', 'overdue', "
+                      "'reminder') AND file IS NOT NULL GROUP BY kind", (start, start + 86400))
+    counts = {kind: items for kind, items, _ in rows}
+    lines = []
+    if by_kind.get("overdue_run"):
+        lines.append(f"Auto-overdue notices queued: {counts.get('warning', 0)} items due soon, "
+                     f"{counts.get('overdue', 0)} newly overdue, {counts.get('reminder', 0)} "
+                     "reminders.")
+    for row in by_kind.get("overdue_unreachable", []):
+        lines.append(row["detail"])
+    refused, ran = by_kind.get("overdue_refused", []), by_kind.get("overdue_run", [])
+    if refused and not (ran and ran[-1]["at"] > refused[-1]["at"]):
+        imported = get_state(db, LOANS_IMPORTED_KEY)
+        if "loans were imported" in refused[-1]["detail"] and imported:
+            old = max(1, round((refused[-1]["at"] - imported) / 86400))
+            needs.append(f"auto-overdue did not run \u2014 loans are {_plural(old, 'day')} old "
+                         f"(check the library system's nightly export into {settings.import_folder})")
+        else:
+            needs.append("auto-overdue did not run \u2014 " + refused[-1]["detail"].split(": ", 1)[-1])
+    return lines
 
 
 # -- status and command line -----------------------------------------------------

@@ -199,7 +199,7 @@ def test_a_spool_that_cannot_be_written_loses_nothing(tmp_path):
 
 
 def kinds(run):
-    return sorted((kind, loan["barcode"]) for n in run.notices for kind, loan in n.records)
+    return sorted((kind, loan["barcode"]) for n in run.notices for kind, loan, _ in n.records)
 
 
 def test_a_renewal_is_a_new_notice_and_a_returned_loan_gets_none(tmp_path):
@@ -692,3 +692,47 @@ def test_overdue_date_is_a_whole_simulation(gateway, tmp_path):
     proc = gateway.cli("overdue", "--date", far, "--dry-run", check=2)
     assert "more than 14 days from today" in proc.stderr and "--force" in proc.stderr
     gateway.cli("overdue", "--date", far, "--dry-run", "--force", check=0)
+
+
+# -- the daily log ------------------------------------------------------------------
+
+def daily_log_of(gateway, sink, clock, day):
+    """Tick just after midnight after `day` and deliver the daily log."""
+    gateway.tick()                                     # first tick: starts the daily log's days
+    clock.now = at(day + dt.timedelta(days=1), 0, 5)
+    gateway.tick()
+    bg.Sender(gateway.settings, gateway.journal).check(limit=0)
+    [log_message] = [m for m in sink.messages if "daily log" in m.message["Subject"]]
+    return log_message.message
+
+
+def test_the_daily_log_says_in_its_subject_when_auto_overdue_did_not_run(tmp_path, sink):
+    settings, _ = setup(tmp_path, imported=at(DAY) - 72 * 3600, **{"smtp__port": sink.port})
+    clock = Clock(at(DAY, 6))
+    gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
+    gateway.tick()
+    clock.now = at(DAY, 7)
+    gateway.tick()
+    msg = daily_log_of(gateway, sink, clock, DAY)
+    assert msg["Subject"].startswith("ACTION NEEDED: auto-overdue did not run \u2014 loans are "
+                                     "3 days old (check the library system's nightly export")
+    body = msg.get_content()
+    summary, details = body.split("The details:")
+    assert "In short:\n  - 0 messages sent.\n" in summary
+    assert "  - Needs you: auto-overdue did not run \u2014 loans are 3 days old" in summary
+    assert "Sent:" in details and "Sent:" not in summary
+
+
+def test_the_daily_log_names_the_pupils_auto_overdue_could_not_reach(tmp_path, sink):
+    settings, _ = setup(tmp_path, **{"smtp__port": sink.port})
+    clock = Clock(at(DAY, 6))
+    gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
+    gateway.tick()
+    clock.now = at(DAY, 7)
+    gateway.tick()
+    msg = daily_log_of(gateway, sink, clock, DAY)
+    assert not msg["Subject"].startswith("ACTION NEEDED")
+    summary = msg.get_content().split("The details:")[0]
+    assert ("  - Auto-overdue notices queued: 2 items due soon, 2 newly overdue, 0 reminders.\n"
+            "  - Auto-overdue could not reach 1 pupil ([overdue] send_to = patron): Cy Young "
+            "(P3, 7B): no email address.\n") in summary
