@@ -787,6 +787,11 @@ CREATE TABLE IF NOT EXISTS patrons (
     guardian_email TEXT NOT NULL DEFAULT '', grp TEXT NOT NULL DEFAULT '',
     auto_overdue INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS patrons_grp ON patrons(grp);
+-- a value changed on the config page, kept across imports while the
+-- imported value stays what it was when the edit was made
+CREATE TABLE IF NOT EXISTS patron_edits (
+    patron_id TEXT NOT NULL, field TEXT NOT NULL, value TEXT NOT NULL,
+    imported TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (patron_id, field));
 -- the loans out now: each import replaces them all
 CREATE TABLE IF NOT EXISTS loans (
     barcode TEXT PRIMARY KEY, patron_id TEXT NOT NULL, title TEXT NOT NULL,
@@ -811,7 +816,63 @@ def open_db(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.executescript(SCHEMA)
+    upgrade_schema(conn)
     return conn
+
+
+def upgrade_schema(conn: sqlite3.Connection) -> None:
+    """Columns added since a database was made: patrons.first_name."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(patrons)")}
+    if "first_name" not in columns:
+        with contextlib.suppress(sqlite3.OperationalError):    # another process added it
+            with conn:
+                conn.execute("ALTER TABLE patrons ADD COLUMN first_name TEXT NOT NULL DEFAULT ''")
+
+
+# -- patron edits made on the config page ----------------------------------------
+# Kept across patrons.csv imports while the library system's value stays what
+# it was when the edit was made; a new value there wins, and ends the edit.
+
+#: The fields whose page edits are kept across imports.
+KEPT_EDITS = ("email", "guardian_email", "auto_overdue")
+
+
+def record_patron_edit(db: sqlite3.Connection, patron_id: str, field: str, old, new,
+                       now: float) -> None:
+    """Remember an edit (inside the caller's transaction); one back to the
+    imported value is no edit at all."""
+    row = db.execute("SELECT imported FROM patron_edits WHERE patron_id = ? AND field = ?",
+                     (patron_id, field)).fetchone()
+    imported = row[0] if row else str(old)
+    if str(new) == imported:
+        db.execute("DELETE FROM patron_edits WHERE patron_id = ? AND field = ?", (patron_id, field))
+    else:
+        db.execute("INSERT OR REPLACE INTO patron_edits(patron_id, field, value, imported, at) "
+                   "VALUES (?,?,?,?,?)", (patron_id, field, str(new), imported, now))
+
+
+def keep_patron_edits(db: sqlite3.Connection, staged: str) -> int:
+    """Put the page's edits into the staged import rows (table `staged`,
+    with the patrons columns) where the file still has the value the edit
+    replaced; forget the others. Returns how many were kept."""
+    kept = 0
+    for pid, field, value, imported in db.execute(
+            "SELECT patron_id, field, value, imported FROM patron_edits").fetchall():
+        row = db.execute(f"SELECT {field} FROM {staged} WHERE patron_id = ?", (pid,)).fetchone()
+        if row is None or row[0] is None:
+            continue                # not in this file, or the file has no such column
+        if str(row[0]) == imported:
+            db.execute(f"UPDATE {staged} SET {field} = ? WHERE patron_id = ?",
+                       (int(value) if field == "auto_overdue" else value, pid))
+            kept += 1
+        else:
+            db.execute("DELETE FROM patron_edits WHERE patron_id = ? AND field = ?", (pid, field))
+    return kept
+
+
+def edited_fields(db: sqlite3.Connection, patron_id: str) -> set:
+    return {r[0] for r in db.execute("SELECT field FROM patron_edits WHERE patron_id = ?",
+                                     (patron_id,))}
 
 
 def get_state(conn: sqlite3.Connection, key: str, default=None):
@@ -2322,7 +2383,8 @@ class RunGuard:
 #: The columns of each file. Header names are matched without regard to case
 #: or surrounding spaces ("Patron ID" is patron_id); other columns are ignored.
 CSV_COLUMNS = MappingProxyType({
-    "patrons": ("patron_id", "name", "email", "guardian_email", "group", "auto_overdue"),
+    "patrons": ("patron_id", "name", "email", "guardian_email", "group", "auto_overdue",
+                "first_name"),
     "loans": ("patron_id", "barcode", "title", "due_date"),
 })
 #: The columns a file must have. A patrons file without, say, an email column
@@ -2359,12 +2421,16 @@ class ImportResult:
     removed: int = 0            #: loans absent from the new snapshot: returned
     skipped: list = dataclasses.field(default_factory=list)  #: "FILE line N: ..." left out
     notes: list = dataclasses.field(default_factory=list)    #: e.g. ignored columns
+    kept_edits: int = 0         #: patron values changed on the config page, kept
 
     def summary(self) -> str:
         removed = f"{self.removed:,} removed" + (" (returned)" if self.what == "loans" else "")
+        kept = (f" Kept {self.kept_edits:,} change(s) made on the config page (email, guardian "
+                "email or auto-overdue), as the file still has the values they replaced."
+                if self.kept_edits else "")
         return (f"{self.source}: {self.rows - len(self.skipped):,} {self.what} imported: "
                 f"{self.added:,} added, {self.updated:,} updated, {self.unchanged:,} unchanged, "
-                f"{removed}, {len(self.skipped):,} skipped.")
+                f"{removed}, {len(self.skipped):,} skipped.{kept}")
 
 
 @functools.lru_cache(maxsize=4096)       # a file holds few distinct dates
@@ -2455,16 +2521,17 @@ def header_columns(what: str, source: str, line: int, fields: list[str]) -> tupl
 
 class PatronRows:
     """Checks patrons.csv rows; a row becomes (patron_id, name, email,
-    guardian_email, grp, auto_overdue), with None for a column the file lacks."""
+    guardian_email, grp, auto_overdue, first_name), with None for a column the
+    file lacks."""
 
     stage_sql = ("CREATE TEMP TABLE incoming (patron_id TEXT, name TEXT, email TEXT, "
-                 "guardian_email TEXT, grp TEXT, auto_overdue INTEGER)")
+                 "guardian_email TEXT, grp TEXT, auto_overdue INTEGER, first_name TEXT)")
 
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
         self.seen: dict[str, int] = {}
 
     def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
-        pid, name, email, guardian, group, flag = values
+        pid, name, email, guardian, group, flag, given = values
         problems = []
         if not pid:
             problems.append("no patron_id.")
@@ -2485,11 +2552,16 @@ class PatronRows:
                                 "work too; empty is no).")
             else:
                 flag = YES_NO[flag.lower()]
-        return (None if problems else (pid, name, email, guardian, group, flag)), problems
+        given = one_line(given) if given is not None else None
+        return (None if problems else (pid, name, email, guardian, group, flag, given)), problems
 
     def apply(self, conn: sqlite3.Connection, result: ImportResult, now: float) -> None:
-        """Add and update (inside the caller's transaction)."""
+        """Add and update (inside the caller's transaction). An email or
+        auto-overdue tick changed on the config page is kept while the file
+        still has the value the edit replaced (keep_patron_edits)."""
+        result.kept_edits = keep_patron_edits(conn, "temp.incoming")
         same = ("p.patron_id IS NOT NULL AND p.name IS i.name "
+                "AND p.first_name IS coalesce(i.first_name, p.first_name) "
                 "AND p.email IS coalesce(i.email, p.email) "
                 "AND p.guardian_email IS coalesce(i.guardian_email, p.guardian_email) "
                 "AND p.grp IS coalesce(i.grp, p.grp) "
@@ -2500,10 +2572,10 @@ class PatronRows:
         result.added, result.unchanged = int(added), int(unchanged)
         result.updated = total - result.added - result.unchanged
         conn.execute("INSERT OR REPLACE INTO patrons (patron_id, name, email, guardian_email, "
-                     "grp, auto_overdue) SELECT i.patron_id, i.name, "
+                     "grp, auto_overdue, first_name) SELECT i.patron_id, i.name, "
                      "coalesce(i.email, p.email, ''), coalesce(i.guardian_email, p.guardian_email, ''), "
-                     "coalesce(i.grp, p.grp, ''), coalesce(i.auto_overdue, p.auto_overdue, 0) "
-                     f"{joined} WHERE NOT ({same})")
+                     "coalesce(i.grp, p.grp, ''), coalesce(i.auto_overdue, p.auto_overdue, 0), "
+                     f"coalesce(i.first_name, p.first_name, '') {joined} WHERE NOT ({same})")
 
 
 class LoanRows:
@@ -3879,7 +3951,7 @@ def overdue_rows(db: sqlite3.Connection, today: dt.date,
     for a patron id the patrons list does not know), by patron name and due
     date; and the loans whose due date is not a date at all."""
     sql = ("SELECT l.patron_id, l.barcode, l.title, l.due_date, p.name, p.email, "
-           "p.guardian_email, p.grp FROM loans l LEFT JOIN patrons p "
+           "p.guardian_email, p.grp, p.first_name FROM loans l LEFT JOIN patrons p "
            "ON p.patron_id = l.patron_id")
     params: list = []
     if group is not None:
@@ -4105,7 +4177,7 @@ LETTER_HTML = string.Template("""\
 <div class="body">$body</div>
 </section>""")
 
-LIST_ITEM = string.Template("<li>$text</li>")
+LETTER_REASON = string.Template("<li>$text</li>")
 
 
 def letters_html(settings: Settings, title: str, note: str, reasons: list[str],
@@ -4114,7 +4186,7 @@ def letters_html(settings: Settings, title: str, note: str, reasons: list[str],
     pupils and their items for the class teacher, then its letters, by
     surname. Every value goes through render(), which escapes it."""
     library, day = settings.library_name, today.strftime(settings.date_format)
-    reason_list = Html("<ul>" + join(render(LIST_ITEM, text=r) for r in reasons) + "</ul>") \
+    reason_list = Html("<ul>" + join(render(LETTER_REASON, text=r) for r in reasons) + "</ul>") \
         if reasons else ""
     pages = []
     for group, members in itertools.groupby(letters, key=lambda x: one_line(x.patron.get("grp") or "")):
@@ -4484,6 +4556,9 @@ def edit_patron(journal: Journal, patron_id: str, values: dict, by: str = "") ->
         db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
                    "WHERE patron_id = ?", (values["email"], values["guardian_email"],
                                            values["grp"], values["auto_overdue"], patron_id))
+        for key in changed:
+            if key in KEPT_EDITS:
+                record_patron_edit(db, patron_id, key, row[key], values[key], journal.clock())
     if changed:
         journal.event("patron", noted(f"patron {patron_id}: changed {', '.join(changed)}", by))
     return PatronEdit(row["name"], changed, {})
@@ -5024,8 +5099,10 @@ $fields</fieldset>
 <div class="buttons"><button type="submit">Save</button>
 <a class="button plain" href="/patrons">Back to patrons</a>$mail</div>
 </form>
-<p class="muted">The library system's next patrons.csv import writes these values again:
-correct them there too.</p>
+<p class="muted">$edited An email, guardian email or auto-overdue tick changed here is kept
+across patrons.csv imports while the library system still has the value it replaced; when
+the library system's value changes, that one is used. The group is always the library
+system's: correct it there too.</p>
 """)
 LOGIN_BODY = string.Template("""\
 <form method="post" action="/login">$token
@@ -5043,6 +5120,9 @@ LOGGED_IN_BODY = Html('<p>You are logged in. <a href="/">Go to the settings</a>.
 NO_PATRON_BODY = string.Template('<p>There is no patron $id. '
                                  '<a href="/patrons">Search the patrons</a>.</p>')
 NO_EMAIL_BADGE = Html('<span class="badge">no email</span>')
+#: Beside a value changed on this page, which imports keep (see KEPT_EDITS).
+EDITED_MARK = Html(' <span class="badge" title="Changed on this page; kept across imports while '
+                   'the library system still has the value it replaced.">edited here</span>')
 MUTED = string.Template('<p class="muted">$text</p>')
 PROBLEM_LIST = string.Template("<ul>$items</ul>")
 LIST_ITEM = string.Template("<li>$text</li>")
@@ -5532,7 +5612,8 @@ def log_note(path: Path, shown: bool, cut: bool) -> str:
 
 #: A patron and how many loans they have.
 PATRON_WITH_LOANS = ("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) "
-                     "AS loans FROM patrons p")
+                     "AS loans, (SELECT group_concat(e.field) FROM patron_edits e "
+                     "WHERE e.patron_id = p.patron_id) AS edited FROM patrons p")
 
 
 def find_patrons(db: sqlite3.Connection, q: str, missing: bool, limit: int) -> list:
@@ -5568,10 +5649,14 @@ def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
 
 def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
     no_email = not r["email"]
+    edited = set((r["edited"] or "").split(","))
+
+    def mark(field: str, value) -> Html:
+        return join([value, EDITED_MARK if field in edited else ""])
     return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
-                  name=r["name"], guardian=r["guardian_email"], group=r["grp"],
-                  email=NO_EMAIL_BADGE if no_email else r["email"],
-                  auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
+                  name=r["name"], guardian=mark("guardian_email", r["guardian_email"]),
+                  group=r["grp"], email=mark("email", NO_EMAIL_BADGE if no_email else r["email"]),
+                  auto=mark("auto_overdue", "yes" if r["auto_overdue"] else "no"), loans=r["loans"],
                   edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
                   mail=mail_buttons(s, db, r["patron_id"]))
 
@@ -5674,8 +5759,10 @@ def page_patron(ctx: PageContext) -> tuple[str, Html]:
     if row is None:
         return "Patron not found", render(NO_PATRON_BODY, id=repr(pid))
     values, errors = ctx.session.drafts.pop(f"patron:{pid}", (dict(row), {}))
+    edited = [label for key, label, _ in PATRON_FORM if key in (row["edited"] or "").split(",")]
     return f"Patron {row['name']}", render(
         PATRON_BODY, name=row["name"], id=pid, loans=row["loans"],
+        edited=f"Changed on this page: {', '.join(edited)}." if edited else "",
         fields=patron_fields(values, errors), token=ctx.token,
         mail=mail_buttons(ctx.settings, db, pid))
 
