@@ -3110,26 +3110,69 @@ class Notice:
     groups: dict
     records: list
     wrote: dict = dataclasses.field(default_factory=dict)  #: (barcode, due) -> overdue notice day
+    #: Brothers' and sisters' notices to the same address, in this one message.
+    siblings: list = dataclasses.field(default_factory=list)
+
+    @property
+    def members(self) -> list:
+        return [self, *self.siblings]
 
     @property
     def kind(self) -> str:
         """The most serious kind it holds; its template writes the message."""
-        return next((k for k in reversed(NOTICE_KINDS) if self.groups.get(k)), "warning")
+        return next((k for k in reversed(NOTICE_KINDS)
+                     if any(n.groups.get(k) for n in self.members)), "warning")
 
     @property
     def sends(self) -> bool:
-        return any(self.groups.get(k) for k in NOTICE_KINDS)
+        return any(n.groups.get(k) for n in self.members for k in NOTICE_KINDS)
 
     def items(self) -> list:
-        return [loan for group, _ in ITEM_GROUPS for loan in self.groups.get(group, ())]
+        return [loan for n in self.members for group, _ in ITEM_GROUPS
+                for loan in n.groups.get(group, ())]
 
     def file_name(self, day: dt.date) -> str:
-        """The spool file's name, the same for the same day, patron and
+        """The spool file's name, the same for the same day, patrons and
         notices: a run repeated after a crash recognises what it queued."""
-        key = "\n".join([self.patron["patron_id"], *sorted(
-            f"{kind}\t{loan['barcode']}\t{loan['due_date']}" for kind, loan, _ in self.records)])
+        key = "\n".join(sorted(f"{n.patron['patron_id']}\t{kind}\t{loan['barcode']}\t"
+                               f"{loan['due_date']}" for n in self.members
+                               for kind, loan, _ in n.records))
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         return f"{self.kind}-{day.isoformat()}-{digest}{WAITING_EXT}"
+
+
+def merge_families(notices: list) -> list:
+    """One message per address: notices that share an address (brothers and
+    sisters with one parent's address, or send_to = both) become one, to all
+    their addresses. A notice that sends nothing stays as it is."""
+    owner: dict[str, Notice] = {}
+    merged: list[Notice] = []
+    for notice in notices:
+        if not notice.sends:
+            merged.append(notice)
+            continue
+        found = []
+        for _, address in notice.to:
+            head = owner.get(address.lower())
+            if head is not None and all(head is not f for f in found):
+                found.append(head)
+        if not found:
+            merged.append(notice)
+            head = notice
+        else:
+            head = found[0]
+            for other in found[1:]:         # this notice joins two families into one
+                head.siblings += other.members
+                other.siblings = []
+                head.to += [x for x in other.to if x[1].lower() not in
+                            {a.lower() for _, a in head.to}]
+                merged.remove(other)
+            head.siblings.append(notice)
+            head.to += [x for x in notice.to if x[1].lower() not in {a.lower() for _, a in head.to}]
+        for member in head.members:
+            for _, address in member.to:
+                owner[address.lower()] = head
+    return merged
 
 
 @dataclasses.dataclass
@@ -3151,7 +3194,8 @@ class OverdueRun:
         return sum(1 for n in self.notices if n.sends and n.kind == kind)
 
     def item_count(self, group: str) -> int:
-        return sum(len(n.groups.get(group, ())) for n in self.notices if n.sends)
+        return sum(len(m.groups.get(group, ())) for n in self.notices if n.sends
+                   for m in n.members)
 
     def unreachable_lines(self, limit: int | None = None) -> list[str]:
         """"Cy Young (P3, 7B): no guardian email address", by name."""
@@ -3249,6 +3293,7 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
         run.too_late += too_late
         if notice.records:
             run.notices.append(notice)
+    run.notices = merge_families(run.notices)
     return run
 
 
@@ -3293,24 +3338,44 @@ def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
     return Notice(patron, to, groups, records, sent_days), too_late
 
 
+def and_list(words: list) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
-    """The placeholders of one notice."""
-    patron, items = notice.patron, notice.items()
-    values = notice_values(settings, patron, items, today, barcodes=False)
+    """The placeholders of one message (of one pupil, or of brothers and
+    sisters together)."""
+    members, items = notice.members, notice.items()
+    values = notice_values(settings, notice.patron, items, today, barcodes=False)
     values["items"] = render_groups(settings, notice, today, barcodes=False)
     values["items_with_barcodes"] = render_groups(settings, notice, today, barcodes=True)
-    values["overdue_count"] = sum(len(notice.groups[g]) for g in ("overdue", "reminder", "listed"))
-    values["warning_count"] = len(notice.groups["warning"])
-    to_pupil = any(address == (patron["email"] or "").strip() for _, address in notice.to)
-    first = values["first_name"] or values["patron_name"]
-    values["addressee"] = first if to_pupil else f"parent or guardian of {values['patron_name']}"
-    values["your"] = "your" if to_pupil else f"{first}'s"
+    values["overdue_count"] = sum(len(n.groups[g]) for n in members
+                                  for g in ("overdue", "reminder", "listed"))
+    values["warning_count"] = sum(len(n.groups["warning"]) for n in members)
+    addresses = {address.lower() for _, address in notice.to}
+    firsts = [first_name(n.patron) or one_line(n.patron["name"]) for n in members]
+    names = [one_line(n.patron["name"]) for n in members]
+    to_pupil = any((n.patron["email"] or "").strip().lower() in addresses for n in members)
+    values.update(patron_name=and_list(names), first_name=and_list(firsts),
+                  patron_id=", ".join(n.patron["patron_id"] for n in members))
+    values["addressee"] = and_list(firsts) if to_pupil else \
+        f"parent or guardian of {and_list(names)}"
+    values["your"] = "your" if to_pupil else and_list([f"{x}'s" for x in firsts])
     return values
 
 
 def render_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: bool) -> str:
-    """The items under their headings (ITEM_GROUPS); a reminder's line says
-    when we wrote."""
+    """The items under their headings (ITEM_GROUPS), under each pupil's
+    name when the message is about several; a reminder's line says when we
+    wrote."""
+    if notice.siblings:
+        return "\n\n".join(f"For {first_name(n.patron) or one_line(n.patron['name'])}:\n\n"
+                            + own_groups(settings, n, today, barcodes) for n in notice.members)
+    return own_groups(settings, notice, today, barcodes)
+
+
+def own_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: bool) -> str:
+    """One pupil's items under their headings."""
     parts = []
     for group, heading in ITEM_GROUPS:
         loans = notice.groups.get(group)
@@ -3417,8 +3482,9 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
             files.append((name, compose(settings, notice.to, subject, body, now=sent_at)))
         # A notice the message does not name as such (a reminder listed as
         # newly overdue) is recorded without a file: it was never sent as one.
-        rows += [(notice.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now,
-                  name if named else None) for kind, loan, named in notice.records]
+        rows += [(member.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now,
+                  name if named else None)
+                 for member in notice.members for kind, loan, named in member.records]
         if n % LEDGER_BATCH == 0 or n == len(run.notices):
             write_batch(settings.spool, files, mtime)
             record_notices(db, rows)

@@ -736,3 +736,23 @@ def test_the_daily_log_names_the_pupils_auto_overdue_could_not_reach(tmp_path, s
     assert ("  - Auto-overdue notices queued: 2 items due soon, 2 newly overdue, 0 reminders.\n"
             "  - Auto-overdue could not reach 1 pupil ([overdue] send_to = patron): Cy Young "
             "(P3, 7B): no email address.\n") in summary
+
+
+def test_brothers_and_sisters_with_one_parent_address_get_one_message(tmp_path, sink):
+    family = [["P1", "Cy Young", "", "young@example.org", "7B", "yes"],
+              ["P2", "Dee Young", "", "young@example.org", "4A", "yes"]]
+    settings, _ = bg.ensure_layout(write_ini(tmp_path, sink, overdue__send_to="guardian"))
+    bg.import_csv(settings, "patrons", write_csv(tmp_path / "p.csv", PATRON_HEADER, family), now=at(DAY, 5))
+    rows = [["P1", "B1", "Emma", days(-1).isoformat()], ["P2", "B2", "Holes", days(3).isoformat()]]
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "l.csv", LOAN_HEADER, rows), now=at(DAY, 5))
+    journal = bg.Journal(settings.database, Clock(at(DAY)))
+    run = bg.run_overdue(settings, journal, DAY, at(DAY))
+    bg.Sender(settings, journal).check(limit=0)
+    [got] = sink.wait_for(1)
+    assert got.rcpt_tos == ["young@example.org"] and len(run.notices) == 1
+    body = got.message.get_content()
+    assert body.startswith("Dear parent or guardian of Cy Young and Dee Young,\n")
+    assert "show that Cy's and Dee's library books below" in body
+    assert ("For Cy:\n\nNow overdue:\n- Emma, due 2026-03-01, 1 day overdue\n\n"
+            "For Dee:\n\nDue back soon:\n- Holes, due 2026-03-05\n") in body
+    assert len(ledger(settings)) == 2

@@ -66,6 +66,8 @@ def make_patrons(rnd):
         own = "" if kind < 0.22 else f"pupil{n}@school.example"
         guardian = "" if 0.20 <= kind < 0.22 or kind > 0.8 else f"family{n}@home.example"
         enabled = "no" if n % 29 == 0 else "yes"
+        if n >= 280:                    # brothers and sisters, with one parent's address
+            own, guardian = "", f"family{n // 2 * 2}@home.example"
         patrons.append([pid, f"Pupil{n:03} Surname{n % 17}", own, guardian, groups[n % 12], enabled])
     return patrons
 
@@ -152,22 +154,27 @@ def expected_notices(runs, patrons, everyone=False):
 # -- what arrived -------------------------------------------------------------------
 
 def parse(received):
-    """(recipients, day written, {kind: [(title, due)]}) of one message."""
+    """(recipients, day written, [{kind: [(title, due)]}, one per pupil])."""
     msg = received.message
     day = dt.datetime.strptime(msg["Date"][5:16], "%d %b %Y").date()
-    groups, current = defaultdict(list), None
+    blocks = [defaultdict(list)]
+    groups, current = blocks[0], None
     for line in msg.get_content().splitlines():
-        if line in HEADINGS:
+        if line.startswith("For ") and line.endswith(":"):    # a message about several pupils
+            if any(groups.values()):
+                blocks.append(defaultdict(list))
+                groups = blocks[-1]
+        elif line in HEADINGS:
             current = HEADINGS[line]
         elif current and (m := ITEM_RE.match(line)):
             groups[current].append((m["title"], dt.date.fromisoformat(m["due"])))
         elif not line.strip():
             current = None
-    if not groups:
+    if not any(groups.values()):
         kind = next(k for word, k in OLD_SUBJECTS if word in msg["Subject"])
         groups[kind] = [(m["title"], dt.date.fromisoformat(m["due"]))
                         for m in map(ITEM_RE.match, msg.get_content().splitlines()) if m]
-    return tuple(sorted(received.rcpt_tos)), day, groups
+    return tuple(sorted(received.rcpt_tos)), day, blocks
 
 
 def test_a_school_month_through_the_scheduler(tmp_path, sink):
@@ -220,12 +227,14 @@ def test_a_school_month_through_the_scheduler(tmp_path, sink):
     for received in sink.messages:
         if received.rcpt_tos == [LIBRARY]:
             continue                                      # the daily log
-        rcpt, day, groups = parse(received)
-        per_recipient_day[(rcpt, day)] += 1
-        for kind in ("warning", "overdue", "reminder"):
-            for title, due in groups.get(kind, ()):
-                got[(titles[title], due, kind)] += 1
-        lists.append((day, rcpt, groups))
+        rcpt, day, blocks = parse(received)
+        for address in rcpt:
+            per_recipient_day[(address, day)] += 1
+        for groups in blocks:
+            for kind in ("warning", "overdue", "reminder"):
+                for title, due in groups.get(kind, ()):
+                    got[(titles[title], due, kind)] += 1
+        lists.append((day, rcpt, blocks))
     expected = expected_notices(runs, patrons)
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
@@ -242,16 +251,24 @@ def test_a_school_month_through_the_scheduler(tmp_path, sink):
     days_sent = {}
     by_pid = {p[0]: p for p in patrons}
     snapshots = dict(runs)
-    for day, rcpt, groups in lists:
-        for kind in ("warning", "overdue", "reminder"):
-            for title, due in groups.get(kind, ()):
-                days_sent[(titles[title], due, kind)] = day
-        if groups.get("overdue") or groups.get("reminder"):
-            listed = {t for kind in ("overdue", "reminder", "listed") for t, _ in groups.get(kind, ())}
-            pid = next(p for p, b, t, _ in snapshots[day] if t in listed)
-            everything = {t for p, _, t, due in snapshots[day] if p == pid and due < day}
-            assert listed == everything, (day, pid)
-            assert rcpt == ((by_pid[pid][2],) if by_pid[pid][2] else (by_pid[pid][3],))
+    families = 0
+    for day, rcpt, blocks in lists:
+        owners = set()
+        for groups in blocks:
+            for kind in ("warning", "overdue", "reminder"):
+                for title, due in groups.get(kind, ()):
+                    days_sent[(titles[title], due, kind)] = day
+            mine = {t for items in groups.values() for t, _ in items}
+            [pid] = {p for p, _, t, _ in snapshots[day] if t in mine}
+            owners.add(pid)
+            if groups.get("overdue") or groups.get("reminder"):
+                listed = {t for kind in ("overdue", "reminder", "listed")
+                          for t, _ in groups.get(kind, ())}
+                everything = {t for p, _, t, due in snapshots[day] if p == pid and due < day}
+                assert listed == everything, (day, pid)
+        families += len(owners) > 1
+        assert rcpt == tuple(sorted({by_pid[p][2] or by_pid[p][3] for p in owners}))
+    assert families >= 3                                 # one message to a shared address
     assert days_sent == expected
     # "We wrote to you" is true: the overdue notice went on an earlier day.
     for (barcode, due, kind), day in expected.items():
