@@ -3151,7 +3151,7 @@ def merge_families(notices: list) -> list:
         if not notice.sends:
             merged.append(notice)
             continue
-        found = []
+        found: list[Notice] = []
         for _, address in notice.to:
             head = owner.get(address.lower())
             if head is not None and all(head is not f for f in found):
@@ -5248,9 +5248,13 @@ SETTINGS_FORM = (
         Field("overdue", "overdue_days", "Overdue (days after due)"),
         Field("overdue", "reminder_days", "Reminder (days after due)"),
         Field("overdue", "closed", "Closed days", "No run on these: weekdays and dates, such as "
-              "sat, sun, 2026-12-18..2027-01-28."),
+              "sat, sun, 2026-12-18..2027-01-28. Their notices go on the next open day "
+              "(warnings on the last open day before)."),
         Field("overdue", "max_data_age_hours", "Maximum data age (hours)", "No notices from loans "
               "imported longer ago than this."),
+        Field("overdue", "send_to", "Send the notices to", "patron_else_guardian: the guardian "
+              "when the pupil has no address; both: one message to both.", "choice",
+              SEND_TO_CHOICES),
     )),
     ("Library", (
         Field("library", "name", "Library name", "Used in messages."),

@@ -26,7 +26,7 @@ def import_patrons(page, rows, header=PATRON_HEADER):
     return bg.import_csv(page.gateway.settings, "patrons", path)
 
 
-def test_page_edits_survive_imports_until_the_library_system_changes_the_value(open_page):
+def test_page_edits_survive_imports_until_the_library_system_changes_the_value(open_page):  # noqa: F811
     page = open_page()
     import_patrons(page, PUPILS)
     c = page.client()
