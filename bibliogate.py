@@ -3253,8 +3253,11 @@ def by_ids(db: sqlite3.Connection, sql: str, ids: list, *params) -> list:
     return rows
 
 
-def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: str) -> OverdueRun:
-    """Read what the window needs from the database and decide (decide_patron)."""
+def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: str,
+             spool: Path | None = None) -> OverdueRun:
+    """Read what the window needs from the database and decide (decide_patron).
+    An overdue notice whose file failed for good (.BAD in `spool`) does not
+    count as written: no reminder says "we wrote to you" about it."""
     run = OverdueRun(window.day, how, window)
     found: dict[str, dict] = {}
     for kind, (first, last) in window.due_ranges(ov).items():
@@ -3273,8 +3276,10 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
                       ids, window.day.isoformat()):
         overdue.setdefault(row["patron_id"], []).append(dict(row))
     wrote: dict[tuple, dt.date] = {}
-    for row in by_ids(db, "SELECT patron_id, barcode, due_date, queued_at FROM notices WHERE "
-                      "kind = 'overdue' AND patron_id IN ({ids})", ids):
+    for row in by_ids(db, "SELECT patron_id, barcode, due_date, queued_at, file FROM notices "
+                      "WHERE kind = 'overdue' AND patron_id IN ({ids})", ids):
+        if spool and row[4] and (spool / (row[4][:-len(WAITING_EXT)] + BAD_EXT)).exists():
+            continue
         wrote[(row[0], row[1], row[2])] = local_day(row[3])
     for pid in ids:
         patron = patrons.get(pid)
@@ -3438,13 +3443,13 @@ def run_overdue(settings: Settings, journal: Journal, day: dt.date, now: float,
     if problem and not dry_run:
         raise StaleData(f"Auto-overdue did not run: {problem}")
     if dry_run:
-        return plan_run(db, ov, window, how)
+        return plan_run(db, ov, window, how, settings.spool)
     templates = {kind: load_template(settings, kind) for kind in NOTICE_KINDS}
     lock = FileLock(settings.spool / ".bibliogate-overdue.lock")
     if not lock.acquire():
         raise Busy("Another auto-overdue run is going on right now; try again in a minute.")
     try:
-        run = plan_run(db, ov, window, how)
+        run = plan_run(db, ov, window, how, settings.spool)
         queue_notices(settings, db, run, templates, now, sent_at)
     finally:
         lock.release()

@@ -756,3 +756,17 @@ def test_brothers_and_sisters_with_one_parent_address_get_one_message(tmp_path, 
     assert ("For Cy:\n\nNow overdue:\n- Emma, due 2026-03-01, 1 day overdue\n\n"
             "For Dee:\n\nDue back soon:\n- Holes, due 2026-03-05\n") in body
     assert len(ledger(settings)) == 2
+
+
+def test_no_we_wrote_to_you_about_an_overdue_notice_that_failed_for_good(tmp_path, make_sink):
+    refusing = make_sink(data_reply="550 5.1.1 Mailbox unavailable")
+    settings, journal = setup(tmp_path, loans=[["P1", "B3", "Wonder", days(-1)]],
+                              **{"smtp__port": refusing.port})
+    bg.run_overdue(settings, journal, DAY, at(DAY))
+    bg.Sender(settings, journal).check(limit=0)
+    assert len(list(settings.spool.glob("*.BAD"))) == 1             # the overdue notice
+    import_data(settings, tmp_path, [["P1", "B3", "Wonder", days(-1)]], at(days(2), 5))
+    bg.run_overdue(settings, journal, days(2), at(days(2)))
+    [body] = [m.get_content() for m in queued(settings).values()]
+    assert "Now overdue:\n- Wonder, due 2026-03-01, 3 days overdue\n" in body
+    assert "Still overdue" not in body and "we wrote" not in body.lower()
