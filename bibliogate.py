@@ -2942,7 +2942,8 @@ def days_late(due: dt.date, today: dt.date) -> str:
 
 def render_items(loans, settings: Settings, today: dt.date, barcodes: bool = True) -> str:
     """One line per loan, in the order given: "- Title (barcode B), due D"
-    (without the barcode unless asked) and, once past due, ", N days overdue"."""
+    (the barcode left out with barcodes=False, as in the notices and letters)
+    and, once past due, ", N days overdue"."""
     lines = []
     for loan in loans:
         due = dt.date.fromisoformat(loan["due_date"])
