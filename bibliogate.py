@@ -4261,21 +4261,25 @@ def letters_html(settings: Settings, title: str, note: str, reasons: list[str],
     reason_list = Html("<ul>" + join(render(LETTER_REASON, text=r) for r in reasons) + "</ul>") \
         if reasons else ""
     pages = []
-    for group, members in itertools.groupby(letters, key=lambda x: one_line(x.patron.get("grp") or "")):
-        members = list(members)
-        rows = join(render(COVER_ROW, name=one_line(x.patron["name"]), items=Html("<br>".join(
-            esc(f"{one_line(loan['title'])}, due {show_date(settings, loan['due_date'])}")
-            for loan in x.loans))) for x in members)
-        pages.append(render(COVER_HTML, library=library, today=day, rows=rows,
-                            heading=f"Class {group}" if group else "Pupils without a class",
-                            count=_plural(len(members), "letter")))
-        for x in members:
-            where = f", group {group}" if group else ""
+    for group, found in itertools.groupby(letters, key=lambda x: one_line(x.patron.get("grp") or "")):
+        members = list(found)
+        pages.append(cover_page(settings, group, members, day))
+        for x in members:           # the class, to hand it out; no account number
             pages.append(render(LETTER_HTML, library=library, today=day, to_name=x.to_name,
-                                patron=f"Patron {x.patron['patron_id']}{where}",
+                                patron=f"Class {group}" if group else "",
                                 subject=x.subject, body=x.body.rstrip("\n")))
     return render(LETTERS_PAGE, title=title, note=note, reasons=reason_list,
                   pages=Html("\n".join(pages)))
+
+
+def cover_page(settings: Settings, group: str, members: list[Letter], day: str) -> Html:
+    """A class's cover page: its pupils and their items, for the class teacher."""
+    rows = join(render(COVER_ROW, name=one_line(x.patron["name"]), items=Html("<br>".join(
+        esc(f"{one_line(loan['title'])}, due {show_date(settings, loan['due_date'])}")
+        for loan in x.loans))) for x in members)
+    return render(COVER_HTML, library=settings.library_name, today=day, rows=rows,
+                  heading=f"Class {group}" if group else "Pupils without a class",
+                  count=_plural(len(members), "letter"))
 
 
 def departure_time(start: float, ahead: int, count: int, per_check: int,
