@@ -3583,8 +3583,9 @@ def say_closed(journal: Journal, ov: OverdueSettings, today: dt.date) -> None:
         return
     set_state(journal.db, **{CLOSED_KEY: today.isoformat()})
     journal.event("overdue_closed", f"auto-overdue: no run on {today}, the library is closed "
-                  f"([overdue] closed); the notices falling due today go on "
-                  f"{ov.next_open(today)}, its warnings went on {ov.last_open(today)}")
+                  f"([overdue] closed); the overdue notices and reminders falling due today "
+                  f"go on {ov.next_open(today)}, and its warnings belong to the run of "
+                  f"{ov.last_open(today)}, the last open day before")
 
 
 def import_pending(settings: Settings, now: float) -> bool:

@@ -376,7 +376,8 @@ def test_closed_days_move_notices_to_the_next_run_and_warnings_before(tmp_path):
         bg.overdue_task(gateway, clock())
     closed = [re.search(r"no run on (\S+),", d)[1] for d in events(settings, "overdue_closed")]
     assert closed == ["2026-03-01", "2026-03-03", "2026-03-04"]
-    assert "notices falling due today go on 2026-03-05" in events(settings, "overdue_closed")[1]
+    assert "overdue notices and reminders falling due today go on 2026-03-05" \
+        in events(settings, "overdue_closed")[1]
     assert overdue_days_run(settings) == ["2026-03-02", "2026-03-05", "2026-03-06"]
     by_day = {}
     for name, msg in queued(settings).items():
