@@ -3002,7 +3002,8 @@ _NOTICE_NOTES = """\
 #   ${items}      the items, grouped; ${items_with_barcodes} the same with barcodes
 #   ${item_count} ${overdue_count} ${warning_count} ${earliest_due}
 #   ${item_word} item/items  ${book_word} book/books  ${it_them} it/them
-#   ${is_are} is/are  ${this_these} this/these
+#   ${is_are} is/are  ${this_these} this/these: these follow the number of
+#   overdue items (in a warning, of the items due soon)
 """
 
 NOTICE_TEMPLATE_FIELDS = MappingProxyType({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
@@ -3358,6 +3359,10 @@ def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
     values["overdue_count"] = sum(len(n.groups[g]) for n in members
                                   for g in ("overdue", "reminder", "listed"))
     values["warning_count"] = sum(len(n.groups["warning"]) for n in members)
+    # "your library book below is late back": the words follow the items of
+    # the message's kind (the overdue ones, or the ones due soon), not all.
+    lead = values["warning_count"] if notice.kind == "warning" else values["overdue_count"]
+    values.update({k: v for k, v in wording(lead).items() if k != "item_count"})
     addresses = {address.lower() for _, address in notice.to}
     firsts = [first_name(n.patron) or one_line(n.patron["name"]) for n in members]
     names = [one_line(n.patron["name"]) for n in members]
