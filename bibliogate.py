@@ -3652,9 +3652,18 @@ def status_auto_overdue(settings: Settings, db: sqlite3.Connection) -> str:
     ov = settings.overdue
     if not ov.enabled:
         return "off ([overdue] enabled = no); `overdue` runs it by hand"
-    text = f"on, every open day at {ov.run_at:%H:%M}, to {ov.send_to}"
+    text = (f"on, every open day at {ov.run_at:%H:%M}, to {ov.send_to}; next run "
+            f"{next_run_day(ov, get_state(db, SCHEDULE_KEY), dt.datetime.now())}")
     held = get_state(db, HELD_KEY)
     return text + (f"; HELD BACK: {held[2]}" if held else "")
+
+
+def next_run_day(ov: OverdueSettings, last: str | None, now: dt.datetime) -> dt.date:
+    """The day of the next scheduled run (closed days have none)."""
+    today = now.date()
+    if not ov.closed(today) and (last is None or last < today.isoformat()):
+        return today
+    return ov.next_open(today)
 
 
 def status_last_run(settings: Settings, db: sqlite3.Connection) -> str:

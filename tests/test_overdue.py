@@ -772,3 +772,12 @@ def test_no_we_wrote_to_you_about_an_overdue_notice_that_failed_for_good(tmp_pat
     [body] = [m.get_content() for m in queued(settings).values()]
     assert "Now overdue:\n- Wonder, due 2026-03-01, 3 days overdue\n" in body
     assert "Still overdue" not in body and "we wrote" not in body.lower()
+
+
+def test_status_says_when_the_next_run_is():
+    weekends = bg.OverdueSettings(closed_weekdays=frozenset({5, 6}))
+    friday = dt.datetime.combine(days(4), dt.time(9))
+    assert bg.next_run_day(weekends, days(3).isoformat(), friday) == days(4)
+    assert bg.next_run_day(weekends, days(4).isoformat(), friday) == days(7)     # Monday
+    saturday = dt.datetime.combine(days(5), dt.time(9))
+    assert bg.next_run_day(weekends, days(4).isoformat(), saturday) == days(7)
