@@ -41,7 +41,8 @@ LIBRARY = "library@school.example"
 HEADINGS = {"Now overdue:": "overdue",
             "Still overdue (we wrote to you about these before):": "reminder",
             "Also overdue:": "listed", "Due back soon:": "warning"}
-ITEM_RE = re.compile(r"^- (?P<title>.+?)(?: \(barcode \S+\))?, due (?P<due>\d{4}-\d\d-\d\d)")
+ITEM_RE = re.compile(r"^- (?P<title>.+?)(?: \(barcode \S+\))?, due (?P<due>\d{4}-\d\d-\d\d)"
+                     r"(?:.*\(we wrote on (?P<wrote>\d{4}-\d\d-\d\d)\))?")
 #: Before one message held every kind, the subject said which (kept so that
 #: this test shows what the old scheduler lost, not only that it differs).
 OLD_SUBJECTS = (("reminder", "reminder"), ("overdue", "overdue"), ("due back", "warning"))
@@ -168,6 +169,8 @@ def parse(received):
             current = HEADINGS[line]
         elif current and (m := ITEM_RE.match(line)):
             groups[current].append((m["title"], dt.date.fromisoformat(m["due"])))
+            if m["wrote"]:
+                groups["wrote"].append((m["title"], dt.date.fromisoformat(m["wrote"])))
         elif not line.strip():
             current = None
     if not any(groups.values()):
@@ -270,6 +273,10 @@ def test_a_school_month_through_the_scheduler(tmp_path, sink):
         assert rcpt == tuple(sorted({by_pid[p][2] or by_pid[p][3] for p in owners}))
     assert families >= 3                                 # one message to a shared address
     assert days_sent == expected
+    # ... and each reminder names the day the overdue notice was written.
+    wrote = {(titles[t], day) for _, _, blocks in lists for g in blocks for t, day in g["wrote"]}
+    assert wrote == {(b, expected[(b, due, "overdue")]) for (b, due, kind) in expected
+                     if kind == "reminder"}
     # "We wrote to you" is true: the overdue notice went on an earlier day.
     for (barcode, due, kind), day in expected.items():
         if kind == "reminder":
