@@ -180,9 +180,9 @@ class BibliogateError(Exception):
 class SettingsError(BibliogateError):
     """The settings cannot be used; ``problems`` lists every sentence."""
 
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class TemplateError(BibliogateError):
@@ -3903,7 +3903,7 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
 
 def day_digest(gateway: Gateway, day: str, by_kind: dict, bad_now: int) -> tuple[list, list]:
     """(what needs the librarian, the day in plain lines) for the daily log."""
-    s, needs = gateway.settings, []
+    s, needs = gateway.settings, []     # type: Settings, list[str]
     lines = [f"{_plural(len(by_kind.get('sent', [])), 'message')} sent."]
     if by_kind.get("bad"):
         lines.append(f"{_plural(len(by_kind['bad']), 'message')} could not be sent: the "
@@ -6197,10 +6197,10 @@ def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, a
                 f"then leave {rate}.")
     if not run_is_active(settings.ini_path):
         wait = departure_time(0, ahead, count, settings.per_check, settings.interval)
-        last = (f"the last leaves about {_duration(wait)} after that" if wait else
-                "they all leave at its first check")
+        after = (f"the last leaves about {_duration(wait)} after that" if wait else
+                 "they all leave at its first check")
         return (f"{queued}; BiblioGate is not running, so they leave once `python "
-                f"bibliogate.py run` starts: {rate} {last}.")
+                f"bibliogate.py run` starts: {rate} {after}.")
     next_check = get_state(db, "next_check")
     start = next_check if isinstance(next_check, (int, float)) and next_check > now else now
     last = departure_time(start, ahead, count, settings.per_check, settings.interval)
@@ -6332,7 +6332,8 @@ def fit_body(body: str, limit: int = MAILTO_BODY_LIMIT) -> str:
         return body
     lines = body.rstrip("\n").split("\n")
     items_left = sum(1 for line in lines if line.startswith("- "))
-    kept, used = [], 0
+    kept: list[str] = []
+    used = 0
     for line in lines:
         note = fit_note(items_left)
         cost = len(_encode(line + "\n"))
@@ -6899,7 +6900,7 @@ def update_ini_text(text: str, changes: dict) -> str:
         replacing = False
         comment = _COMMENT_RE.search(body)
         header = _SECTION_RE.fullmatch((body[:comment.start()] if comment else body).strip())
-        match = _KEY_RE.fullmatch(body) if section and not header else None
+        match: re.Match | None = _KEY_RE.fullmatch(body) if section and not header else None
         if header:
             section = header.group("name")
             ends[section] = len(out) + 1
@@ -7376,7 +7377,8 @@ def form_values(raw: dict) -> dict:
 def sort_problems(problems: Iterable[str]) -> tuple[dict, list]:
     """Problems as {form field: first sentence about it} and the others."""
     names = {f.name for f in SETTINGS_FIELDS}
-    by_field, other = {}, []
+    by_field: dict[str, str] = {}
+    other: list[str] = []
     for problem in problems:
         match = _PROBLEM_KEY_RE.match(problem)
         name = f"{match.group(1)}.{match.group(2)}" if match else None
@@ -7430,7 +7432,7 @@ def secret_moved(changes: dict, raw: dict, typed: bool) -> dict:
 
 
 def check_settings_form(form: dict, text: str, ini_path: Path,
-                        current: list[str]) -> tuple[str, dict, list, list]:
+                        current: Iterable[str]) -> tuple[str, dict, list, list]:
     """Decide a Save: (new ini text, field errors, other errors, changed keys).
     The would-be text is checked by load_settings itself, so the page and a
     hand edit are judged alike. A problem with no field on the form blocks
@@ -7808,7 +7810,7 @@ def state_box(ctx: PageContext, settings: Settings) -> Html:
         state, reason = "stopped", "the settings need attention:"
     try:
         view = ctx.server.spool_view()
-        waiting, bad = view.waiting, len(view.bad)
+        waiting, bad = str(view.waiting), str(len(view.bad))
     except SpoolError:
         waiting = bad = "?"
     last = get_state(ctx.db, "last_check")
@@ -8072,7 +8074,8 @@ def health(ctx: PageContext, detail: str = "full") -> dict:
     state, reason = g.sender_state or ("not started", "")
     try:
         view = ctx.server.spool_view()
-        waiting, bad = view.waiting, len(view.bad)
+        waiting: int | None = view.waiting
+        bad: int | None = len(view.bad)
     except SpoolError as exc:
         waiting = bad = None
         reason = f"{reason} {exc}"
