@@ -1575,6 +1575,8 @@ _TEMPLATES: dict[tuple, MessageTemplate] = {}
 
 
 def load_template(settings: Settings, kind: str) -> MessageTemplate:
+    """The checked template of one kind, read again only when its file changes. Raises
+    TemplateError (naming the file and line) when it is missing, unreadable or wrong."""
     path = settings.templates / f"{kind}.txt"
     try:
         st = path.stat()
@@ -1674,11 +1676,11 @@ def body_part(body: str) -> tuple[str, bytes]:
 
 def compose(settings: Settings, to: str | list, subject: str, body: str, to_name: str = "",
             now: float | None = None) -> bytes:
-    """A complete message of our own, ready for the spool. The names and
-    addresses come from data a patron may have typed: they pass through
-    one_line and the email package's encoders, so they can never add a
-    header. (Written by hand rather than with EmailMessage, which is five
-    times slower: the overdue job of a big district writes thousands.)"""
+    """A complete message of our own, ready for the spool. The names and addresses come from
+    data a patron may have typed: they pass through one_line and the email package's
+    encoders, so they can never add a header. (Written by hand rather than with
+    EmailMessage, which is five times slower: the overdue job of a big district writes
+    thousands.) Raises BadMessage when `to` is not an email address."""
     pairs = to if isinstance(to, list) else [(to_name, to)]     #: several: [(name, address)]
     for _, address in pairs:
         if not valid_address(address):
@@ -1758,9 +1760,9 @@ def file_date(queued_at: float) -> str:
 
 
 def message_text(raw: bytes) -> tuple[bytes, str]:
-    """The file's bytes as a message, and the encoding its byte-order mark
-    named ("" if none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as
-    PowerShell 5.1's Out-File writes it, becomes UTF-8."""
+    """The file's bytes as a message, and the encoding its byte-order mark named ("" if
+    none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as PowerShell 5.1's Out-File
+    writes it, becomes UTF-8. Raises BadMessage when a UTF-16 file is broken."""
     if raw.startswith(UTF8_BOM):
         return raw[len(UTF8_BOM):], "UTF-8"
     encoding = "utf-16" if raw[:2] in UTF16_BOMS else \
@@ -2342,7 +2344,9 @@ def read_reason(bad: Path) -> str | None:
 
 
 def resolve_in_spool(folder: Path, name: str) -> Path:
-    """The spool file called name; never a path outside the spool folder."""
+    """The spool file called name; never a path outside the spool folder. Raises SpoolError,
+    a sentence for the librarian, when there is no such message, it is being sent, or it is
+    not a plain file."""
     if not name or name != Path(name).name or name in (".", "..") or "/" in name or "\\" in name:
         raise SpoolError(f"{name!r} is not a file name in the spool folder; use a name as "
                          "`queue` shows it.")
@@ -2362,7 +2366,8 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
 
 
 def retry_bad(folder: Path, name: str) -> Path:
-    """Put a .BAD file back in the queue as .TMP; returns the new path."""
+    """Put a .BAD file back in the queue as .TMP; returns the new path. Raises SpoolError
+    when it is already waiting, was removed meanwhile, or cannot be renamed."""
     bad = resolve_in_spool(folder, name)
     if not is_bad_name(name):
         raise SpoolError(f"{name} is already waiting to be sent.")
@@ -2500,7 +2505,9 @@ def connect(settings: Settings, tokens: "TokenCache | None" = None,
 
 
 def open_smtp(settings: Settings) -> smtplib.SMTP:
-    """Connected, greeted (EHLO) and encrypted as [smtp] security says."""
+    """Connected, greeted (EHLO) and encrypted as [smtp] security says. Raises SenderProblem
+    (``lasting`` when the settings must change) when the server cannot be reached, greeted
+    or encrypted with."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     name = settings.ehlo or None
     smtp: smtplib.SMTP
@@ -2648,8 +2655,10 @@ def rcpt_settings_refusal(t: Transaction, settings: Settings) -> SettingsRefused
 
 def log_in(smtp: smtplib.SMTP, settings: Settings, tokens: "TokenCache",
            clock: Callable[[], float]) -> None:
-    """One login, with one mechanism: smtplib's login() would try the next
-    mechanism after a refusal, and two refusals a check lock accounts."""
+    """One login, with one mechanism: smtplib's login() would try the next mechanism after a
+    refusal, and two refusals a check lock accounts. Raises SettingsRefused when the server
+    offers no login we can use or refuses this one; SenderProblem when the connection
+    breaks."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     if not smtp.has_extn("auth"):
         raise SettingsRefused(f"The SMTP server {where} does not offer a login (no AUTH"
@@ -5942,7 +5951,7 @@ def letter_ledger(db: sqlite3.Connection) -> dict:
 
 def check_letter_request(db: sqlite3.Connection, kind: str, group: str | None,
                          output: str) -> None:
-    """Refuse an unknown letter, output or group, with the choices."""
+    """Refuse an unknown letter, output or group, with the choices. Raises UsageError."""
     if kind not in LETTER_KINDS:
         raise UsageError(f"{kind!r} is not a letter report; use {', '.join(LETTER_KINDS[:-1])} "
                          f"or {LETTER_KINDS[-1]}.")
@@ -6054,7 +6063,8 @@ def queue_letter(settings: Settings, db: sqlite3.Connection, run: LetterRun, let
 
 def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
                   today: dt.date, now: float) -> Path:
-    """Write the print file, then record its letters (not for a preview)."""
+    """Write the print file, then record its letters (not for a preview). Raises
+    BibliogateError when the letters folder cannot be written."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     stem = f"{run.kind}{'-guardian' if run.guardian else ''}-{stamp}"
     if run.preview:
@@ -6386,8 +6396,8 @@ def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
 
 
 def open_link(url: str, windows: bool = os.name == "nt") -> None:
-    """Hand a mailto: link to the default mail program, as the Circulation
-    [Email] button does."""
+    """Hand a mailto: link to the default mail program, as the Circulation [Email] button
+    does. Raises BibliogateError when no program here opens it."""
     if windows and hasattr(os, "startfile"):
         try:
             os.startfile(url)
@@ -6441,7 +6451,8 @@ def noted(detail: str, by: str) -> str:
 
 
 def queue_test(settings: Settings, to: str, now: float) -> Path:
-    """Queue the test message (the tech note's [Test] button)."""
+    """Queue the test message (the tech note's [Test] button). Raises BibliogateError when
+    there is no valid test address."""
     if not valid_address(to):
         raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
                               "--to name@school.example." if not to else
@@ -6946,8 +6957,9 @@ def read_ini(path: Path) -> tuple[str, str]:
 
 
 def save_ini_text(path: Path, text: str) -> None:
-    """Replace bibliogate.ini whole or not at all, keeping its permissions
-    (it holds the SMTP password)."""
+    """Replace bibliogate.ini whole or not at all, keeping its permissions (it holds the
+    SMTP password). Raises BibliogateError when the file cannot be written; the old one is
+    then unchanged."""
     try:
         mode = path.stat().st_mode & 0o7777
     except OSError:
@@ -8295,6 +8307,7 @@ POST_ACTIONS = MappingProxyType({
 # section's opening comment gives); each refuses with a PageRefusal.
 
 def check_host(host: str, server: PageServer) -> None:
+    """Refuse a request for another host name (DNS rebinding). Raises PageRefusal."""
     if not host_allowed(host, server.address, server.port):
         raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
                           f"This page answers only at {server.url} (bibliogate.ini "
@@ -8302,9 +8315,9 @@ def check_host(host: str, server: PageServer) -> None:
 
 
 def check_origin(headers) -> None:
-    """Refuse a post from another site. Under our no-referrer policy a browser
-    sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
-    page can set, then tells, and for a browser without it the form token."""
+    """Refuse a post from another site. Under our no-referrer policy a browser sends
+    "Origin: null" even from this page; Sec-Fetch-Site, which no web page can set, then
+    tells, and for a browser without it the form token. Raises PageRefusal."""
     origin = headers.get("Origin", "").strip().lower()
     site = headers.get("Sec-Fetch-Site")
     own = "http://" + headers.get("Host", "").strip().lower()
@@ -8314,7 +8327,8 @@ def check_origin(headers) -> None:
 
 
 def check_token(session: PageSession | None, form: dict) -> PageSession:
-    """The session a form was posted in, if its token is the session's."""
+    """The session a form was posted in, if its token is the session's. Raises PageRefusal
+    when it is not."""
     if session is None or not hmac.compare_digest(form.get("token", "").encode(),
                                                   session.token.encode()):
         raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
@@ -8324,7 +8338,8 @@ def check_token(session: PageSession | None, form: dict) -> PageSession:
 
 
 def form_length(header: str) -> int:
-    """A form's Content-Length, if the page takes a form that long."""
+    """A form's Content-Length, if the page takes a form that long. Raises PageRefusal when
+    it has none, or too long a one."""
     if not (header.isascii() and header.isdigit()):      # "²".isdigit() is true
         raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
     # int() refuses 4,300 digits and more, so a long number is refused first.
@@ -8335,9 +8350,9 @@ def form_length(header: str) -> int:
 
 
 def check_login_token(cookie_header: str, name: str, form: dict) -> PageSession:
-    """Before a login there is no session: the login form's token is the
-    login cookie's value (a page of another site can read neither), and the
-    visitor a session that is never stored."""
+    """Before a login there is no session: the login form's token is the login cookie's
+    value (a page of another site can read neither), and the visitor a session that is never
+    stored. Raises PageRefusal when the token does not match."""
     token = cookie_value(cookie_header, name)
     if not token or not hmac.compare_digest(form.get("token", "").encode(), token.encode()):
         raise PageRefusal(HTTPStatus.FORBIDDEN, "This login form is out of date. Open the "
@@ -8365,7 +8380,8 @@ def cookie_value(header: str, name: str) -> str:
 
 
 def parse_form(data: bytes) -> dict:
-    """The fields (first value of each) of an urlencoded form."""
+    """The fields (first value of each) of an urlencoded form. Raises PageRefusal when it
+    cannot be read."""
     try:
         fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
                                        max_num_fields=200)
@@ -8375,7 +8391,8 @@ def parse_form(data: bytes) -> dict:
 
 
 def parse_query(query: str) -> dict:
-    """The fields (first value of each) of an address's query."""
+    """The fields (first value of each) of an address's query. Raises PageRefusal when it
+    has too many parts."""
     try:
         return {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=20).items()}
     except ValueError:
@@ -8603,8 +8620,9 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
 
 def start_page(gateway: Gateway) -> PageServer | None:
-    """Serve the config page from a thread of its own, if [web] allows it.
-    When it cannot start, the reason is logged and the gateway sends anyway."""
+    """Serve the config page from a thread of its own, if [web] allows it. When it cannot
+    start (a setting that is not safe, a port in use), the reason is logged, None is
+    returned and the gateway sends anyway: it raises nothing."""
     s = gateway.settings
     try:
         address, port = web_address(s)
@@ -8743,9 +8761,10 @@ class TaskPlan:
 
 def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOWS,
               executable: str = sys.executable, script: str = __file__) -> TaskPlan:
-    """The plan for this ini. On Windows pythonw.exe, beside python.exe, runs
-    it when it is there (no console window); the account is SYSTEM unless
-    `user` names another. On Linux the account is the one running this."""
+    """The plan for this ini. On Windows pythonw.exe, beside python.exe, runs it when it is
+    there (no console window); the account is SYSTEM unless `user` names another. On Linux
+    the account is the one running this. Raises UsageError when the paths cannot go into a
+    command line."""
     if not executable:
         raise UsageError("Python did not say where its program is; run this command with the "
                          "full path of python.exe (or python3).")
@@ -8765,7 +8784,8 @@ def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOW
 
 
 def windows_plan_problems(plan: TaskPlan) -> None:
-    """Refuse, before anything is registered, what the task could not start."""
+    """Refuse, before anything is registered, what the task could not start. Raises
+    UsageError."""
     if "WindowsApps" in plan.program.parts or "windowsapps" in str(plan.program).lower():
         raise UsageError(f"{plan.program} is the Microsoft Store Python, which a scheduled "
                          "task running as SYSTEM cannot start. Install Python from python.org "
@@ -8901,7 +8921,8 @@ WantedBy=multi-user.target
 
 
 def run_program(argv: list[str], quiet: bool = False) -> int:
-    """Run a system tool (schtasks) and return its exit status."""
+    """Run a system tool (schtasks) and return its exit status. Raises BibliogateError when
+    the tool cannot be started."""
     import subprocess
     out = subprocess.DEVNULL if quiet else None
     try:
@@ -9080,8 +9101,8 @@ def _install_systemd(settings: Settings, plan: TaskPlan, print_only: bool) -> in
 
 def uninstall_task(settings: Settings, windows: bool = IS_WINDOWS,
                    runner: Callable[..., int] = run_program) -> int:
-    """`uninstall-task`: stop and remove the scheduled task (Windows), or say
-    how to remove the systemd unit (Linux)."""
+    """`uninstall-task`: stop and remove the scheduled task (Windows), or say how to remove
+    the systemd unit (Linux). Raises BibliogateError when Windows does not remove it."""
     name = TASK_NAME.lower()
     if not windows:
         print("To stop BiblioGate starting at boot, run as root:")
@@ -9134,7 +9155,8 @@ def watch_stop_file(path: Path, stop: threading.Event, every: float = TICK_SECON
 
 def request_stop(ini_path: Path, wait: float = STOP_WAIT_SECONDS,
                  sleep: Callable[[float], None] = time.sleep) -> bool:
-    """Ask the `run` of this ini to stop; True once it has (or none was running)."""
+    """Ask the `run` of this ini to stop; True once it has (or none was running). Raises
+    BibliogateError when the request cannot be written."""
     if not run_is_active(ini_path):
         return True
     try:
