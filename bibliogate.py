@@ -181,9 +181,9 @@ class BibliogateError(Exception):
 class SettingsError(BibliogateError):
     """The settings cannot be used; ``problems`` lists every sentence."""
 
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class TemplateError(BibliogateError):
@@ -334,6 +334,7 @@ overdue_days = 1
 reminder_days = 3
 closed =                ; days with no run: weekdays and dates, e.g. sat, sun, 2026-12-18..2027-01-28
 max_data_age_hours = 36 ; refuse to send notices from loans imported longer ago than this
+send_to = patron        ; patron | guardian | both | patron_else_guardian
 
 [library]
 name =                  ; used in templates
@@ -365,6 +366,10 @@ DEFAULTS = _defaults()
 
 SECURITY_CHOICES = ("none", "starttls", "tls")
 AUTH_CHOICES = ("password", "oauth2")
+#: Who receives the auto-overdue notices ([overdue] send_to).
+SEND_TO_CHOICES = ("patron", "guardian", "both", "patron_else_guardian")
+#: How far the search for the next or last open day looks (a year and more).
+OPEN_DAY_SEARCH = 400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,17 +383,26 @@ class OverdueSettings:
     closed_weekdays: frozenset = frozenset()    #: 0 is Monday
     closed_dates: tuple = ()                    #: (first, last) pairs, both days closed
     max_data_age_hours: float = 36.0
+    send_to: str = "patron"                     #: one of SEND_TO_CHOICES
     problems: tuple = ()                        #: the sentences about this section
 
     def closed(self, day: dt.date) -> bool:
         return (day.weekday() in self.closed_weekdays
                 or any(first <= day <= last for first, last in self.closed_dates))
 
-    def due_dates(self, day: dt.date) -> dict[str, dt.date]:
-        """The due date each kind of notice looks for on day."""
-        return {"warning": day + dt.timedelta(days=self.warning_days),
-                "overdue": day - dt.timedelta(days=self.overdue_days),
-                "reminder": day - dt.timedelta(days=self.reminder_days)}
+    def next_open(self, day: dt.date) -> dt.date:
+        """The first day after `day` the auto-overdue job runs."""
+        for n in range(1, OPEN_DAY_SEARCH):
+            if not self.closed(day + dt.timedelta(days=n)):
+                return day + dt.timedelta(days=n)
+        return day + dt.timedelta(days=1)
+
+    def last_open(self, day: dt.date) -> dt.date:
+        """The last day before `day` the auto-overdue job runs."""
+        for n in range(1, OPEN_DAY_SEARCH):
+            if not self.closed(day - dt.timedelta(days=n)):
+                return day - dt.timedelta(days=n)
+        return day - dt.timedelta(days=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,11 +485,13 @@ def parse_closed(text: str) -> tuple[frozenset, tuple, list[str]]:
                 bad.append(f"the range {item!r} ends before it starts")
             else:
                 ranges.append((a, b))
-        elif iso_date(item):
-            ranges.append((iso_date(item), iso_date(item)))
+        elif (day := iso_date(item)) is not None:
+            ranges.append((day, day))
         else:
             bad.append(f"{item!r} is not a weekday (mon, tue, ... sun), a date (2026-12-18) "
                        "or a range of dates (2026-12-18..2027-01-28)")
+    if len(weekdays) == 7:
+        bad.append("every weekday is closed, so notices would never go")
     return frozenset(weekdays), tuple(ranges), bad
 
 
@@ -504,6 +520,12 @@ def read_overdue(r: _Reader, date_format: str) -> OverdueSettings:
     age = r.number("overdue", "max_data_age_hours", float, 1, 24 * 366,
                    "Use hours such as 36 (a day and a half: one missed nightly export "
                    "does not stop the notices).", 36.0)
+    send_to = r.text("overdue", "send_to").lower() or "patron"
+    if send_to not in SEND_TO_CHOICES:
+        r.problems.append(ini_problem("overdue", "send_to", send_to, "must be patron, guardian, "
+                                      "both or patron_else_guardian (the guardian when the "
+                                      "patron has no address)."))
+        send_to = "patron"
     fmt = date_format
     if "%" in fmt:
         sample = dt.date(2026, 12, 25)          # a day above 12 shows day and month apart
@@ -518,7 +540,7 @@ def read_overdue(r: _Reader, date_format: str) -> OverdueSettings:
                                           "as %d/%m/%Y."))
     return OverdueSettings(enabled in ("yes", "true", "on", "1"), run_at, days["warning_days"],
                            days["overdue_days"], days["reminder_days"], weekdays, ranges,
-                           age, tuple(r.problems[before:]))
+                           age, send_to, tuple(r.problems[before:]))
 
 
 def ini_problem(section: str, key: str, value: str, what: str) -> str:
@@ -563,7 +585,7 @@ class _Reader:
             default = DEFAULTS[section][key]
             self.problems.append(ini_problem(section, key, value, f"not a usable path. Write a "
                                              f"name such as {default}, or a full path."))
-            path = absolute(base, default)
+            path = absolute(base, default) or base / default
         return path
 
 
@@ -587,7 +609,8 @@ def parse_ini_text(text: str, ini_path: Path) -> tuple[dict, list]:
         problems += [f"{ini_path.name} line {n}: {shown_line(lines[n - 1])!r} is not 'key = value' "
                      "nor a [section]. Fix or delete that line." for n, _ in exc.errors]
     except configparser.Error as exc:
-        where = f" line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+        lineno = getattr(exc, "lineno", None)
+        where = f" line {lineno}" if lineno else ""
         return {}, [f"{ini_path.name}{where} cannot be read: {exc.message.splitlines()[0]} "
                     "Fix that line, or delete the file to have a fresh one written."]
     raw = {}
@@ -986,7 +1009,7 @@ def folder_usable(folder: Path) -> bool:
 
 # Locks #######################################################################
 
-if os.name == "nt":
+if sys.platform == "win32":        # (as mypy reads it: os.name == "nt")
     import msvcrt
 
     def _try_lock(fd: int) -> bool:
@@ -1020,7 +1043,8 @@ class FileLock:
     gateway never leaves a stale lock behind."""
 
     def __init__(self, path: Path):
-        self.path, self.fd = Path(path), None
+        self.path = Path(path)
+        self.fd: int | None = None
 
     def acquire(self) -> bool:
         """Take the lock if it is free; False if another process holds it."""
@@ -1081,6 +1105,11 @@ CREATE TABLE IF NOT EXISTS patrons (
     guardian_email TEXT NOT NULL DEFAULT '', grp TEXT NOT NULL DEFAULT '',
     auto_overdue INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS patrons_grp ON patrons(grp);
+-- a value changed on the config page, kept across imports while the
+-- imported value stays what it was when the edit was made
+CREATE TABLE IF NOT EXISTS patron_edits (
+    patron_id TEXT NOT NULL, field TEXT NOT NULL, value TEXT NOT NULL,
+    imported TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (patron_id, field));
 -- the loans out now: each import replaces them all
 CREATE TABLE IF NOT EXISTS loans (
     barcode TEXT PRIMARY KEY, patron_id TEXT NOT NULL, title TEXT NOT NULL,
@@ -1105,7 +1134,68 @@ def open_db(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.executescript(SCHEMA)
+    upgrade_schema(conn)
     return conn
+
+
+def upgrade_schema(conn: sqlite3.Connection) -> None:
+    """Columns added since a database was made: patrons.first_name."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(patrons)")}
+    if "first_name" not in columns:
+        with contextlib.suppress(sqlite3.OperationalError):    # another process added it
+            with conn:
+                conn.execute("ALTER TABLE patrons ADD COLUMN first_name TEXT NOT NULL DEFAULT ''")
+
+
+# -- patron edits made on the config page ----------------------------------------
+# Kept across patrons.csv imports while the library system's value stays what
+# it was when the edit was made; a new value there wins, and ends the edit.
+
+#: The fields whose page edits are kept across imports.
+KEPT_EDITS = ("email", "guardian_email", "auto_overdue")
+
+
+def record_patron_edit(db: sqlite3.Connection, patron_id: str, field: str, old, new,
+                       now: float) -> None:
+    """Remember an edit (inside the caller's transaction); one back to the
+    imported value is no edit at all."""
+    row = db.execute("SELECT imported FROM patron_edits WHERE patron_id = ? AND field = ?",
+                     (patron_id, field)).fetchone()
+    imported = row[0] if row else str(old)
+    if str(new) == imported:
+        db.execute("DELETE FROM patron_edits WHERE patron_id = ? AND field = ?", (patron_id, field))
+    else:
+        db.execute("INSERT OR REPLACE INTO patron_edits(patron_id, field, value, imported, at) "
+                   "VALUES (?,?,?,?,?)", (patron_id, field, str(new), imported, now))
+
+
+def keep_patron_edits(db: sqlite3.Connection, staged: str) -> int:
+    """Put the page's edits into the staged import rows (table `staged`,
+    with the patrons columns) where the file still has the value the edit
+    replaced; forget the others. Returns how many were kept."""
+    kept = 0
+    edits = db.execute("SELECT patron_id, field, value, imported FROM patron_edits").fetchall()
+    if edits:                   # one look-up per edit: not a scan of the file each time
+        db.execute(f"CREATE INDEX IF NOT EXISTS temp.staged_patron ON {staged.split('.')[-1]}"
+                   "(patron_id)")
+    for pid, field, value, imported in edits:
+        if field not in KEPT_EDITS:     # only these are ever written; a column name in SQL
+            continue
+        row = db.execute(f"SELECT {field} FROM {staged} WHERE patron_id = ?", (pid,)).fetchone()
+        if row is None or row[0] is None:
+            continue                # not in this file, or the file has no such column
+        if str(row[0]) == imported:
+            db.execute(f"UPDATE {staged} SET {field} = ? WHERE patron_id = ?",
+                       (int(value) if field == "auto_overdue" else value, pid))
+            kept += 1
+        else:
+            db.execute("DELETE FROM patron_edits WHERE patron_id = ? AND field = ?", (pid, field))
+    return kept
+
+
+def edited_fields(db: sqlite3.Connection, patron_id: str) -> set:
+    return {r[0] for r in db.execute("SELECT field FROM patron_edits WHERE patron_id = ?",
+                                     (patron_id,))}
 
 
 # -- durability in groups (the sender) -----------------------------------------
@@ -1420,7 +1510,8 @@ CORE_TEMPLATE_FIELDS = MappingProxyType({
     "test": frozenset({"library_name", "to_address", "from_address", "smtp_host", "queued_at"}),
     "daily_log": frozenset({"library_name", "day", "sent_count", "bad_count", "deferred_count",
                             "waiting_count", "waiting_bad_count", "oldest_waiting", "bad_list",
-                            "refused_list", "sender_stops", "activity", "log_lines"}),
+                            "refused_list", "sender_stops", "activity", "log_lines",
+                            "attention", "summary"}),
 })
 
 #: The default text of each of the gateway's own templates.
@@ -1447,10 +1538,17 @@ If you can read this, library email works. No reply is needed.
 # Placeholders: ${library_name} ${day} ${sent_count} ${bad_count} ${deferred_count}
 #   ${waiting_count} ${waiting_bad_count} ${oldest_waiting} ${bad_list} ${refused_list}
 #   ${sender_stops} ${activity} ${log_lines}
-Subject: BiblioGate daily log for ${day}: ${sent_count} sent, ${bad_count} failed
+#   ${attention}  "ACTION NEEDED: ... " when something needs you, else nothing
+#   ${summary}    the day in a few plain lines: sent, not sent and why, who
+#                 could not be reached, what needs you
+Subject: ${attention}BiblioGate daily log for ${day}: ${sent_count} sent, ${bad_count} failed
 
 This is the daily log of the ${library_name} email gateway for ${day}.
 If one morning this message does not arrive, library email needs attention.
+
+${summary}
+
+The details:
 
 Sent:                        ${sent_count}
 Failed for good (.BAD):      ${bad_count}
@@ -1540,6 +1638,8 @@ _TEMPLATES: dict[tuple, MessageTemplate] = {}
 
 
 def load_template(settings: Settings, kind: str) -> MessageTemplate:
+    """The checked template of one kind, read again only when its file changes. Raises
+    TemplateError (naming the file and line) when it is missing, unreadable or wrong."""
     path = settings.templates / f"{kind}.txt"
     try:
         st = path.stat()
@@ -1637,21 +1737,24 @@ def body_part(body: str) -> tuple[str, bytes]:
     return "quoted-printable", encoded.encode("ascii")
 
 
-def compose(settings: Settings, to: str, subject: str, body: str, to_name: str = "",
+def compose(settings: Settings, to: str | list, subject: str, body: str, to_name: str = "",
             now: float | None = None) -> bytes:
-    """A complete message of our own, ready for the spool. The names and
-    addresses come from data a patron may have typed: they pass through
-    one_line and the email package's encoders, so they can never add a
-    header. (Written by hand rather than with EmailMessage, which is five
-    times slower: the overdue job of a big district writes thousands.)"""
-    if not valid_address(to):
-        raise BadMessage(f"{to!r} is not an email address.")
+    """A complete message of our own, ready for the spool. The names and addresses come from
+    data a patron may have typed: they pass through one_line and the email package's
+    encoders, so they can never add a header. (Written by hand rather than with
+    EmailMessage, which is five times slower: the overdue job of a big district writes
+    thousands.) Raises BadMessage when `to` is not an email address."""
+    pairs = to if isinstance(to, list) else [(to_name, to)]     #: several: [(name, address)]
+    for _, address in pairs:
+        if not valid_address(address):
+            raise BadMessage(f"{address!r} is not an email address.")
     sender = settings.from_address or "bibliogate@localhost"
     domain = sender.rpartition("@")[2] or "localhost"
     cte, data = body_part(body)
     headers = [
         ("From", email.utils.formataddr((one_line(settings.library_name), sender), "utf-8")),
-        ("To", email.utils.formataddr((one_line(to_name), to), "utf-8")),
+        ("To", ",\r\n ".join(email.utils.formataddr((one_line(name), address), "utf-8")
+                              for name, address in pairs)),
         ("Subject", header_value(subject, "Subject")),
         ("Date", email.utils.formatdate(now, localtime=True)),
         ("Message-ID", f"<{time.time_ns()}.{secrets.token_hex(6)}.bibliogate@{domain}>"),
@@ -1720,9 +1823,9 @@ def file_date(queued_at: float) -> str:
 
 
 def message_text(raw: bytes) -> tuple[bytes, str]:
-    """The file's bytes as a message, and the encoding its byte-order mark
-    named ("" if none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as
-    PowerShell 5.1's Out-File writes it, becomes UTF-8."""
+    """The file's bytes as a message, and the encoding its byte-order mark named ("" if
+    none): Notepad's "UTF-8 with BOM" loses the BOM; UTF-16, as PowerShell 5.1's Out-File
+    writes it, becomes UTF-8. Raises BadMessage when a UTF-16 file is broken."""
     if raw.startswith(UTF8_BOM):
         return raw[len(UTF8_BOM):], "UTF-8"
     encoding = "utf-16" if raw[:2] in UTF16_BOMS else \
@@ -1768,7 +1871,10 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     if not fields or not HEADER_LINE_RE.match(fields[0]):
         raise BadMessage("this is not an email message: it must start with header lines "
                          "such as 'To: patron@example.org', then a blank line, then the text.")
-    recipients, invalid, kept, seen = [], [], [], set()
+    recipients: list[str] = []
+    invalid: list[str] = []
+    kept: list[bytes] = []
+    seen: set[str] = set()
     subject = message_id = ""
     names = set()
     for line in fields:
@@ -1791,7 +1897,12 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
             message_id = value
         if name not in REPLACED_HEADERS:
             kept.append(line)
-    recipients = [a for a in recipients if not (a.lower() in seen or seen.add(a.lower()))]
+    unique = []
+    for address in recipients:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            unique.append(address)
+    recipients = unique
     if not recipients:
         what = f"no valid recipient ({', '.join(invalid)} is not an address)" if invalid else \
             "no recipient: it has no To, Cc or Bcc address"
@@ -2490,7 +2601,9 @@ def read_reason(bad: Path) -> str | None:
 
 
 def resolve_in_spool(folder: Path, name: str) -> Path:
-    """The spool file called name; never a path outside the spool folder."""
+    """The spool file called name; never a path outside the spool folder. Raises SpoolError,
+    a sentence for the librarian, when there is no such message, it is being sent, or it is
+    not a plain file."""
     if not name or name != Path(name).name or name in (".", "..") or "/" in name or "\\" in name:
         raise SpoolError(f"{name!r} is not a file name in the spool folder; use a name as "
                          "`queue` shows it.")
@@ -2510,7 +2623,8 @@ def resolve_in_spool(folder: Path, name: str) -> Path:
 
 
 def retry_bad(folder: Path, name: str) -> Path:
-    """Put a .BAD file back in the queue as .TMP; returns the new path."""
+    """Put a .BAD file back in the queue as .TMP; returns the new path. Raises SpoolError
+    when it is already waiting, was removed meanwhile, or cannot be renamed."""
     bad = resolve_in_spool(folder, name)
     if not is_bad_name(name):
         raise SpoolError(f"{name} is already waiting to be sent.")
@@ -2671,7 +2785,9 @@ def connect(settings: Settings, tokens: "TokenCache | None" = None,
 
 
 def open_smtp(settings: Settings) -> smtplib.SMTP:
-    """Connected, greeted (EHLO) and encrypted as [smtp] security says."""
+    """Connected, greeted (EHLO) and encrypted as [smtp] security says. Raises SenderProblem
+    (``lasting`` when the settings must change) when the server cannot be reached, greeted
+    or encrypted with."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     name = settings.ehlo or None
     smtp: smtplib.SMTP
@@ -2819,8 +2935,10 @@ def rcpt_settings_refusal(t: Transaction, settings: Settings) -> SettingsRefused
 
 def log_in(smtp: smtplib.SMTP, settings: Settings, tokens: "TokenCache",
            clock: Callable[[], float]) -> None:
-    """One login, with one mechanism: smtplib's login() would try the next
-    mechanism after a refusal, and two refusals a check lock accounts."""
+    """One login, with one mechanism: smtplib's login() would try the next mechanism after a
+    refusal, and two refusals a check lock accounts. Raises SettingsRefused when the server
+    offers no login we can use or refuses this one; SenderProblem when the connection
+    breaks."""
     where = f"{settings.smtp_host}:{settings.smtp_port}"
     if not smtp.has_extn("auth"):
         raise SettingsRefused(f"The SMTP server {where} does not offer a login (no AUTH"
@@ -3887,7 +4005,7 @@ class Gateway:
         self.next_check = clock()
         #: When the last check finished (the heartbeat /health and status compare with the clock).
         self.check_done = clock()
-        self.sender_state = None
+        self.sender_state: tuple[str, str] | None = None
         #: OAuth tokens, kept from check to check (in memory only).
         self.tokens = TokenCache()
         #: What is known of the spool folder, shared by the checks and the pages.
@@ -4148,7 +4266,12 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     end = start + 86400
     absences = [f"not running {gap_text(a, b)}" for a, b in get_state(journal.db, "gaps") or []
                 if a < end and b > start]
+    needs, lines = day_digest(gateway, day, by_kind, len(bad_now))
+    lines += [f"BiblioGate was {absence}." for absence in absences]
     return {
+        "attention": f"ACTION NEEDED: {'; '.join(needs)}. " if needs else "",
+        "summary": "In short:\n" + _bullets(lines + [f"Needs you: {x}." for x in needs]
+                                            or ["Nothing happened, and nothing needs you."]),
         "library_name": s.library_name or "library", "day": day,
         "sent_count": len(by_kind.get("sent", [])), "bad_count": len(by_kind.get("bad", [])),
         "deferred_count": len(by_kind.get("deferred", [])),
@@ -4165,6 +4288,26 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
         + _bullets([f"{fmt_time(r['at'])[11:]} {r['file'] + ': ' if r['file'] else ''}"
                     f"{r['detail']}" for r in rows[-DAILY_LOG_LINES:]]),
     }
+
+
+def day_digest(gateway: Gateway, day: str, by_kind: dict, bad_now: int) -> tuple[list, list]:
+    """(what needs the librarian, the day in plain lines) for the daily log."""
+    s, needs = gateway.settings, []     # type: Settings, list[str]
+    lines = [f"{_plural(len(by_kind.get('sent', [])), 'message')} sent."]
+    if by_kind.get("bad"):
+        lines.append(f"{_plural(len(by_kind['bad']), 'message')} could not be sent: the "
+                     "details below say why.")
+    lines += overdue_digest(gateway.journal.db, s, day, by_kind, needs)
+    if by_kind.get("import_failed"):
+        needs.append(f"{_plural(len(by_kind['import_failed']), 'import')} of circulation "
+                     "data failed (see the details)")
+    if bad_now:         # the subject counts them already ("1 failed")
+        lines.append(f".BAD files waiting for you: {bad_now} (the Queue page lists them, "
+                     "with the reason; retry or delete each).")
+    if s.problems:
+        needs.append("the settings need attention, so nothing is sent (the Settings page "
+                     "says what to change)")
+    return needs, lines
 
 
 # Running unattended ##########################################################
@@ -4359,7 +4502,8 @@ class RunGuard:
 #: The columns of each file. Header names are matched without regard to case
 #: or surrounding spaces ("Patron ID" is patron_id); other columns are ignored.
 CSV_COLUMNS = MappingProxyType({
-    "patrons": ("patron_id", "name", "email", "guardian_email", "group", "auto_overdue"),
+    "patrons": ("patron_id", "name", "email", "guardian_email", "group", "auto_overdue",
+                "first_name"),
     "loans": ("patron_id", "barcode", "title", "due_date"),
 })
 #: The columns a file must have. A patrons file without, say, an email column
@@ -4407,12 +4551,16 @@ class ImportResult:
     removed: int = 0            #: loans absent from the new snapshot: returned
     skipped: list = dataclasses.field(default_factory=list)  #: "FILE line N: ..." left out
     notes: list = dataclasses.field(default_factory=list)    #: e.g. ignored columns
+    kept_edits: int = 0         #: patron values changed on the config page, kept
 
     def summary(self) -> str:
         removed = f"{self.removed:,} removed" + (" (returned)" if self.what == "loans" else "")
+        kept = (f" Kept {self.kept_edits:,} change(s) made on the config page (email, guardian "
+                "email or auto-overdue), as the file still has the values they replaced."
+                if self.kept_edits else "")
         return (f"{self.source}: {self.rows - len(self.skipped):,} {self.what} imported: "
                 f"{self.added:,} added, {self.updated:,} updated, {self.unchanged:,} unchanged, "
-                f"{removed}, {len(self.skipped):,} skipped.")
+                f"{removed}, {len(self.skipped):,} skipped.{kept}")
 
 
 @functools.lru_cache(maxsize=4096)       # a file holds few distinct dates
@@ -4579,16 +4727,17 @@ def header_columns(what: str, source: str, line: int, fields: list[str]) -> tupl
 
 class PatronRows:
     """Checks patrons.csv rows; a row becomes (patron_id, name, email,
-    guardian_email, grp, auto_overdue), with None for a column the file lacks."""
+    guardian_email, grp, auto_overdue, first_name), with None for a column the
+    file lacks."""
 
     stage_sql = ("CREATE TEMP TABLE incoming (patron_id TEXT, name TEXT, email TEXT, "
-                 "guardian_email TEXT, grp TEXT, auto_overdue INTEGER)")
+                 "guardian_email TEXT, grp TEXT, auto_overdue INTEGER, first_name TEXT)")
 
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
         self.seen: dict[str, int] = {}
 
     def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
-        pid, name, email, guardian, group, flag = values
+        pid, name, email, guardian, group, flag, given = values
         problems = []
         if not pid:
             problems.append("no patron_id.")
@@ -4609,11 +4758,16 @@ class PatronRows:
                                 "work too; empty is no).")
             else:
                 flag = YES_NO[flag.lower()]
-        return (None if problems else (pid, name, email, guardian, group, flag)), problems
+        given = one_line(given) if given is not None else None
+        return (None if problems else (pid, name, email, guardian, group, flag, given)), problems
 
     def apply(self, conn: sqlite3.Connection, result: ImportResult, now: float) -> None:
-        """Add and update (inside the caller's transaction)."""
+        """Add and update (inside the caller's transaction). An email or
+        auto-overdue tick changed on the config page is kept while the file
+        still has the value the edit replaced (keep_patron_edits)."""
+        result.kept_edits = keep_patron_edits(conn, "temp.incoming")
         same = ("p.patron_id IS NOT NULL AND p.name IS i.name "
+                "AND p.first_name IS coalesce(i.first_name, p.first_name) "
                 "AND p.email IS coalesce(i.email, p.email) "
                 "AND p.guardian_email IS coalesce(i.guardian_email, p.guardian_email) "
                 "AND p.grp IS coalesce(i.grp, p.grp) "
@@ -4624,10 +4778,10 @@ class PatronRows:
         result.added, result.unchanged = int(added), int(unchanged)
         result.updated = total - result.added - result.unchanged
         conn.execute("INSERT OR REPLACE INTO patrons (patron_id, name, email, guardian_email, "
-                     "grp, auto_overdue) SELECT i.patron_id, i.name, "
+                     "grp, auto_overdue, first_name) SELECT i.patron_id, i.name, "
                      "coalesce(i.email, p.email, ''), coalesce(i.guardian_email, p.guardian_email, ''), "
-                     "coalesce(i.grp, p.grp, ''), coalesce(i.auto_overdue, p.auto_overdue, 0) "
-                     f"{joined} WHERE NOT ({same})")
+                     "coalesce(i.grp, p.grp, ''), coalesce(i.auto_overdue, p.auto_overdue, 0), "
+                     f"coalesce(i.first_name, p.first_name, '') {joined} WHERE NOT ({same})")
 
 
 class LoanRows:
@@ -4990,30 +5144,57 @@ def print_progress(source: str, rows: int) -> None:
 
 # Auto-overdue ################################################################
 #
-# Once a day at [overdue] run_at, for the loans not yet returned whose due
-# date is warning_days ahead (warning), overdue_days ago (overdue) or
-# reminder_days ago (reminder): one message per patron and kind, listing all
-# that patron's loans of that kind, to patrons who have an email address and
-# are enabled for auto-overdue (never to a guardian). The notices ledger
-# makes a run safe to repeat: a loan, kind and due date is notified once (a
-# renewal has a new due date, so it is a new notice). Days missed while the
-# gateway was off are caught up, and the messages name the actual due dates,
-# so a caught-up notice is still true.
+# Once a day at [overdue] run_at, on the days the library is open, for the
+# loans not yet returned: a warning for items due back soon, an overdue
+# notice the day after the due date (overdue_days), and a reminder a few
+# days later (reminder_days). Each notice has its day: the due date minus
+# warning_days, plus overdue_days, plus reminder_days.
+#
+# A run covers every notice day since the last run, not only its own day: a
+# notice whose day fell on a closed day (a weekend, a holiday) or on a day the
+# gateway was off goes at the next run. A warning whose day falls on a closed
+# day goes early instead, on the last open day before it: a warning is only
+# useful before the due date. Everything one run has for a patron goes in ONE
+# message: the items grouped by kind, every item the patron has overdue
+# listed, the new ones marked. The notices ledger makes a run safe to repeat:
+# a loan, kind and due date is notified once (a renewal has a new due date,
+# so it is a new notice).
 
-#: The kinds of notice, in the order they are queued.
+#: The kinds of notice, from the mildest; a message's template is that of the
+#: most serious kind it holds.
 NOTICE_KINDS = ("warning", "overdue", "reminder")
-#: A day missed while the gateway was off is caught up if it is no older than this.
+#: The item groups of a message, in the order they are listed, with their
+#: headings. "listed" are the patron's other overdue items: not new, no
+#: reminder due, but a patron should see everything that is late.
+ITEM_GROUPS = (("overdue", "Now overdue:"),
+               ("reminder", "Still overdue (we wrote to you about these before):"),
+               ("listed", "Also overdue:"),
+               ("warning", "Due back soon:"))
+#: Notice days missed while the gateway was off are caught up this far back
+#: (and further back across days the library was closed).
 CATCH_UP_DAYS = 7
 #: Messages are written, flushed to disk and recorded this many at a time.
 LEDGER_BATCH = 200
-#: The placeholders of the notices, as notice_values() gives them.
+#: `overdue --date` further than this from today needs --force.
+SIMULATE_DAYS = 14
+#: Patron ids per `IN (...)` query (sqlite allows 999 parameters).
+ID_CHUNK = 500
+#: The placeholders of the notices, as message_values() gives them.
 NOTICE_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
-                           "today", "earliest_due"})
+                           "today", "earliest_due", "first_name", "addressee", "your",
+                           "item_word", "book_word", "it_them", "is_are", "this_these",
+                           "items_with_barcodes", "overdue_count", "warning_count"})
 #: A run that could not go (stale loans, a full disk) is tried again after this.
 HOLD_SECONDS = 5 * 60
-#: State keys: the last day the daily schedule handled; the last run; why
-#: the schedule is held back (shown once a day in the log and in `status`).
+#: A loans.csv waiting in the import folder is imported before the run
+#: decides the loans are too old, unless it has waited this long (it could
+#: not be moved away, say).
+PENDING_IMPORT_SECONDS = 10 * 60
+#: State keys: the last day the daily schedule ran (its notices have gone);
+#: the last run; why the schedule is held back (shown once a day in the log
+#: and in `status`); the last closed day said so in the log.
 SCHEDULE_KEY, LAST_RUN_KEY, HELD_KEY = "overdue_schedule_day", "overdue_last_run", "overdue_held"
+CLOSED_KEY = "overdue_closed_day"
 
 
 def show_date(settings: Settings, iso: str) -> str:
@@ -5021,28 +5202,55 @@ def show_date(settings: Settings, iso: str) -> str:
     return dt.date.fromisoformat(iso).strftime(settings.date_format)
 
 
-def render_items(loans, settings: Settings, today: dt.date) -> str:
+def days_late(due: dt.date, today: dt.date) -> str:
+    late = (today - due).days
+    return f"{late} {'day' if late == 1 else 'days'} overdue" if late > 0 else ""
+
+
+def render_items(loans, settings: Settings, today: dt.date, barcodes: bool = True) -> str:
     """One line per loan, in the order given: "- Title (barcode B), due D"
+    (the barcode left out with barcodes=False, as in the notices and letters)
     and, once past due, ", N days overdue"."""
     lines = []
     for loan in loans:
         due = dt.date.fromisoformat(loan["due_date"])
-        line = (f"- {one_line(loan['title'])} (barcode {one_line(loan['barcode'])}), "
-                f"due {due.strftime(settings.date_format)}")
-        late = (today - due).days
-        if late > 0:
-            line += f", {late} {'day' if late == 1 else 'days'} overdue"
-        lines.append(line)
+        code = f" (barcode {one_line(loan['barcode'])})" if barcodes else ""
+        line = f"- {one_line(loan['title'])}{code}, due {due.strftime(settings.date_format)}"
+        late = days_late(due, today)
+        lines.append(line + (f", {late}" if late else ""))
     return "\n".join(lines)
 
 
-def notice_values(settings: Settings, patron, loans, today: dt.date) -> dict:
+def first_name(patron) -> str:
+    """The patron's first_name column when it holds something, else the part
+    of the name before the first space."""
+    with contextlib.suppress(IndexError, KeyError):
+        given = one_line(patron["first_name"] or "")
+        if given:
+            return given
+    name = one_line(patron["name"] or "")
+    return name.split(" ", 1)[0] if name else ""
+
+
+def wording(count: int) -> dict:
+    """The words that change with the number of items."""
+    one = count == 1
+    return {"item_count": count, "item_word": "item" if one else "items",
+            "book_word": "book" if one else "books", "it_them": "it" if one else "them",
+            "is_are": "is" if one else "are", "this_these": "this" if one else "these"}
+
+
+def notice_values(settings: Settings, patron, loans, today: dt.date,
+                  barcodes: bool = True) -> dict:
     """The placeholders every message about a patron's loans may use."""
     dues = [loan["due_date"] for loan in loans]
     return {
         "library_name": settings.library_name or "the library",
         "patron_name": one_line(patron["name"]), "patron_id": patron["patron_id"],
-        "items": render_items(loans, settings, today), "item_count": len(loans),
+        "first_name": first_name(patron),
+        "items": render_items(loans, settings, today, barcodes),
+        "items_with_barcodes": render_items(loans, settings, today, True),
+        **wording(len(loans)),
         "today": today.strftime(settings.date_format),
         "earliest_due": show_date(settings, min(dues)) if dues else "",
     }
@@ -5051,87 +5259,189 @@ def notice_values(settings: Settings, patron, loans, today: dt.date) -> dict:
 _NOTICE_NOTES = """\
 # Lines starting with # are notes for you and are not sent.
 # First line: Subject. Then one blank line. Then the body.
-# Placeholders: ${library_name} ${patron_name} ${patron_id} ${item_count}
-#   ${items} (one line per item, with its due date) ${today} ${earliest_due}
+# One run sends a patron ONE message holding everything due for them: ${items}
+# lists the items under headings (Now overdue / Still overdue / Also overdue /
+# Due back soon). The template of the most serious kind in it is used.
+# Placeholders:
+#   ${first_name} ${patron_name} ${patron_id} ${library_name} ${today}
+#   ${addressee}  the first name, or "parent or guardian of" the pupil
+#   ${your}       "your", or "Sam's" in a message to a parent only
+#   ${items}      the items, grouped; ${items_with_barcodes} the same with barcodes
+#   ${item_count} ${overdue_count} ${warning_count} ${earliest_due}
+#   ${item_word} item/items  ${book_word} book/books  ${it_them} it/them
+#   ${is_are} is/are  ${this_these} this/these: these follow the number of
+#   overdue items (in a warning, of the items due soon)
 """
 
 NOTICE_TEMPLATE_FIELDS = MappingProxyType({kind: NOTICE_FIELDS for kind in NOTICE_KINDS})
 NOTICE_TEMPLATES = MappingProxyType({
-    "warning": "# Auto-overdue: sent when items fall due in [overdue] warning_days days.\n"
+    "warning": "# Auto-overdue: items due back in [overdue] warning_days days.\n"
                + _NOTICE_NOTES + """\
-Subject: ${library_name}: library items due back on ${earliest_due}
+Subject: Library ${book_word} due back soon
 
-Dear ${patron_name},
+Dear ${addressee},
 
-This is a friendly reminder from ${library_name}: these items on your
-library account are due back soon.
+A quick reminder from ${library_name}: ${your} library ${book_word} ${is_are}
+due back soon.
 
 ${items}
 
-Please bring them back, or ask at the library desk to renew them, by the
-date shown.
+Please bring ${it_them} back by the date shown, or ask us at the library
+if you need more time.
 
-Thank you,
+Thank you!
 ${library_name}
-
-(Sent automatically for library account ${patron_id}.)
 """,
-    "overdue": "# Auto-overdue: sent when items were due [overdue] overdue_days days ago.\n"
+    "overdue": "# Auto-overdue: items that were due [overdue] overdue_days days ago.\n"
                + _NOTICE_NOTES + """\
-Subject: ${library_name}: overdue library items
+Subject: Library ${book_word} to bring back
 
-Dear ${patron_name},
+Dear ${addressee},
 
-Our records on ${today} show ${item_count} item(s) on your library account
-as overdue:
+Our records on ${today} show that ${your} library ${book_word} below
+${is_are} late back.
 
 ${items}
 
-Please bring them back to the library as soon as you can. If you have
-already returned them, thank you, and please ignore this message.
+Please bring ${it_them} back to the library as soon as you can. If you
+have already brought ${it_them} back, thank you, and please ignore this
+message. If something is lost or damaged, just come and tell us.
 
 ${library_name}
-
-(Sent automatically for library account ${patron_id}.)
 """,
-    "reminder": "# Auto-overdue: sent when items were due [overdue] reminder_days days ago.\n"
+    "reminder": "# Auto-overdue: items still out [overdue] reminder_days days after the due date.\n"
                 + _NOTICE_NOTES + """\
-Subject: ${library_name}: reminder, library items still overdue
+Subject: Library ${book_word} still not back
 
-Dear ${patron_name},
+Dear ${addressee},
 
-We wrote to you about these items, and on ${today} they are still on your
-library account:
+We wrote to you about ${your} library ${book_word} a few days ago, and
+our records on ${today} show ${it_them} still out.
 
 ${items}
 
-Please bring them back to the library as soon as you can, or come and talk
-to us if there is a problem. If you have already returned them, thank you,
-and please ignore this message.
+Please bring ${it_them} back to the library as soon as you can, or come
+and talk to us if there is a problem. If you have already brought ${it_them}
+back, thank you, and please ignore this message.
 
 ${library_name}
-
-(Sent automatically for library account ${patron_id}.)
 """,
 })
 
 
 # -- deciding --------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The notice days one run covers: overdue notices and reminders whose
+    day is after `after` up to `day`; warnings whose day is after `after` and
+    before `warn_before` (the next day the job runs), due `day` or later."""
+    day: dt.date            #: the run's day: "today" in its messages
+    after: dt.date
+    warn_before: dt.date
+
+    def due_ranges(self, ov: OverdueSettings) -> dict[str, tuple[dt.date, dt.date]]:
+        """Per kind, the due dates (first, last) whose notice this run sends."""
+        one = dt.timedelta(days=1)
+        w, o, r = (dt.timedelta(days=n) for n in (ov.warning_days, ov.overdue_days, ov.reminder_days))
+        return {"warning": (self.after + one + w, self.warn_before - one + w),
+                "overdue": (self.after + one - o, self.day - o),
+                "reminder": (self.after + one - r, self.day - r)}
+
+    def describe(self) -> str:
+        first = self.after + dt.timedelta(days=1)
+        return str(self.day) if first == self.day else f"{first}..{self.day}"
+
+
+def run_window(ov: OverdueSettings, day: dt.date, last_run: dt.date | None) -> Window:
+    """The window of a run on `day`. After a last run, every day since it
+    (at most CATCH_UP_DAYS back, further across closed days); without one
+    (by hand, or the first run ever) the days since the last open day."""
+    floor = day - dt.timedelta(days=CATCH_UP_DAYS)
+    for _ in range(OPEN_DAY_SEARCH):
+        if not ov.closed(floor):
+            break
+        floor -= dt.timedelta(days=1)
+    after = ov.last_open(day) if last_run is None else max(last_run, floor)
+    after = min(after, day - dt.timedelta(days=1))
+    return Window(day, after, ov.next_open(day))
+
+
 @dataclasses.dataclass
 class Notice:
-    """One message: a patron and all their loans of one kind."""
-    kind: str
-    patron: dict        #: patron_id, name, email
-    loans: list         #: dicts: barcode, title, due_date (ISO)
+    """One message: a patron and everything one run has for them. ``groups``
+    maps each of ITEM_GROUPS to its loans; ``records`` are the ledger rows
+    (kind, loan) it stands for, some of them without a line of their own (a
+    reminder that falls on the day its overdue notice goes): (kind, loan,
+    whether the message names it so)."""
+    patron: dict
+    to: list                    #: (name, address) pairs
+    groups: dict
+    records: list
+    wrote: dict = dataclasses.field(default_factory=dict)  #: (barcode, due) -> overdue notice day
+    #: Brothers' and sisters' notices to the same address, in this one message.
+    siblings: list = dataclasses.field(default_factory=list)
+
+    @property
+    def members(self) -> list:
+        return [self, *self.siblings]
+
+    @property
+    def kind(self) -> str:
+        """The most serious kind it holds; its template writes the message."""
+        return next((k for k in reversed(NOTICE_KINDS)
+                     if any(n.groups.get(k) for n in self.members)), "warning")
+
+    @property
+    def sends(self) -> bool:
+        return any(n.groups.get(k) for n in self.members for k in NOTICE_KINDS)
+
+    def items(self) -> list:
+        return [loan for n in self.members for group, _ in ITEM_GROUPS
+                for loan in n.groups.get(group, ())]
 
     def file_name(self, day: dt.date) -> str:
-        """The spool file's name, the same for the same day, kind, patron and
-        loans: a run repeated after a crash recognises what it queued."""
-        key = "\n".join([self.kind, self.patron["patron_id"],
-                         *sorted(f"{loan['barcode']}\t{loan['due_date']}" for loan in self.loans)])
+        """The spool file's name, the same for the same day, patrons and
+        notices: a run repeated after a crash recognises what it queued."""
+        key = "\n".join(sorted(f"{n.patron['patron_id']}\t{kind}\t{loan['barcode']}\t"
+                               f"{loan['due_date']}" for n in self.members
+                               for kind, loan, _ in n.records))
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         return f"{self.kind}-{day.isoformat()}-{digest}{WAITING_EXT}"
+
+
+def merge_families(notices: list) -> list:
+    """One message per address: notices that share an address (brothers and
+    sisters with one parent's address, or send_to = both) become one, to all
+    their addresses. A notice that sends nothing stays as it is."""
+    owner: dict[str, Notice] = {}
+    merged: list[Notice] = []
+    for notice in notices:
+        if not notice.sends:
+            merged.append(notice)
+            continue
+        found: list[Notice] = []
+        for _, address in notice.to:
+            head = owner.get(address.lower())
+            if head is not None and all(head is not f for f in found):
+                found.append(head)
+        if not found:
+            merged.append(notice)
+            head = notice
+        else:
+            head = found[0]
+            for other in found[1:]:         # this notice joins two families into one
+                head.siblings += other.members
+                other.siblings = []
+                head.to += [x for x in other.to if x[1].lower() not in
+                            {a.lower() for _, a in head.to}]
+                merged.remove(other)
+            head.siblings.append(notice)
+            head.to += [x for x in notice.to if x[1].lower() not in {a.lower() for _, a in head.to}]
+        for member in head.members:
+            for _, address in member.to:
+                owner[address.lower()] = head
+    return merged
 
 
 @dataclasses.dataclass
@@ -5139,77 +5449,223 @@ class OverdueRun:
     """What one run decided (and, unless a dry run, queued)."""
     day: dt.date
     how: str                                    #: "by hand", "scheduled", "caught up"
+    window: Window | None = None
     notices: list = dataclasses.field(default_factory=list)
     not_enabled: set = dataclasses.field(default_factory=set)     #: patron ids
-    no_email: set = dataclasses.field(default_factory=set)        #: patron ids
-    too_late: int = 0           #: warnings of a caught-up day whose due date has passed
+    unreachable: dict = dataclasses.field(default_factory=dict)   #: patron id -> (who, why)
+    too_late: int = 0           #: warnings caught up after their due date
+
+    @property
+    def no_email(self) -> set:
+        return set(self.unreachable)
 
     def count(self, kind: str) -> int:
-        return sum(1 for n in self.notices if n.kind == kind)
+        return sum(1 for n in self.notices if n.sends and n.kind == kind)
+
+    def item_count(self, group: str) -> int:
+        return sum(len(m.groups.get(group, ())) for n in self.notices if n.sends
+                   for m in n.members)
+
+    def unreachable_lines(self, limit: int | None = None) -> list[str]:
+        """"Cy Young (P3, 7B): no guardian email address", by name."""
+        rows = sorted(self.unreachable.items(), key=lambda kv: kv[1][0].lower())
+        lines = [f"{who}: {why}" for _, (who, why) in rows]
+        if limit is not None and len(lines) > limit:
+            lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+        return lines
 
     def summary(self) -> str:
-        queued = ", ".join(f"{self.count(kind)} {kind}" for kind in NOTICE_KINDS)
-        items = sum(len(n.loans) for n in self.notices)
-        text = (f"auto-overdue for {self.day} ({self.how}): queued {queued} "
-                f"({items} item(s)); not sent: {len(self.no_email)} patron(s) without an "
-                f"email address, {len(self.not_enabled)} not enabled for auto-overdue")
+        sent = [n for n in self.notices if n.sends]
+        covering = f", notices due {self.window.describe()}" if self.window else ""
+        text = (f"auto-overdue for {self.day} ({self.how}{covering}): queued "
+                f"{_plural(len(sent), 'message')} ({self.item_count('warning')} due soon, "
+                f"{self.item_count('overdue')} newly overdue, {self.item_count('reminder')} "
+                f"reminders); not sent: {len(self.not_enabled)} not enabled for auto-overdue")
+        if self.unreachable:
+            text += (f", {len(self.unreachable)} could not be reached ("
+                     + "; ".join(self.unreachable_lines(20)) + ")")
         if self.too_late:
             text += f", {self.too_late} warning(s) for items already past due"
         return text
 
 
-CANDIDATES_SQL = """
-SELECT l.patron_id, l.barcode, l.title, l.due_date, p.name, p.email, p.auto_overdue
-FROM loans l LEFT JOIN patrons p ON p.patron_id = l.patron_id
-WHERE l.due_date = :due AND NOT EXISTS (
-    SELECT 1 FROM notices n WHERE n.barcode = l.barcode AND n.kind = :kind
-    AND n.due_date = l.due_date AND n.patron_id = l.patron_id)
-ORDER BY l.patron_id, l.due_date, l.title, l.barcode"""
+def notice_recipients(patron, send_to: str) -> tuple[list, str]:
+    """([(name, address)], "") for [overdue] send_to, or ([], why not)."""
+    own, own_problem = recipient(patron, guardian=False)
+    parent, parent_problem = recipient(patron, guardian=True)
+    name = one_line(patron["name"])
+    mine = [(name, own)] if own else []
+    theirs = [(f"Parent or guardian of {name}", parent)] if parent else []
+    if send_to == "patron":
+        return mine, own_problem
+    if send_to == "guardian":
+        return theirs, parent_problem
+    if send_to == "both":
+        return mine + theirs, "" if mine or theirs else f"{own_problem} and {parent_problem}"
+    return (mine or theirs), "" if mine or theirs else f"{own_problem} and {parent_problem}"
 
 
-def plan_notices(run: OverdueRun, kind: str, rows: Iterable) -> None:
-    """One kind's loans, ordered by patron, into notices: one per patron
-    enabled for auto-overdue with a valid email address (the patron's own:
-    auto-overdue never writes to a guardian); the others are counted."""
-    for patron_id, group in itertools.groupby(rows, key=lambda row: row["patron_id"]):
-        loans = list(group)
-        first = loans[0]
-        if not first["auto_overdue"]:
-            run.not_enabled.add(patron_id)
-        elif not valid_address(first["email"]):
-            run.no_email.add(patron_id)
-        else:
-            patron = {"patron_id": patron_id, "name": first["name"], "email": first["email"]}
-            run.notices.append(Notice(kind, patron, [
-                {"barcode": r["barcode"], "title": r["title"], "due_date": r["due_date"]}
-                for r in loans]))
+def candidate_sql(kind: str) -> str:
+    return f"""
+SELECT l.patron_id, l.barcode, l.title, l.due_date FROM loans l
+WHERE l.due_date >= :first AND l.due_date <= :last AND NOT EXISTS (
+    SELECT 1 FROM notices n WHERE n.barcode = l.barcode AND n.kind = '{kind}'
+    AND n.due_date = l.due_date AND n.patron_id = l.patron_id)"""
 
 
-def plan_day(db: sqlite3.Connection, ov: OverdueSettings, day: dt.date, today: dt.date,
-             how: str) -> OverdueRun:
-    """The notices due on day that the ledger does not hold yet."""
-    run = OverdueRun(day, how)
-    for kind, due in ov.due_dates(day).items():
-        rows = db.execute(CANDIDATES_SQL, {"due": due.isoformat(), "kind": kind})
-        if kind == "warning" and due < today:      # caught up too late to warn
-            run.too_late += len(rows.fetchall())
+def by_ids(db: sqlite3.Connection, sql: str, ids: list, *params) -> list:
+    """Rows of `sql` (holding one `IN ({ids})`) for the ids, in chunks."""
+    rows = []
+    for n in range(0, len(ids), ID_CHUNK):
+        chunk = ids[n:n + ID_CHUNK]
+        rows += db.execute(sql.format(ids=",".join("?" * len(chunk))), (*chunk, *params)).fetchall()
+    return rows
+
+
+def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: str,
+             spool: Path | None = None) -> OverdueRun:
+    """Read what the window needs from the database and decide (decide_patron).
+    An overdue notice whose file failed for good (.BAD in `spool`) does not
+    count as written: no reminder says "we wrote to you" about it."""
+    run = OverdueRun(window.day, how, window)
+    found: dict[str, dict] = {}
+    for kind, (first, last) in window.due_ranges(ov).items():
+        if first > last:
             continue
-        plan_notices(run, kind, rows)
+        for row in db.execute(candidate_sql(kind), {"first": first.isoformat(),
+                                                    "last": last.isoformat()}):
+            found.setdefault(row["patron_id"], {k: [] for k in NOTICE_KINDS})[kind].append(dict(row))
+    if not found:
+        return run
+    ids = sorted(found)
+    patrons = {r["patron_id"]: r for r in by_ids(db, "SELECT * FROM patrons WHERE patron_id IN ({ids})", ids)}
+    overdue: dict[str, list] = {}
+    for row in by_ids(db, "SELECT patron_id, barcode, title, due_date FROM loans WHERE "
+                      "patron_id IN ({ids}) AND due_date < ? ORDER BY due_date, title, barcode",
+                      ids, window.day.isoformat()):
+        overdue.setdefault(row["patron_id"], []).append(dict(row))
+    wrote: dict[tuple, dt.date] = {}
+    for row in by_ids(db, "SELECT patron_id, barcode, due_date, queued_at, file FROM notices "
+                      "WHERE kind = 'overdue' AND patron_id IN ({ids})", ids):
+        if spool and row[4] and (spool / (row[4][:-len(WAITING_EXT)] + BAD_EXT)).exists():
+            continue
+        wrote[(row[0], row[1], row[2])] = local_day(row[3])
+    for pid in ids:
+        patron = patrons.get(pid)
+        if patron is None:
+            continue                    # a loan of a patron not in the patrons list
+        if not patron["auto_overdue"]:
+            run.not_enabled.add(pid)
+            continue
+        to, problem = notice_recipients(patron, ov.send_to)
+        if not to:
+            group = f", {one_line(patron['grp'])}" if patron["grp"] else ""
+            run.unreachable[pid] = (f"{one_line(patron['name'])} ({pid}{group})", problem)
+            continue
+        notice, too_late = decide_patron(dict(patron), to, found[pid], overdue.get(pid, []),
+                                         wrote, window.day)
+        run.too_late += too_late
+        if notice.records:
+            run.notices.append(notice)
+    run.notices = merge_families(run.notices)
     return run
 
 
-def days_to_run(last: str | None, now: dt.datetime, run_at: dt.time) -> list[dt.date]:
-    """The days whose run is due and not done: today once run_at has passed,
-    and the days missed since `last` (the last day done), at most
-    CATCH_UP_DAYS back. With no last day (the first run ever, or the first
-    since auto-overdue was enabled again) only today, once run_at has passed."""
-    today = now.date()
-    latest = today if now.time() >= run_at else today - dt.timedelta(days=1)
-    if last is None:
-        return [today] if latest == today else []
-    first = max(dt.date.fromisoformat(last) + dt.timedelta(days=1),
-                today - dt.timedelta(days=CATCH_UP_DAYS))
-    return [first + dt.timedelta(days=n) for n in range((latest - first).days + 1)]
+def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
+                  day: dt.date) -> tuple[Notice, int]:
+    """One patron's message from the loans whose notice day is in the window
+    (``due``: kind -> loans), every loan they have overdue, and the day each
+    overdue notice went (``wrote``: (patron_id, barcode, due) -> day).
+
+    A reminder says "we wrote to you", so it goes only for a loan whose
+    overdue notice went on an earlier day; a loan that never had one is
+    listed as newly overdue instead, and one whose notice goes today (both
+    fell in a long closure) is listed once, as overdue."""
+    pid, today = patron["patron_id"], day.isoformat()
+    key = lambda loan: (loan["barcode"], loan["due_date"])        # noqa: E731
+    warning = sorted((x for x in due["warning"] if x["due_date"] >= today),
+                     key=lambda x: (x["due_date"], x["title"]))
+    too_late = len(due["warning"]) - len(warning)
+    new = {key(x): x for x in due["overdue"]}
+    records = [("warning", x, True) for x in warning] + [("overdue", x, True) for x in new.values()]
+    reminder, sent_days = [], {}
+    for loan in due["reminder"]:
+        day_sent = wrote.get((pid, *key(loan)))
+        if day_sent is not None and day_sent < day:
+            reminder.append(loan)
+            sent_days[key(loan)] = day_sent
+        elif day_sent is None and key(loan) not in new:
+            new[key(loan)] = loan
+            records.append(("overdue", loan, True))
+        records.append(("reminder", loan, key(loan) in sent_days))
+    named = set(new) | {key(x) for x in reminder}
+    groups = {"overdue": [x for x in overdue if key(x) in new],
+              "reminder": [x for x in overdue if key(x) in sent_days],
+              # every item overdue, in a message about overdue items
+              "listed": [x for x in overdue if key(x) not in named] if named else [],
+              "warning": warning}
+    # A loan the overdue query did not return (due today or later, or a race
+    # with an import) is still listed where its notice says.
+    for group, loans in (("overdue", new.values()), ("reminder", reminder)):
+        listed = {key(x) for x in groups[group]}
+        groups[group] += [x for x in loans if key(x) not in listed]
+    return Notice(patron, to, groups, records, sent_days), too_late
+
+
+def and_list(words: list) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
+    """The placeholders of one message (of one pupil, or of brothers and
+    sisters together)."""
+    members, items = notice.members, notice.items()
+    values = notice_values(settings, notice.patron, items, today, barcodes=False)
+    values["items"] = render_groups(settings, notice, today, barcodes=False)
+    values["items_with_barcodes"] = render_groups(settings, notice, today, barcodes=True)
+    values["overdue_count"] = sum(len(n.groups[g]) for n in members
+                                  for g in ("overdue", "reminder", "listed"))
+    values["warning_count"] = sum(len(n.groups["warning"]) for n in members)
+    # "your library book below is late back": the words follow the items of
+    # the message's kind (the overdue ones, or the ones due soon), not all.
+    lead = values["warning_count"] if notice.kind == "warning" else values["overdue_count"]
+    values.update({k: v for k, v in wording(lead).items() if k != "item_count"})
+    addresses = {address.lower() for _, address in notice.to}
+    firsts = [first_name(n.patron) or one_line(n.patron["name"]) for n in members]
+    names = [one_line(n.patron["name"]) for n in members]
+    to_pupil = any((n.patron["email"] or "").strip().lower() in addresses for n in members)
+    values.update(patron_name=and_list(names), first_name=and_list(firsts),
+                  patron_id=", ".join(n.patron["patron_id"] for n in members))
+    values["addressee"] = and_list(firsts) if to_pupil else \
+        f"parent or guardian of {and_list(names)}"
+    values["your"] = "your" if to_pupil else and_list([f"{x}'s" for x in firsts])
+    return values
+
+
+def render_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: bool) -> str:
+    """The items under their headings (ITEM_GROUPS), under each pupil's
+    name when the message is about several; a reminder's line says when we
+    wrote."""
+    if notice.siblings:
+        return "\n\n".join(f"For {first_name(n.patron) or one_line(n.patron['name'])}:\n\n"
+                            + own_groups(settings, n, today, barcodes) for n in notice.members)
+    return own_groups(settings, notice, today, barcodes)
+
+
+def own_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: bool) -> str:
+    """One pupil's items under their headings."""
+    parts = []
+    for group, heading in ITEM_GROUPS:
+        loans = notice.groups.get(group)
+        if not loans:
+            continue
+        lines = render_items(loans, settings, today, barcodes).split("\n")
+        if group == "reminder":
+            lines = [f"{line} (we wrote on "
+                     f"{notice.wrote[(x['barcode'], x['due_date'])].strftime(settings.date_format)})"
+                     for line, x in zip(lines, loans)]
+        parts.append(heading + "\n" + "\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def loans_age_problem(db: sqlite3.Connection, settings: Settings, now: float) -> str | None:
@@ -5227,66 +5683,86 @@ def loans_age_problem(db: sqlite3.Connection, settings: Settings, now: float) ->
             f"[overdue] max_data_age_hours = {limit:g}; notices from them could tell patrons "
             "about books they have returned, so none are sent. Import a fresh loans.csv, or "
             f"check the library system's nightly export into {settings.import_folder}; the "
-            "days missed are caught up then (up to a week back).")
+            "notices are caught up then.")
+
+
+def loans_age_days(db: sqlite3.Connection, now: float) -> int | None:
+    imported = get_state(db, LOANS_IMPORTED_KEY)
+    return None if imported is None else int((now - imported) // 86400)
 
 
 # -- queueing ------------------------------------------------------------------
 
 def run_overdue(settings: Settings, journal: Journal, day: dt.date, now: float,
-                dry_run: bool = False, how: str = "by hand") -> OverdueRun:
-    """Queue the notices of one day.
+                dry_run: bool = False, how: str = "by hand", window: Window | None = None,
+                sent_at: float | None = None) -> OverdueRun:
+    """Queue the notices of one run.
 
-    day picks the loans (due warning_days after it, and so on); the messages
-    are written as of today, so a caught-up notice is true when it arrives.
-    A dry run decides and changes nothing. Raises SettingsError for bad
-    [overdue] settings, StaleData when the loans are older than
-    max_data_age_hours (not for a dry run), Busy when another run is going,
-    TemplateError, and SpoolError (the notices queued before it are kept)."""
+    day is the run's day, and now its time: the messages, the days overdue
+    and the age of the loans are all as of then (`overdue --date` passes a
+    day and time to simulate). window: the notice days covered (by default
+    those since the last open day before `day`). sent_at: the Date of the
+    messages (default now). A dry run decides and changes nothing. Raises
+    SettingsError for bad [overdue] settings, StaleData when the loans are
+    older than max_data_age_hours (not for a dry run), Busy when another run
+    is going, TemplateError, and SpoolError (the notices queued before it
+    are kept)."""
     ov = settings.overdue
     if ov.problems:
         raise SettingsError(list(ov.problems))
-    db, today = journal.db, local_day(now)
+    db = journal.db
+    window = window or run_window(ov, day, None)
     problem = loans_age_problem(db, settings, now)
     if problem and not dry_run:
         raise StaleData(f"Auto-overdue did not run: {problem}")
     if dry_run:
-        return plan_day(db, ov, day, today, how)
+        return plan_run(db, ov, window, how, settings.spool)
     templates = {kind: load_template(settings, kind) for kind in NOTICE_KINDS}
     lock = FileLock(settings.spool / ".bibliogate-overdue.lock")
     if not lock.acquire():
         raise Busy("Another auto-overdue run is going on right now; try again in a minute.")
     try:
-        run = plan_day(db, ov, day, today, how)
-        queue_notices(settings, db, run, templates, today, now)
+        run = plan_run(db, ov, window, how, settings.spool)
+        queue_notices(settings, db, run, templates, now, sent_at)
     finally:
         lock.release()
-    set_state(db, **{LAST_RUN_KEY: {"day": day.isoformat(), "at": now, "summary": run.summary()}})
-    journal.event("overdue_run", run.summary())
+    set_state(db, **{LAST_RUN_KEY: {"day": day.isoformat(), "at": now, "summary": run.summary(),
+                                    "unreachable": run.unreachable_lines()}})
+    journal.event("overdue_run", run.summary(),
+                  level=logging.WARNING if run.unreachable else logging.INFO)
+    if run.unreachable:
+        journal.event("overdue_unreachable", f"Auto-overdue could not reach "
+                      f"{_plural(len(run.unreachable), 'pupil')} ([overdue] send_to = "
+                      f"{ov.send_to}): " + "; ".join(run.unreachable_lines()) + ".",
+                      level=logging.WARNING)
     return run
 
 
 def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
-                  templates: dict, today: dt.date, now: float) -> None:
-    """Write the notices to the spool, then record their loans in the ledger,
+                  templates: dict, now: float, sent_at: float | None = None) -> None:
+    """Write the notices to the spool, then record them in the ledger,
     LEDGER_BATCH messages at a time.
 
     Queue first, record second. A crash in between never loses a notice: a
     loan is in the ledger only once its message is safely on disk. Nor does
-    it send one twice: a file's name comes from the day, kind, patron and
-    loans, so the run repeated after the crash finds the file it wrote
-    (still waiting, .BAD, or logged as sent) and only records
-    it. (Recording first would lose the notices of a crash in between.)"""
-    mtime = min(now, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
+    it send one twice: a file's name comes from the day, patron and
+    notices, so the run repeated after the crash finds the file it wrote
+    (still waiting, .BAD, or logged as sent) and only records it.
+    (Recording first would lose the notices of a crash in between.)"""
+    sent_at = now if sent_at is None else sent_at
+    mtime = min(sent_at, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
     files, rows = [], []
     for n, notice in enumerate(run.notices, 1):
-        name = notice.file_name(run.day)
-        if not already_queued(settings.spool, db, name):
-            values = notice_values(settings, notice.patron, notice.loans, today)
+        name = notice.file_name(run.day) if notice.sends else None
+        if name and not already_queued(settings.spool, db, name):
+            values = message_values(settings, notice, run.day)
             subject, body = templates[notice.kind].render(values)
-            files.append((name, compose(settings, notice.patron["email"], subject, body,
-                                        notice.patron["name"], now)))
-        rows += [(notice.patron["patron_id"], loan["barcode"], notice.kind, loan["due_date"],
-                  now, name) for loan in notice.loans]
+            files.append((name, compose(settings, notice.to, subject, body, now=sent_at)))
+        # A notice the message does not name as such (a reminder listed as
+        # newly overdue) is recorded without a file: it was never sent as one.
+        rows += [(member.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now,
+                  name if named else None)
+                 for member in notice.members for kind, loan, named in member.records]
         if n % LEDGER_BATCH == 0 or n == len(run.notices):
             write_batch(settings.spool, files, mtime)
             record_notices(db, rows)
@@ -5340,10 +5816,11 @@ def record_notices(db: sqlite3.Connection, rows: list) -> None:
 # -- the daily schedule ----------------------------------------------------------
 
 def overdue_task(gateway: Gateway, now: float) -> None:
-    """A task of `run` (see gateway_tasks): the run at run_at, and the days missed while the
-    gateway was off. A day is done when it ran or was closed; a run that
-    cannot go (stale loans, a bad template) leaves it to be caught up later
-    and says why, once a day."""
+    """A task of `run` (see gateway_tasks): one run a day at run_at on the days the library
+    is open, covering every notice day since the last run (closed days and
+    days the gateway was off included). A run that cannot go (stale loans, a
+    bad template) is tried again later and says why, once a day; a
+    loans.csv waiting in the import folder is imported first."""
     s, journal = gateway.settings, gateway.journal
     db, ov = journal.db, s.overdue
     if not ov.enabled:
@@ -5354,18 +5831,43 @@ def overdue_task(gateway: Gateway, now: float) -> None:
     if held and now < held[3]:
         return
     moment = dt.datetime.fromtimestamp(now)
-    for day in days_to_run(get_state(db, SCHEDULE_KEY), moment, ov.run_at):
-        if ov.closed(day):
-            journal.event("overdue_run", f"auto-overdue for {day}: no run, the library is "
-                          "closed that day ([overdue] closed)")
-        else:
-            try:
-                run_overdue(s, journal, day, now, how="scheduled" if day == moment.date()
-                            else "caught up")
-            except (BibliogateError, sqlite3.Error, OSError) as exc:
-                hold(journal, now, exc)
-                return
-        set_state(db, **{SCHEDULE_KEY: day.isoformat(), HELD_KEY: None})
+    today = moment.date()
+    if ov.closed(today):
+        say_closed(journal, ov, today)
+        return
+    last = get_state(db, SCHEDULE_KEY)
+    if moment.time() < ov.run_at or (last is not None and last >= today.isoformat()):
+        return
+    if loans_age_problem(db, s, now) and import_pending(s, now):
+        return                          # the import folder's loans.csv first
+    window = run_window(ov, today, dt.date.fromisoformat(last) if last else None)
+    how = "scheduled" if window.after >= ov.last_open(today) else "caught up"
+    try:
+        run_overdue(s, journal, today, now, how=how, window=window)
+    except (BibliogateError, sqlite3.Error, OSError) as exc:
+        hold(journal, now, exc)
+        return
+    set_state(db, **{SCHEDULE_KEY: today.isoformat(), HELD_KEY: None})
+
+
+def say_closed(journal: Journal, ov: OverdueSettings, today: dt.date) -> None:
+    """Once a closed day: no run, and where its notices go."""
+    if get_state(journal.db, CLOSED_KEY) == today.isoformat():
+        return
+    set_state(journal.db, **{CLOSED_KEY: today.isoformat()})
+    journal.event("overdue_closed", f"auto-overdue: no run on {today}, the library is closed "
+                  f"([overdue] closed); the overdue notices and reminders falling due today "
+                  f"go on {ov.next_open(today)}, and its warnings belong to the run of "
+                  f"{ov.last_open(today)}, the last open day before")
+
+
+def import_pending(settings: Settings, now: float) -> bool:
+    """A loans.csv waits in the import folder (and has not waited long)."""
+    with contextlib.suppress(OSError), os.scandir(settings.import_folder) as entries:
+        for entry in entries:
+            if entry.name.lower() == "loans.csv" and entry.is_file():
+                return entry.stat().st_mtime > now - PENDING_IMPORT_SECONDS
+    return False
 
 
 def hold(journal: Journal, now: float, exc: Exception) -> None:
@@ -5378,15 +5880,53 @@ def hold(journal: Journal, now: float, exc: Exception) -> None:
         journal.event("overdue_refused", str(exc).replace("\n", " "), level=logging.ERROR)
 
 
+def overdue_digest(db: sqlite3.Connection, settings: Settings, day: str, by_kind: dict,
+                   needs: list) -> list[str]:
+    """The auto-overdue lines of the daily log's summary; what needs the
+    librarian is added to `needs` ("auto-overdue did not run - loans are 3
+    days old")."""
+    start = dt.datetime.combine(dt.date.fromisoformat(day), dt.time()).timestamp()
+    rows = db.execute("SELECT kind, count(*), count(DISTINCT file) FROM notices WHERE "
+                      "queued_at >= ? AND queued_at < ? AND kind IN ('warning', 'overdue', "
+                      "'reminder') AND file IS NOT NULL GROUP BY kind", (start, start + 86400))
+    counts = {kind: items for kind, items, _ in rows}
+    lines = []
+    if by_kind.get("overdue_run"):
+        lines.append(f"Auto-overdue notices queued: {counts.get('warning', 0)} items due soon, "
+                     f"{counts.get('overdue', 0)} newly overdue, {counts.get('reminder', 0)} "
+                     "reminders.")
+    for row in by_kind.get("overdue_unreachable", []):
+        lines.append(row["detail"])
+    refused, ran = by_kind.get("overdue_refused", []), by_kind.get("overdue_run", [])
+    if refused and not (ran and ran[-1]["at"] > refused[-1]["at"]):
+        imported = get_state(db, LOANS_IMPORTED_KEY)
+        if "loans were imported" in refused[-1]["detail"] and imported:
+            old = max(1, round((refused[-1]["at"] - imported) / 86400))
+            needs.append(f"auto-overdue did not run \u2014 loans are {_plural(old, 'day')} old "
+                         f"(check the library system's nightly export into {settings.import_folder})")
+        else:
+            needs.append("auto-overdue did not run \u2014 " + refused[-1]["detail"].split(": ", 1)[-1])
+    return lines
+
+
 # -- status and command line -----------------------------------------------------
 
 def status_auto_overdue(settings: Settings, db: sqlite3.Connection) -> str:
     ov = settings.overdue
     if not ov.enabled:
         return "off ([overdue] enabled = no); `overdue` runs it by hand"
-    text = f"on, every day at {ov.run_at:%H:%M}"
+    text = (f"on, every open day at {ov.run_at:%H:%M}, to {ov.send_to}; next run "
+            f"{next_run_day(ov, get_state(db, SCHEDULE_KEY), dt.datetime.now())}")
     held = get_state(db, HELD_KEY)
     return text + (f"; HELD BACK: {held[2]}" if held else "")
+
+
+def next_run_day(ov: OverdueSettings, last: str | None, now: dt.datetime) -> dt.date:
+    """The day of the next scheduled run (closed days have none)."""
+    today = now.date()
+    if not ov.closed(today) and (last is None or last < today.isoformat()):
+        return today
+    return ov.next_open(today)
 
 
 def status_last_run(settings: Settings, db: sqlite3.Connection) -> str:
@@ -5402,10 +5942,22 @@ def status_loans(settings: Settings, db: sqlite3.Connection) -> str:
     return text + (f"; TOO OLD FOR AUTO-OVERDUE: {problem}" if problem and imported else "")
 
 
+def simulated_now(day: dt.date, real: float, force: bool) -> float:
+    """The time of a run for `day` (`overdue --date`): that day at this
+    time of day. Raises UsageError for a day more than SIMULATE_DAYS away."""
+    moment = dt.datetime.fromtimestamp(real)
+    if abs((day - moment.date()).days) > SIMULATE_DAYS and not force:
+        raise UsageError(f"--date {day} is more than {SIMULATE_DAYS} days from today; the "
+                         "notices would be written as of that day, with today's loans. Add "
+                         "--force if that is what you want.")
+    return dt.datetime.combine(day, moment.time()).timestamp() if day != moment.date() else real
+
+
 def cmd_overdue(args, settings: Settings) -> int:
     journal = Journal(settings.database)
-    now = time.time()
-    day = args.date or local_day(now)
+    real = time.time()
+    day = args.date or local_day(real)
+    now = simulated_now(day, real, args.force)
     if settings.overdue.closed(day):
         print(f"{day} is a closed day ([overdue] closed); running it as asked.", file=sys.stderr)
     if args.dry_run:
@@ -5413,15 +5965,19 @@ def cmd_overdue(args, settings: Settings) -> int:
         if problem:
             print(f"warning: a real run would not send anything: {problem}", file=sys.stderr)
     try:
-        run = run_overdue(settings, journal, day, now, dry_run=args.dry_run)
+        run = run_overdue(settings, journal, day, now, dry_run=args.dry_run, sent_at=real)
     except StaleData as exc:
         journal.event("overdue_refused", str(exc), level=logging.ERROR)
         raise
     if args.dry_run:
         for notice in run.notices:
-            print(f"{notice.kind} to {notice.patron['name']} <{notice.patron['email']}> "
-                  f"({notice.patron['patron_id']}):")
-            print(textwrap.indent(render_items(notice.loans, settings, local_day(now)), "    "))
+            if notice.sends:
+                to = ", ".join(f"{name} <{address}>" for name, address in notice.to)
+                print(f"{notice.kind} message to {to} ({notice.patron['patron_id']}):")
+                print(textwrap.indent(render_groups(settings, notice, day, False), "    "))
+        if run.unreachable:
+            print(f"Could not be reached ([overdue] send_to = {settings.overdue.send_to}):")
+            print("\n".join(f"    {line}" for line in run.unreachable_lines()))
         print("dry run, nothing queued: " + run.summary().replace("queued", "would queue", 1))
     else:
         print(run.summary())
@@ -5445,7 +6001,10 @@ def add_circulation_commands(command: Callable) -> None:
                    help="import the good rows and list the bad ones (without it, a bad row "
                         "stops the whole import)")
     p = command("overdue", cmd_overdue, "run the auto-overdue job for one day now")
-    p.add_argument("--date", type=iso_day, metavar="YYYY-MM-DD", help="the day to run (default today)")
+    p.add_argument("--date", type=iso_day, metavar="YYYY-MM-DD",
+                   help="the day to run, as if it were that day (default today)")
+    p.add_argument("--force", action="store_true",
+                   help=f"allow a --date more than {SIMULATE_DAYS} days from today")
     p.add_argument("--dry-run", action="store_true", help="print who would get what; change nothing")
 
 
@@ -5456,6 +6015,10 @@ def add_circulation_commands(command: Callable) -> None:
 # overdue_first, for the same due date, at least LETTER_GAP_DAYS earlier, and
 # overdue_final only after overdue_second. The notices ledger keeps one row per
 # loan and letter, so a report run twice never writes the same letter twice.
+# The guardian variant is recorded apart ("overdue_first_guardian"): writing to
+# the pupil does not use up the letter to the parents. Letters to pupils of the
+# group TEST (the tech note's way to try a report) are never recorded, and
+# --preview writes the print file and records nothing.
 
 #: The letter reports, in the order a loan receives them.
 LETTER_KINDS = ("overdue_first", "overdue_second", "overdue_final")
@@ -5469,7 +6032,13 @@ LETTERS_FOLDER = "letters"
 LETTER_OUTPUTS = ("email", "print")
 #: The placeholders of every letter and of the direct email.
 LETTER_FIELDS = frozenset({"library_name", "patron_name", "patron_id", "items", "item_count",
-                           "today", "earliest_due", "addressee"})
+                           "today", "earliest_due", "addressee", "first_name",
+                           "items_with_barcodes", "item_word", "book_word", "it_them",
+                           "is_are", "this_these", "your"})
+#: A patron group whose letters are tries, not letters: never recorded.
+TEST_GROUP = "TEST"
+#: The ledger's name for the guardian variant of a letter.
+GUARDIAN_SUFFIX = "_guardian"
 
 LETTER_TEMPLATE_FIELDS = MappingProxyType({
     "overdue_first": LETTER_FIELDS,
@@ -5478,16 +6047,20 @@ LETTER_TEMPLATE_FIELDS = MappingProxyType({
     "direct": LETTER_FIELDS,
 })
 
+
 _LETTER_NOTES = """\
 # Lines starting with # are notes for you and are not sent.
 # First line: Subject. Then one blank line. Then the body.
-# The same letter goes to pupils and (with --guardian) to parents, so it
-# speaks of "${patron_name}" rather than "you".
+# The same letter goes to pupils and (with --guardian) to parents.
 # Placeholders:
-#   ${addressee}     the pupil's name, or "parent or guardian of" the pupil
-#   ${patron_name} ${patron_id} ${library_name}
-#   ${items}         one line per item: title, barcode, due date, days overdue
+#   ${addressee}     the pupil's first name, or "parent or guardian of" the pupil
+#   ${your}          "your", or "Sam's" in the guardian variant
+#   ${first_name} ${patron_name} ${patron_id} ${library_name}
+#   ${items}         one line per item: title, due date, days overdue
+#   ${items_with_barcodes}  the same, with each item's barcode
 #   ${item_count} ${today} ${earliest_due}
+#   ${item_word} item/items  ${book_word} book/books  ${it_them} it/them
+#   ${is_are} is/are  ${this_these} this/these
 """
 
 LETTER_TEMPLATES = MappingProxyType({
@@ -5495,21 +6068,21 @@ LETTER_TEMPLATES = MappingProxyType({
 # The first overdue letter (`letters overdue_first`): a friendly reminder.
 # It lists every item now past its due date that has not had this letter.
 """ + _LETTER_NOTES + """\
-Subject: Library items to return: ${patron_name}
+Subject: Library ${book_word} to bring back
 
 Dear ${addressee},
 
-This is a friendly reminder from ${library_name}. Our records show that
-these items, borrowed by ${patron_name}, are now past their due date:
+This is a friendly note from ${library_name}. Our records show that
+${your} library ${book_word} below ${is_are} now overdue:
 
 ${items}
 
-Please bring them back to the library as soon as you can, or come and see
-us if more time is needed. If they have already been returned, thank you,
-and please ignore this letter.
+Please bring ${it_them} back to the library as soon as you can, or come
+and see us if more time is needed. If you have already returned
+${it_them}, thank you, and please ignore this letter.
 
-If something has been lost or damaged, just let us know: we will gladly
-help to sort it out.
+If something has been lost or damaged, just let us know: we will help
+to sort it out.
 
 With thanks,
 ${library_name}
@@ -5519,49 +6092,44 @@ ${library_name}
 # for items that had the first letter at least 7 days earlier and are still out.
 """ + _LETTER_NOTES + """\
 #   ${previous_sent} when the first letter about these items was written
-Subject: Second reminder: library items still out for ${patron_name}
+Subject: Second reminder: library ${book_word} still not back
 
 Dear ${addressee},
 
-We wrote on ${previous_sent} about the items below, borrowed by
-${patron_name}. They have still not come back to ${library_name}:
+We wrote on ${previous_sent} about ${your} library ${book_word} below,
+and our records show ${it_them} still out:
 
 ${items}
 
-Other pupils are waiting to borrow them. Please return them this week.
-If an item has been lost or damaged, or there is a reason it cannot come
-back yet, please contact the library so that we can help.
-
-If the items have been returned since this letter was written, thank you,
-and please ignore it.
+Other pupils are waiting to borrow ${it_them}. Please bring ${it_them}
+back this week, or come and tell us if there is a problem. If you have
+already returned ${it_them}, thank you, and please ignore this letter.
 
 With thanks,
 ${library_name}
 """,
     "overdue_final": """\
 # The final overdue letter (`letters overdue_final`): the last letter before
-# the school acts. It goes only for items that had the second letter at least
-# 7 days earlier and are still out. Change the paragraph about what happens
-# next so that it says what your school does.
+# the school acts, written to the pupil's parent or guardian (use --guardian
+# to email it to them). It goes only for items that had the second letter at
+# least 7 days earlier and are still out. Change the paragraph about what
+# happens next so that it says what your school does.
 """ + _LETTER_NOTES + """\
 #   ${previous_sent} when the second letter about these items was written
-Subject: Final notice: library items still out for ${patron_name}
+Subject: Library ${book_word} borrowed by ${first_name}: final notice
 
-Dear ${addressee},
+Dear parent or guardian of ${patron_name},
 
-We have written twice about the items below, borrowed by ${patron_name},
-most recently on ${previous_sent}. They are still not back:
+We have written twice about the library ${book_word} below, borrowed by
+${first_name}, most recently on ${previous_sent}. Our records show
+${it_them} still out:
 
 ${items}
 
-This is our last letter about them. If the items are not returned, or we
-have not heard from you, within the next two weeks, the school may ask for
-the cost of replacing them, and borrowing from the library may be paused
-until this is sorted out.
-
-We would much rather have the items back. If they are lost or damaged, or
-there is something we should know, please contact the library: we are
-happy to help.
+Please help ${first_name} to bring ${it_them} back within the next two
+weeks. If an item cannot be found or has been damaged, please contact
+the library: we are happy to help, and would much rather talk it over
+than ask for the cost of replacing it.
 
 Yours sincerely,
 ${library_name}
@@ -5606,6 +6174,22 @@ def addressee(patron, guardian: bool) -> str:
     return f"parent or guardian of {name}" if guardian else name
 
 
+def ledger_kind(kind: str, guardian: bool) -> str:
+    """The ledger's name for a letter: the guardian variant is apart."""
+    return kind + GUARDIAN_SUFFIX if guardian else kind
+
+
+def is_test_patron(patron) -> bool:
+    """A pupil moved into the group TEST to try a report (the tech note)."""
+    return one_line(patron["grp"] or "").upper() == TEST_GROUP
+
+
+def surname(patron) -> str:
+    """The last word of the name: print files are in group, then surname, order."""
+    words = one_line(patron["name"] or "").split()
+    return words[-1].casefold() if words else ""
+
+
 @dataclasses.dataclass
 class Letter:
     """One patron's letter: the loans it lists and where it goes."""
@@ -5627,6 +6211,7 @@ class LetterRun:
     output: str
     dry_run: bool
     letters: list
+    preview: bool = False  #: the print file only; nothing recorded
     orphans: list = dataclasses.field(default_factory=list)   #: patron ids not in patrons
     undated: list = dataclasses.field(default_factory=list)   #: loans without a real due date
     queued: list = dataclasses.field(default_factory=list)    #: spool files
@@ -5637,24 +6222,32 @@ class LetterRun:
 
     @property
     def to_email(self) -> list:
-        return [] if self.output == "print" else [x for x in self.letters if x.address]
+        return [] if self.output == "print" or self.preview else \
+            [x for x in self.letters if x.address]
 
     @property
     def to_print(self) -> list:
-        return self.letters if self.output == "print" else \
+        return self.letters if self.output == "print" or self.preview else \
             [x for x in self.letters if not x.address]
+
+    @property
+    def tests(self) -> list:
+        """Letters to pupils of the group TEST: written, never recorded."""
+        return [x for x in self.letters if is_test_patron(x.patron)]
 
     @property
     def unsendable(self) -> list:
         return [x for x in self.letters if not x.address]
 
 
-def letter_loans(kind: str, loans, ledger: dict, today: dt.date) -> list:
+def letter_loans(kind: str, loans, ledger: dict, today: dt.date, guardian: bool = False) -> list:
     """The loans that get letter `kind` today, in the order given: past their
-    due date, without this letter for this due date yet and, for the later
-    letters, with the letter before it written LETTER_GAP_DAYS or more ago.
-    ``ledger`` maps (patron_id, barcode, due_date, kind) to the day written."""
+    due date, without this letter (of this variant) for this due date yet
+    and, for the later letters, with the letter before it written
+    LETTER_GAP_DAYS or more ago. ``ledger`` maps (patron_id, barcode,
+    due_date, ledger kind) to the day written."""
     before = PREVIOUS_LETTER.get(kind)
+    kind, before = ledger_kind(kind, guardian), before and ledger_kind(before, guardian)
     latest = today - dt.timedelta(days=LETTER_GAP_DAYS)
     chosen = []
     for loan in loans:
@@ -5675,20 +6268,23 @@ def plan_letters(settings: Settings, kind: str, loans, ledger: dict, guardian: b
     template = load_template(settings, kind)
     before = PREVIOUS_LETTER.get(kind)
     by_patron: dict[str, list] = {}
-    for loan in letter_loans(kind, loans, ledger, today):
+    for loan in letter_loans(kind, loans, ledger, today, guardian):
         by_patron.setdefault(loan["patron_id"], []).append(loan)
     letters = []
     for items in by_patron.values():
         patron = items[0]
-        values = notice_values(settings, patron, items, today)
-        values["addressee"] = addressee(patron, guardian)
+        values = notice_values(settings, patron, items, today, barcodes=False)
+        first = values["first_name"] or values["patron_name"]
+        values["addressee"] = addressee(patron, True) if guardian else first
+        values["your"] = f"{first}'s" if guardian else "your"
         if before:
-            latest = max(ledger[(x["patron_id"], x["barcode"], x["due_date"], before)]
-                         for x in items)
+            latest = max(ledger[(x["patron_id"], x["barcode"], x["due_date"],
+                                 ledger_kind(before, guardian))] for x in items)
             values["previous_sent"] = latest.strftime(settings.date_format)
         subject, body = template.render(values)
         address, problem = recipient(patron, guardian)
-        to_name = values["addressee"][:1].upper() + values["addressee"][1:]
+        to_name = "Parent or guardian of " + values["patron_name"] if guardian \
+            else values["patron_name"]
         letters.append(Letter(dict(patron), items, address, problem, subject, body, to_name))
     return letters
 
@@ -5710,7 +6306,7 @@ def overdue_rows(db: sqlite3.Connection, today: dt.date,
     for a patron id the patrons list does not know), by patron name and due
     date; and the loans whose due date is not a date at all."""
     sql = ("SELECT l.patron_id, l.barcode, l.title, l.due_date, p.name, p.email, "
-           "p.guardian_email, p.grp FROM loans l LEFT JOIN patrons p "
+           "p.guardian_email, p.grp, p.first_name FROM loans l LEFT JOIN patrons p "
            "ON p.patron_id = l.patron_id")
     params: list = []
     if group is not None:
@@ -5718,21 +6314,24 @@ def overdue_rows(db: sqlite3.Connection, today: dt.date,
         params.append(group)
     sql += " ORDER BY p.name COLLATE NOCASE, l.patron_id, l.due_date, l.title"
     rows = [dict(row) for row in db.execute(sql, params)]
+    rows.sort(key=lambda r: ((r["grp"] or "").casefold(), surname(r) if r["name"] else "",
+                             (r["name"] or "").casefold(), r["patron_id"]))
     dated = [r for r in rows if is_iso_date(r["due_date"])]
     undated = [r for r in rows if not is_iso_date(r["due_date"])]
     return [r for r in dated if r["due_date"] < today.isoformat()], undated
 
 
 def letter_ledger(db: sqlite3.Connection) -> dict:
-    """(patron_id, barcode, due_date, kind) -> the day each letter was written."""
+    """(patron_id, barcode, due_date, ledger kind) -> the day each letter was written."""
+    kinds = LETTER_KINDS + tuple(ledger_kind(kind, True) for kind in LETTER_KINDS)
     rows = db.execute("SELECT patron_id, barcode, due_date, kind, queued_at FROM notices "
-                      f"WHERE kind IN ({','.join('?' * len(LETTER_KINDS))})", LETTER_KINDS)
+                      f"WHERE kind IN ({','.join('?' * len(kinds))})", kinds)
     return {(r[0], r[1], r[2], r[3]): local_day(r[4]) for r in rows}
 
 
 def check_letter_request(db: sqlite3.Connection, kind: str, group: str | None,
                          output: str) -> None:
-    """Refuse an unknown letter, output or group, with the choices."""
+    """Refuse an unknown letter, output or group, with the choices. Raises UsageError."""
     if kind not in LETTER_KINDS:
         raise UsageError(f"{kind!r} is not a letter report; use {', '.join(LETTER_KINDS[:-1])} "
                          f"or {LETTER_KINDS[-1]}.")
@@ -5755,16 +6354,19 @@ def _plural(n: int, word: str) -> str:
 
 def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str | None = None,
                 guardian: bool = False, output: str = "email", dry_run: bool = False,
-                today: dt.date | None = None, now: float | None = None) -> LetterRun:
+                preview: bool = False, today: dt.date | None = None,
+                now: float | None = None) -> LetterRun:
     """Run one letter report: find who gets letter `kind`, then queue the
     letters (output "email") or write them to one HTML file (output "print").
     With output "email", letters for patrons without a usable address go to
-    a print file. Every letter written is recorded in the notices ledger, so
-    the same letter never goes twice for one loan and due date.
+    a print file. Every letter written is recorded in the notices ledger (the
+    guardian variant apart), so the same letter never goes twice for one
+    loan and due date; letters to the group TEST are never recorded.
 
     now: the clock (default: the time now); today: the day (default: now's
     day; given alone, now is that day at noon). dry_run: decide and render,
-    change nothing. Raises UsageError for an unknown kind, output or group,
+    change nothing. preview: write the print file of every letter, queue and
+    record nothing. Raises UsageError for an unknown kind, output or group,
     TemplateError for a broken template, BibliogateError when the print file
     cannot be written."""
     if now is None:
@@ -5777,16 +6379,16 @@ def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str |
     orphans = sorted({r["patron_id"] for r in rows if r["name"] is None})
     known = [r for r in rows if r["name"] is not None]
     letters = plan_letters(settings, kind, known, letter_ledger(db), guardian, today)
-    run = LetterRun(kind, group, guardian, output, dry_run, letters, orphans,
+    run = LetterRun(kind, group, guardian, output, dry_run, letters, preview, orphans,
                     [f"{r['barcode']} ({r['due_date']!r})" for r in undated])
     if dry_run or not letters:
-        if not dry_run:
+        if not dry_run and not preview:
             journal.event("letters", letters_summary(run))
         return run
     ahead = len(scan(settings.spool)) if run.to_email else 0
     for letter in run.to_email:
         try:
-            path = queue_letter(settings, db, kind, letter, now)
+            path = queue_letter(settings, db, run, letter, now)
         except SpoolError as exc:
             run.failed = str(exc)
             break
@@ -5798,31 +6400,37 @@ def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str |
         run.print_file = print_letters(settings, db, run, today, now)
     if run.queued:
         run.departure = departure_sentence(settings, db, len(run.queued), ahead, now)
-    journal.event("letters", letters_summary(run),
-                  level=logging.WARNING if run.failed else logging.INFO)
+    if not preview:
+        journal.event("letters", letters_summary(run),
+                      level=logging.WARNING if run.failed else logging.INFO)
     return run
 
 
-def record_letter(db: sqlite3.Connection, kind: str, letter: Letter, now: float,
+def record_letter(db: sqlite3.Connection, run: LetterRun, letter: Letter, now: float,
                   file: str | None, replace: bool = False) -> None:
-    """One ledger row per loan of the letter; a row already there raises
-    sqlite3.IntegrityError (or, with replace, is left as it is)."""
+    """One ledger row per loan of the letter, under its variant's name; a
+    row already there raises sqlite3.IntegrityError (or, with replace, is
+    left as it is). A preview, and a letter to the group TEST, record nothing."""
+    if run.preview or is_test_patron(letter.patron):
+        return
     verb = "INSERT OR IGNORE" if replace else "INSERT"
+    kind = ledger_kind(run.kind, run.guardian)
     db.executemany(f"{verb} INTO notices(patron_id, barcode, kind, due_date, queued_at, file) "
                    "VALUES (?,?,?,?,?,?)",
                    [(x["patron_id"], x["barcode"], kind, x["due_date"], now, file)
                     for x in letter.loans])
 
 
-def queue_letter(settings: Settings, db: sqlite3.Connection, kind: str, letter: Letter,
+def queue_letter(settings: Settings, db: sqlite3.Connection, run: LetterRun, letter: Letter,
                  now: float) -> Path | None:
     """Queue one letter and record it, as one step: if the spool file cannot
     be written, the ledger keeps no record (the next run writes it). None
     when another run recorded the same letter first."""
     data = compose(settings, letter.address, letter.subject, letter.body, letter.to_name, now)
+    kind = ledger_kind(run.kind, run.guardian)
     try:
         with db:
-            record_letter(db, kind, letter, now, file=None)
+            record_letter(db, run, letter, now, file=None)
             path = enqueue_bytes(settings.spool, data, now, label=kind.replace("_", "-"))
             db.executemany("UPDATE notices SET file = ? WHERE patron_id = ? AND barcode = ? "
                            "AND kind = ? AND due_date = ?",
@@ -5835,10 +6443,18 @@ def queue_letter(settings: Settings, db: sqlite3.Connection, kind: str, letter: 
 
 def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
                   today: dt.date, now: float) -> Path:
-    """Write the print file, then record its letters."""
+    """Write the print file, then record its letters (not for a preview). Raises
+    BibliogateError when the letters folder cannot be written."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     stem = f"{run.kind}{'-guardian' if run.guardian else ''}-{stamp}"
-    if run.output == "email":
+    if run.preview:
+        stem += "-preview"
+        note = (f"PREVIEW: {_plural(len(run.to_print), 'letter')} as the report would write "
+                "them. Nothing was queued or recorded: run the report without --preview to "
+                "send or print them for real.")
+        reasons = [f"{one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}, "
+                   "so this letter would be printed, not emailed" for x in run.unsendable]
+    elif run.output == "email":
         stem += "-not-emailed"
         note = (f"{_plural(len(run.to_print), 'letter')} that could not be emailed, for want "
                 "of a usable address. Print them and hand them out, and put the addresses "
@@ -5846,7 +6462,8 @@ def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
         reasons = [f"{one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}"
                    for x in run.to_print]
     else:
-        note, reasons = f"{_plural(len(run.to_print), 'letter')}, each on a new page.", []
+        note, reasons = (f"{_plural(len(run.to_print), 'letter')}, each on a new page, by "
+                         "class and surname; each class starts with a list for its teacher."), []
     page = letters_html(settings, f"{run.kind} letters, {today.isoformat()}", note, reasons,
                         run.to_print, today)
     folder = settings.base / LETTERS_FOLDER
@@ -5859,11 +6476,12 @@ def print_letters(settings: Settings, db: sqlite3.Connection, run: LetterRun,
     write_atomic(path, page.encode("utf-8"))
     with db:
         for letter in run.to_print:
-            record_letter(db, run.kind, letter, now, file=path.name, replace=True)
+            record_letter(db, run, letter, now, file=path.name, replace=True)
     return path
 
 
-#: The print file: one page per letter; the note at the top shows on screen only.
+#: The print file: a cover page for each class, then a page per letter; the
+#: note at the top shows on screen only. Filled by render(): escaped.
 LETTERS_PAGE = string.Template("""\
 <!DOCTYPE html>
 <html lang="en">
@@ -5875,23 +6493,37 @@ LETTERS_PAGE = string.Template("""\
   body { font: 12pt/1.5 Georgia, "Times New Roman", serif; color: #000; margin: 0; }
   .note { font: 11pt/1.4 sans-serif; background: #fff8dc; border: 1px solid #c9b458;
           padding: .5em 1em; margin: 1em; }
-  .letter { padding: 1.5em; page-break-after: always; break-after: page; }
+  .letter, .cover { padding: 1.5em; page-break-after: always; break-after: page; }
   .letter:last-child { page-break-after: auto; break-after: auto; }
   .head { display: flex; justify-content: space-between; font-size: 10pt;
           border-bottom: 1px solid #888; margin-bottom: 2em; }
   .who { font-size: 10pt; margin-bottom: 1.5em; }
   h1 { font-size: 14pt; margin: 0 0 1em; }
+  .cover table { border-collapse: collapse; width: 100%; font-size: 11pt; }
+  .cover th, .cover td { border-bottom: 1px solid #bbb; text-align: left; padding: .3em;
+                         vertical-align: top; }
   .body { white-space: pre-wrap; }
-  @media screen { .letter + .letter { border-top: 3px dashed #bbb; } }
-  @media print { .note { display: none; } .letter { padding: 0; } }
+  @media screen { .letter + .letter, .cover { border-top: 3px dashed #bbb; } }
+  @media print { .note { display: none; } .letter, .cover { padding: 0; } }
 </style>
 </head>
 <body>
 <div class="note"><p>$note</p>$reasons<p>Print with Ctrl+P; this note is not printed.</p></div>
-$letters
+$pages
 </body>
 </html>
 """)
+
+COVER_HTML = string.Template("""\
+<section class="cover">
+<div class="head"><span>$library</span><span>$today</span></div>
+<h1>$heading</h1>
+<p>$count. The letters follow, in this order.</p>
+<table><thead><tr><th>Pupil</th><th>Items</th></tr></thead>
+<tbody>$rows</tbody></table>
+</section>""")
+
+COVER_ROW = string.Template("<tr><td>$name</td><td>$items</td></tr>")
 
 LETTER_HTML = string.Template("""\
 <section class="letter">
@@ -5901,22 +6533,37 @@ LETTER_HTML = string.Template("""\
 <div class="body">$body</div>
 </section>""")
 
+LETTER_REASON = string.Template("<li>$text</li>")
+
 
 def letters_html(settings: Settings, title: str, note: str, reasons: list[str],
                  letters: list[Letter], today: dt.date) -> str:
-    """The print file's HTML; every value is escaped."""
-    e = html.escape
-    reason_list = ("<ul>" + "".join(f"<li>{e(r)}</li>" for r in reasons) + "</ul>") \
+    """The print file's HTML: for each group (class), a cover page listing its
+    pupils and their items for the class teacher, then its letters, by
+    surname. Every value goes through render(), which escapes it."""
+    library, day = settings.library_name, today.strftime(settings.date_format)
+    reason_list = Html("<ul>" + join(render(LETTER_REASON, text=r) for r in reasons) + "</ul>") \
         if reasons else ""
     pages = []
-    for x in letters:
-        group = f", group {one_line(x.patron['grp'])}" if x.patron.get("grp") else ""
-        pages.append(LETTER_HTML.substitute(
-            library=e(settings.library_name), today=e(today.strftime(settings.date_format)),
-            to_name=e(x.to_name), patron=e(f"Patron {x.patron['patron_id']}{group}"),
-            subject=e(x.subject), body=e(x.body.rstrip("\n"))))
-    return LETTERS_PAGE.substitute(title=e(title), note=e(note), reasons=reason_list,
-                                   letters="\n".join(pages))
+    for group, found in itertools.groupby(letters, key=lambda x: one_line(x.patron.get("grp") or "")):
+        members = list(found)
+        pages.append(cover_page(settings, group, members, day))
+        for x in members:           # the class, to hand it out; no account number
+            pages.append(render(LETTER_HTML, library=library, today=day, to_name=x.to_name,
+                                patron=f"Class {group}" if group else "",
+                                subject=x.subject, body=x.body.rstrip("\n")))
+    return render(LETTERS_PAGE, title=title, note=note, reasons=reason_list,
+                  pages=Html("\n".join(pages)))
+
+
+def cover_page(settings: Settings, group: str, members: list[Letter], day: str) -> Html:
+    """A class's cover page: its pupils and their items, for the class teacher."""
+    rows = join(render(COVER_ROW, name=one_line(x.patron["name"]), items=Html("<br>".join(
+        esc(f"{one_line(loan['title'])}, due {show_date(settings, loan['due_date'])}")
+        for loan in x.loans))) for x in members)
+    return render(COVER_HTML, library=settings.library_name, today=day, rows=rows,
+                  heading=f"Class {group}" if group else "Pupils without a class",
+                  count=_plural(len(members), "letter"))
 
 
 def departure_time(start: float, ahead: int, count: int, per_check: int,
@@ -5940,10 +6587,10 @@ def departure_sentence(settings: Settings, db: sqlite3.Connection, count: int, a
                 f"then leave {rate}.")
     if not run_is_active(settings.ini_path):
         wait = departure_time(0, ahead, count, settings.per_check, settings.interval)
-        last = (f"the last leaves about {_duration(wait)} after that" if wait else
-                "they all leave at its first check")
+        after = (f"the last leaves about {_duration(wait)} after that" if wait else
+                 "they all leave at its first check")
         return (f"{queued}; BiblioGate is not running, so they leave once `python "
-                f"bibliogate.py run` starts: {rate} {last}.")
+                f"bibliogate.py run` starts: {rate} {after}.")
     next_check = get_state(db, "next_check")
     start = next_check if isinstance(next_check, (int, float)) and next_check > now else now
     last = departure_time(start, ahead, count, settings.per_check, settings.interval)
@@ -5971,6 +6618,8 @@ def letters_summary(run: LetterRun) -> str:
         parts.append(f"{len(run.unsendable)} without a usable address")
     if run.skipped:
         parts.append(f"{run.skipped} already written by another run")
+    if run.tests:
+        parts.append(f"{len(run.tests)} to the group {TEST_GROUP}, not recorded")
     if run.orphans:
         parts.append(f"{_plural(len(run.orphans), 'patron id')} not in the patrons list")
     if run.undated:
@@ -5995,6 +6644,12 @@ def letters_report(run: LetterRun) -> list[str]:
                          f"{where}, {_plural(len(x.loans), 'item')}")
         lines.append(f"{_plural(len(run.letters), 'letter')} would be written: "
                      f"{len(run.to_email)} by email, {len(run.to_print)} to print.")
+    elif run.preview and run.print_file:
+        lines.append(f"Preview of {run.kind} for {scope} ({variant} variant): "
+                     f"{_plural(len(run.letters), 'letter')} in {run.print_file}. Nothing was "
+                     "queued or recorded; run it again without --preview to send them.")
+        lines += [f"  {one_line(x.patron['name'])} ({x.patron['patron_id']}): has {x.problem}, "
+                  "so this letter would be printed" for x in run.unsendable]
     elif not run.letters:
         before = PREVIOUS_LETTER.get(run.kind)
         why = (f" (it goes only for loans that had {before} at least {LETTER_GAP_DAYS} days "
@@ -6013,6 +6668,9 @@ def letters_report(run: LetterRun) -> list[str]:
                       for x in run.unsendable]
         if run.print_file:
             lines.append(f"{_plural(len(run.to_print), 'letter')} to print: {run.print_file}")
+        if run.tests:
+            lines.append(f"{_plural(len(run.tests), 'letter')} to the group {TEST_GROUP} "
+                         "were not recorded: a test uses up no pupil's real letter.")
     if run.failed:
         done = len(run.queued)
         lines.append(f"Stopped after queueing {_plural(done, 'letter')}: {run.failed} The "
@@ -6032,7 +6690,8 @@ def cmd_letters(args, settings: Settings) -> int:
     journal = Journal(settings.database)
     try:
         run = run_letters(settings, journal, args.kind, group=args.group,
-                          guardian=args.guardian, output=args.output, dry_run=args.dry_run)
+                          guardian=args.guardian, output=args.output, dry_run=args.dry_run,
+                          preview=args.preview)
     finally:
         journal.close()
     print("\n".join(letters_report(run)))
@@ -6063,7 +6722,8 @@ def fit_body(body: str, limit: int = MAILTO_BODY_LIMIT) -> str:
         return body
     lines = body.rstrip("\n").split("\n")
     items_left = sum(1 for line in lines if line.startswith("- "))
-    kept, used = [], 0
+    kept: list[str] = []
+    used = 0
     for line in lines:
         note = fit_note(items_left)
         cost = len(_encode(line + "\n"))
@@ -6105,6 +6765,7 @@ def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
     loans = [r for r in rows if is_iso_date(r["due_date"])]
     values = notice_values(settings, patron, loans, today)
     values["addressee"] = addressee(patron, guardian)
+    values["your"] = f"{first_name(patron)}'s" if guardian else "your"
     values["item_count"] = len(rows)
     items = [values["items"]] if loans else []
     items += [f"- {one_line(r['title'])} (barcode {one_line(r['barcode'])}), due "
@@ -6115,8 +6776,8 @@ def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
 
 
 def open_link(url: str, windows: bool = os.name == "nt") -> None:
-    """Hand a mailto: link to the default mail program, as the Circulation
-    [Email] button does."""
+    """Hand a mailto: link to the default mail program, as the Circulation [Email] button
+    does. Raises BibliogateError when no program here opens it."""
     if windows and hasattr(os, "startfile"):
         try:
             os.startfile(url)
@@ -6151,6 +6812,8 @@ def add_letter_commands(command: Callable) -> None:
     p.add_argument("--output", default="email", metavar="email|print",
                    help="queue the letters as email (the default) or write one file to print")
     p.add_argument("--dry-run", action="store_true", help="list who would get what; change nothing")
+    p.add_argument("--preview", action="store_true",
+                   help="write the print file of every letter to read first; queue and record nothing")
     p = command("mailto", cmd_mailto, "print (or open) a direct-email link for one patron")
     p.add_argument("patron_id", metavar="PATRON_ID")
     p.add_argument("--guardian", action="store_true", help="to the patron's guardian")
@@ -6168,7 +6831,8 @@ def noted(detail: str, by: str) -> str:
 
 
 def queue_test(settings: Settings, to: str, now: float) -> Path:
-    """Queue the test message (the tech note's [Test] button)."""
+    """Queue the test message (the tech note's [Test] button). Raises BibliogateError when
+    there is no valid test address."""
     if not valid_address(to):
         raise BibliogateError("There is no test address: set [gateway] test_to_address or use "
                               "--to name@school.example." if not to else
@@ -6254,6 +6918,9 @@ def edit_patron(journal: Journal, patron_id: str, values: dict, by: str = "") ->
         db.execute("UPDATE patrons SET email = ?, guardian_email = ?, grp = ?, auto_overdue = ? "
                    "WHERE patron_id = ?", (values["email"], values["guardian_email"],
                                            values["grp"], values["auto_overdue"], patron_id))
+        for key in changed:
+            if key in KEPT_EDITS:
+                record_patron_edit(db, patron_id, key, row[key], values[key], journal.clock())
     if changed:
         journal.event("patron", noted(f"patron {patron_id}: changed {', '.join(changed)}", by))
     return PatronEdit(row["name"], changed, {})
@@ -6618,7 +7285,7 @@ def update_ini_text(text: str, changes: dict) -> str:
         replacing = False
         comment = _COMMENT_RE.search(body)
         header = _SECTION_RE.fullmatch((body[:comment.start()] if comment else body).strip())
-        match = _KEY_RE.fullmatch(body) if section and not header else None
+        match: re.Match | None = _KEY_RE.fullmatch(body) if section and not header else None
         if header:
             section = header.group("name")
             ends[section] = len(out) + 1
@@ -6664,8 +7331,9 @@ def read_ini(path: Path) -> tuple[str, str]:
 
 
 def save_ini_text(path: Path, text: str) -> None:
-    """Replace bibliogate.ini whole or not at all, keeping its permissions
-    (it holds the SMTP password)."""
+    """Replace bibliogate.ini whole or not at all, keeping its permissions (it holds the
+    SMTP password). Raises BibliogateError when the file cannot be written; the old one is
+    then unchanged."""
     try:
         mode = path.stat().st_mode & 0o7777
     except OSError:
@@ -6952,8 +7620,10 @@ $fields</fieldset>
 <div class="buttons"><button type="submit">Save</button>
 <a class="button plain" href="/patrons">Back to patrons</a>$mail</div>
 </form>
-<p class="muted">The library system's next patrons.csv import writes these values again:
-correct them there too.</p>
+<p class="muted">$edited An email, guardian email or auto-overdue tick changed here is kept
+across patrons.csv imports while the library system still has the value it replaced; when
+the library system's value changes, that one is used. The group is always the library
+system's: correct it there too.</p>
 """)
 LOGIN_BODY = string.Template("""\
 $message<p>On the computer BiblioGate runs on, open the page with
@@ -6993,6 +7663,9 @@ LOGGED_IN_BODY = Html('<p>You are logged in. <a href="/">Go to the settings</a>.
 NO_PATRON_BODY = string.Template('<p>There is no patron $id. '
                                  '<a href="/patrons">Search the patrons</a>.</p>')
 NO_EMAIL_BADGE = Html('<span class="badge">no email</span>')
+#: Beside a value changed on this page, which imports keep (see KEPT_EDITS).
+EDITED_MARK = Html(' <span class="badge" title="Changed on this page; kept across imports while '
+                   'the library system still has the value it replaced.">edited here</span>')
 MUTED = string.Template('<p class="muted">$text</p>')
 PROBLEM_LIST = string.Template("<ul>$items</ul>")
 LIST_ITEM = string.Template("<li>$text</li>")
@@ -7063,9 +7736,13 @@ SETTINGS_FORM = (
         Field("overdue", "overdue_days", "Overdue (days after due)"),
         Field("overdue", "reminder_days", "Reminder (days after due)"),
         Field("overdue", "closed", "Closed days", "No run on these: weekdays and dates, such as "
-              "sat, sun, 2026-12-18..2027-01-28."),
+              "sat, sun, 2026-12-18..2027-01-28. Their notices go on the next open day "
+              "(warnings on the last open day before)."),
         Field("overdue", "max_data_age_hours", "Maximum data age (hours)", "No notices from loans "
               "imported longer ago than this."),
+        Field("overdue", "send_to", "Send the notices to", "patron_else_guardian: the guardian "
+              "when the pupil has no address; both: one message to both.", "choice",
+              SEND_TO_CHOICES),
     )),
     ("Library", (
         Field("library", "name", "Library name", "Used in messages."),
@@ -7086,7 +7763,8 @@ def form_values(raw: dict) -> dict:
 def sort_problems(problems: Iterable[str]) -> tuple[dict, list]:
     """Problems as {form field: first sentence about it} and the others."""
     names = {f.name for f in SETTINGS_FIELDS}
-    by_field, other = {}, []
+    by_field: dict[str, str] = {}
+    other: list[str] = []
     for problem in problems:
         match = _PROBLEM_KEY_RE.match(problem)
         name = f"{match.group(1)}.{match.group(2)}" if match else None
@@ -7140,7 +7818,7 @@ def secret_moved(changes: dict, raw: dict, typed: bool) -> dict:
 
 
 def check_settings_form(form: dict, text: str, ini_path: Path,
-                        current: list[str]) -> tuple[str, dict, list, list]:
+                        current: Iterable[str]) -> tuple[str, dict, list, list]:
     """Decide a Save: (new ini text, field errors, other errors, changed keys).
     The would-be text is checked by load_settings itself, so the page and a
     hand edit are judged alike. A problem with no field on the form blocks
@@ -7497,7 +8175,7 @@ def state_box(ctx: PageContext, settings: Settings) -> Html:
         state, reason = "stopped", "the settings need attention:"
     try:
         view = ctx.server.spool_view()
-        waiting, bad = view.waiting, len(view.bad)
+        waiting, bad = str(view.waiting), str(len(view.bad))
     except SpoolError:
         waiting = bad = "?"
     last = get_state(ctx.db, "last_check")
@@ -7586,7 +8264,8 @@ def log_note(path: Path, shown: bool, cut: bool) -> str:
 
 #: A patron and how many loans they have.
 PATRON_WITH_LOANS = ("SELECT p.*, (SELECT COUNT(*) FROM loans l WHERE l.patron_id = p.patron_id) "
-                     "AS loans FROM patrons p")
+                     "AS loans, (SELECT group_concat(e.field) FROM patron_edits e "
+                     "WHERE e.patron_id = p.patron_id) AS edited FROM patrons p")
 
 
 def find_patrons(db: sqlite3.Connection, q: str, missing: bool, limit: int) -> list:
@@ -7622,10 +8301,14 @@ def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
 
 def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
     no_email = not r["email"]
+    edited = set((r["edited"] or "").split(","))
+
+    def mark(field: str, value) -> Html:
+        return join([value, EDITED_MARK if field in edited else ""])
     return render(PATRON_ROW, cls="missing" if no_email else "", id=r["patron_id"],
-                  name=r["name"], guardian=r["guardian_email"], group=r["grp"],
-                  email=NO_EMAIL_BADGE if no_email else r["email"],
-                  auto="yes" if r["auto_overdue"] else "no", loans=r["loans"],
+                  name=r["name"], guardian=mark("guardian_email", r["guardian_email"]),
+                  group=r["grp"], email=mark("email", NO_EMAIL_BADGE if no_email else r["email"]),
+                  auto=mark("auto_overdue", "yes" if r["auto_overdue"] else "no"), loans=r["loans"],
                   edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
                   mail=mail_buttons(s, db, r["patron_id"]))
 
@@ -7729,8 +8412,10 @@ def page_patron(ctx: PageContext) -> tuple[str, Html]:
     if row is None:
         return "Patron not found", render(NO_PATRON_BODY, id=repr(pid))
     values, errors = ctx.session.drafts.pop(f"patron:{pid}", (dict(row), {}))
+    edited = [label for key, label, _ in PATRON_FORM if key in (row["edited"] or "").split(",")]
     return f"Patron {row['name']}", render(
         PATRON_BODY, name=row["name"], id=pid, loans=row["loans"],
+        edited=f"Changed on this page: {', '.join(edited)}." if edited else "",
         fields=patron_fields(values, errors), token=ctx.token,
         mail=mail_buttons(ctx.settings, db, pid))
 
@@ -7754,7 +8439,8 @@ def health(ctx: PageContext, detail: str = "full") -> dict:
     state, reason = g.sender_state or ("not started", "")
     try:
         view = ctx.server.spool_view()
-        waiting, bad = view.waiting, len(view.bad)
+        waiting: int | None = view.waiting
+        bad: int | None = len(view.bad)
     except SpoolError as exc:
         waiting = bad = None
         reason = f"{reason} {exc}"
@@ -7974,6 +8660,7 @@ POST_ACTIONS = MappingProxyType({
 # section's opening comment gives); each refuses with a PageRefusal.
 
 def check_host(host: str, server: PageServer) -> None:
+    """Refuse a request for another host name (DNS rebinding). Raises PageRefusal."""
     if not host_allowed(host, server.address, server.port):
         raise PageRefusal(HTTPStatus.MISDIRECTED_REQUEST,
                           f"This page answers only at {server.url} (bibliogate.ini "
@@ -7981,9 +8668,9 @@ def check_host(host: str, server: PageServer) -> None:
 
 
 def check_origin(headers) -> None:
-    """Refuse a post from another site. Under our no-referrer policy a browser
-    sends "Origin: null" even from this page; Sec-Fetch-Site, which no web
-    page can set, then tells, and for a browser without it the form token."""
+    """Refuse a post from another site. Under our no-referrer policy a browser sends
+    "Origin: null" even from this page; Sec-Fetch-Site, which no web page can set, then
+    tells, and for a browser without it the form token. Raises PageRefusal."""
     origin = headers.get("Origin", "").strip().lower()
     site = headers.get("Sec-Fetch-Site")
     own = "http://" + headers.get("Host", "").strip().lower()
@@ -7993,7 +8680,8 @@ def check_origin(headers) -> None:
 
 
 def check_token(session: PageSession | None, form: dict) -> PageSession:
-    """The session a form was posted in, if its token is the session's."""
+    """The session a form was posted in, if its token is the session's. Raises PageRefusal
+    when it is not."""
     if session is None or not hmac.compare_digest(form.get("token", "").encode(),
                                                   session.token.encode()):
         raise PageRefusal(HTTPStatus.FORBIDDEN, "This form is out of date (BiblioGate may "
@@ -8003,7 +8691,8 @@ def check_token(session: PageSession | None, form: dict) -> PageSession:
 
 
 def form_length(header: str) -> int:
-    """A form's Content-Length, if the page takes a form that long."""
+    """A form's Content-Length, if the page takes a form that long. Raises PageRefusal when
+    it has none, or too long a one."""
     if not (header.isascii() and header.isdigit()):      # "²".isdigit() is true
         raise PageRefusal(HTTPStatus.LENGTH_REQUIRED, "A form must say its length.")
     # int() refuses 4,300 digits and more, so a long number is refused first.
@@ -8014,9 +8703,9 @@ def form_length(header: str) -> int:
 
 
 def check_login_token(cookie_header: str, name: str, form: dict) -> PageSession:
-    """Before a login there is no session: the login form's token is the
-    login cookie's value (a page of another site can read neither), and the
-    visitor a session that is never stored."""
+    """Before a login there is no session: the login form's token is the login cookie's
+    value (a page of another site can read neither), and the visitor a session that is never
+    stored. Raises PageRefusal when the token does not match."""
     token = cookie_value(cookie_header, name)
     if not token or not hmac.compare_digest(form.get("token", "").encode(), token.encode()):
         raise PageRefusal(HTTPStatus.FORBIDDEN, "This login form is out of date. Open the "
@@ -8044,7 +8733,8 @@ def cookie_value(header: str, name: str) -> str:
 
 
 def parse_form(data: bytes) -> dict:
-    """The fields (first value of each) of an urlencoded form."""
+    """The fields (first value of each) of an urlencoded form. Raises PageRefusal when it
+    cannot be read."""
     try:
         fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
                                        max_num_fields=200)
@@ -8054,7 +8744,8 @@ def parse_form(data: bytes) -> dict:
 
 
 def parse_query(query: str) -> dict:
-    """The fields (first value of each) of an address's query."""
+    """The fields (first value of each) of an address's query. Raises PageRefusal when it
+    has too many parts."""
     try:
         return {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=20).items()}
     except ValueError:
@@ -8282,8 +8973,9 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
 
 
 def start_page(gateway: Gateway) -> PageServer | None:
-    """Serve the config page from a thread of its own, if [web] allows it.
-    When it cannot start, the reason is logged and the gateway sends anyway."""
+    """Serve the config page from a thread of its own, if [web] allows it. When it cannot
+    start (a setting that is not safe, a port in use), the reason is logged, None is
+    returned and the gateway sends anyway: it raises nothing."""
     s = gateway.settings
     try:
         address, port = web_address(s)
@@ -8422,9 +9114,10 @@ class TaskPlan:
 
 def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOWS,
               executable: str = sys.executable, script: str = __file__) -> TaskPlan:
-    """The plan for this ini. On Windows pythonw.exe, beside python.exe, runs
-    it when it is there (no console window); the account is SYSTEM unless
-    `user` names another. On Linux the account is the one running this."""
+    """The plan for this ini. On Windows pythonw.exe, beside python.exe, runs it when it is
+    there (no console window); the account is SYSTEM unless `user` names another. On Linux
+    the account is the one running this. Raises UsageError when the paths cannot go into a
+    command line."""
     if not executable:
         raise UsageError("Python did not say where its program is; run this command with the "
                          "full path of python.exe (or python3).")
@@ -8444,7 +9137,8 @@ def task_plan(ini_path: Path, user: str | None = None, windows: bool = IS_WINDOW
 
 
 def windows_plan_problems(plan: TaskPlan) -> None:
-    """Refuse, before anything is registered, what the task could not start."""
+    """Refuse, before anything is registered, what the task could not start. Raises
+    UsageError."""
     if "WindowsApps" in plan.program.parts or "windowsapps" in str(plan.program).lower():
         raise UsageError(f"{plan.program} is the Microsoft Store Python, which a scheduled "
                          "task running as SYSTEM cannot start. Install Python from python.org "
@@ -8477,8 +9171,8 @@ def task_xml(plan: TaskPlan, now: float | None = None) -> str:
         element.text = text
         return element
 
-    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now)
-    stamp = stamp.replace(microsecond=0).isoformat()
+    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now) \
+        .replace(microsecond=0).isoformat()
     task = ET.Element("Task", {"version": "1.2", "xmlns": TASK_XMLNS})
     info = add(task, "RegistrationInfo")
     add(info, "URI", "\\" + TASK_NAME)
@@ -8580,7 +9274,8 @@ WantedBy=multi-user.target
 
 
 def run_program(argv: list[str], quiet: bool = False) -> int:
-    """Run a system tool (schtasks) and return its exit status."""
+    """Run a system tool (schtasks) and return its exit status. Raises BibliogateError when
+    the tool cannot be started."""
     import subprocess
     out = subprocess.DEVNULL if quiet else None
     try:
@@ -8759,8 +9454,8 @@ def _install_systemd(settings: Settings, plan: TaskPlan, print_only: bool) -> in
 
 def uninstall_task(settings: Settings, windows: bool = IS_WINDOWS,
                    runner: Callable[..., int] = run_program) -> int:
-    """`uninstall-task`: stop and remove the scheduled task (Windows), or say
-    how to remove the systemd unit (Linux)."""
+    """`uninstall-task`: stop and remove the scheduled task (Windows), or say how to remove
+    the systemd unit (Linux). Raises BibliogateError when Windows does not remove it."""
     name = TASK_NAME.lower()
     if not windows:
         print("To stop BiblioGate starting at boot, run as root:")
@@ -8813,7 +9508,8 @@ def watch_stop_file(path: Path, stop: threading.Event, every: float = TICK_SECON
 
 def request_stop(ini_path: Path, wait: float = STOP_WAIT_SECONDS,
                  sleep: Callable[[float], None] = time.sleep) -> bool:
-    """Ask the `run` of this ini to stop; True once it has (or none was running)."""
+    """Ask the `run` of this ini to stop; True once it has (or none was running). Raises
+    BibliogateError when the request cannot be written."""
     if not run_is_active(ini_path):
         return True
     try:

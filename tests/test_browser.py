@@ -70,7 +70,8 @@ def test_settings_test_queue_and_patron_in_a_browser(open_page, browser, tmp_pat
     page = open_page()
     db = page.db()
     with db:
-        db.execute("INSERT INTO patrons VALUES ('p7', 'Bob Noemail', '', '', '7B', 0)")
+        db.execute("INSERT INTO patrons (patron_id, name, email, guardian_email, grp, "
+                   "auto_overdue) VALUES ('p7', 'Bob Noemail', '', '', '7B', 0)")
     db.close()
     url = f"http://127.0.0.1:{page.port}"
     tab = browser.new_page(viewport={"width": 1100, "height": 900})

@@ -79,11 +79,13 @@ def test_first_letter_lists_every_overdue_item_one_letter_per_patron(lib):
     assert len(run.queued) == 2 and run.print_file is None
     msgs = {m["To"]: m for m in spool_messages(settings)}
     sam = msgs["Sam Smith <sam@example.org>"]
-    assert sam["Subject"] == "Library items to return: Sam Smith"
+    assert sam["Subject"] == "Library books to bring back"
     body = sam.get_content()
-    assert body.startswith("Dear Sam Smith,\n")
-    assert "- The Hobbit (barcode B1), due 2026-03-01, 9 days overdue\n" \
-           "- Matilda (barcode B2), due 2026-03-05, 5 days overdue\n" in body
+    assert body.startswith("Dear Sam,\n")
+    assert "your library books below are now overdue:" in " ".join(body.split())
+    assert "- The Hobbit, due 2026-03-01, 9 days overdue\n" \
+           "- Matilda, due 2026-03-05, 5 days overdue\n" in body
+    assert "barcode" not in body and "P1" not in body
     assert "Due Today" not in body and "Due Later" not in body
     assert "Test School Library" in body
     files = {p.name for p in settings.spool.glob("*.TMP")}
@@ -106,13 +108,14 @@ def test_second_and_final_follow_the_letter_before_after_seven_days(lib):
     assert letters(lib, "overdue_second", days(6)).letters == []   # only 6 days on
     second = letters(lib, "overdue_second", days(7))
     assert [x["barcode"] for x in second.letters[0].loans] == ["B1"]   # B2's first is 4 days old
-    assert "We wrote on 2026-03-10 about the items below" in second.letters[0].body
+    assert "We wrote on 2026-03-10 about your library book below" in second.letters[0].body
     assert spool_messages(settings)[-1]["Subject"].startswith("Second reminder")
 
     assert letters(lib, "overdue_final", days(13)).letters == []
     final = letters(lib, "overdue_final", days(14))
     assert [x["barcode"] for x in final.letters[0].loans] == ["B1"]
-    assert "most recently on 2026-03-17" in final.letters[0].body
+    assert "most recently on 2026-03-17" in " ".join(final.letters[0].body.split())
+    assert final.letters[0].body.startswith("Dear parent or guardian of Sam Smith,\n")
     # B2 had its first letter long ago but never a second: no final for it yet.
     assert letters(lib, "overdue_final", days(40)).letters == []
     late_second = letters(lib, "overdue_second", days(40))
@@ -213,7 +216,7 @@ def test_patrons_without_a_usable_address_are_listed_and_printed(lib, capsys):
     assert printed.name.endswith("-not-emailed.html") and str(printed) in out
     page = printed.read_text(encoding="utf-8")
     assert page.count('<section class="letter">') == 2
-    assert "Dear Ann Lee," in page and "Dear Bob Brown," in page and "Sam Smith" not in page
+    assert "Dear Ann," in page and "Dear Bob," in page and "Sam Smith" not in page
     files = {row[1]: row[4] for row in ledger(settings)}
     assert files["B1"] == files["B2"] == printed.name and files["B0"].endswith(".TMP")
 
@@ -293,9 +296,10 @@ def test_a_name_with_line_breaks_cannot_add_a_header(lib, sink):
     assert got.rcpt_tos == ["eve@example.org"]
     msg = got.message
     assert msg["Bcc"] is None and msg["Cc"] is None and len(msg.get_all("Subject")) == 1
-    assert msg["Subject"] == "Library items to return: Eve Bcc: thief@evil.example Subject: x"
+    assert msg["Subject"] == "Library book to bring back"
+    assert msg["To"].addresses[0].display_name == "Eve Bcc: thief@evil.example Subject: x"
     assert "thief" not in "".join(f"{k}{v}" for k, v in msg.items() if k not in ("To", "Subject"))
-    assert "- Book Cc: thief@evil.example (barcode B1)" in msg.get_content()
+    assert "- Book Cc: thief@evil.example, due" in msg.get_content()
 
 
 def test_a_spool_folder_that_cannot_be_used_queues_and_records_nothing(lib, capsys):
@@ -393,12 +397,12 @@ def test_letters_reach_the_patrons_through_the_gateway(gateway):
     got = {m.rcpt_tos[0]: m for m in gateway.sink.wait_for(2)}
     assert sorted(got) == ["ann@example.org", "sam@example.org"]
     sam = got["sam@example.org"].message
-    assert sam["Subject"] == "Library items to return: Sam Smith"
+    assert sam["Subject"] == "Library books to bring back"
     assert sam["From"] == "Test School Library <library@school.example>"
     assert sam["Auto-Submitted"] == "auto-generated" and sam["Message-ID"] and sam["Date"]
     fmt = lambda d: d.isoformat()  # noqa: E731  (the ini's date_format is %Y-%m-%d)
-    assert (f"- The Hobbit (barcode B1), due {fmt(today - dt.timedelta(days=10))}, "
-            f"10 days overdue\n- Café Olé (barcode B2), due "
+    assert (f"- The Hobbit, due {fmt(today - dt.timedelta(days=10))}, "
+            f"10 days overdue\n- Café Olé, due "
             f"{fmt(today - dt.timedelta(days=3))}, 3 days overdue\n") in sam.get_content()
     assert "Not Yet" not in got["ann@example.org"].message.get_content()
     assert list(gateway.spool.glob("*.TMP")) == []
@@ -448,5 +452,103 @@ def test_render_items_and_notice_values(lib):
         "- Later (barcode B4), due 20/03/2026"]
     values = bg.notice_values(settings, {"name": "Sam Smith", "patron_id": "P1"}, loans, DAY)
     assert values == {"library_name": "Test School Library", "patron_name": "Sam Smith",
-                      "patron_id": "P1", "items": bg.render_items(loans, settings, DAY),
-                      "item_count": 4, "today": "10/03/2026", "earliest_due": "01/03/2026"}
+                      "first_name": "Sam", "patron_id": "P1",
+                      "items": bg.render_items(loans, settings, DAY),
+                      "items_with_barcodes": bg.render_items(loans, settings, DAY),
+                      "item_count": 4, "item_word": "items", "book_word": "books",
+                      "it_them": "them", "is_are": "are", "this_these": "these",
+                      "today": "10/03/2026", "earliest_due": "01/03/2026"}
+
+
+# -- variants, previews, tests and the print order -----------------------------------
+
+def five_b(journal):
+    db = journal.db
+    add_patron(db, "P1", "Sam Smith", "sam@example.org", "sam.mum@example.org", grp="5B")
+    add_patron(db, "P2", "Ann Lee", "ann@example.org", "ann.dad@example.org", grp="5B")
+    add_loan(db, "B1", "P1", "The Hobbit", days(-3))
+    add_loan(db, "B2", "P2", "Holes", days(-3))
+
+
+def test_the_guardian_variant_is_recorded_apart_from_the_pupils(lib):
+    settings, journal = lib
+    five_b(journal)
+    assert len(letters(lib, "overdue_first", DAY, group="5B").queued) == 2
+    parents = letters(lib, "overdue_first", DAY, group="5B", guardian=True)
+    assert len(parents.queued) == 2                 # writing to the pupils used nothing up
+    assert letters(lib, "overdue_first", DAY, group="5B", guardian=True).letters == []
+    assert letters(lib, "overdue_first", DAY, group="5B").letters == []
+    # Each variant's second letter follows its own first letter.
+    assert [x.address for x in letters(lib, "overdue_second", days(7), guardian=True).letters] \
+        == ["ann.dad@example.org", "sam.mum@example.org"]
+    kinds = sorted({row[2] for row in ledger(settings)})
+    assert kinds == ["overdue_first", "overdue_first_guardian", "overdue_second_guardian"]
+
+
+def test_a_preview_writes_the_print_file_and_records_nothing(lib, capsys):
+    settings, journal = lib
+    five_b(journal)
+    add_patron(journal.db, "P3", "Cy Young", "", grp="5B")
+    add_loan(journal.db, "B3", "P3", "Emma", dt.date.today() - dt.timedelta(days=2))
+    assert cli(settings, "letters", "overdue_first", "--group", "5B", "--preview") == 0
+    out = capsys.readouterr().out
+    [preview] = list((settings.base / "letters").glob("*.html"))
+    assert preview.name.endswith("-preview.html") and str(preview) in out
+    assert "Nothing was queued or recorded" in out
+    assert "Cy Young (P3): has no email address, so this letter would be printed" in out
+    page = preview.read_text(encoding="utf-8")
+    assert page.count('<section class="letter">') == 3 and "PREVIEW" in page
+    assert list(settings.spool.glob("*.TMP")) == [] and ledger(settings) == []
+    assert cli(settings, "letters", "overdue_first", "--group", "5B") == 0   # for real: all there
+    assert len(list(settings.spool.glob("*.TMP"))) == 2 and len(ledger(settings)) == 3
+
+
+def test_a_letter_to_the_group_test_uses_up_nothing(lib, sink):
+    """The tech note's test: move a pupil into group TEST, give them your own
+    address, run the report for TEST; then move them back."""
+    settings, journal = lib
+    settings, _ = bg.ensure_layout(write_ini(settings.base, sink))
+    five_b(journal)
+    with journal.db:
+        journal.db.execute("UPDATE patrons SET grp = 'TEST', email = 'me@school.example' "
+                           "WHERE patron_id = 'P1'")
+    for _ in range(2):                               # as often as the librarian likes
+        run = letters((settings, journal), "overdue_first", DAY, group="TEST")
+        assert len(run.queued) == 1 and len(run.tests) == 1
+    assert "1 letter to the group TEST were not recorded" in "\n".join(bg.letters_report(run))
+    assert ledger(settings) == []
+    bg.Sender(settings, journal).check(limit=0)
+    assert [m.rcpt_tos for m in sink.wait_for(2)] == [["me@school.example"]] * 2
+    with journal.db:
+        journal.db.execute("UPDATE patrons SET grp = '5B', email = 'sam@example.org' "
+                           "WHERE patron_id = 'P1'")
+    real = letters((settings, journal), "overdue_first", DAY, group="5B")
+    assert sorted(x.address for x in real.letters) == ["ann@example.org", "sam@example.org"]
+
+
+def test_print_output_is_by_class_then_surname_with_a_cover_page_per_class(lib):
+    settings, journal = lib
+    db = journal.db
+    pupils = [("P1", "Zoe Adams", "6A"), ("P2", "Amy Young", "5B"), ("P3", "Bea Brown", "5B"),
+              ("P4", "Cal Zed", "6A"), ("P5", "Dan Clark", "5B")]
+    for n, (pid, name, grp) in enumerate(pupils):
+        add_patron(db, pid, name, f"{pid.lower()}@example.org", grp=grp)
+        add_loan(db, f"B{n}", pid, f"Book <{n}>", days(-2 - n))
+    run = letters(lib, "overdue_first", DAY, output="print")
+    assert [x.patron["name"] for x in run.letters] == [
+        "Bea Brown", "Dan Clark", "Amy Young", "Zoe Adams", "Cal Zed"]
+    page = run.print_file.read_text(encoding="utf-8")
+    assert page.count('<section class="cover">') == 2
+    five, six = page.index("<h1>Class 5B</h1>"), page.index("<h1>Class 6A</h1>")
+    order = [page.index(f"Dear {first},") for first in ("Bea", "Dan", "Amy", "Zoe", "Cal")]
+    assert five < order[0] < order[1] < order[2] < six < order[3] < order[4]
+    cover = page[five:order[0]]
+    assert "<td>Bea Brown</td><td>Book &lt;2&gt;, due 2026-03-06</td>" in cover
+    assert "Zoe Adams" not in cover and "<p>3 letters. The letters follow" in cover
+    assert "<" + "2>" not in page                   # escaped everywhere
+
+
+def test_the_print_file_is_escaped_by_render_not_by_hand():
+    import inspect
+    source = inspect.getsource(bg.letters_html)
+    assert "render(" in source and ".substitute(" not in source and "html.escape" not in source

@@ -3,6 +3,7 @@
 A real sqlite file and the real spool in tmp_path; "now" is injected (the
 run's `now` argument, and the Gateway's clock), so days pass without waiting."""
 
+import dataclasses
 import datetime as dt
 import email
 import email.policy
@@ -98,31 +99,55 @@ def events(settings, kind):
 
 # -- one day ---------------------------------------------------------------------
 
-def test_one_message_per_patron_and_kind_listing_all_items(tmp_path):
+def test_one_message_per_patron_holding_every_kind_grouped(tmp_path):
     settings, journal = setup(tmp_path)
     run = bg.run_overdue(settings, journal, DAY, at(DAY))
-    assert [(n.kind, n.patron["patron_id"], len(n.loans)) for n in run.notices] == [
-        ("warning", "P1", 2), ("overdue", "P1", 1), ("reminder", "P1", 1)]
+    [notice] = run.notices
+    assert notice.kind == "overdue" and notice.patron["patron_id"] == "P1"
     assert (run.no_email, run.not_enabled) == ({"P3"}, {"P2"})
-    messages = by_kind(settings)
-    assert sorted(messages) == ["overdue", "reminder", "warning"]
-    warning = messages["warning"]
-    assert warning["To"] == "Ann Smith <ann@example.org>"
-    assert warning["Subject"] == "Test School Library: library items due back on 2026-03-05"
-    assert warning["Auto-Submitted"] == "auto-generated" and warning["Date"] and warning["Message-ID"]
-    body = warning.get_content()
-    assert "- Holes (barcode B2), due 2026-03-05\n- Matilda (barcode B1), due 2026-03-05\n" in body
-    assert "- Wonder (barcode B3), due 2026-03-01, 1 day overdue" in messages["overdue"].get_content()
-    assert "- Coraline (barcode B4), due 2026-02-27, 3 days overdue" in messages["reminder"].get_content()
-    assert all("cy.parent" not in str(m) for m in messages.values())      # never the guardian
+    [(name, msg)] = queued(settings).items()
+    assert name.startswith("overdue-2026-03-02-")
+    assert msg["To"] == "Ann Smith <ann@example.org>"
+    assert msg["Subject"] == "Library books to bring back"
+    assert msg["Auto-Submitted"] == "auto-generated" and msg["Date"] and msg["Message-ID"]
+    body = msg.get_content()
+    assert body.startswith("Dear Ann,\n")
+    # Coraline's reminder day is today, but no overdue notice ever went for
+    # it: it is listed as newly overdue, not with "we wrote to you".
+    assert ("Now overdue:\n- Coraline, due 2026-02-27, 3 days overdue\n"
+            "- Wonder, due 2026-03-01, 1 day overdue\n\n"
+            "Due back soon:\n- Holes, due 2026-03-05\n- Matilda, due 2026-03-05\n") in body
+    assert "barcode" not in body and "P1" not in body and "Still overdue" not in body
+    assert all("cy.parent" not in str(m) for m in queued(settings).values())  # send_to = patron
     assert ledger(settings) == [("P1", "B1", "warning", "2026-03-05"),
                                 ("P1", "B2", "warning", "2026-03-05"),
                                 ("P1", "B3", "overdue", "2026-03-01"),
+                                ("P1", "B4", "overdue", "2026-02-27"),
                                 ("P1", "B4", "reminder", "2026-02-27")]
     assert events(settings, "overdue_run") == [
-        "auto-overdue for 2026-03-02 (by hand): queued 1 warning, 1 overdue, 1 reminder "
-        "(4 item(s)); not sent: 1 patron(s) without an email address, 1 not enabled for "
-        "auto-overdue"]
+        "auto-overdue for 2026-03-02 (by hand, notices due 2026-03-02): queued 1 message "
+        "(2 due soon, 2 newly overdue, 0 reminders); not sent: 1 not enabled for auto-overdue, "
+        "1 could not be reached (Cy Young (P3, 7B): no email address)"]
+
+
+def test_a_reminder_says_we_wrote_only_after_an_overdue_notice_and_lists_everything(tmp_path):
+    settings, journal = setup(tmp_path, loans=[["P1", "B3", "Wonder", days(-1)],
+                                               ["P1", "B9", "Old One", days(-20)]])
+    bg.run_overdue(settings, journal, DAY, at(DAY))
+    import_data(settings, tmp_path, [["P1", "B3", "Wonder", days(-1)],
+                                     ["P1", "B9", "Old One", days(-20)],
+                                     ["P1", "B5", "New One", days(1)]], at(days(2), 5))
+    for path in settings.spool.glob("*.TMP"):
+        path.unlink()
+    run = bg.run_overdue(settings, journal, days(2), at(days(2)))
+    [notice] = run.notices
+    assert notice.kind == "reminder"
+    body = next(iter(queued(settings).values())).get_content()
+    assert ("Now overdue:\n- New One, due 2026-03-03, 1 day overdue\n\n"
+            "Still overdue (we wrote to you about these before):\n"
+            "- Wonder, due 2026-03-01, 3 days overdue (we wrote on 2026-03-02)\n\n"
+            "Also overdue:\n- Old One, due 2026-02-10, 22 days overdue\n") in body
+    assert "We wrote to you about your library books" in body
 
 
 def test_running_a_day_again_queues_nothing_twice(tmp_path):
@@ -131,29 +156,36 @@ def test_running_a_day_again_queues_nothing_twice(tmp_path):
     for hour in (8, 9, 10):
         again = bg.run_overdue(settings, journal, DAY, at(DAY, hour))
         assert again.notices == []
-    assert len(queued(settings)) == 3 and len(ledger(settings)) == 4
+    assert len(queued(settings)) == 1 and len(ledger(settings)) == 5
+
+
+def enable_bob(journal):
+    with journal.db:
+        journal.db.execute("UPDATE patrons SET auto_overdue = 1 WHERE patron_id = 'P2'")
 
 
 def test_a_crash_between_queueing_and_recording_duplicates_nothing(tmp_path, sink):
     settings, journal = setup(tmp_path, **{"smtp__port": sink.port})
+    enable_bob(journal)
     bg.run_overdue(settings, journal, DAY, at(DAY))
-    # The sender delivers one of the three (it moves to the sent ledger) ...
+    # The sender delivers one of the two (it moves to the sent ledger) ...
     bg.Sender(settings, journal).check(limit=1)
     waiting = sorted(queued(settings))
-    assert len(sink.messages) == 1 and len(waiting) == 2
+    assert len(sink.messages) == 1 and len(waiting) == 1
     # ... and the ledger rows are lost, as if the run had died before recording them.
     with journal.db:
         journal.db.execute("DELETE FROM notices")
     again = bg.run_overdue(settings, journal, DAY, at(DAY, 8))
-    assert len(again.notices) == 3                     # the run sees them as new ...
+    assert len(again.notices) == 2                     # the run sees them as new ...
     assert sorted(queued(settings)) == waiting          # ... but queues no file again
-    assert len(ledger(settings)) == 4                   # and records them
+    assert len(ledger(settings)) == 6                   # and records them
     bg.Sender(settings, journal).check(limit=0)
-    assert len(sink.messages) == 3                      # each sent exactly once
+    assert len(sink.messages) == 2                      # each sent exactly once
 
 
 def test_a_spool_that_cannot_be_written_loses_nothing(tmp_path):
     settings, journal = setup(tmp_path)
+    enable_bob(journal)
     plan = bg.run_overdue(settings, journal, DAY, at(DAY), dry_run=True)
     blocked = settings.spool / f".{plan.notices[1].file_name(DAY)}{bg.PART_SUFFIX}"
     blocked.mkdir()                  # where a notice's file must go: it cannot be written
@@ -162,8 +194,12 @@ def test_a_spool_that_cannot_be_written_loses_nothing(tmp_path):
     assert queued(settings) == {} and ledger(settings) == []
     assert list(settings.spool.glob(".*.part")) == [blocked]        # no half-written file left
     blocked.rmdir()
-    assert len(bg.run_overdue(settings, journal, DAY, at(DAY, 8)).notices) == 3
-    assert len(queued(settings)) == 3 and len(ledger(settings)) == 4
+    assert len(bg.run_overdue(settings, journal, DAY, at(DAY, 8)).notices) == 2
+    assert len(queued(settings)) == 2 and len(ledger(settings)) == 6
+
+
+def kinds(run):
+    return sorted((kind, loan["barcode"]) for n in run.notices for kind, loan, _ in n.records)
 
 
 def test_a_renewal_is_a_new_notice_and_a_returned_loan_gets_none(tmp_path):
@@ -175,14 +211,14 @@ def test_a_renewal_is_a_new_notice_and_a_returned_loan_gets_none(tmp_path):
     assert bg.run_overdue(settings, journal, DAY, at(days(1))).notices == []
     import_data(settings, tmp_path, renewed, at(days(7), 5))
     run = bg.run_overdue(settings, journal, days(7), at(days(7)))   # 3 days before the new date
-    assert [(n.kind, [l["barcode"] for l in n.loans]) for n in run.notices] == [("warning", ["B1"])]
+    assert kinds(run) == [("warning", "B1")]
     assert ("P1", "B1", "warning", days(10).isoformat()) in ledger(settings)
     # Returned: Wonder (B3) was overdue on DAY, and its reminder is due on day +2 ...
-    dry = bg.run_overdue(settings, journal, days(2), at(days(8)), dry_run=True)
-    assert [(n.kind, [l["barcode"] for l in n.loans]) for n in dry.notices] == [("reminder", ["B3"])]
+    dry = bg.run_overdue(settings, journal, days(2), at(days(2), 5), dry_run=True)
+    assert kinds(dry) == [("reminder", "B3")]
     # ... but it came back first: the snapshot no longer has it, and no reminder goes.
-    import_data(settings, tmp_path, [r for r in renewed if r[1] != "B3"], at(days(8), 5))
-    assert bg.run_overdue(settings, journal, days(2), at(days(8))).notices == []
+    import_data(settings, tmp_path, [r for r in renewed if r[1] != "B3"], at(days(2), 5))
+    assert bg.run_overdue(settings, journal, days(2), at(days(2))).notices == []
 
 
 def test_a_name_with_cr_lf_cannot_add_a_header(tmp_path, sink):
@@ -194,10 +230,10 @@ def test_a_name_with_cr_lf_cannot_add_a_header(tmp_path, sink):
     for msg in queued(settings).values():
         assert msg["Bcc"] is None and len(msg.get_all("Subject")) == 1
         assert len(msg.get_all("To")) == 1 and msg["To"].addresses[0].addr_spec == "ann@example.org"
-    assert bg.Sender(settings, journal).check(limit=0).sent == 3
+    assert bg.Sender(settings, journal).check(limit=0).sent == 1
     assert {tuple(m.rcpt_tos) for m in sink.messages} == {("ann@example.org",)}
     body = sink.messages[0].message.get_content()
-    assert "Dear Ann Bcc: evil@example.org Subject: pwned," in body
+    assert body.startswith("Dear Ann,\n")            # the first name: the part before a space
 
 
 def test_stale_loans_are_refused_loudly(tmp_path):
@@ -208,7 +244,7 @@ def test_stale_loans_are_refused_loudly(tmp_path):
     assert "max_data_age_hours = 36" in str(caught.value)
     assert queued(settings) == {} and ledger(settings) == []
     dry = bg.run_overdue(settings, journal, DAY, at(DAY), dry_run=True)   # a dry run still shows
-    assert len(dry.notices) == 3 and queued(settings) == {}
+    assert len(dry.notices) == 1 and queued(settings) == {}
 
 
 def test_no_loans_imported_yet_is_refused(tmp_path):
@@ -221,7 +257,7 @@ def test_dates_in_messages_follow_date_format(tmp_path):
     settings, journal = setup(tmp_path, library__date_format="%d/%m/%Y")
     bg.run_overdue(settings, journal, DAY, at(DAY))
     body = by_kind(settings)["overdue"].get_content()
-    assert "- Wonder (barcode B3), due 01/03/2026, 1 day overdue" in body
+    assert "- Wonder, due 01/03/2026, 1 day overdue" in body
     assert "Our records on 02/03/2026" in body
 
 
@@ -231,11 +267,21 @@ def test_render_items_and_notice_values(tmp_path):
              {"title": "Wonder\r\n", "barcode": "B3", "due_date": "2026-02-20"}]
     assert bg.render_items(loans, settings, DAY) == (
         "- Holes (barcode B2), due 05.03.2026\n- Wonder (barcode B3), due 20.02.2026, 10 days overdue")
+    assert bg.render_items(loans, settings, DAY, barcodes=False) == (
+        "- Holes, due 05.03.2026\n- Wonder, due 20.02.2026, 10 days overdue")
     values = bg.notice_values(settings, {"patron_id": "P1", "name": "Ann\nSmith"}, loans, DAY)
     assert values == {"library_name": "Test School Library", "patron_name": "Ann Smith",
-                      "patron_id": "P1", "items": bg.render_items(loans, settings, DAY),
-                      "item_count": 2, "today": "02.03.2026", "earliest_due": "20.02.2026"}
-    assert set(values) == bg.NOTICE_FIELDS
+                      "first_name": "Ann", "patron_id": "P1",
+                      "items": bg.render_items(loans, settings, DAY),
+                      "items_with_barcodes": bg.render_items(loans, settings, DAY),
+                      "item_count": 2, "item_word": "items", "book_word": "books",
+                      "it_them": "them", "is_are": "are", "this_these": "these",
+                      "today": "02.03.2026", "earliest_due": "20.02.2026"}
+    assert set(values) <= bg.NOTICE_FIELDS
+    one = bg.notice_values(settings, {"patron_id": "P1", "name": "Ann Smith",
+                                      "first_name": "Annie"}, loans[:1], DAY)
+    assert (one["first_name"], one["book_word"], one["it_them"], one["is_are"]) == \
+        ("Annie", "book", "it", "is")
 
 
 # -- the daily schedule ----------------------------------------------------------
@@ -263,14 +309,14 @@ def test_the_first_run_waits_for_run_at_and_never_goes_back(tmp_path):
     bg.overdue_task(gateway, clock())
     bg.overdue_task(gateway, clock())
     assert overdue_days_run(settings) == ["2026-03-02"]
-    assert "(scheduled)" in events(settings, "overdue_run")[0]
-    assert len(queued(settings)) == 3
+    assert "(scheduled, notices due 2026-03-02)" in events(settings, "overdue_run")[0]
+    assert len(queued(settings)) == 1
     activity = bg.daily_summary(gateway, "2026-03-02")["activity"]     # in the daily log
-    assert "auto-overdue for 2026-03-02 (scheduled): queued 1 warning, 1 overdue, 1 reminder" \
+    assert "auto-overdue for 2026-03-02 (scheduled, notices due 2026-03-02): queued 1 message" \
         in activity
 
 
-def test_days_missed_while_off_are_caught_up_with_true_dates(tmp_path):
+def test_days_missed_while_off_are_caught_up_in_one_message_with_true_dates(tmp_path):
     loans = LOANS + [["P1", "B8", "Paddington", days(2)]]   # due Wednesday, overdue Thursday
     settings, _ = setup(tmp_path, loans=loans, imported=at(DAY, 5))
     clock = Clock(at(DAY, 7))
@@ -279,49 +325,70 @@ def test_days_missed_while_off_are_caught_up_with_true_dates(tmp_path):
     import_data(settings, tmp_path, loans, at(days(4), 5))
     clock.now = at(days(4), 9)
     bg.overdue_task(gateway_at(tmp_path, clock), clock())
-    assert overdue_days_run(settings) == ["2026-03-02", "2026-03-03", "2026-03-04",
-                                          "2026-03-05", "2026-03-06"]
+    assert overdue_days_run(settings) == ["2026-03-02", "2026-03-06"]
     details = events(settings, "overdue_run")
-    assert "(caught up)" in details[1] and "(scheduled)" in details[4]
-    late = [m for n, m in queued(settings).items() if n.startswith("overdue-2026-03-05")]
-    body = late[0].get_content()         # written on Friday: the true count of days
-    assert "- Paddington (barcode B8), due 2026-03-04, 2 days overdue" in body
-    assert "Our records on 2026-03-06" in body
+    assert "(caught up, notices due 2026-03-03..2026-03-06)" in details[1]
+    [late] = [m for n, m in queued(settings).items() if "2026-03-06" in n]
+    body = late.get_content()         # written on Friday: the true count of days
+    assert "records on 2026-03-06" in body
+    lines = body.splitlines()
+    assert lines.count("- Paddington, due 2026-03-04, 2 days overdue") == 1
+    assert "- Wonder, due 2026-03-01, 5 days overdue (we wrote on 2026-03-02)" in lines
+    assert "Still overdue (we wrote to you about these before):" in lines
     bg.overdue_task(gateway_at(tmp_path, clock), clock())       # and only once
-    assert len(events(settings, "overdue_run")) == 5
+    assert len(events(settings, "overdue_run")) == 2
 
 
 def test_a_warning_caught_up_after_its_due_date_is_left_out(tmp_path):
-    settings, journal = setup(tmp_path, imported=at(days(5), 5))
-    run = bg.run_overdue(settings, journal, DAY, at(days(5)), how="caught up")
-    assert [n.kind for n in run.notices] == ["overdue", "reminder"]
-    assert run.too_late == 3 and "3 warning(s) for items already past due" in run.summary()
+    settings, journal = setup(tmp_path, imported=at(days(4), 5))
+    ov = settings.overdue
+    window = bg.run_window(ov, days(4), DAY - dt.timedelta(days=1))
+    run = bg.run_overdue(settings, journal, days(4), at(days(4)), how="caught up", window=window)
+    assert ("warning", "B1") not in kinds(run) and ("overdue", "B1") in kinds(run)
+    assert run.too_late == 2 and "2 warning(s) for items already past due" in run.summary()
 
 
-def test_catch_up_goes_back_at_most_a_week():
-    now = dt.datetime.combine(days(14), dt.time(7))
-    assert bg.days_to_run(days(0).isoformat(), now, dt.time(6, 30)) == [days(n) for n in range(7, 15)]
-    assert bg.days_to_run(days(13).isoformat(), now, dt.time(6, 30)) == [days(14)]
-    assert bg.days_to_run(days(13).isoformat(), now, dt.time(8, 0)) == []
-    assert bg.days_to_run(days(14).isoformat(), now, dt.time(6, 30)) == []
-    assert bg.days_to_run(None, now, dt.time(6, 30)) == [days(14)]
-    assert bg.days_to_run(None, now, dt.time(8, 0)) == []
+def test_the_window_of_a_run():
+    weekends = bg.OverdueSettings(closed_weekdays=frozenset({5, 6}))
+    monday = days(14)
+    assert bg.run_window(weekends, monday, None) == bg.Window(monday, days(11), days(15))
+    assert bg.run_window(weekends, monday, days(11)) == bg.Window(monday, days(11), days(15))
+    assert bg.run_window(weekends, monday, days(0)).after == days(7)     # a week back at most
+    friday = days(11)
+    assert bg.run_window(weekends, friday, days(10)) == bg.Window(friday, days(10), days(14))
+    holiday = dataclasses.replace(weekends, closed_dates=((days(1), days(11)),))
+    # The first open day after a holiday covers all of it, however long.
+    assert bg.run_window(holiday, monday, days(0)) == bg.Window(monday, days(0), days(15))
+    ranges = bg.run_window(weekends, friday, days(10)).due_ranges(weekends)
+    # Friday's warnings: their day is Friday, Saturday or Sunday (due Mon to Wed).
+    assert ranges["warning"] == (days(14), days(16))
+    assert ranges["overdue"] == (days(10), days(10)) and ranges["reminder"] == (days(8), days(8))
 
 
-def test_closed_days_have_no_run(tmp_path):
-    settings, _ = setup(tmp_path, imported=at(days(6), 5))
+def test_closed_days_move_notices_to_the_next_run_and_warnings_before(tmp_path):
+    loans = LOANS + [["P1", "B8", "Bedtime", days(6)],       # due Sunday: warned Thursday
+                     ["P1", "B9", "Early", days(4)]]         # warning day Tuesday (closed): Monday
+    settings, _ = setup(tmp_path, loans=loans, imported=at(days(4), 5))
     clock = Clock(at(DAY - dt.timedelta(days=1), 7))
     gateway = gateway_at(tmp_path, clock, overdue__closed="sat, Sunday, 2026-03-03..2026-03-04")
-    bg.overdue_task(gateway, clock())                  # Sunday 1 March: closed
-    clock.now = at(days(6), 7)                         # the next Sunday
-    bg.overdue_task(gateway, clock())
-    ran = events(settings, "overdue_run")
-    closed = [day_of(d) for d in ran if "closed" in d]
-    assert closed == ["2026-03-01", "2026-03-03", "2026-03-04", "2026-03-07", "2026-03-08"]
-    assert [day_of(d) for d in ran if "queued" in d] == ["2026-03-02", "2026-03-05", "2026-03-06"]
-    assert {tuple(n.split("-", 4)[:4]) for n in queued(settings)} == {
-        ("overdue", "2026", "03", "02"), ("reminder", "2026", "03", "02"),
-        ("overdue", "2026", "03", "06")}
+    for n in range(-1, 5):                                    # Sunday to Friday, 07:00
+        clock.now = at(days(n), 7)
+        bg.overdue_task(gateway, clock())
+    closed = [re.search(r"no run on (\S+),", d)[1] for d in events(settings, "overdue_closed")]
+    assert closed == ["2026-03-01", "2026-03-03", "2026-03-04"]
+    assert "overdue notices and reminders falling due today go on 2026-03-05" \
+        in events(settings, "overdue_closed")[1]
+    assert overdue_days_run(settings) == ["2026-03-02", "2026-03-05", "2026-03-06"]
+    by_day = {}
+    for name, msg in queued(settings).items():
+        by_day[name.split("-", 1)[1][:10]] = msg.get_content()
+    assert "- Early, due 2026-03-06" in by_day["2026-03-02"]            # warned early
+    assert "- Matilda, due 2026-03-05" in by_day["2026-03-02"]
+    # Wonder's reminder day was Wednesday (closed): it goes on Thursday.
+    assert "- Wonder, due 2026-03-01, 4 days overdue (we wrote on 2026-03-02)" in by_day["2026-03-05"]
+    assert "Due back soon:\n- Bedtime, due 2026-03-08" in by_day["2026-03-05"]
+    assert "Now overdue:\n- Holes, due 2026-03-05, 1 day overdue" in by_day["2026-03-06"]
+    assert len(ledger(settings)) == 10
 
 
 def test_disabled_means_no_run_and_enabling_starts_afresh(tmp_path):
@@ -357,7 +424,7 @@ def test_stale_data_holds_the_schedule_says_so_once_then_catches_up(tmp_path):
     import_data(settings, tmp_path, LOANS, at(DAY, 8))           # the export arrives
     clock.now = at(DAY, 8, 1)
     bg.overdue_task(gateway, clock())
-    assert overdue_days_run(settings) == ["2026-03-02"] and len(queued(settings)) == 3
+    assert overdue_days_run(settings) == ["2026-03-02"] and len(queued(settings)) == 1
     assert "HELD BACK" not in bg.status_auto_overdue(gateway.settings, gateway.journal.db)
 
 
@@ -375,23 +442,23 @@ def test_run_tick_imports_then_runs_then_the_sender_delivers(tmp_path, sink):
         clock.now = at(DAY, 6, minute)
         gateway.tick()
         gateway.next_check = clock.now                 # check the spool at every tick
-    messages = sink.wait_for(3)
-    assert {m.message["Subject"] for m in messages} == {
-        "Test School Library: library items due back on 2026-03-05",
-        "Test School Library: overdue library items",
-        "Test School Library: reminder, library items still overdue"}
-    warning = [m for m in messages if "due back" in m.message["Subject"]][0]
-    assert warning.rcpt_tos == ["ann@example.org"]
-    assert warning.message.get_content() == (
-        "Dear Ann Smith,\n\n"
-        "This is a friendly reminder from Test School Library: these items on your\n"
-        "library account are due back soon.\n\n"
-        "- Holes (barcode B2), due 2026-03-05\n"
-        "- Matilda (barcode B1), due 2026-03-05\n\n"
-        "Please bring them back, or ask at the library desk to renew them, by the\n"
-        "date shown.\n\n"
-        "Thank you,\nTest School Library\n\n"
-        "(Sent automatically for library account P1.)\n")
+    [message] = sink.wait_for(1)
+    assert message.rcpt_tos == ["ann@example.org"]
+    assert message.message["Subject"] == "Library books to bring back"
+    assert message.message.get_content() == (
+        "Dear Ann,\n\n"
+        "Our records on 2026-03-02 show that your library books below\n"
+        "are late back.\n\n"
+        "Now overdue:\n"
+        "- Coraline, due 2026-02-27, 3 days overdue\n"
+        "- Wonder, due 2026-03-01, 1 day overdue\n\n"
+        "Due back soon:\n"
+        "- Holes, due 2026-03-05\n"
+        "- Matilda, due 2026-03-05\n\n"
+        "Please bring them back to the library as soon as you can. If you\n"
+        "have already brought them back, thank you, and please ignore this\n"
+        "message. If something is lost or damaged, just come and tell us.\n\n"
+        "Test School Library\n")
     assert list(gateway.settings.spool.glob("*.TMP")) == []
 
 
@@ -465,9 +532,10 @@ def gateway_with_data(gateway, tmp_path, imported):
 def test_dry_run_prints_who_would_get_what_and_changes_nothing(gateway, tmp_path):
     settings = gateway_with_data(gateway, tmp_path, time.time())
     proc = gateway.cli("overdue", "--dry-run", check=0)
-    assert "warning to Ann Smith <ann@example.org> (P1):\n    - Matilda (barcode B1)" in proc.stdout
-    assert "overdue to Ann Smith" in proc.stdout and "1 day overdue" in proc.stdout
-    assert "would queue 1 warning, 1 overdue, 0 reminder" in proc.stdout
+    assert "overdue message to Ann Smith <ann@example.org> (P1):\n    Now overdue:\n" \
+           "    - Wonder, due " in proc.stdout
+    assert "Due back soon:\n    - Matilda, due" in proc.stdout
+    assert "would queue 1 message (1 due soon, 1 newly overdue, 0 reminders)" in proc.stdout
     assert queued(settings) == {} and ledger(settings) == []
     assert events(settings, "overdue_run") == []
 
@@ -476,14 +544,14 @@ def test_overdue_date_runs_that_day_alone_and_status_shows_it(gateway, tmp_path)
     settings = gateway_with_data(gateway, tmp_path, time.time())
     tomorrow = (dt.date.today() + dt.timedelta(days=1)).isoformat()
     proc = gateway.cli("overdue", "--date", tomorrow, check=0)
-    assert proc.stdout.startswith(f"auto-overdue for {tomorrow} (by hand): queued 0 warning, "
-                                  "0 overdue, 0 reminder")
+    assert proc.stdout.startswith(f"auto-overdue for {tomorrow} (by hand, notices due "
+                                  f"{tomorrow}): queued 0 messages")
     proc = gateway.cli("overdue", check=0)          # today, although enabled = no
-    assert "queued 1 warning, 1 overdue, 0 reminder" in proc.stdout
-    assert len(queued(settings)) == 2
+    assert "queued 1 message (1 due soon, 1 newly overdue, 0 reminders)" in proc.stdout
+    assert len(queued(settings)) == 1
     info = json.loads(gateway.cli("status", "--json").stdout)
-    assert info["last_overdue_run"].startswith(f"auto-overdue for {dt.date.today()} (by hand): "
-                                               "queued 1 warning")
+    assert info["last_overdue_run"].startswith(f"auto-overdue for {dt.date.today()} (by hand, "
+                                               f"notices due {dt.date.today()}): queued 1 message")
     assert info["loans_data"].startswith("2 loans, imported ")
     assert info["auto_overdue"].startswith("off")
     assert "YYYY-MM-DD" in gateway.cli("overdue", "--date", "2026-02-30", check=2).stderr
@@ -496,3 +564,220 @@ def test_overdue_command_refuses_stale_data(gateway, tmp_path):
     assert queued(settings) == {}
     assert "TOO OLD FOR AUTO-OVERDUE" in gateway.cli("status").stdout
     assert len(events(settings, "overdue_refused")) == 1
+
+
+# -- who receives the notices: [overdue] send_to -----------------------------------
+
+FAMILY = [
+    ["P1", "Ann Smith", "ann@example.org", "ann.mum@example.org", "7A", "yes"],
+    ["P2", "Bob Jones", "bob@example.org", "", "7A", "yes"],
+    ["P3", "Cy Young", "", "cy.parent@example.org", "7B", "yes"],
+    ["P4", "Di Lost", "", "", "7B", "yes"],
+    ["P5", "Ed Typo", "", "", "7C", "yes"],       # its address is made 'ed@' below
+]
+
+
+def typo(db):
+    with db:
+        db.execute("UPDATE patrons SET email = 'ed@' WHERE patron_id = 'P5'")
+FAMILY_LOANS = [[pid, f"B{pid}", f"Book of {pid}", days(-1)] for pid, *_ in FAMILY]
+
+
+def send_to(tmp_path, sink, choice):
+    settings, _ = bg.ensure_layout(write_ini(tmp_path, sink, overdue__send_to=choice))
+    assert not settings.problems
+    bg.import_csv(settings, "patrons", write_csv(tmp_path / "p.csv", PATRON_HEADER, FAMILY), now=at(DAY, 5))
+    rows = [[p, b, t, d.isoformat()] for p, b, t, d in FAMILY_LOANS]
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "l.csv", LOAN_HEADER, rows), now=at(DAY, 5))
+    journal = bg.Journal(settings.database, Clock(at(DAY)))
+    typo(journal.db)
+    run = bg.run_overdue(settings, journal, DAY, at(DAY))
+    bg.Sender(settings, journal).check(limit=0)
+    got = {tuple(sorted(m.rcpt_tos)): m.message for m in sink.wait_for(len(
+        [n for n in run.notices if n.sends]))}
+    return run, got
+
+
+@pytest.mark.parametrize("choice, reached, lost", [
+    ("patron", [("ann@example.org",), ("bob@example.org",)],
+     {"P3": "no email address", "P4": "no email address",
+      "P5": "an email address that is not valid ('ed@')"}),
+    ("guardian", [("ann.mum@example.org",), ("cy.parent@example.org",)],
+     {"P2": "no guardian email address", "P4": "no guardian email address",
+      "P5": "no guardian email address"}),
+    ("both", [("ann.mum@example.org", "ann@example.org"), ("bob@example.org",),
+              ("cy.parent@example.org",)],
+     {"P4": "no email address and no guardian email address",
+      "P5": "an email address that is not valid ('ed@') and no guardian email address"}),
+    ("patron_else_guardian", [("ann@example.org",), ("bob@example.org",), ("cy.parent@example.org",)],
+     {"P4": "no email address and no guardian email address",
+      "P5": "an email address that is not valid ('ed@') and no guardian email address"}),
+])
+def test_send_to_chooses_the_recipients_and_names_who_cannot_be_reached(tmp_path, sink, choice,
+                                                                         reached, lost):
+    run, got = send_to(tmp_path, sink, choice)
+    assert sorted(got) == reached                   # one message each, both addresses in one
+    assert {pid: why for pid, (_, why) in run.unreachable.items()} == lost
+    for pid, why in lost.items():
+        name, group = next((p[1], p[4]) for p in FAMILY if p[0] == pid)
+        assert f"{name} ({pid}, {group}): {why}" in run.summary()
+    if choice == "both":
+        ann = got[("ann.mum@example.org", "ann@example.org")]
+        assert [a.addr_spec for a in ann["To"].addresses] == ["ann@example.org", "ann.mum@example.org"]
+        assert ann.get_content().startswith("Dear Ann,\n")
+    if choice in ("guardian", "patron_else_guardian"):
+        cy = got[("cy.parent@example.org",)]
+        assert cy["To"] == "Parent or guardian of Cy Young <cy.parent@example.org>"
+        body = cy.get_content()
+        assert body.startswith("Dear parent or guardian of Cy Young,\n")
+        assert "show that Cy's library book below\nis late back." in body
+
+
+def test_a_bad_send_to_is_named_with_the_choices(tmp_path):
+    settings = bg.load_settings(write_ini(tmp_path, overdue__send_to="parents"))
+    assert any("[overdue] send_to = 'parents': must be patron, guardian, both or "
+               "patron_else_guardian" in p for p in settings.problems)
+
+
+def test_the_dry_run_names_the_pupils_it_cannot_reach(tmp_path, gateway):
+    gateway.configure(overdue__send_to="patron_else_guardian")
+    settings = bg.load_settings(gateway.ini)
+    today = dt.date.today()
+    rows = [[pid, f"B{pid}", f"Book of {pid}", (today - dt.timedelta(days=1)).isoformat()]
+            for pid, *_ in FAMILY]
+    bg.import_csv(settings, "patrons", write_csv(tmp_path / "p.csv", PATRON_HEADER, FAMILY))
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "l.csv", LOAN_HEADER, rows))
+    typo(bg.open_db(settings.database))
+    out = gateway.cli("overdue", "--dry-run", check=0).stdout
+    assert ("Could not be reached ([overdue] send_to = patron_else_guardian):\n"
+            "    Di Lost (P4, 7B): no email address and no guardian email address\n"
+            "    Ed Typo (P5, 7C): an email address that is not valid ('ed@') and no guardian "
+            "email address\n") in out
+    assert "overdue message to Parent or guardian of Cy Young <cy.parent@example.org>" in out
+
+
+# -- the start, and --date ------------------------------------------------------------
+
+def test_at_start_the_waiting_loans_file_is_imported_before_the_data_is_called_stale(tmp_path, sink):
+    settings, _ = setup(tmp_path, imported=at(DAY) - 72 * 3600, **{"smtp__port": sink.port})
+    rows = [[p, b, t, d.isoformat()] for p, b, t, d in LOANS]
+    settings.import_folder.mkdir(exist_ok=True)
+    write_csv(settings.import_folder / "loans.csv", LOAN_HEADER, rows)
+    clock = Clock(at(DAY, 7))
+    gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
+    for second in range(0, 6):                         # the first seconds of `run`
+        clock.now = at(DAY, 7) + second
+        gateway.tick()
+    assert events(settings, "overdue_refused") == []
+    assert overdue_days_run(settings) == ["2026-03-02"]
+    clock.now += 200                                   # the next check sends it
+    gateway.tick()
+    assert len(sink.wait_for(1)) == 1
+
+
+def test_overdue_date_is_a_whole_simulation(gateway, tmp_path):
+    settings = gateway_with_data(gateway, tmp_path, time.time())
+    today = dt.date.today()
+    ahead = today + dt.timedelta(days=2)               # Wonder: 3 days overdue by then
+    proc = gateway.cli("overdue", "--date", ahead.isoformat(), "--dry-run", check=0)
+    assert f"- Wonder, due {today - dt.timedelta(days=1)}, 3 days overdue" in proc.stdout
+    assert "a real run would not send anything: the loans were imported 48 hours ago" in proc.stderr
+    proc = gateway.cli("overdue", "--date", ahead.isoformat(), check=1)
+    assert "the loans were imported 48 hours ago" in proc.stderr
+    gateway.configure(overdue__max_data_age_hours=72)
+    proc = gateway.cli("overdue", "--date", ahead.isoformat(), check=0)
+    [msg] = queued(settings).values()
+    assert f"Our records on {ahead}" in msg.get_content()
+    assert f"- Wonder, due {today - dt.timedelta(days=1)}, 3 days overdue" in msg.get_content()
+    far = (today + dt.timedelta(days=15)).isoformat()
+    proc = gateway.cli("overdue", "--date", far, "--dry-run", check=2)
+    assert "more than 14 days from today" in proc.stderr and "--force" in proc.stderr
+    gateway.cli("overdue", "--date", far, "--dry-run", "--force", check=0)
+
+
+# -- the daily log ------------------------------------------------------------------
+
+def daily_log_of(gateway, sink, clock, day):
+    """Tick just after midnight after `day` and deliver the daily log."""
+    gateway.tick()                                     # first tick: starts the daily log's days
+    clock.now = at(day + dt.timedelta(days=1), 0, 5)
+    gateway.tick()
+    bg.Sender(gateway.settings, gateway.journal).check(limit=0)
+    [log_message] = [m for m in sink.messages if "daily log" in m.message["Subject"]]
+    return log_message.message
+
+
+def test_the_daily_log_says_in_its_subject_when_auto_overdue_did_not_run(tmp_path, sink):
+    settings, _ = setup(tmp_path, imported=at(DAY) - 72 * 3600, **{"smtp__port": sink.port})
+    clock = Clock(at(DAY, 6))
+    gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
+    gateway.tick()
+    clock.now = at(DAY, 7)
+    gateway.tick()
+    msg = daily_log_of(gateway, sink, clock, DAY)
+    assert msg["Subject"].startswith("ACTION NEEDED: auto-overdue did not run \u2014 loans are "
+                                     "3 days old (check the library system's nightly export")
+    body = msg.get_content()
+    summary, details = body.split("The details:")
+    assert "In short:\n  - 0 messages sent.\n" in summary
+    assert "  - Needs you: auto-overdue did not run \u2014 loans are 3 days old" in summary
+    assert "Sent:" in details and "Sent:" not in summary
+
+
+def test_the_daily_log_names_the_pupils_auto_overdue_could_not_reach(tmp_path, sink):
+    settings, _ = setup(tmp_path, **{"smtp__port": sink.port})
+    clock = Clock(at(DAY, 6))
+    gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
+    gateway.tick()
+    clock.now = at(DAY, 7)
+    gateway.tick()
+    msg = daily_log_of(gateway, sink, clock, DAY)
+    assert not msg["Subject"].startswith("ACTION NEEDED")
+    summary = msg.get_content().split("The details:")[0]
+    assert ("  - Auto-overdue notices queued: 2 items due soon, 2 newly overdue, 0 reminders.\n"
+            "  - Auto-overdue could not reach 1 pupil ([overdue] send_to = patron): Cy Young "
+            "(P3, 7B): no email address.\n") in summary
+
+
+def test_brothers_and_sisters_with_one_parent_address_get_one_message(tmp_path, sink):
+    family = [["P1", "Cy Young", "", "young@example.org", "7B", "yes"],
+              ["P2", "Dee Young", "", "young@example.org", "4A", "yes"]]
+    settings, _ = bg.ensure_layout(write_ini(tmp_path, sink, overdue__send_to="guardian"))
+    bg.import_csv(settings, "patrons", write_csv(tmp_path / "p.csv", PATRON_HEADER, family), now=at(DAY, 5))
+    rows = [["P1", "B1", "Emma", days(-1).isoformat()], ["P2", "B2", "Holes", days(3).isoformat()]]
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "l.csv", LOAN_HEADER, rows), now=at(DAY, 5))
+    journal = bg.Journal(settings.database, Clock(at(DAY)))
+    run = bg.run_overdue(settings, journal, DAY, at(DAY))
+    bg.Sender(settings, journal).check(limit=0)
+    [got] = sink.wait_for(1)
+    assert got.rcpt_tos == ["young@example.org"] and len(run.notices) == 1
+    body = got.message.get_content()
+    assert body.startswith("Dear parent or guardian of Cy Young and Dee Young,\n")
+    # The words follow the overdue items: one here (Dee's book is only due soon).
+    assert "show that Cy's and Dee's library book below is late back." in " ".join(body.split())
+    assert ("For Cy:\n\nNow overdue:\n- Emma, due 2026-03-01, 1 day overdue\n\n"
+            "For Dee:\n\nDue back soon:\n- Holes, due 2026-03-05\n") in body
+    assert len(ledger(settings)) == 2
+
+
+def test_no_we_wrote_to_you_about_an_overdue_notice_that_failed_for_good(tmp_path, make_sink):
+    refusing = make_sink(data_reply="550 5.1.1 Mailbox unavailable")
+    settings, journal = setup(tmp_path, loans=[["P1", "B3", "Wonder", days(-1)]],
+                              **{"smtp__port": refusing.port})
+    bg.run_overdue(settings, journal, DAY, at(DAY))
+    bg.Sender(settings, journal).check(limit=0)
+    assert len(list(settings.spool.glob("*.BAD"))) == 1             # the overdue notice
+    import_data(settings, tmp_path, [["P1", "B3", "Wonder", days(-1)]], at(days(2), 5))
+    bg.run_overdue(settings, journal, days(2), at(days(2)))
+    [body] = [m.get_content() for m in queued(settings).values()]
+    assert "Now overdue:\n- Wonder, due 2026-03-01, 3 days overdue\n" in body
+    assert "Still overdue" not in body and "we wrote" not in body.lower()
+
+
+def test_status_says_when_the_next_run_is():
+    weekends = bg.OverdueSettings(closed_weekdays=frozenset({5, 6}))
+    friday = dt.datetime.combine(days(4), dt.time(9))
+    assert bg.next_run_day(weekends, days(3).isoformat(), friday) == days(4)
+    assert bg.next_run_day(weekends, days(4).isoformat(), friday) == days(7)     # Monday
+    saturday = dt.datetime.combine(days(5), dt.time(9))
+    assert bg.next_run_day(weekends, days(4).isoformat(), saturday) == days(7)

@@ -319,7 +319,7 @@ def test_patron_edit_checks_the_addresses_then_saves(open_page):
     r = c.submit("/patron", email="bob@example.org", grp="8C", auto_overdue="yes")
     assert patron(page, "p2") == {"patron_id": "p2", "name": "Bob Noemail",
                                   "email": "bob@example.org", "guardian_email": "dad@example.org",
-                                  "grp": "8C", "auto_overdue": 1}
+                                  "grp": "8C", "auto_overdue": 1, "first_name": ""}
     assert any("Saved patron p2" in n for n in flashes(r.text))
     c.get("/patron?id=p2")
     c.submit("/patron", auto_overdue=None)

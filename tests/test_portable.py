@@ -429,10 +429,10 @@ class FakeMsvcrt(types.ModuleType):
 
 @pytest.fixture
 def windows_locks(monkeypatch):
-    """_try_lock and _unlock from the `if os.name == "nt":` branch of bibliogate.py,
+    """_try_lock and _unlock from the Windows branch of bibliogate.py,
     compiled against a FakeMsvcrt."""
     branch = next(node for node in TREE.body if isinstance(node, ast.If)
-                  and ast.unparse(node.test) == "os.name == 'nt'"
+                  and ast.unparse(node.test) in ("os.name == 'nt'", "sys.platform == 'win32'")
                   and any(getattr(n, "name", "") == "_try_lock" for n in node.body))
     fake = FakeMsvcrt()
     monkeypatch.setitem(sys.modules, "msvcrt", fake)
