@@ -853,7 +853,6 @@ def stored_smtp_password(password: str) -> str:
     DPAPI, else the password itself (the ini is readable by its owner only)."""
     if not password or DPAPI is None:
         return password
-    import base64
     return DPAPI_PREFIX + base64.b64encode(DPAPI[0](password.encode("utf-8"))).decode("ascii")
 
 
@@ -863,7 +862,6 @@ def read_smtp_password(raw: Mapping, problems: list, key: str = "password") -> s
     value = raw.get(("smtp", key), "").strip()
     if not value.startswith(DPAPI_PREFIX):
         return value
-    import base64
     import binascii
     try:
         if DPAPI is None:
@@ -2958,11 +2956,14 @@ def log_in(smtp: smtplib.SMTP, settings: Settings, tokens: "TokenCache",
             blob = f"user={settings.username}\x01auth=Bearer {token}\x01\x01"
             # On a refusal the server sends a 334 with an error: answer it with
             # an empty line (not the token again) and it gives the final reply.
-            try:
-                smtp.auth("XOAUTH2", lambda challenge=None: blob if challenge is None else "")
-            except smtplib.SMTPAuthenticationError:
+            # (Written out rather than smtp.auth(), which on Python 3.9 cannot
+            # send that empty line.)
+            code, reply = smtp.docmd("AUTH", "XOAUTH2 " + base64.b64encode(blob.encode()).decode())
+            if code == 334:
+                code, reply = smtp.docmd("")
+            if code not in (235, 503):
                 tokens.forget()
-                raise
+                raise smtplib.SMTPAuthenticationError(code, reply)
             return
         mechanism = next((m for m in PASSWORD_MECHANISMS if m in offered), None)
         if mechanism is None:
