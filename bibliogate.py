@@ -1579,7 +1579,7 @@ class MessageTemplate:
     subject: string.Template
     body: string.Template
 
-    def render(self, values: dict) -> tuple[str, str]:
+    def fill(self, values: dict) -> tuple[str, str]:
         """(subject, body) with every placeholder filled; the subject is one
         line whatever the values hold, so data can never add a header."""
         subject = self.subject.substitute(values)
@@ -3631,7 +3631,7 @@ class Sender:
             self._held(item, f"it cannot be looked at ({exc.strerror or exc})", result)
             return None
         if problem:                     # checked before it is opened: never read
-            self._bad(item, f"not sent: {problem}", result)
+            self._set_aside(item, f"not sent: {problem}", result)
             return None
         try:
             held = dataclasses.replace(item, path=claim(item.path))
@@ -3648,7 +3648,7 @@ class Sender:
                 raise FileInUse(f"{item.name} changed a moment ago: another program is "
                                 "still writing it; it is taken at a later check.")
         except NotAFile as exc:
-            self._bad(held, f"not sent: {exc}", result)
+            self._set_aside(held, f"not sent: {exc}", result)
             return None
         except (OSError, SpoolError) as exc:
             release(held.path, item.name)
@@ -3666,7 +3666,7 @@ class Sender:
             out = prepare_message(raw, self.settings.from_address, self.settings.library_name,
                                   item.mtime, item.name)
         except BadMessage as exc:
-            self._bad(item, str(exc), result)
+            self._set_aside(item, str(exc), result)
             return Outcome.BAD
         features = smtp.esmtp_features
         data = reencoded(out.data, "8bitmime" in features)
@@ -3674,7 +3674,7 @@ class Sender:
             data = ascii_headers(data)
         limit = size_limit(features)
         if limit and len(data) > limit:
-            self._bad(item, f"the message is {megabytes(len(data))}; the SMTP server takes at "
+            self._set_aside(item, f"the message is {megabytes(len(data))}; the SMTP server takes at "
                       f"most {megabytes(limit)} (its SIZE limit). Send the attachment another "
                       "way, or ask for a higher limit.", result)
             return Outcome.BAD
@@ -3684,7 +3684,7 @@ class Sender:
         cap = self.settings.max_per_day
         if cap and sent_on(self.db, local_day(self.clock()).isoformat()) + len(pending) > cap:
             if len(pending) > cap:
-                self._bad(item, f"it has {len(pending)} recipients, more than the "
+                self._set_aside(item, f"it has {len(pending)} recipients, more than the "
                           f"{cap} a day that [gateway] max_per_day allows", result)
                 return Outcome.BAD
             return Outcome.HELD
@@ -3773,10 +3773,10 @@ class Sender:
             with self.db:
                 record_recipients(self.db, item.name, digest, "waiting", d.waiting, now)
                 count_sent(self.db, local_day(now).isoformat(), len(d.sent))
-            self._later(item, f"waiting for {_listed(d.waiting)}", result, wait=not d.broken)
+            self._try_later(item, f"waiting for {_listed(d.waiting)}", result, wait=not d.broken)
             return Outcome.LATER
         if not have_it:
-            self._bad(item, refusal_reason(d.refused, d.reason), result)
+            self._set_aside(item, refusal_reason(d.refused, d.reason), result)
             return Outcome.BAD
         before = [a for a, (state, _) in d.before.items() if state == "sent"]
         # One commit for the ledger row, the retry state and the event
@@ -3897,15 +3897,16 @@ class Sender:
         if note:
             self.journal.event("removed", note, item.name)
 
-    def _bad(self, item: SpoolFile, reason: str, result: CheckResult) -> None:
+    def _set_aside(self, item: SpoolFile, reason: str, result: CheckResult) -> None:
+        """A file that can never be sent as it is becomes .BAD, with the reason."""
         try:
             bad = mark_bad(item.path, reason, self.clock(), item.name)
         except (OSError, SpoolError) as exc:
-            # Never _bad again from here (a file held open, a full disk): it
+            # Never set aside again from here (a file held open, a full disk): it
             # waits, and a later check tries once more.
             why = getattr(exc, "strerror", None) or str(exc)
-            self._later(item, f"{reason} (and it could not be renamed .BAD: {why})", result,
-                        give_up=False)
+            self._try_later(item, f"{reason} (and it could not be renamed .BAD: {why})", result,
+                            give_up=False)
             return
         with self.db:
             forget_retry_state(self.db, item.name)
@@ -3921,8 +3922,8 @@ class Sender:
         result.deferred += 1
         self.journal.event("held", f"not taken for now: {why}", item.name, logging.WARNING)
 
-    def _later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True,
-               give_up: bool = True) -> None:
+    def _try_later(self, item: SpoolFile, reason: str, result: CheckResult, wait: bool = True,
+                   give_up: bool = True) -> None:
         """A temporary failure: try again later, or give up after
         give_up_after_hours (unless give_up is false: the .BAD rename failed)."""
         now = self.clock()
@@ -3931,7 +3932,8 @@ class Sender:
         first = row["first_failed"] if row and row["first_failed"] else now
         if give_up and now - first >= self.settings.give_up_seconds:
             hours = self.settings.give_up_seconds / 3600
-            self._bad(item, f"not delivered after trying for {hours:g} hours; last: {reason}", result)
+            self._set_aside(item, f"not delivered after trying for {hours:g} hours; last: {reason}",
+                            result)
             return
         next_try = now + retry_wait(attempts) if wait else None
         with self.db:
@@ -3950,7 +3952,7 @@ class Sender:
         count an attempt (and start their give-up clock) but keep their place."""
         result = CheckResult()
         for item in items:
-            self._later(item, reason, result, wait=False)
+            self._try_later(item, reason, result, wait=False)
 
 
 # Gateway #####################################################################
@@ -4224,7 +4226,7 @@ def daily_log_task(gateway: Gateway, now: float) -> None:
                               f"{s.log_folder} has them", level=logging.WARNING)
     for day in days:
         try:
-            subject, body = load_template(s, "daily_log").render(daily_summary(gateway, day))
+            subject, body = load_template(s, "daily_log").fill(daily_summary(gateway, day))
             data = compose(s, s.from_address, subject, body, now=now)
             path = enqueue_bytes(s.spool, data, now, priority=True, label=f"daily-log-{day}")
         except (BibliogateError, KeyError, ValueError) as exc:
@@ -5757,7 +5759,7 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
         name = notice.file_name(run.day) if notice.sends else None
         if name and not already_queued(settings.spool, db, name):
             values = message_values(settings, notice, run.day)
-            subject, body = templates[notice.kind].render(values)
+            subject, body = templates[notice.kind].fill(values)
             files.append((name, compose(settings, notice.to, subject, body, now=sent_at)))
         # A notice the message does not name as such (a reminder listed as
         # newly overdue) is recorded without a file: it was never sent as one.
@@ -6282,7 +6284,7 @@ def plan_letters(settings: Settings, kind: str, loans, ledger: dict, guardian: b
             latest = max(ledger[(x["patron_id"], x["barcode"], x["due_date"],
                                  ledger_kind(before, guardian))] for x in items)
             values["previous_sent"] = latest.strftime(settings.date_format)
-        subject, body = template.render(values)
+        subject, body = template.fill(values)
         address, problem = recipient(patron, guardian)
         to_name = "Parent or guardian of " + values["patron_name"] if guardian \
             else values["patron_name"]
@@ -6772,7 +6774,7 @@ def build_mailto(settings: Settings, db: sqlite3.Connection, patron_id: str,
     items += [f"- {one_line(r['title'])} (barcode {one_line(r['barcode'])}), due "
               f"{one_line(r['due_date'])}" for r in rows if not is_iso_date(r["due_date"])]
     values["items"] = "\n".join(items) or "- nothing on loan just now"
-    subject, body = load_template(settings, "direct").render(values)
+    subject, body = load_template(settings, "direct").fill(values)
     return mailto_url(address, subject, body)
 
 
@@ -6841,7 +6843,7 @@ def queue_test(settings: Settings, to: str, now: float) -> Path:
     values = {"library_name": settings.library_name or "library", "to_address": to,
               "from_address": settings.from_address or "(not set)",
               "smtp_host": settings.smtp_host or "(not set)", "queued_at": fmt_time(now)}
-    subject, body = load_template(settings, "test").render(values)
+    subject, body = load_template(settings, "test").fill(values)
     return enqueue_bytes(settings.spool, compose(settings, to, subject, body, now=now),
                          now, priority=True, label="test")
 

@@ -342,5 +342,5 @@ def test_any_template_text_parses_or_names_its_line(text, kind):
             assert "Subject:" in message and not line.startswith("#") and line.strip()
         return
     event("parsed")
-    subject, body = template.render({name: "v" for name in bg.TEMPLATE_FIELDS[kind]})
+    subject, body = template.fill({name: "v" for name in bg.TEMPLATE_FIELDS[kind]})
     assert "\n" not in subject and "\r" not in subject and body.endswith("\n")

@@ -124,7 +124,7 @@ def test_an_unreadable_template_is_a_problem_that_names_it(tmp_path):
 
 def test_a_subject_can_never_become_two_headers():
     template = bg.parse_template("test", "Subject: for ${to_address}\n\nbody\n", Path("t.txt"))
-    subject, _ = template.render({"to_address": "x\r\nBcc: evil@example.org"})
+    subject, _ = template.fill({"to_address": "x\r\nBcc: evil@example.org"})
     assert "\n" not in subject and "\r" not in subject
 
 
