@@ -760,20 +760,18 @@ def oauth_problems(username: str, security: str, tenant: str, client_id: str, se
     if not username:
         need.append(ini_problem("smtp", "username", "", "not set. With auth = oauth2 it is the "
                                 "mailbox the gateway sends as, such as library@school.example."))
-    if not tenant:
-        need.append(ini_problem("smtp", "oauth_tenant", "", "not set. With auth = oauth2 give the "
-                                "school's Microsoft 365 domain (school.example) or its tenant ID."))
-    elif not re.match(r"^[A-Za-z0-9.-]+$", tenant):
-        need.append(ini_problem("smtp", "oauth_tenant", tenant, "not a domain nor a "
-                                "tenant ID. Copy the Directory (tenant) ID from the app's "
-                                "Overview page in Microsoft Entra."))
-    if not client_id:
-        need.append(ini_problem("smtp", "oauth_client_id", "", "not set. Copy the Application "
-                                "(client) ID from the app's Overview page in Microsoft Entra."))
-    elif not re.match(r"^[A-Za-z0-9-]+$", client_id):
-        need.append(ini_problem("smtp", "oauth_client_id", client_id, "not an "
-                                "application ID. Copy the Application (client) ID from the "
-                                "app's Overview page in Microsoft Entra."))
+    for key, value, pattern, missing, wrong in (
+            ("oauth_tenant", tenant, r"[A-Za-z0-9.-]+",
+             "With auth = oauth2 give the school's Microsoft 365 domain (school.example) or its "
+             "tenant ID.", "not a domain nor a tenant ID. Copy the Directory (tenant) ID"),
+            ("oauth_client_id", client_id, r"[A-Za-z0-9-]+",
+             "Copy the Application (client) ID from the app's Overview page in Microsoft Entra.",
+             "not an application ID. Copy the Application (client) ID")):
+        if not value:
+            need.append(ini_problem("smtp", key, "", f"not set. {missing}"))
+        elif not re.fullmatch(pattern, value):
+            need.append(ini_problem("smtp", key, value, f"{wrong} from the app's Overview page "
+                                    "in Microsoft Entra."))
     if not secret:
         need.append(ini_problem("smtp", "oauth_client_secret", "", "not set. Create a client "
                                 "secret under the app's Certificates & secrets in Microsoft Entra "
@@ -2627,15 +2625,8 @@ def retry_bad(folder: Path, name: str) -> Path:
     if not is_bad_name(name):
         raise SpoolError(f"{name} is already waiting to be sent.")
     target = free_name(bad.parent, name[:-len(BAD_EXT)], WAITING_EXT)
-    try:
-        patiently(os.replace, bad, target)
-    except FileNotFoundError:
-        raise SpoolError(f"{name} was removed meanwhile.") from None
-    except OSError as exc:
-        raise SpoolError(f"{name} cannot be renamed ({exc.strerror or exc}); check the spool "
-                         "folder's permissions.") from None
-    with contextlib.suppress(OSError, SpoolError):
-        patiently(os.unlink, reason_path(bad))
+    change_queued(bad, lambda: patiently(os.replace, bad, target), "was removed meanwhile",
+                  "renamed")
     return target
 
 
@@ -2643,13 +2634,20 @@ def delete_file(folder: Path, name: str) -> None:
     """Remove one queued or .BAD file (and its reason). Raises SpoolError;
     FileInUse says in a sentence what holds the file."""
     path = resolve_in_spool(folder, name)
+    change_queued(path, lambda: patiently(os.unlink, path), "was sent or removed meanwhile",
+                  "deleted")
+
+
+def change_queued(path: Path, change: Callable[[], object], gone: str, done: str) -> None:
+    """Rename or remove a queued file (by `change`), then its reason file.
+    Raises SpoolError with a sentence naming the file when it cannot be done."""
     try:
-        patiently(os.unlink, path)
+        change()
     except FileNotFoundError:
-        raise SpoolError(f"{name} was sent or removed meanwhile.") from None
+        raise SpoolError(f"{path.name} {gone}.") from None
     except OSError as exc:
-        raise SpoolError(f"{name} cannot be deleted ({exc.strerror or exc}); check the spool "
-                         "folder's permissions.") from None
+        raise SpoolError(f"{path.name} cannot be {done} ({exc.strerror or exc}); check the "
+                         "spool folder's permissions.") from None
     with contextlib.suppress(OSError, SpoolError):
         patiently(os.unlink, reason_path(path))
 
@@ -6614,21 +6612,16 @@ def letters_summary(run: LetterRun) -> str:
     """One line for the journal."""
     what = (f"{run.kind} ({'guardian' if run.guardian else 'patron'} variant, "
             f"{'group ' + run.group if run.group else 'all groups'}, {run.output})")
-    parts = [_plural(len(run.letters), "letter"), f"{len(run.queued)} queued"]
-    if run.print_file:
-        parts.append(f"{len(run.to_print)} to print in {run.print_file.name}")
-    if run.unsendable:
-        parts.append(f"{len(run.unsendable)} without a usable address")
-    if run.skipped:
-        parts.append(f"{run.skipped} already written by another run")
-    if run.tests:
-        parts.append(f"{len(run.tests)} to the group {TEST_GROUP}, not recorded")
-    if run.orphans:
-        parts.append(f"{_plural(len(run.orphans), 'patron id')} not in the patrons list")
-    if run.undated:
-        parts.append(f"{_plural(len(run.undated), 'loan')} without a readable due date")
-    if run.failed:
-        parts.append(f"stopped: {run.failed}")
+    parts = [_plural(len(run.letters), "letter"), f"{len(run.queued)} queued"] + [
+        text for present, text in (
+            (run.print_file, f"{len(run.to_print)} to print in "
+                             f"{run.print_file.name if run.print_file else ''}"),
+            (run.unsendable, f"{len(run.unsendable)} without a usable address"),
+            (run.skipped, f"{run.skipped} already written by another run"),
+            (run.tests, f"{len(run.tests)} to the group {TEST_GROUP}, not recorded"),
+            (run.orphans, f"{_plural(len(run.orphans), 'patron id')} not in the patrons list"),
+            (run.undated, f"{_plural(len(run.undated), 'loan')} without a readable due date"),
+            (run.failed, f"stopped: {run.failed}")) if present]
     return f"letters {what}: {', '.join(parts)}"
 
 
