@@ -4412,23 +4412,27 @@ def header_columns(what: str, source: str, line: int, fields: list[str]) -> tupl
 class PatronRows:
     """Checks patrons.csv rows; a row becomes (patron_id, name, email,
     guardian_email, grp, auto_overdue, first_name), with None for a column the
-    file lacks."""
+    file lacks. The rows wait in a temporary table (patrons absent from the
+    file stay, so the file is merged into patrons, not put in its place)."""
 
-    stage_sql = ("CREATE TEMP TABLE incoming (patron_id TEXT, name TEXT, email TEXT, "
-                 "guardian_email TEXT, grp TEXT, auto_overdue INTEGER, first_name TEXT)")
+    key = "patron_id"
+    table = "temp.incoming"
+    columns = ("patron_id", "name", "email", "guardian_email", "grp", "auto_overdue",
+               "first_name")
+    stage_sql = ("CREATE TEMP TABLE incoming (patron_id TEXT PRIMARY KEY, name TEXT, "
+                 "email TEXT, guardian_email TEXT, grp TEXT, auto_overdue INTEGER, "
+                 "first_name TEXT)")
 
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
-        self.seen: dict[str, int] = {}
+        pass
 
     def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
+        """The row, or None and its problems (a repeated patron_id apart:
+        sqlite finds those, see stage)."""
         pid, name, email, guardian, group, flag, given = values
         problems = []
         if not pid:
             problems.append("no patron_id.")
-        elif pid in self.seen:
-            problems.append(f"patron_id {pid} is also on line {self.seen[pid]}.")
-        else:
-            self.seen[pid] = line
         name = one_line(name)       # a name on two lines is one name
         if not name:
             problems.append("no name.")
@@ -4470,29 +4474,31 @@ class PatronRows:
 
 class LoanRows:
     """Checks loans.csv rows; a row becomes (barcode, patron_id, title,
-    due_date as ISO)."""
+    due_date as ISO). The rows are written once, into a new loans table in
+    the database, which takes the old one's place when all is well."""
 
-    stage_sql = "CREATE TEMP TABLE incoming (barcode TEXT, patron_id TEXT, title TEXT, due_date TEXT)"
+    key = "barcode"
+    table = "loans_incoming"
+    columns = ("barcode", "patron_id", "title", "due_date")
+    stage_sql = ("CREATE TABLE loans_incoming (barcode TEXT PRIMARY KEY, patron_id TEXT NOT "
+                 "NULL, title TEXT NOT NULL, due_date TEXT NOT NULL)")
 
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
         self.date_format = settings.date_format
         self.example = dt.date.today().strftime(settings.date_format)
+        #: one set of the patrons' ids (bounded by the patrons, not the file)
         self.patrons = {row[0] for row in conn.execute("SELECT patron_id FROM patrons")}
-        self.seen: dict[str, int] = {}
 
     def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
+        """The row, or None and its problems (a repeated barcode apart:
+        sqlite finds those, see stage)."""
         pid, barcode, title, due = values
         due_date = read_date(due, self.date_format)
-        if barcode and title and due_date and pid in self.patrons and barcode not in self.seen:
-            self.seen[barcode] = line           # the usual row, checked at speed
+        if barcode and title and due_date and pid in self.patrons:     # the usual row, at speed
             return (barcode, pid, title if title.isprintable() else one_line(title), due_date), []
         problems = []
         if not barcode:
             problems.append("no barcode.")
-        elif barcode in self.seen:
-            problems.append(f"barcode {barcode} is also on line {self.seen[barcode]}.")
-        else:
-            self.seen[barcode] = line
         if not pid:
             problems.append("no patron_id.")
         elif pid not in self.patrons:
@@ -4508,33 +4514,47 @@ class LoanRows:
         return None, problems
 
     def apply(self, conn: sqlite3.Connection, result: ImportResult, now: float) -> None:
-        """Replace the snapshot (inside the caller's transaction). The loans
-        are written whole and their indexes built afresh after them: several
-        times faster than keeping the indexes up to date row by row, and no
-        slower than writing only the changes of a usual night."""
+        """Put the new snapshot in the old one's place (inside the caller's
+        transaction): the rows were written once, into loans_incoming; its
+        indexes are built after them, several times faster than keeping them
+        up to date row by row."""
         before = conn.execute("SELECT count(*) FROM loans").fetchone()[0]
         same = "l.patron_id = i.patron_id AND l.title = i.title AND l.due_date = i.due_date"
         total, added, unchanged = conn.execute(
             f"SELECT count(*), total(l.barcode IS NULL), total({same}) "
-            "FROM temp.incoming i LEFT JOIN loans l ON l.barcode = i.barcode").fetchone()
+            "FROM loans_incoming i LEFT JOIN loans l ON l.barcode = i.barcode").fetchone()
         result.added, result.unchanged = int(added), int(unchanged)
         result.updated = total - result.added - result.unchanged
         result.removed = before - (total - result.added)
-        if result.added or result.updated or result.removed:
-            indexes = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-                                   "AND tbl_name = 'loans' AND sql IS NOT NULL").fetchall()
-            for name, _ in indexes:
-                conn.execute(f'DROP INDEX "{name}"')
-            conn.execute("DELETE FROM loans")
-            conn.execute("INSERT INTO loans (barcode, patron_id, title, due_date) "
-                         "SELECT barcode, patron_id, title, due_date FROM temp.incoming")
-            for _, sql in indexes:
-                conn.execute(sql)
+        indexes = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' "
+                               "AND tbl_name = 'loans' AND sql IS NOT NULL").fetchall()
+        conn.execute("DROP TABLE loans")
+        conn.execute("ALTER TABLE loans_incoming RENAME TO loans")
+        for (sql,) in indexes:
+            conn.execute(sql)
         conn.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                      (LOANS_IMPORTED_KEY, json.dumps(now)))
 
 
 ROW_CHECKERS = MappingProxyType({"patrons": PatronRows, "loans": LoanRows})
+#: Two imports at once wait for each other this long, at most.
+IMPORT_LOCK_WAIT = 60.0
+
+
+def import_lock(settings: Settings, source: str) -> FileLock:
+    """The lock one import holds from its first row to its last write (the
+    new loans table has one name). Waits up to IMPORT_LOCK_WAIT for
+    another import to finish; raises ImportRefused after that."""
+    lock = FileLock(settings.database.with_name(".bibliogate-import.lock"))
+    deadline = time.monotonic() + IMPORT_LOCK_WAIT
+    while not lock.acquire():
+        if time.monotonic() > deadline:
+            raise ImportRefused(source, [f"{source} was not read: another import has been "
+                                         "going on for over a minute."],
+                                "Import it again when that one has finished; nothing was "
+                                "imported.")
+        time.sleep(0.2)
+    return lock
 
 
 def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False,
@@ -4542,13 +4562,15 @@ def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False
                now: float | None = None, source: str | None = None) -> ImportResult:
     """Import a patrons or loans CSV file into the database.
 
-    Every row is checked first; the good ones wait in a temporary table and
-    are applied in one transaction. Raises ImportRefused, with nothing
-    changed, for a file or header that cannot be read, or for bad rows
-    unless skip_bad (then they are left out and listed in ``skipped``).
-    progress(source, rows) is called now and then on long files."""
+    Every row is checked and written once, into a table of its own (see
+    stage); then, in one transaction, that table is applied. Raises
+    ImportRefused, with nothing changed, for a file or header that cannot be
+    read, or for bad rows unless skip_bad (then they are left out and listed
+    in ``skipped``). progress(source, rows) is called now and then on long
+    files."""
     path, now = Path(path), time.time() if now is None else now
     source = source or path.name
+    lock = import_lock(settings, source)
     conn = open_db(settings.database)
     conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KB}")
     try:
@@ -4558,6 +4580,7 @@ def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False
             raise ImportRefused(source, result.skipped,
                                 f"Nothing was imported. Correct these rows and import {source} "
                                 "again, or add --skip-bad to import the other rows.")
+        conn.execute("PRAGMA synchronous = FULL")
         conn.execute("BEGIN IMMEDIATE")     # one transaction: all of it or nothing
         try:
             checker.apply(conn, result, now)
@@ -4567,14 +4590,24 @@ def import_csv(settings: Settings, what: str, path: Path, skip_bad: bool = False
             raise
         return result
     finally:
+        with contextlib.suppress(sqlite3.Error):
+            with conn:
+                conn.execute("DROP TABLE IF EXISTS loans_incoming")    # a refused file's rows
         conn.close()
+        lock.release()
 
 
 def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
           result: ImportResult, progress, source: str | None = None) -> PatronRows | LoanRows:
-    """Read and check every row into temp.incoming; bad rows go to
-    result.skipped. The temporary table is this connection's own, so the
-    database stays free for the sender while a long file is read."""
+    """Read, check and write every row into the checker's table; bad rows
+    go to result.skipped, in the order of their lines.
+
+    The table's key (barcode, patron_id) is unique, and each row's rowid is
+    its line: sqlite finds a repeated key (INSERT OR IGNORE leaves the row
+    out) and says on which line it first came, so no set of the file's keys
+    is held in memory. Rows go in slices of IMPORT_CHUNK, each committed
+    without a flush to disk (only the last transaction must be durable), so
+    the database stays free for the sender while a long file is read."""
     source = source or path.name
     records = csv_records(path, source, settings.csv_encoding, result.notes)
     first = next(records, None)
@@ -4589,37 +4622,102 @@ def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
     positions, notes = header_columns(what, source, line, header)
     result.notes += notes
     checker = ROW_CHECKERS[what](conn, settings)
-    conn.execute(checker.stage_sql)
-    insert = f"INSERT INTO temp.incoming VALUES ({', '.join('?' * len(CSV_COLUMNS[what]))})"
-    width, chunk = len(header), []
+    conn.execute("PRAGMA synchronous = NORMAL")
+    with conn:
+        conn.execute(f"DROP TABLE IF EXISTS {checker.table}")     # what a crash left
+        conn.execute(checker.stage_sql)
+    staging = Staging(conn, checker)
+    width = len(header)
     for line, fields in records:
         result.rows += 1
         if isinstance(fields, str):
-            row, problems = None, [fields]
+            staging.bad(line, None, [fields])
+            continue
+        values = [(fields[p].strip() if p < len(fields) else "") if p is not None else None
+                  for p in positions]
+        row, problems = checker.check(values, line)
+        # A row of the wrong shape: its other problems only follow from that.
+        if len(fields) > width and any(f.strip() for f in fields[width:]):
+            row, problems = None, [f"{len(fields)} values, but the header names {width} "
+                                   "columns (a value holding a comma must be in double "
+                                   "quotes)."]
+            staging.bad(line, key_of(checker, values), problems, shape=True)
+        elif len(fields) < width and any("\n" in f for f in fields):
+            staging.bad(line, key_of(checker, values), ["a value in double quotes runs on over "
+                                                      "the next lines: is a closing '\"' "
+                                                      "missing?"], shape=True)
+        elif problems:
+            staging.bad(line, key_of(checker, values), problems)
         else:
-            values = [(fields[p].strip() if p < len(fields) else "") if p is not None else None
-                      for p in positions]
-            row, problems = checker.check(values, line)
-            # A row of the wrong shape: its other problems only follow from that.
-            if len(fields) > width and any(f.strip() for f in fields[width:]):
-                row, problems = None, [f"{len(fields)} values, but the header names {width} "
-                                       "columns (a value holding a comma must be in double "
-                                       "quotes)."]
-            elif len(fields) < width and any("\n" in f for f in fields):
-                row, problems = None, ["a value in double quotes runs on over the next lines: "
-                                       "is a closing '\"' missing?"]
-        if problems:
-            result.skipped.append(f"{source} line {line}: {' '.join(problems)}")
-        else:
-            chunk.append(row)
-            if len(chunk) >= IMPORT_CHUNK:
-                conn.executemany(insert, chunk)
-                chunk.clear()
+            staging.good(line, row)
         if progress and (result.rows == PROGRESS_FIRST or result.rows % PROGRESS_EVERY == 0):
             progress(source, result.rows)
-    conn.executemany(insert, chunk)
-    conn.commit()
+    staging.flush()
+    result.skipped += [f"{source} line {n}: {text}" for n, text in sorted(staging.problems.items())]
     return checker
+
+
+def key_of(checker: PatronRows | LoanRows, values: list) -> str:
+    """The row's key (patron_id or barcode), as read; "" if it has none."""
+    return values[1 if checker.key == "barcode" else 0] or ""
+
+
+class Staging:
+    """The rows of one import on their way into the checker's table, and the
+    problems of the bad ones by line (a repeated key found there)."""
+
+    def __init__(self, conn: sqlite3.Connection, checker: PatronRows | LoanRows):
+        self.conn, self.checker, self.chunk = conn, checker, []
+        self.insert = (f"INSERT OR IGNORE INTO {checker.table} (rowid, "
+                       f"{', '.join(checker.columns)}) VALUES (?, {', '.join('?' * len(checker.columns))})")
+        self.problems: dict[int, str] = {}
+        self.bad_keys: dict[str, int] = {}     #: keys of bad rows: the first line of each
+
+    def first_line(self, key: str) -> int | None:
+        """The line where key first came (a good row written, or a bad one)."""
+        row = self.conn.execute(f"SELECT rowid FROM {self.checker.table} "
+                                f"WHERE {self.checker.key} = ?", (key,)).fetchone()
+        lines = [n for n in (row[0] if row else None, self.bad_keys.get(key)) if n]
+        return min(lines) if lines else None
+
+    def repeated(self, key: str, line: int) -> str | None:
+        first = self.first_line(key)
+        return f"{self.checker.key} {key} is also on line {first}." \
+            if first is not None and first != line else None
+
+    def good(self, line: int, row: tuple) -> None:
+        key = row[0]
+        if key in self.bad_keys:
+            self.problems[line] = f"{self.checker.key} {key} is also on line {self.bad_keys[key]}."
+            return
+        self.chunk.append((line, *row))
+        if len(self.chunk) >= IMPORT_CHUNK:
+            self.flush()
+
+    def bad(self, line: int, key: str | None, problems: list[str], shape: bool = False) -> None:
+        if key:
+            self.flush()                   # bad rows are few: their keys are looked up at once
+            again = self.repeated(key, line)
+            if again is None:
+                self.bad_keys.setdefault(key, line)
+            elif not shape:
+                problems = [again] + problems
+        self.problems[line] = " ".join(problems)
+
+    def flush(self) -> None:
+        """Write the waiting rows; those whose key was already there are bad."""
+        if not self.chunk:
+            return
+        with self.conn:
+            before = self.conn.total_changes
+            self.conn.executemany(self.insert, self.chunk)
+            written = self.conn.total_changes - before
+        if written < len(self.chunk):        # a key repeated: which rows, and where it first came
+            for line, key, *_ in self.chunk:
+                again = self.repeated(key, line)
+                if again:
+                    self.problems[line] = again
+        self.chunk.clear()
 
 
 #: At most this many skipped rows are written to the log one by one.
