@@ -8102,6 +8102,52 @@ def mail_buttons(s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
     return join(links)
 
 
+#: The Patrons page keeps at most this many patrons' buttons between changes.
+MAIL_LINKS_KEPT = 20_000
+
+
+class MailLinks:
+    """The Patrons page's [Email] buttons, built once per change: kept while
+    nothing was committed to the database (sqlite's data_version, and this
+    connection's own changes), the `direct` template is the same file, and
+    the day and the settings are the same. Building a link reads the
+    patron's loans and renders the template: too much for every row of
+    every request under load."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.key: tuple | None = None
+        self.links: dict[str, Html] = {}
+
+    @staticmethod
+    def version(s: Settings, db: sqlite3.Connection) -> tuple:
+        try:
+            st = (s.templates / "direct.txt").stat()
+            stamp: tuple = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = ()
+        return (id(db), db.execute("PRAGMA data_version").fetchone()[0], db.total_changes,
+                stamp, dt.date.today(), id(s))
+
+    def buttons(self, s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
+        key = self.version(s, db)
+        with self.lock:
+            if key != self.key:
+                self.key, self.links = key, {}
+            found = self.links.get(patron_id)
+        if found is None:
+            found = mail_buttons(s, db, patron_id)
+            with self.lock:
+                if self.key == key and len(self.links) < MAIL_LINKS_KEPT:
+                    self.links[patron_id] = found
+        return found
+
+
+#: The one cache of the page's [Email] buttons (the page's connection is the
+#: gateway's: one cache serves every request).
+PATRON_MAIL_LINKS = MailLinks()
+
+
 def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
     no_email = not r["email"]
     edited = set((r["edited"] or "").split(","))
@@ -8113,7 +8159,7 @@ def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
                   group=r["grp"], email=mark("email", NO_EMAIL_BADGE if no_email else r["email"]),
                   auto=mark("auto_overdue", "yes" if r["auto_overdue"] else "no"), loans=r["loans"],
                   edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
-                  mail=mail_buttons(s, db, r["patron_id"]))
+                  mail=PATRON_MAIL_LINKS.buttons(s, db, r["patron_id"]))
 
 
 #: The patron form: (key, label, hint).
