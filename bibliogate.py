@@ -2288,6 +2288,44 @@ def write_atomic(path: Path, data: bytes, mtime: float | None = None) -> None:
                          "nothing was queued.") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2), where it reports a failed write back (Linux 5.8 and
+    later: before that it could not say that the disk was full); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes       # only here: the rest of BiblioGate never needs it
+        version = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+        if version < (5, 8):
+            return None
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syncfs
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+    call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
+    return call
+
+
+def flush_together(fds: list[int]) -> None:
+    """Flush a batch of files written on one file system to disk. On Linux
+    one syncfs of that file system: a single flush for the whole batch
+    instead of one per file. Elsewhere (Windows: FlushFileBuffers) an fsync
+    of each, on the handles already open. Raises OSError when the disk says
+    a write failed."""
+    if not fds:
+        return
+    syncfs = _syncfs()
+    if syncfs is None:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    if syncfs(fds[0]) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def write_files(folder: Path, files: list[tuple[str, bytes]], mtime: float | None = None) -> None:
     """write_atomic for a batch of files: each is written as its hidden .part
     file (the owner's only, as in write_atomic), all are flushed to disk on
@@ -2310,8 +2348,7 @@ def write_files(folder: Path, files: list[tuple[str, bytes]], mtime: float | Non
                 handles.append(open(fd, "wb"))
                 handles[-1].write(data)
                 handles[-1].flush()
-            for fh in handles:
-                os.fsync(fh.fileno())
+            flush_together([fh.fileno() for fh in handles])
         finally:
             for fh in handles:
                 with contextlib.suppress(OSError):
@@ -4536,7 +4573,8 @@ class LoanRows:
                      (LOANS_IMPORTED_KEY, json.dumps(now)))
 
 
-ROW_CHECKERS = MappingProxyType({"patrons": PatronRows, "loans": LoanRows})
+ROW_CHECKERS: Mapping[str, type[PatronRows] | type[LoanRows]] = MappingProxyType(
+    {"patrons": PatronRows, "loans": LoanRows})
 #: Two imports at once wait for each other this long, at most.
 IMPORT_LOCK_WAIT = 60.0
 

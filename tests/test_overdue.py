@@ -821,9 +821,27 @@ def test_already_queued_comes_from_one_listing_not_a_look_per_notice(tmp_path, m
     assert len(ledger(settings)) == 6
 
 
-def test_a_run_writes_its_files_together_and_flushes_each_once(tmp_path, monkeypatch):
+def test_a_run_writes_its_files_together_and_flushes_them_once(tmp_path, monkeypatch):
     settings, journal = setup(tmp_path)
     enable_bob(journal)
+    batches, real = [], bg.flush_together
+
+    def flush_together(fds):
+        batches.append(len(fds))
+        return real(fds)
+
+    monkeypatch.setattr(bg, "flush_together", flush_together)
+    bg.run_overdue(settings, journal, DAY, at(DAY))
+    assert batches == [2]                       # both files, one flush
+    assert list(settings.spool.glob(".*.part")) == []
+
+
+@pytest.mark.parametrize("syncfs", [True, False])
+def test_flushing_a_batch_is_one_syncfs_on_linux_else_an_fsync_each(tmp_path, monkeypatch, syncfs):
+    if syncfs and bg._syncfs() is None:
+        pytest.skip("no syncfs here (Linux 5.8 or later)")
+    if not syncfs:
+        monkeypatch.setattr(bg, "_syncfs", lambda: None)
     synced, real_fsync = [], bg.os.fsync
 
     def fsync(fd):
@@ -831,8 +849,7 @@ def test_a_run_writes_its_files_together_and_flushes_each_once(tmp_path, monkeyp
         return real_fsync(fd)
 
     monkeypatch.setattr(bg.os, "fsync", fsync)
-    bg.run_overdue(settings, journal, DAY, at(DAY))
-    monkeypatch.undo()
-    # two files and one folder flush (POSIX); before, two flushes per file
-    assert len(synced) == (2 if bg.os.name == "nt" else 3)
-    assert list(settings.spool.glob(".*.part")) == []
+    bg.write_files(tmp_path, [(f"m{n}.TMP", b"To: a@example.org\n\nhi\n") for n in range(3)])
+    folder_flush = 0 if bg.os.name == "nt" else 1
+    assert len(synced) == (folder_flush if syncfs else 3 + folder_flush)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.TMP", "m1.TMP", "m2.TMP"]
