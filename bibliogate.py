@@ -6157,7 +6157,8 @@ def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str |
     day; given alone, now is that day at noon). dry_run: decide and render,
     change nothing. preview: write the print file of every letter, queue and
     record nothing. Raises UsageError for an unknown kind, output or group,
-    TemplateError for a broken template, BibliogateError when the print file
+    TemplateError for a broken template, Busy when another letter or
+    auto-overdue run is queueing, BibliogateError when the print file
     cannot be written."""
     if now is None:
         now = time.time() if today is None else \
@@ -8146,17 +8147,20 @@ MAIL_LINKS_KEPT = 20_000
 
 
 class MailLinks:
-    """The Patrons page's [Email] buttons, built once per change: kept while
-    nothing was committed to the database (sqlite's data_version, and this
-    connection's own changes), the `direct` template is the same file, and
-    the day and the settings are the same. Building a link reads the
-    patron's loans and renders the template: too much for every row of
-    every request under load."""
+    """The Patrons page's [Email] buttons, built once per change. Kept for a
+    patron while the patron's row (as the page reads it at each request,
+    with the count of their loans) is the same, the loans snapshot is the
+    same import (loans change only by an import, which stamps the state
+    table), the `direct` template is the same file, and the day and the
+    settings are the same. Building a link reads the patron's loans and
+    renders the template: too much for every row of every request under
+    load. (sqlite's data_version cannot be the key: each page thread has
+    its own connection, and the number is each connection's own.)"""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.key: tuple | None = None
-        self.links: dict[str, Html] = {}
+        self.links: dict[tuple, Html] = {}
 
     @staticmethod
     def version(s: Settings, db: sqlite3.Connection) -> tuple:
@@ -8165,20 +8169,23 @@ class MailLinks:
             stamp: tuple = (st.st_mtime_ns, st.st_size)
         except OSError:
             stamp = ()
-        return (id(db), db.execute("PRAGMA data_version").fetchone()[0], db.total_changes,
-                stamp, dt.date.today(), id(s))
+        return (get_state(db, LOANS_IMPORTED_KEY), stamp, dt.date.today(), id(s))
 
-    def buttons(self, s: Settings, db: sqlite3.Connection, patron_id: str) -> Html:
-        key = self.version(s, db)
+    def buttons(self, s: Settings, db: sqlite3.Connection, row: sqlite3.Row,
+                key: tuple | None = None) -> Html:
+        """The buttons of the patron in `row` (a row of PATRON_WITH_LOANS);
+        key: version(), once per request."""
+        key = key or self.version(s, db)
+        mine = tuple(row)
         with self.lock:
             if key != self.key:
                 self.key, self.links = key, {}
-            found = self.links.get(patron_id)
+            found = self.links.get(mine)
         if found is None:
-            found = mail_buttons(s, db, patron_id)
+            found = mail_buttons(s, db, row["patron_id"])
             with self.lock:
                 if self.key == key and len(self.links) < MAIL_LINKS_KEPT:
-                    self.links[patron_id] = found
+                    self.links[mine] = found
         return found
 
 
@@ -8187,7 +8194,8 @@ class MailLinks:
 PATRON_MAIL_LINKS = MailLinks()
 
 
-def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
+def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row,
+               version: tuple | None = None) -> Html:
     no_email = not r["email"]
     edited = set((r["edited"] or "").split(","))
 
@@ -8198,7 +8206,7 @@ def patron_row(s: Settings, db: sqlite3.Connection, r: sqlite3.Row) -> Html:
                   group=r["grp"], email=mark("email", NO_EMAIL_BADGE if no_email else r["email"]),
                   auto=mark("auto_overdue", "yes" if r["auto_overdue"] else "no"), loans=r["loans"],
                   edit="/patron?" + urllib.parse.urlencode({"id": r["patron_id"]}),
-                  mail=PATRON_MAIL_LINKS.buttons(s, db, r["patron_id"]))
+                  mail=PATRON_MAIL_LINKS.buttons(s, db, r, version))
 
 
 #: The patron form: (key, label, hint).
@@ -8288,8 +8296,9 @@ def page_patrons(ctx: PageContext) -> tuple[str, Html]:
     q, missing = ctx.query.get("q", "").strip(), bool(ctx.query.get("missing"))
     rows = find_patrons(db, q, missing, PATRONS_SHOWN + 1)
     total, no_email = db.execute("SELECT COUNT(*), SUM(email = '') FROM patrons").fetchone()
-    table = render(PATRONS_TABLE, rows=join(patron_row(s, db, r) for r in rows[:PATRONS_SHOWN])) \
-        if rows else NOTHING
+    version = PATRON_MAIL_LINKS.version(s, db)
+    table = render(PATRONS_TABLE, rows=join(patron_row(s, db, r, version)
+                                            for r in rows[:PATRONS_SHOWN])) if rows else NOTHING
     return "Patrons", render(PATRONS_BODY, q=q, missing=flag(missing, " checked"),
                              summary=patrons_summary(len(rows), total, no_email), table=table)
 
