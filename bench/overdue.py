@@ -6,14 +6,17 @@ Makes 200,000 patrons and 1,000,000 loans as CSV files in a temporary folder
 so that its peak memory can be read:
 
   1. `import patrons` and `import loans`, beside the bare load of the same
-     files: the sqlite3 command line's `.import` where it is installed, and
-     a plain csv + executemany script in any case;
-  2. `import loans` of the next night's file (a few percent changed), and of
-     the same file again;
-  3. `overdue` for today: every notice composed and written to the spool;
+     files: the sqlite3 command line's `.import` where it is installed, else
+     a plain csv + executemany script;
+  2. `import loans` of the next night's file (a few percent changed);
+  3. `overdue --dry-run`, then `overdue` for today: every notice composed and
+     written to the spool;
   4. `overdue` again: nothing new to queue (the ledger has it all).
 
-Not part of the tests. Run:  python bench/overdue.py  [--patrons N] [--loans N]
+Each program given with --program (e.g. before=old/bibliogate.py) runs every
+step in a fresh folder, in turn with the others, --repeat times; the medians
+are reported. Not part of the tests. Run:
+  python bench/overdue.py [--patrons N] [--loans N] [--program NAME=PATH ...] [--repeat 3]
 Results are printed as a table and saved in bench/out/.
 """
 
@@ -130,26 +133,34 @@ conn.commit()
 
 
 def bare_loads(work: Path, csv_file: Path) -> dict:
-    found = {}
+    """The reference: sqlite3's own `.import` where the command is installed,
+    else (only then) a plain csv + executemany script."""
     if SQLITE3:
         db = work / f"bare-cli-{csv_file.stem}.db"
-        found["sqlite3 .import"] = measure([SQLITE3, str(db), f".import --csv {csv_file} bare"], work)
+        return {"sqlite3 .import": measure([SQLITE3, str(db), f".import --csv {csv_file} bare"],
+                                           work)}
     db = work / f"bare-py-{csv_file.stem}.db"
-    found["csv + executemany"] = measure([sys.executable, "-c", BARE_LOAD, str(db), str(csv_file)], work)
-    return found
+    return {"csv + executemany": measure([sys.executable, "-c", BARE_LOAD, str(db),
+                                          str(csv_file)], work)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patrons", type=int, default=200_000)
     parser.add_argument("--loans", type=int, default=1_000_000)
+    parser.add_argument("--program", action="append", metavar="NAME=PATH",
+                        help="a bibliogate.py to measure (several: side by side, in turn); "
+                             "default: this folder's")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each; medians reported")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     if not (1 <= args.patrons <= 2_000_000 and 1 <= args.loans <= 10_000_000):
         parser.error("at most 2,000,000 patrons and 10,000,000 loans")
+    programs = dict(p.split("=", 1) for p in args.program) if args.program \
+        else {"this": str(PROGRAM)}
     work = Path(tempfile.mkdtemp(prefix="bibliogate-bench-"))
     try:
-        results = run(work, args.patrons, args.loans)
+        results = run(work, args.patrons, args.loans, programs, max(1, min(args.repeat, 9)))
     finally:
         if args.keep:
             print(f"kept {work}")
@@ -159,67 +170,102 @@ def main() -> int:
     return 0
 
 
-def run(work: Path, patrons: int, loans: int) -> dict:
+def run(work: Path, patrons: int, loans: int, programs: dict, repeat: int) -> dict:
     today = dt.date.today()
     rng = random.Random(2026)
     started = time.perf_counter()
-    make_patrons(work / "patrons.csv", patrons, rng)
-    make_loans(work / "loans.csv", loans, patrons, today, rng)
+    data = work / "data"
+    data.mkdir()
+    make_patrons(data / "patrons.csv", patrons, rng)
+    make_loans(data / "loans.csv", loans, patrons, today, rng)
+    make_next_night(data / "loans.csv", data / "loans-next.csv", patrons, rng)
     print(f"made {patrons:,} patrons and {loans:,} loans in {time.perf_counter() - started:.0f} s "
-          f"({(work / 'loans.csv').stat().st_size / 1e6:.0f} MB of loans) in {work}", flush=True)
-    ini = work / "bibliogate.ini"
-    ini.write_text("[smtp]\nhost = 127.0.0.1\n[gateway]\nfrom_address = library@school.example\n"
-                   "[library]\nname = District Libraries\n", encoding="utf-8")
-    cli = [sys.executable, str(PROGRAM), "--config", str(ini)]
-    steps = {}
-
-    def step(name, argv):
-        print(f"{name} ...", flush=True)
-        steps[name] = measure(argv, work)
-        print(f"    {steps[name]['seconds']} s, peak {steps[name]['peak_mb']} MB: "
-              f"{steps[name]['output']}", flush=True)
-
-    for name in ("patrons", "loans"):          # each beside its bare load, under the same load
-        csv_file = work / f"{name}.csv"
-        for how, figures in bare_loads(work, csv_file).items():
-            steps[f"bare load of {name}: {how}"] = figures
-            print(f"bare load of {name} ({how}): {figures['seconds']} s", flush=True)
-        step(f"import {name}", cli + ["import", name, str(csv_file)])
-    make_next_night(work / "loans.csv", work / "loans-next.csv", patrons, rng)
-    step("import loans, next night (8% changed)", cli + ["import", "loans", str(work / "loans-next.csv")])
-    step("import loans, same file again", cli + ["import", "loans", str(work / "loans-next.csv")])
-    step("overdue (today)", cli + ["overdue"])
-    spool = work / "spool"
-    files = sum(1 for p in spool.iterdir() if p.suffix.upper() == ".TMP")
-    step("overdue again (nothing new)", cli + ["overdue"])
+          f"({(data / 'loans.csv').stat().st_size / 1e6:.0f} MB of loans) in {work}", flush=True)
+    runs: dict = {name: [] for name in programs}
+    files: dict = {}
+    for n in range(repeat):
+        for name, program in programs.items():      # in turn, so both see the same load
+            folder = work / f"{name}-{n}"
+            folder.mkdir()
+            runs[name].append(one_run(folder, data, Path(program).resolve(), f"{name} run {n + 1}"))
+            files[name] = runs[name][-1].pop("files_queued")
+            shutil.rmtree(folder, ignore_errors=True)
     return {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "patrons": patrons,
             "loans": loans, "files_queued": files, "python": sys.version.split()[0],
-            "cpus": os.cpu_count(), "sqlite3": SQLITE3, "steps": steps,
+            "cpus": os.cpu_count(), "sqlite3": SQLITE3, "runs": runs, "repeat": repeat,
             "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
+def one_run(work: Path, data: Path, program: Path, label: str) -> dict:
+    """Every step once, against a fresh folder: imports (each beside its bare
+    load, under the same load), the job as a dry run, the job, the job again."""
+    ini = work / "bibliogate.ini"
+    ini.write_text("[smtp]\nhost = 127.0.0.1\n[gateway]\nfrom_address = library@school.example\n"
+                   "[library]\nname = District Libraries\n", encoding="utf-8")
+    cli = [sys.executable, str(program), "--config", str(ini)]
+    steps: dict = {}
+
+    def step(name, argv):
+        steps[name] = measure(argv, work)
+        print(f"{label}: {name}: {steps[name]['seconds']} s, peak {steps[name]['peak_mb']} MB: "
+              f"{steps[name]['output'][:100]}", flush=True)
+
+    for name in ("patrons", "loans"):
+        csv_file = data / f"{name}.csv"
+        for how, figures in bare_loads(work, csv_file).items():
+            steps[f"bare load of {name}: {how}"] = figures
+            print(f"{label}: bare load of {name} ({how}): {figures['seconds']} s", flush=True)
+        step(f"import {name}", cli + ["import", name, str(csv_file)])
+    step("import loans, next night (8% changed)", cli + ["import", "loans",
+                                                         str(data / "loans-next.csv")])
+    step("overdue --dry-run", cli + ["overdue", "--dry-run"])
+    step("overdue (today)", cli + ["overdue"])
+    spool = work / "spool"
+    steps["files_queued"] = sum(1 for p in spool.iterdir() if p.suffix.upper() == ".TMP")
+    step("overdue again (nothing new)", cli + ["overdue"])
+    steps.setdefault("files_queued", 0)
+    return steps
+
+
+def median(values: list) -> float:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def report(results: dict) -> None:
-    steps = results["steps"]
     bare_name = "sqlite3 .import" if results["sqlite3"] else "csv + executemany"
     load = f", load average {results['load']:.1f}" if results.get("load") is not None else ""
     print(f"\nBiblioGate bench, {results['date']}: {results['patrons']:,} patrons, "
-          f"{results['loans']:,} loans, Python {results['python']}, {results['cpus']} CPUs{load}")
-    print(f"| step | seconds | peak MB | against the bare load ({bare_name}) |")
-    print("|---|---:|---:|---|")
-    for name, figures in steps.items():
-        what = name.split()[1].strip(",") if name.startswith("import") else None
-        bare = steps.get(f"bare load of {what}: {bare_name}") if what else None
-        ratio = f"{figures['seconds'] / bare['seconds']:.1f}x" if bare else ""
-        print(f"| {name} | {figures['seconds']} | {figures['peak_mb'] or 'n/a'} | {ratio} |")
-    job = steps["overdue (today)"]
-    print(f"\noverdue: {results['files_queued']:,} messages queued in {job['seconds']} s "
-          f"({job['seconds'] / max(1, results['files_queued']) * 1000:.2f} ms each); "
-          f"goals: under 10 s and 300 MB")
+          f"{results['loans']:,} loans, Python {results['python']}, {results['cpus']} CPUs{load}; "
+          f"medians of {results['repeat']}; reference: {bare_name}")
+    names = list(results["runs"])
+    print("| step | " + " | ".join(f"{n} s | {n} MB | {n} ratio" for n in names) + " |")
+    print("|---|" + "---:|---:|---:|" * len(names))
+    steps = [k for k in results["runs"][names[0]][0]]
+    for step in steps:
+        cells = []
+        for name in names:
+            runs = results["runs"][name]
+            seconds = median([r[step]["seconds"] for r in runs])
+            peak = median([r[step]["peak_mb"] for r in runs])
+            what = step.split()[1].strip(",") if step.startswith("import") else None
+            ratio = ""
+            if what:
+                ratios = [r[step]["seconds"] / r[f"bare load of {what}: {bare_name}"]["seconds"]
+                          for r in runs]
+                ratio = f"{median(ratios):.1f}x"
+            cells.append(f"{seconds:.2f} | {peak:.0f} | {ratio}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+    for name in names:
+        print(f"{name}: overdue queued {results['files_queued'][name]:,} messages")
     out = HERE / "out"
     out.mkdir(exist_ok=True)
-    name = out / f"overdue-{results['date'].replace(' ', '-').replace(':', '')}.json"
-    name.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print(f"saved {name}")
+    path = out / f"overdue-{results['date'].replace(' ', '-').replace(':', '')}-{results['loans']}.json"
+    path.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -402,3 +402,72 @@ def test_cp1252_can_be_forced_and_a_bad_setting_is_named(tmp_path):
     bad = make_settings(tmp_path / "other", data__csv_encoding="latin-9")
     assert any("[data] csv_encoding = 'latin-9': must be auto, utf-8 or cp1252" in p
                for p in bad.problems)
+
+
+# -- written once, the repeats found by sqlite ---------------------------------------
+
+def traced_imports(monkeypatch) -> list:
+    """The SQL of every import's connection."""
+    statements, real_open = [], bg.open_db
+
+    def open_db(path):
+        conn = real_open(path)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(bg, "open_db", open_db)
+    return statements
+
+
+def test_loans_are_written_once_and_repeats_are_found_by_sqlite(settings, tmp_path, monkeypatch):
+    import_patrons(settings, tmp_path)
+    rows = [["P1", "B1", "Matilda", "2026-03-05"], ["P2", "B2", "Holes", "2026-03-05"],
+            ["P1", "B3", "", "2026-03-05"],                    # line 4: bad, its barcode counts
+            ["P1", "B3", "Wonder", "2026-03-05"],              # line 5: repeats line 4
+            ["P2", "B1", "Matilda again", "2026-03-05"]]       # line 6: repeats line 2
+    statements = traced_imports(monkeypatch)
+    result = bg.import_csv(settings, "loans", write_csv(tmp_path / "loans.csv", LOAN_HEADER, rows),
+                           skip_bad=True)
+    assert [p.split(": ", 1)[1] for p in result.skipped] == [
+        "no title.", "barcode B3 is also on line 4.", "barcode B1 is also on line 2."]
+    assert loans(settings) == [("B1", "P1", "Matilda", "2026-03-05"),
+                               ("B2", "P2", "Holes", "2026-03-05")]
+    writes = [s for s in statements if s.lstrip().upper().startswith(("INSERT", "REPLACE"))
+              and "into loans" in s.lower() or "into temp.incoming" in s.lower()]
+    # one write of the rows (the new table, in slices); none copies them a second time
+    assert writes and all("INTO loans_incoming" in s and "SELECT" not in s.upper()
+                          for s in writes), writes
+
+
+def test_a_loans_table_a_crash_left_half_written_is_dropped(settings, tmp_path):
+    import_patrons(settings, tmp_path)
+    db = bg.open_db(settings.database)
+    with db:
+        db.execute("CREATE TABLE loans_incoming (barcode TEXT PRIMARY KEY, patron_id TEXT NOT "
+                   "NULL, title TEXT NOT NULL, due_date TEXT NOT NULL)")
+        db.execute("INSERT INTO loans_incoming VALUES ('OLD', 'P1', 'Half', '2026-03-01')")
+    db.close()
+    rows = [["P1", "B1", "Matilda", "2026-03-05"]]
+    bg.import_csv(settings, "loans", write_csv(tmp_path / "loans.csv", LOAN_HEADER, rows))
+    assert loans(settings) == [("B1", "P1", "Matilda", "2026-03-05")]
+    bad = [["P1", "B2", "", "2026-03-05"]]
+    with pytest.raises(bg.ImportRefused):
+        bg.import_csv(settings, "loans", write_csv(tmp_path / "loans.csv", LOAN_HEADER, bad))
+    assert loans(settings) == [("B1", "P1", "Matilda", "2026-03-05")]      # nothing changed
+    assert table(settings, "SELECT name FROM sqlite_master WHERE name = 'loans_incoming'") == []
+    assert {r[0] for r in table(settings, "SELECT name FROM sqlite_master WHERE type = 'index' "
+                                          "AND tbl_name = 'loans' AND sql IS NOT NULL")} == \
+        {"loans_due", "loans_patron"}
+
+
+def test_patron_ids_repeated_are_found_by_sqlite_with_the_first_line(settings, tmp_path):
+    rows = PATRONS + [["P1", "Ann Again", "", "", "7A", ""], ["P4", "Di", "x", "", "", ""],
+                      ["P4", "Di Two", "", "", "", ""]]
+    with pytest.raises(bg.ImportRefused) as caught:
+        import_patrons(settings, tmp_path, rows)
+    assert caught.value.problems == [
+        "patrons.csv line 5: patron_id P1 is also on line 2.",
+        "patrons.csv line 6: email 'x' is not an email address (write it as name@example.org, "
+        "or leave it empty).",
+        "patrons.csv line 7: patron_id P4 is also on line 6."]
+    assert patrons(settings) == []

@@ -552,3 +552,31 @@ def test_the_print_file_is_escaped_by_render_not_by_hand():
     import inspect
     source = inspect.getsource(bg.letters_html)
     assert "render(" in source and ".substitute(" not in source and "html.escape" not in source
+
+
+def test_a_crash_between_queueing_and_recording_letters_sends_none_twice(lib, sink):
+    """The letters of a run are written, then recorded: the run repeated after
+    a crash in between finds its files by name and only records them."""
+    settings, journal = lib
+    settings, _ = bg.ensure_layout(write_ini(settings.base, sink))
+    five_b(journal)
+    first = letters((settings, journal), "overdue_first", DAY, group="5B")
+    assert len(first.queued) == 2
+    bg.Sender(settings, journal).check(limit=1)           # one goes, one waits
+    with journal.db:
+        journal.db.execute("DELETE FROM notices")          # the ledger rows never made it
+    again = letters((settings, journal), "overdue_first", DAY, group="5B")
+    assert sorted(p.name for p in again.queued) == sorted(p.name for p in first.queued)
+    assert len(list(settings.spool.glob("*.TMP"))) == 1 and len(ledger(settings)) == 2
+    bg.Sender(settings, journal).check(limit=0)
+    assert sorted(m.rcpt_tos[0] for m in sink.wait_for(2)) == ["ann@example.org",
+                                                              "sam@example.org"]
+    assert letters((settings, journal), "overdue_first", DAY, group="5B").letters == []
+
+
+@pytest.mark.skipif(bg.os.name == "nt", reason="POSIX modes")
+def test_letter_files_are_the_owners_only(lib):
+    settings, journal = lib
+    five_b(journal)
+    letters(lib, "overdue_first", DAY, group="5B")
+    assert {p.stat().st_mode & 0o777 for p in settings.spool.glob("*.TMP")} == {0o600}

@@ -781,3 +781,75 @@ def test_status_says_when_the_next_run_is():
     assert bg.next_run_day(weekends, days(4).isoformat(), friday) == days(7)     # Monday
     saturday = dt.datetime.combine(days(5), dt.time(9))
     assert bg.next_run_day(weekends, days(4).isoformat(), saturday) == days(7)
+
+
+# -- writing a run's files: in batches, recognised from one listing ------------
+
+@pytest.mark.skipif(bg.os.name == "nt", reason="POSIX modes")
+def test_notice_files_are_the_owners_only(tmp_path):
+    settings, journal = setup(tmp_path)
+    enable_bob(journal)
+    bg.run_overdue(settings, journal, DAY, at(DAY))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in settings.spool.glob("*.TMP")}
+    assert len(modes) == 2 and set(modes.values()) == {0o600}
+
+
+def test_already_queued_comes_from_one_listing_not_a_look_per_notice(tmp_path, monkeypatch):
+    settings, journal = setup(tmp_path)
+    enable_bob(journal)
+    bg.run_overdue(settings, journal, DAY, at(DAY))
+    with journal.db:
+        journal.db.execute("DELETE FROM notices")          # as if the run died before recording
+    looks, listings, real_stat, real_listdir = [], [], bg.os.stat, bg.os.listdir
+
+    def stat(path, *args, **kw):
+        if str(path).endswith((bg.WAITING_EXT, bg.BAD_EXT, bg.CLAIM_SUFFIX)):
+            looks.append(path)
+        return real_stat(path, *args, **kw)
+
+    def listdir(path="."):
+        listings.append(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(bg.os, "stat", stat)
+    monkeypatch.setattr(bg.os, "listdir", listdir)
+    before = sorted(queued(settings))
+    again = bg.run_overdue(settings, journal, DAY, at(DAY, 8))
+    monkeypatch.undo()
+    assert len(again.notices) == 2 and sorted(queued(settings)) == before
+    assert looks == [] and [Path(p) for p in listings] == [settings.spool]
+    assert len(ledger(settings)) == 6
+
+
+def test_a_run_writes_its_files_together_and_flushes_them_once(tmp_path, monkeypatch):
+    settings, journal = setup(tmp_path)
+    enable_bob(journal)
+    batches, real = [], bg.flush_together
+
+    def flush_together(fds):
+        batches.append(len(fds))
+        return real(fds)
+
+    monkeypatch.setattr(bg, "flush_together", flush_together)
+    bg.run_overdue(settings, journal, DAY, at(DAY))
+    assert batches == [2]                       # both files, one flush
+    assert list(settings.spool.glob(".*.part")) == []
+
+
+@pytest.mark.parametrize("syncfs", [True, False])
+def test_flushing_a_batch_is_one_syncfs_on_linux_else_an_fsync_each(tmp_path, monkeypatch, syncfs):
+    if syncfs and bg._syncfs() is None:
+        pytest.skip("no syncfs here (Linux 5.8 or later)")
+    if not syncfs:
+        monkeypatch.setattr(bg, "_syncfs", lambda: None)
+    synced, real_fsync = [], bg.os.fsync
+
+    def fsync(fd):
+        synced.append(fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(bg.os, "fsync", fsync)
+    bg.write_files(tmp_path, [(f"m{n}.TMP", b"To: a@example.org\n\nhi\n") for n in range(3)])
+    folder_flush = 0 if bg.os.name == "nt" else 1
+    assert len(synced) == (folder_flush if syncfs else 3 + folder_flush)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.TMP", "m1.TMP", "m2.TMP"]

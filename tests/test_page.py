@@ -608,3 +608,35 @@ def test_run_serves_the_page_beside_the_sender(tmp_path, sink):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_patrons_page_builds_each_mail_link_once_per_change(open_page, monkeypatch):
+    page = open_page()
+    add_patrons(page, ("p1", "Ann Reader", "ann@example.org", "mum@example.org", "7B", 1),
+                ("p3", "Cy Other", "cy@example.org", "", "8A", 0))
+    built, real = [], bg.build_mailto
+
+    def build_mailto(settings, db, patron_id, guardian=False, today=None):
+        built.append((patron_id, guardian))
+        return real(settings, db, patron_id, guardian=guardian, today=today)
+
+    monkeypatch.setattr(bg, "build_mailto", build_mailto)
+    c = page.client()
+    first = c.get("/patrons").text
+    assert len(built) == 4                     # two patrons, [Email] and [Email guardian] each
+    assert c.get("/patrons").text.count("mailto:") == first.count("mailto:") == 3
+    assert len(built) == 4                     # the second request built none
+    # a change to a patron builds that patron's again, with the new address
+    db = page.db()
+    with db:
+        db.execute("UPDATE patrons SET email = 'ann.new@example.org' WHERE patron_id = 'p1'")
+    db.close()
+    assert "mailto:ann.new@example.org?" in c.get("/patrons").text
+    assert built[4:] == [("p1", False), ("p1", True)]
+    # so does a new `direct` template
+    template = page.gateway.settings.templates / "direct.txt"
+    text = template.read_text(encoding="utf-8")
+    template.write_text(text.replace("\n\n", "\n\nA NEW LINE\n", 1), encoding="utf-8")
+    stamp = time.time() + 5
+    os.utime(template, (stamp, stamp))
+    assert "A%20NEW%20LINE" in c.get("/patrons").text and len(built) == 10
