@@ -2624,19 +2624,15 @@ def write_files(folder: Path, files: list[tuple[str, bytes]], mtime: float | Non
         raise SpoolError(f"Could not write files in {folder}: {why}") from None
 
 
-def spool_names(folder: Path) -> set[str]:
-    """Every name in the spool folder, from one listing (empty if unreadable)."""
-    with contextlib.suppress(OSError):
-        return set(os.listdir(folder))
-    return set()
-
-
 def queued_before(folder: Path, db: sqlite3.Connection, names: Iterable[str]) -> set[str]:
     """Which of these waiting-file names are already queued: waiting, .BAD,
     being sent, or sent (the sent ledger). One listing of the folder, then
     the ledger asked about the rest: a run repeated after a crash recognises
     the files it wrote (their names come from their content)."""
-    listing = spool_names(folder)
+    try:
+        listing = set(spool_names(folder))
+    except SpoolError:          # unreadable: writing there fails next, with the reason
+        listing = set()
     found, ask = set(), []
     for name in names:
         stem = name[:-len(WAITING_EXT)]
@@ -4695,7 +4691,7 @@ def sniff_delimiter(header: str) -> str:
     """',' as the contract says; ';' or tab when the header line uses that
     instead (Excel writes ';' where the decimal mark is a comma)."""
     counts = {d: header.count(d) for d in ",;\t"}
-    return max(counts, key=counts.get) if any(counts.values()) else ","
+    return max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
 
 
 def excerpt(text) -> str:
@@ -4814,7 +4810,8 @@ def header_columns(what: str, source: str, line: int, fields: list[str]) -> tupl
     ignored ones. Raises ImportRefused for a missing or repeated column."""
     names = [column_name(f) for f in fields]
     known = CSV_COLUMNS[what]
-    problems, where = [], {}
+    problems: list[str] = []
+    where: dict[str, int] = {}
     for n, name in enumerate(names):
         if name in known and name in where:
             problems.append(f"{source} line {line}: the column {name} appears twice.")
@@ -5075,7 +5072,7 @@ def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
             staging.bad(line, key_of(checker, values), ["a value in double quotes runs on over "
                                                       "the next lines: is a closing '\"' "
                                                       "missing?"], shape=True)
-        elif problems:
+        elif problems or row is None:
             staging.bad(line, key_of(checker, values), problems)
         else:
             staging.good(line, row)
@@ -5096,7 +5093,8 @@ class Staging:
     problems of the bad ones by line (a repeated key found there)."""
 
     def __init__(self, conn: sqlite3.Connection, checker: PatronRows | LoanRows):
-        self.conn, self.checker, self.chunk = conn, checker, []
+        self.conn, self.checker = conn, checker
+        self.chunk: list[tuple] = []
         self.insert = (f"INSERT OR IGNORE INTO {checker.table} (rowid, "
                        f"{', '.join(checker.columns)}) VALUES (?, {', '.join('?' * len(checker.columns))})")
         self.problems: dict[int, str] = {}
