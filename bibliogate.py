@@ -5171,7 +5171,7 @@ class ImportWatch:
     listing every bad row; then nothing was imported from it. Files in done/
     are deleted after [data] keep_log_days."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         #: file -> ((size, mtime), when first seen so) while it settles
         self.settling: dict[Path, tuple] = {}
         #: file -> (size, mtime) of a file handled but not moved away
