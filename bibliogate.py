@@ -66,6 +66,7 @@ import email.utils
 import functools
 import getpass
 import hashlib
+import heapq
 import itertools
 import hmac
 import html
@@ -2170,6 +2171,9 @@ class SpoolIndex:
         #: (queue_order(name, mtime), size) flattened: (not priority, mtime, name, size),
         #: sorted; an entry whose name is gone or has another time is skipped.
         self._order: list[tuple] = []
+        #: False after a full reading until someone needs the whole order: a
+        #: fresh `queue` wants the first page only, and 100,000 sorted cost 0.07 s.
+        self._sorted = True
         self._recent: set[str] = set()      #: names that were changing when last seen
         self._stamp: int | None = None
         self._full_at = -math.inf
@@ -2227,14 +2231,15 @@ class SpoolIndex:
         except OSError as exc:
             raise SpoolError(f"The spool folder {self.folder} cannot be read ({exc.strerror}). "
                              "Check [gateway] spool_folder and the folder's permissions.") from None
-        order.sort()
         quiet = time.time() - STABLE_SECONDS - 1.0
         self.waiting, self.bad, self.claimed, self._order = waiting, bad, claimed, order
+        self._sorted = False
         self._recent = {entry[2] for entry in order if entry[1] > quiet}
 
     def _update(self, names: list[str]) -> None:
         """Set operations (in C) find what came and went; only those are
         looked at, so a reading costs little more than the listing."""
+        self._sort()
         present = set(names)
         del names
         waiting = self.waiting
@@ -2274,6 +2279,7 @@ class SpoolIndex:
 
     def _look_again(self) -> None:
         """Files that were changing: their time and size now."""
+        self._sort()
         quiet = time.time() - STABLE_SECONDS - 1.0
         waiting, order = dict(self.waiting), list(self._order)
         for name in list(self._recent):
@@ -2285,10 +2291,17 @@ class SpoolIndex:
                 bisect.insort(order, queue_order(name, st[0]) + (st[1],))
         self.waiting, self._order = waiting, order
 
+    def _sort(self) -> None:
+        with self.lock:
+            if not self._sorted:
+                self._order = sorted(self._order)
+                self._sorted = True
+
     def in_order(self) -> Iterator[SpoolFile]:
         """The waiting files, in sending order: a snapshot, safe to walk
         while the index changes."""
         with self.lock:
+            self._sort()
             order, waiting = self._order, self.waiting
         done: set = set()
         for _, mtime, name, size in order:
@@ -2304,7 +2317,11 @@ class SpoolIndex:
             bad = sorted((queue_order(n, st[0]), SpoolFile(n, self.folder / n, *st))
                          for n, st in self.bad.items())
             count = len(self.waiting)
-            first = list(itertools.islice(self.in_order(), limit))
+            if self._sorted or limit > 1000:
+                first = list(itertools.islice(self.in_order(), limit))
+            else:       # just read: every entry current, the first few found without sorting all
+                first = [SpoolFile(name, self.folder / name, mtime, size) for _, mtime, name, size
+                         in heapq.nsmallest(limit, self._order)]
         return [f for _, f in bad], first, count
 
     def listing(self) -> Iterator[SpoolFile]:
@@ -10042,7 +10059,12 @@ def cmd_queue(args, settings: Settings) -> int:
             write_json_list(sys.stdout, iter_queue_rows(settings, db, index.listing()))
             return 0
         shown = len(index) if args.all else QUEUE_PAGE
-        print_queue(iter_queue_rows(settings, db, itertools.islice(index.listing(), shown)))
+        if args.all:
+            files: Iterable[SpoolFile] = index.listing()
+        else:
+            bad, first, _ = index.head(shown)
+            files = itertools.islice(itertools.chain(bad, first), shown)
+        print_queue(iter_queue_rows(settings, db, files))
     finally:
         db.close()
     if not len(index):

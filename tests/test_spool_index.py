@@ -52,6 +52,24 @@ def test_the_order_is_the_sending_order_as_files_come_and_go(tmp_path):
     assert next(index.in_order()).name == "PRIORITY-test-1.TMP"
 
 
+def test_the_first_page_of_a_fresh_reading_is_the_head_of_the_sending_order(tmp_path):
+    """`queue` takes its first page from a fresh reading without sorting
+    every file; it must still be exactly the first of the sending order."""
+    for n in range(60):
+        drop(tmp_path, f"m{n:02d}.TMP", eml(), age=1000 - n * 37 % 101)
+    drop(tmp_path, "PRIORITY-test-1.TMP", eml(), age=3)
+    drop(tmp_path, "old.BAD", eml(), age=5000)
+    whole = [f.name for f in bg.SpoolIndex.read(tmp_path).in_order()]
+    assert whole[0] == "PRIORITY-test-1.TMP" and len(whole) == 61
+    for limit in (1, 7, 50, 61, 80):
+        bad, first, count = bg.SpoolIndex.read(tmp_path).head(limit)
+        assert [f.name for f in first] == whole[:limit]
+        assert [f.name for f in bad] == ["old.BAD"] and count == 61
+    index = bg.SpoolIndex.read(tmp_path)
+    index.head(5)
+    assert [f.name for f in index.in_order()] == whole     # still whole after a head
+
+
 def test_a_file_still_being_written_is_looked_at_again_until_it_is_quiet(tmp_path):
     path = drop(tmp_path, "slow.TMP", b"To: a@example.org\n", age=0)
     index = bg.SpoolIndex.read(tmp_path)
