@@ -64,12 +64,9 @@ import email.policy
 import email.quoprimime
 import email.utils
 import functools
-import getpass
 import hashlib
 import itertools
 import hmac
-import html
-import http.server
 import io
 import ipaddress
 import json
@@ -91,11 +88,19 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-import webbrowser
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Container, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Container, Iterable, Iterator, Mapping
+
+# Modules that only the config page needs (http.server, webbrowser, getpass) are
+# imported where it starts or a command asks for them, so `send` and `status` stay small.
+if TYPE_CHECKING:
+    import http.server
+    _ServerBase = http.server.ThreadingHTTPServer
+    _HandlerBase = http.server.BaseHTTPRequestHandler
+else:
+    _ServerBase = _HandlerBase = object      # see page_classes()
 
 __version__ = "1.0"
 
@@ -7002,9 +7007,11 @@ def open_link(url: str, windows: bool = os.name == "nt") -> None:
             raise BibliogateError(f"Windows could not open the email link ({exc.strerror or exc}); "
                                   "choose a default email program in Settings > Apps > Default "
                                   "apps, or copy the link above into your mail program.") from None
-    elif not webbrowser.open(url):
-        raise BibliogateError("No program here opens email links; copy the link above into "
-                              "your mail program, or set a default mail program.")
+    else:
+        import webbrowser           # here and in `page` only: `send` never needs it
+        if not webbrowser.open(url):
+            raise BibliogateError("No program here opens email links; copy the link above "
+                                  "into your mail program, or set a default mail program.")
 
 
 def cmd_mailto(args, settings: Settings) -> int:
@@ -7634,8 +7641,12 @@ class Html(str):
 
 
 def esc(value) -> Html:
-    """Anything shown on the page, escaped, unless it is Html already."""
-    return value if isinstance(value, Html) else Html(html.escape(str(value), quote=True))
+    """Anything shown on the page, escaped (as html.escape does, quotes too),
+    unless it is Html already."""
+    if isinstance(value, Html):
+        return value
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return Html(text.replace('"', "&quot;").replace("'", "&#x27;"))
 
 
 def render(template: string.Template, **values) -> Html:
@@ -8243,8 +8254,10 @@ class PageSession:
     drafts: dict = dataclasses.field(default_factory=dict)
 
 
-class PageServer(http.server.ThreadingHTTPServer):
-    """The config page's server; holds what every request shares."""
+class PageServer(_ServerBase):
+    """The config page's server; holds what every request shares. It serves
+    as http.server's ThreadingHTTPServer, made by page_classes() when the page
+    starts: new_page_server() makes one."""
 
     daemon_threads = True
     #: On Windows SO_REUSEADDR would let another program take the same port.
@@ -8263,7 +8276,7 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.deadlines: dict[PageHandler, float] = {}
         self._deadline_lock = threading.Lock()
         self._cutter: threading.Thread | None = None
-        super().__init__((address, port), PageHandler)
+        super().__init__((address, port), page_classes()[1])
         self.port = self.server_address[1]
         self.loopback = is_loopback(address)
         self.cookie_name = f"bibliogate-{self.port}"
@@ -8285,7 +8298,8 @@ class PageServer(http.server.ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         # TCPServer's bind only: HTTPServer's also asks DNS for a name, which may be slow.
-        super(http.server.HTTPServer, self).server_bind()
+        import socketserver                 # loaded already, with http.server
+        socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.address, self.server_address[1]
 
     @property
@@ -9233,10 +9247,11 @@ def parse_query(query: str) -> dict:
         raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
 
 
-class PageHandler(http.server.BaseHTTPRequestHandler):
+class PageHandler(_HandlerBase):
     """One request to the config page: the checks every request meets, then
     a GET shows a page (GET_PAGES) and a POST does one thing (POST_ACTIONS)
-    and answers with a redirect to a page that tells what happened."""
+    and answers with a redirect to a page that tells what happened. It answers
+    as http.server's BaseHTTPRequestHandler (see page_classes())."""
 
     server: PageServer
     server_version = "BiblioGate"
@@ -9481,6 +9496,27 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.redirect(location, after)
 
 
+@functools.lru_cache(maxsize=None)
+def page_classes() -> tuple[type[PageServer], type[PageHandler]]:
+    """PageServer and PageHandler on http.server's classes, made the first time
+    the page starts: the commands that serve no page never import http.server."""
+    import http.server
+
+    class ServingPage(PageServer, http.server.ThreadingHTTPServer):
+        """The config page's server (PageServer), serving."""
+
+    class AnsweringPage(PageHandler, http.server.BaseHTTPRequestHandler):
+        """One request to the config page (PageHandler), answered."""
+
+    return ServingPage, AnsweringPage
+
+
+def new_page_server(gateway: Gateway, address: str, port: int) -> PageServer:
+    """The config page's server, listening (not yet serving). Raises OSError
+    when the address cannot be used."""
+    return page_classes()[0](gateway, address, port)
+
+
 def start_page(gateway: Gateway) -> PageServer | None:
     """Serve the config page from a thread of its own, if [web] allows it. When it cannot
     start (a setting that is not safe, a port in use), the reason is logged, None is
@@ -9497,7 +9533,7 @@ def start_page(gateway: Gateway) -> PageServer | None:
             raise SettingsError([ini_problem("web", "address", address, "other computers could "
                                  "open the page there, so it needs a password first. Run "
                                  "`python bibliogate.py set-password`, then restart BiblioGate.")])
-        server = PageServer(gateway, address, port)
+        server = new_page_server(gateway, address, port)
     except SettingsError as exc:
         set_state(gateway.journal.db, page_nonce=None)
         gateway.journal.event("page", f"the config page is not started: {exc} The gateway "
@@ -9527,6 +9563,7 @@ def stop_page(server: PageServer | None) -> None:
 
 
 def cmd_set_password(args, settings: Settings) -> int:
+    import getpass
     try:
         first = getpass.getpass("New password for the config page: ")
         again = getpass.getpass("The same password again: ")
@@ -10190,6 +10227,7 @@ def cmd_page(args, settings: Settings) -> int:
 
 
 def open_in_browser(url: str) -> bool:
+    import webbrowser
     try:
         return webbrowser.open(url)
     except webbrowser.Error:

@@ -136,7 +136,7 @@ def test_many_browsers_connecting_at_once_are_let_in(open_page):
     """The connections wait in the operating system's queue until the page
     takes them; a short queue would drop the extra ones for a second or more."""
     page = open_page()
-    server = bg.PageServer(page.gateway, "127.0.0.1", 0)   # listening, not yet taking any
+    server = bg.new_page_server(page.gateway, "127.0.0.1", 0)   # listening, not yet taking any
     connections = []
     try:
         for _ in range(40):
