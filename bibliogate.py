@@ -7291,6 +7291,11 @@ def run_is_active(ini_path: Path) -> bool:
 # to an action (post_*: it does one thing, through the Operations section when
 # it touches the queue or a patron, and returns where to redirect). A new page
 # is a view, its template and a line in GET_PAGES (and PAGE_LINKS for the menu).
+# At most PAGE_WORKERS pages are built at once, so the sender keeps its pace;
+# Settings, Queue, Patrons and Log are kept (PageCache) and served again while
+# nothing they show has changed (SHOWN_BY says what each shows), the browser's
+# own form token put in. http.server is imported only when the page starts
+# (page_classes), so the commands that serve no page do without it.
 
 #: A form larger than this is refused unread (the Settings form is about 2 KB).
 MAX_FORM_BYTES = 1024 * 1024

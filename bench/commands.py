@@ -5,6 +5,14 @@ In a temporary folder (removed at the end) with an ini pointed at a closed port
 for every --program given, so two versions share the machine's moments; the
 medians are printed side by side, with the ratio to the first program.
 
+Each command runs two ways: as a script (`python bibliogate.py send`, as the
+README says to run it: Python compiles the file at every start, since a
+script's bytecode is never cached) and as a module imported from its cached
+bytecode (`import bibliogate; bibliogate.main([...])`, the cache kept in the
+temporary folder). Compiling 10,000 lines sets the script's peak, before any
+module is imported (and the memory it frees is reused by the imports); the
+second way shows what the modules a command imports cost.
+
 Peak memory is the child's ru_maxrss from os.wait4 (the resident set at its
 highest, as VmHWM), so this runs on Linux and other POSIX systems only.
 
@@ -26,6 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = (("send (empty spool)", ["send"]), ("status", ["status"]))
+#: Imports bibliogate from sys.argv[1]'s folder (cached bytecode) and runs its main.
+AS_MODULE = ("import sys; sys.path.insert(0, sys.argv[1]); import bibliogate; "
+             "sys.exit(bibliogate.main(sys.argv[2:]))")
 
 INI = """\
 [smtp]
@@ -43,10 +54,18 @@ name = Bench School Library
 """
 
 
-def run_once(command: list[str]) -> tuple[float, int, int]:
+def command_line(way: str, program: Path, ini: Path, words: list[str]) -> list[str]:
+    if way == "script":
+        return [sys.executable, str(program), "--config", str(ini), *words]
+    return [sys.executable, "-c", AS_MODULE, str(program.parent), "--config", str(ini), *words]
+
+
+def run_once(command: list[str], cache: Path) -> tuple[float, int, int]:
     """(seconds, peak resident KB, exit code) of one run."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**env, "PYTHONPYCACHEPREFIX": str(cache)})
     _, status, usage = os.wait4(proc.pid, 0)
     took = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -70,30 +89,33 @@ def main(argv=None) -> int:
         ini.write_text(INI, encoding="utf-8")
         (folder / "spool").mkdir()
         figures: dict = {}
-        for program in programs:            # once each first: the database made, .pyc written
+        cache = folder / "pycache"
+        ways = ("script", "module")
+        for program in programs:            # once each first: the database made, bytecode cached
             for _, words in COMMANDS:
-                run_once([sys.executable, str(program), "--config", str(ini), *words])
+                for way in ways:
+                    run_once(command_line(way, program, ini, words), cache)
         for _ in range(args.rounds):
             for name, words in COMMANDS:
-                for program in programs:
-                    took, kb, code = run_once([sys.executable, str(program), "--config", str(ini),
-                                               *words])
-                    figures.setdefault((name, program), []).append((took, kb, code))
+                for way in ways:
+                    for program in programs:
+                        figures.setdefault((name, way, program), []).append(
+                            run_once(command_line(way, program, ini, words), cache))
         print(f"medians of {args.rounds}; load average at the end: "
               + " ".join(f"{x:.2f}" for x in os.getloadavg()))
         print()
-        print("| command | program | peak memory | ratio | wall time | ratio | exit codes |")
-        print("|---|---|---:|---:|---:|---:|---|")
-        for name, _ in COMMANDS:
-            first = figures[(name, programs[0])]
+        print("| command | run as | program | peak memory | ratio | wall time | ratio | exit codes |")
+        print("|---|---|---|---:|---:|---:|---:|---|")
+        for (name, _), way in ((c, w) for c in COMMANDS for w in ways):
+            first = figures[(name, way, programs[0])]
             mem0 = statistics.median(kb for _, kb, _ in first)
             time0 = statistics.median(t for t, _, _ in first)
             for program in programs:
-                rows = figures[(name, program)]
+                rows = figures[(name, way, program)]
                 mem, took = statistics.median(kb for _, kb, _ in rows), statistics.median(
                     t for t, _, _ in rows)
                 codes = sorted({c for _, _, c in rows})
-                print(f"| {name} | {program} | {mem / 1024:.1f} MB | {mem / mem0:.2f} | "
+                print(f"| {name} | {way} | {program} | {mem / 1024:.1f} MB | {mem / mem0:.3f} | "
                       f"{took * 1000:.0f} ms | {took / time0:.2f} | {codes} |")
         return 0
     finally:
