@@ -64,13 +64,10 @@ import email.policy
 import email.quoprimime
 import email.utils
 import functools
-import getpass
 import hashlib
 import heapq
 import itertools
 import hmac
-import html
-import http.server
 import io
 import ipaddress
 import json
@@ -92,11 +89,19 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-import webbrowser
 from http import HTTPStatus
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Container, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Container, Iterable, Iterator, Mapping
+
+# Modules that only the config page needs (http.server, webbrowser, getpass) are
+# imported where it starts or a command asks for them, so `send` and `status` stay small.
+if TYPE_CHECKING:
+    import http.server
+    _ServerBase = http.server.ThreadingHTTPServer
+    _HandlerBase = http.server.BaseHTTPRequestHandler
+else:
+    _ServerBase = _HandlerBase = object      # see page_classes()
 
 __version__ = "1.0"
 
@@ -2178,6 +2183,7 @@ class SpoolIndex:
         self._stamp: int | None = None
         self._full_at = -math.inf
         self.readings = 0                   #: how many times the names were read
+        self.version = 0                    #: changes whenever what it knows may have changed
 
     @classmethod
     def read(cls, folder: Path) -> "SpoolIndex":
@@ -2193,9 +2199,11 @@ class SpoolIndex:
             full = time.monotonic() - self._full_at >= self.FULL_SECONDS
             if self._recent and not full:
                 self._look_again()
+                self.version += 1
             if stamp is not None and stamp == self._stamp and not full:
                 return
             self.readings += 1
+            self.version += 1
             if full:
                 self._read_all()
                 self._full_at = time.monotonic()
@@ -7016,9 +7024,11 @@ def open_link(url: str, windows: bool = os.name == "nt") -> None:
             raise BibliogateError(f"Windows could not open the email link ({exc.strerror or exc}); "
                                   "choose a default email program in Settings > Apps > Default "
                                   "apps, or copy the link above into your mail program.") from None
-    elif not webbrowser.open(url):
-        raise BibliogateError("No program here opens email links; copy the link above into "
-                              "your mail program, or set a default mail program.")
+    else:
+        import webbrowser           # here and in `page` only: `send` never needs it
+        if not webbrowser.open(url):
+            raise BibliogateError("No program here opens email links; copy the link above "
+                                  "into your mail program, or set a default mail program.")
 
 
 def cmd_mailto(args, settings: Settings) -> int:
@@ -7298,13 +7308,19 @@ def run_is_active(ini_path: Path) -> bool:
 # to an action (post_*: it does one thing, through the Operations section when
 # it touches the queue or a patron, and returns where to redirect). A new page
 # is a view, its template and a line in GET_PAGES (and PAGE_LINKS for the menu).
+# At most PAGE_WORKERS pages are built at once, so the sender keeps its pace;
+# Settings, Queue, Patrons and Log are kept (PageCache) and served again while
+# nothing they show has changed (SHOWN_BY says what each shows), the browser's
+# own form token put in. http.server is imported only when the page starts
+# (page_classes), so the commands that serve no page do without it.
 
 #: A form larger than this is refused unread (the Settings form is about 2 KB).
 MAX_FORM_BYTES = 1024 * 1024
 #: Each read from or write to a browser must finish within this many seconds...
 SOCKET_SECONDS = 10.0
-#: ...and a whole request must have arrived within this many.
-REQUEST_SECONDS = 30.0
+#: ...and a whole request must have arrived within this many (looked at
+#: every DEADLINE_TICK seconds, by one thread for every connection).
+REQUEST_SECONDS, DEADLINE_TICK = 30.0, 0.25
 #: Save waits this long for the loop to restart the sender before answering.
 RELOAD_WAIT_SECONDS = 10.0
 #: Sessions idle this long are forgotten; at most MAX_SESSIONS are kept.
@@ -7339,6 +7355,16 @@ PATRONS_SHOWN = QUEUE_SHOWN = 200
 #: many pages built together would leave the sender, a thread of the same
 #: process, too little time to keep its pace, and would not be done sooner.
 PAGE_WORKERS = 2
+#: A reading of the spool folder for the pages that took longer than this (a
+#: long queue, just after a change) is shown for SPOOL_REST_FACTOR times as long
+#: as it took, at most SPOOL_REST_SECONDS, before the folder is read again:
+#: read again at every request, it would take most of the process's time.
+SLOW_READING_SECONDS, SPOOL_REST_FACTOR, SPOOL_REST_SECONDS = 0.02, 10.0, 1.0
+#: The pages kept to be served again (PageCache): at most this many addresses.
+PAGES_KEPT = 64
+#: Stands for the browser's form token in a kept page. Random, so that no
+#: value a page shows (a file name, a subject) can hold it.
+TOKEN_MARK = "tokenmark" + secrets.token_hex(16)
 #: Keys the digest of bibliogate.ini that the Settings form carries (to notice
 #: a hand edit made meanwhile). The page shows the other values of that file,
 #: so a plain hash of it would let anyone who can open the page test guesses
@@ -7637,8 +7663,12 @@ class Html(str):
 
 
 def esc(value) -> Html:
-    """Anything shown on the page, escaped, unless it is Html already."""
-    return value if isinstance(value, Html) else Html(html.escape(str(value), quote=True))
+    """Anything shown on the page, escaped (as html.escape does, quotes too),
+    unless it is Html already."""
+    if isinstance(value, Html):
+        return value
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return Html(text.replace('"', "&quot;").replace("'", "&#x27;"))
 
 
 def render(template: string.Template, **values) -> Html:
@@ -8164,21 +8194,70 @@ def log_tail(path: Path) -> tuple[list[str], bool]:
 
 # -- the spool as the pages show it ------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class SpoolView:
     """The spool as the pages show it: from the SpoolIndex `run` keeps for its
-    checks, so the pages and the sender share one reading of the folder."""
+    checks, so the pages and the sender share one reading of the folder. Each
+    reading is its own (equal only to itself): a kept page names the one it showed."""
     folder: Path
     bad: list           #: every .BAD file, in queue order
     first: list         #: the first QUEUE_SHOWN waiting files, in sending order
     waiting: int        #: how many files wait in all
 
 
-def read_spool_view(index: SpoolIndex) -> SpoolView:
-    """Raises SpoolError if the folder cannot be read."""
+def read_spool_view(index: SpoolIndex, last: SpoolView | None = None,
+                    version: int | None = None) -> tuple[SpoolView, int]:
+    """The reading, and the index's version it shows: `last` again if the index
+    has not changed since it showed `version`. Raises SpoolError if the folder
+    cannot be read."""
     with index.lock:
         index.refresh()
-        return SpoolView(index.folder, *index.head(QUEUE_SHOWN))
+        if last is not None and version == index.version:
+            return last, version
+        return SpoolView(index.folder, *index.head(QUEUE_SHOWN)), index.version
+
+
+def same_view(a: SpoolView, b: SpoolView) -> bool:
+    """Whether two readings show the same: the same files, times and sizes."""
+    def shown(view: SpoolView) -> list:
+        return [(f.name, f.mtime, f.size) for f in itertools.chain(view.bad, view.first)]
+    return a.folder == b.folder and a.waiting == b.waiting and shown(a) == shown(b)
+
+
+# -- pages kept while what they show is the same ----------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KeptPage:
+    """A page as built for a logged-in browser, TOKEN_MARK for its form token."""
+    shown: tuple        #: what it showed (see SHOWN_BY), compared to what is there now
+    until: float        #: the gateway's clock time a time it shows changes (an age)
+    data: bytes
+
+
+class PageCache:
+    """The pages last built (menu and log-out button included), each with what it
+    showed: the same page is served again, with the browser's own form token put
+    in for TOKEN_MARK, while what it would show is the same. Building Queue and
+    Patrons (200 rows each) takes far longer than finding out whether anything
+    they show has changed. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pages: dict[str, KeptPage] = {}     #: address (path and query) -> page
+
+    def get(self, address: str, shown: tuple, now: float) -> bytes | None:
+        with self.lock:
+            page = self.pages.get(address)
+        if page is not None and now < page.until and page.shown == shown:
+            return page.data
+        return None
+
+    def put(self, address: str, page: KeptPage) -> None:
+        with self.lock:
+            self.pages.pop(address, None)
+            if len(self.pages) >= PAGES_KEPT:
+                del self.pages[next(iter(self.pages))]        # the one kept longest
+            self.pages[address] = page
 
 
 # -- sessions --------------------------------------------------------------------
@@ -8197,8 +8276,10 @@ class PageSession:
     drafts: dict = dataclasses.field(default_factory=dict)
 
 
-class PageServer(http.server.ThreadingHTTPServer):
-    """The config page's server; holds what every request shares."""
+class PageServer(_ServerBase):
+    """The config page's server; holds what every request shares. It serves
+    as http.server's ThreadingHTTPServer, made by page_classes() when the page
+    starts: new_page_server() makes one."""
 
     daemon_threads = True
     #: On Windows SO_REUSEADDR would let another program take the same port.
@@ -8210,7 +8291,14 @@ class PageServer(http.server.ThreadingHTTPServer):
     def __init__(self, gateway: Gateway, address: str, port: int):
         self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.gateway, self.address = gateway, address
-        super().__init__((address, port), PageHandler)
+        self._watch: sqlite3.Connection | None = None     #: see data_version
+        self._watch_lock = threading.Lock()
+        self.closed = threading.Event()
+        #: handler -> monotonic time its connection is cut off unless its request has come
+        self.deadlines: dict[PageHandler, float] = {}
+        self._deadline_lock = threading.Lock()
+        self._cutter: threading.Thread | None = None
+        super().__init__((address, port), page_classes()[1])
         self.port = self.server_address[1]
         self.loopback = is_loopback(address)
         self.cookie_name = f"bibliogate-{self.port}"
@@ -8222,13 +8310,18 @@ class PageServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()           #: guards sessions and connections
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
         self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
+        self.pages = PageCache()
         self._view: SpoolView | None = None
+        self._view_rest = 0.0               #: monotonic time before which _view is not read again
+        self._view_of: tuple = (None, None)  #: the index _view was read from, and its version
+        self._swept = 0.0                   #: when idle sessions were last forgotten
         #: Proves to `status` that this process answers here (see page_proof).
         self.nonce = secrets.token_hex(16)
 
     def server_bind(self) -> None:
         # TCPServer's bind only: HTTPServer's also asks DNS for a name, which may be slow.
-        super(http.server.HTTPServer, self).server_bind()
+        import socketserver                 # loaded already, with http.server
+        socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.address, self.server_address[1]
 
     @property
@@ -8244,9 +8337,14 @@ class PageServer(http.server.ThreadingHTTPServer):
         a session is made only at login, so no request can evict one."""
         now = time.monotonic()
         with self.lock:
-            for old in [k for k, s in self.sessions.items() if now - s.seen > SESSION_SECONDS]:
-                del self.sessions[old]
+            if now - self._swept > 60:          # looked for once a minute, not at every request
+                self._swept = now
+                for old in [k for k, s in self.sessions.items() if now - s.seen > SESSION_SECONDS]:
+                    del self.sessions[old]
             found = self.sessions.get(sid) if sid else None
+            if found is not None and now - found.seen > SESSION_SECONDS:
+                del self.sessions[sid]          # idle too long, though not yet swept
+                found = None
             if found is not None:
                 found.seen = now
             return found
@@ -8316,16 +8414,81 @@ class PageServer(http.server.ThreadingHTTPServer):
         with none to show it waits. Raises SpoolError."""
         index, last = self.gateway.spool_index(), self._view
         if last is not None and last.folder == index.folder:
+            if time.monotonic() < self._view_rest:
+                return last             # a slow reading, made just now
             if not index.lock.acquire(blocking=False):
                 return last             # being read (a check, a page): the last reading serves
             index.lock.release()
-        self._view = view = read_spool_view(index)
+        start = time.monotonic()
+        same_index = last is not None and self._view_of[0] is index
+        view, version = read_spool_view(index, last if same_index else None, self._view_of[1])
+        if last is not None and view is not last and same_view(view, last):
+            view = last                 # the pages kept from that reading stay good
+        self._view, self._view_of = view, (index, version)
+        took = time.monotonic() - start
+        self._view_rest = start + took + min(SPOOL_REST_SECONDS, SPOOL_REST_FACTOR * took) \
+            if took > SLOW_READING_SECONDS else 0.0
         return view
 
     def forget_spool_view(self) -> None:
         """After a page's own change to the queue: the next page waits for a
         reading that shows it."""
-        self._view = None
+        self._view, self._view_rest = None, 0.0
+
+    def data_version(self) -> int:
+        """A number that changes whenever a connection other than the page's own
+        watching one commits to the database (a check, an import, a page's Save, another
+        process): whatever a kept page showed from the database may have changed.
+        Raises sqlite3.Error."""
+        with self._watch_lock:
+            return self._watching().execute("PRAGMA data_version").fetchone()[0]
+
+    def last_check(self) -> float | None:
+        """When the last check ended (for /health, without a connection of its own
+        for each request). Raises sqlite3.Error."""
+        with self._watch_lock:
+            return get_state(self._watching(), "last_check")
+
+    def _watching(self) -> sqlite3.Connection:
+        """The page's own connection, for reading only; under _watch_lock."""
+        if self._watch is None:
+            self._watch = sqlite3.connect(str(self.gateway.journal.db_path), timeout=60,
+                                          check_same_thread=False)
+        return self._watch
+
+    def set_deadline(self, handler: PageHandler, seconds: float | None) -> None:
+        """Cut the handler's connection off `seconds` from now, unless it calls
+        again with None first (its request has come)."""
+        with self._deadline_lock:
+            if seconds is None:
+                self.deadlines.pop(handler, None)
+                return
+            self.deadlines[handler] = time.monotonic() + seconds
+            if self._cutter is None and not self.closed.is_set():
+                self._cutter = threading.Thread(target=self._cut_off_late, daemon=True,
+                                                name="config-page-deadlines")
+                self._cutter.start()
+
+    def _cut_off_late(self) -> None:
+        """Until the server closes: cut off the connections whose request is late.
+        (One thread for all: a timer thread for each connection cost as much as
+        serving a kept page.)"""
+        while not self.closed.wait(DEADLINE_TICK):
+            now = time.monotonic()
+            with self._deadline_lock:
+                late = [handler for handler, at in self.deadlines.items() if at <= now]
+                for handler in late:
+                    del self.deadlines[handler]
+            for handler in late:
+                handler.cut_off()
+
+    def server_close(self) -> None:
+        self.closed.set()
+        super().server_close()
+        with self._watch_lock:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
 
 # -- what a view or an action is given ------------------------------------------------
@@ -8379,14 +8542,15 @@ def nav_link(href: str, label: str, current: bool) -> Html:
     return render(NAV_LINK, href=href, label=label, current=flag(current, ' aria-current="page"'))
 
 
-def page_html(server: PageServer, session: PageSession, here: str, title: str, body: Html) -> Html:
+def page_html(server: PageServer, session: PageSession, here: str, title: str, body: Html,
+              token: str | None = None) -> Html:
     """The whole page around a view's body: menu, log-out button, the
-    session's messages (shown once)."""
+    session's messages (shown once). token: in the forms, for the session's."""
     here = PAGE_MENU_ENTRY.get(here, here)
     logged_in = server.logged_in(session)
     nav = join(nav_link(href, label, here == href) for href, label in PAGE_LINKS) \
         if logged_in else NOTHING
-    logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=session.token)) \
+    logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=token or session.token)) \
         if logged_in else NOTHING
     flash = join(render(FLASH, kind=kind, text=text) for kind, text in session.flash)
     session.flash = []
@@ -8551,13 +8715,18 @@ class MailLinks:
         self.links: dict[tuple, Html] = {}
 
     @staticmethod
-    def version(s: Settings, db: sqlite3.Connection) -> tuple:
+    def template_stamp(s: Settings) -> tuple:
+        """The `direct` template file's time and size, () when there is none."""
         try:
             st = (s.templates / "direct.txt").stat()
-            stamp: tuple = (st.st_mtime_ns, st.st_size)
         except OSError:
-            stamp = ()
-        return (get_state(db, LOANS_IMPORTED_KEY), stamp, dt.date.today(), id(s))
+            return ()
+        return (st.st_mtime_ns, st.st_size)
+
+    @staticmethod
+    def version(s: Settings, db: sqlite3.Connection) -> tuple:
+        return (get_state(db, LOANS_IMPORTED_KEY), MailLinks.template_stamp(s), dt.date.today(),
+                id(s))
 
     def buttons(self, s: Settings, db: sqlite3.Connection, row: sqlite3.Row,
                 key: tuple | None = None) -> Html:
@@ -8732,7 +8901,7 @@ def health(ctx: PageContext, detail: str = "full") -> dict:
     stuck = g.stuck(waiting)
     if stuck:
         state, reason = "stuck", stuck_sentence(g.check_done, g.clock())
-    last = get_state(g.journal.db, "last_check")
+    last = ctx.server.last_check()
     info = {"ok": state == "running" and bad == 0, "stuck": stuck, "sender": state,
             "reason": reason, "problems": len(s.problems), "waiting": waiting, "bad": bad,
             "last_check": last, "last_check_text": fmt_time(last),
@@ -8745,6 +8914,64 @@ def health(ctx: PageContext, detail: str = "full") -> dict:
     if challenge:
         info["proof"] = page_proof(ctx.server.nonce, challenge)
     return info
+
+
+# -- what a kept page shows ----------------------------------------------------------
+# Each returns what its page shows that may change, cheap to find out, or None
+# when the page must be built anew. A page built after this was found shows
+# that or something newer: what it shows only moves on.
+
+def state_shown(ctx: PageContext) -> tuple | None:
+    """What state_box shows: the sender's state, the settings and their problems,
+    the spool's reading, the next check, and (the database's version) the last one."""
+    g = ctx.gateway
+    try:
+        return (g.settings, g.sender_state, g.next_check, ctx.server.spool_view(),
+                ctx.server.data_version())
+    except (SpoolError, sqlite3.Error):
+        return None
+
+
+def settings_shown(ctx: PageContext) -> tuple | None:
+    try:
+        _, digest = read_ini(ctx.settings.ini_path)     # a hand edit shows at once
+    except BibliogateError:
+        return None
+    state = state_shown(ctx)
+    return None if state is None else (state, digest)
+
+
+def patrons_shown(ctx: PageContext) -> tuple | None:
+    """The patrons, loans and edits (the database's version) and what their [Email]
+    buttons are made of (see MailLinks)."""
+    s = ctx.settings
+    try:
+        return (s, ctx.server.data_version(), MailLinks.template_stamp(s), dt.date.today())
+    except sqlite3.Error:
+        return None
+
+
+def ages_until(shown: tuple, now: float) -> float:
+    """Until when the Queue page built now (from queue_shown) is right: until the
+    age of a file it shows changes (age_text counts whole minutes)."""
+    view: SpoolView = shown[3]
+    return min((f.mtime + 60 * (math.floor((now - f.mtime) / 60) + 1)
+                for f in itertools.chain(view.bad, view.first)), default=math.inf)
+
+
+def log_shown(ctx: PageContext) -> tuple | None:
+    """The log folder's files and the day's file (it only grows), and today."""
+    folder = ctx.settings.log_folder
+    today = local_day(ctx.gateway.clock())
+    try:
+        day = os.stat(folder / f"bibliogate-{ctx.query.get('day', today.isoformat())}.log")
+        stamp: tuple = (day.st_size, day.st_mtime_ns, day.st_ino)
+    except (OSError, ValueError):       # none that day (or no such name): the page says so
+        stamp = ()
+    try:
+        return (ctx.settings, today, os.stat(folder).st_mtime_ns, stamp)
+    except OSError:
+        return None
 
 
 # -- the actions: each does one thing and says where to go next ---------------------
@@ -8933,6 +9160,11 @@ def post_patron(ctx: PageContext) -> str:
 GET_PAGES = MappingProxyType({
     "/": page_settings, "/settings": page_settings, "/queue": page_queue, "/log": page_log,
     "/patrons": page_patrons, "/patron": page_patron, "/login": page_login})
+#: A page kept to be served again (PageCache) -> what it shows that may change.
+SHOWN_BY = MappingProxyType({page_settings: settings_shown, page_queue: state_shown,
+                             page_patrons: patrons_shown, page_log: log_shown})
+#: A kept page that shows the time -> until when it is right.
+SHOWN_UNTIL = MappingProxyType({page_queue: ages_until})
 #: POST: address -> action, for a logged-in session (/login is answered before).
 POST_ACTIONS = MappingProxyType({
     "/settings": post_settings, "/test": post_test, "/queue/retry": post_retry,
@@ -9037,10 +9269,11 @@ def parse_query(query: str) -> dict:
         raise PageRefusal(HTTPStatus.BAD_REQUEST, "This address has too many parts.") from None
 
 
-class PageHandler(http.server.BaseHTTPRequestHandler):
+class PageHandler(_HandlerBase):
     """One request to the config page: the checks every request meets, then
     a GET shows a page (GET_PAGES) and a POST does one thing (POST_ACTIONS)
-    and answers with a redirect to a page that tells what happened."""
+    and answers with a redirect to a page that tells what happened. It answers
+    as http.server's BaseHTTPRequestHandler (see page_classes())."""
 
     server: PageServer
     server_version = "BiblioGate"
@@ -9052,18 +9285,20 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.cookies: list[str] = []         #: Set-Cookie values of this answer
-        self.deadline = threading.Timer(self.server.request_seconds, self._cut_off)
-        self.deadline.daemon = True
-        self.deadline.start()
+        self.server.set_deadline(self, self.server.request_seconds)
 
-    def _cut_off(self) -> None:
+    def arrived(self) -> None:
+        """The whole request is here: no deadline any more."""
+        self.server.set_deadline(self, None)
+
+    def cut_off(self) -> None:
         """A client too slow to send its request is cut off, so it cannot
         hold a thread of the page for long."""
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 
     def finish(self) -> None:
-        self.deadline.cancel()
+        self.arrived()
         try:
             super().finish()
         finally:
@@ -9110,7 +9345,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def do_GET(self) -> None:
-        self.deadline.cancel()
+        self.arrived()
         self._answer(self._get)
 
     def do_POST(self) -> None:
@@ -9137,7 +9372,7 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         """The posted fields (first value of each) of a small urlencoded form."""
         length = form_length(self.headers.get("Content-Length", ""))
         data = self.rfile.read(length)
-        self.deadline.cancel()
+        self.arrived()
         if len(data) < length:
             raise PageRefusal(HTTPStatus.BAD_REQUEST, "The form arrived incomplete.")
         if self.headers.get_content_type() != "application/x-www-form-urlencoded":
@@ -9227,9 +9462,35 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         view = GET_PAGES.get(url.path)
         if view is None:
             return self.send_page(HTTPStatus.NOT_FOUND, "Not found", NOT_FOUND_BODY, session)
+        if view in SHOWN_BY and logged_in and not session.flash and not session.drafts:
+            return self.send_kept(view, session, query)
         with self.server.workers:
             title, body = view(self.context(session, query=query))
         self.send_page(HTTPStatus.OK, title, body, session)
+
+    def send_kept(self, view: Callable, session: PageSession, query: dict) -> None:
+        """A page served from PageCache while what it shows is the same, else built
+        (a few at a time) and kept, unless it said something to show once."""
+        kept = self.server.pages
+        stand_in = dataclasses.replace(session, token=TOKEN_MARK)    # its flash and drafts
+        ctx = self.context(stand_in, query=query)
+        shown = SHOWN_BY[view](ctx)
+        now = ctx.gateway.clock()
+        data = kept.get(self.path, shown, now) if shown else None
+        if data is None:
+            with self.server.workers:
+                data = kept.get(self.path, shown, now) if shown else None     # built meanwhile
+                if data is None:
+                    title, body = view(ctx)
+                    said = bool(session.flash)
+                    page = page_html(self.server, session, urllib.parse.urlsplit(self.path).path,
+                                     title, body, token=TOKEN_MARK)
+                    data = page.encode("utf-8")
+                    if shown and not said:
+                        until = SHOWN_UNTIL[view](shown, now) if view in SHOWN_UNTIL else math.inf
+                        kept.put(self.path, KeptPage(shown, until, data))
+        data = data.replace(TOKEN_MARK.encode(), session.token.encode())
+        self.send_body(HTTPStatus.OK, data, "text/html; charset=utf-8")
 
     def _post(self) -> None:
         form = self.read_form()        # read first: closing on unread data would reset the answer
@@ -9257,6 +9518,27 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.redirect(location, after)
 
 
+@functools.lru_cache(maxsize=None)
+def page_classes() -> tuple[type[PageServer], type[PageHandler]]:
+    """PageServer and PageHandler on http.server's classes, made the first time
+    the page starts: the commands that serve no page never import http.server."""
+    import http.server
+
+    class ServingPage(PageServer, http.server.ThreadingHTTPServer):
+        """The config page's server (PageServer), serving."""
+
+    class AnsweringPage(PageHandler, http.server.BaseHTTPRequestHandler):
+        """One request to the config page (PageHandler), answered."""
+
+    return ServingPage, AnsweringPage
+
+
+def new_page_server(gateway: Gateway, address: str, port: int) -> PageServer:
+    """The config page's server, listening (not yet serving). Raises OSError
+    when the address cannot be used."""
+    return page_classes()[0](gateway, address, port)
+
+
 def start_page(gateway: Gateway) -> PageServer | None:
     """Serve the config page from a thread of its own, if [web] allows it. When it cannot
     start (a setting that is not safe, a port in use), the reason is logged, None is
@@ -9273,7 +9555,7 @@ def start_page(gateway: Gateway) -> PageServer | None:
             raise SettingsError([ini_problem("web", "address", address, "other computers could "
                                  "open the page there, so it needs a password first. Run "
                                  "`python bibliogate.py set-password`, then restart BiblioGate.")])
-        server = PageServer(gateway, address, port)
+        server = new_page_server(gateway, address, port)
     except SettingsError as exc:
         set_state(gateway.journal.db, page_nonce=None)
         gateway.journal.event("page", f"the config page is not started: {exc} The gateway "
@@ -9303,6 +9585,7 @@ def stop_page(server: PageServer | None) -> None:
 
 
 def cmd_set_password(args, settings: Settings) -> int:
+    import getpass
     try:
         first = getpass.getpass("New password for the config page: ")
         again = getpass.getpass("The same password again: ")
@@ -9966,6 +10249,7 @@ def cmd_page(args, settings: Settings) -> int:
 
 
 def open_in_browser(url: str) -> bool:
+    import webbrowser
     try:
         return webbrowser.open(url)
     except webbrowser.Error:

@@ -10,17 +10,27 @@ What it does, in a temporary folder that is removed at the end:
 4. quiet phase (--quiet seconds): one probe client asks each page in turn,
    a second apart, to time each page on its own;
 5. load phase (--seconds): --clients threads, each with its own session
-   cookie, ask for Settings, Queue, Patrons and /health back to back over
-   http.client;
+   cookie and (by default) its own loopback address, as browsers on as many
+   computers, ask for Settings, Queue, Patrons and /health back to back over
+   http.client, a new connection for each request;
 6. reads the sender's checks of each phase from the gateway's event log,
-   and prints latency percentiles per page and the cadence, side by side,
-   with the ratio load / quiet.
+   and prints, per page and for all pages: the answers (200, or /health's
+   own 503 that says the gateway is not ok), the page's "busy" answers (503
+   with Retry-After) and the failures (any other status, or no answer: a
+   connection refused or closed), each counted apart; the answers' p50, p95,
+   p99 and max; and the sender's cadence in each phase, with the ratio
+   load / quiet.
 
 Run from the repository folder (needs aiosmtpd, from requirements-dev.txt):
 
     python bench/page_load.py                      # the figures in bench/README.md
     python bench/page_load.py --messages 2000 --seconds 10 --quiet 10   # a quick look
     python bench/page_load.py --program OLD/bibliogate.py              # another version
+    python bench/page_load.py --addresses 1        # every client from 127.0.0.1
+
+The page serves at most 32 connections from one address at once (its
+connection cap), so with --addresses 1 and more than 32 clients the rest are
+closed at once: counted as failures, as they should be.
 
 On Linux it also reports the CPU time the gateway process used in each phase.
 """
@@ -28,7 +38,9 @@ On Linux it also reports the CPU time the gateway process used in each phase.
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
+import math
 import os
 import shutil
 import socket
@@ -121,11 +133,25 @@ def add_patrons(database: Path, count: int) -> None:
 
 # -- clients ------------------------------------------------------------------------------
 
-class Client:
-    """One browser: its own session cookie, requests back to back."""
+#: What became of a request: an answer (200, or /health's own 503 saying the gateway is not
+#: ok), the page's overload answer (503 with Retry-After), or a failure (anything else).
+ANSWERED, BUSY = "answered", "busy"
 
-    def __init__(self, port: int, login: list[str] | None = None):
-        self.port, self.cookie = port, ""
+
+def outcome(path: str, status: int, retry_after: str | None) -> str:
+    if status == 200 or (status == 503 and path == "/health" and retry_after is None):
+        return ANSWERED
+    if status == 503 and retry_after is not None:
+        return BUSY
+    return f"status {status}"
+
+
+class Client:
+    """One browser: its own session cookie, its own client address (source),
+    requests back to back, a new connection for each."""
+
+    def __init__(self, port: int, login: list[str] | None = None, source: str = HOST):
+        self.port, self.cookie, self.source = port, "", source
         if login:
             self.log_in(login)
 
@@ -137,47 +163,64 @@ class Client:
         if done.returncode == 0 and "/login?once=" in link:
             self.get(link.split(f":{self.port}", 1)[1])
 
-    def get(self, path: str) -> tuple[int, float]:
+    def get(self, path: str) -> tuple[int, float, str]:
+        """(status, seconds, outcome); status 0 when no answer came (outcome:
+        the exception's name)."""
         start = time.perf_counter()
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=60)
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=60,
+                                          source_address=(self.source, 0))
         try:
             conn.request("GET", path, headers={"Host": f"{HOST}:{self.port}",
                                                **({"Cookie": self.cookie} if self.cookie else {})})
             resp = conn.getresponse()
             resp.read()
+        except (OSError, http.client.HTTPException) as exc:     # refused, closed, timed out
+            return 0, time.perf_counter() - start, f"no answer ({type(exc).__name__})"
         finally:
             conn.close()
+        took = time.perf_counter() - start
         cookie = resp.getheader("Set-Cookie")
         if cookie:
             self.cookie = cookie.split(";")[0]
-        return resp.status, time.perf_counter() - start
+        return resp.status, took, outcome(path, resp.status, resp.getheader("Retry-After"))
 
 
-def run_clients(port: int, clients: int, seconds: float, offset: int = 0,
-                login: list[str] | None = None) -> list[tuple]:
-    """(page, seconds, status, started) of every request made by `clients`
-    threads within `seconds`, each logged in first with `login`."""
+def client_addresses(count: int) -> list[str]:
+    """`count` loopback addresses to send from (127.0.0.1, .2, ...), as that
+    many computers; 127.0.0.1 alone where the others cannot be used."""
+    found = []
+    for n in range(1, count + 1):
+        address = f"127.0.0.{n}" if n < 255 else f"127.0.{n // 254}.{n % 254 + 1}"
+        try:
+            with socket.socket() as s:
+                s.bind((address, 0))
+        except OSError:
+            print(f"{address} cannot be used here: every client sends from 127.0.0.1")
+            return [HOST]
+        found.append(address)
+    return found
+
+
+def run_clients(logged_in: list[Client], seconds: float) -> list[tuple]:
+    """(page, seconds, status, started, outcome) of every request made by
+    the clients, a thread each, within `seconds`."""
     results: list[tuple] = []
     lock = threading.Lock()
-    logged_in = [Client(port, login) for _ in range(clients)]
     stop_at = time.monotonic() + seconds
 
     def work(n: int) -> None:
-        client, mine = logged_in[n - offset], []
+        client, mine = logged_in[n], []
         for i in range(1_000_000):                   # bounded; the clock ends it first
             if time.monotonic() >= stop_at:
                 break
             name, path = PAGES[(n + i) % len(PAGES)]
-            started, clock = time.time(), time.perf_counter()
-            try:
-                status, took = client.get(path)
-            except OSError:                         # refused or timed out: counted, not fatal
-                status, took = 0, time.perf_counter() - clock
-            mine.append((name, took, status, started))
+            started = time.time()
+            status, took, what = client.get(path)
+            mine.append((name, took, status, started, what))
         with lock:
             results.extend(mine)
 
-    threads = [threading.Thread(target=work, args=(n + offset,)) for n in range(clients)]
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(logged_in))]
     for t in threads:
         t.start()
     for t in threads:
@@ -185,17 +228,17 @@ def run_clients(port: int, clients: int, seconds: float, offset: int = 0,
     return results
 
 
-def probe(port: int, seconds: float, login: list[str] | None = None) -> list[tuple]:
+def probe(client: Client, seconds: float) -> list[tuple]:
     """One client, one page a second: each page timed on its own."""
-    client, results = Client(port, login), []
+    results = []
     stop_at = time.monotonic() + seconds
     for i in range(100_000):                          # bounded; the clock ends it first
         if time.monotonic() >= stop_at:
             break
         name, path = PAGES[i % len(PAGES)]
         started = time.time()
-        status, took = client.get(path)
-        results.append((name, took, status, started))
+        status, took, what = client.get(path)
+        results.append((name, took, status, started, what))
         time.sleep(max(0.0, 1.0 - took))
     return results
 
@@ -203,25 +246,52 @@ def probe(port: int, seconds: float, login: list[str] | None = None) -> list[tup
 # -- figures ------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value with at least q of
+    them at or below it (p99 of 100 values is the 99th)."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
 
 
 def latency_table(quiet: list[tuple], load: list[tuple]) -> list[str]:
-    lines = ["| page | quiet p50 | quiet max | load p50 | load p95 | load max | requests | "
-             "not 200 | p50 ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, _ in PAGES:
-        q = [t for n, t, s, _ in quiet if n == name]
-        got = [(t, s) for n, t, s, _ in load if n == name]
-        times = [t for t, _ in got]
-        if not q or not times:
-            continue
-        bad = sum(1 for _, s in got if s not in (200, 503))
-        q50, l50 = statistics.median(q), percentile(times, 0.5)
-        lines.append(f"| {name} | {q50 * 1000:.0f} ms | {max(q) * 1000:.0f} ms | "
-                     f"{l50 * 1000:.0f} ms | "
-                     f"{percentile(times, 0.95) * 1000:.0f} ms | {max(times) * 1000:.0f} ms | "
-                     f"{len(times)} | {bad} | {l50 / q50:.1f} |")
+    """Per page and for all pages: the quiet phase's answers, and under load
+    the answers, busy answers and failures counted apart, with the answers'
+    percentiles. A busy answer or a failure is never in the percentiles."""
+    lines = ["| page | quiet p50 | quiet max | answered | busy (503) | failed | p50 | p95 | p99 "
+             "| max |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in [n for n, _ in PAGES] + ["All pages"]:
+        mine = (lambda rows: rows) if name == "All pages" else \
+            (lambda rows, name=name: [r for r in rows if r[0] == name])
+        q = [r[1] for r in mine(quiet) if r[4] == ANSWERED]
+        got = mine(load)
+        ok = [r[1] for r in got if r[4] == ANSWERED]
+        busy = sum(1 for r in got if r[4] == BUSY)
+        failed = len(got) - len(ok) - busy
+        cells = [ms(statistics.median(q)), ms(max(q))] if q else ["-", "-"]
+        cells += [str(len(ok)), str(busy), str(failed)]
+        cells += [ms(percentile(ok, x)) for x in (0.5, 0.95, 0.99)] + [ms(max(ok))] if ok \
+            else ["-"] * 4
+        label = f"**{name}**" if name == "All pages" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def outcome_lines(load: list[tuple]) -> list[str]:
+    """What the busy answers took, what failed and how, and /health's own 503s."""
+    lines = []
+    busy = [r[1] for r in load if r[4] == BUSY]
+    if busy:
+        lines.append(f"busy answers (503, Retry-After): {len(busy)}, p50 {ms(percentile(busy, 0.5))}, "
+                     f"max {ms(max(busy))}")
+    failures = collections.Counter(r[4] for r in load if r[4] not in (ANSWERED, BUSY))
+    if failures:
+        lines.append("failed: " + ", ".join(f"{n} x {what}" for what, n in failures.most_common()))
+    not_ok = sum(1 for r in load if r[0] == "Health" and r[2] == 503 and r[4] == ANSWERED)
+    if not_ok:
+        lines.append(f"/health answered 503 (the gateway not ok) {not_ok} times: counted as answers")
     return lines
 
 
@@ -277,12 +347,13 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_lines(cpu: list, t: list, quiet: list, load: list) -> list[str]:
+def cpu_lines(cpu: list, t: list, load: list) -> list[str]:
+    """cpu, t: at the start and end of the quiet phase, then of the load phase."""
     if None in cpu:
         return []
-    q, l_ = cpu[1] - cpu[0], cpu[2] - cpu[1]
+    q, l_ = cpu[1] - cpu[0], cpu[3] - cpu[2]
     return [f"gateway CPU: quiet {q / (t[1] - t[0]) * 100:.0f}% of a core, under load "
-            f"{l_ / (t[2] - t[1]) * 100:.0f}% of a core, {l_ / max(len(load), 1) * 1000:.0f} ms "
+            f"{l_ / (t[3] - t[2]) * 100:.0f}% of a core, {l_ / max(len(load), 1) * 1000:.1f} ms "
             "per request (its checks included)"]
 
 
@@ -301,6 +372,9 @@ def main(argv=None) -> int:
     p.add_argument("--messages", type=int, default=100_000, help="files waiting in the spool")
     p.add_argument("--patrons", type=int, default=2_000)
     p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--addresses", type=int, default=0,
+                   help="client addresses the clients send from (default: one each, as many "
+                        "computers; 1: all from 127.0.0.1)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of the load phase")
     p.add_argument("--quiet", type=float, default=30.0, help="length of the quiet phase")
     p.add_argument("--minutes", type=float, default=0.1, help="minutes_between_checks")
@@ -327,26 +401,34 @@ def main(argv=None) -> int:
         wait_for_port(web_port, gateway, "bibliogate.py run")
         time.sleep(args.minutes * 60 + 1)      # past the first check, made at start
 
-        t0, cpu = time.time(), [cpu_seconds(gateway.pid)]
-        print(f"quiet phase: {args.quiet:g} s, one probe request a second")
         login = [sys.executable, str(args.program.resolve()), "--config", str(ini), "page",
                  "--print"]
-        quiet = probe(web_port, args.quiet, login)
+        prober = Client(web_port, login)
+        t0, cpu = time.time(), [cpu_seconds(gateway.pid)]
+        print(f"quiet phase: {args.quiet:g} s, one probe request a second")
+        quiet = probe(prober, args.quiet)
+        t_quiet, cpu_quiet = time.time(), cpu_seconds(gateway.pid)
+        addresses = client_addresses(args.addresses or args.clients)
+        clients = [Client(web_port, login, addresses[n % len(addresses)])   # logged in, untimed
+                   for n in range(args.clients)]
         t1 = time.time()
-        cpu.append(cpu_seconds(gateway.pid))
+        cpu += [cpu_quiet, cpu_seconds(gateway.pid)]
         print(f"load phase: {args.seconds:g} s, {args.clients} clients back to back")
-        load = run_clients(web_port, args.clients, args.seconds, login=login)
+        load = run_clients(clients, args.seconds)
         t2 = time.time()
         cpu.append(cpu_seconds(gateway.pid))
-        quiet_checks = checks(folder / "bibliogate.db", t0, t1)
+        quiet_checks = checks(folder / "bibliogate.db", t0, t_quiet)
         load_checks = checks(folder / "bibliogate.db", t1, t2)
         waiting = sum(1 for _ in (folder / "spool").glob("*.TMP"))
         print()
         print(f"{len(load)} requests under load ({len(load) / (t2 - t1):.0f} a second); "
               f"{waiting} messages still waiting at the end")
-        print("\n".join(cpu_lines(cpu, [t0, t1, t2], quiet, load)))
+        print("\n".join(cpu_lines(cpu, [t0, t_quiet, t1, t2], load)))
+        print(f"clients sent from {len(addresses)} address(es); load average at the end: "
+              + " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "")
         print()
         print("\n".join(latency_table(quiet, load)))
+        print("\n".join(outcome_lines(load)))
         print()
         print("\n".join(cadence_table(quiet_checks, load_checks, args.minutes * 60)))
         return 0

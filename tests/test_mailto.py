@@ -5,6 +5,7 @@ Every link is parsed back with urllib.parse and compared with what went in.
 
 import datetime as dt
 import urllib.parse
+import webbrowser
 
 import pytest
 
@@ -173,14 +174,14 @@ def test_open_hands_the_printed_link_to_the_mail_program(lib, capsys, monkeypatc
     add_patron(db, "P1", "Sam Smith", "sam@example.org")
     opened = []
     # webbrowser on Linux and macOS, os.startfile on Windows: record both.
-    monkeypatch.setattr(bg.webbrowser, "open", lambda url: opened.append(url) or True)
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
     monkeypatch.setattr(bg.os, "startfile", opened.append, raising=False)
     assert cli(settings, "mailto", "P1", "--open") == 0
     assert opened == [capsys.readouterr().out.strip()]
 
     def refuse(url):
         raise OSError(1155, "No application is associated with the specified file")
-    monkeypatch.setattr(bg.webbrowser, "open", lambda url: False)
+    monkeypatch.setattr(webbrowser, "open", lambda url: False)
     monkeypatch.setattr(bg.os, "startfile", refuse, raising=False)
     assert cli(settings, "mailto", "P1", "--open") == 1
     out, err = capsys.readouterr()

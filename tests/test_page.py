@@ -585,6 +585,32 @@ def test_host_rule(host, address, ok):
     assert bg.host_allowed(host, address, 8025) is ok
 
 
+# -- what only the page needs ----------------------------------------------------------------------
+
+#: Modules only the page (or `page`, `mailto --open`, `set-password`) needs.
+PAGE_ONLY = ("http.server", "socketserver", "webbrowser", "getpass", "html", "mimetypes")
+
+
+def test_send_and_status_import_none_of_the_pages_modules(tmp_path, sink):
+    ini = write_ini(tmp_path, sink)
+    code = ("import sys, bibliogate\n"
+            "for words in (['send'], ['status']):\n"
+            f"    bibliogate.main(['--config', {str(ini)!r}, *words])\n"
+            f"print('loaded:', sorted(m for m in {PAGE_ONLY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "loaded: []" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("text", ["", "plain", "<b>&amp;\"'</b>", "a&&b<<>>", "“é” & ‘ü’ ' \"",
+                                  "&#x27;&quot;", "\x00<\u2028>"])
+def test_esc_escapes_as_html_escape_does(text):
+    import html
+    assert bg.esc(text) == html.escape(text, quote=True)
+    assert bg.esc(bg.Html(text)) == text
+
+
 # -- `run` serves it ---------------------------------------------------------------------------------
 
 def test_run_serves_the_page_beside_the_sender(tmp_path, sink):

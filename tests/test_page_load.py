@@ -1,17 +1,19 @@
 """The config page with a long queue and many requests at once: the Queue page
 opens only the files it lists, pages share a slow reading of the spool folder,
-and only a few pages are built at a time so that the sender keeps its pace.
+a page is built once while nothing it shows changes, and only a few pages are
+built at a time so that the sender keeps its pace.
 (How fast: bench/page_load.py. Here: what is done, never how long it takes.)"""
 
 import os
+import re
 import socket
 import threading
 import time
 
 import bibliogate as bg
 from conftest import eml
-from page_support import open_page  # noqa: F401
-from test_page import drop
+from page_support import flashes, open_page  # noqa: F401
+from test_page import add_patrons, drop
 
 
 def counting(monkeypatch, name):
@@ -134,7 +136,7 @@ def test_many_browsers_connecting_at_once_are_let_in(open_page):
     """The connections wait in the operating system's queue until the page
     takes them; a short queue would drop the extra ones for a second or more."""
     page = open_page()
-    server = bg.PageServer(page.gateway, "127.0.0.1", 0)   # listening, not yet taking any
+    server = bg.new_page_server(page.gateway, "127.0.0.1", 0)   # listening, not yet taking any
     connections = []
     try:
         for _ in range(40):
@@ -143,3 +145,119 @@ def test_many_browsers_connecting_at_once_are_let_in(open_page):
         for sock in connections:
             sock.close()
         server.server_close()
+
+
+# -- pages kept while what they show is the same ---------------------------------------------
+
+def builds(monkeypatch) -> dict:
+    """Count the pages built, by a function each view calls once per build."""
+    return {path: counting(monkeypatch, name) for path, name in (
+        ("/", "settings_facts"), ("/queue", "queue_rows"), ("/patrons", "find_patrons"),
+        ("/log", "log_tail"))}
+
+
+def tokens(text: str) -> set:
+    return set(re.findall(r'name="token" value="([^"]*)"', text))
+
+
+def own_token(page, client) -> str:
+    return page.server.sessions[client.cookie.split("=", 1)[1]].token
+
+
+def test_a_page_is_built_once_while_nothing_it_shows_changes(open_page, monkeypatch):
+    page = open_page()
+    add_patrons(page, ("p1", "Ann Reader", "ann@example.org", "", "7B", 1))
+    drop(page.spool, "one.TMP", eml(subject="letter one"))
+    settle(page.spool)
+    ann, bob = page.client(), page.client()
+    built = builds(monkeypatch)
+    for c in (ann, bob, ann, bob):
+        for path in ("/", "/queue", "/patrons", "/log"):
+            text = c.get(path).text
+            assert tokens(text) == {own_token(page, c)}, path     # its own form token, only
+            assert getattr(bg, "TOKEN_MARK", "\0") not in text    # (older code: none)
+        assert "letter one" in c.get("/queue").text and "Ann Reader" in c.get("/patrons").text
+    assert {path: len(calls) for path, calls in built.items()} == dict.fromkeys(built, 1)
+
+
+def test_a_kept_page_shows_each_change_at_once(open_page, monkeypatch):
+    page = open_page()
+    add_patrons(page, ("p1", "Ann Reader", "ann@example.org", "", "7B", 1))
+    c = page.client()
+    for path in ("/", "/queue", "/patrons", "/log"):
+        c.get(path)
+    # the database: a patron changed by another program
+    db = page.db()
+    with db:
+        db.execute("UPDATE patrons SET name = 'Ann Newname' WHERE patron_id = 'p1'")
+    db.close()
+    assert "Ann Newname" in c.get("/patrons").text
+    # the spool folder
+    drop(page.spool, "new.TMP", eml(subject="a new letter"), age=30)
+    settle(page.spool)
+    assert "a new letter" in c.get("/queue").text and "Waiting: 1 ·" in c.get("/").text
+    # an age shown: the gateway's clock moves on a minute
+    assert re.search(r'<td class="nowrap">0 min</td>', c.get("/queue").text)
+    page.clock.advance(60)
+    assert re.search(r'<td class="nowrap">1 min</td>', c.get("/queue").text)
+    # the ini, edited by hand
+    text = page.ini.read_text(encoding="utf-8")
+    page.ini.write_text(text.replace("name = Hill School Library", "name = Dale School Library"),
+                        encoding="utf-8")
+    assert 'value="Dale School Library"' in c.get("/").text
+    # a check: the sender's state, the last and next check
+    page.gateway.run_check(page.gateway.clock())
+    last = bg.fmt_time(bg.get_state(page.gateway.journal.db, "last_check"))
+    assert f"Last check: {last}" in c.get("/").text and "new.TMP" not in c.get("/queue").text
+    # the day's log: a line more, then an earlier day's file
+    log = page.gateway.settings.log_folder / f"bibliogate-{bg.local_day(page.clock()).isoformat()}.log"
+    for line in ("a first line", "a line written just now"):
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        assert line in c.get("/log").text
+    (log.parent / "bibliogate-2020-01-02.log").write_text("older\n", encoding="utf-8")
+    assert "/log?day=2020-01-02" in c.get("/log").text
+
+
+def test_a_message_shown_once_is_never_kept_nor_shown_to_another(open_page, monkeypatch):
+    page = open_page()
+    ann, bob = page.client(), page.client()
+    for c in (ann, bob):
+        c.get("/")
+    r = ann.post("/test", {"token": ann.token()})             # follows to / with its messages
+    assert any("Queued the test message" in f for f in flashes(r.text))
+    assert not flashes(ann.get("/").text)                       # shown once
+    assert not flashes(bob.get("/").text)
+    assert tokens(bob.page) == {own_token(page, bob)}
+
+
+def test_a_reading_that_shows_the_same_keeps_the_pages(open_page, monkeypatch):
+    page = open_page()
+    drop(page.spool, "one.TMP", eml(subject="letter one"))
+    settle(page.spool)
+    c = page.client()
+    built, readings = counting(monkeypatch, "queue_rows"), counting(monkeypatch, "spool_names")
+    c.get("/queue")
+    os.utime(page.spool, (time.time() - 30, time.time() - 30))     # read again: the same files
+    assert "letter one" in c.get("/queue").text
+    assert len(readings) == 2 and len(built) == 1
+
+
+def test_a_slow_reading_is_not_repeated_at_once_but_the_pages_own_change_shows(open_page,
+                                                                               monkeypatch):
+    monkeypatch.setattr(bg, "SLOW_READING_SECONDS", -1.0, raising=False)   # every one is slow
+    monkeypatch.setattr(bg, "SPOOL_REST_SECONDS", 600.0, raising=False)
+    monkeypatch.setattr(bg, "SPOOL_REST_FACTOR", 1e9, raising=False)
+    page = open_page()
+    drop(page.spool, "gone.BAD", b"junk")
+    settle(page.spool)
+    c = page.client()
+    readings = counting(monkeypatch, "spool_names")
+    assert '"bad": 1' in c.get("/health").text
+    drop(page.spool, "two.TMP", eml())
+    settle(page.spool)
+    assert '"waiting": 0' in c.get("/health").text and len(readings) == 1    # resting
+    c.get("/queue")
+    c.post("/queue/delete", {"token": c.token(), "file": "gone.BAD"})        # read at once after
+    assert '"bad": 0, ' in c.get("/health").text.replace("\n", " ")
+    assert '"waiting": 1' in c.get("/health").text
