@@ -1278,6 +1278,19 @@ def record_delivery(db: sqlite3.Connection, name: str, digest: str, at: float) -
     forget_retry_state(db, name)
 
 
+def record_deliveries(db: sqlite3.Connection, rows: list) -> None:
+    """record_delivery() for many, and their counts for the day ([file,
+    digest, at, day, recipients, ...] each, as DeliveryJournal keeps them)."""
+    db.executemany("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
+                   [row[:3] for row in rows])
+    db.executemany("DELETE FROM spool_state WHERE file = ?", [row[:1] for row in rows])
+    per_day: dict = {}
+    for row in rows:
+        per_day[row[3]] = per_day.get(row[3], 0) + row[4]
+    for day, recipients in per_day.items():
+        count_sent(db, day, recipients)
+
+
 def forget_deliveries(db: sqlite3.Connection, removed: list[tuple[str, str]]) -> None:
     """Drop the ledger rows and recipients of (file, digest) pairs whose files are gone."""
     db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
@@ -1479,16 +1492,30 @@ class Journal:
 
     def event(self, kind: str, detail: str, file: str | None = None,
               level: int = logging.INFO) -> None:
-        now = self.clock()
-        day = dt.datetime.fromtimestamp(now).strftime("%Y-%m-%d")
-        detail, file = printable(detail), None if file is None else printable(file)
-        log.log(level, "%s%s", f"{file}: " if file else "", detail)
+        row = self.event_row(kind, detail, file)
+        self.log_row(row, level)
         try:
             with self.db:
-                self.db.execute("INSERT INTO events(at, day, kind, file, detail) VALUES (?,?,?,?,?)",
-                                (now, day, kind, file, detail))
+                self.record([row])
         except sqlite3.Error as exc:      # the log file still has the line
             log.error("could not record this in %s: %s", self.db_path, exc)
+
+    def event_row(self, kind: str, detail: str, file: str | None = None) -> tuple:
+        """An event as its row for record(): now, its day, the text made
+        printable. (The sender records its deliveries' rows in groups.)"""
+        now = self.clock()
+        day = dt.datetime.fromtimestamp(now).strftime("%Y-%m-%d")
+        return (now, day, kind, None if file is None else printable(file), printable(detail))
+
+    def log_row(self, row: tuple, level: int = logging.INFO) -> None:
+        """An event row's line in the log."""
+        file, detail = row[3], row[4]
+        log.log(level, "%s%s", f"{file}: " if file else "", detail)
+
+    def record(self, rows: list) -> None:
+        """Event rows (from event_row()) into the database; the caller commits."""
+        self.db.executemany("INSERT INTO events(at, day, kind, file, detail) VALUES (?,?,?,?,?)",
+                            rows)
 
     def events(self, day: str, kinds: Iterable[str] = ()) -> list[sqlite3.Row]:
         kinds = list(kinds)
@@ -3496,6 +3523,89 @@ class Transaction:
     overflow: list = dataclasses.field(default_factory=list)   #: for a further transaction
 
 
+# -- deliveries not yet in the database -------------------------------------------
+# What closes crash window 2 (see Sender) must be written before the next
+# message starts and survive a kill -9. A commit per delivery did it, at some
+# 0.1 ms and six or seven pages of sqlite's write-ahead log each; a line
+# appended to a file in the spool folder does it with one write(): what a
+# process wrote, the operating system keeps when the process is killed. The
+# lines of a group go into the database together at the group's flush, in
+# one commit that also sets a new token. A line counts only if it carries the
+# database's token of the moment and its own checksum: a line already in the
+# database, or whatever a power cut leaves in the file, is never taken.
+
+#: The journal's name in the spool folder (hidden: never a message).
+DELIVERIES_FILE = ".bibliogate-sent.journal"
+
+
+class DeliveryJournal:
+    """One line per delivery the database does not have yet: [token, file,
+    digest, at, day, recipients, event row]. Only the holder of the spool's
+    sender lock opens it. When it cannot be opened or written, the sender
+    commits each delivery to the database instead, as it did before."""
+
+    def __init__(self, spool: Path):
+        self.path = Path(spool) / DELIVERIES_FILE
+        self.fd: int | None = None
+
+    def start(self) -> bool:
+        """Open the file; False when it cannot be used now."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0),
+                              0o600)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def rows(self, token: str | None) -> list:
+        """The rows of the lines written with `token`, in their order."""
+        if self.fd is None or not token:
+            return []
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        chunks = []
+        while True:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        found = []
+        for line in b"".join(chunks).split(b"\n"):
+            payload, _, check = line.rpartition(b" ")
+            if not payload or check != self._check(payload):
+                continue                # torn, or not ours: a power cut's leftovers
+            try:
+                row = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(row, list) and len(row) == 7 and row[0] == token:
+                found.append(row[1:])
+        return found
+
+    def add(self, token: str, row: list) -> None:
+        """One line, one write(). Raises OSError."""
+        if self.fd is None:
+            raise OSError("the journal of deliveries is not open")
+        payload = json.dumps([token, *row], ensure_ascii=True, separators=(",", ":")).encode()
+        os.write(self.fd, payload + b" " + self._check(payload) + b"\n")
+
+    def clear(self) -> None:
+        """Empty the file once its lines are in the database (flushed)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+
+    @staticmethod
+    def _check(payload: bytes) -> bytes:
+        return hashlib.sha256(payload).hexdigest()[:16].encode()
+
+
 def reset(smtp: smtplib.SMTP, code: int = 0) -> None:
     """After a refusal, make the connection fit for the next message: RSET,
     or close it if the server is closing (421) or RSET fails, so that the
@@ -3622,9 +3732,11 @@ class Sender:
        the file is removed (or, if nobody got it, set aside .BAD).
     4. After the file is removed: its rows are forgotten at the next check.
 
-    Every record is committed at once, without a flush to disk (sqlite's
-    write-ahead log under `synchronous = NORMAL`): it survives a kill -9.
-    The flush comes once per group (GROUP_MESSAGES messages or GROUP_SECONDS,
+    A delivery's record is a line in the journal of deliveries (one write(),
+    see DeliveryJournal); every other record is committed at once, without a
+    flush to disk (sqlite's write-ahead log under `synchronous = NORMAL`).
+    Both survive a kill -9. The journal's lines go into the database at the
+    group's flush, which comes once per group (GROUP_MESSAGES messages or GROUP_SECONDS,
     whichever comes first, and at the end of the check), and the group's
     delivered files are removed only after it: a power cut can undo the
     records of the last group only, whose files are all still there, so at
@@ -3656,6 +3768,12 @@ class Sender:
         #: flush (claimed path -> (item, digest, note)), its size and start.
         self._to_remove: dict = {}
         self._group_size, self._group_started = 0, 0.0
+        #: The journal of deliveries (in the spool folder), the token its
+        #: lines carry (None: each delivery is committed instead), and the
+        #: group's deliveries it holds that the database does not have yet.
+        self._deliveries = DeliveryJournal(settings.spool)
+        self._token: str | None = None
+        self._unrecorded: list = []
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -3676,9 +3794,33 @@ class Sender:
                 f"The spool folder {self.settings.spool} cannot be used ({exc.strerror}). Check "
                 "[gateway] spool_folder and the folder's permissions.", lasting=True))
         try:
+            self._open_journal()
             return self._check(self.settings.per_check if limit is None else limit, ignore_waits)
         finally:
+            self._deliveries.close()
+            self._token = None
             lock.release()
+
+    def _open_journal(self) -> None:
+        """Open the journal of deliveries; what a check that ended before its
+        flush (a kill -9) left in it goes into the database first."""
+        self._token, self._unrecorded = None, []
+        if not self._deliveries.start():
+            return
+        key = f"deliveries_token {self.settings.spool}"
+        token = get_state(self.db, key)
+        try:
+            rows = self._deliveries.rows(token)
+        except OSError:
+            self._deliveries.close()
+            return
+        if rows or not token:
+            token = secrets.token_hex(8)
+            with self.db:
+                self._record(rows)
+                set_state(self.db, **{key: token})
+        self._deliveries.clear()
+        self._token = token
 
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()
@@ -3768,7 +3910,16 @@ class Sender:
         false) it always flushes, and the connection is durable again."""
         if relaxed and not self._group_size:
             return
+        if self._unrecorded:
+            # The journal's lines, in one commit with a new token: from here
+            # on they are in the database, and never taken from the journal.
+            token = secrets.token_hex(8)
+            with self.db:
+                self._record(self._unrecorded)
+                set_state(self.db, **{f"deliveries_token {self.settings.spool}": token})
+            self._token, self._unrecorded = token, []
         sync_db(self.db, relaxed=relaxed)
+        self._deliveries.clear()
         to_remove, self._to_remove = self._to_remove, {}
         for item, digest, note in to_remove.values():
             self._unlink(item, digest, removed, note)
@@ -3851,7 +4002,7 @@ class Sender:
         pending = [a for a in out.recipients if d.before.get(a.lower(), ("",))[0] not in
                    ("sent", "refused")]
         cap = self.settings.max_per_day
-        if cap and sent_on(self.db, local_day(self.clock()).isoformat()) + len(pending) > cap:
+        if cap and self._sent_today() + len(pending) > cap:
             if len(pending) > cap:
                 self._set_aside(item, f"it has {len(pending)} recipients, more than the "
                           f"{cap} a day that [gateway] max_per_day allows", result)
@@ -3948,19 +4099,48 @@ class Sender:
             self._set_aside(item, refusal_reason(d.refused, d.reason), result)
             return Outcome.BAD
         before = [a for a, (state, _) in d.before.items() if state == "sent"]
-        # One commit for the ledger row, the retry state and the event
-        # (Journal.event's own `with` commits all three at once), flushed to
-        # disk with its group.
-        with self.db:
-            record_delivery(self.db, item.name, digest, now)
-            count_sent(self.db, local_day(now).isoformat(), len(d.sent))
-            self.journal.event("sent", f"sent to {', '.join(d.sent)}: {out.subject!r}"
-                               + (f" ({', '.join(before)} had it already)" if before else "")
-                               if d.sent else f"{out.subject!r}: every recipient had it already "
-                               "(before a restart); removed from the queue", item.name)
+        event = self.journal.event_row(
+            "sent", f"sent to {', '.join(d.sent)}: {out.subject!r}"
+            + (f" ({', '.join(before)} had it already)" if before else "")
+            if d.sent else f"{out.subject!r}: every recipient had it already (before a restart); "
+            "removed from the queue", item.name)
+        # The ledger row, the retry state, the day's count and the event, in
+        # the journal's one line (or one commit), flushed to disk with its group.
+        self._delivered([item.name, digest, now, local_day(now).isoformat(), len(d.sent),
+                         list(event)])
+        self.journal.log_row(event)
         result.sent += 1
         self._remove(item, digest)
         return Outcome.SENT
+
+    def _delivered(self, row: list) -> None:
+        """A delivery's record, the first thing written after the server's
+        250: a line in the journal, or a commit when there is no journal."""
+        if self._token is not None:
+            try:
+                self._deliveries.add(self._token, row)
+            except OSError as exc:      # a full or failing disk: commits from here on
+                self._deliveries.close()
+                self._token = None
+                log.warning("the journal of deliveries %s cannot be written (%s); each "
+                            "delivery is committed instead", self._deliveries.path,
+                            exc.strerror or exc)
+            else:
+                self._unrecorded.append(row)
+                return
+        with self.db:
+            self._record([row])
+
+    def _record(self, rows: list) -> None:
+        """Deliveries into the database (the caller commits)."""
+        if rows:
+            record_deliveries(self.db, rows)
+            self.journal.record([tuple(row[5]) for row in rows])
+
+    def _sent_today(self) -> int:
+        """Recipients sent to today, the group not yet recorded included."""
+        today = local_day(self.clock()).isoformat()
+        return sent_on(self.db, today) + sum(row[4] for row in self._unrecorded if row[3] == today)
 
     # -- logging in and the daily cap -----------------------------------------
 
