@@ -1390,7 +1390,10 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 def printable(text: str) -> str:
     """`text` with its control characters written as escapes (\\n, \\x1b), so
     a newline in a patron id or a file name cannot forge a line of the log."""
-    return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+    text = str(text)
+    if text.isprintable():      # no control character, no line end: nothing to escape
+        return text
+    return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 #: log.error("%s", text, extra=TRACEBACK): a traceback of our own keeps its
@@ -1894,6 +1897,12 @@ def utf8_headers(fields: list[bytes]) -> list[bytes]:
     return fields
 
 
+@functools.lru_cache(maxsize=4)
+def from_field(sender_name: str, sender: str) -> bytes:
+    """The From line of every message relayed (the same for a whole check)."""
+    return b"From: " + email.utils.formataddr((one_line(sender_name), sender), "utf-8").encode()
+
+
 def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
                     file_name: str) -> Outgoing:
     """Check a queued file and make the bytes we relay: From and the envelope
@@ -1949,7 +1958,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
             "no recipient: it has no To, Cc or Bcc address"
         raise BadMessage(f"{what}.")
     domain = sender.rpartition("@")[2] or "localhost"
-    added = [b"From: " + email.utils.formataddr((one_line(sender_name), sender), "utf-8").encode()]
+    added = [from_field(sender_name, sender)]
     if "date" not in names:
         added.append(b"Date: " + file_date(queued_at).encode())
     if "message-id" not in names:

@@ -202,6 +202,13 @@ def test_a_value_with_no_encoded_word_is_its_own_text(value):
             bg.email.header.decode_header(value)))
 
 
+@FUZZ
+@given(st.text(max_size=40))
+@example("line\u2028next\x85end\x1b[31m")
+def test_log_text_is_escaped_as_the_pattern_escapes_it(text):
+    assert bg.printable(text) == bg._CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def test_a_body_with_lone_carriage_returns_leaves_with_crlf_only():
     raw = b"To: pat@example.org\n\nline one\rline two\r.\r\nend\r\r\n"
     out = bg.prepare_message(raw, FROM, "", 1.7e9, "x.TMP")
