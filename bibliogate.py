@@ -1129,7 +1129,13 @@ def open_db(path: Path) -> sqlite3.Connection:
     # still durable (synchronous = FULL), and readers never block the sender.
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    conn.executescript(SCHEMA)
+    if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+        conn.executescript(SCHEMA)          # what a newer version added; no lock when nothing
+    else:
+        # A new database: the schema in one transaction, one flush to disk
+        # instead of one per table and index (IMMEDIATE: a second process
+        # making it at the same moment waits, then finds it made).
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
     upgrade_schema(conn)
     return conn
 
