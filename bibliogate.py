@@ -3957,20 +3957,12 @@ class Sender:
     def _take(self, item: SpoolFile, result: CheckResult) -> tuple[SpoolFile, bytes] | None:
         """(the file at its claimed path, its bytes), or None when it is set
         aside (not a plain file, too large), gone, or left for a later check
-        (still held open or still changing)."""
-        try:
-            problem = file_problem(os.lstat(item.path), MAX_MESSAGE_BYTES)
-        except FileNotFoundError:       # deleted from the queue meanwhile
-            return None
-        except OSError as exc:
-            self._held(item, f"it cannot be looked at ({exc.strerror or exc})", result)
-            return None
-        if problem:                     # checked before it is opened: never read
-            self._set_aside(item, f"not sent: {problem}", result)
-            return None
+        (still held open or still changing). What is at the claimed path is
+        looked at (lstat) before it is opened: a link, a pipe or a device is
+        set aside unread."""
         try:
             held = SpoolFile(item.name, claim(item.path), item.mtime, item.size)
-        except FileNotFoundError:
+        except FileNotFoundError:       # deleted from the queue meanwhile
             return None
         except (OSError, SpoolError) as exc:    # e.g. still open in another program (Windows)
             self._held(item, getattr(exc, "strerror", None) or str(exc), result)
