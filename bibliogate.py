@@ -63,6 +63,7 @@ import email.message
 import email.policy
 import email.quoprimime
 import email.utils
+import errno
 import functools
 import getpass
 import hashlib
@@ -3562,6 +3563,7 @@ class DeliveryJournal:
     def __init__(self, spool: Path):
         self.path = Path(spool) / DELIVERIES_FILE
         self.fd: int | None = None
+        self._written = False       #: whether the file may hold lines (clear() has work)
 
     def start(self) -> bool:
         """Open the file; False when it cannot be used now."""
@@ -3580,7 +3582,7 @@ class DeliveryJournal:
 
     def rows(self, token: str | None) -> list:
         """The rows of the lines written with `token`, in their order."""
-        if self.fd is None or not token:
+        if self.fd is None:
             return []
         os.lseek(self.fd, 0, os.SEEK_SET)
         chunks = []
@@ -3589,6 +3591,9 @@ class DeliveryJournal:
             if not chunk:
                 break
             chunks.append(chunk)
+        self._written = bool(chunks)
+        if not token:
+            return []
         found = []
         for line in b"".join(chunks).split(b"\n"):
             payload, _, check = line.rpartition(b" ")
@@ -3607,11 +3612,16 @@ class DeliveryJournal:
         if self.fd is None:
             raise OSError("the journal of deliveries is not open")
         payload = json.dumps([token, *row], ensure_ascii=True, separators=(",", ":")).encode()
-        os.write(self.fd, payload + b" " + self._check(payload) + b"\n")
+        line = payload + b" " + self._check(payload) + b"\n"
+        self._written = True
+        if os.write(self.fd, line) != len(line):        # a disk just full: the line is torn
+            raise OSError(errno.ENOSPC, "only part of a line could be written")
 
     def clear(self) -> None:
-        """Empty the file once its lines are in the database (flushed)."""
-        if self.fd is not None:
+        """Empty the file once its lines are in the database (flushed). An
+        empty file is left alone: an idle check writes nothing to the disk."""
+        if self.fd is not None and self._written:
+            self._written = False
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)
                 os.lseek(self.fd, 0, os.SEEK_SET)
@@ -3932,7 +3942,8 @@ class Sender:
             with self.db:
                 self._record(self._unrecorded)
                 set_state(self.db, **{f"deliveries_token {self.settings.spool}": token})
-            self._token, self._unrecorded = token, []
+            self._token = token if self._deliveries.fd is not None else None
+            self._unrecorded = []
         sync_db(self.db, relaxed=relaxed)
         self._deliveries.clear()
         to_remove, self._to_remove = self._to_remove, {}
