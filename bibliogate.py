@@ -3751,9 +3751,10 @@ class Sender:
        next write after the 250 is its record, before the next transaction,
        the log, the removal or anything else: the 'sent' rows of these
        recipients, or, when everyone took it at once (the usual case), the
-       file's row in the sent ledger, in one commit with its log line.
-    3. After that commit: the next check reads the rows and sends only to
-       the recipients still waiting; with none left, or with the ledger row,
+       file's line in the journal of deliveries (its ledger row to be).
+    3. After that write: the next check reads the rows (having put the
+       journal's lines into the ledger first) and sends only to the
+       recipients still waiting; with none left, or with the ledger row,
        the file is removed (or, if nobody got it, set aside .BAD).
     4. After the file is removed: its rows are forgotten at the next check.
 
@@ -3761,11 +3762,11 @@ class Sender:
     see DeliveryJournal); every other record is committed at once, without a
     flush to disk (sqlite's write-ahead log under `synchronous = NORMAL`).
     Both survive a kill -9. The journal's lines go into the database at the
-    group's flush, which comes once per group (GROUP_MESSAGES messages or GROUP_SECONDS,
-    whichever comes first, and at the end of the check), and the group's
-    delivered files are removed only after it: a power cut can undo the
-    records of the last group only, whose files are all still there, so at
-    most those messages go again; none is lost. The ledger, the recipients'
+    group's flush, which comes once per group (GROUP_MESSAGES messages or
+    GROUP_SECONDS, whichever comes first, and at the end of the check), and
+    the group's delivered files are removed only after it: a power cut can
+    undo the records of the last group only, whose files are all still
+    there, so at most those messages go again; none is lost. The ledger, the recipients'
     outcomes and the retry states are read once per check."""
 
     #: A flush to disk (one fsync) per this many messages at most ...
@@ -3844,6 +3845,9 @@ class Sender:
             with self.db:
                 self._record(rows)
                 set_state(self.db, **{key: token})
+        if rows:
+            log.info("%d deliveries made before BiblioGate was stopped were recorded from %s",
+                     len(rows), self._deliveries.path)
         self._deliveries.clear()
         self._token = token
 
