@@ -63,6 +63,7 @@ import email.message
 import email.policy
 import email.quoprimime
 import email.utils
+import errno
 import functools
 import hashlib
 import heapq
@@ -1135,7 +1136,13 @@ def open_db(path: Path) -> sqlite3.Connection:
     # still durable (synchronous = FULL), and readers never block the sender.
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    conn.executescript(SCHEMA)
+    if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+        conn.executescript(SCHEMA)          # what a newer version added; no lock when nothing
+    else:
+        # A new database: the schema in one transaction, one flush to disk
+        # instead of one per table and index (IMMEDIATE: a second process
+        # making it at the same moment waits, then finds it made).
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
     upgrade_schema(conn)
     return conn
 
@@ -1284,6 +1291,19 @@ def record_delivery(db: sqlite3.Connection, name: str, digest: str, at: float) -
     forget_retry_state(db, name)
 
 
+def record_deliveries(db: sqlite3.Connection, rows: list) -> None:
+    """record_delivery() for many, and their counts for the day ([file,
+    digest, at, day, recipients, ...] each, as DeliveryJournal keeps them)."""
+    db.executemany("INSERT OR REPLACE INTO sent(file, digest, at) VALUES (?,?,?)",
+                   [row[:3] for row in rows])
+    db.executemany("DELETE FROM spool_state WHERE file = ?", [row[:1] for row in rows])
+    per_day: dict = {}
+    for row in rows:
+        per_day[row[3]] = per_day.get(row[3], 0) + row[4]
+    for day, recipients in per_day.items():
+        count_sent(db, day, recipients)
+
+
 def forget_deliveries(db: sqlite3.Connection, removed: list[tuple[str, str]]) -> None:
     """Drop the ledger rows and recipients of (file, digest) pairs whose files are gone."""
     db.executemany("DELETE FROM sent WHERE file = ? AND digest = ?", removed)
@@ -1383,7 +1403,10 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 def printable(text: str) -> str:
     """`text` with its control characters written as escapes (\\n, \\x1b), so
     a newline in a patron id or a file name cannot forge a line of the log."""
-    return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+    text = str(text)
+    if text.isprintable():      # no control character, no line end: nothing to escape
+        return text
+    return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 #: log.error("%s", text, extra=TRACEBACK): a traceback of our own keeps its
@@ -1485,16 +1508,30 @@ class Journal:
 
     def event(self, kind: str, detail: str, file: str | None = None,
               level: int = logging.INFO) -> None:
-        now = self.clock()
-        day = dt.datetime.fromtimestamp(now).strftime("%Y-%m-%d")
-        detail, file = printable(detail), None if file is None else printable(file)
-        log.log(level, "%s%s", f"{file}: " if file else "", detail)
+        row = self.event_row(kind, detail, file)
+        self.log_row(row, level)
         try:
             with self.db:
-                self.db.execute("INSERT INTO events(at, day, kind, file, detail) VALUES (?,?,?,?,?)",
-                                (now, day, kind, file, detail))
+                self.record([row])
         except sqlite3.Error as exc:      # the log file still has the line
             log.error("could not record this in %s: %s", self.db_path, exc)
+
+    def event_row(self, kind: str, detail: str, file: str | None = None) -> tuple:
+        """An event as its row for record(): now, its day, the text made
+        printable. (The sender records its deliveries' rows in groups.)"""
+        now = self.clock()
+        day = dt.datetime.fromtimestamp(now).strftime("%Y-%m-%d")
+        return (now, day, kind, None if file is None else printable(file), printable(detail))
+
+    def log_row(self, row: tuple, level: int = logging.INFO) -> None:
+        """An event row's line in the log."""
+        file, detail = row[3], row[4]
+        log.log(level, "%s%s", f"{file}: " if file else "", detail)
+
+    def record(self, rows: list) -> None:
+        """Event rows (from event_row()) into the database; the caller commits."""
+        self.db.executemany("INSERT INTO events(at, day, kind, file, detail) VALUES (?,?,?,?,?)",
+                            rows)
 
     def events(self, day: str, kinds: Iterable[str] = ()) -> list[sqlite3.Row]:
         kinds = list(kinds)
@@ -1800,6 +1837,24 @@ def split_headers(raw: bytes) -> tuple[list[bytes], bytes]:
     return fields, body
 
 
+#: One plain address: dot-separated atoms of letters, digits and a few signs.
+_PLAIN_ADDRESS = r"[A-Za-z0-9_%+'=-]+(?:\.[A-Za-z0-9_%+'=-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_MAILBOX = rf"(?:[A-Za-z0-9'-]+(?: [A-Za-z0-9'-]+)* <{_PLAIN_ADDRESS}>|{_PLAIN_ADDRESS})"
+#: An address header's value (spaces made single) of plain addresses, each
+#: bare or after a name of plain words: what our notices and most programs
+#: write. Its addresses are read without the email package's parser, which
+#: gives the same ones (tests/test_fuzz.py) some ten times slower.
+PLAIN_ADDRESSES_RE = re.compile(rf"{_PLAIN_MAILBOX}(?: ?, ?{_PLAIN_MAILBOX})*")
+
+
+def header_addresses(value: str) -> list[str]:
+    """The addresses in an address header's value (To, Cc, Bcc), as
+    email.utils.getaddresses finds them; empty ones left out."""
+    if PLAIN_ADDRESSES_RE.fullmatch(value):
+        return [part.strip().rpartition("<")[2].rstrip(">") for part in value.split(",")]
+    return [address for _, address in email.utils.getaddresses([value]) if address]
+
+
 def _field(line: bytes) -> tuple[str, str]:
     name, _, value = line.partition(b":")
     text = value.decode("utf-8", "replace")
@@ -1808,6 +1863,8 @@ def _field(line: bytes) -> tuple[str, str]:
 
 def decoded(value: str) -> str:
     """An RFC 2047 encoded header value as text (best effort, for lists)."""
+    if "=?" not in value:       # no encoded word: decode_header gives it back as it is
+        return value
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
     except (ValueError, LookupError, email.errors.HeaderParseError):
@@ -1853,6 +1910,12 @@ def utf8_headers(fields: list[bytes]) -> list[bytes]:
     return fields
 
 
+@functools.lru_cache(maxsize=4)
+def from_field(sender_name: str, sender: str) -> bytes:
+    """The From line of every message relayed (the same for a whole check)."""
+    return b"From: " + email.utils.formataddr((one_line(sender_name), sender), "utf-8").encode()
+
+
 def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
                     file_name: str) -> Outgoing:
     """Check a queued file and make the bytes we relay: From and the envelope
@@ -1889,9 +1952,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
         name, value = _field(line)
         names.add(name)
         if name in RECIPIENT_HEADERS:
-            for _, address in email.utils.getaddresses([value]):
-                if not address:
-                    continue
+            for address in header_addresses(value):
                 (recipients if valid_recipient(address) else invalid).append(address)
         if name == "subject":
             subject = decoded(value)
@@ -1910,7 +1971,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
             "no recipient: it has no To, Cc or Bcc address"
         raise BadMessage(f"{what}.")
     domain = sender.rpartition("@")[2] or "localhost"
-    added = [b"From: " + email.utils.formataddr((one_line(sender_name), sender), "utf-8").encode()]
+    added = [from_field(sender_name, sender)]
     if "date" not in names:
         added.append(b"Date: " + file_date(queued_at).encode())
     if "message-id" not in names:
@@ -1923,7 +1984,7 @@ def prepare_message(raw: bytes, sender: str, sender_name: str, queued_at: float,
     # split_headers made every CRLF an LF, so a CR left is a lone one: it ends
     # a line too. SMTP knows no other line end, and some servers take a lone
     # CR, a dot and a CRLF for the end of the message and the rest for commands.
-    body = re.sub(rb"[\r\n]", b"\r\n", body)
+    body = body.replace(b"\n", b"\r\n") if b"\r" not in body else re.sub(rb"[\r\n]", b"\r\n", body)
     return Outgoing(sender, recipients, head + b"\r\n\r\n" + body, invalid, subject, message_id)
 
 
@@ -1933,10 +1994,21 @@ LONG_LINE_RE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE_BYTES + 1))
 SAFE_ENCODINGS = frozenset({"quoted-printable", "base64"})
 
 
+def has_long_line(data: bytes) -> bool:
+    """Whether a line (a run of bytes without CR or LF) is over 998 bytes:
+    LONG_LINE_RE's answer, found by splitting (in C) instead of the regex,
+    which tries up to 999 bytes at every position."""
+    if len(data) <= MAX_LINE_BYTES:
+        return False
+    if b"\r" in data:
+        data = data.replace(b"\r", b"\n")
+    return max(map(len, data.split(b"\n"))) > MAX_LINE_BYTES
+
+
 def needs_reencoding(body: bytes, eight_bit_ok: bool) -> bool:
     """Whether a body cannot go as it is: 8-bit bytes to a server without
     8BITMIME, or a line over 998 characters to any server."""
-    return (not eight_bit_ok and not body.isascii()) or bool(LONG_LINE_RE.search(body))
+    return (not eight_bit_ok and not body.isascii()) or has_long_line(body)
 
 
 def encoded_part(payload: bytes, text: bool) -> tuple[str, bytes]:
@@ -2433,6 +2505,44 @@ def read_regular(path: Path, limit: int, head: int | None = None, patient: bool 
     return data
 
 
+#: How a spool or import file is opened: binary, not through a link
+#: (O_NOFOLLOW) and without waiting for a writer (O_NONBLOCK), where the OS has them.
+READ_FLAGS = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+              | getattr(os, "O_NONBLOCK", 0))
+
+
+def read_whole(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """read_regular(path, limit) in fewer system calls, for the sender's
+    every message: the same checks (lstat before opening, the open handle's
+    fstat, the size and time before and after reading), on a bare file
+    descriptor. Returns the bytes and the fstat after reading (the time the
+    file has now). Raises NotAFile, FileInUse or OSError."""
+    problem = file_problem(os.lstat(path), limit)
+    if problem:
+        raise NotAFile(problem)
+    fd = patiently(os.open, path, READ_FLAGS)
+    try:
+        before = os.fstat(fd)
+        problem = file_problem(before, limit)
+        if problem:
+            raise NotAFile(problem)
+        data = os.read(fd, before.st_size + 1)
+        while 0 < len(data) <= before.st_size:      # a short read: ask until the end
+            more = os.read(fd, before.st_size + 1 - len(data))
+            if not more:
+                break
+            data += more
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (len(data) != before.st_size or after.st_size != before.st_size
+            or after.st_mtime_ns != before.st_mtime_ns):
+        raise FileInUse(f"{Path(path).name} changed while it was read ({before.st_size:,} bytes, "
+                        f"then {after.st_size:,}): another program is still writing it; it is "
+                        "taken at a later check.")
+    return data, after
+
+
 def open_regular(path: Path, limit: int, patient: bool = True):
     """path opened for reading in binary, once lstat has shown a plain file
     of at most `limit` bytes; opened without following a link (O_NOFOLLOW)
@@ -2442,9 +2552,7 @@ def open_regular(path: Path, limit: int, patient: bool = True):
     problem = file_problem(os.lstat(path), limit)
     if problem:
         raise NotAFile(problem)
-    flags = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
-             | getattr(os, "O_NONBLOCK", 0))
-    fd = patiently(os.open, path, flags) if patient else os.open(path, flags)
+    fd = patiently(os.open, path, READ_FLAGS) if patient else os.open(path, READ_FLAGS)
     try:
         problem = file_problem(os.fstat(fd), limit)
     except OSError:
@@ -3456,6 +3564,98 @@ class Transaction:
     overflow: list = dataclasses.field(default_factory=list)   #: for a further transaction
 
 
+# -- deliveries not yet in the database -------------------------------------------
+# What closes crash window 2 (see Sender) must be written before the next
+# message starts and survive a kill -9. A commit per delivery did it, at some
+# 0.1 ms and six or seven pages of sqlite's write-ahead log each; a line
+# appended to a file in the spool folder does it with one write(): what a
+# process wrote, the operating system keeps when the process is killed. The
+# lines of a group go into the database together at the group's flush, in
+# one commit that also sets a new token. A line counts only if it carries the
+# database's token of the moment and its own checksum: a line already in the
+# database, or whatever a power cut leaves in the file, is never taken.
+
+#: The journal's name in the spool folder (hidden: never a message).
+DELIVERIES_FILE = ".bibliogate-sent.journal"
+
+
+class DeliveryJournal:
+    """One line per delivery the database does not have yet: [token, file,
+    digest, at, day, recipients, event row]. Only the holder of the spool's
+    sender lock opens it. When it cannot be opened or written, the sender
+    commits each delivery to the database instead, as it did before."""
+
+    def __init__(self, spool: Path):
+        self.path = Path(spool) / DELIVERIES_FILE
+        self.fd: int | None = None
+        self._written = False       #: whether the file may hold lines (clear() has work)
+
+    def start(self) -> bool:
+        """Open the file; False when it cannot be used now."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0),
+                              0o600)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def rows(self, token: str | None) -> list:
+        """The rows of the lines written with `token`, in their order."""
+        if self.fd is None:
+            return []
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        chunks = []
+        while True:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self._written = bool(chunks)
+        if not token:
+            return []
+        found = []
+        for line in b"".join(chunks).split(b"\n"):
+            payload, _, check = line.rpartition(b" ")
+            if not payload or check != self._check(payload):
+                continue                # torn, or not ours: a power cut's leftovers
+            try:
+                row = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(row, list) and len(row) == 7 and row[0] == token:
+                found.append(row[1:])
+        return found
+
+    def add(self, token: str, row: list) -> None:
+        """One line, one write(). Raises OSError."""
+        if self.fd is None:
+            raise OSError("the journal of deliveries is not open")
+        payload = json.dumps([token, *row], ensure_ascii=True, separators=(",", ":")).encode()
+        line = payload + b" " + self._check(payload) + b"\n"
+        self._written = True
+        if os.write(self.fd, line) != len(line):        # a disk just full: the line is torn
+            raise OSError(errno.ENOSPC, "only part of a line could be written")
+
+    def clear(self) -> None:
+        """Empty the file once its lines are in the database (flushed). An
+        empty file is left alone: an idle check writes nothing to the disk."""
+        if self.fd is not None and self._written:
+            self._written = False
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+
+    @staticmethod
+    def _check(payload: bytes) -> bytes:
+        return hashlib.sha256(payload).hexdigest()[:16].encode()
+
+
 def reset(smtp: smtplib.SMTP, code: int = 0) -> None:
     """After a refusal, make the connection fit for the next message: RSET,
     or close it if the server is closing (421) or RSET fails, so that the
@@ -3576,19 +3776,22 @@ class Sender:
        next write after the 250 is its record, before the next transaction,
        the log, the removal or anything else: the 'sent' rows of these
        recipients, or, when everyone took it at once (the usual case), the
-       file's row in the sent ledger, in one commit with its log line.
-    3. After that commit: the next check reads the rows and sends only to
-       the recipients still waiting; with none left, or with the ledger row,
+       file's line in the journal of deliveries (its ledger row to be).
+    3. After that write: the next check reads the rows (having put the
+       journal's lines into the ledger first) and sends only to the
+       recipients still waiting; with none left, or with the ledger row,
        the file is removed (or, if nobody got it, set aside .BAD).
     4. After the file is removed: its rows are forgotten at the next check.
 
-    Every record is committed at once, without a flush to disk (sqlite's
-    write-ahead log under `synchronous = NORMAL`): it survives a kill -9.
-    The flush comes once per group (GROUP_MESSAGES messages or GROUP_SECONDS,
-    whichever comes first, and at the end of the check), and the group's
-    delivered files are removed only after it: a power cut can undo the
-    records of the last group only, whose files are all still there, so at
-    most those messages go again; none is lost. The ledger, the recipients'
+    A delivery's record is a line in the journal of deliveries (one write(),
+    see DeliveryJournal); every other record is committed at once, without a
+    flush to disk (sqlite's write-ahead log under `synchronous = NORMAL`).
+    Both survive a kill -9. The journal's lines go into the database at the
+    group's flush, which comes once per group (GROUP_MESSAGES messages or
+    GROUP_SECONDS, whichever comes first, and at the end of the check), and
+    the group's delivered files are removed only after it: a power cut can
+    undo the records of the last group only, whose files are all still
+    there, so at most those messages go again; none is lost. The ledger, the recipients'
     outcomes and the retry states are read once per check."""
 
     #: A flush to disk (one fsync) per this many messages at most ...
@@ -3616,6 +3819,12 @@ class Sender:
         #: flush (claimed path -> (item, digest, note)), its size and start.
         self._to_remove: dict = {}
         self._group_size, self._group_started = 0, 0.0
+        #: The journal of deliveries (in the spool folder), the token its
+        #: lines carry (None: each delivery is committed instead), and the
+        #: group's deliveries it holds that the database does not have yet.
+        self._deliveries = DeliveryJournal(settings.spool)
+        self._token: str | None = None
+        self._unrecorded: list = []
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -3636,9 +3845,36 @@ class Sender:
                 f"The spool folder {self.settings.spool} cannot be used ({exc.strerror}). Check "
                 "[gateway] spool_folder and the folder's permissions.", lasting=True))
         try:
+            self._open_journal()
             return self._check(self.settings.per_check if limit is None else limit, ignore_waits)
         finally:
+            self._deliveries.close()
+            self._token = None
             lock.release()
+
+    def _open_journal(self) -> None:
+        """Open the journal of deliveries; what a check that ended before its
+        flush (a kill -9) left in it goes into the database first."""
+        self._token, self._unrecorded = None, []
+        if not self._deliveries.start():
+            return
+        key = f"deliveries_token {self.settings.spool}"
+        token = get_state(self.db, key)
+        try:
+            rows = self._deliveries.rows(token)
+        except OSError:
+            self._deliveries.close()
+            return
+        if rows or not token:
+            token = secrets.token_hex(8)
+            with self.db:
+                self._record(rows)
+                set_state(self.db, **{key: token})
+        if rows:
+            log.info("%d deliveries made before BiblioGate was stopped were recorded from %s",
+                     len(rows), self._deliveries.path)
+        self._deliveries.clear()
+        self._token = token
 
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()
@@ -3728,7 +3964,17 @@ class Sender:
         false) it always flushes, and the connection is durable again."""
         if relaxed and not self._group_size:
             return
+        if self._unrecorded:
+            # The journal's lines, in one commit with a new token: from here
+            # on they are in the database, and never taken from the journal.
+            token = secrets.token_hex(8)
+            with self.db:
+                self._record(self._unrecorded)
+                set_state(self.db, **{f"deliveries_token {self.settings.spool}": token})
+            self._token = token if self._deliveries.fd is not None else None
+            self._unrecorded = []
         sync_db(self.db, relaxed=relaxed)
+        self._deliveries.clear()
         to_remove, self._to_remove = self._to_remove, {}
         for item, digest, note in to_remove.values():
             self._unlink(item, digest, removed, note)
@@ -3751,29 +3997,21 @@ class Sender:
     def _take(self, item: SpoolFile, result: CheckResult) -> tuple[SpoolFile, bytes] | None:
         """(the file at its claimed path, its bytes), or None when it is set
         aside (not a plain file, too large), gone, or left for a later check
-        (still held open or still changing)."""
+        (still held open or still changing). What is at the claimed path is
+        looked at (lstat) before it is opened: a link, a pipe or a device is
+        set aside unread."""
         try:
-            problem = file_problem(os.lstat(item.path), MAX_MESSAGE_BYTES)
+            held = SpoolFile(item.name, claim(item.path), item.mtime, item.size)
         except FileNotFoundError:       # deleted from the queue meanwhile
-            return None
-        except OSError as exc:
-            self._held(item, f"it cannot be looked at ({exc.strerror or exc})", result)
-            return None
-        if problem:                     # checked before it is opened: never read
-            self._set_aside(item, f"not sent: {problem}", result)
-            return None
-        try:
-            held = dataclasses.replace(item, path=claim(item.path))
-        except FileNotFoundError:
             return None
         except (OSError, SpoolError) as exc:    # e.g. still open in another program (Windows)
             self._held(item, getattr(exc, "strerror", None) or str(exc), result)
             return None
         try:
-            raw = read_regular(held.path, MAX_MESSAGE_BYTES)
+            raw, st = read_whole(held.path, MAX_MESSAGE_BYTES)
             # The listing's time can be stale (NTFS updates it lazily while a
             # writer keeps the file open): the claimed file's own time decides.
-            if os.stat(held.path).st_mtime > self._settled:
+            if st.st_mtime > self._settled:
                 raise FileInUse(f"{item.name} changed a moment ago: another program is "
                                 "still writing it; it is taken at a later check.")
         except NotAFile as exc:
@@ -3811,7 +4049,7 @@ class Sender:
         pending = [a for a in out.recipients if d.before.get(a.lower(), ("",))[0] not in
                    ("sent", "refused")]
         cap = self.settings.max_per_day
-        if cap and sent_on(self.db, local_day(self.clock()).isoformat()) + len(pending) > cap:
+        if cap and self._sent_today() + len(pending) > cap:
             if len(pending) > cap:
                 self._set_aside(item, f"it has {len(pending)} recipients, more than the "
                           f"{cap} a day that [gateway] max_per_day allows", result)
@@ -3908,19 +4146,48 @@ class Sender:
             self._set_aside(item, refusal_reason(d.refused, d.reason), result)
             return Outcome.BAD
         before = [a for a, (state, _) in d.before.items() if state == "sent"]
-        # One commit for the ledger row, the retry state and the event
-        # (Journal.event's own `with` commits all three at once), flushed to
-        # disk with its group.
-        with self.db:
-            record_delivery(self.db, item.name, digest, now)
-            count_sent(self.db, local_day(now).isoformat(), len(d.sent))
-            self.journal.event("sent", f"sent to {', '.join(d.sent)}: {out.subject!r}"
-                               + (f" ({', '.join(before)} had it already)" if before else "")
-                               if d.sent else f"{out.subject!r}: every recipient had it already "
-                               "(before a restart); removed from the queue", item.name)
+        event = self.journal.event_row(
+            "sent", f"sent to {', '.join(d.sent)}: {out.subject!r}"
+            + (f" ({', '.join(before)} had it already)" if before else "")
+            if d.sent else f"{out.subject!r}: every recipient had it already (before a restart); "
+            "removed from the queue", item.name)
+        # The ledger row, the retry state, the day's count and the event, in
+        # the journal's one line (or one commit), flushed to disk with its group.
+        self._delivered([item.name, digest, now, local_day(now).isoformat(), len(d.sent),
+                         list(event)])
+        self.journal.log_row(event)
         result.sent += 1
         self._remove(item, digest)
         return Outcome.SENT
+
+    def _delivered(self, row: list) -> None:
+        """A delivery's record, the first thing written after the server's
+        250: a line in the journal, or a commit when there is no journal."""
+        if self._token is not None:
+            try:
+                self._deliveries.add(self._token, row)
+            except OSError as exc:      # a full or failing disk: commits from here on
+                self._deliveries.close()
+                self._token = None
+                log.warning("the journal of deliveries %s cannot be written (%s); each "
+                            "delivery is committed instead", self._deliveries.path,
+                            exc.strerror or exc)
+            else:
+                self._unrecorded.append(row)
+                return
+        with self.db:
+            self._record([row])
+
+    def _record(self, rows: list) -> None:
+        """Deliveries into the database (the caller commits)."""
+        if rows:
+            record_deliveries(self.db, rows)
+            self.journal.record([tuple(row[5]) for row in rows])
+
+    def _sent_today(self) -> int:
+        """Recipients sent to today, the group not yet recorded included."""
+        today = local_day(self.clock()).isoformat()
+        return sent_on(self.db, today) + sum(row[4] for row in self._unrecorded if row[3] == today)
 
     # -- logging in and the daily cap -----------------------------------------
 

@@ -28,8 +28,10 @@ smtp-sink for that server):
     python bench/drain.py backlog --waiting 1000,10000,100000
 
 BIBLIOGATE_REPO=/path/to/other/checkout measures that checkout's bibliogate.py
-with this script (before and after, side by side). Only 127.0.0.1 is used;
-every temporary folder is removed at the end.
+with this script; `drain --before /path/to/other/checkout` measures both in
+the same rounds (the other checkout's two ways join the four, in turn), so
+before and after are side by side under the same load. Only 127.0.0.1 is
+used; every temporary folder is removed at the end.
 """
 
 from __future__ import annotations
@@ -231,18 +233,28 @@ def cpu_seconds() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def drain_subprocess(settings: bg.Settings) -> None:
-    cmd = [sys.executable, str(REPO / "bibliogate.py"), "--config", str(settings.ini_path),
+def load_other(checkout: Path):
+    """The bibliogate.py of another checkout, as a module of its own name."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bibliogate_before", checkout / "bibliogate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bibliogate_before"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def drain_subprocess(settings: bg.Settings, repo: Path = REPO) -> None:
+    cmd = [sys.executable, str(repo / "bibliogate.py"), "--config", str(settings.ini_path),
            "send", "--all"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"send --all failed: {proc.stdout} {proc.stderr}")
 
 
-def drain_in_process(settings: bg.Settings) -> None:
-    bg.setup_logging(settings, console=False)       # as the command line does
-    journal = bg.Journal(settings.database)
-    result = bg.Sender(settings, journal).check(limit=0, ignore_waits=True)
+def drain_in_process(settings: bg.Settings, module=bg) -> None:
+    module.setup_logging(settings, console=False)       # as the command line does
+    journal = module.Journal(settings.database)
+    result = module.Sender(settings, journal).check(limit=0, ignore_waits=True)
     journal.close()
     if result.problem or result.bad or result.deferred:
         raise RuntimeError(f"in-process check: {result.summary()}")
@@ -272,10 +284,11 @@ def drain_bare(spool: Path, port: int, db_path: Path | None = None) -> None:
 
 
 SUBPROCESS, IN_PROCESS = "send --all (subprocess)", "Sender.check (in process)"
+BEFORE = "before: "
 BARE, BARE_FSYNC = "bare smtplib", "bare + fsync'd commit"
 
 
-def run_drain(rounds: int, count: int, sink_kind: str) -> dict:
+def run_drain(rounds: int, count: int, sink_kind: str, checkout: Path | None = None) -> dict:
     """{way: [(seconds, CPU seconds), ...]}, one pair per round."""
     sink = PostfixSink() if sink_kind == "smtp-sink" else SinkProcess()
     tmp = Path(tempfile.mkdtemp(prefix="bibliogate-bench-"))
@@ -285,10 +298,15 @@ def run_drain(rounds: int, count: int, sink_kind: str) -> dict:
                 IN_PROCESS: lambda: drain_in_process(settings),
                 BARE: lambda: drain_bare(settings.spool, sink.port),
                 BARE_FSYNC: lambda: drain_bare(settings.spool, sink.port, tmp / "bare.db")}
+        if checkout is not None:
+            other = load_other(checkout)
+            old_settings, _ = other.ensure_layout(settings.ini_path)
+            ways[BEFORE + SUBPROCESS] = lambda: drain_subprocess(settings, checkout)
+            ways[BEFORE + IN_PROCESS] = lambda: drain_in_process(old_settings, other)
         got = {name: [] for name in ways}
         order = list(ways)
         for r in range(rounds):
-            for name in order[r % 4:] + order[:r % 4]:          # alternate who goes first
+            for name in order[r % len(order):] + order[:r % len(order)]:   # who goes first
                 fresh_database(settings)
                 fill(settings.spool, count)
                 before = sink.count
@@ -444,6 +462,8 @@ def main() -> int:
     parser.add_argument("--sink", choices=("smtp-sink", "aiosmtpd", "both"), default="both")
     parser.add_argument("--waiting", default="1000,10000,100000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--before", type=Path, help="another checkout, measured in the same "
+                        "rounds (drain only)")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  Python {platform.python_version()}  "
           f"{platform.platform()}  {os.cpu_count()} cores  load {os.getloadavg()}  {REPO}")
@@ -451,16 +471,22 @@ def main() -> int:
         sinks = ("smtp-sink", "aiosmtpd") if args.sink == "both" else (args.sink,)
         for sink in sinks:
             print(f"drain: {args.messages:,} messages to {sink}, {args.rounds} rounds")
-            got = run_drain(args.rounds, args.messages, sink)
+            got = run_drain(args.rounds, args.messages, sink, args.before)
             for name, pairs in got.items():
                 wall = statistics.median(p[0] for p in pairs)
                 cpu = statistics.median(p[1] for p in pairs)
-                print(f"  {name:26s} median {wall:6.2f} s ({args.messages / wall:5.0f} msg/s), "
+                print(f"  {name:34s} median {wall:6.2f} s ({args.messages / wall:5.0f} msg/s), "
                       f"CPU {cpu:5.2f} s")
-            for name in (SUBPROCESS, IN_PROCESS):
+            gateways = [n for n in got if n in (SUBPROCESS, IN_PROCESS) or n.startswith(BEFORE)]
+            for name in gateways:
                 for ref in (BARE, BARE_FSYNC):
                     ratio = statistics.median(b[0] / g[0] for b, g in zip(got[ref], got[name]))
-                    print(f"  {ref} / {name:26s} median ratio {ratio:.2f}")
+                    print(f"  {ref} / {name:34s} median ratio {ratio:.2f}")
+            for name in (SUBPROCESS, IN_PROCESS):
+                if BEFORE + name in got:
+                    ratio = statistics.median(b[0] / a[0] for b, a in zip(got[BEFORE + name],
+                                                                          got[name]))
+                    print(f"  before / after, {name:34s} median ratio {ratio:.2f}")
     if args.what in ("backlog", "both"):
         report_backlog(run_backlog([int(n) for n in args.waiting.split(",")], args.repeats))
     return 0

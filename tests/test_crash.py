@@ -132,6 +132,15 @@ def test_kill_9_mid_batch_loses_nothing(make_sink, make_gateway, kills):
     assert sum(n - 1 for n in got.values()) <= len(kills)                 # at most 1 per kill
     assert max(got.values()) <= 2
     assert waiting(gw.spool) == [] and bad(gw.spool) == []
+    # Each delivery recorded once: the records a kill left in the journal of
+    # deliveries went into the database once, none lost, none twice.
+    db = database(gw)
+    try:
+        sent = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'sent'").fetchone()[0]
+        counted = db.execute("SELECT SUM(recipients) FROM sent_per_day").fetchone()[0]
+    finally:
+        db.close()
+    assert len(ids) <= sent <= sum(got.values()) and counted == sent
 
 
 def rcpt_counts(sink) -> collections.Counter:
@@ -518,6 +527,67 @@ def test_a_commit_without_a_flush_survives_kill_9(tmp_path):
         db.close()
 
 
+def journal_line(token: str, row: list) -> bytes:
+    journal = bg.DeliveryJournal.__new__(bg.DeliveryJournal)
+    payload = json.dumps([token, *row], separators=(",", ":")).encode()
+    return payload + b" " + journal._check(payload) + b"\n"
+
+
+def test_the_journal_of_deliveries_counts_only_whole_lines_of_the_token(tmp_path):
+    """A line counts if it carries the database's token and its checksum:
+    not one recorded already (another token), torn, or garbage."""
+    row = ["m1.TMP", "ab" * 32, 1.0, "2026-11-30", 1, [1.0, "2026-11-30", "sent", "m1.TMP", "x"]]
+    other = ["m2.TMP"] + row[1:]
+    good, old = journal_line("T2", row), journal_line("T1", other)
+    forged = good.replace(b"m1.TMP", b"m3.TMP", 1)              # its checksum no longer fits
+    (tmp_path / bg.DELIVERIES_FILE).write_bytes(
+        old + b"\x00" * 40 + b"\n" + forged + good + b"garbage\n" + good[:-9])
+    journal = bg.DeliveryJournal(tmp_path)
+    assert journal.start()
+    try:
+        assert journal.rows("T2") == [row]
+        assert journal.rows("T1") == [other]
+        assert journal.rows(None) == []
+        journal.clear()
+        journal.add("T3", row)
+        assert journal.rows("T3") == [row] and journal.rows("T2") == []
+    finally:
+        journal.close()
+
+
+@POSIX_ONLY
+def test_a_kill_9_after_the_journal_line_sends_nothing_again(make_sink, make_gateway):
+    """Killed right after a delivery's line (its group not yet in the
+    database): the next check records it from the journal, once, removes
+    the file and sends nothing again; a later check does not record it twice."""
+    sink = make_sink()
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 3)
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r}); import bibliogate as bg\n"
+              "real = bg.Sender._delivered\n"
+              "def delivered(self, row):\n"
+              "    real(self, row)\n"
+              "    if row[0] == 'm001.TMP':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "bg.Sender._delivered = delivered\n"
+              f"bg.main(['--config', {str(gw.ini)!r}, 'send', '--all'])\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60, cwd=str(gw.cwd))
+    assert proc.returncode == -signal.SIGKILL
+    assert arrived(sink) == {ids[0]: 1, ids[1]: 1}
+    assert (gw.spool / bg.DELIVERIES_FILE).stat().st_size > 0
+    for _ in range(2):
+        gw.cli("send", "--all", check=0)
+    assert arrived(sink) == {mid: 1 for mid in ids}
+    assert waiting(gw.spool) == [] and bad(gw.spool) == []
+    db = database(gw)
+    try:
+        files = [r[0] for r in db.execute("SELECT file FROM events WHERE kind = 'sent' ORDER BY id")]
+        counted = db.execute("SELECT SUM(recipients) FROM sent_per_day").fetchone()[0]
+    finally:
+        db.close()
+    assert sorted(files) == ["m000.TMP", "m001.TMP", "m002.TMP"] and counted == 3
+
+
 class PowerCut(BaseException):
     """The machine stops: nothing after it happens (not an Exception, so no
     handler of the sender's catches it)."""
@@ -527,7 +597,10 @@ class Disk:
     """What a power cut leaves: the database as of its last flush (sync_db;
     before the check: the state the check began with, every earlier commit
     being flushed), and every file removed from the spool since the folder's
-    last flush back in it. The worst case a power cut can leave, for both."""
+    last flush back in it. The worst case a power cut can leave, for both.
+    The journal of deliveries is never flushed: it is left as it was at the
+    database's last flush (lines of a group already recorded, which must
+    not count again), the worst it can be short of garbage."""
 
     def __init__(self, monkeypatch, gw_dir: Path, spool: Path):
         self.dir, self.spool = gw_dir, spool
@@ -557,13 +630,17 @@ class Disk:
         monkeypatch.setattr(os, "unlink", unlink)
 
     def _db_bytes(self) -> dict:
-        return {p.name: p.read_bytes() for p in self.dir.glob("bibliogate.db*")
-                if not p.name.endswith("-shm")}
+        found = {p.name: p.read_bytes() for p in self.dir.glob("bibliogate.db*")
+                 if not p.name.endswith("-shm")}
+        journal = self.spool / bg.DELIVERIES_FILE
+        if journal.exists():
+            found[bg.DELIVERIES_FILE] = journal.read_bytes()
+        return found
 
     def cut(self) -> None:
         """The power goes: what is on disk now is kept aside."""
         files = {p.name: (p.read_bytes(), p.stat().st_mtime) for p in self.spool.iterdir()
-                 if p.is_file()}
+                 if p.is_file() and p.name != bg.DELIVERIES_FILE}
         files.update(self.unflushed_removals)
         self.cut_state = (dict(self.db_files), files)
         raise PowerCut()
@@ -575,7 +652,7 @@ class Disk:
             if p.is_file():
                 p.unlink()
         for name, data in db_files.items():
-            (self.dir / name).write_bytes(data)
+            (self.spool if name == bg.DELIVERIES_FILE else self.dir).joinpath(name).write_bytes(data)
         for name, (data, mtime) in files.items():
             (self.spool / name).write_bytes(data)
             os.utime(self.spool / name, (mtime, mtime))
@@ -651,3 +728,8 @@ def test_a_power_cut_sends_again_at_most_the_last_unflushed_group(
     assert repeats == repeatable                                     # the unflushed group only
     assert repeatable <= bg.Sender.GROUP_MESSAGES + 2    # (m004 has 3 recipients)
     assert waiting(settings.spool) == [] and bad(settings.spool) == []
+    # One 'sent' event per file: the lines of a group recorded before the cut
+    # (left in the journal as it was at that flush) are not recorded again.
+    sent = collections.Counter(r[0] for r in sender.db.execute(
+        "SELECT file FROM events WHERE kind = 'sent'"))
+    assert set(sent.values()) == {1} and len(sent) == 220

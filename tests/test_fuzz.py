@@ -17,7 +17,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import bibliogate as bg
@@ -163,6 +163,50 @@ def test_encoding_for_a_server_without_8bitmime_or_smtputf8_never_fails(message,
     body = data.partition(b"\r\n\r\n")[2]
     assert not bg.LONG_LINE_RE.search(body)
     assert eight_bit_ok or body.isascii()
+
+
+# The sender's fast paths give what the slow way they stand for gives.
+
+PLAIN_WORDS = st.text("abcXYZ019'-_%+=.", min_size=1, max_size=8)
+PLAIN_LISTS = st.lists(st.tuples(
+    st.one_of(st.just(""), st.lists(PLAIN_WORDS, min_size=1, max_size=3).map(" ".join)),
+    st.tuples(PLAIN_WORDS, st.lists(st.text("abc-09.", min_size=1, max_size=6), max_size=3)),
+    st.sampled_from([",", ", ", " ,", " , ", ",,"])), min_size=1, max_size=4)
+
+
+@FUZZ
+@given(st.one_of(PLAIN_LISTS.map(lambda items: "".join(
+    (f"{name} <{local}@{'.'.join(labels)}>" if name else f"{local}@{'.'.join(labels)}") + sep
+    for name, (local, labels), sep in items).rstrip(", ")), ADDRESSES))
+@example("Sam O'Neil <sam@x.org> , b@y.org")           # once read as "sam@x.org>"
+def test_plain_address_lists_are_read_as_getaddresses_reads_them(value):
+    value = " ".join(value.split())             # as _field gives it
+    slow = [a for _, a in bg.email.utils.getaddresses([value]) if a]
+    event("plain" if bg.PLAIN_ADDRESSES_RE.fullmatch(value) else "parsed")
+    assert bg.header_addresses(value) == slow
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 1100), st.sampled_from([b"\r\n", b"\n", b"\r", b""])),
+                max_size=6), st.sampled_from([b"a", b"\xc3\xa9", b" "]))
+def test_long_lines_are_found_as_the_pattern_finds_them(lines, fill):
+    data = b"".join(fill * n + end for n, end in lines)
+    assert bg.has_long_line(data) == bool(bg.LONG_LINE_RE.search(data))
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_a_value_with_no_encoded_word_is_its_own_text(value):
+    if "=?" not in value:
+        assert bg.decoded(value) == str(bg.email.header.make_header(
+            bg.email.header.decode_header(value)))
+
+
+@FUZZ
+@given(st.text(max_size=40))
+@example("line\u2028next\x85end\x1b[31m")
+def test_log_text_is_escaped_as_the_pattern_escapes_it(text):
+    assert bg.printable(text) == bg._CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def test_a_body_with_lone_carriage_returns_leaves_with_crlf_only():

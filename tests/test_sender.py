@@ -626,3 +626,80 @@ def test_the_days_log_file_is_opened_once_for_many_lines(tmp_path, monkeypatch):
         assert len(opened) == 2
     finally:
         handler.close()
+
+
+# -- the journal of deliveries: when it cannot be used ---------------------------
+
+def sent_files(settings):
+    return sorted(e["file"] for e in events(settings, "sent"))
+
+
+def test_without_a_journal_of_deliveries_each_delivery_is_committed(tmp_path, sink):
+    """A journal that cannot be opened (here a folder in its place): the
+    sender records each delivery with a commit of its own, as before."""
+    settings, sender = make_sender(tmp_path, sink)
+    (settings.spool / bg.DELIVERIES_FILE).mkdir()
+    for n in range(3):
+        drop(settings.spool, f"m{n}.TMP", eml(subject=f"number {n}"))
+    recorded = []
+    real_record = sender._record
+    sender._record = lambda rows: (recorded.append(len(rows)), real_record(rows))
+    assert sender.check(limit=0).sent == 3
+    assert recorded == [1, 1, 1]            # one commit per delivery, none left for the flush
+    assert sent_files(settings) == ["m0.TMP", "m1.TMP", "m2.TMP"]
+    assert len(sink.messages) == 3
+
+
+def test_a_journal_that_fails_to_be_written_is_left_for_commits(tmp_path, sink, monkeypatch,
+                                                                 caplog):
+    """A write that fails (a full disk): that delivery and the rest are
+    committed one by one; each is recorded once and sent once."""
+    settings, sender = make_sender(tmp_path, sink)
+    for n in range(4):
+        drop(settings.spool, f"m{n}.TMP", eml(subject=f"number {n}"), age=100 - n)
+    real_add, calls = bg.DeliveryJournal.add, []
+
+    def add(self, token, row):
+        calls.append(row[0])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_add(self, token, row)
+    monkeypatch.setattr(bg.DeliveryJournal, "add", add)
+    monkeypatch.setattr(bg.log, "propagate", True)     # (an earlier test may have set it off)
+    assert sender.check(limit=0).sent == 4
+    assert calls == ["m0.TMP", "m1.TMP"]             # no journal after the failure
+    assert "No space left on device" in caplog.text
+    assert sent_files(settings) == ["m0.TMP", "m1.TMP", "m2.TMP", "m3.TMP"]
+    assert len(sink.messages) == 4 and not list(settings.spool.glob("*.TMP"))
+
+
+def test_a_line_written_in_part_is_not_trusted(tmp_path, sink, monkeypatch):
+    """A write() that takes only part of a line (a disk filling up) counts
+    as a failure: the journal is left, and every delivery is recorded once."""
+    settings, sender = make_sender(tmp_path, sink)
+    for n in range(3):
+        drop(settings.spool, f"m{n}.TMP", eml(subject=f"number {n}"), age=100 - n)
+    real_write, lines = os.write, []
+
+    def write(fd, data):
+        if data.startswith(b'["'):                  # a line of the journal
+            lines.append(data)
+            if b"m1.TMP" in data:
+                return real_write(fd, data[:20])
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", write)
+    assert sender.check(limit=0).sent == 3
+    assert [b"m0.TMP" in line for line in lines] == [True, False]     # none after the torn one
+    assert sent_files(settings) == ["m0.TMP", "m1.TMP", "m2.TMP"]
+
+
+def test_an_idle_check_leaves_the_journal_of_deliveries_alone(tmp_path, sink):
+    settings, sender = make_sender(tmp_path, sink)
+    drop(settings.spool, "m0.TMP", eml())
+    assert sender.check().sent == 1
+    journal = settings.spool / bg.DELIVERIES_FILE
+    before = journal.stat()
+    assert before.st_size == 0
+    time.sleep(0.02)
+    assert sender.check().sent == 0
+    assert journal.stat().st_mtime_ns == before.st_mtime_ns
