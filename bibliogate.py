@@ -4983,7 +4983,7 @@ class LoanRows:
         ids = set(map(operator.itemgetter(pid_at), rows))
         if not ids <= self.patrons:
             suspect("patron_id", ids - self.patrons)
-        dates = {text: read_date(text, self.date_format)
+        dates = {text: read_date(text, self.date_format) if text == text.strip() else None
                  for text in set(map(operator.itemgetter(due_at), rows))}
         wrong = [text for text, iso in dates.items() if iso is None]
         if wrong:
