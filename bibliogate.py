@@ -5328,9 +5328,9 @@ class Loader:
                 cells = ", ".join(f"?{2 + k * width + p}" for p in picks)
                 rowid = f"?1 + {k}"
                 if not k and 1 + (count - 1) * width + max(picks) + 1 < last:
-                    #: names the last value too: sqlite3 wants as many values as
-                    #: the highest number, and a column the file has but
-                    #: BiblioGate ignores may be last
+                    # names the last value too: sqlite3 wants as many values as
+                    # the highest number, and a column the file has but
+                    # BiblioGate ignores may be last
                     rowid = f"coalesce(?1, ?{last})"
                 rows.append(f"({rowid}, {cells})")
             self.statements[key] = (f"INSERT OR IGNORE INTO {self.checker.table} (rowid, "
@@ -5341,25 +5341,13 @@ class Loader:
         """Write a slice row by row: each row checked alone, a repeated key
         named with the line it first came on. A bad row with a key is
         written too (taken out at the end), so that its key counts."""
-        conn, checker, width = self.conn, self.checker, self.width
+        conn, checker = self.conn, self.checker
         with conn:
             for line, fields in records:
                 if isinstance(fields, str):
                     self.problem(line, [fields])
                     continue
-                values = [(fields[p].strip() if p < len(fields) else "") if p is not None
-                          else None for p in self.positions]
-                row, problems = checker.check(values, line)
-                shape = True     # a row of the wrong shape: its other problems follow from that
-                if len(fields) > width and any(f.strip() for f in fields[width:]):
-                    row, problems = None, [f"{len(fields)} values, but the header names {width} "
-                                           "columns (a value holding a comma must be in double "
-                                           "quotes)."]
-                elif len(fields) < width and any("\n" in f for f in fields):
-                    row, problems = None, ["a value in double quotes runs on over the next "
-                                           "lines: is a closing '\"' missing?"]
-                else:
-                    shape = False
+                values, row, problems, shape = self.read_row(fields, line)
                 key = key_of(checker, values)
                 first = conn.execute(self.lookup, (key,)).fetchone() if key else None
                 if first is not None:
@@ -5372,6 +5360,22 @@ class Loader:
                 if row is None:
                     self.problem(line, problems)
         self.counted(len(records))
+
+    def read_row(self, fields: list, line: int) -> tuple[list, tuple | None, list, bool]:
+        """(values as read, the checked row or None, its problems, whether
+        the row is of the wrong shape: then its other problems only follow
+        from that and are not given)."""
+        width = self.width
+        values = [(fields[p].strip() if p < len(fields) else "") if p is not None else None
+                  for p in self.positions]
+        row, problems = self.checker.check(values, line)
+        if len(fields) > width and any(f.strip() for f in fields[width:]):
+            return values, None, [f"{len(fields)} values, but the header names {width} columns "
+                                  "(a value holding a comma must be in double quotes)."], True
+        if len(fields) < width and any("\n" in f for f in fields):
+            return values, None, ["a value in double quotes runs on over the next lines: is a "
+                                  "closing '\"' missing?"], True
+        return values, row, problems, False
 
     def counted(self, rows: int) -> None:
         before = self.result.rows
