@@ -74,6 +74,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import re
 import secrets
@@ -4916,6 +4917,9 @@ YES_NO = MappingProxyType({"yes": 1, "true": 1, "1": 1, "no": 0, "false": 0, "0"
 #: Rows go to the database in slices of this many, so a million loans never
 #: sit in memory at once.
 IMPORT_CHUNK = 20_000
+#: Rows of a slice that need no look one by one go to sqlite this many to a
+#: statement (one statement of many rows: a quarter less time than one each).
+ROWS_PER_INSERT = 50
 #: sqlite's page cache while importing, in KiB (its default is 2 MB; a
 #: million loans and their indexes go several times faster with more; more
 #: than 16 MB bought no speed and cost 70 MB of memory).
@@ -5054,15 +5058,12 @@ def csv_encoding(fh, source: str, wanted: str, notes: list) -> str:
                         "[data] csv_encoding to the file's encoding; nothing was imported.")
 
 
-def csv_records(path: Path, source: str, encoding: str = "auto",
-                notes: list | None = None) -> Iterator[tuple[int, list | str]]:
-    """(first line number, fields) of every record, the header first; blank
-    lines are left out and a record the csv module cannot read comes as
-    (line, reason). UTF-8 with or without a BOM, or cp1252 (see
+def open_csv(path: Path, source: str, encoding: str = "auto",
+             notes: list | None = None) -> io.TextIOWrapper:
+    """The file as text, UTF-8 with or without a BOM, or cp1252 (see
     csv_encoding; a note saying so goes to `notes`). The file is checked
-    before it is opened (a plain file, not a link) and no line is read
-    longer than MAX_CSV_LINE. Raises ImportRefused for a file that cannot be
-    opened or read as text."""
+    before it is opened (a plain file, not a link). Raises ImportRefused for
+    a file that cannot be opened or read as text."""
     notes = [] if notes is None else notes
     try:
         raw = open_regular(path, MAX_CSV_BYTES)
@@ -5073,28 +5074,47 @@ def csv_records(path: Path, source: str, encoding: str = "auto",
         raise ImportRefused(source, [f"{source} cannot be opened: "
                                      f"{getattr(exc, 'strerror', None) or exc}."],
                             "Check the file name, and that no other program has it open.") from None
-    end = 0
-    with raw:
-        fh = io.TextIOWrapper(raw, encoding=csv_encoding(raw, source, encoding, notes),
-                              newline="")
-        first = fh.readline(MAX_CSV_LINE + 2)
-        lines = iter(lambda: fh.readline(MAX_CSV_LINE + 2), "")
-        reader = csv.reader(itertools.chain([first], lines), delimiter=sniff_delimiter(first))
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
+    try:
+        return io.TextIOWrapper(raw, encoding=csv_encoding(raw, source, encoding, notes),
+                                newline="")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def csv_reader(fh: io.TextIOWrapper):
+    """A csv reader of fh, the delimiter read from the first line; no line
+    is read longer than MAX_CSV_LINE."""
+    first = fh.readline(MAX_CSV_LINE + 2)
+    lines = iter(lambda: fh.readline(MAX_CSV_LINE + 2), "")
+    return csv.reader(itertools.chain([first], lines), delimiter=sniff_delimiter(first))
+
+
+def csv_records(reader) -> Iterator[tuple[int, list | str]]:
+    """(first line number, fields) of every record the reader has still to
+    read, the header first; blank lines are left out and a record the csv
+    module cannot read comes as (line, reason)."""
+    end = reader.line_num
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if reader.line_num <= end:      # nothing consumed: cannot go on
+                yield end + 1, f"cannot be read as CSV ({exc})."
                 return
-            except csv.Error as exc:
-                if reader.line_num <= end:      # nothing consumed: cannot go on
-                    yield end + 1, f"cannot be read as CSV ({exc})."
-                    return
-                start, end = end + 1, reader.line_num
-                yield start, f"cannot be read as CSV ({exc})."
-                continue
             start, end = end + 1, reader.line_num
-            if fields and (fields[0].strip() or any(field.strip() for field in fields)):
-                yield start, fields
+            yield start, f"cannot be read as CSV ({exc})."
+            continue
+        start, end = end + 1, reader.line_num
+        if not blank(fields):
+            yield start, fields
+
+
+def blank(fields: list) -> bool:
+    """A record of nothing but separators and spaces: a blank line."""
+    return not fields or not (fields[0].strip() or any(field.strip() for field in fields))
 
 
 def header_columns(what: str, source: str, line: int, fields: list[str]) -> tuple[list, list]:
@@ -5140,12 +5160,45 @@ class PatronRows:
                  "email TEXT, guardian_email TEXT, grp TEXT, auto_overdue INTEGER, "
                  "first_name TEXT)")
 
+    #: where each of the table's columns is among the file's (CSV_COLUMNS order)
+    order = (0, 1, 2, 3, 4, 5, 6)
+
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
         pass
 
+    def quick(self, rows: list, at: list, suspect) -> tuple | None:
+        """The rows of a slice, ready for the table (rows, values to a row,
+        where each column is) when every value passes check() as it is read,
+        with nothing to change but auto_overdue to 1 or 0; None when a row
+        must be looked at alone (see Loader.careful)."""
+        columns = list(zip(*rows))
+        pid, name, email, guardian, group, flag, given = (
+            columns[p] if p is not None else None for p in at)
+        if not (filled(pid) and trimmed(pid) and filled(name) and one_line_all(name)):
+            return None
+        for addresses in (email, guardian):
+            if addresses is not None and not all(map(ADDRESS_RE.fullmatch,
+                                                     filter(None, addresses))):
+                return None
+        if (group is not None and not trimmed(group)) or \
+                (given is not None and not one_line_all(given)):
+            return None
+        if flag is not None:
+            flags = {text: YES_NO.get(text.lower()) for text in set(flag)}
+            if None in flags.values():
+                return None
+            flag = tuple(map(flags.__getitem__, flag))
+        absent = itertools.repeat(None)
+        table = [c if c is not None else absent
+                 for c in (pid, name, email, guardian, group, flag, given)]
+        return list(zip(*table)), len(table), tuple(range(len(table)))
+
+    def review(self, conn: sqlite3.Connection, loader: Loader) -> None:
+        """Nothing to look at again: quick() passes only rows check() would."""
+
     def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
         """The row, or None and its problems (a repeated patron_id apart:
-        sqlite finds those, see stage)."""
+        sqlite finds those, see Loader)."""
         pid, name, email, guardian, group, flag, given = values
         problems = []
         if not pid:
@@ -5200,15 +5253,68 @@ class LoanRows:
     stage_sql = ("CREATE TABLE loans_incoming (barcode TEXT PRIMARY KEY, patron_id TEXT NOT "
                  "NULL, title TEXT NOT NULL, due_date TEXT NOT NULL)")
 
+    order = (1, 0, 2, 3)
+
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
         self.date_format = settings.date_format
         self.example = dt.date.today().strftime(settings.date_format)
         #: one set of the patrons' ids (bounded by the patrons, not the file)
         self.patrons = {row[0] for row in conn.execute("SELECT patron_id FROM patrons")}
 
+    def quick(self, rows: list, at: list, suspect) -> tuple | None:
+        """The rows of a slice, ready for the table (rows, values to a row,
+        where each column is), when each barcode and title passes check()
+        as it is read; None when a row must be looked at alone (see
+        Loader.careful). Patron ids not in the patrons list and due dates
+        that are no date are passed to suspect(): review() looks at their
+        rows again once all are written (they are few, or the file is bad)."""
+        pid_at, barcode_at, title_at, due_at = at
+        if not (plain(list(map(operator.itemgetter(barcode_at), rows)))
+                and plain(list(map(operator.itemgetter(title_at), rows)))):
+            return None
+        ids = set(map(operator.itemgetter(pid_at), rows))
+        if not ids <= self.patrons:
+            suspect("patron_id", ids - self.patrons)
+        dates = {text: read_date(text, self.date_format) if text == text.strip() else None
+                 for text in set(map(operator.itemgetter(due_at), rows))}
+        wrong = [text for text, iso in dates.items() if iso is None]
+        if wrong:
+            suspect("due_date", wrong)
+        if all(iso == text for text, iso in dates.items() if iso is not None):
+            return rows, len(rows[0]), (barcode_at, pid_at, title_at, due_at)
+        # Dates in [library] date_format: written as ISO dates.
+        converted = [(r[barcode_at], r[pid_at], r[title_at], dates[r[due_at]] or r[due_at])
+                     for r in rows]
+        return converted, 4, (0, 1, 2, 3)
+
+    def review(self, conn: sqlite3.Connection, loader: Loader) -> None:
+        """Check again, one by one, the rows of the patron ids and dates
+        quick() found suspect: a good one is put right (spaces around a
+        value), a bad one taken out and its problems noted."""
+        suspects = ("WHERE rowid > ? AND (patron_id IN (SELECT value FROM temp.import_suspects "
+                    "WHERE col = 'patron_id') OR due_date IN (SELECT value FROM "
+                    "temp.import_suspects WHERE col = 'due_date')) ORDER BY rowid LIMIT 5000")
+        last = 0
+        while True:
+            rows = conn.execute("SELECT rowid, patron_id, barcode, title, due_date FROM "
+                                f"loans_incoming {suspects}", (last,)).fetchall()
+            if not rows:
+                return
+            with conn:
+                for line, pid, barcode, title, due in rows:
+                    values = [v.strip() for v in (pid, barcode, title, due)]
+                    row, problems = self.check(values, line)
+                    if row is None:
+                        conn.execute("DELETE FROM loans_incoming WHERE rowid = ?", (line,))
+                        loader.problem(line, problems)
+                    elif row != (barcode, pid, title, due):
+                        conn.execute("UPDATE loans_incoming SET patron_id = ?, title = ?, "
+                                     "due_date = ? WHERE rowid = ?", (*row[1:], line))
+            last = rows[-1][0]
+
     def check(self, values: list, line: int) -> tuple[tuple | None, list[str]]:
         """The row, or None and its problems (a repeated barcode apart:
-        sqlite finds those, see stage)."""
+        sqlite finds those, see Loader)."""
         pid, barcode, title, due = values
         due_date = read_date(due, self.date_format)
         if barcode and title and due_date and pid in self.patrons:     # the usual row, at speed
@@ -5237,9 +5343,13 @@ class LoanRows:
         up to date row by row."""
         before = conn.execute("SELECT count(*) FROM loans").fetchone()[0]
         same = "l.patron_id = i.patron_id AND l.title = i.title AND l.due_date = i.due_date"
-        total, added, unchanged = conn.execute(
-            f"SELECT count(*), total(l.barcode IS NULL), total({same}) "
-            "FROM loans_incoming i LEFT JOIN loans l ON l.barcode = i.barcode").fetchone()
+        if before:
+            total, added, unchanged = conn.execute(
+                f"SELECT count(*), total(l.barcode IS NULL), total({same}) "
+                "FROM loans_incoming i LEFT JOIN loans l ON l.barcode = i.barcode").fetchone()
+        else:                       # the first snapshot: each loan is new
+            total = added = conn.execute("SELECT count(*) FROM loans_incoming").fetchone()[0]
+            unchanged = 0
         result.added, result.unchanged = int(added), int(unchanged)
         result.updated = total - result.added - result.unchanged
         result.removed = before - (total - result.added)
@@ -5320,59 +5430,88 @@ def stage(conn: sqlite3.Connection, settings: Settings, what: str, path: Path,
     """Read, check and write every row into the checker's table; bad rows
     go to result.skipped, in the order of their lines.
 
-    The table's key (barcode, patron_id) is unique, and each row's rowid is
-    its line: sqlite finds a repeated key (INSERT OR IGNORE leaves the row
-    out) and says on which line it first came, so no set of the file's keys
-    is held in memory. Rows go in slices of IMPORT_CHUNK, each committed
+    The file is read in slices (see Loader): a slice whose values all pass
+    the checks as they stand, column by column, is written as it is, many
+    rows to a statement; any other slice row by row, each row checked alone,
+    as are the rows review() finds suspect once all are written. The
+    table's key (barcode, patron_id) is unique and each row's rowid is its
+    line: sqlite finds a repeated key and says on which line it first came,
+    so no set of the file's keys is held in memory. Each slice is committed
     without a flush to disk (only the last transaction must be durable), so
     the database stays free for the sender while a long file is read."""
     source = source or path.name
-    records = csv_records(path, source, settings.csv_encoding, result.notes)
-    first = next(records, None)
-    columns = ", ".join(CSV_COLUMNS[what])
-    if first is None:
-        raise ImportRefused(source, [f"{source} is empty."], f"It needs a first line naming "
-                            f"the columns {columns}, then one line for each of the {what}.")
-    line, header = first
-    if isinstance(header, str):
-        raise ImportRefused(source, [f"{source} line {line}: {header}"],
-                            f"The first line must name the columns {columns}.")
-    positions, notes = header_columns(what, source, line, header)
-    result.notes += notes
-    checker = ROW_CHECKERS[what](conn, settings)
-    conn.execute("PRAGMA synchronous = NORMAL")
-    with conn:
-        conn.execute(f"DROP TABLE IF EXISTS {checker.table}")     # what a crash left
-        conn.execute(checker.stage_sql)
-    staging = Staging(conn, checker)
-    width = len(header)
-    for line, fields in records:
-        result.rows += 1
-        if isinstance(fields, str):
-            staging.bad(line, None, [fields])
-            continue
-        values = [(fields[p].strip() if p < len(fields) else "") if p is not None else None
-                  for p in positions]
-        row, problems = checker.check(values, line)
-        # A row of the wrong shape: its other problems only follow from that.
-        if len(fields) > width and any(f.strip() for f in fields[width:]):
-            row, problems = None, [f"{len(fields)} values, but the header names {width} "
-                                   "columns (a value holding a comma must be in double "
-                                   "quotes)."]
-            staging.bad(line, key_of(checker, values), problems, shape=True)
-        elif len(fields) < width and any("\n" in f for f in fields):
-            staging.bad(line, key_of(checker, values), ["a value in double quotes runs on over "
-                                                      "the next lines: is a closing '\"' "
-                                                      "missing?"], shape=True)
-        elif problems or row is None:
-            staging.bad(line, key_of(checker, values), problems)
-        else:
-            staging.good(line, row)
-        if progress and (result.rows == PROGRESS_FIRST or result.rows % PROGRESS_EVERY == 0):
-            progress(source, result.rows)
-    staging.flush()
-    result.skipped += [f"{source} line {n}: {text}" for n, text in sorted(staging.problems.items())]
+    with open_csv(path, source, settings.csv_encoding, result.notes) as fh:
+        reader = csv_reader(fh)
+        first = next(csv_records(reader), None)
+        columns = ", ".join(CSV_COLUMNS[what])
+        if first is None:
+            raise ImportRefused(source, [f"{source} is empty."], f"It needs a first line naming "
+                                f"the columns {columns}, then one line for each of the {what}.")
+        line, header = first
+        if isinstance(header, str):
+            raise ImportRefused(source, [f"{source} line {line}: {header}"],
+                                f"The first line must name the columns {columns}.")
+        positions, notes = header_columns(what, source, line, header)
+        result.notes += notes
+        checker = ROW_CHECKERS[what](conn, settings)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        loader = Loader(conn, checker, result, positions, len(header), progress, source)
+        try:
+            loader.slices(reader)
+            quick = True
+        except (csv.Error, LinesUnknown):
+            quick = False       # a record the csv module cannot read: its slice is lost
+    if not quick:               # so all of it again, one record at a time
+        loader = Loader(conn, checker, result, positions, len(header), progress, source)
+        with open_csv(path, source, settings.csv_encoding) as fh:
+            records = csv_records(csv_reader(fh))
+            next(records)                                   # the header, as above
+            for batch in iter(lambda: list(itertools.islice(records, IMPORT_CHUNK)), []):
+                loader.careful(batch)
+    loader.finish()
     return checker
+
+
+class LinesUnknown(Exception):
+    """A slice's records do not add up to the lines the csv module read."""
+
+
+class KeyRepeated(Exception):
+    """A key of a slice written at once was there already."""
+
+
+def filled(values) -> bool:
+    """No value is empty."""
+    return "" not in values
+
+
+def trimmed(values) -> bool:
+    """No value has spaces around it (str.strip gives back the same string
+    then, so this is a comparison of identities: fast)."""
+    return all(map(operator.is_, map(str.strip, values), values))
+
+
+def plain(values: list) -> bool:
+    """No value is empty, has a control character or spaces around it, as
+    check() wants a barcode and a title. For the values of one-line records
+    only: none holds a line end, so the joined text shows where each value
+    starts and ends."""
+    joined = "\n".join(values)
+    if "" in values or " \n" in joined or "\n " in joined or joined[0] == " " or joined[-1] == " ":
+        return False
+    if joined.isascii():        # the usual case, and twice as fast as isprintable()
+        return len(joined.encode("ascii").translate(None, CONTROL_BYTES)) == len(joined)
+    return joined.replace("\n", "").isprintable()
+
+
+#: The ASCII control characters but the line end plain() puts between values.
+CONTROL_BYTES = bytes([*range(10), *range(11, 32), 127])
+
+
+def one_line_all(values) -> bool:
+    """Every value is what one_line() makes of it: no control character, no
+    space around it and no two spaces together."""
+    return trimmed(values) and "".join(values).isprintable() and "  " not in "\n".join(values)
 
 
 def key_of(checker: PatronRows | LoanRows, values: list) -> str:
@@ -5380,63 +5519,185 @@ def key_of(checker: PatronRows | LoanRows, values: list) -> str:
     return values[1 if checker.key == "barcode" else 0] or ""
 
 
-class Staging:
-    """The rows of one import on their way into the checker's table, and the
-    problems of the bad ones by line (a repeated key found there)."""
+def numbered(rows: list, line: int, end: int) -> list[tuple[int, list]]:
+    """(first line, fields) of each record of a slice that is not blank;
+    `line` is the slice's first line and `end` its last. A record is one
+    line, and one more for each line end inside its values (\\r\\n, \\r or
+    \\n, as the file is read). Raises LinesUnknown if they do not add up."""
+    out = []
+    for fields in rows:
+        if not blank(fields):
+            out.append((line, fields))
+        line += 1 + sum(f.count("\n") + f.count("\r") - f.count("\r\n") for f in fields)
+    if line != end + 1:
+        raise LinesUnknown(line, end)
+    return out
 
-    def __init__(self, conn: sqlite3.Connection, checker: PatronRows | LoanRows):
-        self.conn, self.checker = conn, checker
-        self.chunk: list[tuple] = []
-        self.insert = (f"INSERT OR IGNORE INTO {checker.table} (rowid, "
-                       f"{', '.join(checker.columns)}) VALUES (?, {', '.join('?' * len(checker.columns))})")
-        self.problems: dict[int, str] = {}
-        self.bad_keys: dict[str, int] = {}     #: keys of bad rows: the first line of each
 
-    def first_line(self, key: str) -> int | None:
-        """The line where key first came (a good row written, or a bad one)."""
-        row = self.conn.execute(f"SELECT rowid FROM {self.checker.table} "
-                                f"WHERE {self.checker.key} = ?", (key,)).fetchone()
-        lines = [n for n in (row[0] if row else None, self.bad_keys.get(key)) if n]
-        return min(lines) if lines else None
+class Loader:
+    """The rows of one import on their way into the checker's table, a
+    slice at a time, and the problems of the bad ones by line (in
+    temp.import_problems, so that a file of bad rows costs no memory)."""
 
-    def repeated(self, key: str, line: int) -> str | None:
-        first = self.first_line(key)
-        return f"{self.checker.key} {key} is also on line {first}." \
-            if first is not None and first != line else None
+    def __init__(self, conn: sqlite3.Connection, checker: PatronRows | LoanRows,
+                 result: ImportResult, positions: list, width: int, progress, source: str):
+        self.conn, self.checker, self.result = conn, checker, result
+        self.positions, self.width, self.progress, self.source = positions, width, progress, source
+        self.records = 0                  #: records read, blank ones too
+        result.rows = 0
+        self.statements: dict[tuple, str] = {}
+        table, columns = checker.table, checker.columns
+        self.insert_one = (f"INSERT INTO {table} (rowid, {', '.join(columns)}) "
+                           f"VALUES (?, {', '.join('?' * len(columns))})")
+        self.lookup = f"SELECT rowid FROM {table} WHERE {checker.key} = ?"
+        with conn:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")     # what a crash left
+            conn.execute(checker.stage_sql)
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS import_problems "
+                         "(line INTEGER PRIMARY KEY, problem TEXT NOT NULL)")
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS import_suspects "
+                         "(col TEXT, value TEXT, PRIMARY KEY (col, value))")
+            conn.execute("DELETE FROM temp.import_problems")
+            conn.execute("DELETE FROM temp.import_suspects")
 
-    def good(self, line: int, row: tuple) -> None:
-        key = row[0]
-        if key in self.bad_keys:
-            self.problems[line] = f"{self.checker.key} {key} is also on line {self.bad_keys[key]}."
-            return
-        self.chunk.append((line, *row))
-        if len(self.chunk) >= IMPORT_CHUNK:
-            self.flush()
+    def slices(self, reader) -> None:
+        """Every record after the header, in slices: PROGRESS_FIRST records,
+        then up to each multiple of IMPORT_CHUNK. Raises csv.Error for a
+        record the csv module cannot read (the slice's other records are
+        lost then), LinesUnknown if lines cannot be counted."""
+        line = reader.line_num + 1
+        while True:
+            size = PROGRESS_FIRST if not self.records else IMPORT_CHUNK - self.records % IMPORT_CHUNK
+            rows = list(itertools.islice(reader, size))
+            if not rows:
+                return
+            end = reader.line_num
+            self.records += len(rows)
+            lengths = list(map(len, rows))
+            regular = end - line + 1 == len(rows) and min(lengths) == self.width == max(lengths)
+            if not (regular and self.quick(rows, line)):
+                self.careful(numbered(rows, line, end))
+            line = end + 1
 
-    def bad(self, line: int, key: str | None, problems: list[str], shape: bool = False) -> None:
-        if key:
-            self.flush()                   # bad rows are few: their keys are looked up at once
-            again = self.repeated(key, line)
-            if again is None:
-                self.bad_keys.setdefault(key, line)
-            elif not shape:
-                problems = [again] + problems
-        self.problems[line] = " ".join(problems)
+    def quick(self, rows: list, line: int) -> bool:
+        """Write a slice of one-line records as they are, in one
+        transaction; False, with nothing written, when a row must be looked
+        at alone (a value check() would change or refuse, a repeated key)."""
+        ready = self.checker.quick(rows, self.positions, self.suspect)
+        if ready is None:
+            return False
+        table, width, picks = ready
+        per = max(1, min(ROWS_PER_INSERT, 998 // width))
+        full = len(table) - len(table) % per
+        conn = self.conn
+        try:
+            with conn:
+                before = conn.total_changes
+                if full:
+                    cells = itertools.chain.from_iterable(table[:full])
+                    conn.executemany(self.statement(per, width, picks),
+                                     map(operator.add, zip(range(line, line + full, per)),
+                                         zip(*[cells] * (width * per))))
+                if len(table) > full:
+                    conn.executemany(self.statement(1, width, picks),
+                                     map(operator.add, zip(range(line + full, line + len(table))),
+                                         map(tuple, table[full:])))
+                if conn.total_changes - before != len(table):
+                    raise KeyRepeated()             # all undone: row by row instead
+        except KeyRepeated:
+            return False
+        self.counted(len(table))
+        return True
 
-    def flush(self) -> None:
-        """Write the waiting rows; those whose key was already there are bad."""
-        if not self.chunk:
-            return
+    def statement(self, count: int, width: int, picks: tuple) -> str:
+        """INSERT of `count` rows of `width` values each (the table's
+        columns at `picks`), after the first row's line (its rowid)."""
+        key = (count, width, picks)
+        if key not in self.statements:
+            last = 1 + count * width
+            rows = []
+            for k in range(count):
+                cells = ", ".join(f"?{2 + k * width + p}" for p in picks)
+                rowid = f"?1 + {k}"
+                if not k and 1 + (count - 1) * width + max(picks) + 1 < last:
+                    # names the last value too: sqlite3 wants as many values as
+                    # the highest number, and a column the file has but
+                    # BiblioGate ignores may be last
+                    rowid = f"coalesce(?1, ?{last})"
+                rows.append(f"({rowid}, {cells})")
+            self.statements[key] = (f"INSERT OR IGNORE INTO {self.checker.table} (rowid, "
+                                    f"{', '.join(self.checker.columns)}) VALUES {', '.join(rows)}")
+        return self.statements[key]
+
+    def careful(self, records: list) -> None:
+        """Write a slice row by row: each row checked alone, a repeated key
+        named with the line it first came on. A bad row with a key is
+        written too (taken out at the end), so that its key counts."""
+        conn, checker = self.conn, self.checker
+        with conn:
+            for line, fields in records:
+                if isinstance(fields, str):
+                    self.problem(line, [fields])
+                    continue
+                values, row, problems, shape = self.read_row(fields, line)
+                key = key_of(checker, values)
+                first = conn.execute(self.lookup, (key,)).fetchone() if key else None
+                if first is not None:
+                    again = f"{checker.key} {key} is also on line {first[0]}."
+                    self.problem(line, problems if shape else [again, *problems])
+                    continue
+                if key:
+                    conn.execute(self.insert_one,
+                                 (line, *(row or [values[n] for n in checker.order])))
+                if row is None:
+                    self.problem(line, problems)
+        self.counted(len(records))
+
+    def read_row(self, fields: list, line: int) -> tuple[list, tuple | None, list, bool]:
+        """(values as read, the checked row or None, its problems, whether
+        the row is of the wrong shape: then its other problems only follow
+        from that and are not given)."""
+        width = self.width
+        values = [(fields[p].strip() if p < len(fields) else "") if p is not None else None
+                  for p in self.positions]
+        row, problems = self.checker.check(values, line)
+        if len(fields) > width and any(f.strip() for f in fields[width:]):
+            return values, None, [f"{len(fields)} values, but the header names {width} columns "
+                                  "(a value holding a comma must be in double quotes)."], True
+        if len(fields) < width and any("\n" in f for f in fields):
+            return values, None, ["a value in double quotes runs on over the next lines: is a "
+                                  "closing '\"' missing?"], True
+        return values, row, problems, False
+
+    def counted(self, rows: int) -> None:
+        before = self.result.rows
+        self.result.rows += rows
+        after = self.result.rows
+        if self.progress and (before < PROGRESS_FIRST <= after
+                              or after // PROGRESS_EVERY > before // PROGRESS_EVERY):
+            self.progress(self.source, after)
+
+    def problem(self, line: int, problems: list[str]) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO temp.import_problems VALUES (?, ?)",
+                          (line, " ".join(problems)))
+
+    def suspect(self, column: str, values: Iterable[str]) -> None:
         with self.conn:
-            before = self.conn.total_changes
-            self.conn.executemany(self.insert, self.chunk)
-            written = self.conn.total_changes - before
-        if written < len(self.chunk):        # a key repeated: which rows, and where it first came
-            for line, key, *_ in self.chunk:
-                again = self.repeated(key, line)
-                if again:
-                    self.problems[line] = again
-        self.chunk.clear()
+            self.conn.executemany("INSERT OR IGNORE INTO temp.import_suspects VALUES (?, ?)",
+                                  ((column, v) for v in values))
+
+    def finish(self) -> None:
+        """Take the bad rows out, look again at the suspect ones (review),
+        and list the problems in result.skipped, by line."""
+        conn, table = self.conn, self.checker.table
+        with conn:
+            conn.execute(f"DELETE FROM {table} WHERE rowid IN "
+                         "(SELECT line FROM temp.import_problems)")
+        if conn.execute("SELECT 1 FROM temp.import_suspects LIMIT 1").fetchone():
+            self.checker.review(conn, self)
+            conn.commit()
+        self.result.skipped += [f"{self.source} line {n}: {text}" for n, text in conn.execute(
+            "SELECT line, problem FROM temp.import_problems ORDER BY line")]
 
 
 #: At most this many skipped rows are written to the log one by one.

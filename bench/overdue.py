@@ -3,7 +3,7 @@
 
 Makes 200,000 patrons and 1,000,000 loans as CSV files in a temporary folder
 (deleted at the end unless --keep), then times, each in a process of its own
-so that its peak memory can be read:
+so that its peak memory and CPU time (user + system) can be read:
 
   1. `import patrons` and `import loans`, beside the bare load of the same
      files: the sqlite3 command line's `.import` where it is installed, else
@@ -105,9 +105,10 @@ def measure(argv: list[str], cwd: Path) -> dict:
             proc.returncode = os.waitstatus_to_exitcode(status)
             scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
             peak = usage.ru_maxrss * scale / 1e6
+            cpu = usage.ru_utime + usage.ru_stime
         else:                                                # Windows: time only
             proc.wait()
-            peak = None
+            peak = cpu = None
         seconds = time.perf_counter() - start
         out_file.seek(0)
         err_file.seek(0)
@@ -116,6 +117,7 @@ def measure(argv: list[str], cwd: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{out}\n{err}")
     return {"seconds": round(seconds, 2), "peak_mb": round(peak, 1) if peak else None,
+            "cpu_seconds": round(cpu, 2) if cpu is not None else None,
             "output": out.strip().splitlines()[-1] if out.strip() else ""}
 
 
@@ -242,8 +244,9 @@ def report(results: dict) -> None:
           f"{results['loans']:,} loans, Python {results['python']}, {results['cpus']} CPUs{load}; "
           f"medians of {results['repeat']}; reference: {bare_name}")
     names = list(results["runs"])
-    print("| step | " + " | ".join(f"{n} s | {n} MB | {n} ratio" for n in names) + " |")
-    print("|---|" + "---:|---:|---:|" * len(names))
+    print("| step | " + " | ".join(f"{n} s | {n} MB | {n} ratio | {n} CPU s | {n} CPU ratio"
+                                   for n in names) + " |")
+    print("|---|" + "---:|---:|---:|---:|---:|" * len(names))
     steps = [k for k in results["runs"][names[0]][0]]
     for step in steps:
         cells = []
@@ -252,12 +255,17 @@ def report(results: dict) -> None:
             seconds = median([r[step]["seconds"] for r in runs])
             peak = median([r[step]["peak_mb"] for r in runs])
             what = step.split()[1].strip(",") if step.startswith("import") else None
-            ratio = ""
+            ratio = cpu_ratio = ""
+            cpu = median([r[step].get("cpu_seconds") for r in runs])
             if what:
                 ratios = [r[step]["seconds"] / r[f"bare load of {what}: {bare_name}"]["seconds"]
                           for r in runs]
                 ratio = f"{median(ratios):.1f}x"
-            cells.append(f"{seconds:.2f} | {peak:.0f} | {ratio}")
+                bare = f"bare load of {what}: {bare_name}"
+                cpu_ratios = [r[step]["cpu_seconds"] / r[bare]["cpu_seconds"] for r in runs
+                              if r[step].get("cpu_seconds") and r[bare].get("cpu_seconds")]
+                cpu_ratio = f"{median(cpu_ratios):.1f}x" if cpu_ratios else ""
+            cells.append(f"{seconds:.2f} | {peak:.0f} | {ratio} | {cpu:.2f} | {cpu_ratio}")
         print(f"| {step} | " + " | ".join(cells) + " |")
     for name in names:
         print(f"{name}: overdue queued {results['files_queued'][name]:,} messages")

@@ -471,3 +471,139 @@ def test_patron_ids_repeated_are_found_by_sqlite_with_the_first_line(settings, t
         "or leave it empty).",
         "patrons.csv line 7: patron_id P4 is also on line 6."]
     assert patrons(settings) == []
+
+
+# -- slices written at once: the same outcome as row by row ----------------------------
+
+#: Loan rows a slice written at once may hold: each row checked again later
+#: (an unknown patron, a wrong or non-ISO date, spaces around them), or
+#: found by sqlite (a repeated barcode).
+LOAN_VALUE_ODDITIES = [
+    lambda n: f"P9,B{n},Stranger {n},2026-03-05",                   # unknown patron
+    lambda n: f" P1 ,B{n},Spaced {n}, 2026-03-05 ",                 # spaces around values
+    lambda n: f"P1,B{n},Bad date {n},2026-02-31",                    # no such date
+    lambda n: f"P1,B{n},Other form {n},05/03/2026",                  # date_format, not ISO
+    lambda n: f"P1,B{n // 2},Repeat {n},2026-03-05",                 # a barcode again
+    lambda n: f"P9,B{n // 3},Bad repeat {n},2026-03-05",             # again, and bad
+    lambda n: f"P1,B{n},Zoë {n},2026-03-05",                          # not ASCII
+    lambda n: f"P1,B 1{n},Inner space {n},2026-03-05",
+    lambda n: f",B{n},No patron {n},",
+]
+#: Rows that send their slice row by row.
+LOAN_ROW_ODDITIES = [
+    lambda n: f"P1,B{n}, Spaced title {n} ,2026-03-05",
+    lambda n: f"P1,B{n},Tab\there {n},2026-03-05",                    # a control character
+    lambda n: f"P1,B{n},\"Two\r\nlines {n}\",2026-03-05",           # a record on two lines
+    lambda n: "",                                                      # blank
+    lambda n: ",,,",                                                   # blank too
+    lambda n: f"P1,,No barcode {n},2026-03-05",
+    lambda n: f"P1,B{n},,",                                           # no title, no date
+    lambda n: f"P1,B{n},Extra {n},2026-03-05,x",                      # one value too many
+    lambda n: f"P1,B{n}",                                              # too few
+    lambda n: f"P1,B{n},\u00a0Nbsp {n},2026-03-05",                   # a space Python strips
+]
+
+
+def odd_loans(seed: int, count: int) -> str:
+    """Loans in blocks of 20 records, one slice each (see import_both_ways)
+    but the first: by turns all plain; with rows to check again (and
+    repeated barcodes in every other such block); with one kind of odd row
+    (each kind in turn); with rows of any kind."""
+    import random
+    rng = random.Random(seed)
+    lines = ["patron_id,barcode,title,due_date"]
+    repeats = LOAN_VALUE_ODDITIES[4:6]
+    for n in range(count):
+        block = n // 20
+        odd = [[], [o for o in LOAN_VALUE_ODDITIES if o not in repeats] if block % 8 == 1
+               else LOAN_VALUE_ODDITIES, [LOAN_ROW_ODDITIES[block // 4 % len(LOAN_ROW_ODDITIES)]],
+               LOAN_VALUE_ODDITIES + LOAN_ROW_ODDITIES][block % 4]
+        make = rng.choice(odd) if odd and rng.random() < 0.3 else \
+            (lambda n: f"P{n % 3 + 1},B{n},Title {n},2026-03-05")
+        lines.append(make(n))
+    return "\r\n".join(lines) + "\r\n"
+
+
+def import_both_ways(tmp_path, monkeypatch, what, text, date_format="%d/%m/%Y", header=None):
+    """The file imported twice, in slices of 20 rows: as it is, and with
+    every slice written row by row; (result, table) of each."""
+    monkeypatch.setattr(bg, "PROGRESS_FIRST", 7)
+    monkeypatch.setattr(bg, "IMPORT_CHUNK", 20)
+    outcomes, written = [], []
+    real_quick = bg.Loader.quick
+
+    def counting_quick(self, rows, line):
+        done = real_quick(self, rows, line)
+        written.append(done)
+        return done
+
+    for careful in (False, True):
+        folder = tmp_path / ("careful" if careful else "quick")
+        settings = make_settings(folder / "gw", library__date_format=date_format)
+        import_patrons(settings, folder,
+                       PATRONS + [[f"S{n}", f"Student {n}", "", "", "", ""] for n in range(5)])
+        path = folder / f"{what}.csv"
+        path.write_bytes(text.encode("utf-8"))
+        with monkeypatch.context() as m:
+            m.setattr(bg.Loader, "quick", (lambda self, rows, line: False) if careful
+                      else counting_quick)
+            try:
+                result = bg.import_csv(settings, what, path, skip_bad=True)
+            except bg.ImportRefused as exc:
+                result = exc.problems
+        rows = loans(settings) if what == "loans" else patrons(settings)
+        outcomes.append((result, rows))
+    return outcomes, written
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_loans_written_in_slices_come_out_as_row_by_row(tmp_path, monkeypatch, seed):
+    text = odd_loans(seed, 800)
+    (quick, careful), written = import_both_ways(tmp_path, monkeypatch, "loans", text)
+    assert any(written), "no slice was written at once: the test tests nothing"
+    assert quick[0].skipped == careful[0].skipped and quick[0].skipped
+    assert quick[0].summary() == careful[0].summary()
+    assert quick[1] == careful[1] and quick[1]
+
+
+def test_a_column_the_import_ignores_may_come_last_or_first(tmp_path, monkeypatch):
+    rows = [[f"x{n}", "P1", f"B{n}", f"T {n}", "2026-03-05", f"note {n}"] for n in range(50)]
+    text = csv_text(["shelf", "patron_id", "barcode", "title", "due_date", "note"], rows)
+    (quick, careful), written = import_both_ways(tmp_path, monkeypatch, "loans", text)
+    assert all(written) and quick == careful
+    assert quick[1][0] == ("B0", "P1", "T 0", "2026-03-05") and len(quick[1]) == 50
+
+
+def test_patrons_written_in_slices_come_out_as_row_by_row(tmp_path, monkeypatch):
+    import random
+    rng = random.Random(7)
+    odd = [lambda n: [f"S{n}", f"Name {n}", f"s{n}@example.org", "", "7A", "yes"],
+           lambda n: [f"S{n}", f"Name  {n}", "", "", "7B", "No"],
+           lambda n: [f"S{n}", f"Name {n}", "", "", " 7B ", "No"],
+           lambda n: [f"S{n}", f"Name\t{n}", "", "", "", ""],
+           lambda n: [f"S{n}", f" Name {n}", "bad@", "", "", "TRUE"],
+           lambda n: [f"S{n // 2}", f"Again {n}", "", "", "", ""],
+           lambda n: [f"S{n}", f"Name {n}", "", "mum@example.org", "", "maybe"],
+           lambda n: ["", f"No id {n}", "", "", "", ""],
+           lambda n: [f"S{n}", "", "", "", "", ""],
+           lambda n: [f"S{n}", f"Ann\r\nLines {n}", "", "", "", "1"]]
+    rows = []
+    for n in range(20 * 2 * len(odd)):     # blocks of 20: all plain, or odd rows of one kind
+        kind = odd[n // 40 % len(odd)] if n // 20 % 2 else odd[0]
+        rows.append((kind if rng.random() < 0.3 else odd[0])(n))
+    text = csv_text(PATRON_HEADER, rows)
+    (quick, careful), written = import_both_ways(tmp_path, monkeypatch, "patrons", text)
+    assert any(written) and not all(written)
+    assert quick[0].skipped == careful[0].skipped and quick[0].skipped
+    assert quick[0].summary() == careful[0].summary()
+    assert quick[1] == careful[1]
+
+
+def test_a_record_the_csv_module_cannot_read_sends_the_file_row_by_row(tmp_path, monkeypatch):
+    lines = odd_loans(3, 120).split("\r\n")
+    lines.insert(61, "P1,BIG," + "x" * 200_000 + ",2026-03-05")
+    text = "\r\n".join(lines)
+    (quick, careful), _ = import_both_ways(tmp_path, monkeypatch, "loans", text)
+    assert quick == careful
+    assert any("cannot be read as CSV (field larger than field limit" in p
+               for p in quick[0].skipped)
