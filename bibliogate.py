@@ -5476,7 +5476,14 @@ CLOSED_KEY = "overdue_closed_day"
 
 def show_date(settings: Settings, iso: str) -> str:
     """An ISO date (yyyy-mm-dd) as [library] date_format writes it."""
-    return dt.date.fromisoformat(iso).strftime(settings.date_format)
+    return show_day(settings.date_format, dt.date.fromisoformat(iso))
+
+
+@functools.lru_cache(maxsize=1024)
+def show_day(date_format: str, day: dt.date) -> str:
+    """A day as date_format writes it. Kept: a run writes the same few
+    hundred due dates into thousands of messages."""
+    return day.strftime(date_format)
 
 
 def days_late(due: dt.date, today: dt.date) -> str:
@@ -5484,18 +5491,25 @@ def days_late(due: dt.date, today: dt.date) -> str:
     return f"{late} {'day' if late == 1 else 'days'} overdue" if late > 0 else ""
 
 
+@functools.lru_cache(maxsize=1024)
+def due_text(date_format: str, due_date: str, today: dt.date) -> str:
+    """The end of an item's line: ", due D" and, once past due, ", N days
+    overdue". Raises ValueError for a due_date that is not yyyy-mm-dd."""
+    due = dt.date.fromisoformat(due_date)
+    late = days_late(due, today)
+    return f", due {show_day(date_format, due)}" + (f", {late}" if late else "")
+
+
 def render_items(loans, settings: Settings, today: dt.date, barcodes: bool = True) -> str:
     """One line per loan, in the order given: "- Title (barcode B), due D"
     (the barcode left out with barcodes=False, as in the notices and letters)
     and, once past due, ", N days overdue"."""
-    lines = []
-    for loan in loans:
-        due = dt.date.fromisoformat(loan["due_date"])
-        code = f" (barcode {one_line(loan['barcode'])})" if barcodes else ""
-        line = f"- {one_line(loan['title'])}{code}, due {due.strftime(settings.date_format)}"
-        late = days_late(due, today)
-        lines.append(line + (f", {late}" if late else ""))
-    return "\n".join(lines)
+    fmt = settings.date_format
+    if not barcodes:
+        return "\n".join(f"- {one_line(loan['title'])}{due_text(fmt, loan['due_date'], today)}"
+                         for loan in loans)
+    return "\n".join(f"- {one_line(loan['title'])} (barcode {one_line(loan['barcode'])})"
+                     f"{due_text(fmt, loan['due_date'], today)}" for loan in loans)
 
 
 def first_name(patron) -> str:
@@ -5528,7 +5542,7 @@ def notice_values(settings: Settings, patron, loans, today: dt.date,
         "items": render_items(loans, settings, today, barcodes),
         "items_with_barcodes": render_items(loans, settings, today, True),
         **wording(len(loans)),
-        "today": today.strftime(settings.date_format),
+        "today": show_day(settings.date_format, today),
         "earliest_due": show_date(settings, min(dues)) if dues else "",
     }
 
@@ -5666,12 +5680,20 @@ class Notice:
     @property
     def kind(self) -> str:
         """The most serious kind it holds; its template writes the message."""
-        return next((k for k in reversed(NOTICE_KINDS)
-                     if any(n.groups.get(k) for n in self.members)), "warning")
+        members = self.members
+        for kind in reversed(NOTICE_KINDS):
+            for n in members:
+                if n.groups.get(kind):
+                    return kind
+        return "warning"
 
     @property
     def sends(self) -> bool:
-        return any(n.groups.get(k) for n in self.members for k in NOTICE_KINDS)
+        for n in self.members:
+            for kind in NOTICE_KINDS:
+                if n.groups.get(kind):
+                    return True
+        return False
 
     def items(self) -> list:
         return [loan for n in self.members for group, _ in ITEM_GROUPS
@@ -5753,10 +5775,15 @@ class OverdueRun:
 
     def summary(self) -> str:
         sent = [n for n in self.notices if n.sends]
+        items = {group: 0 for group in NOTICE_KINDS}    # item_count() of each, in one pass
+        for notice in sent:
+            for member in notice.members:
+                for group in NOTICE_KINDS:
+                    items[group] += len(member.groups.get(group, ()))
         covering = f", notices due {self.window.describe()}" if self.window else ""
         text = (f"auto-overdue for {self.day} ({self.how}{covering}): queued "
-                f"{_plural(len(sent), 'message')} ({self.item_count('warning')} due soon, "
-                f"{self.item_count('overdue')} newly overdue, {self.item_count('reminder')} "
+                f"{_plural(len(sent), 'message')} ({items['warning']} due soon, "
+                f"{items['overdue']} newly overdue, {items['reminder']} "
                 f"reminders); not sent: {len(self.not_enabled)} not enabled for auto-overdue")
         if self.unreachable:
             text += (f", {len(self.unreachable)} could not be reached ("
@@ -5895,28 +5922,30 @@ def and_list(words: list) -> str:
 
 def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
     """The placeholders of one message (of one pupil, or of brothers and
-    sisters together)."""
+    sisters together): those of notice_values, for all of them."""
     members, items = notice.members, notice.items()
-    values = notice_values(settings, notice.patron, items, today, barcodes=False)
-    values["items"] = render_groups(settings, notice, today, barcodes=False)
-    values["items_with_barcodes"] = render_groups(settings, notice, today, barcodes=True)
-    values["overdue_count"] = sum(len(n.groups[g]) for n in members
-                                  for g in ("overdue", "reminder", "listed"))
-    values["warning_count"] = sum(len(n.groups["warning"]) for n in members)
-    # "your library book below is late back": the words follow the items of
-    # the message's kind (the overdue ones, or the ones due soon), not all.
-    lead = values["warning_count"] if notice.kind == "warning" else values["overdue_count"]
-    values.update({k: v for k, v in wording(lead).items() if k != "item_count"})
+    overdue_count = sum(len(n.groups[g]) for n in members for g in ("overdue", "reminder", "listed"))
+    warning_count = sum(len(n.groups["warning"]) for n in members)
     addresses = {address.lower() for _, address in notice.to}
     firsts = [first_name(n.patron) or one_line(n.patron["name"]) for n in members]
     names = [one_line(n.patron["name"]) for n in members]
     to_pupil = any((n.patron["email"] or "").strip().lower() in addresses for n in members)
-    values.update(patron_name=and_list(names), first_name=and_list(firsts),
-                  patron_id=", ".join(n.patron["patron_id"] for n in members))
-    values["addressee"] = and_list(firsts) if to_pupil else \
-        f"parent or guardian of {and_list(names)}"
-    values["your"] = "your" if to_pupil else and_list([f"{x}'s" for x in firsts])
-    return values
+    # "your library book below is late back": the words follow the items of
+    # the message's kind (the overdue ones, or the ones due soon), not all.
+    lead = warning_count if notice.kind == "warning" else overdue_count
+    return {
+        **wording(lead),
+        "library_name": settings.library_name or "the library",
+        "patron_name": and_list(names), "first_name": and_list(firsts),
+        "patron_id": ", ".join(n.patron["patron_id"] for n in members),
+        "items": render_groups(settings, notice, today, barcodes=False),
+        "items_with_barcodes": render_groups(settings, notice, today, barcodes=True),
+        "item_count": len(items), "overdue_count": overdue_count, "warning_count": warning_count,
+        "today": show_day(settings.date_format, today),
+        "earliest_due": show_date(settings, min(x["due_date"] for x in items)) if items else "",
+        "addressee": and_list(firsts) if to_pupil else f"parent or guardian of {and_list(names)}",
+        "your": "your" if to_pupil else and_list([f"{x}'s" for x in firsts]),
+    }
 
 
 def render_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: bool) -> str:
@@ -5939,7 +5968,7 @@ def own_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: boo
         lines = render_items(loans, settings, today, barcodes).split("\n")
         if group == "reminder":
             lines = [f"{line} (we wrote on "
-                     f"{notice.wrote[(x['barcode'], x['due_date'])].strftime(settings.date_format)})"
+                     f"{show_day(settings.date_format, notice.wrote[(x['barcode'], x['due_date'])])})"
                      for line, x in zip(lines, loans)]
         parts.append(heading + "\n" + "\n".join(lines))
     return "\n\n".join(parts)
@@ -6043,6 +6072,7 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
     (Recording first would lose the notices of a crash in between.)"""
     sent_at = now if sent_at is None else sent_at
     mtime = min(sent_at, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
+    composer = Composer(settings, sent_at)
     names = [n.file_name(run.day) if n.sends else None for n in run.notices]
     queued = queued_before(settings.spool, db, [x for x in names if x])
     files, rows = [], []
@@ -6050,7 +6080,7 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
         if name and name not in queued:
             values = message_values(settings, notice, run.day)
             subject, body = templates[notice.kind].fill(values)
-            files.append((name, compose(settings, notice.to, subject, body, now=sent_at)))
+            files.append((name, composer.message(notice.to, subject, body)))
         # A notice the message does not name as such (a reminder listed as
         # newly overdue) is recorded without a file: it was never sent as one.
         rows += [(member.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now,
