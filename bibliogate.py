@@ -5817,6 +5817,15 @@ WHERE l.due_date >= :first AND l.due_date <= :last AND NOT EXISTS (
     AND n.due_date = l.due_date AND n.patron_id = l.patron_id)"""
 
 
+#: The overdue notice of each loan due in a reminder's range (by the
+#: notices' key: one look-up a loan, however long the ledger grows).
+WROTE_SQL = """
+SELECT n.patron_id, n.barcode, n.due_date, n.queued_at, n.file FROM loans l
+JOIN notices n ON n.barcode = l.barcode AND n.kind = 'overdue' AND n.due_date = l.due_date
+    AND n.patron_id = l.patron_id
+WHERE l.due_date >= :first AND l.due_date <= :last"""
+
+
 def by_ids(db: sqlite3.Connection, sql: str, ids: list, *params) -> list:
     """Rows of `sql` (holding one `IN ({ids})`) for the ids, in chunks."""
     rows = []
@@ -5826,6 +5835,12 @@ def by_ids(db: sqlite3.Connection, sql: str, ids: list, *params) -> list:
     return rows
 
 
+def loan_rows(cursor: Iterable) -> Iterator[dict]:
+    """(patron_id, barcode, title, due_date) rows as the dicts a Notice holds."""
+    for pid, barcode, title, due in cursor:
+        yield {"patron_id": pid, "barcode": barcode, "title": title, "due_date": due}
+
+
 def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: str,
              spool: Path | None = None) -> OverdueRun:
     """Read what the window needs from the database and decide (decide_patron).
@@ -5833,27 +5848,18 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
     count as written: no reminder says "we wrote to you" about it."""
     run = OverdueRun(window.day, how, window)
     found: dict[str, dict] = {}
-    for kind, (first, last) in window.due_ranges(ov).items():
+    ranges = window.due_ranges(ov)
+    for kind, (first, last) in ranges.items():
         if first > last:
             continue
-        for row in db.execute(candidate_sql(kind), {"first": first.isoformat(),
-                                                    "last": last.isoformat()}):
-            found.setdefault(row["patron_id"], {k: [] for k in NOTICE_KINDS})[kind].append(dict(row))
+        for loan in loan_rows(db.execute(candidate_sql(kind), {"first": first.isoformat(),
+                                                               "last": last.isoformat()})):
+            found.setdefault(loan["patron_id"], {k: [] for k in NOTICE_KINDS})[kind].append(loan)
     if not found:
         return run
     ids = sorted(found)
     patrons = {r["patron_id"]: r for r in by_ids(db, "SELECT * FROM patrons WHERE patron_id IN ({ids})", ids)}
-    overdue: dict[str, list] = {}
-    for row in by_ids(db, "SELECT patron_id, barcode, title, due_date FROM loans WHERE "
-                      "patron_id IN ({ids}) AND due_date < ? ORDER BY due_date, title, barcode",
-                      ids, window.day.isoformat()):
-        overdue.setdefault(row["patron_id"], []).append(dict(row))
-    wrote: dict[tuple, dt.date] = {}
-    for row in by_ids(db, "SELECT patron_id, barcode, due_date, queued_at, file FROM notices "
-                      "WHERE kind = 'overdue' AND patron_id IN ({ids})", ids):
-        if spool and row[4] and (spool / (row[4][:-len(WAITING_EXT)] + BAD_EXT)).exists():
-            continue
-        wrote[(row[0], row[1], row[2])] = local_day(row[3])
+    reached: dict[str, list] = {}         #: patron id -> (name, address) pairs, in id order
     for pid in ids:
         patron = patrons.get(pid)
         if patron is None:
@@ -5866,7 +5872,24 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
             group = f", {one_line(patron['grp'])}" if patron["grp"] else ""
             run.unreachable[pid] = (f"{one_line(patron['name'])} ({pid}{group})", problem)
             continue
-        notice, too_late = decide_patron(dict(patron), to, found[pid], overdue.get(pid, []),
+        reached[pid] = to
+    # Every overdue item of the patrons who get a message (and only theirs).
+    overdue: dict[str, list] = {}
+    for loan in loan_rows(by_ids(db, "SELECT patron_id, barcode, title, due_date FROM loans "
+                                 "WHERE patron_id IN ({ids}) AND due_date < ?",
+                                 list(reached), window.day.isoformat())):
+        overdue.setdefault(loan["patron_id"], []).append(loan)
+    for loans in overdue.values():
+        loans.sort(key=lambda x: (x["due_date"], x["title"], x["barcode"]))
+    wrote: dict[tuple, dt.date] = {}
+    first, last = ranges["reminder"]
+    if first <= last:
+        for row in db.execute(WROTE_SQL, {"first": first.isoformat(), "last": last.isoformat()}):
+            if spool and row[4] and (spool / (row[4][:-len(WAITING_EXT)] + BAD_EXT)).exists():
+                continue
+            wrote[(row[0], row[1], row[2])] = local_day(row[3])
+    for pid, to in reached.items():
+        notice, too_late = decide_patron(dict(patrons[pid]), to, found[pid], overdue.get(pid, []),
                                          wrote, window.day)
         run.too_late += too_late
         if notice.records:
