@@ -5882,11 +5882,13 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
             run.unreachable[pid] = (f"{one_line(patron['name'])} ({pid}{group})", problem)
             continue
         reached[pid] = to
-    # Every overdue item of the patrons who get a message (and only theirs).
+    # Every overdue item of the patrons whose message is about overdue items
+    # (and only theirs: a message of warnings alone lists none; decide_patron).
+    late = [pid for pid in reached if found[pid]["overdue"] or found[pid]["reminder"]]
     overdue: dict[str, list] = {}
     for loan in loan_rows(by_ids(db, "SELECT patron_id, barcode, title, due_date FROM loans "
                                  "WHERE patron_id IN ({ids}) AND due_date < ?",
-                                 list(reached), window.day.isoformat())):
+                                 late, window.day.isoformat())):
         overdue.setdefault(loan["patron_id"], []).append(loan)
     for loans in overdue.values():
         loans.sort(key=lambda x: (x["due_date"], x["title"], x["barcode"]))
@@ -5910,8 +5912,9 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
 def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
                   day: dt.date) -> tuple[Notice, int]:
     """One patron's message from the loans whose notice day is in the window
-    (``due``: kind -> loans), every loan they have overdue, and the day each
-    overdue notice went (``wrote``: (patron_id, barcode, due) -> day).
+    (``due``: kind -> loans), every loan they have overdue (not needed for a
+    message of warnings alone), and the day each overdue notice went
+    (``wrote``: (patron_id, barcode, due) -> day).
 
     A reminder says "we wrote to you", so it goes only for a loan whose
     overdue notice went on an earlier day; a loan that never had one is
@@ -5922,6 +5925,10 @@ def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
     warning = sorted((x for x in due["warning"] if x["due_date"] >= today),
                      key=lambda x: (x["due_date"], x["title"]))
     too_late = len(due["warning"]) - len(warning)
+    if not due["overdue"] and not due["reminder"]:
+        # Warnings alone (most messages): no overdue item is listed.
+        return Notice(patron, to, {"overdue": [], "reminder": [], "listed": [], "warning": warning},
+                      [("warning", x, True) for x in warning]), too_late
     new = {key(x): x for x in due["overdue"]}
     records = [("warning", x, True) for x in warning] + [("overdue", x, True) for x in new.values()]
     reminder, sent_days = [], {}
