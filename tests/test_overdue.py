@@ -881,11 +881,11 @@ def test_a_long_ledger_does_not_slow_a_run(tmp_path):
     assert steps[1] < steps[0] * 1.5 + 50, steps
 
 
-FAMILY = [["P1", "Zoë Łukasz", "zoe@example.org", "home@example.org", "7A", "yes"],
+EXACT_PATRONS = [["P1", "Zoë Łukasz", "zoe@example.org", "home@example.org", "7A", "yes"],
           ["P4", 'Sam "Ace" O\'Brien', "", "home@example.org", "7B", "yes"],
           ["P5", 'Dr. Ed "Eddie" Smith', "ed@example.org", "", "8C", "yes"],
           ["P6", "Ann Smith", "ann@example.org", "", "8C", "yes"]]
-FAMILY_LOANS = [["P1", "B3", "Wonder", days(-1)], ["P1", "B4", "Coraline", days(-3)],
+EXACT_LOANS = [["P1", "B3", "Wonder", days(-1)], ["P1", "B4", "Coraline", days(-3)],
                 ["P1", "B8", "Le Petit Prince — édition illustrée", days(-9)],
                 ["P4", "B1", "Matilda", days(3)], ["P5", "B2", "Holes", days(3)],
                 ["P6", "B5", "Dune", days(-1)]]
@@ -941,7 +941,7 @@ def test_the_notices_are_written_byte_for_byte_as_before(tmp_path):
     """Plain, quoted and encoded names, a family in one message to two
     addresses, each kind, a line folded by quoted-printable: every byte."""
     settings, journal = setup(tmp_path, loans=[], overdue__send_to="both")
-    import_data(settings, tmp_path, FAMILY_LOANS, at(DAY, 5), patrons=FAMILY)
+    import_data(settings, tmp_path, EXACT_LOANS, at(DAY, 5), patrons=EXACT_PATRONS)
     bg.run_overdue(settings, journal, days(-2), at(days(-2)))     # Coraline's overdue notice
     for path in settings.spool.glob("*.TMP"):
         path.unlink()
