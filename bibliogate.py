@@ -1585,6 +1585,12 @@ class MessageTemplate:
         subject = fill_pieces(template_pieces(self.subject.template), values)
         return " ".join(subject.split()), fill_pieces(template_pieces(self.body.template), values)
 
+    @property
+    def names(self) -> frozenset:
+        """The placeholders it uses."""
+        return frozenset(template_pieces(self.subject.template)[1::2]
+                         + template_pieces(self.body.template)[1::2])
+
 
 @functools.lru_cache(maxsize=64)
 def template_pieces(text: str) -> tuple[str, ...]:
@@ -5960,9 +5966,12 @@ def and_list(words: list) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
+def message_values(settings: Settings, notice: Notice, today: dt.date,
+                   wanted: Container[str] | None = None) -> dict:
     """The placeholders of one message (of one pupil, or of brothers and
-    sisters together): those of notice_values, for all of them."""
+    sisters together): those of notice_values, for all of them. With
+    `wanted` (the template's names), ${items_with_barcodes} is listed only
+    when the template uses it."""
     members, items = notice.members, notice.items()
     overdue_count = sum(len(n.groups[g]) for n in members for g in ("overdue", "reminder", "listed"))
     warning_count = sum(len(n.groups["warning"]) for n in members)
@@ -5979,7 +5988,8 @@ def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
         "patron_name": and_list(names), "first_name": and_list(firsts),
         "patron_id": ", ".join(n.patron["patron_id"] for n in members),
         "items": render_groups(settings, notice, today, barcodes=False),
-        "items_with_barcodes": render_groups(settings, notice, today, barcodes=True),
+        **({"items_with_barcodes": render_groups(settings, notice, today, barcodes=True)}
+           if wanted is None or "items_with_barcodes" in wanted else {}),
         "item_count": len(items), "overdue_count": overdue_count, "warning_count": warning_count,
         "today": show_day(settings.date_format, today),
         "earliest_due": show_date(settings, min(x["due_date"] for x in items)) if items else "",
@@ -6129,13 +6139,15 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
     sent_at = now if sent_at is None else sent_at
     mtime = min(sent_at, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
     composer = Composer(settings, sent_at)
+    wanted = {kind: template.names for kind, template in templates.items()}
     names = [n.file_name(run.day) if n.sends else None for n in run.notices]
     queued = queued_before(settings.spool, db, [x for x in names if x])
     files, rows = [], []
     for n, (notice, name) in enumerate(zip(run.notices, names), 1):
         if name and name not in queued:
-            values = message_values(settings, notice, run.day)
-            subject, body = templates[notice.kind].fill(values)
+            kind = notice.kind
+            subject, body = templates[kind].fill(message_values(settings, notice, run.day,
+                                                                wanted[kind]))
             files.append((name, composer.message(notice.to, subject, body)))
         # A notice the message does not name as such (a reminder listed as
         # newly overdue) is recorded without a file: it was never sent as one.
