@@ -52,7 +52,7 @@ def test_a_mailbox_is_what_formataddr_writes(name, address):
 PIECE = st.one_of(st.text(alphabet=st.characters(blacklist_characters="$",
                                                  blacklist_categories=("Cs",)), max_size=8),
                   st.just("$$"), st.sampled_from(["${a}", "${b_2}", "$a", "$a ", "$b_2."]),
-                  st.just("$"), st.just("${"), st.just("$1"))
+                  st.just("$"), st.just("${"), st.just("$1"), st.just("$A"))
 
 
 @SAME
@@ -61,12 +61,19 @@ def test_a_filled_template_is_what_substitute_gives(pieces):
     text = "".join(pieces)
     values = {"a": "A$a", "b_2": 7}
     try:
-        expected = string.Template(text).substitute(values)
-    except ValueError:                           # a lone '$': both refuse it
-        with pytest.raises(ValueError):
-            bg.template_pieces(text)
+        split = bg.template_pieces(text)
+    except ValueError:          # a lone '$' (parse_template lets none through): refused too
+        with pytest.raises((ValueError, KeyError)):
+            string.Template(text).substitute(values)
         return
-    assert bg.fill_pieces(bg.template_pieces(text), values) == expected
+    try:
+        expected = string.Template(text).substitute(values)
+    except KeyError as exc:     # a name without a value ("$A"): both name the first one
+        with pytest.raises(KeyError) as raised:
+            bg.fill_pieces(split, values)
+        assert raised.value.args == exc.args
+        return
+    assert bg.fill_pieces(split, values) == expected
 
 
 def old_body_part(body: str) -> tuple[str, bytes]:
