@@ -5777,10 +5777,6 @@ class OverdueRun:
     def count(self, kind: str) -> int:
         return sum(1 for n in self.notices if n.sends and n.kind == kind)
 
-    def item_count(self, group: str) -> int:
-        return sum(len(m.groups.get(group, ())) for n in self.notices if n.sends
-                   for m in n.members)
-
     def unreachable_lines(self, limit: int | None = None) -> list[str]:
         """"Cy Young (P3, 7B): no guardian email address", by name."""
         rows = sorted(self.unreachable.items(), key=lambda kv: kv[1][0].lower())
@@ -5791,7 +5787,7 @@ class OverdueRun:
 
     def summary(self) -> str:
         sent = [n for n in self.notices if n.sends]
-        items = {group: 0 for group in NOTICE_KINDS}    # item_count() of each, in one pass
+        items = {group: 0 for group in NOTICE_KINDS}    # the items of each kind, in one pass
         for notice in sent:
             for member in notice.members:
                 for group in NOTICE_KINDS:
