@@ -65,6 +65,7 @@ import email.quoprimime
 import email.utils
 import errno
 import functools
+import gc
 import hashlib
 import heapq
 import itertools
@@ -1621,11 +1622,50 @@ class MessageTemplate:
     subject: string.Template
     body: string.Template
 
-    def fill(self, values: dict) -> tuple[str, str]:
+    def fill(self, values: Mapping) -> tuple[str, str]:
         """(subject, body) with every placeholder filled; the subject is one
-        line whatever the values hold, so data can never add a header."""
-        subject = self.subject.substitute(values)
-        return " ".join(subject.split()), self.body.substitute(values)
+        line whatever the values hold, so data can never add a header. Raises
+        KeyError for a placeholder `values` lacks (as Template.substitute)."""
+        subject = fill_pieces(template_pieces(self.subject.template), values)
+        return " ".join(subject.split()), fill_pieces(template_pieces(self.body.template), values)
+
+    @property
+    def names(self) -> frozenset:
+        """The placeholders it uses."""
+        return frozenset(template_pieces(self.subject.template)[1::2]
+                         + template_pieces(self.body.template)[1::2])
+
+
+@functools.lru_cache(maxsize=64)
+def template_pieces(text: str) -> tuple[str, ...]:
+    """A template's text split once into literal text and placeholder names,
+    alternating (literal first, so names are at the odd places); "$$" is
+    already "$". Filling is then one join: the overdue job fills thousands,
+    and Template.substitute runs its regex and a callback for each. Raises
+    ValueError on a bad '$' (parse_template lets none through)."""
+    pieces, literal, last = [], [], 0
+    for match in string.Template.pattern.finditer(text):
+        literal.append(text[last:match.start()])
+        last = match.end()
+        name = match.group("named") or match.group("braced")
+        if name:
+            pieces += ["".join(literal), name]
+            literal = []
+        elif match.group("escaped") is not None:
+            literal.append(string.Template.delimiter)
+        else:
+            raise ValueError(f"a lone '$' at offset {match.start()}")
+    literal.append(text[last:])
+    pieces.append("".join(literal))
+    return tuple(pieces)
+
+
+def fill_pieces(pieces: tuple[str, ...], values: Mapping) -> str:
+    """template_pieces filled: each name's value as str(), as Template.substitute does."""
+    filled = list(pieces)
+    for n in range(1, len(filled), 2):
+        filled[n] = str(values[filled[n]])
+    return "".join(filled)
 
 
 def placeholders(template: string.Template) -> list[tuple[str, int]]:
@@ -1713,8 +1753,14 @@ def template_problems(settings: Settings) -> list[str]:
 # Messages ####################################################################
 
 def one_line(value: str) -> str:
-    """A value fit for a header: control characters become spaces."""
-    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(value)).split())
+    """A value fit for a header: control characters become spaces, runs of
+    spaces one, none at either end."""
+    text = str(value)
+    # Printable text has no whitespace but " " (the others are all control
+    # or separator characters): most values need no change, and no regex.
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
 
 
 def valid_address(address: str) -> bool:
@@ -1769,42 +1815,71 @@ def header_value(text: str, name: str) -> str:
 def body_part(body: str) -> tuple[str, bytes]:
     """(Content-Transfer-Encoding, bytes with CRLF endings) for a text body:
     7bit when it is plain ASCII in short lines, quoted-printable otherwise."""
-    text = "\r\n".join(body.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
-    if text.isascii() and all(len(line) <= 998 for line in text.split("\r\n")):
+    if "\r" in body:
+        body = body.replace("\r\n", "\n").replace("\r", "\n")
+    text = body.replace("\n", "\r\n")
+    if text.isascii() and not LONG_TEXT_LINE_RE.search(text):
         return "7bit", text.encode("ascii")
     # body_encode works on one character per byte: give it the UTF-8 bytes so.
     encoded = email.quoprimime.body_encode(text.encode("utf-8").decode("latin-1"), eol="\r\n")
     return "quoted-printable", encoded.encode("ascii")
 
 
+#: A line of text longer than RFC 5321 allows (MAX_LINE_BYTES).
+LONG_TEXT_LINE_RE = re.compile(r"[^\r\n]{%d}" % (MAX_LINE_BYTES + 1))
+#: A display name formataddr would quote (email.utils' specials).
+NAME_SPECIALS_RE = re.compile(r'[][\\()<>@,:;".]')
+
+
+def mailbox(name: str, address: str) -> str:
+    """formataddr((name, address), "utf-8"): "Ann Smith <ann@example.org>", the
+    name quoted or RFC 2047 encoded where it must be. A plain ASCII name (the
+    common case) is written here, the rest by the email package."""
+    if name and name.isascii() and address.isascii() and not NAME_SPECIALS_RE.search(name):
+        return f"{name} <{address}>"
+    return email.utils.formataddr((name, address), "utf-8")
+
+
+class Composer:
+    """Our own messages from one sender, dated one moment (now; None: the
+    moment each is composed). What they all share, From, Date and the
+    Message-ID's domain, is worked out once: the overdue job of a big
+    district composes thousands. (Written by hand rather than with
+    EmailMessage, which is five times slower.)"""
+
+    def __init__(self, settings: Settings, now: float | None = None):
+        sender = settings.from_address or "bibliogate@localhost"
+        self.domain = sender.rpartition("@")[2] or "localhost"
+        self.sender = mailbox(one_line(settings.library_name), sender)
+        self.date = None if now is None else email.utils.formatdate(now, localtime=True)
+
+    def message(self, to: str | list, subject: str, body: str, to_name: str = "") -> bytes:
+        """A complete message, ready for the spool. The names and addresses come from data a
+        patron may have typed: they pass through one_line and the email package's encoders,
+        so they can never add a header. Raises BadMessage when `to` is not an email address."""
+        pairs = to if isinstance(to, list) else [(to_name, to)]     #: several: [(name, address)]
+        for _, address in pairs:
+            if not valid_address(address):
+                raise BadMessage(f"{address!r} is not an email address.")
+        cte, data = body_part(body)
+        recipients = ",\r\n ".join(mailbox(one_line(name), address) for name, address in pairs)
+        date = self.date or email.utils.formatdate(None, localtime=True)
+        head = (f"From: {self.sender}\r\n"
+                f"To: {recipients}\r\n"
+                f"Subject: {header_value(subject, 'Subject')}\r\n"
+                f"Date: {date}\r\n"
+                f"Message-ID: <{time.time_ns()}.{secrets.token_hex(6)}.bibliogate@{self.domain}>\r\n"
+                "Auto-Submitted: auto-generated\r\n"
+                "MIME-Version: 1.0\r\n"
+                'Content-Type: text/plain; charset="utf-8"\r\n'
+                f"Content-Transfer-Encoding: {cte}\r\n\r\n")
+        return head.encode("ascii") + data
+
+
 def compose(settings: Settings, to: str | list, subject: str, body: str, to_name: str = "",
             now: float | None = None) -> bytes:
-    """A complete message of our own, ready for the spool. The names and addresses come from
-    data a patron may have typed: they pass through one_line and the email package's
-    encoders, so they can never add a header. (Written by hand rather than with
-    EmailMessage, which is five times slower: the overdue job of a big district writes
-    thousands.) Raises BadMessage when `to` is not an email address."""
-    pairs = to if isinstance(to, list) else [(to_name, to)]     #: several: [(name, address)]
-    for _, address in pairs:
-        if not valid_address(address):
-            raise BadMessage(f"{address!r} is not an email address.")
-    sender = settings.from_address or "bibliogate@localhost"
-    domain = sender.rpartition("@")[2] or "localhost"
-    cte, data = body_part(body)
-    headers = [
-        ("From", email.utils.formataddr((one_line(settings.library_name), sender), "utf-8")),
-        ("To", ",\r\n ".join(email.utils.formataddr((one_line(name), address), "utf-8")
-                              for name, address in pairs)),
-        ("Subject", header_value(subject, "Subject")),
-        ("Date", email.utils.formatdate(now, localtime=True)),
-        ("Message-ID", f"<{time.time_ns()}.{secrets.token_hex(6)}.bibliogate@{domain}>"),
-        ("Auto-Submitted", "auto-generated"),
-        ("MIME-Version", "1.0"),
-        ("Content-Type", 'text/plain; charset="utf-8"'),
-        ("Content-Transfer-Encoding", cte),
-    ]
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    return head.encode("ascii") + b"\r\n" + data
+    """One message of our own (Composer.message), dated `now` (default: now)."""
+    return Composer(settings, now).message(to, subject, body, to_name)
 
 
 @dataclasses.dataclass
@@ -2722,26 +2797,25 @@ def write_files(folder: Path, files: list[tuple[str, bytes]], mtime: float | Non
     cheaper for the disk than a flush (and a folder flush) per file, and no
     file is ever seen half-written. On error the .part files not yet renamed
     are removed and SpoolError says what happened (files renamed before it
-    stay queued)."""
-    folder = Path(folder)
-    parts: list[tuple[Path, Path]] = []
-    handles: list = []
+    stay queued). (Plain strings and os.write: the overdue job writes
+    thousands, and Path and a buffered file object cost more than the write.)"""
+    base = os.fspath(folder)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+    parts: list[tuple[str, str]] = []
+    fds: list[int] = []
     renamed = 0
     try:
         try:
             for name, data in files:
-                part = folder / f".{name}{PART_SUFFIX}"
-                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                             | getattr(os, "O_BINARY", 0), 0o600)
-                parts.append((part, folder / name))
-                handles.append(open(fd, "wb"))
-                handles[-1].write(data)
-                handles[-1].flush()
-            flush_together([fh.fileno() for fh in handles])
+                part = os.path.join(base, f".{name}{PART_SUFFIX}")
+                fds.append(os.open(part, flags, 0o600))
+                parts.append((part, os.path.join(base, name)))
+                write_all(fds[-1], data)
+            flush_together(fds)
         finally:
-            for fh in handles:
+            for fd in fds:
                 with contextlib.suppress(OSError):
-                    fh.close()
+                    os.close(fd)
         for part, path in parts:
             if mtime is not None:
                 os.utime(part, (mtime, mtime))
@@ -2756,6 +2830,16 @@ def write_files(folder: Path, files: list[tuple[str, bytes]], mtime: float | Non
         why = str(exc) if isinstance(exc, SpoolError) else (
             f"{exc.strerror or exc}. Free some disk space or check the folder's permissions.")
         raise SpoolError(f"Could not write files in {folder}: {why}") from None
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of data to a file descriptor (os.write may take only a part)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:        # a file takes a byte or more, or raises: never spin
+            raise OSError(f"the disk took none of the last {len(view)} bytes")
+        view = view[written:]
 
 
 def queued_before(folder: Path, db: sqlite3.Connection, names: Iterable[str]) -> set[str]:
@@ -5961,7 +6045,14 @@ CLOSED_KEY = "overdue_closed_day"
 
 def show_date(settings: Settings, iso: str) -> str:
     """An ISO date (yyyy-mm-dd) as [library] date_format writes it."""
-    return dt.date.fromisoformat(iso).strftime(settings.date_format)
+    return show_day(settings.date_format, dt.date.fromisoformat(iso))
+
+
+@functools.lru_cache(maxsize=1024)
+def show_day(date_format: str, day: dt.date) -> str:
+    """A day as date_format writes it. Kept: a run writes the same few
+    hundred due dates into thousands of messages."""
+    return day.strftime(date_format)
 
 
 def days_late(due: dt.date, today: dt.date) -> str:
@@ -5969,18 +6060,25 @@ def days_late(due: dt.date, today: dt.date) -> str:
     return f"{late} {'day' if late == 1 else 'days'} overdue" if late > 0 else ""
 
 
+@functools.lru_cache(maxsize=1024)
+def due_text(date_format: str, due_date: str, today: dt.date) -> str:
+    """The end of an item's line: ", due D" and, once past due, ", N days
+    overdue". Raises ValueError for a due_date that is not yyyy-mm-dd."""
+    due = dt.date.fromisoformat(due_date)
+    late = days_late(due, today)
+    return f", due {show_day(date_format, due)}" + (f", {late}" if late else "")
+
+
 def render_items(loans, settings: Settings, today: dt.date, barcodes: bool = True) -> str:
     """One line per loan, in the order given: "- Title (barcode B), due D"
     (the barcode left out with barcodes=False, as in the notices and letters)
     and, once past due, ", N days overdue"."""
-    lines = []
-    for loan in loans:
-        due = dt.date.fromisoformat(loan["due_date"])
-        code = f" (barcode {one_line(loan['barcode'])})" if barcodes else ""
-        line = f"- {one_line(loan['title'])}{code}, due {due.strftime(settings.date_format)}"
-        late = days_late(due, today)
-        lines.append(line + (f", {late}" if late else ""))
-    return "\n".join(lines)
+    fmt = settings.date_format
+    if not barcodes:
+        return "\n".join(f"- {one_line(loan['title'])}{due_text(fmt, loan['due_date'], today)}"
+                         for loan in loans)
+    return "\n".join(f"- {one_line(loan['title'])} (barcode {one_line(loan['barcode'])})"
+                     f"{due_text(fmt, loan['due_date'], today)}" for loan in loans)
 
 
 def first_name(patron) -> str:
@@ -6013,7 +6111,7 @@ def notice_values(settings: Settings, patron, loans, today: dt.date,
         "items": render_items(loans, settings, today, barcodes),
         "items_with_barcodes": render_items(loans, settings, today, True),
         **wording(len(loans)),
-        "today": today.strftime(settings.date_format),
+        "today": show_day(settings.date_format, today),
         "earliest_due": show_date(settings, min(dues)) if dues else "",
     }
 
@@ -6151,12 +6249,20 @@ class Notice:
     @property
     def kind(self) -> str:
         """The most serious kind it holds; its template writes the message."""
-        return next((k for k in reversed(NOTICE_KINDS)
-                     if any(n.groups.get(k) for n in self.members)), "warning")
+        members = self.members
+        for kind in reversed(NOTICE_KINDS):
+            for n in members:
+                if n.groups.get(kind):
+                    return kind
+        return "warning"
 
     @property
     def sends(self) -> bool:
-        return any(n.groups.get(k) for n in self.members for k in NOTICE_KINDS)
+        for n in self.members:
+            for kind in NOTICE_KINDS:
+                if n.groups.get(kind):
+                    return True
+        return False
 
     def items(self) -> list:
         return [loan for n in self.members for group, _ in ITEM_GROUPS
@@ -6224,10 +6330,6 @@ class OverdueRun:
     def count(self, kind: str) -> int:
         return sum(1 for n in self.notices if n.sends and n.kind == kind)
 
-    def item_count(self, group: str) -> int:
-        return sum(len(m.groups.get(group, ())) for n in self.notices if n.sends
-                   for m in n.members)
-
     def unreachable_lines(self, limit: int | None = None) -> list[str]:
         """"Cy Young (P3, 7B): no guardian email address", by name."""
         rows = sorted(self.unreachable.items(), key=lambda kv: kv[1][0].lower())
@@ -6238,10 +6340,15 @@ class OverdueRun:
 
     def summary(self) -> str:
         sent = [n for n in self.notices if n.sends]
+        items = {group: 0 for group in NOTICE_KINDS}    # the items of each kind, in one pass
+        for notice in sent:
+            for member in notice.members:
+                for group in NOTICE_KINDS:
+                    items[group] += len(member.groups.get(group, ()))
         covering = f", notices due {self.window.describe()}" if self.window else ""
         text = (f"auto-overdue for {self.day} ({self.how}{covering}): queued "
-                f"{_plural(len(sent), 'message')} ({self.item_count('warning')} due soon, "
-                f"{self.item_count('overdue')} newly overdue, {self.item_count('reminder')} "
+                f"{_plural(len(sent), 'message')} ({items['warning']} due soon, "
+                f"{items['overdue']} newly overdue, {items['reminder']} "
                 f"reminders); not sent: {len(self.not_enabled)} not enabled for auto-overdue")
         if self.unreachable:
             text += (f", {len(self.unreachable)} could not be reached ("
@@ -6275,6 +6382,15 @@ WHERE l.due_date >= :first AND l.due_date <= :last AND NOT EXISTS (
     AND n.due_date = l.due_date AND n.patron_id = l.patron_id)"""
 
 
+#: The overdue notice of each loan due in a reminder's range (by the
+#: notices' key: one look-up a loan, however long the ledger grows).
+WROTE_SQL = """
+SELECT n.patron_id, n.barcode, n.due_date, n.queued_at, n.file FROM loans l
+JOIN notices n ON n.barcode = l.barcode AND n.kind = 'overdue' AND n.due_date = l.due_date
+    AND n.patron_id = l.patron_id
+WHERE l.due_date >= :first AND l.due_date <= :last"""
+
+
 def by_ids(db: sqlite3.Connection, sql: str, ids: list, *params) -> list:
     """Rows of `sql` (holding one `IN ({ids})`) for the ids, in chunks."""
     rows = []
@@ -6284,6 +6400,12 @@ def by_ids(db: sqlite3.Connection, sql: str, ids: list, *params) -> list:
     return rows
 
 
+def loan_rows(cursor: Iterable) -> Iterator[dict]:
+    """(patron_id, barcode, title, due_date) rows as the dicts a Notice holds."""
+    for pid, barcode, title, due in cursor:
+        yield {"patron_id": pid, "barcode": barcode, "title": title, "due_date": due}
+
+
 def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: str,
              spool: Path | None = None) -> OverdueRun:
     """Read what the window needs from the database and decide (decide_patron).
@@ -6291,27 +6413,18 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
     count as written: no reminder says "we wrote to you" about it."""
     run = OverdueRun(window.day, how, window)
     found: dict[str, dict] = {}
-    for kind, (first, last) in window.due_ranges(ov).items():
+    ranges = window.due_ranges(ov)
+    for kind, (first, last) in ranges.items():
         if first > last:
             continue
-        for row in db.execute(candidate_sql(kind), {"first": first.isoformat(),
-                                                    "last": last.isoformat()}):
-            found.setdefault(row["patron_id"], {k: [] for k in NOTICE_KINDS})[kind].append(dict(row))
+        for loan in loan_rows(db.execute(candidate_sql(kind), {"first": first.isoformat(),
+                                                               "last": last.isoformat()})):
+            found.setdefault(loan["patron_id"], {k: [] for k in NOTICE_KINDS})[kind].append(loan)
     if not found:
         return run
     ids = sorted(found)
     patrons = {r["patron_id"]: r for r in by_ids(db, "SELECT * FROM patrons WHERE patron_id IN ({ids})", ids)}
-    overdue: dict[str, list] = {}
-    for row in by_ids(db, "SELECT patron_id, barcode, title, due_date FROM loans WHERE "
-                      "patron_id IN ({ids}) AND due_date < ? ORDER BY due_date, title, barcode",
-                      ids, window.day.isoformat()):
-        overdue.setdefault(row["patron_id"], []).append(dict(row))
-    wrote: dict[tuple, dt.date] = {}
-    for row in by_ids(db, "SELECT patron_id, barcode, due_date, queued_at, file FROM notices "
-                      "WHERE kind = 'overdue' AND patron_id IN ({ids})", ids):
-        if spool and row[4] and (spool / (row[4][:-len(WAITING_EXT)] + BAD_EXT)).exists():
-            continue
-        wrote[(row[0], row[1], row[2])] = local_day(row[3])
+    reached: dict[str, list] = {}         #: patron id -> (name, address) pairs, in id order
     for pid in ids:
         patron = patrons.get(pid)
         if patron is None:
@@ -6324,7 +6437,26 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
             group = f", {one_line(patron['grp'])}" if patron["grp"] else ""
             run.unreachable[pid] = (f"{one_line(patron['name'])} ({pid}{group})", problem)
             continue
-        notice, too_late = decide_patron(dict(patron), to, found[pid], overdue.get(pid, []),
+        reached[pid] = to
+    # Every overdue item of the patrons whose message is about overdue items
+    # (and only theirs: a message of warnings alone lists none; decide_patron).
+    late = [pid for pid in reached if found[pid]["overdue"] or found[pid]["reminder"]]
+    overdue: dict[str, list] = {}
+    for loan in loan_rows(by_ids(db, "SELECT patron_id, barcode, title, due_date FROM loans "
+                                 "WHERE patron_id IN ({ids}) AND due_date < ?",
+                                 late, window.day.isoformat())):
+        overdue.setdefault(loan["patron_id"], []).append(loan)
+    for loans in overdue.values():
+        loans.sort(key=lambda x: (x["due_date"], x["title"], x["barcode"]))
+    wrote: dict[tuple, dt.date] = {}
+    first, last = ranges["reminder"]
+    if first <= last:
+        for row in db.execute(WROTE_SQL, {"first": first.isoformat(), "last": last.isoformat()}):
+            if spool and row[4] and (spool / (row[4][:-len(WAITING_EXT)] + BAD_EXT)).exists():
+                continue
+            wrote[(row[0], row[1], row[2])] = local_day(row[3])
+    for pid, to in reached.items():
+        notice, too_late = decide_patron(dict(patrons[pid]), to, found[pid], overdue.get(pid, []),
                                          wrote, window.day)
         run.too_late += too_late
         if notice.records:
@@ -6336,8 +6468,9 @@ def plan_run(db: sqlite3.Connection, ov: OverdueSettings, window: Window, how: s
 def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
                   day: dt.date) -> tuple[Notice, int]:
     """One patron's message from the loans whose notice day is in the window
-    (``due``: kind -> loans), every loan they have overdue, and the day each
-    overdue notice went (``wrote``: (patron_id, barcode, due) -> day).
+    (``due``: kind -> loans), every loan they have overdue (not needed for a
+    message of warnings alone), and the day each overdue notice went
+    (``wrote``: (patron_id, barcode, due) -> day).
 
     A reminder says "we wrote to you", so it goes only for a loan whose
     overdue notice went on an earlier day; a loan that never had one is
@@ -6348,6 +6481,10 @@ def decide_patron(patron: dict, to: list, due: dict, overdue: list, wrote: dict,
     warning = sorted((x for x in due["warning"] if x["due_date"] >= today),
                      key=lambda x: (x["due_date"], x["title"]))
     too_late = len(due["warning"]) - len(warning)
+    if not due["overdue"] and not due["reminder"]:
+        # Warnings alone (most messages): no overdue item is listed.
+        return Notice(patron, to, {"overdue": [], "reminder": [], "listed": [], "warning": warning},
+                      [("warning", x, True) for x in warning]), too_late
     new = {key(x): x for x in due["overdue"]}
     records = [("warning", x, True) for x in warning] + [("overdue", x, True) for x in new.values()]
     reminder, sent_days = [], {}
@@ -6378,30 +6515,36 @@ def and_list(words: list) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def message_values(settings: Settings, notice: Notice, today: dt.date) -> dict:
+def message_values(settings: Settings, notice: Notice, today: dt.date,
+                   wanted: Container[str] | None = None) -> dict:
     """The placeholders of one message (of one pupil, or of brothers and
-    sisters together)."""
+    sisters together): those of notice_values, for all of them. With
+    `wanted` (the template's names), ${items_with_barcodes} is listed only
+    when the template uses it."""
     members, items = notice.members, notice.items()
-    values = notice_values(settings, notice.patron, items, today, barcodes=False)
-    values["items"] = render_groups(settings, notice, today, barcodes=False)
-    values["items_with_barcodes"] = render_groups(settings, notice, today, barcodes=True)
-    values["overdue_count"] = sum(len(n.groups[g]) for n in members
-                                  for g in ("overdue", "reminder", "listed"))
-    values["warning_count"] = sum(len(n.groups["warning"]) for n in members)
-    # "your library book below is late back": the words follow the items of
-    # the message's kind (the overdue ones, or the ones due soon), not all.
-    lead = values["warning_count"] if notice.kind == "warning" else values["overdue_count"]
-    values.update({k: v for k, v in wording(lead).items() if k != "item_count"})
+    overdue_count = sum(len(n.groups[g]) for n in members for g in ("overdue", "reminder", "listed"))
+    warning_count = sum(len(n.groups["warning"]) for n in members)
     addresses = {address.lower() for _, address in notice.to}
     firsts = [first_name(n.patron) or one_line(n.patron["name"]) for n in members]
     names = [one_line(n.patron["name"]) for n in members]
     to_pupil = any((n.patron["email"] or "").strip().lower() in addresses for n in members)
-    values.update(patron_name=and_list(names), first_name=and_list(firsts),
-                  patron_id=", ".join(n.patron["patron_id"] for n in members))
-    values["addressee"] = and_list(firsts) if to_pupil else \
-        f"parent or guardian of {and_list(names)}"
-    values["your"] = "your" if to_pupil else and_list([f"{x}'s" for x in firsts])
-    return values
+    # "your library book below is late back": the words follow the items of
+    # the message's kind (the overdue ones, or the ones due soon), not all.
+    lead = warning_count if notice.kind == "warning" else overdue_count
+    return {
+        **wording(lead),
+        "library_name": settings.library_name or "the library",
+        "patron_name": and_list(names), "first_name": and_list(firsts),
+        "patron_id": ", ".join(n.patron["patron_id"] for n in members),
+        "items": render_groups(settings, notice, today, barcodes=False),
+        **({"items_with_barcodes": render_groups(settings, notice, today, barcodes=True)}
+           if wanted is None or "items_with_barcodes" in wanted else {}),
+        "item_count": len(items), "overdue_count": overdue_count, "warning_count": warning_count,
+        "today": show_day(settings.date_format, today),
+        "earliest_due": show_date(settings, min(x["due_date"] for x in items)) if items else "",
+        "addressee": and_list(firsts) if to_pupil else f"parent or guardian of {and_list(names)}",
+        "your": "your" if to_pupil else and_list([f"{x}'s" for x in firsts]),
+    }
 
 
 def render_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: bool) -> str:
@@ -6424,7 +6567,7 @@ def own_groups(settings: Settings, notice: Notice, today: dt.date, barcodes: boo
         lines = render_items(loans, settings, today, barcodes).split("\n")
         if group == "reminder":
             lines = [f"{line} (we wrote on "
-                     f"{notice.wrote[(x['barcode'], x['due_date'])].strftime(settings.date_format)})"
+                     f"{show_day(settings.date_format, notice.wrote[(x['barcode'], x['due_date'])])})"
                      for line, x in zip(lines, loans)]
         parts.append(heading + "\n" + "\n".join(lines))
     return "\n\n".join(parts)
@@ -6478,10 +6621,11 @@ def run_overdue(settings: Settings, journal: Journal, day: dt.date, now: float,
     if problem and not dry_run:
         raise StaleData(f"Auto-overdue did not run: {problem}")
     if dry_run:
-        return plan_run(db, ov, window, how, settings.spool)
+        with collector_paused():
+            return plan_run(db, ov, window, how, settings.spool)
     templates = {kind: load_template(settings, kind) for kind in NOTICE_KINDS}
     with circulation_lock(settings, "Another auto-overdue run is going on right now; try "
-                          "again in a minute."):
+                          "again in a minute."), collector_paused():
         run = plan_run(db, ov, window, how, settings.spool)
         queue_notices(settings, db, run, templates, now, sent_at)
     set_state(db, **{LAST_RUN_KEY: {"day": day.isoformat(), "at": now, "summary": run.summary(),
@@ -6494,6 +6638,21 @@ def run_overdue(settings: Settings, journal: Journal, day: dt.date, now: float,
                       f"{ov.send_to}): " + "; ".join(run.unreachable_lines()) + ".",
                       level=logging.WARNING)
     return run
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector paused while a run decides and writes: a big
+    district's run makes hundreds of thousands of small dicts, lists and
+    tuples, none of them in a cycle (reference counting frees them), and the
+    collector walked them again and again (a tenth of the run's Python time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager
@@ -6528,14 +6687,17 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
     (Recording first would lose the notices of a crash in between.)"""
     sent_at = now if sent_at is None else sent_at
     mtime = min(sent_at, time.time()) - OWN_FILE_AGE     # complete: the sender may take it at once
+    composer = Composer(settings, sent_at)
+    wanted = {kind: template.names for kind, template in templates.items()}
     names = [n.file_name(run.day) if n.sends else None for n in run.notices]
     queued = queued_before(settings.spool, db, [x for x in names if x])
     files, rows = [], []
     for n, (notice, name) in enumerate(zip(run.notices, names), 1):
         if name and name not in queued:
-            values = message_values(settings, notice, run.day)
-            subject, body = templates[notice.kind].fill(values)
-            files.append((name, compose(settings, notice.to, subject, body, now=sent_at)))
+            kind = notice.kind
+            subject, body = templates[kind].fill(message_values(settings, notice, run.day,
+                                                                wanted[kind]))
+            files.append((name, composer.message(notice.to, subject, body)))
         # A notice the message does not name as such (a reminder listed as
         # newly overdue) is recorded without a file: it was never sent as one.
         rows += [(member.patron["patron_id"], loan["barcode"], kind, loan["due_date"], now,

@@ -15,7 +15,8 @@ so that its peak memory and CPU time (user + system) can be read:
 
 Each program given with --program (e.g. before=old/bibliogate.py) runs every
 step in a fresh folder, in turn with the others, --repeat times; the medians
-are reported. Not part of the tests. Run:
+are reported, of wall time and (where the system tells) of the processor
+time each command used, user and system. Not part of the tests. Run:
   python bench/overdue.py [--patrons N] [--loans N] [--program NAME=PATH ...] [--repeat 3]
 Results are printed as a table and saved in bench/out/.
 """
@@ -95,8 +96,10 @@ def make_next_night(source: Path, path: Path, patrons: int, rng: random.Random) 
 
 
 def measure(argv: list[str], cwd: Path) -> dict:
-    """Run a command; its wall time, peak memory (MB, where the system tells)
-    and output."""
+    """Run a command; its wall time, peak memory (MB, where the system tells),
+    the processor time it used (user and system seconds, where the system
+    tells: on a shared machine less disturbed by the others than the wall
+    time) and output."""
     with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=cwd, stdout=out_file, stderr=err_file)
@@ -105,10 +108,10 @@ def measure(argv: list[str], cwd: Path) -> dict:
             proc.returncode = os.waitstatus_to_exitcode(status)
             scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
             peak = usage.ru_maxrss * scale / 1e6
-            cpu = usage.ru_utime + usage.ru_stime
+            cpu = {"user": round(usage.ru_utime, 2), "sys": round(usage.ru_stime, 2)}
         else:                                                # Windows: time only
             proc.wait()
-            peak = cpu = None
+            peak, cpu = None, {"user": None, "sys": None}
         seconds = time.perf_counter() - start
         out_file.seek(0)
         err_file.seek(0)
@@ -117,7 +120,8 @@ def measure(argv: list[str], cwd: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{out}\n{err}")
     return {"seconds": round(seconds, 2), "peak_mb": round(peak, 1) if peak else None,
-            "cpu_seconds": round(cpu, 2) if cpu is not None else None,
+            "user_s": cpu["user"], "sys_s": cpu["sys"],
+            "cpu_seconds": round(cpu["user"] + cpu["sys"], 2) if cpu["user"] is not None else None,
             "output": out.strip().splitlines()[-1] if out.strip() else ""}
 
 
@@ -209,7 +213,8 @@ def one_run(work: Path, data: Path, program: Path, label: str) -> dict:
 
     def step(name, argv):
         steps[name] = measure(argv, work)
-        print(f"{label}: {name}: {steps[name]['seconds']} s, peak {steps[name]['peak_mb']} MB: "
+        print(f"{label}: {name}: {steps[name]['seconds']} s (processor: {steps[name]['user_s']} s "
+              f"user, {steps[name]['sys_s']} s system), peak {steps[name]['peak_mb']} MB: "
               f"{steps[name]['output'][:100]}", flush=True)
 
     for name in ("patrons", "loans"):
@@ -266,6 +271,15 @@ def report(results: dict) -> None:
                               if r[step].get("cpu_seconds") and r[bare].get("cpu_seconds")]
                 cpu_ratio = f"{median(cpu_ratios):.1f}x" if cpu_ratios else ""
             cells.append(f"{seconds:.2f} | {peak:.0f} | {ratio} | {cpu:.2f} | {cpu_ratio}")
+        print(f"| {step} | " + " | ".join(cells) + " |")
+    print("\nProcessor time, medians (user s / system s):")
+    print("| step | " + " | ".join(f"{n} user s | {n} sys s" for n in names) + " |")
+    print("|---|" + "---:|---:|" * len(names))
+    for step in steps:
+        if not all("user_s" in r[step] for name in names for r in results["runs"][name]):
+            continue                                    # from an older run's json
+        cells = [f"{median([r[step]['user_s'] for r in results['runs'][name]]):.2f} | "
+                 f"{median([r[step]['sys_s'] for r in results['runs'][name]]):.2f}" for name in names]
         print(f"| {step} | " + " | ".join(cells) + " |")
     for name in names:
         print(f"{name}: overdue queued {results['files_queued'][name]:,} messages")

@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import email
 import email.policy
+import email.utils
 import json
 import re
 import time
@@ -853,3 +854,101 @@ def test_flushing_a_batch_is_one_syncfs_on_linux_else_an_fsync_each(tmp_path, mo
     folder_flush = 0 if bg.os.name == "nt" else 1
     assert len(synced) == (folder_flush if syncfs else 3 + folder_flush)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.TMP", "m1.TMP", "m2.TMP"]
+
+
+def test_a_long_ledger_does_not_slow_a_run(tmp_path):
+    """The ledger grows by thousands of rows a day, and a run reads it by its key
+    (the overdue notice each reminder needs), never all of it: with 20,000 more
+    rows sqlite does about the same work (counted in its virtual machine's
+    steps, never timed)."""
+    steps = []
+    for extra in (0, 20000):
+        folder = tmp_path / f"ledger-{extra}"
+        folder.mkdir()
+        settings, journal = setup(folder)
+        bg.run_overdue(settings, journal, days(-2), at(days(-2)))     # B4's overdue notice
+        with journal.db:
+            journal.db.executemany(
+                "INSERT INTO notices (patron_id, barcode, kind, due_date, queued_at, file) "
+                "VALUES (?, ?, 'overdue', '2026-01-05', 0, NULL)",
+                ((f"X{n}", f"Z{n}") for n in range(extra)))
+        count = [0]
+        journal.db.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1), 100)
+        run = bg.run_overdue(settings, journal, DAY, at(DAY), dry_run=True)
+        journal.db.set_progress_handler(None, 0)
+        assert [n.kind for n in run.notices] == ["reminder"]
+        steps.append(count[0])
+    assert steps[1] < steps[0] * 1.5 + 50, steps
+
+
+EXACT_PATRONS = [["P1", "Zoë Łukasz", "zoe@example.org", "home@example.org", "7A", "yes"],
+          ["P4", 'Sam "Ace" O\'Brien', "", "home@example.org", "7B", "yes"],
+          ["P5", 'Dr. Ed "Eddie" Smith', "ed@example.org", "", "8C", "yes"],
+          ["P6", "Ann Smith", "ann@example.org", "", "8C", "yes"]]
+EXACT_LOANS = [["P1", "B3", "Wonder", days(-1)], ["P1", "B4", "Coraline", days(-3)],
+                ["P1", "B8", "Le Petit Prince — édition illustrée", days(-9)],
+                ["P4", "B1", "Matilda", days(3)], ["P5", "B2", "Holes", days(3)],
+                ["P6", "B5", "Dune", days(-1)]]
+#: Every byte of the day's files but the Message-ID's unique part and the
+#: Date (the machine's time zone), as the notices have always been written.
+EXACT = {
+    "overdue-2026-03-02-0d7285036892f024.TMP":
+        b'From: Test School Library <library@school.example>\r\nTo: Ann Smith <ann@example.org>\r\n'
+        b'Subject: Library book to bring back\r\nDate: DATE\r\n'
+        b'Message-ID: <ID.bibliogate@school.example>\r\nAuto-Submitted: auto-generated\r\n'
+        b'MIME-Version: 1.0\r\nContent-Type: text/plain; charset="utf-8"\r\n'
+        b'Content-Transfer-Encoding: 7bit\r\n\r\nDear Ann,\r\n\r\n'
+        b'Our records on 2026-03-02 show that your library book below\r\nis late back.\r\n\r\n'
+        b'Now overdue:\r\n- Dune, due 2026-03-01, 1 day overdue\r\n\r\n'
+        b'Please bring it back to the library as soon as you can. If you\r\n'
+        b'have already brought it back, thank you, and please ignore this\r\n'
+        b'message. If something is lost or damaged, just come and tell us.\r\n\r\n'
+        b'Test School Library\r\n',
+    "reminder-2026-03-02-505e97efba372530.TMP":
+        b'From: Test School Library <library@school.example>\r\n'
+        b'To: =?utf-8?b?Wm/DqyDFgXVrYXN6?= <zoe@example.org>,\r\n'
+        b' =?utf-8?q?Parent_or_guardian_of_Zo=C3=AB_=C5=81ukasz?= <home@example.org>\r\n'
+        b'Subject: Library books still not back\r\nDate: DATE\r\n'
+        b'Message-ID: <ID.bibliogate@school.example>\r\nAuto-Submitted: auto-generated\r\n'
+        b'MIME-Version: 1.0\r\nContent-Type: text/plain; charset="utf-8"\r\n'
+        b'Content-Transfer-Encoding: quoted-printable\r\n\r\nDear Zo=C3=AB and Sam,\r\n\r\n'
+        b'We wrote to you about your library books a few days ago, and\r\n'
+        b'our records on 2026-03-02 show them still out.\r\n\r\nFor Zo=C3=AB:\r\n\r\n'
+        b'Now overdue:\r\n- Wonder, due 2026-03-01, 1 day overdue\r\n\r\n'
+        b'Still overdue (we wrote to you about these before):\r\n'
+        b'- Coraline, due 2026-02-27, 3 days overdue (we wrote on 2026-02-28)\r\n\r\n'
+        b'Also overdue:\r\n'
+        b'- Le Petit Prince =E2=80=94 =C3=A9dition illustr=C3=A9e, due 2026-02-21, 9 =\r\n'
+        b'days overdue\r\n\r\nFor Sam:\r\n\r\nDue back soon:\r\n- Matilda, due 2026-03-05\r\n\r\n'
+        b'Please bring them back to the library as soon as you can, or come\r\n'
+        b'and talk to us if there is a problem. If you have already brought them\r\n'
+        b'back, thank you, and please ignore this message.\r\n\r\nTest School Library\r\n',
+    "warning-2026-03-02-794c04681454899e.TMP":
+        b'From: Test School Library <library@school.example>\r\n'
+        b'To: "Dr. Ed Eddie\\" Smith\\"" <ed@example.org>\r\n'
+        b'Subject: Library book due back soon\r\nDate: DATE\r\n'
+        b'Message-ID: <ID.bibliogate@school.example>\r\nAuto-Submitted: auto-generated\r\n'
+        b'MIME-Version: 1.0\r\nContent-Type: text/plain; charset="utf-8"\r\n'
+        b'Content-Transfer-Encoding: 7bit\r\n\r\nDear Dr.,\r\n\r\n'
+        b'A quick reminder from Test School Library: your library book is\r\n'
+        b'due back soon.\r\n\r\nDue back soon:\r\n- Holes, due 2026-03-05\r\n\r\n'
+        b'Please bring it back by the date shown, or ask us at the library\r\n'
+        b'if you need more time.\r\n\r\nThank you!\r\nTest School Library\r\n',
+}
+
+
+def test_the_notices_are_written_byte_for_byte_as_before(tmp_path):
+    """Plain, quoted and encoded names, a family in one message to two
+    addresses, each kind, a line folded by quoted-printable: every byte."""
+    settings, journal = setup(tmp_path, loans=[], overdue__send_to="both")
+    import_data(settings, tmp_path, EXACT_LOANS, at(DAY, 5), patrons=EXACT_PATRONS)
+    bg.run_overdue(settings, journal, days(-2), at(days(-2)))     # Coraline's overdue notice
+    for path in settings.spool.glob("*.TMP"):
+        path.unlink()
+    bg.run_overdue(settings, journal, DAY, at(DAY), sent_at=at(DAY, 7, 30))
+    date = email.utils.formatdate(at(DAY, 7, 30), localtime=True).encode()
+    written = {}
+    for path in sorted(settings.spool.glob("*.TMP")):
+        data = path.read_bytes().replace(b"Date: " + date + b"\r\n", b"Date: DATE\r\n", 1)
+        written[path.name] = re.sub(rb"Message-ID: <\d+\.[0-9a-f]{12}\.", b"Message-ID: <ID.", data)
+    assert written == EXACT
