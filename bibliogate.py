@@ -3955,6 +3955,8 @@ class Sender:
             with self.db:
                 self._record(rows)
                 set_state(self.db, **{key: token})
+            if rows:
+                sync_db(self.db)    # on disk before the journal is emptied, however the last check ended
         if rows:
             log.info("%d deliveries made before BiblioGate was stopped were recorded from %s",
                      len(rows), self._deliveries.path)

@@ -588,6 +588,44 @@ def test_a_kill_9_after_the_journal_line_sends_nothing_again(make_sink, make_gat
     assert sorted(files) == ["m000.TMP", "m001.TMP", "m002.TMP"] and counted == 3
 
 
+@POSIX_ONLY
+def test_deliveries_taken_from_the_journal_are_on_disk_before_it_is_emptied(
+        make_sink, make_gateway, monkeypatch):
+    """A check that finds a killed one's lines records them and flushes that
+    record before it empties the journal, even on a connection left relaxed
+    (no flush per commit) by a check that ended badly in the same process: a
+    power cut just after must not take both the lines and their record."""
+    sink = make_sink()
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 2)
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r}); import bibliogate as bg\n"
+              "real = bg.Sender._delivered\n"
+              "def delivered(self, row):\n"
+              "    real(self, row)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "bg.Sender._delivered = delivered\n"
+              f"bg.main(['--config', {str(gw.ini)!r}, 'send', '--all'])\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60, cwd=str(gw.cwd))
+    assert proc.returncode == -signal.SIGKILL
+    assert (gw.spool / bg.DELIVERIES_FILE).stat().st_size > 0
+    settings, _ = bg.ensure_layout(gw.ini)
+    journal = bg.Journal(settings.database)
+    steps = []
+    real_sync, real_clear = bg.sync_db, bg.DeliveryJournal.clear
+    monkeypatch.setattr(bg, "sync_db", lambda conn, relaxed=False: (
+        steps.append("flush"), real_sync(conn, relaxed)))
+    monkeypatch.setattr(bg.DeliveryJournal, "clear", lambda self: (
+        steps.append("empty" if (self.path.stat().st_size if self.path.exists() else 0) else "idle"),
+        real_clear(self)))
+    try:
+        bg.relax_durability(journal.db)
+        bg.Sender(settings, journal).check(limit=0)
+    finally:
+        journal.close()
+    assert "empty" in steps and "flush" in steps[:steps.index("empty")], steps
+    assert arrived(sink) == {mid: 1 for mid in ids}
+
+
 class PowerCut(BaseException):
     """The machine stops: nothing after it happens (not an Exception, so no
     handler of the sender's catches it)."""
