@@ -555,6 +555,21 @@ def test_the_journal_of_deliveries_counts_only_whole_lines_of_the_token(tmp_path
         journal.close()
 
 
+def kill_after_delivery(gw, name: str) -> None:
+    """`send --all` killed with SIGKILL right after `name`'s delivery is
+    recorded (its line in the journal of deliveries, its group not flushed)."""
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r}); import bibliogate as bg\n"
+              "real = bg.Sender._delivered\n"
+              "def delivered(self, row):\n"
+              "    real(self, row)\n"
+              f"    if row[0] == {name!r}:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "bg.Sender._delivered = delivered\n"
+              f"bg.main(['--config', {str(gw.ini)!r}, 'send', '--all'])\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=60, cwd=str(gw.cwd))
+    assert proc.returncode == -signal.SIGKILL
+
+
 @POSIX_ONLY
 def test_a_kill_9_after_the_journal_line_sends_nothing_again(make_sink, make_gateway):
     """Killed right after a delivery's line (its group not yet in the
@@ -563,16 +578,7 @@ def test_a_kill_9_after_the_journal_line_sends_nothing_again(make_sink, make_gat
     sink = make_sink()
     gw = make_gateway(sink)
     ids = queue(gw.spool, 3)
-    script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r}); import bibliogate as bg\n"
-              "real = bg.Sender._delivered\n"
-              "def delivered(self, row):\n"
-              "    real(self, row)\n"
-              "    if row[0] == 'm001.TMP':\n"
-              "        os.kill(os.getpid(), signal.SIGKILL)\n"
-              "bg.Sender._delivered = delivered\n"
-              f"bg.main(['--config', {str(gw.ini)!r}, 'send', '--all'])\n")
-    proc = subprocess.run([sys.executable, "-c", script], timeout=60, cwd=str(gw.cwd))
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_delivery(gw, "m001.TMP")
     assert arrived(sink) == {ids[0]: 1, ids[1]: 1}
     assert (gw.spool / bg.DELIVERIES_FILE).stat().st_size > 0
     for _ in range(2):
@@ -598,15 +604,7 @@ def test_deliveries_taken_from_the_journal_are_on_disk_before_it_is_emptied(
     sink = make_sink()
     gw = make_gateway(sink)
     ids = queue(gw.spool, 2)
-    script = (f"import os, signal, sys; sys.path.insert(0, {str(REPO)!r}); import bibliogate as bg\n"
-              "real = bg.Sender._delivered\n"
-              "def delivered(self, row):\n"
-              "    real(self, row)\n"
-              "    os.kill(os.getpid(), signal.SIGKILL)\n"
-              "bg.Sender._delivered = delivered\n"
-              f"bg.main(['--config', {str(gw.ini)!r}, 'send', '--all'])\n")
-    proc = subprocess.run([sys.executable, "-c", script], timeout=60, cwd=str(gw.cwd))
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_delivery(gw, "m000.TMP")
     assert (gw.spool / bg.DELIVERIES_FILE).stat().st_size > 0
     settings, _ = bg.ensure_layout(gw.ini)
     journal = bg.Journal(settings.database)
