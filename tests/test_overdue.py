@@ -708,14 +708,19 @@ def daily_log_of(gateway, sink, clock, day):
     return log_message.message
 
 
-def test_the_daily_log_says_in_its_subject_when_auto_overdue_did_not_run(tmp_path, sink):
-    settings, _ = setup(tmp_path, imported=at(DAY) - 72 * 3600, **{"smtp__port": sink.port})
+def daily_log_after_the_morning(tmp_path, sink):
+    """The daily log of DAY, after `run` ticked at 6:00 and at 7:00."""
     clock = Clock(at(DAY, 6))
     gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
     gateway.tick()
     clock.now = at(DAY, 7)
     gateway.tick()
-    msg = daily_log_of(gateway, sink, clock, DAY)
+    return daily_log_of(gateway, sink, clock, DAY)
+
+
+def test_the_daily_log_says_in_its_subject_when_auto_overdue_did_not_run(tmp_path, sink):
+    settings, _ = setup(tmp_path, imported=at(DAY) - 72 * 3600, **{"smtp__port": sink.port})
+    msg = daily_log_after_the_morning(tmp_path, sink)
     assert msg["Subject"].startswith("ACTION NEEDED: auto-overdue did not run \u2014 loans are "
                                      "3 days old (check the library system's nightly export")
     body = msg.get_content()
@@ -727,12 +732,7 @@ def test_the_daily_log_says_in_its_subject_when_auto_overdue_did_not_run(tmp_pat
 
 def test_the_daily_log_names_the_pupils_auto_overdue_could_not_reach(tmp_path, sink):
     settings, _ = setup(tmp_path, **{"smtp__port": sink.port})
-    clock = Clock(at(DAY, 6))
-    gateway = gateway_at(tmp_path, clock, smtp__port=sink.port)
-    gateway.tick()
-    clock.now = at(DAY, 7)
-    gateway.tick()
-    msg = daily_log_of(gateway, sink, clock, DAY)
+    msg = daily_log_after_the_morning(tmp_path, sink)
     assert not msg["Subject"].startswith("ACTION NEEDED")
     summary = msg.get_content().split("The details:")[0]
     assert ("  - Auto-overdue notices queued: 2 items due soon, 2 newly overdue, 0 reminders.\n"
