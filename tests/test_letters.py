@@ -341,7 +341,7 @@ def test_email_output_says_when_the_last_letter_leaves(lib):
     for n in range(25):
         add_patron(journal.db, f"P{n:02}", f"Pupil {n:02}", f"p{n}@example.org")
         add_loan(journal.db, f"B{n}", f"P{n:02}", "Book", days(-2))
-    for n in range(5):
+    for _ in range(5):
         bg.enqueue_bytes(settings.spool, b"To: a@example.org\n\nhi\n")
     now = bg.dt.datetime.combine(DAY, dt.time(9, 0)).timestamp()
     run = letters(lib, "overdue_first", DAY, now=now)

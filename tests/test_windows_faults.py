@@ -21,8 +21,6 @@ import collections
 import io
 import os
 import random
-import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -276,7 +274,7 @@ def test_a_refused_file_past_give_up_whose_bad_rename_fails_waits_for_the_next_c
     settings, _ = bg.ensure_layout(write_ini(tmp_path / "gw", sink))
     journal = bg.Journal(settings.database)
     fs = WindowsFS(monkeypatch, settings.spool)
-    queued = queue(settings.spool, 2)
+    queue(settings.spool, 2)
     past_give_up(journal, "m000.TMP")
     fs.held["m000.TMP"] = 32
     fs.held_ops = {"replace"}                   # only the rename to .BAD fails
@@ -486,7 +484,7 @@ def test_a_claimed_file_delivered_before_the_kill_is_not_sent_again(spool_gatewa
     """Killed between the server's 250 and the removal: the ledger row
     stands, the file is still claimed. It is put back and removed."""
     settings, journal = spool_gateway
-    queued = queue(settings.spool, 2)
+    queue(settings.spool, 2)
     import hashlib
     data = (settings.spool / "m000.TMP").read_bytes()
     with journal.db:
