@@ -9235,11 +9235,13 @@ def nav_link(href: str, label: str, current: bool) -> Html:
 
 
 def page_html(server: PageServer, session: PageSession, here: str, title: str, body: Html,
-              token: str | None = None) -> Html:
+              token: str | None = None, logged_in: bool | None = None) -> Html:
     """The whole page around a view's body: menu, log-out button, the
-    session's messages (shown once). token: in the forms, for the session's."""
+    session's messages (shown once). token: in the forms, for the session's;
+    logged_in: known already (a stand-in session is not the stored one)."""
     here = PAGE_MENU_ENTRY.get(here, here)
-    logged_in = server.logged_in(session)
+    if logged_in is None:
+        logged_in = server.logged_in(session)
     nav = join(nav_link(href, label, here == href) for href, label in PAGE_LINKS) \
         if logged_in else NOTHING
     logout = render(LOGOUT_FORM, token=render(TOKEN_INPUT, token=token or session.token)) \
@@ -10164,7 +10166,10 @@ class PageHandler(_HandlerBase):
         """A page served from PageCache while what it shows is the same, else built
         (a few at a time) and kept, unless it said something to show once."""
         kept = self.server.pages
-        stand_in = dataclasses.replace(session, token=TOKEN_MARK)    # its flash and drafts
+        # Its own (empty) messages and drafts: one that another tab of this
+        # browser adds meanwhile stays for this browser's next page, and is
+        # never built into a page kept for everyone.
+        stand_in = dataclasses.replace(session, token=TOKEN_MARK, flash=[], drafts={})
         ctx = self.context(stand_in, query=query)
         shown = SHOWN_BY[view](ctx)
         now = ctx.gateway.clock()
@@ -10174,9 +10179,9 @@ class PageHandler(_HandlerBase):
                 data = kept.get(self.path, shown, now) if shown else None     # built meanwhile
                 if data is None:
                     title, body = view(ctx)
-                    said = bool(session.flash)
-                    page = page_html(self.server, session, urllib.parse.urlsplit(self.path).path,
-                                     title, body, token=TOKEN_MARK)
+                    said = bool(stand_in.flash)
+                    page = page_html(self.server, stand_in, urllib.parse.urlsplit(self.path).path,
+                                     title, body, token=TOKEN_MARK, logged_in=True)
                     data = page.encode("utf-8")
                     if shown and not said:
                         until = SHOWN_UNTIL[view](shown, now) if view in SHOWN_UNTIL else math.inf

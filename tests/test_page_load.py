@@ -231,6 +231,32 @@ def test_a_message_shown_once_is_never_kept_nor_shown_to_another(open_page, monk
     assert tokens(bob.page) == {own_token(page, bob)}
 
 
+def test_a_message_added_while_a_kept_page_is_built_stays_with_its_own_browser(open_page,
+                                                                              monkeypatch):
+    """Another tab of Ann's browser is refused a Save just while her Settings
+    page is being built to be kept: the message is Ann's, for her next page,
+    and never in the page kept for everyone (Bob's)."""
+    page = open_page()
+    ann, bob = page.client(), page.client()
+    for c in (ann, bob):
+        c.get("/queue")
+    real = bg.page_html
+    sids = []
+
+    def page_html(server, session, *args, **kwargs):
+        if not sids:            # the first page built: Ann's other tab is refused meanwhile
+            sids.append(session.sid)
+            server.sessions[session.sid].flash.append(("error", "Port: not a number (Ann's tab)."))
+        return real(server, session, *args, **kwargs)
+
+    monkeypatch.setattr(bg, "page_html", page_html)
+    first = ann.get("/").text
+    assert "Ann&#x27;s tab" not in first and "Ann's tab" not in first
+    assert "Ann&#x27;s tab" not in bob.get("/").text and "Ann's tab" not in bob.page
+    assert any("Ann" in f for f in flashes(ann.get("/").text))             # hers, once
+    assert not flashes(ann.get("/").text)
+
+
 def test_a_reading_that_shows_the_same_keeps_the_pages(open_page, monkeypatch):
     page = open_page()
     drop(page.spool, "one.TMP", eml(subject="letter one"))
