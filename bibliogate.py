@@ -5176,6 +5176,14 @@ def csv_reader(fh: io.TextIOWrapper):
     return csv.reader(itertools.chain([first], lines), delimiter=sniff_delimiter(first))
 
 
+def csv_error_sentence(exc: csv.Error) -> str:
+    """What the csv module could not read, said so that the fix shows."""
+    if "field larger than field limit" in str(exc):
+        return (f"cannot be read as CSV: a value is longer than {csv.field_size_limit():,} "
+                "characters (is a closing '\"' missing on this line?).")
+    return f"cannot be read as CSV ({exc})."
+
+
 def csv_records(reader) -> Iterator[tuple[int, list | str]]:
     """(first line number, fields) of every record the reader has still to
     read, the header first; blank lines are left out and a record the csv
@@ -5188,10 +5196,10 @@ def csv_records(reader) -> Iterator[tuple[int, list | str]]:
             return
         except csv.Error as exc:
             if reader.line_num <= end:      # nothing consumed: cannot go on
-                yield end + 1, f"cannot be read as CSV ({exc})."
+                yield end + 1, csv_error_sentence(exc)
                 return
             start, end = end + 1, reader.line_num
-            yield start, f"cannot be read as CSV ({exc})."
+            yield start, csv_error_sentence(exc)
             continue
         start, end = end + 1, reader.line_num
         if not blank(fields):
