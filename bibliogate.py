@@ -1818,15 +1818,15 @@ def body_part(body: str) -> tuple[str, bytes]:
     if "\r" in body:
         body = body.replace("\r\n", "\n").replace("\r", "\n")
     text = body.replace("\n", "\r\n")
-    if text.isascii() and not LONG_TEXT_LINE_RE.search(text):
-        return "7bit", text.encode("ascii")
+    if text.isascii():
+        data = text.encode("ascii")
+        if not has_long_line(data):
+            return "7bit", data
     # body_encode works on one character per byte: give it the UTF-8 bytes so.
     encoded = email.quoprimime.body_encode(text.encode("utf-8").decode("latin-1"), eol="\r\n")
     return "quoted-printable", encoded.encode("ascii")
 
 
-#: A line of text longer than RFC 5321 allows (MAX_LINE_BYTES).
-LONG_TEXT_LINE_RE = re.compile(r"[^\r\n]{%d}" % (MAX_LINE_BYTES + 1))
 #: A display name formataddr would quote (email.utils' specials).
 NAME_SPECIALS_RE = re.compile(r'[][\\()<>@,:;".]')
 
