@@ -9013,6 +9013,7 @@ class PageServer(_ServerBase):
         self.pages = PageCache()
         self._view: SpoolView | None = None
         self._view_rest = 0.0               #: monotonic time before which _view is not read again
+        self._view_forgotten = 0            #: how many times forget_spool_view() was called
         self._view_of: tuple = (None, None)  #: the index _view was read from, and its version
         self._swept = 0.0                   #: when idle sessions were last forgotten
         #: Proves to `status` that this process answers here (see page_proof).
@@ -9119,11 +9120,13 @@ class PageServer(_ServerBase):
             if not index.lock.acquire(blocking=False):
                 return last             # being read (a check, a page): the last reading serves
             index.lock.release()
-        start = time.monotonic()
+        start, forgotten = time.monotonic(), self._view_forgotten
         same_index = last is not None and self._view_of[0] is index
         view, version = read_spool_view(index, last if same_index else None, self._view_of[1])
         if last is not None and view is not last and same_view(view, last):
             view = last                 # the pages kept from that reading stay good
+        if forgotten != self._view_forgotten:
+            return view                 # begun before a page's own change: not kept
         self._view, self._view_of = view, (index, version)
         took = time.monotonic() - start
         self._view_rest = start + took + min(SPOOL_REST_SECONDS, SPOOL_REST_FACTOR * took) \
@@ -9133,6 +9136,7 @@ class PageServer(_ServerBase):
     def forget_spool_view(self) -> None:
         """After a page's own change to the queue: the next page waits for a
         reading that shows it."""
+        self._view_forgotten += 1
         self._view, self._view_rest = None, 0.0
 
     def data_version(self) -> int:

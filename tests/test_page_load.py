@@ -257,6 +257,24 @@ def test_a_message_added_while_a_kept_page_is_built_stays_with_its_own_browser(o
     assert not flashes(ann.get("/").text)
 
 
+def test_a_reading_begun_before_a_pages_own_change_is_not_kept(open_page, monkeypatch):
+    """A page's Delete lands while another page is reading the spool: that
+    older reading serves its own page but is not kept for the next ones."""
+    page = open_page()
+    drop(page.spool, "gone.BAD", b"junk")
+    settle(page.spool)
+    real = bg.read_spool_view
+
+    def read_while_deleted(*args):
+        view = real(*args)
+        page.server.forget_spool_view()         # the Delete, as the reading ends
+        return view
+
+    monkeypatch.setattr(bg, "read_spool_view", read_while_deleted)
+    assert len(page.server.spool_view().bad) == 1
+    assert page.server._view is None            # the next page reads again
+
+
 def test_a_reading_that_shows_the_same_keeps_the_pages(open_page, monkeypatch):
     page = open_page()
     drop(page.spool, "one.TMP", eml(subject="letter one"))
