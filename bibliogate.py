@@ -3662,6 +3662,10 @@ class Transaction:
 
 #: The journal's name in the spool folder (hidden: never a message).
 DELIVERIES_FILE = ".bibliogate-sent.journal"
+#: A journal holds one group's lines (100 deliveries): one this large is not ours.
+JOURNAL_LIMIT = 64 * 1024 * 1024
+#: Not following a link, not waiting on a pipe (where the system has them).
+JOURNAL_FLAGS = getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 class DeliveryJournal:
@@ -3675,14 +3679,36 @@ class DeliveryJournal:
         self.fd: int | None = None
         self._written = False       #: whether the file may hold lines (clear() has work)
 
-    def start(self) -> bool:
-        """Open the file; False when it cannot be used now."""
+    def start(self) -> str:
+        """Open the file: "" when it is open, else why it cannot be used. A
+        link, a pipe or any other thing in its place is never followed nor
+        opened (the spool folder is open to other programs)."""
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0),
-                              0o600)
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            return f"{self.path} cannot be looked at ({exc.strerror})"
+        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
+            return f"{self.path} is not a plain file of BiblioGate's; delete it"
+        try:
+            self.fd = patiently(os.open, self.path, os.O_RDWR | os.O_CREAT | JOURNAL_FLAGS, 0o600)
+            st = os.fstat(self.fd)
+        except (OSError, FileInUse) as exc:
+            self.close()
+            return f"{self.path} cannot be opened ({getattr(exc, 'strerror', None) or exc})"
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:      # swapped in meanwhile
+            self.close()
+            return f"{self.path} is not a plain file of BiblioGate's; delete it"
+        return ""
+
+    def leftover(self) -> bool:
+        """Whether the file (not open) may hold a stopped check's lines."""
+        try:
+            st = os.lstat(self.path)
         except OSError:
             return False
-        return True
+        return stat.S_ISREG(st.st_mode) and st.st_size > 0
 
     def close(self) -> None:
         if self.fd is not None:
@@ -3694,6 +3720,9 @@ class DeliveryJournal:
         """The rows of the lines written with `token`, in their order."""
         if self.fd is None:
             return []
+        if os.fstat(self.fd).st_size > JOURNAL_LIMIT:
+            raise OSError(errno.EFBIG, "it is far larger than BiblioGate ever makes it: delete it "
+                          "while no check runs")
         os.lseek(self.fd, 0, os.SEEK_SET)
         chunks = []
         while True:
@@ -3930,26 +3959,35 @@ class Sender:
                 f"The spool folder {self.settings.spool} cannot be used ({exc.strerror}). Check "
                 "[gateway] spool_folder and the folder's permissions.", lasting=True))
         try:
-            self._open_journal()
+            held = self._open_journal()
+            if held:
+                return CheckResult(problem=SenderProblem(held))
             return self._check(self.settings.per_check if limit is None else limit, ignore_waits)
         finally:
             self._deliveries.close()
             self._token = None
             lock.release()
 
-    def _open_journal(self) -> None:
+    def _open_journal(self) -> str:
         """Open the journal of deliveries; what a check that ended before its
-        flush (a kill -9) left in it goes into the database first."""
+        flush (a kill -9) left in it goes into the database first. Returns
+        why nothing may be sent now ("" when all is well): a journal that may
+        hold such lines but cannot be read; sending would send them again."""
         self._token, self._unrecorded = None, []
-        if not self._deliveries.start():
-            return
+        why = self._deliveries.start()
+        if why and self._deliveries.leftover():
+            return self._journal_held(why)
+        if why:
+            log.warning("the journal of deliveries cannot be used: %s; each delivery is "
+                        "committed to the database instead", why)
+            return ""
         key = f"deliveries_token {self.settings.spool}"
         token = get_state(self.db, key)
         try:
             rows = self._deliveries.rows(token)
-        except OSError:
+        except OSError as exc:
             self._deliveries.close()
-            return
+            return self._journal_held(f"{self._deliveries.path} cannot be read ({exc.strerror})")
         if rows or not token:
             token = secrets.token_hex(8)
             with self.db:
@@ -3962,6 +4000,14 @@ class Sender:
                      len(rows), self._deliveries.path)
         self._deliveries.clear()
         self._token = token
+        return ""
+
+    @staticmethod
+    def _journal_held(why: str) -> str:
+        return (f"Nothing was sent: the journal of deliveries {why}. It may list messages a "
+                "stopped check had already sent, which would go twice. If another program (a "
+                "backup, the antivirus) has it open, this passes by itself; otherwise make it "
+                "readable and writable by the account BiblioGate runs as.")
 
     def _check(self, limit: int, ignore_waits: bool) -> CheckResult:
         now = self.clock()

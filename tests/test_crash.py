@@ -543,7 +543,7 @@ def test_the_journal_of_deliveries_counts_only_whole_lines_of_the_token(tmp_path
     (tmp_path / bg.DELIVERIES_FILE).write_bytes(
         old + b"\x00" * 40 + b"\n" + forged + good + b"garbage\n" + good[:-9])
     journal = bg.DeliveryJournal(tmp_path)
-    assert journal.start()
+    assert journal.start() == ""
     try:
         assert journal.rows("T2") == [row]
         assert journal.rows("T1") == [other]
@@ -622,6 +622,61 @@ def test_deliveries_taken_from_the_journal_are_on_disk_before_it_is_emptied(
         journal.close()
     assert "empty" in steps and "flush" in steps[:steps.index("empty")], steps
     assert arrived(sink) == {mid: 1 for mid in ids}
+
+
+@POSIX_ONLY
+def test_a_journal_held_open_after_a_kill_holds_the_sending_until_it_can_be_read(
+        make_sink, make_gateway, monkeypatch):
+    """Killed with deliveries in the journal, then the journal is held open
+    by another program (WinError 32: a backup, the antivirus): the next check
+    sends nothing and says why; once it can be read, the rest goes, and none
+    twice."""
+    sink = make_sink()
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 4)
+    kill_after_delivery(gw, "m001.TMP")
+    assert arrived(sink) == {ids[0]: 1, ids[1]: 1}
+    settings, _ = bg.ensure_layout(gw.ini)
+    journal = bg.Journal(settings.database)
+    real_open = os.open
+
+    def held_open(path, *args, **kwargs):
+        if os.fspath(path).endswith(bg.DELIVERIES_FILE):
+            exc = PermissionError(13, "The process cannot access the file because it is being "
+                                      "used by another process")
+            exc.winerror = 32
+            raise exc
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(bg, "in_use_pause", lambda seconds: None)
+    monkeypatch.setattr(os, "open", held_open)
+    try:
+        result = bg.Sender(settings, journal).check(limit=0)
+        assert result.sent == 0 and "journal of deliveries" in str(result.problem)
+        assert "would go twice" in str(result.problem)
+        assert arrived(sink) == {ids[0]: 1, ids[1]: 1}
+        monkeypatch.setattr(os, "open", real_open)
+        assert bg.Sender(settings, journal).check(limit=0).sent == 2
+    finally:
+        journal.close()
+    assert arrived(sink) == {mid: 1 for mid in ids}
+
+
+@POSIX_ONLY
+def test_a_link_in_the_journals_place_is_never_followed(make_sink, make_gateway):
+    """A link named as the journal of deliveries, planted in the spool folder
+    (other programs write there): its target is neither read nor emptied; the
+    messages go, each delivery committed at once."""
+    sink = make_sink()
+    gw = make_gateway(sink)
+    ids = queue(gw.spool, 2)
+    victim = gw.dir / "victim.txt"
+    victim.write_bytes(b"precious data\n")
+    (gw.spool / bg.DELIVERIES_FILE).symlink_to(victim)
+    gw.cli("send", "--all", check=0)
+    assert victim.read_bytes() == b"precious data\n"
+    assert arrived(sink) == {mid: 1 for mid in ids}
+    assert waiting(gw.spool) == []
 
 
 class PowerCut(BaseException):

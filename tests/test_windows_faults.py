@@ -447,12 +447,13 @@ def test_a_file_that_grows_while_it_is_read_is_not_sent(monkeypatch, spool_gatew
     settings, journal = spool_gateway
     queued = queue(settings.spool, 1)
     path = settings.spool / "m000.TMP"
-    real_fstat, calls = os.fstat, []
+    real_fstat, calls, inode = os.fstat, [], path.stat().st_ino
 
     def growing(fd):
         st = real_fstat(fd)
-        calls.append(fd)
-        if len(calls) == 2:                     # after the read: the writer appended
+        if st.st_ino == inode:                  # the message's (not the journal's)
+            calls.append(fd)
+        if st.st_ino == inode and len(calls) == 2:      # after the read: the writer appended
             values = list(st)
             values[6] += 100
             return os.stat_result(values)
