@@ -7770,11 +7770,9 @@ def open_link(url: str, windows: bool = os.name == "nt") -> None:
             raise BibliogateError(f"Windows could not open the email link ({exc.strerror or exc}); "
                                   "choose a default email program in Settings > Apps > Default "
                                   "apps, or copy the link above into your mail program.") from None
-    else:
-        import webbrowser           # here and in `page` only: `send` never needs it
-        if not webbrowser.open(url):
-            raise BibliogateError("No program here opens email links; copy the link above "
-                                  "into your mail program, or set a default mail program.")
+    elif not open_in_browser(url):
+        raise BibliogateError("No program here opens email links; copy the link above "
+                              "into your mail program, or set a default mail program.")
 
 
 def cmd_mailto(args, settings: Settings) -> int:

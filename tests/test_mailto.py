@@ -186,3 +186,14 @@ def test_open_hands_the_printed_link_to_the_mail_program(lib, capsys, monkeypatc
     assert cli(settings, "mailto", "P1", "--open") == 1
     out, err = capsys.readouterr()
     assert out.startswith("mailto:") and "copy the link above" in err
+
+
+
+def test_open_says_so_when_no_browser_can_be_started(monkeypatch):
+    """BROWSER names a program that is not there: webbrowser raises its own
+    Error; the librarian gets the sentence, not a traceback."""
+    def no_browser(url):
+        raise webbrowser.Error("could not locate runnable browser")
+    monkeypatch.setattr(webbrowser, "open", no_browser)
+    with pytest.raises(bg.BibliogateError, match="copy the link above"):
+        bg.open_link("mailto:sam@example.org", windows=False)
