@@ -185,13 +185,29 @@ class RunningPage:
         self.clock = clock
         self.gateway = bg.Gateway(self.ini, clock=clock)
         self.gateway.tick()             # the first check, done before any test drops a file
-        self.thread = threading.Thread(target=self.gateway.run_forever, daemon=True)
-        self.thread.start()
+        self._start_loop()
         self.server = bg.start_page(self.gateway)
         assert self.server is not None, "the page did not start"
         self.port = self.server.port
         self.spool = self.gateway.settings.spool
         self.clients: list[PageClient] = []
+
+    def _start_loop(self) -> None:
+        """Start run's loop, and wait until it has written what it writes once as it
+        starts (its pid, the heartbeat): with the clock held, the database is then
+        quiet, and a test that counts the pages built is not raced by those commits."""
+        done, real = threading.Event(), self.gateway.tick
+
+        def tick() -> float:
+            try:
+                return real()
+            finally:
+                done.set()
+
+        self.gateway.tick = tick        # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self.gateway.run_forever, daemon=True)
+        self.thread.start()
+        assert done.wait(10), "run's loop did not tick"
 
     def login_link(self) -> str:
         """A one-time login link, as `python bibliogate.py page --print` prints it."""
