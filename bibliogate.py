@@ -9228,7 +9228,11 @@ class PageServer(_ServerBase):
                 for handler in late:
                     del self.deadlines[handler]
             for handler in late:
-                handler.cut_off()
+                try:
+                    handler.cut_off()
+                except Exception as exc:    # one connection's fault must not end the deadlines
+                    log.error("config page: a slow connection could not be cut off: %s",
+                              error_summary(exc))
 
     def server_close(self) -> None:
         self.closed.set()

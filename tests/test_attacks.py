@@ -1283,3 +1283,29 @@ def test_http_0_9_and_foreign_absolute_uris_are_refused(open_page):
                                     f"Host: 127.0.0.1:{page.port}\r\nConnection: close\r\n\r\n".encode())
     assert status_of(answer) in (200, 503)
     witness.unharmed()
+
+
+def test_a_connection_that_cannot_be_cut_off_does_not_end_the_deadlines_of_the_others(open_page,
+                                                                                       caplog):
+    """The one thread that cuts off slow requests meets an error on one
+    connection: it says so in the log and still cuts off the next ones."""
+    page = open_page()
+
+    class Broken:
+        def cut_off(self):
+            raise ValueError("the socket is in a state nobody expected")
+
+    class Slow:
+        def __init__(self):
+            self.cut = threading.Event()
+
+        def cut_off(self):
+            self.cut.set()
+
+    broken, first, second = Broken(), Slow(), Slow()
+    page.server.set_deadline(broken, 0)
+    page.server.set_deadline(first, 0)
+    assert first.cut.wait(5), "a late connection was not cut off"
+    page.server.set_deadline(second, 0)
+    assert second.cut.wait(5), "the deadlines ended with the broken connection"
+    assert "a slow connection could not be cut off: ValueError" in caplog.text
