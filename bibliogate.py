@@ -3937,6 +3937,7 @@ class Sender:
         #: lines carry (None: each delivery is committed instead), and the
         #: group's deliveries it holds that the database does not have yet.
         self._deliveries = DeliveryJournal(settings.spool)
+        self._token_key = f"deliveries_token {settings.spool}"     #: in state: the lines' token
         self._token: str | None = None
         self._unrecorded: list = []
 
@@ -3981,18 +3982,14 @@ class Sender:
             log.warning("the journal of deliveries cannot be used: %s; each delivery is "
                         "committed to the database instead", why)
             return ""
-        key = f"deliveries_token {self.settings.spool}"
-        token = get_state(self.db, key)
+        token = get_state(self.db, self._token_key)
         try:
             rows = self._deliveries.rows(token)
         except OSError as exc:
             self._deliveries.close()
             return self._journal_held(f"{self._deliveries.path} cannot be read ({exc.strerror})")
         if rows or not token:
-            token = secrets.token_hex(8)
-            with self.db:
-                self._record(rows)
-                set_state(self.db, **{key: token})
+            token = self._record_with_new_token(rows)
             if rows:
                 sync_db(self.db)    # on disk before the journal is emptied, however the last check ended
         if rows:
@@ -4001,6 +3998,16 @@ class Sender:
         self._deliveries.clear()
         self._token = token
         return ""
+
+    def _record_with_new_token(self, rows: list) -> str:
+        """The journal's rows into the database, in one commit with a new token
+        for its lines: from then on those rows are in the database, and never
+        taken from the journal again. Returns the token."""
+        token = secrets.token_hex(8)
+        with self.db:
+            self._record(rows)
+            set_state(self.db, **{self._token_key: token})
+        return token
 
     @staticmethod
     def _journal_held(why: str) -> str:
@@ -4098,12 +4105,7 @@ class Sender:
         if relaxed and not self._group_size:
             return
         if self._unrecorded:
-            # The journal's lines, in one commit with a new token: from here
-            # on they are in the database, and never taken from the journal.
-            token = secrets.token_hex(8)
-            with self.db:
-                self._record(self._unrecorded)
-                set_state(self.db, **{f"deliveries_token {self.settings.spool}": token})
+            token = self._record_with_new_token(self._unrecorded)
             self._token = token if self._deliveries.fd is not None else None
             self._unrecorded = []
         sync_db(self.db, relaxed=relaxed)
