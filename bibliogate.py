@@ -2561,24 +2561,12 @@ def in_use_sentence(name: str, exc: OSError) -> str:
 
 
 def read_regular(path: Path, limit: int, head: int | None = None, patient: bool = True) -> bytes:
-    """The whole file (or its first `head` bytes), checked before it is
-    opened: a plain file (not a pipe, device, folder or link; lstat, then
-    opened without following a link and without waiting), at most `limit`
-    bytes. The bytes read are checked against the size of the open file
-    before and after reading, so a file still growing or shrinking is never
-    taken for the whole. Raises NotAFile, FileInUse or OSError."""
+    """The whole file (read_whole), or its first `head` bytes, checked before
+    it is opened (see open_regular). Raises NotAFile, FileInUse or OSError."""
+    if head is None:
+        return read_whole(path, limit, patient)[0]
     with open_regular(path, limit, patient) as fh:
-        fd = fh.fileno()
-        before = os.fstat(fd)
-        want = before.st_size if head is None else min(head, before.st_size)
-        data = fh.read(want + (1 if head is None else 0))
-        after = os.fstat(fd)
-    if head is None and (len(data) != before.st_size or after.st_size != before.st_size
-                         or after.st_mtime_ns != before.st_mtime_ns):
-        raise FileInUse(f"{Path(path).name} changed while it was read ({before.st_size:,} bytes, "
-                        f"then {after.st_size:,}): another program is still writing it; it is "
-                        "taken at a later check.")
-    return data
+        return fh.read(head)
 
 
 #: How a spool or import file is opened: binary, not through a link
@@ -2587,21 +2575,15 @@ READ_FLAGS = (os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW
               | getattr(os, "O_NONBLOCK", 0))
 
 
-def read_whole(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
-    """read_regular(path, limit) in fewer system calls, for the sender's
-    every message: the same checks (lstat before opening, the open handle's
-    fstat, the size and time before and after reading), on a bare file
-    descriptor. Returns the bytes and the fstat after reading (the time the
+def read_whole(path: Path, limit: int, patient: bool = True) -> tuple[bytes, os.stat_result]:
+    """The whole file, checked before it is opened (see open_regular), on a
+    bare file descriptor (the sender reads every message this way). The bytes
+    read are checked against the size and time of the open file before and
+    after reading, so a file still growing or shrinking is never taken for
+    the whole. Returns the bytes and the fstat after reading (the time the
     file has now). Raises NotAFile, FileInUse or OSError."""
-    problem = file_problem(os.lstat(path), limit)
-    if problem:
-        raise NotAFile(problem)
-    fd = patiently(os.open, path, READ_FLAGS)
+    fd, before = open_regular_fd(path, limit, patient)
     try:
-        before = os.fstat(fd)
-        problem = file_problem(before, limit)
-        if problem:
-            raise NotAFile(problem)
         data = os.read(fd, before.st_size + 1)
         while 0 < len(data) <= before.st_size:      # a short read: ask until the end
             more = os.read(fd, before.st_size + 1 - len(data))
@@ -2620,24 +2602,32 @@ def read_whole(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
 
 
 def open_regular(path: Path, limit: int, patient: bool = True):
-    """path opened for reading in binary, once lstat has shown a plain file
-    of at most `limit` bytes; opened without following a link (O_NOFOLLOW)
-    and without waiting for a writer (O_NONBLOCK, where the OS has them), and
-    checked again through the open handle. Raises NotAFile, FileInUse or
-    OSError."""
+    """path opened for reading in binary (see open_regular_fd). Raises
+    NotAFile, FileInUse or OSError."""
+    fd, _ = open_regular_fd(path, limit, patient)
+    return open(fd, "rb", closefd=True)
+
+
+def open_regular_fd(path: Path, limit: int, patient: bool = True) -> tuple[int, os.stat_result]:
+    """A descriptor for reading path, once lstat has shown a plain file (not a
+    pipe, device, folder or link) of at most `limit` bytes; opened without
+    following a link (O_NOFOLLOW) and without waiting for a writer
+    (O_NONBLOCK, where the OS has them), and checked again through the open
+    handle, whose fstat it returns with it. Raises NotAFile, FileInUse or OSError."""
     problem = file_problem(os.lstat(path), limit)
     if problem:
         raise NotAFile(problem)
     fd = patiently(os.open, path, READ_FLAGS) if patient else os.open(path, READ_FLAGS)
     try:
-        problem = file_problem(os.fstat(fd), limit)
+        st = os.fstat(fd)
+        problem = file_problem(st, limit)
     except OSError:
         os.close(fd)
         raise
     if problem:
         os.close(fd)
         raise NotAFile(problem)
-    return open(fd, "rb", closefd=True)
+    return fd, st
 
 
 def file_problem(st: os.stat_result, limit: int) -> str | None:

@@ -1285,10 +1285,11 @@ def test_http_0_9_and_foreign_absolute_uris_are_refused(open_page):
     witness.unharmed()
 
 
-def test_a_connection_that_cannot_be_cut_off_does_not_end_the_deadlines_of_the_others(open_page,
-                                                                                       caplog):
+def test_a_connection_that_cannot_be_cut_off_does_not_end_the_deadlines_of_the_others(
+        open_page, caplog, monkeypatch):
     """The one thread that cuts off slow requests meets an error on one
     connection: it says so in the log and still cuts off the next ones."""
+    monkeypatch.setattr(bg.log, "propagate", True)     # (an earlier test may have set it off)
     page = open_page()
 
     class Broken:
