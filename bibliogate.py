@@ -1642,19 +1642,16 @@ def template_pieces(text: str) -> tuple[str, ...]:
     alternating (literal first, so names are at the odd places); "$$" is
     already "$". Filling is then one join: the overdue job fills thousands,
     and Template.substitute runs its regex and a callback for each. Raises
-    ValueError on a bad '$' (parse_template lets none through)."""
+    ValueError(offset) on a bad '$' (parse_template lets none through)."""
     pieces, literal, last = [], [], 0
-    for match in string.Template.pattern.finditer(text):
-        literal.append(text[last:match.start()])
-        last = match.end()
-        name = match.group("named") or match.group("braced")
+    for start, end, name in template_marks(text):
+        literal.append(text[last:start])
+        last = end
         if name:
             pieces += ["".join(literal), name]
             literal = []
-        elif match.group("escaped") is not None:
-            literal.append(string.Template.delimiter)
         else:
-            raise ValueError(f"a lone '$' at offset {match.start()}")
+            literal.append(string.Template.delimiter)
     literal.append(text[last:])
     pieces.append("".join(literal))
     return tuple(pieces)
@@ -1669,15 +1666,17 @@ def fill_pieces(pieces: tuple[str, ...], values: Mapping) -> str:
 
 
 def placeholders(template: string.Template) -> list[tuple[str, int]]:
-    """(name, offset) of every ${name} / $name; raises ValueError on a bad '$'."""
-    found = []
-    for match in template.pattern.finditer(template.template):
+    """(name, offset) of every ${name} / $name; raises ValueError(offset) on a bad '$'."""
+    return [(name, start) for start, _, name in template_marks(template.template) if name]
+
+
+def template_marks(text: str) -> Iterator[tuple[int, int, str]]:
+    """Each '$' mark of a template's text: (start, end, the placeholder's
+    name, or "" for "$$"). Raises ValueError(offset) on a bad '$'."""
+    for match in string.Template.pattern.finditer(text):
         if match.group("invalid") is not None:
             raise ValueError(match.start("invalid"))
-        name = match.group("named") or match.group("braced")
-        if name:
-            found.append((name, match.start()))
-    return found
+        yield match.start(), match.end(), match.group("named") or match.group("braced") or ""
 
 
 def parse_template(kind: str, text: str, path: Path) -> MessageTemplate:
