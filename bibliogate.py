@@ -6150,17 +6150,22 @@ def wording(count: int) -> dict:
 def notice_values(settings: Settings, patron, loans, today: dt.date,
                   barcodes: bool = True) -> dict:
     """The placeholders every message about a patron's loans may use."""
-    dues = [loan["due_date"] for loan in loans]
     return {
-        "library_name": settings.library_name or "the library",
+        **dated_values(settings, today, [loan["due_date"] for loan in loans]),
         "patron_name": one_line(patron["name"]), "patron_id": patron["patron_id"],
         "first_name": first_name(patron),
         "items": render_items(loans, settings, today, barcodes),
         "items_with_barcodes": render_items(loans, settings, today, True),
         **wording(len(loans)),
-        "today": show_day(settings.date_format, today),
-        "earliest_due": show_date(settings, min(dues)) if dues else "",
     }
+
+
+def dated_values(settings: Settings, today: dt.date, dues: list) -> dict:
+    """The library's name, today and the earliest of the due dates, as every
+    message about loans shows them (notice_values, message_values)."""
+    return {"library_name": settings.library_name or "the library",
+            "today": show_day(settings.date_format, today),
+            "earliest_due": show_date(settings, min(dues)) if dues else ""}
 
 
 _NOTICE_NOTES = """\
@@ -6580,15 +6585,13 @@ def message_values(settings: Settings, notice: Notice, today: dt.date,
     lead = warning_count if notice.kind == "warning" else overdue_count
     return {
         **wording(lead),
-        "library_name": settings.library_name or "the library",
+        **dated_values(settings, today, [x["due_date"] for x in items]),
         "patron_name": and_list(names), "first_name": and_list(firsts),
         "patron_id": ", ".join(n.patron["patron_id"] for n in members),
         "items": render_groups(settings, notice, today, barcodes=False),
         **({"items_with_barcodes": render_groups(settings, notice, today, barcodes=True)}
            if wanted is None or "items_with_barcodes" in wanted else {}),
         "item_count": len(items), "overdue_count": overdue_count, "warning_count": warning_count,
-        "today": show_day(settings.date_format, today),
-        "earliest_due": show_date(settings, min(x["due_date"] for x in items)) if items else "",
         "addressee": and_list(firsts) if to_pupil else f"parent or guardian of {and_list(names)}",
         "your": "your" if to_pupil else and_list([f"{x}'s" for x in firsts]),
     }
