@@ -5218,7 +5218,28 @@ def csv_error_sentence(exc: csv.Error) -> str:
     if "field larger than field limit" in str(exc):
         return (f"cannot be read as CSV: a value is longer than {csv.field_size_limit():,} "
                 "characters (is a closing '\"' missing on this line?).")
+    if "line contains NUL" in str(exc):         # Python 3.9 and 3.10; see has_nul
+        return NUL_SENTENCE
     return f"cannot be read as CSV ({exc})."
+
+
+#: A record holding a zero byte: Python before 3.11 cannot read it, later
+#: ones can, and the checks refuse it (has_nul) so that every version says the same.
+NUL_SENTENCE = ("cannot be read as CSV: it holds a NUL character (a zero byte). Is the file "
+                "damaged, or saved as UTF-16? Save it again as CSV.")
+
+
+def has_nul(values: list) -> bool:
+    return any(value and "\0" in value for value in values)
+
+
+def control_problem(column: str, value: str) -> list[str]:
+    """A key (patron_id, barcode) with a control character is refused: it
+    could never be typed or scanned to match, and shows garbled."""
+    if value.isprintable() or not _CONTROL_RE.search(value):
+        return []
+    return [f"{column} {printable(value)} holds a control character (a tab, a line end or "
+            "another invisible one); correct it in the library system and export again."]
 
 
 def csv_records(reader) -> Iterator[tuple[int, list | str]]:
@@ -5305,13 +5326,13 @@ class PatronRows:
         columns = list(zip(*rows))
         pid, name, email, guardian, group, flag, given = (
             columns[p] if p is not None else None for p in at)
-        if not (filled(pid) and trimmed(pid) and filled(name) and one_line_all(name)):
+        if not (plain(list(pid)) and filled(name) and one_line_all(name)):
             return None
         for addresses in (email, guardian):
             if addresses is not None and not all(map(ADDRESS_RE.fullmatch,
                                                      filter(None, addresses))):
                 return None
-        if (group is not None and not trimmed(group)) or \
+        if (group is not None and not (trimmed(group) and not has_nul(group))) or \
                 (given is not None and not one_line_all(given)):
             return None
         if flag is not None:
@@ -5331,7 +5352,9 @@ class PatronRows:
         """The row, or None and its problems (a repeated patron_id apart:
         sqlite finds those, see Loader)."""
         pid, name, email, guardian, group, flag, given = values
-        problems = []
+        if has_nul(values):
+            return None, [NUL_SENTENCE]
+        problems = control_problem("patron_id", pid)
         if not pid:
             problems.append("no patron_id.")
         name = one_line(name)       # a name on two lines is one name
@@ -5447,10 +5470,12 @@ class LoanRows:
         """The row, or None and its problems (a repeated barcode apart:
         sqlite finds those, see Loader)."""
         pid, barcode, title, due = values
+        if has_nul(values):
+            return None, [NUL_SENTENCE]
         due_date = read_date(due, self.date_format)
-        if barcode and title and due_date and pid in self.patrons:     # the usual row, at speed
+        problems = control_problem("barcode", barcode)
+        if barcode and title and due_date and pid in self.patrons and not problems:   # at speed
             return (barcode, pid, title if title.isprintable() else one_line(title), due_date), []
-        problems = []
         if not barcode:
             problems.append("no barcode.")
         if not pid:

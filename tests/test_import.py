@@ -608,3 +608,48 @@ def test_a_record_the_csv_module_cannot_read_sends_the_file_row_by_row(tmp_path,
     assert quick == careful
     assert any("a value is longer than 131,072 characters" in p
                for p in quick[0].skipped)
+
+
+NUL_REFUSED = ("cannot be read as CSV: it holds a NUL character (a zero byte). Is the file "
+               "damaged, or saved as UTF-16? Save it again as CSV.")
+
+
+def test_a_nul_or_a_control_character_in_a_key_is_refused_alike_on_every_python(tmp_path,
+                                                                               monkeypatch):
+    """Python 3.9's csv module cannot read a record holding a NUL and 3.11's
+    can: either way the row is refused with the same sentence, written at once
+    or row by row; a barcode or patron id with a control character is refused
+    too (it could never be scanned to match). The other rows are imported."""
+    loans_rows = [f"P1,B{n},Title {n},2026-03-05" for n in range(40)]
+    loans_rows[3] = "P1,B\x003,Title 3,2026-03-05"           # a NUL in the barcode
+    loans_rows[24] = "P1,B24,Ti\x00tle 24,2026-03-05"        # in the title
+    loans_rows[25] = "P\x001,B25,Title 25,2026-03-05"        # in the patron id
+    loans_rows[26] = "P1,B\x0126,Title 26,2026-03-05"        # a control character
+    loans_rows[27] = "P1,B27,Title 27,2026-03-0\x005"        # a NUL in the date
+    text = "patron_id,barcode,title,due_date\r\n" + "\r\n".join(loans_rows) + "\r\n"
+    (quick, careful), _ = import_both_ways(tmp_path, monkeypatch, "loans", text)
+    assert quick == careful
+    assert quick[0].skipped == [
+        "loans.csv line 5: " + NUL_REFUSED, "loans.csv line 26: " + NUL_REFUSED,
+        "loans.csv line 27: " + NUL_REFUSED,
+        "loans.csv line 28: barcode B\\x0126 holds a control character (a tab, a line end or "
+        "another invisible one); correct it in the library system and export again.",
+        "loans.csv line 29: " + NUL_REFUSED]
+    assert [row[0] for row in quick[1]] == sorted(f"B{n}" for n in range(40)
+                                                  if n not in (3, 24, 25, 26, 27))
+
+    patron_rows = [[f"S{n}", f"Name {n}", "", "", "7A", ""] for n in range(40)]
+    patron_rows[2][0] = "S\x002"
+    patron_rows[30][4] = "7\x00A"
+    patron_rows[31][1] = "Na\x00me"
+    patron_rows[32][0] = "S\t32"
+    (quick, careful), _ = import_both_ways(tmp_path / "p", monkeypatch, "patrons",
+                                           csv_text(PATRON_HEADER, patron_rows))
+    assert quick == careful
+    assert quick[0].skipped == [
+        "patrons.csv line 4: " + NUL_REFUSED, "patrons.csv line 32: " + NUL_REFUSED,
+        "patrons.csv line 33: " + NUL_REFUSED,
+        "patrons.csv line 34: patron_id S\\t32 holds a control character (a tab, a line end or "
+        "another invisible one); correct it in the library system and export again."]
+    ids = {row[0] for row in quick[1]}
+    assert {"S0", "S1", "S3", "S29", "S33"} <= ids and not {"S\x002", "S30", "S31", "S\t32"} & ids
