@@ -5326,7 +5326,7 @@ class PatronRows:
         columns = list(zip(*rows))
         pid, name, email, guardian, group, flag, given = (
             columns[p] if p is not None else None for p in at)
-        if not (plain(list(pid)) and filled(name) and one_line_all(name)):
+        if not (pid is not None and plain(list(pid)) and filled(name) and one_line_all(name)):
             return None
         for addresses in (email, guardian):
             if addresses is not None and not all(map(ADDRESS_RE.fullmatch,
