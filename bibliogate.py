@@ -2398,8 +2398,10 @@ class SpoolIndex:
         present = set(names)
         del names
         waiting = self.waiting
-        gone = waiting.keys() - present
         others = present - waiting.keys()       # new waiting files, .BAD ones, the rest
+        # Every waiting name still there is in present and not in others: when
+        # that is all of them (files only came), none went, and one pass is saved.
+        gone = () if len(present) - len(others) == len(waiting) else waiting.keys() - present
         del present
         for name in gone:       # changed in place: readers only look names up
             del waiting[name]
