@@ -3680,7 +3680,7 @@ class DeliveryJournal:
             st = None
         except OSError as exc:
             return f"{self.path} cannot be looked at ({exc.strerror})"
-        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
+        if st is not None and not self._plain(st):
             return f"{self.path} is not a plain file of BiblioGate's; delete it"
         try:
             self.fd = patiently(os.open, self.path, os.O_RDWR | os.O_CREAT | JOURNAL_FLAGS, 0o600)
@@ -3688,18 +3688,26 @@ class DeliveryJournal:
         except (OSError, FileInUse) as exc:
             self.close()
             return f"{self.path} cannot be opened ({getattr(exc, 'strerror', None) or exc})"
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:      # swapped in meanwhile
+        if not self._plain(st):      # swapped in meanwhile
             self.close()
             return f"{self.path} is not a plain file of BiblioGate's; delete it"
         return ""
 
     def leftover(self) -> bool:
-        """Whether the file (not open) may hold a stopped check's lines."""
+        """Whether the file (not open) may hold a stopped check's lines: a
+        link or a second name of another file never does."""
         try:
             st = os.lstat(self.path)
         except OSError:
             return False
-        return stat.S_ISREG(st.st_mode) and st.st_size > 0
+        return self._plain(st) and st.st_size > 0
+
+    @staticmethod
+    def _plain(st: os.stat_result) -> bool:
+        """A plain file with no other name: not a link, pipe or device, nor a
+        hard link to a file elsewhere, which emptying it would empty too.
+        (A file system that counts no links, 0, is taken at its word.)"""
+        return stat.S_ISREG(st.st_mode) and st.st_nlink <= 1
 
     def close(self) -> None:
         if self.fd is not None:
