@@ -5228,13 +5228,14 @@ def csv_error_sentence(exc: csv.Error) -> str:
     if "field larger than field limit" in str(exc):
         return (f"cannot be read as CSV: a value is longer than {csv.field_size_limit():,} "
                 "characters (is a closing '\"' missing on this line?).")
-    if "line contains NUL" in str(exc):         # Python 3.9 and 3.10; see has_nul
+    if "line contains NUL" in str(exc):         # Python 3.9 and 3.10; see NUL_SENTENCE
         return NUL_SENTENCE
     return f"cannot be read as CSV ({exc})."
 
 
 #: A record holding a zero byte: Python before 3.11 cannot read it, later
-#: ones can, and the checks refuse it (has_nul) so that every version says the same.
+#: ones can; Loader refuses it as unread (its key not held) so that every
+#: version says and does the same.
 NUL_SENTENCE = ("cannot be read as CSV: it holds a NUL character (a zero byte). Is the file "
                 "damaged, or saved as UTF-16? Save it again as CSV.")
 
@@ -5342,7 +5343,7 @@ class PatronRows:
             if addresses is not None and not all(map(ADDRESS_RE.fullmatch,
                                                      filter(None, addresses))):
                 return None
-        if (group is not None and not (trimmed(group) and not has_nul(group))) or \
+        if (group is not None and not trimmed(group)) or \
                 (given is not None and not one_line_all(given)):
             return None
         if flag is not None:
@@ -5362,8 +5363,6 @@ class PatronRows:
         """The row, or None and its problems (a repeated patron_id apart:
         sqlite finds those, see Loader)."""
         pid, name, email, guardian, group, flag, given = values
-        if has_nul(values):
-            return None, [NUL_SENTENCE]
         problems = control_problem("patron_id", pid)
         if not pid:
             problems.append("no patron_id.")
@@ -5480,8 +5479,6 @@ class LoanRows:
         """The row, or None and its problems (a repeated barcode apart:
         sqlite finds those, see Loader)."""
         pid, barcode, title, due = values
-        if has_nul(values):
-            return None, [NUL_SENTENCE]
         due_date = read_date(due, self.date_format)
         problems = control_problem("barcode", barcode)
         if barcode and title and due_date and pid in self.patrons and not problems:   # at speed
@@ -5749,6 +5746,8 @@ class Loader:
         """Write a slice of one-line records as they are, in one
         transaction; False, with nothing written, when a row must be looked
         at alone (a value check() would change or refuse, a repeated key)."""
+        if any("\0" in "".join(map(operator.itemgetter(n), rows)) for n in range(self.width)):
+            return False            # a NUL (see NUL_SENTENCE): row by row
         ready = self.checker.quick(rows, self.positions, self.suspect)
         if ready is None:
             return False
@@ -5804,6 +5803,9 @@ class Loader:
             for line, fields in records:
                 if isinstance(fields, str):
                     self.problem(line, [fields])
+                    continue
+                if has_nul(fields):         # unread, as Python 3.9's csv module leaves it
+                    self.problem(line, [NUL_SENTENCE])
                     continue
                 values, row, problems, shape = self.read_row(fields, line)
                 key = key_of(checker, values)

@@ -653,3 +653,17 @@ def test_a_nul_or_a_control_character_in_a_key_is_refused_alike_on_every_python(
         "another invisible one); correct it in the library system and export again."]
     ids = {row[0] for row in quick[1]}
     assert {"S0", "S1", "S3", "S29", "S33"} <= ids and not {"S\x002", "S30", "S31", "S\t32"} & ids
+
+
+def test_a_row_with_a_nul_is_left_unread_as_python_3_9_leaves_it(tmp_path, monkeypatch):
+    """A NUL in a column the import ignores refuses the row too, and a
+    refused row holds no barcode: a later row with its barcode is imported
+    (Python 3.9's csv module cannot read such a row at all)."""
+    rows = [f"P1,B{n},Title {n},2026-03-05,note {n}" for n in range(40)]
+    rows[2] = "P1,B2,Title 2,2026-03-05,no\x00te"
+    rows[5] = "P1,B30,Ti\x00tle,2026-03-05,"                  # B30 comes again on line 32
+    text = "patron_id,barcode,title,due_date,note\r\n" + "\r\n".join(rows) + "\r\n"
+    (quick, careful), _ = import_both_ways(tmp_path, monkeypatch, "loans", text)
+    assert quick == careful
+    assert quick[0].skipped == ["loans.csv line 4: " + NUL_REFUSED, "loans.csv line 7: " + NUL_REFUSED]
+    assert ("B30", "P1", "Title 30", "2026-03-05") in quick[1] and len(quick[1]) == 38
