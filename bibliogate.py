@@ -5268,11 +5268,18 @@ def csv_records(reader) -> Iterator[tuple[int, list | str]]:
                 yield end + 1, csv_error_sentence(exc)
                 return
             start, end = end + 1, reader.line_num
-            yield start, csv_error_sentence(exc)
+            yield start, csv_error_sentence(exc) + lines_lost(start, end)
             continue
         start, end = end + 1, reader.line_num
         if not blank(fields):
             yield start, fields
+
+
+def lines_lost(first: int, last: int) -> str:
+    """What a refused record spanning several lines takes with it (an unclosed
+    quote swallows the lines after it): said, so that no loan leaves quietly."""
+    return "" if last <= first else (f" Lines {first} to {last} were read as this one "
+                                     "record, and none of them is imported.")
 
 
 def blank(fields: list) -> bool:
@@ -5833,8 +5840,9 @@ class Loader:
             return values, None, [f"{len(fields)} values, but the header names {width} columns "
                                   "(a value holding a comma must be in double quotes)."], True
         if len(fields) < width and any("\n" in f for f in fields):
+            last = line + ",".join(fields).rstrip("\r\n").count("\n")     # (the file's last line end)
             return values, None, ["a value in double quotes runs on over the next lines: is a "
-                                  "closing '\"' missing?"], True
+                                  "closing '\"' missing?" + lines_lost(line, last)], True
         return values, row, problems, False
 
     def counted(self, rows: int) -> None:

@@ -4,6 +4,7 @@ A real sqlite file in tmp_path; the clock is injected where time matters."""
 
 import datetime as dt
 import os
+import re
 import time
 from pathlib import Path
 
@@ -151,7 +152,8 @@ def test_rows_the_csv_reader_cannot_take_are_reported_too(settings, tmp_path):
         "broken.csv line 3: cannot be read as CSV: a value is longer than 131,072 characters "
         "(is a closing '\"' missing on this line?).",
         "broken.csv line 5: a value in double quotes runs on over the next lines: is a "
-        "closing '\"' missing?"]
+        "closing '\"' missing? Lines 5 to 6 were read as this one record, and none of them "
+        "is imported."]
 
 
 def test_a_name_on_two_lines_becomes_one_line(settings, tmp_path):
@@ -667,3 +669,25 @@ def test_a_row_with_a_nul_is_left_unread_as_python_3_9_leaves_it(tmp_path, monke
     assert quick == careful
     assert quick[0].skipped == ["loans.csv line 4: " + NUL_REFUSED, "loans.csv line 7: " + NUL_REFUSED]
     assert ("B30", "P1", "Title 30", "2026-03-05") in quick[1] and len(quick[1]) == 38
+
+
+def test_the_lines_an_unclosed_quote_swallows_are_named(settings, tmp_path):
+    """A quote left open reads the lines after it as one value, until the csv
+    module's limit on a value or the end of the file: the sentence names every
+    line taken with it, so that no loan leaves the snapshot unsaid."""
+    import_patrons(settings, tmp_path)
+    lines = ["patron_id,barcode,title,due_date", "P1,B0,Title 0,2026-03-05",
+             'P1,B1,"Unclosed title,2026-03-05']
+    lines += [f"P1,B{n},A title of some length {n},2026-03-05" for n in range(2, 6002)]
+    path = tmp_path / "loans.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = bg.import_csv(settings, "loans", path, skip_bad=True)
+    said = re.match(r"loans\.csv line (\d+): cannot be read as CSV: a value is longer than "
+                    r"131,072 characters .* Lines (\d+) to (\d+) were read as this one record, "
+                    r"and none of them is imported\.$", result.skipped[0])
+    assert said is not None, result.skipped
+    first, last = int(said.group(1)), int(said.group(3))
+    assert first == int(said.group(2)) == 3 and last > 2000
+    imported = {row[0] for row in loans(settings)}
+    assert len(imported) == 1 + len(lines) - last           # B0, and the lines after
+    assert f"B{last - 2}" not in imported and f"B{last - 1}" in imported    # line N holds B(N-2)
