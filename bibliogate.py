@@ -4790,16 +4790,18 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
     by_kind: dict[str, list] = {}
     for row in rows:
         by_kind.setdefault(row["kind"], []).append(row)
-    waiting = scan(s.spool)
-    bad_now = scan(s.spool, is_bad_name)
-    oldest = min((f.mtime for f in waiting), default=None)
+    index = gateway.spool_index()
+    index.refresh()
+    with index.lock:
+        waiting, bad_now = len(index.waiting), len(index.bad)
+        oldest = min(index.waiting.values(), default=None)
     other = [r for r in rows if r["kind"] not in ("sent", "bad", "deferred", "refused", "check",
                                                   "not_running")]
     start = dt.datetime.combine(dt.date.fromisoformat(day), dt.time()).timestamp()
     end = start + 86400
     absences = [f"not running {gap_text(a, b)}" for a, b in get_state(journal.db, "gaps") or []
                 if a < end and b > start]
-    needs, lines = day_digest(gateway, day, by_kind, len(bad_now))
+    needs, lines = day_digest(gateway, day, by_kind, bad_now)
     lines += [f"BiblioGate was {absence}." for absence in absences]
     return {
         "attention": f"ACTION NEEDED: {'; '.join(needs)}. " if needs else "",
@@ -4808,7 +4810,7 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
         "library_name": s.library_name or "library", "day": day,
         "sent_count": len(by_kind.get("sent", [])), "bad_count": len(by_kind.get("bad", [])),
         "deferred_count": len(by_kind.get("deferred", [])),
-        "waiting_count": len(waiting), "waiting_bad_count": len(bad_now),
+        "waiting_count": waiting, "waiting_bad_count": bad_now,
         "oldest_waiting": fmt_time(oldest) if oldest else "none",
         "bad_list": _bullets([f"{r['file']}: {r['detail']}" for r in by_kind.get("bad", [])]),
         "refused_list": _bullets([f"{r['file']}: {r['detail']}" for r in by_kind.get("refused", [])]),
@@ -6759,7 +6761,7 @@ def circulation_lock(settings: Settings, busy: str) -> Iterator[None]:
     try:
         taken = lock.acquire()
     except OSError as exc:
-        raise SpoolError(f"The spool folder {settings.spool} cannot be read ({exc.strerror}). "
+        raise SpoolError(f"The spool folder {settings.spool} cannot be written ({exc.strerror}). "
                          "Check [gateway] spool_folder and the folder's permissions.") from None
     if not taken:
         raise Busy(busy)
@@ -7389,7 +7391,7 @@ def run_letters(settings: Settings, journal: Journal, kind: str, *, group: str |
         if not dry_run and not preview:
             journal.event("letters", letters_summary(run))
         return run
-    ahead = len(scan(settings.spool)) if run.to_email else 0
+    ahead = count_spool(settings.spool)[0] if run.to_email else 0
     if run.to_email:
         queue_letters(settings, db, run, now)
     if run.to_print:
