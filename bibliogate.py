@@ -4827,7 +4827,8 @@ def daily_summary(gateway: Gateway, day: str) -> dict:
 
 def day_digest(gateway: Gateway, day: str, by_kind: dict, bad_now: int) -> tuple[list, list]:
     """(what needs the librarian, the day in plain lines) for the daily log."""
-    s, needs = gateway.settings, []     # type: Settings, list[str]
+    s = gateway.settings
+    needs: list[str] = []
     lines = [f"{_plural(len(by_kind.get('sent', [])), 'message')} sent."]
     if by_kind.get("bad"):
         lines.append(f"{_plural(len(by_kind['bad']), 'message')} could not be sent: the "
@@ -6791,9 +6792,8 @@ def queue_notices(settings: Settings, db: sqlite3.Connection, run: OverdueRun,
     files, rows = [], []
     for n, (notice, name) in enumerate(zip(run.notices, names), 1):
         if name and name not in queued:
-            kind = notice.kind
-            subject, body = templates[kind].fill(message_values(settings, notice, run.day,
-                                                                wanted[kind]))
+            subject, body = templates[notice.kind].fill(
+                message_values(settings, notice, run.day, wanted[notice.kind]))
             files.append((name, composer.message(notice.to, subject, body)))
         # A notice the message does not name as such (a reminder listed as
         # newly overdue) is recorded without a file: it was never sent as one.
