@@ -2359,6 +2359,12 @@ class SpoolIndex:
             racy = stamp is None or time.time() - stamp / 1e9 < self.RACY_SECONDS
             self._stamp = None if racy else stamp
 
+    def distrust(self) -> None:
+        """The next refresh lists the names even if the folder's time has not
+        moved: after a change of our own, which must show at once."""
+        with self.lock:
+            self._stamp = None
+
     def _read_all(self) -> None:
         """Every file looked at, in one pass of os.scandir (whose entries
         carry their times on Windows, and need no path joined on Linux)."""
@@ -8979,11 +8985,11 @@ def log_tail(path: Path) -> tuple[list[str], bool]:
 
 # -- the spool as the pages show it ------------------------------------------------
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class SpoolView:
     """The spool as the pages show it: from the SpoolIndex `run` keeps for its
-    checks, so the pages and the sender share one reading of the folder. Each
-    reading is its own (equal only to itself): a kept page names the one it showed."""
+    checks, so the pages and the sender share one reading of the folder. Two
+    readings are equal when they show the same (a kept page compares them)."""
     folder: Path
     bad: list           #: every .BAD file, in queue order
     first: list         #: the first QUEUE_SHOWN waiting files, in sending order
@@ -9000,13 +9006,6 @@ def read_spool_view(index: SpoolIndex, last: SpoolView | None = None,
         if last is not None and version == index.version:
             return last, version
         return SpoolView(index.folder, *index.head(QUEUE_SHOWN)), index.version
-
-
-def same_view(a: SpoolView, b: SpoolView) -> bool:
-    """Whether two readings show the same: the same files, times and sizes."""
-    def shown(view: SpoolView) -> list:
-        return [(f.name, f.mtime, f.size) for f in itertools.chain(view.bad, view.first)]
-    return a.folder == b.folder and a.waiting == b.waiting and shown(a) == shown(b)
 
 
 # -- pages kept while what they show is the same ----------------------------------
@@ -9096,10 +9095,12 @@ class PageServer(_ServerBase):
         self.save_lock = threading.Lock()      #: one Save at a time: read, check, write
         self.workers = threading.BoundedSemaphore(PAGE_WORKERS)
         self.pages = PageCache()
-        self._view: SpoolView | None = None
-        self._view_rest = 0.0               #: monotonic time before which _view is not read again
+        #: The last reading kept for the pages: (the SpoolView, the index it was
+        #: read from, the index's version then), set in one store; None: read again.
+        self._seen: tuple[SpoolView, SpoolIndex, int] | None = None
+        self._view_rest = 0.0               #: monotonic time before which _seen is not read again
         self._view_forgotten = 0            #: how many times forget_spool_view() was called
-        self._view_of: tuple = (None, None)  #: the index _view was read from, and its version
+        self._view_lock = threading.Lock()  #: guards _seen against a page's own change
         self._swept = 0.0                   #: when idle sessions were last forgotten
         #: Proves to `status` that this process answers here (see page_proof).
         self.nonce = secrets.token_hex(16)
@@ -9198,21 +9199,20 @@ class PageServer(_ServerBase):
         (read again only where the folder changed). While a check or another
         page is reading it, a page shows the last reading rather than wait;
         with none to show it waits. Raises SpoolError."""
-        index, last = self.gateway.spool_index(), self._view
-        if last is not None and last.folder == index.folder:
+        index, seen = self.gateway.spool_index(), self._seen
+        last, version = (seen[0], seen[2]) if seen is not None and seen[1] is index else (None, None)
+        if last is not None:
             if time.monotonic() < self._view_rest:
                 return last             # a slow reading, made just now
             if not index.lock.acquire(blocking=False):
                 return last             # being read (a check, a page): the last reading serves
             index.lock.release()
         start, forgotten = time.monotonic(), self._view_forgotten
-        same_index = last is not None and self._view_of[0] is index
-        view, version = read_spool_view(index, last if same_index else None, self._view_of[1])
-        if last is not None and view is not last and same_view(view, last):
-            view = last                 # the pages kept from that reading stay good
-        if forgotten != self._view_forgotten:
-            return view                 # begun before a page's own change: not kept
-        self._view, self._view_of = view, (index, version)
+        view, version = read_spool_view(index, last, version)
+        with self._view_lock:
+            if forgotten != self._view_forgotten:
+                return view             # begun before a page's own change: not kept
+            self._seen = (view, index, version)
         took = time.monotonic() - start
         self._view_rest = start + took + min(SPOOL_REST_SECONDS, SPOOL_REST_FACTOR * took) \
             if took > SLOW_READING_SECONDS else 0.0
@@ -9220,9 +9220,12 @@ class PageServer(_ServerBase):
 
     def forget_spool_view(self) -> None:
         """After a page's own change to the queue: the next page waits for a
-        reading that shows it."""
-        self._view_forgotten += 1
-        self._view, self._view_rest = None, 0.0
+        reading that shows it (the folder listed again, even where its time
+        has not moved yet: a network share's client may report it late)."""
+        with self._view_lock:
+            self._view_forgotten += 1
+            self._seen, self._view_rest = None, 0.0
+        self.gateway.spool_index().distrust()
 
     def data_version(self) -> int:
         """A number that changes whenever a connection other than the page's own

@@ -272,7 +272,7 @@ def test_a_reading_begun_before_a_pages_own_change_is_not_kept(open_page, monkey
 
     monkeypatch.setattr(bg, "read_spool_view", read_while_deleted)
     assert len(page.server.spool_view().bad) == 1
-    assert page.server._view is None            # the next page reads again
+    assert page.server._seen is None            # the next page reads again
 
 
 def test_a_reading_that_shows_the_same_keeps_the_pages(open_page, monkeypatch):
@@ -305,3 +305,22 @@ def test_a_slow_reading_is_not_repeated_at_once_but_the_pages_own_change_shows(o
     c.post("/queue/delete", {"token": c.token(), "file": "gone.BAD"})        # read at once after
     assert '"bad": 0, ' in c.get("/health").text.replace("\n", " ")
     assert '"waiting": 1' in c.get("/health").text
+
+
+def test_the_pages_own_retry_shows_though_the_folders_time_lags(open_page):
+    """A network share's client may report a folder's old time for a few
+    seconds after a change: the page after the librarian's own Retry lists
+    the folder again all the same, and no longer offers the .BAD file."""
+    page = open_page()
+    old = time.time() - 3600
+    drop(page.spool, "gone.BAD", eml(subject="again"))
+    os.utime(page.spool / "gone.BAD", (old, old))
+    os.utime(page.spool, (old, old))
+    c = page.client()
+    assert 'value="gone.BAD"' in c.get("/queue").text
+    c.post("/queue/retry", {"token": c.token(), "file": "gone.BAD"}, follow=False)
+    os.utime(page.spool, (old, old))          # the time the share's client still reports
+    assert (page.spool / "gone.TMP").exists()
+    text = c.get("/queue").text
+    assert "gone.BAD is waiting again" in text
+    assert 'value="gone.BAD"' not in text and "gone.TMP" in text
