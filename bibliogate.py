@@ -8110,7 +8110,7 @@ MAX_FORM_BYTES = 1024 * 1024
 #: Each read from or write to a browser must finish within this many seconds...
 SOCKET_SECONDS = 10.0
 #: ...and a whole request must have arrived within this many (looked at
-#: every DEADLINE_TICK seconds, by one thread for every connection).
+#: every DEADLINE_TICK seconds, by one thread for all the connections).
 REQUEST_SECONDS, DEADLINE_TICK = 30.0, 0.25
 #: Save waits this long for the loop to restart the sender before answering.
 RELOAD_WAIT_SECONDS = 10.0
@@ -8455,7 +8455,8 @@ class Html(str):
 
 def esc(value) -> Html:
     """Anything shown on the page, escaped (as html.escape does, quotes too),
-    unless it is Html already."""
+    unless it is Html already. (Not html.escape itself: `send` and `status`
+    import no module only the page needs; a test compares the two.)"""
     if isinstance(value, Html):
         return value
     text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -9504,8 +9505,8 @@ class MailLinks:
     table), the `direct` template is the same file, and the day and the
     settings are the same. Building a link reads the patron's loans and
     renders the template: too much for every row of every request under
-    load. (sqlite's data_version cannot be the key: each page thread has
-    its own connection, and the number is each connection's own.)"""
+    load. (Kept per patron row rather than by the database's version, so
+    that one patron's edit builds one row again, not all of them.)"""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -9523,8 +9524,7 @@ class MailLinks:
 
     @staticmethod
     def version(s: Settings, db: sqlite3.Connection) -> tuple:
-        return (get_state(db, LOANS_IMPORTED_KEY), MailLinks.template_stamp(s), dt.date.today(),
-                id(s))
+        return (get_state(db, LOANS_IMPORTED_KEY), MailLinks.template_stamp(s), dt.date.today(), s)
 
     def buttons(self, s: Settings, db: sqlite3.Connection, row: sqlite3.Row,
                 key: tuple | None = None) -> Html:
@@ -9750,8 +9750,9 @@ def patrons_shown(ctx: PageContext) -> tuple | None:
 
 
 def ages_until(shown: tuple, now: float) -> float:
-    """Until when the Queue page built now (from queue_shown) is right: until the
-    age of a file it shows changes (age_text counts whole minutes)."""
+    """Until when the Queue page built now is right (`shown` from state_shown,
+    whose fourth value is the spool's reading): until the age of a file it
+    shows changes (age_text counts whole minutes)."""
     view: SpoolView = shown[3]
     return min((f.mtime + 60 * (math.floor((now - f.mtime) / 60) + 1)
                 for f in itertools.chain(view.bad, view.first)), default=math.inf)
@@ -10343,7 +10344,8 @@ def new_page_server(gateway: Gateway, address: str, port: int) -> PageServer:
 def start_page(gateway: Gateway) -> PageServer | None:
     """Serve the config page from a thread of its own, if [web] allows it. When it cannot
     start (a setting that is not safe, a port in use), the reason is logged, None is
-    returned and the gateway sends anyway: it raises nothing."""
+    returned and the gateway sends anyway. Raises only sqlite3.Error, when the
+    page's state cannot be recorded in the database."""
     s = gateway.settings
     try:
         address, port = web_address(s)
