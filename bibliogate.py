@@ -5341,6 +5341,9 @@ class PatronRows:
 
     #: where each of the table's columns is among the file's (CSV_COLUMNS order)
     order = (0, 1, 2, 3, 4, 5, 6)
+    #: the file's columns (CSV_COLUMNS order) in which quick() refuses a NUL
+    #: itself: Loader looks for one only in the others (see NUL_SENTENCE)
+    nul_refused = (0, 1, 2, 3, 5, 6)
 
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
         pass
@@ -5432,7 +5435,10 @@ class LoanRows:
     stage_sql = ("CREATE TABLE loans_incoming (barcode TEXT PRIMARY KEY, patron_id TEXT NOT "
                  "NULL, title TEXT NOT NULL, due_date TEXT NOT NULL)")
 
+    #: where each of the table's columns is among the file's (CSV_COLUMNS order)
     order = (1, 0, 2, 3)
+    #: the file's columns in which quick() refuses a NUL itself (see PatronRows)
+    nul_refused = (1, 2)
 
     def __init__(self, conn: sqlite3.Connection, settings: Settings):
         self.date_format = settings.date_format
@@ -5722,6 +5728,9 @@ class Loader:
                  result: ImportResult, positions: list, width: int, progress, source: str):
         self.conn, self.checker, self.result = conn, checker, result
         self.positions, self.width, self.progress, self.source = positions, width, progress, source
+        refused = {positions[n] for n in checker.nul_refused}
+        #: the file's columns a slice's quick check would not refuse a NUL in
+        self.nul_unchecked = [n for n in range(width) if n not in refused]
         self.records = 0                  #: records read, blank ones too
         result.rows = 0
         self.statements: dict[tuple, str] = {}
@@ -5762,7 +5771,7 @@ class Loader:
         """Write a slice of one-line records as they are, in one
         transaction; False, with nothing written, when a row must be looked
         at alone (a value check() would change or refuse, a repeated key)."""
-        if any("\0" in "".join(map(operator.itemgetter(n), rows)) for n in range(self.width)):
+        if any("\0" in "".join(map(operator.itemgetter(n), rows)) for n in self.nul_unchecked):
             return False            # a NUL (see NUL_SENTENCE): row by row
         ready = self.checker.quick(rows, self.positions, self.suspect)
         if ready is None:
