@@ -5,6 +5,7 @@ A real sqlite file in tmp_path; the clock is injected where time matters."""
 import datetime as dt
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -634,7 +635,9 @@ def test_a_nul_or_a_control_character_in_a_key_is_refused_alike_on_every_python(
     loans_rows[85] = "P1,B85,Title 85,2026-03-0\x005"        # a NUL in the date
     text = "patron_id,barcode,title,due_date\r\n" + "\r\n".join(loans_rows) + "\r\n"
     (quick, careful), written = import_both_ways(tmp_path, monkeypatch, "loans", text)
-    assert quick == careful and any(written)
+    # Before 3.11 the csv module cannot read a NUL record: the whole file goes
+    # row by row, and no slice is written at once.
+    assert quick == careful and (any(written) or sys.version_info < (3, 11))
     assert quick[0].skipped == [
         "loans.csv line 5: " + NUL_REFUSED, "loans.csv line 27: " + NUL_REFUSED,
         "loans.csv line 47: " + NUL_REFUSED, "loans.csv line 67: barcode B\\x0165 " + control,
@@ -649,7 +652,7 @@ def test_a_nul_or_a_control_character_in_a_key_is_refused_alike_on_every_python(
         patron_rows[n][column] = value
     (quick, careful), written = import_both_ways(tmp_path / "p", monkeypatch, "patrons",
                                                  csv_text(PATRON_HEADER, patron_rows))
-    assert quick == careful and any(written)
+    assert quick == careful and (any(written) or sys.version_info < (3, 11))
     assert quick[0].skipped == [f"patrons.csv line {n + 2}: " + (
         f"patron_id S\\t65 {control}" if n == 65 else NUL_REFUSED) for n in sorted(odd)]
     ids = {row[0] for row in quick[1]}
